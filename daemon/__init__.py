@@ -1,0 +1,1 @@
+"""codelm.daemon: the long-running completion service (imports nothing heavy)."""

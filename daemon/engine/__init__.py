@@ -1,0 +1,29 @@
+"""The model engine: load a model (GGUF or HF folder) and complete code with it.
+
+`load_engine(EngineConfig) -> Engine`. Everything torch lives below this package and quant/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EngineConfig:
+    model: str = "default"  # "default", a catalogue name, a .gguf path or an HF folder
+    device: str = "auto"  # auto | cpu | cuda
+    quant: str = "auto"  # auto | int4 | int8 | bf16 | fp32
+    threads: int = 0  # 0: all physical cores
+    fim: str = "auto"  # auto | none | a FIM format name (prompt.FIM_FORMATS)
+    prefill_chunk: int = 256  # tokens per prefill chunk (cancellation is checked between chunks)
+    cache_budget_bytes: int = 0  # per-file KV cache budget; 0: derived from free memory
+
+
+def load_engine(config: EngineConfig, progress=None):  # -> Engine
+    """Load the model named by `config`; `progress(fraction, message)` is called while loading.
+
+    Raises ModelLoadError with a message that says how to fix it.
+    """
+    from .engine import Engine
+
+    return Engine.load(config, progress=progress)

@@ -1,0 +1,269 @@
+"""Wire types of the daemon's HTTP API, shared by the daemon, its client, the LSP and tests.
+
+Imports neither torch nor aiohttp. `from_json` checks types and ranges and raises BadRequest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import BadRequest
+
+MAX_TEXT_CHARS = 8_000_000
+MAX_TOKENS_LIMIT = 1024
+TRIGGERS = ("automatic", "invoked")
+
+
+def _get(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    if name not in body or body[name] is None:
+        if default is ...:
+            raise BadRequest(name, "is required")
+        return default
+    value = body[name]
+    # bool is an int subclass; a position of `true` is a client bug, not line 1.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise BadRequest(name, f"must be {_kind_name(kind)}, got a boolean")
+    if not isinstance(value, kind):
+        raise BadRequest(name, f"must be {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", int: "an integer", bool: "a boolean", list: "a list", float: "a number"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _non_negative(body: dict[str, Any], name: str) -> int:
+    value = _get(body, name, int)
+    if value < 0:
+        raise BadRequest(name, f"must be >= 0, got {value}")
+    return value
+
+
+def _max_tokens(body: dict[str, Any], default: int) -> int:
+    value = _get(body, "max_tokens", int, default)
+    if not 1 <= value <= MAX_TOKENS_LIMIT:
+        raise BadRequest("max_tokens", f"must be between 1 and {MAX_TOKENS_LIMIT}, got {value}")
+    return value
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest("stop", "must be a non-empty string or a list of them")
+    if len(stop) > 16:
+        raise BadRequest("stop", "at most 16 stop strings")
+    return tuple(stop)
+
+
+def _text(body: dict[str, Any], name: str, default: Any = ...) -> str:
+    value = _get(body, name, str, default)
+    if len(value) > MAX_TEXT_CHARS:
+        raise BadRequest(name, f"longer than {MAX_TEXT_CHARS} characters")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CompleteRequest:
+    """`POST /v1/complete`: the whole document and an LSP position (0-based, UTF-16 units)."""
+
+    uri: str
+    text: str
+    line: int
+    character: int
+    path: str | None = None
+    language: str | None = None
+    trigger: str = "automatic"
+    max_tokens: int = 64
+    stream: bool = False
+    single_line: bool | None = None
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, body: Any) -> CompleteRequest:
+        if not isinstance(body, dict):
+            raise BadRequest("", "the request body must be a JSON object")
+        trigger = _get(body, "trigger", str, "automatic")
+        if trigger not in TRIGGERS:
+            raise BadRequest("trigger", f"must be one of {', '.join(TRIGGERS)}, got {trigger!r}")
+        uri = _get(body, "uri", str)
+        if not uri:
+            raise BadRequest("uri", "must not be empty")
+        return cls(
+            uri=uri,
+            text=_text(body, "text"),
+            line=_non_negative(body, "line"),
+            character=_non_negative(body, "character"),
+            path=_get(body, "path", str, None),
+            language=_get(body, "language", str, None),
+            trigger=trigger,
+            max_tokens=_max_tokens(body, 64),
+            stream=_get(body, "stream", bool, False),
+            single_line=_get(body, "single_line", bool, None),
+            stop=_stop(body),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "uri": self.uri,
+            "text": self.text,
+            "line": self.line,
+            "character": self.character,
+            "trigger": self.trigger,
+            "max_tokens": self.max_tokens,
+            "stream": self.stream,
+        }
+        for name in ("path", "language", "single_line"):
+            if getattr(self, name) is not None:
+                body[name] = getattr(self, name)
+        if self.stop:
+            body["stop"] = list(self.stop)
+        return body
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OpenAICompletionRequest:
+    """`POST /v1/completions` (OpenAI-compatible subset; greedy decoding only)."""
+
+    prompt: str
+    suffix: str | None = None
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    model: str | None = None
+
+    @classmethod
+    def from_json(cls, body: Any) -> OpenAICompletionRequest:
+        if not isinstance(body, dict):
+            raise BadRequest("", "the request body must be a JSON object")
+        temperature = _get(body, "temperature", (int, float), 0)
+        if temperature != 0:
+            raise BadRequest("temperature", "only 0 (greedy decoding) is supported")
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise BadRequest("prompt", "must be a string")
+        if len(prompt) > MAX_TEXT_CHARS:
+            raise BadRequest("prompt", f"longer than {MAX_TEXT_CHARS} characters")
+        return cls(
+            prompt=prompt,
+            suffix=_text(body, "suffix", None),
+            max_tokens=_max_tokens(body, 16),
+            stop=_stop(body),
+            stream=_get(body, "stream", bool, False),
+            model=_get(body, "model", str, None),
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Timings:
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    queue_ms: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cached_tokens": self.cached_tokens,
+            "prefilled_tokens": self.prefilled_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prefill_ms": round(self.prefill_ms, 3),
+            "decode_ms": round(self.decode_ms, 3),
+            "queue_ms": round(self.queue_ms, 3),
+        }
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Timings:
+        return cls(**{k: body[k] for k in cls.__slots__ if k in body})  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Position:
+    line: int
+    character: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"line": self.line, "character": self.character}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Range:
+    start: Position
+    end: Position
+
+    def to_json(self) -> dict[str, Any]:
+        return {"start": self.start.to_json(), "end": self.end.to_json()}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Range:
+        return cls(start=Position(**body["start"]), end=Position(**body["end"]))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CompletionItem:
+    """`text` replaces `range` (an empty range at the cursor inserts)."""
+
+    text: str
+    range: Range
+
+    def to_json(self) -> dict[str, Any]:
+        return {"text": self.text, "range": self.range.to_json()}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CompleteResponse:
+    items: list[CompletionItem]
+    timings: Timings
+    stop_reason: str = ""
+    token_ids: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "items": [item.to_json() for item in self.items],
+            "timings": self.timings.to_json(),
+            "stop_reason": self.stop_reason,
+            "token_ids": self.token_ids,
+        }
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> CompleteResponse:
+        items = [
+            CompletionItem(text=i["text"], range=Range.from_json(i["range"])) for i in body["items"]
+        ]
+        return cls(
+            items=items,
+            timings=Timings.from_json(body.get("timings", {})),
+            stop_reason=body.get("stop_reason", ""),
+            token_ids=list(body.get("token_ids", [])),
+        )
+
+
+def offset_at(text: str, line: int, character: int) -> int:
+    """String index of an LSP position (0-based line, UTF-16 code units); BadRequest if outside."""
+    start = 0
+    for n in range(line):
+        nl = text.find("\n", start)
+        if nl < 0:
+            raise BadRequest("line", f"{line} is past the end of the document ({n + 1} lines)")
+        start = nl + 1
+    end = text.find("\n", start)
+    end = len(text) if end < 0 else end
+    units = 0
+    index = start
+    while index < end and units < character:
+        units += 2 if ord(text[index]) > 0xFFFF else 1
+        index += 1
+    if units < character:
+        raise BadRequest("character", f"{character} is past the end of line {line} ({units} units)")
+    if units > character:
+        raise BadRequest("character", f"{character} falls inside a surrogate pair")
+    return index
