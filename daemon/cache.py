@@ -1,0 +1,118 @@
+"""Per-document KV prefix cache: token ids + KV of each file's last prompt and generation.
+
+Keyed by document URI, LRU-evicted under a byte budget. Used from the engine worker thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .engine.kv import KVCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class CacheStats:
+    lookups: int = 0
+    hits: int = 0  # lookups that reused at least one token
+    reused_tokens: int = 0
+    prefilled_tokens: int = 0
+    evictions: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(slots=True)
+class Entry:
+    tokens: list[int]  # the ids whose K/V are in kv[0:len(tokens)]
+    kv: KVCache
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass
+class FileCache:
+    """`checkout` hands a document's KV (trimmed to the reusable prefix) to the caller, who
+    runs the model and gives it back with `checkin`."""
+
+    budget_bytes: int
+    new_kv: Callable[[], KVCache]
+    entries: OrderedDict[str, Entry] = field(default_factory=OrderedDict)
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def checkout(self, uri: str | None, tokens: list[int]) -> tuple[KVCache, int]:
+        """KV holding the longest cached prefix of `tokens` (at most len-1), and its length.
+
+        uri None (no document): the best entry of any document lends a copy of its prefix.
+        """
+        self.stats.lookups += 1
+        entry = self.entries.pop(uri, None) if uri is not None else None
+        if entry is not None:
+            kv, reused = entry.kv, common_prefix(entry.tokens, tokens)
+        else:
+            kv, reused = self._borrow(tokens)
+        # Leave one token to run: its logits start the generation.
+        reused = min(reused, len(tokens) - 1)
+        kv.trim_to(reused)
+        self.stats.hits += reused > 0
+        self.stats.reused_tokens += reused
+        self.stats.prefilled_tokens += len(tokens) - reused
+        return kv, reused
+
+    def _borrow(self, tokens: list[int]) -> tuple[KVCache, int]:
+        best, best_len = None, 0
+        for entry in self.entries.values():
+            n = common_prefix(entry.tokens, tokens)
+            if n > best_len:
+                best, best_len = entry, n
+        kv = self.new_kv()
+        if best is not None:
+            kv.reserve(best_len)
+            kv.k[:, :, :best_len] = best.kv.k[:, :, :best_len]
+            kv.v[:, :, :best_len] = best.kv.v[:, :, :best_len]
+            kv.length = best_len
+        return kv, best_len
+
+    def checkin(self, uri: str, tokens: list[int], kv: KVCache) -> None:
+        assert kv.length <= len(tokens)
+        self.entries[uri] = Entry(tokens[: kv.length], kv)
+        self.entries.move_to_end(uri)
+        self._evict(keep=uri)
+
+    def close(self, uri: str) -> bool:
+        return self.entries.pop(uri, None) is not None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.kv.nbytes for e in self.entries.values())
+
+    def _evict(self, keep: str) -> None:
+        while self.nbytes > self.budget_bytes and len(self.entries) > 1:
+            uri = next(iter(self.entries))
+            if uri == keep:
+                break
+            del self.entries[uri]
+            self.stats.evictions += 1
+            logger.debug("evicted the KV cache of %s", uri)
+        entry = self.entries.get(keep)
+        if entry is not None and entry.kv.nbytes > self.budget_bytes:
+            entry.kv.shrink()
+
+    def to_json(self) -> dict:
+        return {
+            "entries": len(self.entries),
+            "bytes": self.nbytes,
+            "budget_bytes": self.budget_bytes,
+            **self.stats.to_json(),
+        }

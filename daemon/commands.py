@@ -1,0 +1,135 @@
+"""The `complete`, `prompt` and `models` subcommands: a suggestion or a prompt at FILE:LINE:COL.
+
+`complete` uses the running daemon when there is one, else loads the engine in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import catalog
+from .errors import BadRequest, CodelmError
+from .protocol import CompleteRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    path: Path
+    line: int  # 1-based
+    column: int  # 1-based, in characters (code points)
+
+    @classmethod
+    def parse(cls, spec: str) -> Location:
+        parts = spec.rsplit(":", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            raise BadRequest("location", f"{spec!r} is not FILE:LINE:COL (1-based, e.g. app.py:12:5)")
+        line, column = int(parts[1]), int(parts[2])
+        if line < 1 or column < 1:
+            raise BadRequest("location", "LINE and COL start at 1")
+        return cls(Path(parts[0]), line, column)
+
+
+def build_request(location: Location, max_tokens: int, trigger: str = "invoked") -> CompleteRequest:
+    """The daemon request for a location; the column is converted to UTF-16 units."""
+    try:
+        text = location.path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadRequest("location", f"cannot read {location.path}: {exc}") from exc
+    lines = text.split("\n")
+    if location.line > len(lines):
+        raise BadRequest("location", f"{location.path} has {len(lines)} lines, not {location.line}")
+    line_text = lines[location.line - 1].rstrip("\r")
+    if location.column > len(line_text) + 1:
+        raise BadRequest(
+            "location", f"line {location.line} has {len(line_text)} characters; COL is at most "
+            f"{len(line_text) + 1}"
+        )
+    before = line_text[: location.column - 1]
+    character = len(before.encode("utf-16-le")) // 2
+    return CompleteRequest(
+        uri=location.path.resolve().as_uri(),
+        text=text,
+        line=location.line - 1,
+        character=character,
+        path=str(location.path),
+        trigger=trigger,
+        max_tokens=max_tokens,
+    )
+
+
+def _engine_config(args: argparse.Namespace):
+    from .config import resolve_config
+
+    overrides = {name: getattr(args, name, None) for name in ("model", "device", "quant")}
+    return resolve_config(overrides).engine
+
+
+def _load_engine(args: argparse.Namespace):
+    from .engine import load_engine
+
+    return load_engine(_engine_config(args))
+
+
+def _daemon_complete(request: CompleteRequest):
+    """The response from the running daemon, or None when no daemon runs."""
+    from . import client
+
+    return client.complete_sync(request)
+
+
+def run_complete(args: argparse.Namespace) -> int:
+    try:
+        request = build_request(Location.parse(args.location), getattr(args, "max_tokens", None) or 64)
+        response = None if args.no_daemon or _overrides_model(args) else _daemon_complete(request)
+        if response is None:
+            response = _load_engine(args).complete(request)
+    except CodelmError as exc:
+        print(f"codelm-daemon complete: {exc.message}", file=sys.stderr)
+        return 2
+    text = response.items[0].text if response.items else ""
+    if args.json:
+        body = {"text": text, "token_ids": response.token_ids, "timings": response.timings.to_json()}
+        print(json.dumps({**body, "stop_reason": response.stop_reason}, ensure_ascii=False))
+    else:
+        print(text)
+    return 0
+
+
+def _overrides_model(args: argparse.Namespace) -> bool:
+    # The running daemon serves its own model; asking for another means loading it here.
+    return any(getattr(args, name, None) for name in ("model", "device", "quant"))
+
+
+def run_prompt(args: argparse.Namespace) -> int:
+    try:
+        request = build_request(Location.parse(args.location), 1)
+        text, ids = _load_engine(args).prompt(request)
+    except CodelmError as exc:
+        print(f"codelm-daemon prompt: {exc.message}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"prompt": text, "token_ids": ids}, ensure_ascii=False))
+    else:
+        print(text)
+        print(f"--- {len(ids)} tokens", file=sys.stderr)
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "fetch":
+            catalog.fetch(getattr(args, "name", None) or "default", force=getattr(args, "force", False))
+            return 0
+    except CodelmError as exc:
+        print(f"codelm-daemon models: {exc.message}", file=sys.stderr)
+        return 2
+    for name, entry in catalog.CATALOG.items():
+        path = catalog.models_dir() / entry.filename
+        state = "fetched" if path.exists() else "not fetched"
+        marker = " (default)" if name == catalog.DEFAULT_MODEL else ""
+        print(f"{name}{marker}: {entry.description} [{state}: {path}]")
+    return 0

@@ -1,0 +1,217 @@
+"""Engine: one loaded model + tokenizer + per-file KV cache, answering completion requests.
+
+All methods run on one thread (the scheduler's worker); nothing here is thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..cache import FileCache
+from ..errors import BadRequest, DeviceUnavailable, ModelLoadError
+from ..protocol import (
+    CompleteRequest,
+    CompleteResponse,
+    CompletionItem,
+    OpenAICompletionRequest,
+    Position,
+    Range,
+    Timings,
+    offset_at,
+)
+from . import EngineConfig
+from .cancel import CancelToken
+from .generate import GenerationResult, StopRules, generate
+from .kv import KVCache
+from .loader import LoadedModel, load_model
+from .prompt import Prompt, build_prompt, detect_fim
+
+logger = logging.getLogger(__name__)
+
+PREFIX_CHARS = 8000  # about 2.3k tokens of code before the cursor
+SUFFIX_CHARS = {"automatic": 400, "invoked": 2000}
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, load_s: float) -> None:
+        self.model: nn.Module = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.args = loaded.args
+        self.config = config
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.fim = detect_fim(self.tokenizer, config.fim)
+        self.stop_ids = frozenset(self.tokenizer.eos_ids) | self._fim_stop_ids()
+        budget = config.cache_budget_bytes or default_cache_budget()
+        self.cache = FileCache(budget_bytes=budget, new_kv=self.new_kv)
+        self.info: dict[str, Any] = {
+            **loaded.info,
+            "fim": self.fim.name if self.fim else "none (prefix-only)",
+            "load_s": round(load_s, 3),
+            "cache_budget_bytes": budget,
+        }
+
+    @classmethod
+    def load(cls, config: EngineConfig, progress=None) -> Engine:
+        t0 = time.perf_counter()
+        device = resolve_device(config.device)
+        if device.type == "cpu":
+            torch.set_num_threads(config.threads or physical_cores())
+        loaded = load_model(config, device, progress)
+        engine = cls(loaded, config, time.perf_counter() - t0)
+        logger.info("engine ready: %s", engine.info)
+        return engine
+
+    def _fim_stop_ids(self) -> frozenset[int]:
+        texts = self.fim.stop if self.fim else ()
+        ids = (self.tokenizer.token_id(t) for t in texts)
+        return frozenset(i for i in ids if i is not None)
+
+    def new_kv(self) -> KVCache:
+        a = self.args
+        return KVCache(
+            a.n_layers, a.n_kv_heads, a.head_dim, dtype=self.dtype, device=self.device, max_len=a.max_len
+        )
+
+    def prompt(self, request: CompleteRequest) -> tuple[str, list[int]]:
+        built = self._build(request)
+        return self.tokenizer.decode(built.token_ids), built.token_ids
+
+    def _build(self, request: CompleteRequest) -> Prompt:
+        cursor = offset_at(request.text, request.line, request.character)
+        return build_prompt(
+            self.tokenizer,
+            self.fim,
+            request.text,
+            cursor,
+            path=request.path or _path_from_uri(request.uri),
+            prefix_chars=PREFIX_CHARS,
+            suffix_chars=SUFFIX_CHARS[request.trigger],
+        )
+
+    def complete(
+        self, request: CompleteRequest, cancel: CancelToken | None = None, on_text=None
+    ) -> CompleteResponse:
+        ids = self._build(request).token_ids
+        single_line = request.single_line if request.single_line is not None else False
+        rules = StopRules(
+            stop_ids=self.stop_ids,
+            stop_texts=request.stop,
+            max_tokens=request.max_tokens,
+            single_line=single_line,
+        )
+        result = self._run(request.uri, ids, rules, cancel, on_text)
+        at = Position(line=request.line, character=request.character)
+        item = CompletionItem(text=result.text, range=Range(start=at, end=at))
+        return _response([item], result)
+
+    def complete_openai(
+        self, request: OpenAICompletionRequest, cancel: CancelToken | None = None, on_text=None
+    ) -> CompleteResponse:
+        bos = [self.tokenizer.bos_id] if self.tokenizer.add_bos and self.tokenizer.bos_id else []
+        if request.suffix is not None and self.fim is not None:
+            text = request.prompt + request.suffix
+            ids = build_prompt(
+                self.tokenizer, self.fim, text, len(request.prompt), path=None,
+                prefix_chars=len(text) + 1, suffix_chars=len(request.suffix) + 1,
+            ).token_ids
+        else:
+            ids = bos + self.tokenizer.encode(request.prompt)
+        if not ids:
+            raise BadRequest("prompt", "must not be empty")
+        rules = StopRules(stop_ids=self.stop_ids, stop_texts=request.stop, max_tokens=request.max_tokens)
+        result = self._run(None, ids, rules, cancel, on_text)
+        origin = Position(line=0, character=0)
+        return _response([CompletionItem(text=result.text, range=Range(start=origin, end=origin))], result)
+
+    def _run(self, uri, ids, rules, cancel, on_text) -> GenerationResult:
+        if len(ids) + rules.max_tokens > self.args.max_len:
+            raise BadRequest("text", f"the prompt ({len(ids)} tokens) leaves no room in the context")
+        kv, _ = self.cache.checkout(uri, ids)
+        result = None
+        try:
+            result = generate(
+                self.model, self.tokenizer, kv, ids, rules,
+                chunk=self.config.prefill_chunk, cancel=cancel, on_text=on_text,
+            )
+        finally:
+            # Keep what was computed (also on cancel): the next keystroke reuses it.
+            tokens = ids + _fed_tokens(kv, ids, result)
+            self.cache.checkin(uri or f"anonymous:{id(kv)}", tokens, kv)
+        return result
+
+    def close_document(self, uri: str) -> bool:
+        return self.cache.close(uri)
+
+    def cache_stats(self) -> dict[str, Any]:
+        return self.cache.to_json()
+
+
+def _fed_tokens(kv: KVCache, ids: list[int], result: GenerationResult | None) -> list[int]:
+    if result is None or kv.length <= len(ids):
+        return []
+    return result.token_ids[: kv.length - len(ids)]
+
+
+def _response(items: list[CompletionItem], result: GenerationResult) -> CompleteResponse:
+    timings = Timings(
+        cached_tokens=result.cached_tokens,
+        prefilled_tokens=result.prefilled_tokens,
+        generated_tokens=len(result.token_ids),
+        prefill_ms=result.prefill_ms,
+        decode_ms=result.decode_ms,
+    )
+    return CompleteResponse(
+        items=items, timings=timings, stop_reason=result.stop_reason.value, token_ids=result.token_ids
+    )
+
+
+def _path_from_uri(uri: str) -> str | None:
+    if uri.startswith("file://"):
+        return os.path.basename(uri[len("file://") :])
+    return None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable("--device cuda was asked for, but no CUDA GPU is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unknown device {name!r} (auto, cpu, cuda)")
+    return torch.device(name)
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads share a core's FPU; more threads than cores slows torch)."""
+    try:
+        pairs = set()
+        text = Path("/proc/cpuinfo").read_text()
+        for block in text.split("\n\n"):
+            fields = dict(
+                line.split(":", 1) for line in block.splitlines() if ":" in line
+            )
+            fields = {k.strip(): v.strip() for k, v in fields.items()}
+            if "core id" in fields:
+                pairs.add((fields.get("physical id"), fields["core id"]))
+        if pairs:
+            return min(len(pairs), len(os.sched_getaffinity(0)))
+    except OSError:
+        pass
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def default_cache_budget() -> int:
+    """A quarter of available memory, between 256 MiB and 4 GiB."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        available = 4 << 30
+    return int(min(4 << 30, max(256 << 20, available // 4)))

@@ -1,0 +1,124 @@
+"""Layers shared by the architectures: RMSNorm, rotary embeddings, attention over a KVCache."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like the reference implementations, then return in x's dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RopeScaling:
+    """HF `rope_scaling`: kind is none | linear | dynamic | llama3."""
+
+    kind: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    @classmethod
+    def from_hf(cls, scaling: dict | None) -> RopeScaling:
+        if not scaling:
+            return cls()
+        kind = scaling.get("rope_type", scaling.get("type", "none"))
+        if kind == "default":
+            return cls()
+        if kind not in ("linear", "dynamic", "llama3"):
+            raise ValueError(f"unsupported rope scaling {kind!r} (supported: linear, dynamic, llama3)")
+        return cls(
+            kind=kind,
+            factor=float(scaling.get("factor", 1.0)),
+            low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+            original_max_position=int(scaling.get("original_max_position_embeddings", 8192)),
+        )
+
+
+def rope_inv_freq(head_dim: int, base: float, scaling: RopeScaling) -> torch.Tensor:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    original = inv_freq
+    if scaling.kind == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling.kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+        high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, blended)
+        inv_freq = torch.where(wavelen < high_wavelen, original, inv_freq)
+    elif scaling.kind == "dynamic":
+        # Dynamic NTK is applied for the whole context length at once (cache-stable positions).
+        base = base * scaling.factor ** (head_dim / (head_dim - 2))
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    return inv_freq.float()
+
+
+class Rotary(nn.Module):
+    """Precomputed cos/sin tables for positions [0, max_len), HF "rotate half" layout."""
+
+    def __init__(self, head_dim: int, base: float, max_len: int, scaling: RopeScaling) -> None:
+        super().__init__()
+        inv_freq = rope_inv_freq(head_dim, base, scaling)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T] -> cos, sin: [T, head_dim]
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, Dh]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    start: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> torch.Tensor:
+    """Write k/v at [start, start+T) of one layer's cache and attend causally over [0, start+T).
+
+    q: [1, H, T, Dh]; k, v: [1, Hkv, T, Dh]; k_cache, v_cache: [Hkv, capacity, Dh].
+    """
+    n_new = q.shape[2]
+    end = start + n_new
+    k_cache[:, start:end] = k[0]
+    v_cache[:, start:end] = v[0]
+    keys = k_cache[:, :end].unsqueeze(0)
+    values = v_cache[:, :end].unsqueeze(0)
+    if n_new == 1:
+        mask = None
+    else:
+        # Query i (absolute position start+i) sees keys [0, start+i].
+        rows = torch.arange(start, end, device=q.device).unsqueeze(1)
+        mask = torch.arange(end, device=q.device).unsqueeze(0) <= rows
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)

@@ -1,0 +1,202 @@
+"""Llama family: SmolLM2, aiXcoder-7B, DeepSeek-Coder, CodeLlama (RMSNorm, RoPE, SwiGLU, GQA).
+
+Qwen2 reuses this block with q/k/v biases (models/qwen2.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kv import KVCache
+from ..layers import RMSNorm, RopeScaling, Rotary, apply_rotary, attend
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelArgs:
+    arch: str = "llama"
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    head_dim: int
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_len: int = 4096
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
+        n_heads = config["num_attention_heads"]
+        # transformers 5 writes `rope_parameters` (theta inside); released checkpoints have
+        # `rope_theta` and `rope_scaling`.
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        rope_base = config.get("rope_theta") or rope.get("rope_theta", 10000.0)
+        dim = config["hidden_size"]
+        return cls(
+            arch=config.get("model_type", "llama"),
+            vocab_size=config["vocab_size"],
+            dim=dim,
+            n_layers=config["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads,
+            ffn_dim=config["intermediate_size"],
+            head_dim=config.get("head_dim") or dim // n_heads,
+            norm_eps=config.get("rms_norm_eps", 1e-5),
+            rope_base=rope_base,
+            rope_scaling=RopeScaling.from_hf(rope),
+            max_len=config.get("max_position_embeddings", 4096),
+            tie_embeddings=config.get("tie_word_embeddings", False),
+            qkv_bias=config.get("attention_bias", False) or config.get("model_type") == "qwen2",
+        )
+
+    @classmethod
+    def from_gguf(cls, meta: dict[str, Any], has_output: bool) -> ModelArgs:
+        arch = meta["general.architecture"]
+
+        def key(name: str, default: Any = None) -> Any:
+            return meta.get(f"{arch}.{name}", default)
+
+        n_heads = key("attention.head_count")
+        dim = key("embedding_length")
+        scaling = None
+        if key("rope.scaling.type") not in (None, "none"):
+            scaling = {"type": key("rope.scaling.type"), "factor": key("rope.scaling.factor", 1.0)}
+        return cls(
+            arch=arch,
+            vocab_size=key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+            dim=dim,
+            n_layers=key("block_count"),
+            n_heads=n_heads,
+            n_kv_heads=key("attention.head_count_kv") or n_heads,
+            ffn_dim=key("feed_forward_length"),
+            head_dim=key("attention.key_length") or dim // n_heads,
+            norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_base=key("rope.freq_base", 10000.0),
+            rope_scaling=RopeScaling.from_hf(scaling),
+            max_len=key("context_length", 4096),
+            tie_embeddings=not has_output,
+            qkv_bias=arch == "qwen2",
+        )
+
+    def replace(self, **changes: Any) -> ModelArgs:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return ModelArgs(**{**values, **changes})
+
+
+# Linear layers that run as one matmul: their parts' weights are concatenated at load.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+# GGUF tensor name -> our (HF) name; {i} is the block index.
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+# GGUF stores q/k rows permuted for interleaved RoPE; these need un-permuting (weights.py).
+GGUF_PERMUTED_ARCHS = ("llama", "mistral")
+
+
+def _meta_linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
+    # Placeholder replaced at load by an nn.Linear with real weights or a QuantizedLinear.
+    return nn.Linear(n_in, n_out, bias=bias, device="meta")
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.qkv_proj = _meta_linear(args.dim, q_dim + 2 * kv_dim, args.qkv_bias)
+        self.o_proj = _meta_linear(q_dim, args.dim, False)
+        self.split = (q_dim, kv_dim, kv_dim)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
+        # x: [1, T, D]
+        n_tokens = x.shape[1]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(1, n_tokens, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(1, n_tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(1, n_tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attend(q, k_cache, v_cache, start, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(1, n_tokens, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.ffn_dim = args.ffn_dim
+        self.gate_up_proj = _meta_linear(args.dim, 2 * args.ffn_dim, False)
+        self.down_proj = _meta_linear(args.ffn_dim, args.dim, False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.ffn_dim, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Inner(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, device="meta")
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = Inner(args)
+        self.lm_head = _meta_linear(args.dim, args.vocab_size, False)
+        self.rotary = Rotary(args.head_dim, args.rope_base, args.max_len, args.rope_scaling)
+
+    def forward(self, tokens: torch.Tensor, kv: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Run `tokens` ([T] ids) at positions [kv.length, kv.length + T); advance kv.length.
+
+        Returns fp32 logits [T, vocab] if all_logits else [1, vocab] for the last token.
+        """
+        start = kv.length
+        n_tokens = tokens.shape[0]
+        kv.reserve(start + n_tokens)
+        x = self.model.embed_tokens(tokens).unsqueeze(0).to(kv.dtype)  # [1, T, D]
+        cos, sin = self.rotary(torch.arange(start, start + n_tokens, device=tokens.device), x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, kv.k[i], kv.v[i], start)
+        kv.length = start + n_tokens
+        x = x[0] if all_logits else x[0, -1:]
+        return self.lm_head(self.model.norm(x)).float()

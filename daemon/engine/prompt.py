@@ -1,0 +1,156 @@
+"""Prompt building: FIM formats as data, and a file window laid out for KV prefix reuse.
+
+The stable part goes first (header, then the prefix window whose start moves in large steps on
+line boundaries), the part that changes with each keystroke last.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FimFormat:
+    """Special-token texts of one fill-in-the-middle format. order: psm | spm."""
+
+    name: str
+    prefix: str
+    suffix: str
+    middle: str
+    order: str = "psm"
+    stop: tuple[str, ...] = ()  # extra tokens that end a completion
+    file_sep: str | None = None
+
+
+FIM_FORMATS: dict[str, FimFormat] = {
+    f.name: f
+    for f in (
+        FimFormat(
+            name="starcoder",
+            prefix="<fim_prefix>",
+            suffix="<fim_suffix>",
+            middle="<fim_middle>",
+            stop=("<|endoftext|>", "<file_sep>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+            file_sep="<file_sep>",
+        ),
+        FimFormat(
+            name="qwen",
+            prefix="<|fim_prefix|>",
+            suffix="<|fim_suffix|>",
+            middle="<|fim_middle|>",
+            stop=("<|endoftext|>", "<|file_sep|>", "<|fim_pad|>", "<|repo_name|>", "<|im_end|>"),
+            file_sep="<|file_sep|>",
+        ),
+        FimFormat(
+            name="deepseek",
+            prefix="<｜fim▁begin｜>",
+            suffix="<｜fim▁hole｜>",
+            middle="<｜fim▁end｜>",
+            stop=("<｜end▁of▁sentence｜>", "<|EOT|>"),
+        ),
+        FimFormat(name="codellama", prefix="▁<PRE>", suffix="▁<SUF>", middle="▁<MID>", stop=("▁<EOT>",)),
+        FimFormat(
+            name="aixcoder",
+            prefix="▁<AIX-SPAN-PRE>",
+            suffix="▁<AIX-SPAN-POST>",
+            middle="▁<AIX-SPAN-MIDDLE>",
+            order="spm",
+            stop=("</s>",),
+        ),
+    )
+}
+
+# Line-comment syntax by file extension, for the file-path header of prefix-only prompts.
+_HASH_COMMENT = {".py", ".sh", ".rb", ".pl", ".r", ".toml", ".yaml", ".yml", ".jl", ".nim", ".ps1"}
+_DASH_COMMENT = {".lua", ".sql", ".hs", ".elm"}
+
+# The prefix window starts on a line boundary at or after a multiple of this many characters,
+# so it moves in large steps, not with every keystroke (which would defeat KV reuse).
+WINDOW_STEP_CHARS = 2048
+
+
+def detect_fim(tokenizer: Tokenizer, override: str = "auto") -> FimFormat | None:
+    """The FIM format whose special tokens the tokenizer has; None means prefix-only."""
+    if override == "none":
+        return None
+    if override != "auto":
+        if override not in FIM_FORMATS:
+            raise ValueError(f"unknown FIM format {override!r}; known: {', '.join(FIM_FORMATS)}")
+        return FIM_FORMATS[override]
+    for fmt in FIM_FORMATS.values():
+        if all(tokenizer.token_id(t) is not None for t in (fmt.prefix, fmt.suffix, fmt.middle)):
+            return fmt
+    return None
+
+
+def comment_header(path: str | None) -> str:
+    if not path:
+        return ""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in _HASH_COMMENT:
+        return f"# {path}\n"
+    if ext in _DASH_COMMENT:
+        return f"-- {path}\n"
+    if ext in (".html", ".xml", ".md", ".vue", ".svelte"):
+        return f"<!-- {path} -->\n"
+    return f"// {path}\n"
+
+
+def window_start(text: str, cursor: int, max_chars: int) -> int:
+    """Start of the prefix window: a line start that stays put while the user types nearby."""
+    if cursor <= max_chars:
+        return 0
+    lowest = cursor - max_chars
+    target = -(-lowest // WINDOW_STEP_CHARS) * WINDOW_STEP_CHARS
+    line_start = text.rfind("\n", 0, target) + 1
+    if line_start < lowest:
+        line_start = text.find("\n", target, cursor) + 1 or target
+    return line_start
+
+
+def suffix_window(text: str, cursor: int, max_chars: int) -> str:
+    """The text after the cursor, cut at a line end within `max_chars`."""
+    end = cursor + max_chars
+    if end >= len(text):
+        return text[cursor:]
+    newline = text.rfind("\n", cursor, end)
+    return text[cursor : newline + 1] if newline >= 0 else text[cursor:end]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Prompt:
+    token_ids: list[int]
+    prefix_start: int  # document offset where the prefix window starts
+    fim: FimFormat | None
+
+
+def build_prompt(
+    tokenizer: Tokenizer,
+    fim: FimFormat | None,
+    text: str,
+    cursor: int,
+    *,
+    path: str | None,
+    prefix_chars: int,
+    suffix_chars: int,
+) -> Prompt:
+    """Token ids for completing `text` at string offset `cursor`.
+
+    Each part is encoded on its own, so the ids of the stable parts do not depend on the rest.
+    """
+    start = window_start(text, cursor, prefix_chars)
+    prefix = text[start:cursor]
+    bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+    if fim is None:
+        ids = bos + tokenizer.encode(comment_header(path)) + tokenizer.encode(prefix)
+        return Prompt(token_ids=ids, prefix_start=start, fim=None)
+    suffix = suffix_window(text, cursor, suffix_chars)
+    pre, suf, mid = (tokenizer.token_id(t) for t in (fim.prefix, fim.suffix, fim.middle))
+    if fim.order == "spm":
+        ids = bos + [pre, suf] + tokenizer.encode(suffix) + [mid] + tokenizer.encode(prefix)
+    else:
+        ids = bos + [pre] + tokenizer.encode(prefix) + [suf] + tokenizer.encode(suffix) + [mid]
+    return Prompt(token_ids=ids, prefix_start=start, fim=fim)

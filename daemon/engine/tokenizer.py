@@ -1,0 +1,266 @@
+"""Tokenizers: HF `tokenizers` (tokenizer.json, or byte-level BPE rebuilt from GGUF vocab + merges)
+and `sentencepiece` (tokenizer.model), behind one interface, plus a streaming detokenizer.
+
+Document text is always encoded as plain text: a file that contains "<|endoftext|>" gets those
+characters, not the special token. Special tokens enter prompts by id (prompt.py).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+# GGUF `tokenizer.ggml.pre` -> the split regexes llama.cpp applies before byte-level BPE
+# (llama-vocab.cpp). The StarCoder family splits digits one by one.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_QWEN2_SPLIT = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_SPLIT = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_DEEPSEEK_CODER_SPLITS = (
+    r"[\r\n]",
+    r"\s?\p{L}+",
+    r"\s?\p{P}+",
+    r"[一-龥ࠀ-一가-퟿]+",
+    r"\p{N}",
+)
+GGUF_PRE_SPLITS: dict[str, tuple[str, ...]] = {
+    "default": (_GPT2_SPLIT,),
+    "gpt-2": (_GPT2_SPLIT,),
+    "smollm": (r"\p{N}", _GPT2_SPLIT),
+    "starcoder": (r"\p{N}", _GPT2_SPLIT),
+    "refact": (r"\p{N}", _GPT2_SPLIT),
+    "codeshell": (r"\p{N}", _GPT2_SPLIT),
+    "qwen2": (_QWEN2_SPLIT,),
+    "llama-bpe": (_LLAMA3_SPLIT,),
+    "deepseek-coder": _DEEPSEEK_CODER_SPLITS,
+}
+
+# GGUF token types (llama.cpp): 3 = control, 4 = user defined.
+_SPECIAL_TYPES = (3, 4)
+
+
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable stand-in of each byte."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    mapping = {b: b for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = 256 + n
+            n += 1
+    return {chr(c): b for b, c in mapping.items()}
+
+
+@dataclass(slots=True)
+class Tokenizer:
+    """Text <-> ids for one model. `special` maps special-token text to its id."""
+
+    backend: Any
+    kind: str  # "bpe" | "sentencepiece"
+    special: dict[str, int]
+    bos_id: int | None
+    eos_ids: frozenset[int]
+    add_bos: bool
+    pieces: list[bytes]  # id -> the bytes that token stands for (special tokens: their text)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "sentencepiece":
+            return self.backend.encode(text)
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    def token_id(self, text: str) -> int | None:
+        return self.special.get(text)
+
+    def streamer(self) -> StreamDecoder:
+        return StreamDecoder(self.pieces)
+
+
+class StreamDecoder:
+    """Turns token ids into text pieces as they come, never splitting a UTF-8 character."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self._pieces = pieces
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._decoder.decode(self._pieces[token_id])
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ModelLoadError(
+            f"GGUF tokenizer {model!r} is not supported yet (supported: gpt2 byte-level BPE); "
+            "use the model's Hugging Face folder instead"
+        )
+    from tokenizers import Regex, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types: list[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    backend = HFTokenizer(models.BPE(vocab, merges, ignore_merges=False))
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    splits = GGUF_PRE_SPLITS.get(pre)
+    if splits is None:
+        logger.warning("unknown GGUF pre-tokenizer %r; using GPT-2's splitting", pre)
+        splits = GGUF_PRE_SPLITS["default"]
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    special = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in _SPECIAL_TYPES}
+    decoder = _byte_decoder()
+    pieces = [
+        tok.encode() if i in special.values() else bytes(decoder.get(c, 32) for c in tok)
+        for i, tok in enumerate(tokens)
+    ]
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    eot = meta.get("tokenizer.ggml.eot_token_id")
+    return Tokenizer(
+        backend=backend,
+        kind="bpe",
+        special=special,
+        bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_ids=frozenset(i for i in (eos, eot) if i is not None),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        pieces=pieces,
+    )
+
+
+def tokenizer_from_folder(path: Path, config: dict[str, Any]) -> Tokenizer:
+    settings = _read_json(path / "tokenizer_config.json")
+    if (path / "tokenizer.json").exists():
+        return _hf_tokenizer(path / "tokenizer.json", settings, config)
+    if (path / "tokenizer.model").exists():
+        return _sentencepiece_tokenizer(path / "tokenizer.model", settings, config)
+    raise ModelLoadError(f"{path} has neither tokenizer.json nor tokenizer.model")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not readable JSON ({exc})") from exc
+
+
+def _token_text(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _hf_tokenizer(file: Path, settings: dict, config: dict) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    backend = HFTokenizer.from_file(str(file))
+    # Encode document text literally; special tokens are inserted by id.
+    backend.encode_special_tokens = True
+    special = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+    vocab_size = backend.get_vocab_size(with_added_tokens=True)
+    pieces = _hf_pieces(backend, vocab_size, special)
+    eos_ids = _eos_ids(config, settings, backend.token_to_id)
+    bos = _token_text(settings.get("bos_token"))
+    return Tokenizer(
+        backend=backend,
+        kind="bpe",
+        special=special,
+        bos_id=backend.token_to_id(bos) if bos else config.get("bos_token_id"),
+        eos_ids=eos_ids,
+        add_bos=bool(settings.get("add_bos_token", False)),
+        pieces=pieces,
+    )
+
+
+def _hf_pieces(backend: Any, vocab_size: int, special: dict[str, int]) -> list[bytes]:
+    decoder = _byte_decoder()
+    special_ids = set(special.values())
+    byte_level = "ByteLevel" in json.dumps(backend.decoder.__getstate__(), default=str)
+    pieces = []
+    for i in range(vocab_size):
+        tok = backend.id_to_token(i) or ""
+        if i in special_ids or not byte_level:
+            pieces.append(_sentencepiece_piece_bytes(tok) if not byte_level else tok.encode())
+        else:
+            pieces.append(bytes(decoder.get(c, 32) for c in tok))
+    return pieces
+
+
+def _sentencepiece_piece_bytes(piece: str) -> bytes:
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("▁", " ").encode()
+
+
+def _eos_ids(config: dict, settings: dict, lookup: Any) -> frozenset[int]:
+    ids = config.get("eos_token_id")
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    eos = _token_text(settings.get("eos_token"))
+    if eos and lookup(eos) is not None:
+        ids.add(lookup(eos))
+    return frozenset(ids)
+
+
+def _sentencepiece_tokenizer(file: Path, settings: dict, config: dict) -> Tokenizer:
+    import sentencepiece as spm
+
+    backend = spm.SentencePieceProcessor(model_file=str(file))
+    size = backend.get_piece_size()
+    special = {
+        backend.id_to_piece(i): i
+        for i in range(size)
+        if backend.is_control(i) or backend.is_unknown(i) or _is_user_defined(backend, i)
+    }
+    pieces = []
+    for i in range(size):
+        piece = backend.id_to_piece(i)
+        pieces.append(piece.encode() if i in special.values() else _sentencepiece_piece_bytes(piece))
+    eos_ids = _eos_ids(config, settings, lambda t: backend.piece_to_id(t))
+    if backend.eos_id() >= 0:
+        eos_ids = eos_ids | {backend.eos_id()}
+    return Tokenizer(
+        backend=backend,
+        kind="sentencepiece",
+        special=special,
+        bos_id=backend.bos_id() if backend.bos_id() >= 0 else None,
+        eos_ids=frozenset(eos_ids),
+        add_bos=bool(settings.get("add_bos_token", True)),
+        pieces=pieces,
+    )
+
+
+def _is_user_defined(backend: Any, i: int) -> bool:
+    # sentencepiece exposes no is_user_defined; user-defined pieces (FIM markers) are the
+    # angle-bracketed ones that are neither bytes nor ordinary pieces.
+    piece = backend.id_to_piece(i)
+    return piece.startswith(("<", "▁<")) and piece.endswith(">") and not backend.is_byte(i)

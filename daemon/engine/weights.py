@@ -1,0 +1,154 @@
+"""Read checkpoints: GGUF files (via `gguf`) and Hugging Face folders (config.json + safetensors).
+
+Both become a `WeightSet`: our (HF) tensor names -> `TensorSource`, which keeps GGUF blocks raw so
+quant/ can repack them without a detour through float.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class TensorSource:
+    """One checkpoint tensor, not yet converted: `shape` is torch order ([N, K] for a matrix).
+
+    GGUF tensors keep their raw block bytes (`raw`, [N, bytes per row]) and `ggml_type`;
+    safetensors and float GGUF tensors carry `tensor`.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: str | None = None
+    raw: np.ndarray | None = None
+    tensor: torch.Tensor | None = None
+
+    def to_float(self) -> torch.Tensor:
+        """The tensor in fp32 (dequantised if it is a GGUF quant type)."""
+        if self.tensor is not None:
+            return self.tensor.float()
+        from gguf import GGMLQuantizationType, quants
+
+        qtype = GGMLQuantizationType[self.ggml_type]
+        values = quants.dequantize(self.raw, qtype)
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.shape)
+
+    def permute_rows(self, order: torch.Tensor) -> TensorSource:
+        """Reorder the first dimension (output rows); quantised blocks move whole with their row."""
+        index = order.numpy()
+        if self.tensor is not None:
+            return TensorSource(self.name, self.shape, tensor=self.tensor[order])
+        return TensorSource(self.name, self.shape, self.ggml_type, raw=self.raw[index])
+
+
+@dataclass(slots=True)
+class WeightSet:
+    tensors: dict[str, TensorSource]
+    meta: dict[str, Any]  # GGUF metadata or the HF config.json
+    kind: str  # "gguf" | "hf"
+    path: Path
+
+    def take(self, name: str) -> TensorSource:
+        try:
+            return self.tensors.pop(name)
+        except KeyError:
+            raise ModelLoadError(
+                f"{self.path}: tensor {name!r} is missing; the file is incomplete or not a "
+                "supported architecture"
+            ) from None
+
+
+def unpermute_order(n_rows: int, n_heads: int) -> torch.Tensor:
+    """Row order that undoes llama.cpp's q/k permutation (interleaved -> rotate-half RoPE)."""
+    head_dim = n_rows // n_heads
+    # convert_hf_to_gguf maps HF row (h, j, r) -> GGUF row (h, r, j) with j in [0,2), r in [0, hd/2).
+    rows = torch.arange(n_rows).view(n_heads, head_dim // 2, 2).transpose(1, 2)
+    return rows.reshape(n_rows)
+
+
+def read_gguf(path: Path, name_table: Callable[[str], dict[str, str]]) -> WeightSet:
+    """Read a GGUF file; `name_table(arch)` gives that architecture's GGUF -> HF name table."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        meta = {name: _field_value(field) for name, field in reader.fields.items()}
+        arch = meta["general.architecture"]
+    except (ValueError, OSError, IndexError, KeyError) as exc:
+        raise ModelLoadError(
+            f"{path} is not a readable GGUF file ({exc!r}); fetch it again (for a catalogue "
+            "model: `codelm-daemon models fetch NAME --force`)"
+        ) from exc
+    names = _expand_names(name_table(arch), meta.get(f"{arch}.block_count", 0))
+    tensors = {}
+    for t in reader.tensors:
+        ours = names.get(t.name)
+        if ours is None:
+            logger.debug("skipping GGUF tensor %s", t.name)
+            continue
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        qtype = t.tensor_type.name
+        if qtype in _FLOAT_TYPES:
+            data = torch.from_numpy(np.array(t.data)).view(_FLOAT_TYPES[qtype]).reshape(shape)
+            tensors[ours] = TensorSource(ours, shape, tensor=data)
+        else:
+            tensors[ours] = TensorSource(ours, shape, qtype, raw=np.asarray(t.data))
+    return WeightSet(tensors, meta, "gguf", path)
+
+
+def _expand_names(table: dict[str, str], n_layers: int) -> dict[str, str]:
+    names = {}
+    for gguf_name, ours in table.items():
+        if "{i}" in gguf_name:
+            for i in range(n_layers):
+                names[gguf_name.format(i=i)] = ours.format(i=i)
+        else:
+            names[gguf_name] = ours
+    return names
+
+
+def _field_value(field: Any) -> Any:
+    from gguf import GGUFValueType
+
+    if field.types and field.types[0] == GGUFValueType.ARRAY:
+        if len(field.types) > 1 and field.types[1] == GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+        return [field.parts[i].tolist()[0] for i in field.data]
+    if field.types and field.types[0] == GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+    value = field.parts[field.data[0]].tolist()
+    return value[0] if len(value) == 1 else value
+
+
+def read_hf_folder(path: Path) -> WeightSet:
+    from safetensors import safe_open
+
+    config_path = path / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{config_path} is missing or not JSON ({exc})") from exc
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors files (pytorch .bin is not supported)")
+    tensors = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                tensors[name] = TensorSource(name, tuple(tensor.shape), tensor=tensor)
+    return WeightSet(tensors, config, "hf", path)
