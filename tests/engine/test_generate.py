@@ -1,0 +1,60 @@
+"""Stop rules and generation on the default model."""
+
+from __future__ import annotations
+
+import pytest
+
+from codelm.daemon.engine.cancel import CancelToken
+from codelm.daemon.engine.generate import StopReason, StopRules, generate
+from codelm.daemon.errors import Cancelled
+
+
+def test_stop_rules_hold_back_a_partial_stop_string():
+    rules = StopRules(stop_texts=("\ndef ",))
+    assert rules.scan("x = 1\nde") == (len("x = 1"), None)
+    assert rules.scan("x = 1\ndef f") == (len("x = 1"), StopReason.STOP_TEXT)
+
+
+def test_stop_rules_single_line_cuts_after_visible_text():
+    rules = StopRules(single_line=True)
+    assert rules.scan("foo(1)\nbar") == (len("foo(1)"), StopReason.SINGLE_LINE)
+    # A leading newline opens the next line; the cut comes after that line's text.
+    assert rules.scan("\n    return x\n") == (len("\n    return x"), StopReason.SINGLE_LINE)
+    assert rules.scan("\n    ") == (len("\n    "), None)
+
+
+def _prompt(engine, text: str) -> list[int]:
+    return engine.tokenizer.encode(text)
+
+
+def test_generate_stops_at_max_tokens(default_engine):
+    rules = StopRules(max_tokens=5)
+    ids = _prompt(default_engine, "def add(a, b):\n    return")
+    result = generate(default_engine.model, default_engine.tokenizer, default_engine.new_kv(), ids, rules)
+    assert len(result.token_ids) == 5
+    assert result.stop_reason is StopReason.MAX_TOKENS
+    assert result.text == default_engine.tokenizer.decode(result.token_ids)
+    assert result.prefilled_tokens == len(ids) and result.prefill_ms > 0
+
+
+def test_generate_stops_at_a_stop_string_and_streams_the_same_text(default_engine):
+    ids = _prompt(default_engine, "import os\nimport sys\nimport re\nimport json\nimport")
+    pieces: list[str] = []
+    rules = StopRules(max_tokens=40, stop_texts=("\n",))
+    result = generate(
+        default_engine.model, default_engine.tokenizer, default_engine.new_kv(), ids, rules,
+        on_text=pieces.append,
+    )
+    assert result.stop_reason is StopReason.STOP_TEXT
+    assert "\n" not in result.text and result.text.strip()
+    assert "".join(pieces) == result.text
+
+
+def test_generate_raises_cancelled_between_prefill_chunks(default_engine):
+    cancel = CancelToken()
+    cancel.cancel("superseded")
+    kv = default_engine.new_kv()
+    ids = _prompt(default_engine, "x = 1\n" * 200)
+    with pytest.raises(Cancelled):
+        generate(default_engine.model, default_engine.tokenizer, kv, ids, StopRules(), chunk=32, cancel=cancel)
+    assert kv.length == 0
