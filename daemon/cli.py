@@ -1,0 +1,406 @@
+"""`codelm-daemon`: start | stop | status | logs | complete | prompt | models.
+
+The only module that parses arguments, sets up logging handlers and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import DaemonConfig, resolve_config, resolve_paths
+from .errors import CodelmError, DaemonUnavailable
+from .runtime import RuntimePaths, cleanup_stale, read_daemon_info, read_pid
+
+logger = logging.getLogger(__name__)
+
+PROG = "codelm-daemon"
+EXIT_NOT_RUNNING = 3  # `status` when no daemon runs (as in LSB init scripts)
+LOG_ROTATE_BYTES = 10 * 1024 * 1024
+STOP_TIMEOUT_S = 10.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help(sys.stderr)
+        return 2
+    if not (args.func is cmd_start and args.foreground):
+        _setup_client_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except CodelmError as exc:
+        print(f"{PROG}: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `status --json | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="The codelm completion daemon.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS)
+    engine = argparse.ArgumentParser(add_help=False)
+    engine.add_argument("--model", help="default, a catalogue name, a .gguf file or an HF folder")
+    engine.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    engine.add_argument("--quant", choices=("auto", "int4", "int8", "bf16", "fp32"))
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    start = sub.add_parser("start", parents=[common, engine], help="start the daemon")
+    start.add_argument("--foreground", action="store_true", help="run in this process")
+    start.add_argument("--port", type=int, help="TCP port on 127.0.0.1 (0: any free port)")
+    start.add_argument(
+        "--wait",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="wait up to S seconds for the model to load (0: return once the socket answers)",
+    )
+    start.set_defaults(func=cmd_start)
+
+    stop = sub.add_parser("stop", parents=[common], help="stop the running daemon")
+    stop.set_defaults(func=cmd_stop)
+
+    status = sub.add_parser("status", parents=[common], help="state, model and statistics")
+    status.add_argument("--json", action="store_true", help="print the full status as JSON")
+    status.set_defaults(func=cmd_status)
+
+    logs = sub.add_parser("logs", parents=[common], help="print the daemon's log")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
+    logs.set_defaults(func=cmd_logs)
+
+    for name, text in (("complete", "print the suggestion"), ("prompt", "print the prompt")):
+        cmd = sub.add_parser(name, parents=[common, engine], help=f"{text} at FILE:LINE:COL")
+        cmd.add_argument("location", help="FILE:LINE:COL, 1-based like compiler messages")
+        cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        cmd.add_argument("--no-daemon", action="store_true", help="load the engine in-process")
+        if name == "complete":
+            cmd.add_argument("--max-tokens", type=int, default=64, help="default 64")
+        cmd.set_defaults(func=_lead_command(f"run_{name}"))
+
+    models = sub.add_parser("models", parents=[common], help="list or fetch catalogue models")
+    models.add_argument("action", choices=("list", "fetch"), nargs="?", default="list")
+    models.add_argument("name", nargs="?", help="model name (default: default)")
+    models.add_argument("--force", action="store_true", help="fetch again even if present")
+    models.set_defaults(func=_lead_command("run_models"))
+    return parser
+
+
+def _lead_command(name: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        from . import commands
+
+        return int(getattr(commands, name)(args))
+
+    return run
+
+
+# -- start --
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    overrides = {"model": args.model, "device": args.device, "quant": args.quant, "port": args.port}
+    if args.verbose:
+        overrides["log_level"] = "DEBUG"
+    config = resolve_config(overrides)
+    if args.foreground:
+        return _run_foreground(config)
+    return _daemonize(config, args)
+
+
+def _run_foreground(config: DaemonConfig) -> int:
+    from .server import run_server
+
+    config.paths.ensure_dirs()
+    _setup_daemon_logging(config)
+
+    def on_ready(url: str) -> None:
+        if sys.stdout.isatty():
+            print(f"codelm daemon listening on {url} (pid {os.getpid()}); Ctrl-C stops it")
+
+    try:
+        return run_server(config, on_ready)
+    except CodelmError as exc:
+        logger.error("%s", exc.message)
+        print(f"{PROG}: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def _daemonize(config: DaemonConfig, args: argparse.Namespace) -> int:
+    """Spawn `start --foreground` in a new session, detached from this terminal."""
+    paths = config.paths
+    pid = read_pid(paths)
+    if pid is not None:
+        print(
+            f"{PROG}: a daemon is already running (pid {pid}); see `{PROG} status`", file=sys.stderr
+        )
+        return 1
+    cleanup_stale(paths)
+    paths.ensure_dirs()
+    _rotate_log(paths.log_file)
+    command = [sys.executable, "-m", "codelm.daemon.cli", *["-v"] * args.verbose, "start"]
+    command += ["--foreground", "--model", config.engine.model, "--port", str(config.port)]
+    command += ["--device", config.engine.device, "--quant", config.engine.quant]
+    with paths.log_file.open("ab") as log:
+        # stdout/stderr go to the log: a crash before logging is set up still leaves a trace.
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            cwd="/",
+        )
+    health = _wait_for_socket(proc, paths, config.start_timeout_s)
+    if health is None:
+        return 1
+    if args.wait > 0:
+        health = _wait_for_model(paths, args.wait, health)
+        if health.get("state") == "error":
+            print(f"{PROG}: the model failed to load: {health.get('message')}", file=sys.stderr)
+            print(f"{PROG}: log: {paths.log_file}", file=sys.stderr)
+            _stop(paths)
+            return 1
+    info = read_daemon_info(paths)
+    print(f"codelm daemon running: {info.url}")
+    print(f"  pid:   {info.pid}")
+    print(f"  model: {config.engine.model} ({_describe_state(health)})")
+    print(f"  log:   {paths.log_file}")
+    return 0
+
+
+def _wait_for_socket(
+    proc: subprocess.Popen[bytes], paths: RuntimePaths, timeout_s: float
+) -> dict[str, Any] | None:
+    """The first /health answer, or None after printing why the daemon did not come up."""
+    from .client import DaemonClient, call_sync
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            print(f"{PROG}: the daemon exited during start-up (code {code}):", file=sys.stderr)
+            print(_tail(paths.log_file, 8), file=sys.stderr)
+            print(f"{PROG}: full log: {paths.log_file}", file=sys.stderr)
+            return None
+        try:
+            return call_sync(DaemonClient.health, paths, timeout_s=2.0)
+        except DaemonUnavailable:
+            time.sleep(0.05)
+    proc.terminate()
+    print(f"{PROG}: the daemon did not answer within {timeout_s:.0f} s", file=sys.stderr)
+    print(f"{PROG}: see the log: {paths.log_file}", file=sys.stderr)
+    return None
+
+
+def _wait_for_model(
+    paths: RuntimePaths, timeout_s: float, health: dict[str, Any]
+) -> dict[str, Any]:
+    from .client import DaemonClient, call_sync
+
+    deadline = time.monotonic() + timeout_s
+    shown = ""
+    while health.get("state") == "loading" and time.monotonic() < deadline:
+        message = _describe_state(health)
+        if sys.stderr.isatty() and message != shown:
+            print(f"\r{message[:78]:78}", end="", file=sys.stderr, flush=True)
+            shown = message
+        time.sleep(0.1)
+        health = call_sync(DaemonClient.health, paths, timeout_s=5.0)
+    if shown:
+        print(file=sys.stderr)
+    return health
+
+
+def _describe_state(health: dict[str, Any]) -> str:
+    state = health.get("state", "unknown")
+    if state == "loading":
+        return f"loading {health.get('progress', 0.0):.0%}: {health.get('message', '')}"
+    if state == "error":
+        return f"error: {health.get('message', '')}"
+    return str(state)
+
+
+def _rotate_log(log_file: Path) -> None:
+    try:
+        if log_file.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(log_file, log_file.with_name(log_file.name + ".1"))
+    except FileNotFoundError:
+        pass
+
+
+# -- stop / status / logs --
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    paths = resolve_paths()
+    pid = read_pid(paths)
+    if pid is None:
+        stale = cleanup_stale(paths)
+        print("codelm daemon is not running" + (" (removed stale files)" if stale else ""))
+        return 0
+    _stop(paths)
+    if read_pid(paths) is not None:
+        print(f"{PROG}: the daemon (pid {pid}) did not stop", file=sys.stderr)
+        return 1
+    print(f"codelm daemon stopped (pid {pid})")
+    return 0
+
+
+def _stop(paths: RuntimePaths) -> None:
+    """Ask over HTTP, then SIGTERM, then SIGKILL; returns when the lock is free or all failed."""
+    from .client import DaemonClient, call_sync
+
+    pid = read_pid(paths)
+    if pid is None:
+        return
+    try:
+        call_sync(DaemonClient.shutdown, paths, timeout_s=5.0)
+    except CodelmError as exc:
+        logger.info("shutdown over HTTP failed (%s); sending SIGTERM", exc.message)
+    for signum in (None, signal.SIGTERM, signal.SIGKILL):
+        if signum is not None:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                break
+        if _wait_for_exit(paths, STOP_TIMEOUT_S if signum is None else 5.0):
+            break
+    cleanup_stale(paths)
+
+
+def _wait_for_exit(paths: RuntimePaths, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if read_pid(paths) is None:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .client import DaemonClient, call_sync
+
+    paths = resolve_paths()
+    try:
+        status = call_sync(DaemonClient.status, paths, timeout_s=5.0)
+    except DaemonUnavailable as exc:
+        pid = read_pid(paths)
+        state = "starting" if pid is not None else "stopped"
+        status = {"state": state, "pid": pid, "message": exc.message}
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        _print_status(status, paths)
+    return 0 if status["state"] != "stopped" else EXIT_NOT_RUNNING
+
+
+def _print_status(status: dict[str, Any], paths: RuntimePaths) -> None:
+    if status["state"] in ("stopped", "starting"):
+        print(f"codelm daemon: {status['state']} ({status.get('message', '')})")
+        return
+    requests = status.get("requests", {})
+    latency = requests.get("latency_ms", {})
+    cache = status.get("cache", {})
+    print(f"codelm daemon: {_describe_state(status)}")
+    print(f"  url:      {status.get('url')}  (pid {status.get('pid')})")
+    print(f"  model:    {status.get('model')}  device {status.get('device')}")
+    print(f"            quant {status.get('quant')}  up {status.get('uptime_s', 0):.0f} s")
+    print(
+        f"  requests: {requests.get('requests', 0)} total, {requests.get('completed', 0)} done, "
+        f"{requests.get('cancelled', 0)} cancelled, {requests.get('superseded', 0)} superseded, "
+        f"{requests.get('errors', 0)} errors"
+    )
+    print(
+        f"  latency:  p50 {latency.get('p50')} ms, p90 {latency.get('p90')} ms, "
+        f"p99 {latency.get('p99')} ms"
+    )
+    if cache:
+        print("  cache:    " + ", ".join(f"{k} {v}" for k, v in sorted(cache.items())))
+    print(f"  token:    {status.get('token_file')}")
+    print(f"  log:      {paths.log_file}")
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    log_file = resolve_paths().log_file
+    if not log_file.exists():
+        print(f"{PROG}: no log yet at {log_file}", file=sys.stderr)
+        return 1
+    print(_tail(log_file, args.lines))
+    if not args.follow:
+        return 0
+    with log_file.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        try:
+            while True:
+                chunk = f.read()
+                if chunk:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+                elif f.tell() > _size(log_file):  # rotated or truncated: start over
+                    f.seek(0)
+                else:
+                    time.sleep(0.2)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _tail(path: Path, n_lines: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, _size(path) - 256 * 1024))
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return ""
+    return "\n".join(lines[-n_lines:]) if n_lines > 0 else ""
+
+
+# -- logging --
+
+
+def _setup_daemon_logging(config: DaemonConfig) -> None:
+    """The daemon logs to its log file, and to the terminal only when it has one."""
+    root = logging.getLogger()
+    root.setLevel(config.log_level)
+    handler = logging.FileHandler(config.paths.log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    if sys.stderr.isatty():
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(console)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _setup_client_logging(verbose: int) -> None:
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

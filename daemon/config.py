@@ -1,0 +1,197 @@
+"""DaemonConfig, resolved once: command-line flags > CODELM_* environment > config.toml > defaults.
+
+The only module of the daemon that reads environment variables and the config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .engine import EngineConfig
+from .errors import CodelmError
+from .runtime import RuntimePaths
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "CODELM_"
+HOME_ENV = "CODELM_HOME"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "quant": ("auto", "int4", "int8", "bf16", "fp32"),
+    "log_level": LOG_LEVELS,
+}
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class ConfigError(CodelmError):
+    """A setting has the wrong type or value; the message names where it came from."""
+
+    code = "config_error"
+    status = 400
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DaemonConfig:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: the OS picks a free port; clients read it from the runtime dir
+    unix_socket: str | None = None  # serve on this socket path instead of TCP
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    log_level: str = "INFO"
+    idle_unload_s: float = 0.0  # unload the model after this long without requests; 0: never
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_pending: int = 256  # queued requests beyond this are refused (503)
+    start_timeout_s: float = 60.0  # how long `start` and clients wait for the socket
+    paths: RuntimePaths = field(default_factory=lambda: RuntimePaths.for_home(None))
+
+    def to_json(self) -> dict[str, Any]:
+        body = dataclasses.asdict(self)
+        body["paths"] = {k: str(v) for k, v in body["paths"].items()}
+        return body
+
+
+_DAEMON_FIELDS = {f.name: f for f in dataclasses.fields(DaemonConfig)}
+_ENGINE_FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
+_SETTABLE = (set(_DAEMON_FIELDS) - {"engine", "paths"}) | set(_ENGINE_FIELDS)
+
+
+def resolve_paths(environ: Mapping[str, str] | None = None) -> RuntimePaths:
+    """Runtime paths, all under $CODELM_HOME when it is set (tests use that for isolation)."""
+    env = os.environ if environ is None else environ
+    return RuntimePaths.for_home(env.get(HOME_ENV) or None)
+
+
+def resolve_config(
+    cli_overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> DaemonConfig:
+    """Merge defaults, config.toml, CODELM_* variables and flags (None values are ignored).
+
+    Setting names are the field names of DaemonConfig and EngineConfig, flat (`model`,
+    `device`, `port`...); the config file may also group engine settings under `[engine]`.
+    Raises ConfigError naming the source of a bad value.
+    """
+    env = os.environ if environ is None else environ
+    paths = resolve_paths(env)
+    values: dict[str, Any] = {}
+    for source, layer in (
+        (str(paths.config_file), _read_file(paths.config_file)),
+        ("environment", _read_env(env)),
+        ("command line", {k: v for k, v in (cli_overrides or {}).items() if v is not None}),
+    ):
+        for name, raw in layer.items():
+            if name not in _SETTABLE:
+                logger.warning("ignoring unknown setting %r from %s", name, source)
+                continue
+            values[name] = _coerce(name, raw, source)
+    return _build(values, paths)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except (tomllib.TOMLDecodeError, OSError) as exc:
+        raise ConfigError(f"{path}: {exc}; fix or remove the file") from exc
+    engine = data.pop("engine", {})
+    if not isinstance(engine, dict):
+        raise ConfigError(f"{path}: [engine] must be a table")
+    return {**data, **engine}
+
+
+def _read_env(env: Mapping[str, str]) -> dict[str, str]:
+    values = {}
+    for name in sorted(_SETTABLE):
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = raw
+    return values
+
+
+def _field_type(name: str) -> str:
+    f = _DAEMON_FIELDS.get(name) or _ENGINE_FIELDS[name]
+    return str(f.type)
+
+
+def _coerce(name: str, raw: Any, source: str) -> Any:
+    kind = _field_type(name)
+    where = f"{name} (from {source})"
+    try:
+        if kind == "int":
+            value: Any = _to_int(raw)
+        elif kind == "float":
+            value = _to_float(raw)
+        elif kind == "bool":
+            value = _to_bool(raw)
+        elif kind.startswith("str"):
+            if not isinstance(raw, str):
+                raise TypeError(f"must be a string, got {type(raw).__name__}")
+            value = raw
+        else:
+            raise TypeError(f"unsupported setting type {kind}")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return _check(name, value, where)
+
+
+def _to_int(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise TypeError(f"must be an integer, got {raw!r}")
+    return int(raw)
+
+
+def _to_float(raw: Any) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise TypeError(f"must be a number, got {raw!r}")
+    return float(raw)
+
+
+def _to_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    words = {"1": True, "true": True, "yes": True, "on": True}
+    words |= {"0": False, "false": False, "no": False, "off": False}
+    if isinstance(raw, str) and raw.lower() in words:
+        return words[raw.lower()]
+    raise TypeError(f"must be true or false, got {raw!r}")
+
+
+def _check(name: str, value: Any, where: str) -> Any:
+    if name == "log_level":
+        value = value.upper()
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ConfigError(f"{where}: must be one of {', '.join(CHOICES[name])}, got {value!r}")
+    if name == "port" and not 0 <= value <= 65535:
+        raise ConfigError(f"{where}: must be between 0 and 65535, got {value}")
+    if name == "host" and value not in LOOPBACK_HOSTS:
+        raise ConfigError(f"{where}: the daemon only listens on loopback ({LOOPBACK_HOSTS})")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise ConfigError(f"{where}: must be >= 0, got {value}")
+    if name == "model":
+        value = _absolute_model(value)
+    if name == "unix_socket":
+        value = str(Path(value).expanduser().absolute()) if value else None
+    return value
+
+
+def _absolute_model(model: str) -> str:
+    """A model given as a path is made absolute now: the daemon runs in another folder."""
+    path = Path(model).expanduser()
+    looks_like_path = os.sep in model or model.endswith(".gguf") or model.startswith(("~", "."))
+    return str(path.absolute()) if looks_like_path or path.exists() else model
+
+
+def _build(values: dict[str, Any], paths: RuntimePaths) -> DaemonConfig:
+    engine_values = {k: v for k, v in values.items() if k in _ENGINE_FIELDS}
+    daemon_values = {k: v for k, v in values.items() if k in _DAEMON_FIELDS}
+    return DaemonConfig(engine=EngineConfig(**engine_values), paths=paths, **daemon_values)

@@ -1,0 +1,239 @@
+"""Scheduler behaviour against the fake engine: supersede, fairness, cancellation, loading."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from fake_engine import make_loader
+
+from codelm.daemon.engine import EngineConfig
+from codelm.daemon.errors import Cancelled, ModelLoadError, ModelLoading
+from codelm.daemon.protocol import CompleteRequest, OpenAICompletionRequest
+from codelm.daemon.scheduler import EngineState, Overloaded, Scheduler
+
+
+def _request(
+    uri: str = "file:///a.py", text: str = "def f(x):\n    return ", **kw
+) -> CompleteRequest:
+    return CompleteRequest(uri=uri, text=text, line=1, character=11, **kw)
+
+
+async def _wait_until(predicate, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+async def _ready_scheduler(**loader_kw) -> tuple[Scheduler, object]:
+    loader = make_loader(**loader_kw)
+    scheduler = Scheduler(EngineConfig(model="fake.gguf"), loader=loader)
+    scheduler.start()
+    await _wait_until(lambda: scheduler.state is not EngineState.LOADING)
+    assert scheduler.state is EngineState.READY
+    return scheduler, loader
+
+
+async def test_scheduler_completes_on_worker_thread_when_ready():
+    scheduler, loader = await _ready_scheduler()
+    try:
+        response = await scheduler.complete(_request(max_tokens=3))
+        assert response.items[0].text.count(" ") == 3
+        assert response.timings.generated_tokens == 3
+        assert response.timings.queue_ms >= 0
+        assert loader.engine.thread_ids == {scheduler._thread.ident}
+        assert threading.get_ident() not in loader.engine.thread_ids
+        assert scheduler.status()["requests"]["completed"] == 1
+    finally:
+        await scheduler.stop()
+
+
+async def test_scheduler_refuses_with_model_loading_while_loading():
+    loader = make_loader(load_s=0.4)
+    scheduler = Scheduler(EngineConfig(model="fake.gguf"), loader=loader)
+    scheduler.start()
+    try:
+        with pytest.raises(ModelLoading):
+            await scheduler.complete(_request())
+        health = scheduler.health()
+        assert health["state"] == "loading"
+        assert 0.0 <= health["progress"] <= 1.0
+        await _wait_until(lambda: scheduler.state is EngineState.READY)
+        await scheduler.complete(_request(max_tokens=1))
+    finally:
+        await scheduler.stop()
+
+
+async def test_scheduler_reports_load_error_and_refuses_requests():
+    scheduler = Scheduler(EngineConfig(model="/nope/missing.gguf"), loader=make_loader())
+    scheduler.start()
+    try:
+        await _wait_until(lambda: scheduler.state is not EngineState.LOADING)
+        assert scheduler.health()["state"] == "error"
+        assert "missing.gguf does not exist" in scheduler.health()["message"]
+        with pytest.raises(ModelLoadError, match="does not exist"):
+            await scheduler.complete(_request())
+    finally:
+        await scheduler.stop()
+
+
+async def test_scheduler_supersedes_in_flight_request_for_same_uri():
+    scheduler, loader = await _ready_scheduler(step_s=0.01)
+    try:
+        first = asyncio.create_task(scheduler.complete(_request(max_tokens=500)))
+        await _wait_until(loader.engine.running.is_set)
+        second = await scheduler.complete(_request(max_tokens=2))
+        with pytest.raises(Cancelled):
+            await first
+        assert second.timings.generated_tokens == 2
+        assert ("file:///a.py", "cancelled:superseded") in loader.engine.calls
+        assert scheduler.status()["requests"]["superseded"] == 1
+    finally:
+        await scheduler.stop()
+
+
+async def test_scheduler_supersedes_pending_request_in_its_queue_slot():
+    scheduler, loader = await _ready_scheduler(step_s=0.01)
+    try:
+        blocker = asyncio.create_task(
+            scheduler.complete(_request("file:///block.py", max_tokens=30))
+        )
+        await _wait_until(loader.engine.running.is_set)
+        old_a = asyncio.create_task(scheduler.complete(_request("file:///a.py", max_tokens=1)))
+        b = asyncio.create_task(scheduler.complete(_request("file:///b.py", max_tokens=1)))
+        await asyncio.sleep(0)
+        new_a = asyncio.create_task(scheduler.complete(_request("file:///a.py", max_tokens=2)))
+        await asyncio.gather(blocker, b, new_a)
+        with pytest.raises(Cancelled):
+            await old_a
+        # The old request never ran; the newer one kept its place ahead of b.
+        assert loader.engine.started == ["file:///block.py", "file:///a.py", "file:///b.py"]
+    finally:
+        await scheduler.stop()
+
+
+async def test_scheduler_serves_different_uris_in_arrival_order():
+    scheduler, loader = await _ready_scheduler(step_s=0.002)
+    try:
+        uris = [f"file:///f{i}.py" for i in range(8)]
+        tasks = []
+        for uri in uris:
+            tasks.append(asyncio.create_task(scheduler.complete(_request(uri, max_tokens=2))))
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        assert loader.engine.started == uris
+    finally:
+        await scheduler.stop()
+
+
+async def test_scheduler_cancels_engine_work_when_awaiting_task_is_cancelled():
+    scheduler, loader = await _ready_scheduler(step_s=0.01)
+    try:
+        task = asyncio.create_task(scheduler.complete(_request(max_tokens=1000)))
+        await _wait_until(loader.engine.running.is_set)
+        task.cancel()
+        await _wait_until(lambda: loader.engine.calls, timeout_s=2.0)
+        assert loader.engine.calls == [("file:///a.py", "cancelled:client went away")]
+        await scheduler.complete(_request(max_tokens=1))
+        assert scheduler.status()["requests"]["cancelled"] == 1
+    finally:
+        await scheduler.stop()
+
+
+async def test_scheduler_drops_pending_request_when_awaiting_task_is_cancelled():
+    scheduler, loader = await _ready_scheduler(step_s=0.01)
+    try:
+        blocker = asyncio.create_task(
+            scheduler.complete(_request("file:///block.py", max_tokens=20))
+        )
+        await _wait_until(loader.engine.running.is_set)
+        waiting = asyncio.create_task(scheduler.complete(_request("file:///w.py", max_tokens=1)))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        await blocker
+        assert "file:///w.py" not in loader.engine.started
+    finally:
+        await scheduler.stop()
+
+
+async def test_scheduler_stream_yields_pieces_then_response():
+    scheduler, _ = await _ready_scheduler()
+    try:
+        events = [event async for event in scheduler.stream(_request(max_tokens=4))]
+        *pieces, response = events
+        assert len(pieces) == 4
+        assert "".join(pieces) == response.items[0].text
+    finally:
+        await scheduler.stop()
+
+
+async def test_scheduler_openai_requests_are_never_superseded():
+    scheduler, _ = await _ready_scheduler(step_s=0.002)
+    try:
+        request = OpenAICompletionRequest(prompt="def f(", max_tokens=3)
+        results = await asyncio.gather(*(scheduler.complete(request) for _ in range(3)))
+        assert len({r.items[0].text for r in results}) == 1
+    finally:
+        await scheduler.stop()
+
+
+async def test_scheduler_refuses_when_queue_is_full():
+    loader = make_loader(step_s=0.01)
+    scheduler = Scheduler(EngineConfig(model="fake.gguf"), loader=loader, max_pending=2)
+    scheduler.start()
+    await _wait_until(lambda: scheduler.state is EngineState.READY)
+    try:
+        busy = asyncio.create_task(scheduler.complete(_request("file:///0.py", max_tokens=50)))
+        await _wait_until(loader.engine.running.is_set)
+        queued = [
+            asyncio.create_task(scheduler.complete(_request(f"file:///{i}.py", max_tokens=1)))
+            for i in (1, 2)
+        ]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await scheduler.complete(_request("file:///3.py", max_tokens=1))
+        await asyncio.gather(busy, *queued)
+    finally:
+        await scheduler.stop()
+
+
+async def test_scheduler_unloads_when_idle_and_reloads_on_demand():
+    loader = make_loader()
+    scheduler = Scheduler(EngineConfig(model="fake.gguf"), loader=loader, idle_unload_s=0.05)
+    scheduler.start()
+    try:
+        await _wait_until(lambda: scheduler.state is EngineState.READY)
+        await _wait_until(lambda: scheduler.state is EngineState.UNLOADED)
+        with pytest.raises(ModelLoading):
+            await scheduler.complete(_request(max_tokens=1))
+        await _wait_until(lambda: scheduler.state is EngineState.READY)
+        await scheduler.complete(_request(max_tokens=1))
+    finally:
+        await scheduler.stop()
+
+
+async def test_scheduler_close_document_and_prompt_run_on_engine():
+    scheduler, _ = await _ready_scheduler()
+    try:
+        assert await scheduler.close_document("file:///a.py") is False
+        await scheduler.complete(_request(max_tokens=1))
+        assert scheduler.status()["cache"]["entries"] == 1
+        assert await scheduler.close_document("file:///a.py") is True
+        prompt, ids = await scheduler.prompt(_request())
+        assert prompt.startswith("<pre>def f(x):") and len(ids) == len(prompt)
+    finally:
+        await scheduler.stop()
+
+
+async def test_scheduler_latency_percentiles_are_reported():
+    scheduler, _ = await _ready_scheduler()
+    try:
+        for i in range(5):
+            await scheduler.complete(_request(f"file:///{i}.py", max_tokens=1))
+        latency = scheduler.status()["requests"]["latency_ms"]
+        assert latency["p50"] is not None and latency["p50"] <= latency["p99"]
+    finally:
+        await scheduler.stop()
