@@ -1,0 +1,94 @@
+"""Typing-through cache: when the user types what the last suggestion predicted, answer with
+the rest of it at once, without asking the daemon.
+
+A small LRU keyed by document state: (uri, hash of the text before the cursor, hash of the
+text after it). Storing a suggestion also stores "forwarding" entries for every state reached
+by typing its first k characters (tabby's cache does the same), so a lookup is one dict get.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .postprocess import Suggestion
+
+logger = logging.getLogger(__name__)
+
+_Key = tuple[str, bytes, bytes]
+
+
+def _hasher(text: str) -> hashlib.blake2b:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16)
+
+
+@dataclass(frozen=True, slots=True)
+class DocState:
+    """The document around the cursor, hashed once per request."""
+
+    uri: str
+    prefix_hash: hashlib.blake2b  # continued by `store` for the forwarding entries
+    suffix_digest: bytes
+
+    @classmethod
+    def of(cls, uri: str, prefix: str, suffix: str) -> DocState:
+        return cls(uri, _hasher(prefix), _hasher(suffix).digest())
+
+    @property
+    def key(self) -> _Key:
+        return (self.uri, self.prefix_hash.digest(), self.suffix_digest)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheHit:
+    suggestions: list[Suggestion]
+    request_id: str
+    typed_chars: int  # how far the user typed into the original suggestion
+
+
+class TypingCache:
+    def __init__(self, max_entries: int = 2048) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[_Key, CacheHit] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, state: DocState) -> CacheHit | None:
+        hit = self._entries.get(state.key)
+        if hit is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(state.key)
+        self.hits += 1
+        return hit
+
+    def store(self, state: DocState, suggestions: list[Suggestion], request_id: str) -> None:
+        """Remember `suggestions` shown at `state`, and their remainders once typed into."""
+        if not suggestions:
+            return
+        self._put(state.key, CacheHit(suggestions, request_id, 0))
+        for s in suggestions:
+            hasher = state.prefix_hash.copy()
+            # Typing the last character completes the suggestion: nothing left to show.
+            for k, ch in enumerate(s.text[:-1], start=1):
+                hasher.update(ch.encode("utf-8", "surrogatepass"))
+                rest = Suggestion(text=s.text[k:], replace_after=s.replace_after)
+                self._put(
+                    (state.uri, hasher.digest(), state.suffix_digest),
+                    CacheHit([rest], request_id, k),
+                )
+
+    def forget(self, uri: str) -> None:
+        for key in [k for k in self._entries if k[0] == uri]:
+            del self._entries[key]
+
+    def _put(self, key: _Key, hit: CacheHit) -> None:
+        self._entries[key] = hit
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)

@@ -1,0 +1,316 @@
+"""Inline completion: should-complete rules, adaptive debounce, per-URI supersede, the daemon
+call, post-processing and the typing-through cache.
+
+`Completer.inline_completion` is what the LSP handler awaits. A newer request for the same URI
+cancels the older one's task (it answers an empty list); the debounce is an `await` inside
+that task, so it is cancelled too. Rules and delays are plain functions, tested alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import pairwise
+from statistics import median
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
+
+from lsprotocol import types
+
+from codelm.daemon.errors import CodelmError
+from codelm.daemon.protocol import CompleteRequest, CompleteResponse, CompletionItem
+
+from .cache import DocState, TypingCache
+from .positions import offset_at, position_at, to_range
+from .postprocess import Context, Suggestion, postprocess
+
+if TYPE_CHECKING:
+    from .daemon_link import DaemonLink
+    from .documents import Document, DocumentStore
+    from .settings import LspSettings
+
+logger = logging.getLogger(__name__)
+
+# Mid-line suggestions only when the rest of the line is closers, quotes, `;`, `,` or spaces.
+LINE_REST_OK = re.compile(r"^[\s)\]}\"'`;,]*$")
+BLOCK_OPENER = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
+FAST_TYPING_MS = 250.0  # median gap between edits below this counts as typing fast
+MAX_DEBOUNCE_FACTOR = 3.0
+
+
+def skip_reason(line_before: str, line_after: str, is_invoked: bool) -> str | None:
+    """Why not to suggest at this cursor (None: go ahead). Invoked requests always go."""
+    if is_invoked:
+        return None
+    if line_after[:1].isalnum() or line_after[:1] == "_":
+        if line_before[-1:].isalnum() or line_before[-1:] == "_":
+            return "in the middle of a word"
+        return "before a word"
+    if not LINE_REST_OK.match(line_after):
+        return "text after the cursor on this line"
+    return None
+
+
+def is_single_line(line_before: str, line_after: str, mode: str) -> bool:
+    """auto: one line mid-line or after a statement; several on a blank line or after `{`/`:`."""
+    if mode != "auto":
+        return mode == "always"
+    if line_after.strip():
+        return True
+    if not line_before.strip():
+        return False
+    return not BLOCK_OPENER.search(line_before)
+
+
+def debounce_ms(
+    edit_times: list[float], now: float, base_ms: float, line_before: str, is_invoked: bool
+) -> float:
+    """How long to wait before asking the daemon (edit times and now in seconds).
+
+    While the user types fast, wait a bit longer than their usual gap between keys (a request
+    sent mid-burst is wasted work); after a pause, or after `.`/`(`, answer sooner.
+    """
+    if is_invoked or base_ms <= 0:
+        return 0.0
+    delay = base_ms
+    gaps_ms = [1000 * (b - a) for a, b in pairwise(edit_times[-6:]) if b - a < 1.0]
+    if gaps_ms and median(gaps_ms) < FAST_TYPING_MS:
+        delay = min(max(1.5 * median(gaps_ms), base_ms), MAX_DEBOUNCE_FACTOR * base_ms)
+    if line_before.rstrip()[-1:] in (".", "(", ",", ":", "{") or not line_before.strip():
+        delay /= 2
+    since_edit_ms = 1000 * (now - edit_times[-1]) if edit_times else 0.0
+    return max(0.0, delay - since_edit_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultItem:
+    """One suggestion for the editor: `text` replaces `range` (LSP units)."""
+
+    text: str
+    range: types.Range
+    request_id: str
+
+
+@dataclass(slots=True)
+class Stats:
+    requests: int = 0
+    cache_hits: int = 0
+    daemon_calls: int = 0
+    shown: int = 0
+    skipped: int = 0
+    superseded: int = 0
+    timeouts: int = 0
+    errors: int = 0
+    accepted: int = 0
+    dismissed: int = 0
+    accepted_chars: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+
+
+def uri_to_path(uri: str) -> str | None:
+    parsed = urlparse(uri)
+    return unquote(parsed.path) if parsed.scheme == "file" else None
+
+
+def suggestions_from_response(
+    response: CompleteResponse, text: str, offset: int
+) -> list[Suggestion]:
+    """Daemon items as insertions at the cursor (`offset`), dropping ones that do not fit."""
+    out: list[Suggestion] = []
+    for item in response.items:
+        s = _as_insertion(item, text, offset)
+        if s is not None and s not in out:
+            out.append(s)
+    return out
+
+
+def _as_insertion(item: CompletionItem, text: str, offset: int) -> Suggestion | None:
+    start = offset_at(text, item.range.start.line, item.range.start.character)
+    end = offset_at(text, item.range.end.line, item.range.end.character)
+    if not start <= offset <= end:
+        logger.debug("dropping an item whose range %s does not hold the cursor", item.range)
+        return None
+    typed = text[start:offset]
+    if not item.text.startswith(typed):
+        logger.debug("dropping an item that does not start with the text before the cursor")
+        return None
+    return Suggestion(text=item.text[len(typed) :], replace_after=end - offset)
+
+
+@dataclass
+class Completer:
+    """Per-URI supersede, debounce, typing-through cache, daemon call and post-processing."""
+
+    link: DaemonLink
+    documents: DocumentStore
+    settings: LspSettings
+    cache: TypingCache = field(default_factory=TypingCache)
+    stats: Stats = field(default_factory=Stats)
+    clock: Callable[[], float] = time.monotonic
+    _tasks: dict[str, asyncio.Task[list[ResultItem]]] = field(default_factory=dict)
+
+    async def inline_completion(
+        self, uri: str, position: types.Position, is_invoked: bool
+    ) -> list[ResultItem]:
+        """Suggestions at `position`; [] when superseded, skipped, slow or failed."""
+        self.stats.requests += 1
+        previous = self._tasks.pop(uri, None)
+        if previous is not None and not previous.done():
+            previous.cancel()
+            self.stats.superseded += 1
+        task = asyncio.create_task(self._complete(uri, position, is_invoked))
+        self._tasks[uri] = task
+        try:
+            # wait() does not raise when `task` is cancelled by a newer request, only when
+            # this request itself is cancelled ($/cancelRequest): then the task goes too.
+            await asyncio.wait({task})
+        finally:
+            if not task.done():
+                task.cancel()
+            if self._tasks.get(uri) is task:
+                del self._tasks[uri]
+        if task.cancelled():
+            return []
+        if (exc := task.exception()) is not None:
+            logger.error("inline completion failed", exc_info=exc)
+            self.stats.errors += 1
+            return []
+        return task.result()
+
+    def cancel(self, uri: str) -> None:
+        """Cancel the in-flight request for `uri` (the document closed)."""
+        task = self._tasks.pop(uri, None)
+        if task is not None:
+            task.cancel()
+        self.cache.forget(uri)
+
+    async def _complete(
+        self, uri: str, position: types.Position, is_invoked: bool
+    ) -> list[ResultItem]:
+        doc = self.documents.get(uri)
+        settings = self.settings
+        if doc is None or not settings.is_language_enabled(doc.language):
+            self.stats.skipped += 1
+            return []
+        text, encoding = doc.text, self.documents.encoding
+        offset = offset_at(text, position.line, position.character, encoding)
+        state = DocState.of(uri, text[:offset], text[offset:])
+        hit = self.cache.lookup(state)
+        if hit is not None:
+            self.stats.cache_hits += 1
+            logger.debug(
+                "typing-through hit: %d chars typed into %s", hit.typed_chars, hit.request_id
+            )
+            return self._results(hit.suggestions, text, offset, hit.request_id)
+        ctx = _context(text, offset, doc.language, settings.single_line)
+        if (reason := skip_reason(ctx.line_before, ctx.line_after, is_invoked)) is not None:
+            logger.debug("no suggestion: %s", reason)
+            self.stats.skipped += 1
+            return []
+        delay_ms = debounce_ms(
+            doc.edit_times, self.clock(), settings.debounce_ms, ctx.line_before, is_invoked
+        )
+        if delay_ms > 0:
+            await asyncio.sleep(delay_ms / 1000)
+        return await self._ask_daemon(doc, text, offset, ctx, state, is_invoked)
+
+    async def _ask_daemon(
+        self,
+        doc: Document,
+        text: str,
+        offset: int,
+        ctx: Context,
+        state: DocState,
+        is_invoked: bool,
+    ) -> list[ResultItem]:
+        settings = self.settings
+        pos = position_at(text, offset)  # the daemon speaks UTF-16, whatever the editor does
+        request = CompleteRequest(
+            uri=doc.uri,
+            text=text,
+            line=pos.line,
+            character=pos.character,
+            path=uri_to_path(doc.uri),
+            language=doc.language,
+            trigger="invoked" if is_invoked else "automatic",
+            max_tokens=settings.max_tokens,
+            single_line=ctx.is_single_line,
+        )
+        request_id = uuid.uuid4().hex[:12]
+        self.stats.daemon_calls += 1
+        started = self.clock()
+        try:
+            response = await asyncio.wait_for(
+                self.link.complete(request), settings.timeout_ms / 1000
+            )
+        except asyncio.TimeoutError:
+            logger.info("request %s: no answer within %d ms", request_id, settings.timeout_ms)
+            self.stats.timeouts += 1
+            self.link.note_timeout()
+            return []
+        except CodelmError as exc:
+            logger.info("request %s: %s", request_id, exc.message)
+            self.stats.errors += 1
+            return []
+        suggestions = [
+            p
+            for s in suggestions_from_response(response, text, offset)
+            if (p := postprocess(s, ctx)) is not None
+        ]
+        _log_completion(
+            request_id, request, response, 1000 * (self.clock() - started), len(suggestions)
+        )
+        self.cache.store(state, suggestions, request_id)
+        return self._results(suggestions, text, offset, request_id)
+
+    def _results(
+        self, suggestions: list[Suggestion], text: str, offset: int, request_id: str
+    ) -> list[ResultItem]:
+        encoding = self.documents.encoding
+        self.stats.shown += len(suggestions)
+        return [
+            ResultItem(
+                s.text, to_range(text, offset, offset + s.replace_after, encoding), request_id
+            )
+            for s in suggestions
+        ]
+
+
+def _context(text: str, offset: int, language: str | None, single_line_mode: str) -> Context:
+    ctx = Context(
+        prefix=text[:offset], suffix=text[offset:], is_single_line=False, language=language
+    )
+    single = is_single_line(ctx.line_before, ctx.line_after, single_line_mode)
+    return Context(prefix=ctx.prefix, suffix=ctx.suffix, is_single_line=single, language=language)
+
+
+def _log_completion(
+    request_id: str,
+    request: CompleteRequest,
+    response: CompleteResponse,
+    total_ms: float,
+    n_items: int,
+) -> None:
+    t = response.timings
+    logger.info(
+        "request %s uri#%s %s: %d items, cached %d prefilled %d generated %d tokens, "
+        "prefill %.0f ms, decode %.0f ms, total %.0f ms, stop %s",
+        request_id,
+        format(hash(request.uri) & 0xFFFFFF, "06x"),
+        request.trigger,
+        n_items,
+        t.cached_tokens,
+        t.prefilled_tokens,
+        t.generated_tokens,
+        t.prefill_ms,
+        t.decode_ms,
+        total_ms,
+        response.stop_reason or "-",
+    )

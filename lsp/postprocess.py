@@ -1,0 +1,343 @@
+"""Post-processing of the daemon's suggestions: an ordered list of small pure filters.
+
+Each filter takes a Suggestion and the Context at the cursor and returns a Suggestion or None
+(discard), logging at DEBUG why it acted. Text inside the filters uses \\n line breaks; the
+last filter restores the document's line ending. Golden cases: tests/golden/postprocess/.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import cached_property
+from itertools import pairwise
+
+logger = logging.getLogger(__name__)
+
+OPENERS = "([{"
+CLOSERS = ")]}"
+QUOTES = "\"'`"
+_PAIRS = dict(zip(CLOSERS, OPENERS, strict=True))
+_BLOCK_OPENER = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
+# What may follow the cursor on its line for a mid-line suggestion (see completion.py).
+_LINE_REST_OK = re.compile(r"^[\s)\]}\"'`;,]*$")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Suggestion:
+    """`text` inserted at the cursor, replacing the next `replace_after` chars (str indices)."""
+
+    text: str
+    replace_after: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Context:
+    """The document around the cursor: `prefix` + `suffix` is the whole text."""
+
+    prefix: str
+    suffix: str
+    is_single_line: bool
+    language: str | None = None
+
+    @cached_property
+    def line_before(self) -> str:
+        return self.prefix[max(self.prefix.rfind("\n"), self.prefix.rfind("\r")) + 1 :]
+
+    @cached_property
+    def line_after(self) -> str:
+        return re.split(r"\r\n|\r|\n", self.suffix, maxsplit=1)[0]
+
+    @cached_property
+    def eol(self) -> str:
+        text = self.prefix[-20_000:] + self.suffix[:20_000]
+        return "\r\n" if text.count("\r\n") * 2 > text.count("\n") else "\n"
+
+    @cached_property
+    def suffix_lines(self) -> list[str]:
+        """Lines after the cursor line (at most 50), \\r stripped."""
+        rest = self.suffix[len(self.line_after) :].replace("\r\n", "\n").replace("\r", "\n")
+        return rest[1:].split("\n", 50)[:50] if rest else []
+
+    @cached_property
+    def prefix_lines(self) -> list[str]:
+        """Lines before the cursor line (at most 50, nearest last), \\r stripped."""
+        head = self.prefix[: len(self.prefix) - len(self.line_before)]
+        lines = head[-8000:].replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        return lines[:-1][-50:]
+
+
+Filter = Callable[[Suggestion, Context], "Suggestion | None"]
+
+
+def indent_width(line: str, tab_size: int = 4) -> int:
+    width = 0
+    for ch in line:
+        if ch == " ":
+            width += 1
+        elif ch == "\t":
+            width += tab_size - width % tab_size
+        else:
+            break
+    return width
+
+
+def _leading(line: str) -> str:
+    return line[: len(line) - len(line.lstrip(" \t"))]
+
+
+def normalize_newlines(s: Suggestion, ctx: Context) -> Suggestion | None:
+    if "\r" not in s.text:
+        return s
+    logger.debug("normalize_newlines: \\r\\n -> \\n")
+    return replace(s, text=s.text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
+def trim_space(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """No trailing whitespace; no leading spaces when the line already ends with one."""
+    text = s.text.rstrip()
+    if ctx.line_before.strip() and ctx.line_before[-1:] in (" ", "\t"):
+        text = text.lstrip(" \t")
+    if text != s.text:
+        logger.debug("trim_space: %d chars of whitespace", len(s.text) - len(text))
+        return replace(s, text=text)
+    return s
+
+
+def cut_single_line(s: Suggestion, ctx: Context) -> Suggestion | None:
+    if not ctx.is_single_line or "\n" not in s.text:
+        return s
+    first = s.text.split("\n", 1)[0].rstrip()
+    logger.debug("cut_single_line: kept the first of %d lines", s.text.count("\n") + 1)
+    return replace(s, text=first)
+
+
+def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Multi-line: stop before the first line that leaves the cursor's block."""
+    lines = s.text.split("\n")
+    if ctx.is_single_line or len(lines) < 2:
+        return s
+    cursor_line = ctx.line_before + lines[0]
+    if cursor_line.strip():
+        base = indent_width(cursor_line)
+        # After `{`/`:`, the block is the lines indented deeper than the cursor line.
+        min_indent = base + 1 if _BLOCK_OPENER.search(cursor_line) else base
+    else:
+        base = min_indent = indent_width(ctx.line_before)
+    for n, line in enumerate(lines[1:], start=1):
+        if not line.strip() or indent_width(line) >= min_indent:
+            continue
+        stripped = line.strip()
+        next_line = _next_suffix_line(ctx)
+        # Keep a closer for the cursor line's opener unless the suffix already closes it.
+        closes_opener = (
+            min_indent > base
+            and indent_width(line) == base
+            and all(c in CLOSERS for c in stripped.rstrip(";,"))
+            and not (indent_width(next_line) == base and next_line.strip()[:1] == stripped[:1])
+        )
+        keep = n + 1 if closes_opener else n
+        logger.debug("stop_at_block_end: line %d leaves the block (indent < %d)", n, min_indent)
+        return replace(s, text="\n".join(lines[:keep]).rstrip())
+    return s
+
+
+def _next_suffix_line(ctx: Context) -> str:
+    if ctx.line_after.strip():
+        return ctx.line_before + ctx.line_after
+    return next((line for line in ctx.suffix_lines if line.strip()), "")
+
+
+def fix_indentation(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Re-indent continuation lines with the document's tabs or spaces."""
+    if "\n" not in s.text:
+        return s
+    uses_tabs, width = detect_indentation([*ctx.prefix_lines, ctx.line_before, *ctx.suffix_lines])
+    if uses_tabs is None:
+        return s
+    first, *rest = s.text.split("\n")
+    wrong = "  " if uses_tabs else "\t"
+    if not any(wrong in _leading(line) for line in rest):
+        return s
+    unit = indent_unit(rest) if uses_tabs else width
+    fixed = [_reindent(line, uses_tabs, unit) for line in rest]
+    logger.debug("fix_indentation: %s, width %d", "tabs" if uses_tabs else "spaces", unit)
+    return replace(s, text="\n".join([first, *fixed]))
+
+
+def detect_indentation(lines: list[str]) -> tuple[bool | None, int]:
+    """(uses tabs?, indent width in spaces) of the lines; (None, 4) when undecided."""
+    tabs = sum(1 for line in lines if line.startswith("\t"))
+    spaced = [line for line in lines if line.startswith(" ") and line.strip()]
+    if not tabs and not spaced:
+        return None, 4
+    return (True, 4) if tabs > len(spaced) else (False, indent_unit(lines))
+
+
+def indent_unit(lines: list[str]) -> int:
+    """The most common indent step between consecutive non-blank lines (like VS Code's guess)."""
+    widths = [indent_width(line) for line in lines if line.strip()]
+    steps = Counter(abs(a - b) for a, b in pairwise(widths) if 0 < abs(a - b) <= 8)
+    return steps.most_common(1)[0][0] if steps else 4
+
+
+def _reindent(line: str, to_tabs: bool, unit: int) -> str:
+    lead = _leading(line)
+    width = indent_width(lead, unit)
+    if to_tabs:
+        return "\t" * (width // unit) + " " * (width % unit) + line[len(lead) :]
+    return " " * width + line[len(lead) :]
+
+
+def trim_repeated_suffix_lines(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Drop the suggestion's last lines when they repeat the lines after the cursor."""
+    lines = s.text.split("\n")
+    # (indent, text) of the next non-blank lines; the rest of the cursor line matches any indent.
+    following = [(indent_width(line), line.strip()) for line in ctx.suffix_lines if line.strip()]
+    if ctx.line_after.strip():
+        following.insert(0, (-1, ctx.line_after.strip()))
+    for n in range(1, len(lines)):  # longest repeated tail first
+        tail = [(indent_width(line), line.strip()) for line in lines[n:] if line.strip()]
+        if (
+            tail
+            and all(_same_line(t, f) for t, f in zip(tail, following, strict=False))
+            and (len(tail) <= len(following))
+        ):
+            logger.debug("trim_repeated_suffix_lines: %d lines repeat the suffix", len(lines) - n)
+            return replace(s, text="\n".join(lines[:n]).rstrip())
+    return s
+
+
+def _same_line(a: tuple[int, str], b: tuple[int, str]) -> bool:
+    return a[1] == b[1] and (a[0] == b[0] or b[0] < 0)
+
+
+def trim_closing_overlap(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Trim closing brackets/quotes at the end that the text after the cursor already has.
+
+    Of the possible trims, keep the one that leaves the fewest bracket/quote errors around
+    the cursor (`foo(bar(x)|)` keeps its `)`; `print("hi")|)` loses it).
+    """
+    ahead = ctx.suffix.lstrip()
+    text = s.text
+    candidates = [
+        k
+        for k in range(1, min(len(text), len(ahead)) + 1)
+        if text.endswith(ahead[:k]) and _LINE_REST_OK.match(ahead[:k]) and ahead[:k].strip()
+    ]
+    if not candidates:
+        return s
+    scores = {k: _errors_with(ctx, text[: len(text) - k], 0) for k in [0, *candidates]}
+    best = min(scores, key=lambda k: (scores[k], k))
+    if best == 0:
+        return s
+    logger.debug("trim_closing_overlap: %r is already after the cursor", ahead[:best])
+    return replace(s, text=text[: len(text) - best].rstrip())
+
+
+def _errors_with(ctx: Context, text: str, replace_after: int) -> int:
+    """bracket_errors of the lines around the cursor once `text` is inserted."""
+    before = "\n".join([*ctx.prefix_lines[-20:], ctx.line_before])
+    after = ctx.line_after[replace_after:] + "\n" + "\n".join(ctx.suffix_lines[:5])
+    return bracket_errors(before + text + after)
+
+
+def bracket_errors(text: str) -> int:
+    """Closing brackets with no opener, plus lines that end inside a string literal.
+
+    Openers left open are no error (the text is a window of a larger file). Quotes are
+    scanned per line, with backslash escapes; comments are not recognised.
+    """
+    stack: list[str] = []
+    errors = 0
+    for line in text.split("\n"):
+        quote = ""
+        escaped = False
+        for ch in line:
+            if quote:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == quote:
+                    quote = ""
+            elif ch in QUOTES:
+                quote = ch
+            elif ch in OPENERS:
+                stack.append(ch)
+            elif ch in CLOSERS:
+                if stack and stack[-1] == _PAIRS[ch]:
+                    stack.pop()
+                else:
+                    errors += 1
+        errors += bool(quote)
+    return errors
+
+
+def drop_repeated_line(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Discard a one-line suggestion that only repeats the line above or below."""
+    if "\n" in s.text:
+        return s
+    line = (ctx.line_before + s.text + ctx.line_after).strip()
+    above = next((p.strip() for p in reversed(ctx.prefix_lines) if p.strip()), None)
+    below = next((p.strip() for p in ctx.suffix_lines if p.strip()), None)
+    if line and line in (above, below) and len(s.text.strip()) > 1:
+        logger.debug("drop_repeated_line: repeats an adjacent line")
+        return None
+    return s
+
+
+def drop_blank(s: Suggestion, ctx: Context) -> Suggestion | None:
+    if s.text.strip():
+        return s
+    logger.debug("drop_blank: nothing but whitespace")
+    return None
+
+
+def replace_line_rest(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Replace the closers after the cursor when the suggestion retypes them (fewer errors)."""
+    rest = ctx.line_after
+    if not rest.strip() or not _LINE_REST_OK.match(rest) or s.replace_after:
+        return s
+    if _errors_with(ctx, s.text, len(rest)) < _errors_with(ctx, s.text, 0):
+        logger.debug("replace_line_rest: the suggestion retypes %r", rest)
+        return replace(s, replace_after=len(rest))
+    return s
+
+
+def restore_line_endings(s: Suggestion, ctx: Context) -> Suggestion | None:
+    if ctx.eol == "\n" or "\n" not in s.text:
+        return s
+    logger.debug("restore_line_endings: \\n -> \\r\\n")
+    return replace(s, text=s.text.replace("\n", "\r\n"))
+
+
+FILTERS: tuple[Filter, ...] = (
+    normalize_newlines,
+    trim_space,
+    cut_single_line,
+    stop_at_block_end,
+    fix_indentation,
+    trim_repeated_suffix_lines,
+    trim_closing_overlap,
+    trim_space,
+    drop_repeated_line,
+    drop_blank,
+    replace_line_rest,
+    restore_line_endings,
+)
+
+
+def postprocess(
+    s: Suggestion, ctx: Context, filters: tuple[Filter, ...] = FILTERS
+) -> Suggestion | None:
+    """Run the filters in order; None when one discards the suggestion."""
+    current: Suggestion | None = s
+    for f in filters:
+        if current is None:
+            return None
+        current = f(current, ctx)
+    return current

@@ -1,0 +1,263 @@
+"""build_server(settings) -> pygls LanguageServer: registration only.
+
+Handlers fetch state from the Session and call completion.py / daemon_link.py; the logic
+lives there, tested without pygls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+from lsprotocol import types
+from pygls.lsp.server import LanguageServer
+
+from . import __version__
+from .completion import Completer, ResultItem
+from .daemon_link import DaemonLink, HttpDaemonLink
+from .documents import DocumentStore
+from .settings import LspSettings, describe, runtime_home, settings_from_options
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME = "codelm-lsp"
+STATUS_NOTIFICATION = "codelm/status"
+ACCEPT_COMMAND = "codelm.accept"
+DISMISS_COMMAND = "codelm.dismiss"
+STATS_COMMAND = "codelm.stats"
+PROGRESS_TIMEOUT_S = 2.0
+
+
+class EditorStatus:
+    """StatusSink for the daemon link: `codelm/status`, work-done progress, showMessage."""
+
+    def __init__(self, server: LanguageServer) -> None:
+        self.server = server
+        self._token: str | None = None
+
+    def status(self, state: str, message: str) -> None:
+        self.server.protocol.notify(STATUS_NOTIFICATION, {"state": state, "message": message})
+
+    def show(self, message: str, is_error: bool) -> None:
+        kind = types.MessageType.Error if is_error else types.MessageType.Warning
+        self.server.window_show_message(types.ShowMessageParams(type=kind, message=message))
+
+    async def progress(self, stage: str, message: str) -> None:
+        window = self.server.client_capabilities.window
+        if not (window and window.work_done_progress):
+            return
+        progress = self.server.work_done_progress
+        if stage == "begin" and self._token is None:
+            token = f"codelm-{uuid.uuid4().hex[:8]}"
+            try:
+                await asyncio.wait_for(progress.create_async(token), PROGRESS_TIMEOUT_S)
+            except (asyncio.TimeoutError, Exception) as exc:  # the client may refuse
+                logger.debug("no work-done progress: %s", exc)
+                return
+            self._token = token
+            progress.begin(token, types.WorkDoneProgressBegin(title="codelm", message=message))
+        elif stage == "report" and self._token is not None:
+            progress.report(self._token, types.WorkDoneProgressReport(message=message))
+        elif stage == "end" and self._token is not None:
+            progress.end(self._token, types.WorkDoneProgressEnd(message=message or None))
+            self._token = None
+
+
+class Session:
+    """Everything one server process keeps between requests."""
+
+    def __init__(self, server: LanguageServer, settings: LspSettings, link: DaemonLink | None):
+        self.settings = settings
+        self.documents = DocumentStore()
+        self.link = link or HttpDaemonLink(settings, EditorStatus(server), runtime_home())
+        self.completer = Completer(self.link, self.documents, settings)
+
+    def update(self, settings: LspSettings) -> None:
+        self.settings = self.completer.settings = settings
+        self.link.apply_settings(settings)
+
+
+class CodelmServer(LanguageServer):
+    """pygls' server plus our Session (what the handlers share)."""
+
+    def __init__(self, settings: LspSettings, link: DaemonLink | None) -> None:
+        super().__init__(
+            SERVER_NAME,
+            __version__,
+            text_document_sync_kind=types.TextDocumentSyncKind.Incremental,
+        )
+        self.session = Session(self, settings, link)
+        self.shutdown_requested = False
+
+
+class LogMessageHandler(logging.Handler):
+    """Forwards warnings to the editor as `window/logMessage` (the CLI installs it)."""
+
+    def __init__(self, server: LanguageServer) -> None:
+        super().__init__(logging.WARNING)
+        self.server = server
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kind = (
+            types.MessageType.Error
+            if record.levelno >= logging.ERROR
+            else types.MessageType.Warning
+        )
+        try:
+            self.server.window_log_message(
+                types.LogMessageParams(type=kind, message=self.format(record))
+            )
+        except Exception:  # the client may be gone; logging must never raise
+            self.handleError(record)
+
+
+def build_server(
+    settings: LspSettings | None = None, link: DaemonLink | None = None
+) -> CodelmServer:
+    """A configured server; `link` replaces the HTTP daemon link (tests)."""
+    server = CodelmServer(settings or LspSettings(), link)
+    session = server.session
+    _register_lifecycle(server, session)
+    _register_sync(server, session)
+    _register_completion(server, session)
+    _register_commands(server, session)
+    return server
+
+
+def _register_lifecycle(server: CodelmServer, session: Session) -> None:
+    @server.feature(types.INITIALIZE)
+    def initialize(ls: LanguageServer, params: types.InitializeParams) -> None:
+        """Read initializationOptions; register the optional completion fallback."""
+        _apply_options(ls, session, params.initialization_options)
+        session.documents.encoding = ls.workspace.position_encoding
+        if session.settings.completion_fallback:
+            _register_fallback(ls, session)
+
+    @server.feature(types.INITIALIZED)
+    def initialized(ls: LanguageServer, params: types.InitializedParams) -> None:
+        """Find or start the daemon now, so the model loads while the user opens files."""
+        session.link.start_in_background()
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    def did_change_configuration(
+        ls: LanguageServer, params: types.DidChangeConfigurationParams
+    ) -> None:
+        """Apply changed settings (the completion fallback takes effect on restart)."""
+        _apply_options(ls, session, params.settings, base=session.settings)
+
+    @server.feature(types.SHUTDOWN)
+    async def shutdown(ls: LanguageServer, params: Any) -> None:
+        """Close the daemon connection; the daemon keeps running for other editors."""
+        server.shutdown_requested = True
+        await session.link.close()
+
+
+def _apply_options(
+    ls: LanguageServer, session: Session, options: Any, base: LspSettings | None = None
+) -> None:
+    settings, problems = settings_from_options(options, base)
+    session.update(settings)
+    logger.info("settings: %s", describe(settings))
+    if problems:
+        message = "codelm: invalid settings: " + "; ".join(problems)
+        logger.warning("%s", message)
+        ls.window_show_message(
+            types.ShowMessageParams(type=types.MessageType.Warning, message=message)
+        )
+
+
+def _register_sync(server: LanguageServer, session: Session) -> None:
+    @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(ls: LanguageServer, params: types.DidOpenTextDocumentParams) -> None:
+        """Track the document."""
+        session.documents.open(params.text_document)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(ls: LanguageServer, params: types.DidChangeTextDocumentParams) -> None:
+        """Apply incremental changes; remember when (the typing rhythm)."""
+        session.documents.change(params, asyncio.get_running_loop().time())
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+    async def did_close(ls: LanguageServer, params: types.DidCloseTextDocumentParams) -> None:
+        """Forget the document here and in the daemon's cache."""
+        uri = params.text_document.uri
+        session.documents.close(uri)
+        session.completer.cancel(uri)
+        await session.link.close_document(uri)
+
+
+def _register_completion(server: LanguageServer, session: Session) -> None:
+    @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+    async def inline_completion(
+        ls: LanguageServer, params: types.InlineCompletionParams
+    ) -> types.InlineCompletionList:
+        """Ghost-text suggestions at the cursor; an empty list rather than an error."""
+        invoked = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
+        items = await session.completer.inline_completion(
+            params.text_document.uri, params.position, invoked
+        )
+        return types.InlineCompletionList(items=[_inline_item(item) for item in items])
+
+
+def _inline_item(item: ResultItem) -> types.InlineCompletionItem:
+    accept = types.Command(
+        title="codelm: accepted",
+        command=ACCEPT_COMMAND,
+        arguments=[{"requestId": item.request_id, "acceptedChars": len(item.text)}],
+    )
+    return types.InlineCompletionItem(insert_text=item.text, range=item.range, command=accept)
+
+
+def _register_fallback(server: LanguageServer, session: Session) -> None:
+    @server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions())
+    async def completion(
+        ls: LanguageServer, params: types.CompletionParams
+    ) -> types.CompletionList:
+        """The inline suggestion as a completion item, for clients without inline completion."""
+        invoked = (
+            params.context is None
+            or params.context.trigger_kind == types.CompletionTriggerKind.Invoked
+        )
+        items = await session.completer.inline_completion(
+            params.text_document.uri, params.position, invoked
+        )
+        return types.CompletionList(is_incomplete=True, items=[_completion_item(i) for i in items])
+
+
+def _completion_item(item: ResultItem) -> types.CompletionItem:
+    label = item.text.strip().splitlines()[0] if item.text.strip() else item.text
+    return types.CompletionItem(
+        label=label[:60],
+        kind=types.CompletionItemKind.Text,
+        detail="codelm",
+        insert_text_format=types.InsertTextFormat.PlainText,
+        text_edit=types.TextEdit(range=item.range, new_text=item.text),
+        filter_text=item.text,
+        command=_inline_item(item).command,
+    )
+
+
+def _register_commands(server: LanguageServer, session: Session) -> None:
+    @server.command(ACCEPT_COMMAND)
+    def accept(ls: LanguageServer, *args: Any) -> None:
+        """Telemetry: a suggestion was accepted (counts and characters, kept locally)."""
+        info = args[0] if args and isinstance(args[0], dict) else {}
+        chars = info.get("acceptedChars", 0)
+        session.completer.stats.accepted += 1
+        session.completer.stats.accepted_chars += chars if isinstance(chars, int) else 0
+        logger.info("accepted %s (%s chars)", info.get("requestId", "?"), chars)
+
+    @server.command(DISMISS_COMMAND)
+    def dismiss(ls: LanguageServer, *args: Any) -> None:
+        """Telemetry: a suggestion was dismissed."""
+        session.completer.stats.dismissed += 1
+
+    @server.command(STATS_COMMAND)
+    def stats(ls: LanguageServer, *args: Any) -> dict[str, Any]:
+        """Counters of this session (requests, cache hits, accepted...) and the daemon state."""
+        body: dict[str, Any] = session.completer.stats.to_json()
+        body["cache_entries"] = len(session.completer.cache)
+        body["daemon_state"] = session.link.state
+        return body

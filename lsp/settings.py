@@ -1,0 +1,149 @@
+"""LspSettings: the server's settings, read from camelCase `initializationOptions`.
+
+The same converter handles `workspace/didChangeConfiguration`. An invalid value falls back to
+its default and is reported once, as one warning listing every problem.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SINGLE_LINE_MODES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LspSettings:
+    """Settings of one `codelm-lsp` process; durations in ms."""
+
+    enabled: bool = True  # false: answer nothing, status "disabled"
+    daemon_url: str | None = None  # None: discover the daemon from the runtime dir
+    auto_start: bool = True
+    model: str | None = None  # passed to `codelm-daemon start --model` on auto-start
+    max_tokens: int = 64
+    single_line: str = "auto"  # auto | always | never
+    debounce_ms: int = 75
+    timeout_ms: int = 3000  # a daemon answer later than this is dropped (empty list)
+    enabled_languages: tuple[str, ...] = ()  # empty: every language not disabled
+    disabled_languages: tuple[str, ...] = ()
+    completion_fallback: bool = False  # also serve textDocument/completion
+
+    def is_language_enabled(self, language: str | None) -> bool:
+        lang = (language or "").lower()
+        if not self.enabled or lang in self.disabled_languages:
+            return False
+        return not self.enabled_languages or lang in self.enabled_languages
+
+
+def _url(value: Any) -> str | None:
+    if isinstance(value, str) and value.startswith(("http://", "https://", "unix:")):
+        return value.rstrip("/")
+    raise ValueError("must be an http:// URL")
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError("must be true or false")
+
+
+def _optional_str(value: Any) -> str | None:
+    if isinstance(value, str) and value:
+        return value
+    raise ValueError("must be a non-empty string")
+
+
+def _int_in(low: int, high: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+            return value
+        raise ValueError(f"must be an integer between {low} and {high}")
+
+    return check
+
+
+def _single_line(value: Any) -> str:
+    if value in SINGLE_LINE_MODES:
+        return str(value)
+    raise ValueError(f"must be one of {', '.join(SINGLE_LINE_MODES)}")
+
+
+def _languages(value: Any) -> tuple[str, ...]:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(v.lower() for v in value)
+    raise ValueError("must be a list of language ids")
+
+
+# camelCase option path -> (field name, converter). Dots separate nested objects.
+_OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "enabled": ("enabled", _bool),
+    "daemon.url": ("daemon_url", _url),
+    "daemon.autoStart": ("auto_start", _bool),
+    "model": ("model", _optional_str),
+    "maxTokens": ("max_tokens", _int_in(1, 1024)),
+    "singleLine": ("single_line", _single_line),
+    "debounceMs": ("debounce_ms", _int_in(0, 2000)),
+    "timeoutMs": ("timeout_ms", _int_in(50, 60_000)),
+    "enabledLanguages": ("enabled_languages", _languages),
+    "disabledLanguages": ("disabled_languages", _languages),
+    "completionFallback": ("completion_fallback", _bool),
+}
+
+
+def _flatten(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in options.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and path not in _OPTIONS:
+            flat.update(_flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def settings_from_options(
+    options: Any, base: LspSettings | None = None
+) -> tuple[LspSettings, list[str]]:
+    """Convert camelCase options onto `base` (defaults when None); returns settings + problems.
+
+    Accepts the options object itself or one wrapped as `{"codelm": {...}}` (the shape
+    `workspace/didChangeConfiguration` sends). Unknown keys are ignored (logged at DEBUG).
+    """
+    base = base or LspSettings()
+    if options is None:
+        return base, []
+    if not isinstance(options, Mapping):
+        return base, [f"options must be an object, got {type(options).__name__}"]
+    if isinstance(options.get("codelm"), Mapping):
+        options = options["codelm"]
+    changes: dict[str, Any] = {}
+    problems: list[str] = []
+    for path, value in _flatten(options).items():
+        if path not in _OPTIONS:
+            logger.debug("ignoring unknown option %s", path)
+            continue
+        name, convert = _OPTIONS[path]
+        if value is None:
+            changes[name] = getattr(LspSettings(), name)
+            continue
+        try:
+            changes[name] = convert(value)
+        except ValueError as exc:
+            problems.append(f"{path} {exc} (got {value!r}); using the default")
+            changes[name] = getattr(LspSettings(), name)
+    return replace(base, **changes), problems
+
+
+def describe(settings: LspSettings) -> str:
+    """One line for the log."""
+    return ", ".join(f"{f.name}={getattr(settings, f.name)!r}" for f in fields(settings))
+
+
+def runtime_home() -> str | None:
+    """$CODELM_HOME: one folder for the daemon's runtime files, logs and models (tests)."""
+    return os.environ.get("CODELM_HOME") or None

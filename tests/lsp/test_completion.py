@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from lsprotocol import types
+
+from codelm.daemon.errors import DaemonUnavailable
+from codelm.daemon.protocol import (
+    CompleteRequest,
+    CompleteResponse,
+    CompletionItem,
+    Position,
+    Range,
+    Timings,
+)
+from codelm.lsp.completion import Completer, debounce_ms, is_single_line, skip_reason
+from codelm.lsp.documents import DocumentStore
+from codelm.lsp.settings import LspSettings
+
+URI = "file:///work/demo.py"
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "reason"),
+    [
+        ("x = fo", "o", "in the middle of a word"),
+        ("x = ", "foo", "before a word"),
+        ("f(a, ", "b)", "before a word"),
+        ("f(a, ", "+ b)", "text after the cursor on this line"),
+        ("print(", ")", None),
+        ("s = '", "');", None),
+        ("x = ", "   ", None),
+        ("", "", None),
+    ],
+)
+def test_skip_reason_for_automatic_trigger(before, after, reason):
+    assert skip_reason(before, after, is_invoked=False) == reason
+
+
+def test_skip_reason_invoked_trigger_always_goes():
+    assert skip_reason("x = fo", "o", is_invoked=True) is None
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "mode", "single"),
+    [
+        ("    ", "", "auto", False),
+        ("def f(x):", "", "auto", False),
+        ("if (x) {", "", "auto", False),
+        ("x = compute(", ")", "auto", True),
+        ("x = 1 +", "", "auto", True),
+        ("    ", "", "always", True),
+        ("x = 1 +", "", "never", False),
+    ],
+)
+def test_is_single_line_by_context(before, after, mode, single):
+    assert is_single_line(before, after, mode) is single
+
+
+def test_debounce_invoked_goes_at_once():
+    assert debounce_ms([0.0, 0.05], 0.05, 75, "x", is_invoked=True) == 0.0
+
+
+def test_debounce_is_longer_while_typing_fast_than_after_a_pause():
+    fast = debounce_ms([0.0, 0.1, 0.2, 0.3], 0.3, 75, "abc", is_invoked=False)
+    paused = debounce_ms([0.0, 2.0, 4.0], 4.0, 75, "abc", is_invoked=False)
+    assert fast == pytest.approx(150)
+    assert paused == pytest.approx(75)
+
+
+def test_debounce_is_capped_and_shorter_after_a_dot():
+    assert debounce_ms([0.0, 0.2, 0.4], 0.4, 75, "abc", is_invoked=False) == pytest.approx(225)
+    assert debounce_ms([], 0.0, 80, "obj.", is_invoked=False) == pytest.approx(40)
+
+
+def test_debounce_counts_time_already_waited():
+    assert debounce_ms([1.0], 1.05, 75, "abc", is_invoked=False) == pytest.approx(25)
+
+
+class FakeLink:
+    """A DaemonLink answering from a function, optionally slowly."""
+
+    def __init__(self, answer=lambda req: "", delay_s: float = 0.0) -> None:
+        self.answer = answer
+        self.delay_s = delay_s
+        self.requests: list[CompleteRequest] = []
+        self.cancelled = 0
+        self.state = "ready"
+        self.timeouts = 0
+
+    async def complete(self, request: CompleteRequest) -> CompleteResponse:
+        self.requests.append(request)
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        text = self.answer(request)
+        if isinstance(text, Exception):
+            raise text
+        here = Position(line=request.line, character=request.character)
+        item = CompletionItem(text=text, range=Range(start=here, end=here))
+        return CompleteResponse(items=[item], timings=Timings(generated_tokens=3))
+
+    async def close_document(self, uri: str) -> None:
+        pass
+
+    def note_timeout(self) -> None:
+        self.timeouts += 1
+
+
+def _completer(link: FakeLink, text: str, **settings) -> Completer:
+    docs = DocumentStore()
+    docs.open(types.TextDocumentItem(uri=URI, language_id="python", version=1, text=text))
+    return Completer(link, docs, LspSettings(**{"debounce_ms": 0, **settings}))
+
+
+def _at(line: int, character: int) -> types.Position:
+    return types.Position(line=line, character=character)
+
+
+async def test_completer_returns_postprocessed_item_with_range():
+    completer = _completer(FakeLink(lambda r: '"hi"))'), "print()\n")
+    items = await completer.inline_completion(URI, _at(0, 6), is_invoked=False)
+    assert [i.text for i in items] == ['"hi")']
+    assert items[0].range == types.Range(start=_at(0, 6), end=_at(0, 7))
+
+
+async def test_completer_sends_utf16_position_and_single_line_flag():
+    link = FakeLink(lambda r: "x")
+    completer = _completer(link, "s = '😀' + \n")
+    await completer.inline_completion(URI, _at(0, 11), is_invoked=True)
+    request = link.requests[0]
+    assert (request.line, request.character, request.single_line) == (0, 11, True)
+    assert (request.path, request.language, request.trigger) == ("/work/demo.py", "python", "invoked")
+
+
+async def test_completer_newer_request_supersedes_older_one():
+    link = FakeLink(lambda r: "value", delay_s=0.2)
+    completer = _completer(link, "x = \n")
+    first = asyncio.create_task(completer.inline_completion(URI, _at(0, 4), is_invoked=False))
+    await asyncio.sleep(0.01)
+    second = await completer.inline_completion(URI, _at(0, 4), is_invoked=True)
+    assert await first == []
+    assert [i.text for i in second] == ["value"]
+    assert link.cancelled == 1 and completer.stats.superseded == 1
+
+
+async def test_completer_cancelled_request_cancels_daemon_call():
+    link = FakeLink(lambda r: "value", delay_s=5)
+    completer = _completer(link, "x = \n")
+    task = asyncio.create_task(completer.inline_completion(URI, _at(0, 4), is_invoked=False))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)
+    assert link.cancelled == 1
+
+
+async def test_completer_debounce_is_cancelled_with_the_request():
+    link = FakeLink(lambda r: "value")
+    completer = _completer(link, "x = \n", debounce_ms=2000)
+    first = asyncio.create_task(completer.inline_completion(URI, _at(0, 4), is_invoked=False))
+    await asyncio.sleep(0.01)
+    await completer.inline_completion(URI, _at(0, 4), is_invoked=True)
+    assert await first == []
+    assert len(link.requests) == 1  # the debounced one never reached the daemon
+
+
+async def test_completer_typing_through_answers_from_cache():
+    link = FakeLink(lambda r: "compute(a, b)")
+    completer = _completer(link, "x = \n")
+    await completer.inline_completion(URI, _at(0, 4), is_invoked=False)
+    completer.documents.get(URI).text = "x = com\n"
+    items = await completer.inline_completion(URI, _at(0, 7), is_invoked=False)
+    assert [i.text for i in items] == ["pute(a, b)"]
+    assert len(link.requests) == 1 and completer.stats.cache_hits == 1
+
+
+async def test_completer_answers_empty_list_when_daemon_is_slow():
+    link = FakeLink(lambda r: "late", delay_s=1)
+    completer = _completer(link, "x = \n", timeout_ms=50)
+    assert await completer.inline_completion(URI, _at(0, 4), is_invoked=False) == []
+    assert completer.stats.timeouts == 1 and link.timeouts == 1
+
+
+async def test_completer_answers_empty_list_when_daemon_is_down():
+    completer = _completer(FakeLink(lambda r: DaemonUnavailable("down")), "x = \n")
+    assert await completer.inline_completion(URI, _at(0, 4), is_invoked=False) == []
+    assert completer.stats.errors == 1
+
+
+async def test_completer_skips_disabled_language_and_mid_word():
+    link = FakeLink(lambda r: "x")
+    completer = _completer(link, "value\n", disabled_languages=("python",))
+    assert await completer.inline_completion(URI, _at(0, 2), is_invoked=False) == []
+    completer.settings = LspSettings(debounce_ms=0)
+    assert await completer.inline_completion(URI, _at(0, 2), is_invoked=False) == []
+    assert link.requests == [] and completer.stats.skipped == 2

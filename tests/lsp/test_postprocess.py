@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from codelm.lsp.completion import is_single_line
+from codelm.lsp.postprocess import (
+    Context,
+    Suggestion,
+    detect_indentation,
+    indent_width,
+    postprocess,
+)
+
+GOLDEN = Path(__file__).parents[1] / "golden" / "postprocess"
+OPEN, CLOSE = "⦃", "⦄"  # never occur in code
+
+
+def _split(marked: str) -> tuple[str, str, str]:
+    """(prefix, suggestion, suffix) of a document with one ⦃suggestion⦄."""
+    assert marked.count(OPEN) == 1 and marked.count(CLOSE) == 1, "one ⦃…⦄ per document"
+    prefix, rest = marked.split(OPEN)
+    middle, suffix = rest.split(CLOSE)
+    return prefix, middle, suffix
+
+
+def _cases() -> list[Path]:
+    return sorted(GOLDEN.glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", _cases(), ids=lambda p: p.stem)
+def test_postprocess_golden(path: Path):
+    case = tomllib.loads(path.read_text(encoding="utf-8"))
+    eol = "\r\n" if case.get("crlf") else "\n"
+    prefix, raw, suffix = _split(case["text"].replace("\n", eol))
+    ctx = Context(prefix=prefix, suffix=suffix, is_single_line=False, language=case.get("language"))
+    mode = {"single": "always", "multi": "never"}.get(case.get("mode", ""), "auto")
+    ctx = Context(
+        prefix=prefix,
+        suffix=suffix,
+        is_single_line=is_single_line(ctx.line_before, ctx.line_after, mode),
+        language=case.get("language"),
+    )
+    result = postprocess(Suggestion(text=raw), ctx)
+    if case.get("discard"):
+        assert result is None, f"{case['description']}: expected discard, got {result}"
+        return
+    e_prefix, e_text, e_suffix = _split(case["expected"].replace("\n", eol))
+    assert (e_prefix, e_suffix) == (prefix, suffix), "expected must keep the text around ⦃…⦄"
+    assert result is not None, f"{case['description']}: discarded"
+    assert result.text == e_text, case["description"]
+    assert suffix[: result.replace_after] == case.get("replaced", "")
+
+
+def test_golden_cases_exist():
+    assert len(_cases()) >= 20
+
+
+def test_indent_width_expands_tabs():
+    assert indent_width("\t  x") == 6
+    assert indent_width("    x") == 4
+
+
+def test_detect_indentation():
+    assert detect_indentation(["def f():", "  x = 1", "  if x:", "    y"]) == (False, 2)
+    assert detect_indentation(["func f() {", "\tx := 1", "}"]) == (True, 4)
+    assert detect_indentation(["a", "b"]) == (None, 4)

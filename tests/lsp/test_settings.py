@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from codelm.lsp.settings import LspSettings, settings_from_options
+
+
+def test_settings_default_when_no_options():
+    assert settings_from_options(None) == (LspSettings(), [])
+
+
+def test_settings_read_camel_case_nested_options():
+    settings, problems = settings_from_options(
+        {
+            "daemon": {"url": "http://127.0.0.1:9000/", "autoStart": False},
+            "maxTokens": 32,
+            "singleLine": "always",
+            "debounceMs": 10,
+            "enabledLanguages": ["Python"],
+            "completionFallback": True,
+        }
+    )
+    assert problems == []
+    assert settings.daemon_url == "http://127.0.0.1:9000"
+    assert settings.auto_start is False
+    assert settings.max_tokens == 32
+    assert settings.single_line == "always"
+    assert settings.enabled_languages == ("python",)
+    assert settings.completion_fallback is True
+
+
+def test_settings_invalid_values_fall_back_to_defaults_with_problems():
+    settings, problems = settings_from_options(
+        {"maxTokens": "many", "singleLine": "sometimes", "debounceMs": True, "timeoutMs": 10}
+    )
+    assert settings == LspSettings()
+    assert len(problems) == 4
+    assert any("maxTokens" in p for p in problems)
+
+
+def test_settings_accept_codelm_section_and_ignore_unknown_keys():
+    settings, problems = settings_from_options({"codelm": {"model": "qwen", "colour": "red"}})
+    assert (settings.model, problems) == ("qwen", [])
+
+
+def test_settings_apply_onto_a_base():
+    base, _ = settings_from_options({"maxTokens": 8})
+    settings, _ = settings_from_options({"debounceMs": 0}, base)
+    assert (settings.max_tokens, settings.debounce_ms) == (8, 0)
+
+
+def test_settings_non_object_options_report_one_problem():
+    settings, problems = settings_from_options(["x"])
+    assert settings == LspSettings() and len(problems) == 1
+
+
+def test_language_filter():
+    only_py = LspSettings(enabled_languages=("python",))
+    assert only_py.is_language_enabled("python") and not only_py.is_language_enabled("rust")
+    no_md = LspSettings(disabled_languages=("markdown",))
+    assert no_md.is_language_enabled("python") and not no_md.is_language_enabled("Markdown")
+    assert not LspSettings(enabled=False).is_language_enabled("python")
