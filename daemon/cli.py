@@ -31,10 +31,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if not hasattr(args, "func"):
-        parser.print_help(sys.stderr)
+        build_parser().print_help(sys.stderr)
         return 2
     if not (args.func is cmd_start and args.foreground):
         _setup_client_logging(args.verbose)
@@ -50,11 +49,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; `-v` counts both before and after the subcommand."""
+    args = build_parser().parse_args(argv)
+    args.verbose += getattr(args, "sub_verbose", 0)
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="The codelm completion daemon.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv)")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS)
+    # A subcommand parses into its own namespace: count its -v apart, then add (parse_args).
+    common.add_argument("-v", "--verbose", action="count", default=0, dest="sub_verbose")
     engine = argparse.ArgumentParser(add_help=False)
     engine.add_argument("--model", help="default, a catalogue name, a .gguf file or an HF folder")
     engine.add_argument("--device", choices=("auto", "cpu", "cuda"))

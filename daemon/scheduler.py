@@ -146,7 +146,12 @@ class Scheduler:
             self._pending.clear()
             self._cond.notify_all()
         if self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join, timeout_s)
+            # A load cannot be interrupted (e.g. inside `import torch`); the thread is a daemon
+            # thread, so waiting long for it only delays the exit.
+            loading = self._state is EngineState.LOADING
+            await asyncio.to_thread(
+                self._thread.join, min(timeout_s, 0.5) if loading else timeout_s
+            )
         if self._thread.is_alive():
             logger.warning("the engine thread did not stop within %.0f s", timeout_s)
         with self._cond:

@@ -1,0 +1,62 @@
+"""Command-line contract: subcommands and options parse; commands without a daemon."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from codelm.daemon.cli import EXIT_NOT_RUNNING, build_parser, main, parse_args
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["start", "--foreground", "--model", "m.gguf", "--device", "cpu", "--quant", "int4"],
+        ["start", "--port", "0", "--wait", "0", "-v"],
+        ["stop"],
+        ["status", "--json"],
+        ["logs", "-f"],
+        ["complete", "a.py:1:2", "--json", "--no-daemon", "--model", "x", "--quant", "int8"],
+        ["prompt", "a.py:3:4", "--json", "--device", "cpu"],
+        ["models", "fetch", "default"],
+        ["models", "list"],
+    ],
+)
+def test_cli_parses_contract_commands(argv):
+    args = build_parser().parse_args(argv)
+    assert callable(args.func)
+
+
+def test_cli_verbosity_counts_before_and_after_command():
+    assert parse_args(["-v", "status", "-v"]).verbose == 2
+    assert parse_args(["status", "-vv"]).verbose == 2
+    assert parse_args(["status"]).verbose == 0
+
+
+def test_cli_rejects_unknown_choices():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["start", "--quant", "int3"])
+
+
+def test_status_without_daemon_exits_3_and_says_stopped(home, capsys):
+    assert main(["status", "--json"]) == EXIT_NOT_RUNNING
+    assert json.loads(capsys.readouterr().out)["state"] == "stopped"
+    assert main(["status"]) == EXIT_NOT_RUNNING
+    assert "not running" in capsys.readouterr().out
+
+
+def test_stop_without_daemon_succeeds(home, capsys):
+    assert main(["stop"]) == 0
+    assert "not running" in capsys.readouterr().out
+
+
+def test_logs_without_log_file_fails_with_path(home, capsys):
+    assert main(["logs"]) == 1
+    assert str(home) in capsys.readouterr().err
+
+
+def test_start_refuses_bad_config_with_message(home, capsys, monkeypatch):
+    monkeypatch.setenv("CODELM_PORT", "http")
+    assert main(["start", "--foreground"]) == 2
+    assert "port (from environment)" in capsys.readouterr().err

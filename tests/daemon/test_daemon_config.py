@@ -1,0 +1,98 @@
+"""DaemonConfig resolution: flags > CODELM_* environment > config.toml > defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from codelm.daemon.config import ConfigError, DaemonConfig, resolve_config
+from codelm.daemon.runtime import RuntimePaths
+
+
+def _write_config(home: Path, text: str) -> Path:
+    path = RuntimePaths.for_home(home).config_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_config_defaults_when_nothing_is_set(tmp_path):
+    config = resolve_config({}, {"CODELM_HOME": str(tmp_path)})
+    assert config.host == "127.0.0.1" and config.port == 0
+    assert config.engine.model == "default" and config.engine.device == "auto"
+    assert config.idle_unload_s == 0
+    assert config.paths == RuntimePaths.for_home(tmp_path)
+
+
+def test_config_flags_beat_env_beat_file(tmp_path):
+    _write_config(tmp_path, 'port = 1111\nlog_level = "debug"\n[engine]\nquant = "int8"\n')
+    env = {"CODELM_HOME": str(tmp_path), "CODELM_PORT": "2222", "CODELM_QUANT": "int4"}
+    config = resolve_config({"port": 3333, "quant": None}, env)
+    assert config.port == 3333  # flag
+    assert config.engine.quant == "int4"  # env (the flag was not given)
+    assert config.log_level == "DEBUG"  # file
+    config = resolve_config({}, {"CODELM_HOME": str(tmp_path)})
+    assert (config.port, config.engine.quant) == (1111, "int8")
+
+
+def test_config_reads_engine_settings_flat_or_in_table(tmp_path):
+    _write_config(tmp_path, 'device = "cpu"\n[engine]\nthreads = 3\n')
+    config = resolve_config({}, {"CODELM_HOME": str(tmp_path)})
+    assert (config.engine.device, config.engine.threads) == ("cpu", 3)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CODELM_PORT": "http"}, "port (from environment)"),
+        ({"CODELM_PORT": "70000"}, "between 0 and 65535"),
+        ({"CODELM_DEVICE": "tpu"}, "must be one of auto, cpu, cuda"),
+        ({"CODELM_HOST": "0.0.0.0"}, "only listens on loopback"),
+        ({"CODELM_IDLE_UNLOAD_S": "-1"}, "must be >= 0"),
+    ],
+)
+def test_config_rejects_bad_env_values_naming_the_source(tmp_path, env, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_config({}, {"CODELM_HOME": str(tmp_path), **env})
+
+
+def test_config_rejects_bad_file_naming_the_file(tmp_path):
+    path = _write_config(tmp_path, 'quant = "int3"\n')
+    with pytest.raises(ConfigError, match=str(path)):
+        resolve_config({}, {"CODELM_HOME": str(tmp_path)})
+    _write_config(tmp_path, "port = [1\n")
+    with pytest.raises(ConfigError, match="fix or remove the file"):
+        resolve_config({}, {"CODELM_HOME": str(tmp_path)})
+    _write_config(tmp_path, "port = true\n")
+    with pytest.raises(ConfigError, match="must be an integer"):
+        resolve_config({}, {"CODELM_HOME": str(tmp_path)})
+
+
+def test_config_ignores_unknown_keys_with_a_warning(tmp_path, caplog):
+    _write_config(tmp_path, "colour = 'blue'\n")
+    config = resolve_config({}, {"CODELM_HOME": str(tmp_path)})
+    assert config == DaemonConfig(paths=config.paths)
+    assert "colour" in caplog.text
+
+
+def test_config_makes_model_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = resolve_config({"model": "models/x.gguf"}, {"CODELM_HOME": str(tmp_path)})
+    assert config.engine.model == str(tmp_path / "models" / "x.gguf")
+    assert resolve_config({"model": "default"}, {}).engine.model == "default"
+
+
+def test_codelm_home_puts_every_path_under_it(tmp_path):
+    paths = resolve_config({}, {"CODELM_HOME": str(tmp_path)}).paths
+    for path in (paths.runtime_dir, paths.log_dir, paths.data_dir, paths.cache_dir):
+        assert Path(path).is_relative_to(tmp_path)
+    assert paths.config_file.is_relative_to(tmp_path)
+
+
+def test_config_is_frozen():
+    config = DaemonConfig()
+    with pytest.raises((AttributeError, TypeError)):
+        config.port = 1  # type: ignore[misc]
+    assert os.fspath(config.paths.log_file).endswith("daemon.log")

@@ -1,0 +1,66 @@
+"""Runtime files: private token, single-instance lock, stale pid files."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from codelm.daemon.errors import Conflict, DaemonUnavailable
+from codelm.daemon.runtime import (
+    InstanceLock,
+    RuntimePaths,
+    cleanup_stale,
+    is_lock_held,
+    publish_endpoint,
+    read_daemon_info,
+    read_pid,
+)
+
+
+@pytest.fixture
+def paths(tmp_path) -> RuntimePaths:
+    return RuntimePaths.for_home(tmp_path)
+
+
+def test_token_file_and_runtime_dir_are_private(paths):
+    with InstanceLock(paths):
+        publish_endpoint(paths, "http://127.0.0.1:1", 1, "secret")
+        assert stat.S_IMODE(paths.token_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(paths.runtime_dir.stat().st_mode) == 0o700
+        info = read_daemon_info(paths)
+    assert (info.pid, info.url, info.token) == (os.getpid(), "http://127.0.0.1:1", "secret")
+    assert paths.port_file.exists() is False  # removed on release
+
+
+def test_instance_lock_refuses_a_second_holder(paths):
+    with InstanceLock(paths):
+        assert is_lock_held(paths)
+        with pytest.raises(Conflict, match=f"already running \\(pid {os.getpid()}\\)"):
+            InstanceLock(paths).acquire()
+    assert not is_lock_held(paths)
+    with InstanceLock(paths):
+        assert read_pid(paths) == os.getpid()
+
+
+def test_stale_files_without_lock_are_detected_and_removed(paths):
+    paths.ensure_dirs()
+    paths.pid_file.write_text("999999\n")
+    paths.url_file.write_text("http://127.0.0.1:9\n")
+    paths.token_file.write_text("old\n")
+    assert read_pid(paths) is None
+    with pytest.raises(DaemonUnavailable, match="died"):
+        read_daemon_info(paths)
+    assert not paths.pid_file.exists() and not paths.token_file.exists()
+    assert cleanup_stale(paths) is False
+
+
+def test_no_daemon_reads_as_unavailable(paths):
+    with pytest.raises(DaemonUnavailable, match="not running"):
+        read_daemon_info(paths)
+
+
+def test_daemon_without_published_url_reads_as_starting(paths):
+    with InstanceLock(paths), pytest.raises(DaemonUnavailable, match="starting"):
+        read_daemon_info(paths)
