@@ -2,8 +2,8 @@
 
 State changes go to a StatusSink once each (the server turns them into `codelm/status`
 notifications, `window/workDoneProgress` while the model loads, and one `window/showMessage`
-when the user must act). A daemon that dies is restarted once. aiohttp is imported on first
-use, after `initialize` has been answered.
+when the user must act). A daemon that dies is restarted once. The HTTP client
+(codelm.daemon.client, hence aiohttp) is imported on first use, after `initialize`.
 """
 
 from __future__ import annotations
@@ -11,21 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from codelm.daemon.errors import (
-    Cancelled,
-    CodelmError,
-    DaemonUnavailable,
-    ModelLoading,
-)
+from codelm.daemon.errors import CodelmError, DaemonUnavailable, ModelLoading, Unauthorized
 from codelm.daemon.protocol import CompleteRequest, CompleteResponse
 
 if TYPE_CHECKING:
-    import aiohttp
+    from codelm.daemon.client import DaemonClient
+    from codelm.daemon.runtime import RuntimePaths
 
     from .settings import LspSettings
 
@@ -33,8 +26,10 @@ logger = logging.getLogger(__name__)
 
 STATES = ("loading", "ready", "busy", "error", "disabled")
 HEALTH_POLL_S = (0.05, 0.1, 0.2, 0.5)  # growing gaps between /health polls
-START_TIMEOUT_S = 120.0  # process start + model load
+START_TIMEOUT_S = 60.0  # process start until /health answers
+LOAD_TIMEOUT_S = 300.0  # model load after that
 RETRY_AFTER_S = 30.0  # after a failed start, completions wait this long before trying again
+REQUEST_TIMEOUT_S = 30.0  # completion.py drops answers much sooner (settings.timeout_ms)
 
 
 class StatusSink(Protocol):
@@ -57,38 +52,21 @@ class DaemonLink(Protocol):
     async def close(self) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    url: str
-    token: str
-
-
-def discover(settings: LspSettings, home: str | None) -> Endpoint | None:
-    """The daemon's url and token: the configured url, else the runtime dir's files."""
-    from codelm.daemon.runtime import RuntimePaths, read_daemon_info
-
-    paths = RuntimePaths.for_home(home)
-    try:
-        info = read_daemon_info(paths)
-    except DaemonUnavailable as exc:
-        logger.debug("no daemon found: %s", exc.message)
-        if settings.daemon_url is None:
-            return None
-        return Endpoint(settings.daemon_url, "")
-    return Endpoint(settings.daemon_url or info.url, info.token)
-
-
-def daemon_start_command(settings: LspSettings) -> list[str]:
-    """`codelm-daemon start [--model M]`, run with this interpreter (same install)."""
-    cmd = [sys.executable, "-c", "import sys; from codelm.daemon.cli import main; sys.exit(main())"]
-    cmd.append("start")
-    if settings.model:
-        cmd += ["--model", settings.model]
-    return cmd
+def health_state(body: dict[str, Any]) -> tuple[str, str]:
+    """Map a /health answer to (ready|loading|error, message for the user)."""
+    state = str(body.get("state", ""))
+    model = body.get("model") or "the model"
+    if state in ("loading", "unloaded"):
+        progress = body.get("progress")
+        percent = f" {progress:.0%}" if isinstance(progress, (int, float)) else ""
+        return "loading", f"Loading {model}{percent}"
+    if state in ("error", "stopped"):
+        return "error", str(body.get("message") or f"the daemon is {state}")
+    return "ready", f"codelm is ready ({model})"
 
 
 class HttpDaemonLink:
-    """DaemonLink over loopback HTTP with the daemon's bearer token."""
+    """DaemonLink over codelm.daemon.client: loopback HTTP with the daemon's bearer token."""
 
     def __init__(self, settings: LspSettings, sink: StatusSink, home: str | None) -> None:
         self.settings = settings
@@ -96,8 +74,8 @@ class HttpDaemonLink:
         self.home = home
         self.state = ""
         self.restarts = 0
-        self._endpoint: Endpoint | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._client: DaemonClient | None = None
+        self._ready = False
         self._starting: asyncio.Task[None] | None = None
         self._failed_at: float | None = None
 
@@ -108,11 +86,15 @@ class HttpDaemonLink:
             self.sink.status(state, message)
 
     def apply_settings(self, settings: LspSettings) -> None:
+        changed = (settings.daemon_url, settings.model) != (
+            self.settings.daemon_url,
+            self.settings.model,
+        )
         self.settings = settings
         if not settings.enabled:
             self._set_state("disabled", "codelm is disabled in the settings")
-        elif self.state == "disabled":
-            self.state = ""
+        elif self.state == "disabled" or (changed and self.state):
+            self._ready = False
             self.start_in_background()
 
     def note_timeout(self) -> None:
@@ -134,16 +116,10 @@ class HttpDaemonLink:
 
     async def _bring_up(self) -> None:
         self._set_state("loading", "connecting to the codelm daemon")
-        await self.sink.progress("begin", "Starting codelm")
+        await self.sink.progress("begin", "Connecting to the codelm daemon")
         try:
-            endpoint = discover(self.settings, self.home)
-            if endpoint is None or not await self._is_alive(endpoint):
-                if not self.settings.auto_start or self.settings.daemon_url:
-                    raise DaemonUnavailable(
-                        "the codelm daemon is not running; start it with `codelm-daemon start`"
-                    )
-                endpoint = await self._start_daemon()
-            await self._wait_until_ready(endpoint)
+            client = await self._connect()
+            await self._wait_until_ready(client)
         except CodelmError as exc:
             if self._failed_at is None:
                 self.sink.show(f"codelm: {exc.message}", True)
@@ -152,183 +128,128 @@ class HttpDaemonLink:
             raise
         finally:
             await self.sink.progress("end", "")
-        self._endpoint = endpoint
+        self._ready = True
         self._failed_at = None
-        self._set_state("ready", "codelm is ready")
 
-    async def _start_daemon(self) -> Endpoint:
+    async def _connect(self) -> DaemonClient:
+        from codelm.daemon import client as daemon_client
+
+        if self._client is not None:
+            await self._client.close()
+        self._client = None
+        if self.settings.daemon_url:  # an explicit daemon: never started from here
+            self._client = daemon_client.DaemonClient(
+                self.settings.daemon_url, self._token(), timeout_s=REQUEST_TIMEOUT_S
+            )
+            return self._client
+        paths = self._paths()
+        try:
+            self._client = daemon_client.DaemonClient.discover(paths, timeout_s=REQUEST_TIMEOUT_S)
+            return self._client
+        except DaemonUnavailable:
+            if not self.settings.auto_start:
+                raise
         await self.sink.progress("report", "Starting the codelm daemon")
-        cmd = daemon_start_command(self.settings)
-        logger.info("starting the daemon: %s", " ".join(cmd[:1] + cmd[3:]))
-        env = dict(os.environ)
-        if self.home:
-            env["CODELM_HOME"] = self.home
-        # stdout is the LSP protocol: the daemon must never inherit it.
-        proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
-        _, stderr = await proc.communicate()
-        if proc.returncode != 0:
-            message = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            logger.warning("codelm-daemon start exited with %s: %s", proc.returncode, stderr)
-            raise DaemonUnavailable(f"could not start the codelm daemon: {message[0]}")
-        return await self._wait_for_endpoint()
+        args = ["--model", self.settings.model] if self.settings.model else []
+        await daemon_client.start_daemon(paths, args=args, timeout_s=START_TIMEOUT_S)
+        self._client = daemon_client.DaemonClient.discover(paths, timeout_s=REQUEST_TIMEOUT_S)
+        return self._client
 
-    async def _wait_for_endpoint(self) -> Endpoint:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + START_TIMEOUT_S
-        for n in range(1_000_000):
-            endpoint = discover(self.settings, self.home)
-            if endpoint is not None:
-                return endpoint
-            if loop.time() > deadline:
-                break
-            await asyncio.sleep(HEALTH_POLL_S[min(n, len(HEALTH_POLL_S) - 1)])
-        raise DaemonUnavailable("the codelm daemon started but never published its address")
+    def _paths(self) -> RuntimePaths:
+        from codelm.daemon.runtime import RuntimePaths
 
-    async def _wait_until_ready(self, endpoint: Endpoint) -> None:
+        return RuntimePaths.for_home(self.home)
+
+    def _token(self) -> str:
+        from codelm.daemon.runtime import read_daemon_info
+
+        try:
+            return read_daemon_info(self._paths()).token
+        except DaemonUnavailable:
+            return ""
+
+    async def _wait_until_ready(self, client: DaemonClient) -> None:
+        """Poll /health (progress while the model loads) until ready or failed."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + START_TIMEOUT_S
+        deadline = loop.time() + LOAD_TIMEOUT_S
         for n in range(1_000_000):
-            state, message = await self._health(endpoint)
+            state, message = health_state(await client.health())
+            self._set_state(state, message)
             if state == "ready":
                 return
             if state == "error":
                 raise DaemonUnavailable(message)
             await self.sink.progress("report", message)
-            self._set_state("loading", message)
             if loop.time() > deadline:
                 break
             await asyncio.sleep(HEALTH_POLL_S[min(n, len(HEALTH_POLL_S) - 1)])
-        raise DaemonUnavailable(f"the codelm daemon was not ready within {START_TIMEOUT_S:.0f} s")
-
-    async def _is_alive(self, endpoint: Endpoint) -> bool:
-        state, _ = await self._health(endpoint)
-        return state != "down"
-
-    async def _health(self, endpoint: Endpoint) -> tuple[str, str]:
-        """(ready|loading|error|down, message) from GET /health."""
-        import aiohttp
-
-        try:
-            async with self._http().get(
-                f"{endpoint.url}/health", headers=_auth(endpoint), timeout=aiohttp.ClientTimeout(2)
-            ) as resp:
-                body = await _json(resp)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            return "down", f"the daemon does not answer ({exc.__class__.__name__})"
-        return health_state(resp.status, body)
-
-    def _http(self) -> aiohttp.ClientSession:
-        import aiohttp
-
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
-        return self._session
+        raise DaemonUnavailable(f"the model was not ready within {LOAD_TIMEOUT_S:.0f} s")
 
     async def complete(self, request: CompleteRequest) -> CompleteResponse:
-        endpoint = await self._ready_endpoint()
-        body = await self._post(endpoint, "/v1/complete", request.to_json())
+        client = self._ready_client()
+        try:
+            response = await client.complete(request)
+        except ModelLoading:
+            self._ready = False
+            self.start_in_background()  # follows the load with progress
+            raise
+        except Unauthorized:
+            self._ready = False  # a restarted daemon has a new token: look it up again
+            self.start_in_background()
+            raise
+        except DaemonUnavailable as exc:
+            if _is_connection_error(exc):
+                self._on_lost(exc)
+            raise
         if self.state == "busy":
             self._set_state("ready", "codelm is ready")
-        return CompleteResponse.from_json(body)
+        return response
 
     async def close_document(self, uri: str) -> None:
-        if self._endpoint is None:
+        if self._client is None or not self._ready:
             return
         with contextlib.suppress(CodelmError):
-            await self._post(self._endpoint, "/v1/documents/close", {"uri": uri})
+            await self._client.close_document(uri)
 
-    async def _ready_endpoint(self) -> Endpoint:
-        if self._endpoint is not None:
-            return self._endpoint
-        # Not up yet: start it in the background and answer this request with nothing.
-        failed_at = self._failed_at
-        if failed_at is not None and asyncio.get_running_loop().time() - failed_at < RETRY_AFTER_S:
+    def _ready_client(self) -> DaemonClient:
+        if self._client is not None and self._ready:
+            return self._client
+        starting = self._starting is not None and not self._starting.done()
+        since_failure = asyncio.get_running_loop().time() - (self._failed_at or float("-inf"))
+        if not starting and since_failure < RETRY_AFTER_S:
             raise DaemonUnavailable("the codelm daemon is not available")
+        # Not up yet: bring it up in the background and answer this request with nothing.
         self.start_in_background()
         raise ModelLoading("the codelm daemon is starting")
-
-    async def _post(self, endpoint: Endpoint, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        import aiohttp
-
-        try:
-            async with self._http().post(
-                f"{endpoint.url}{path}", json=body, headers=_auth(endpoint)
-            ) as resp:
-                answer = await _json(resp)
-        except aiohttp.ClientConnectionError as exc:
-            self._on_lost(exc)
-            raise DaemonUnavailable("the codelm daemon is not reachable") from exc
-        if resp.status == 401:  # a restarted daemon has a new token: look it up again
-            self._endpoint = None
-        if resp.status >= 400:
-            raise _error_from(resp.status, answer)
-        return answer
 
     def _on_lost(self, exc: BaseException) -> None:
         """The daemon went away: restart it once, then tell the user."""
         logger.warning("lost the daemon: %s", exc)
-        self._endpoint = None
+        self._ready = False
         if self._starting is not None and not self._starting.done():
             return
-        if self.settings.auto_start and self.restarts == 0:
+        if self.settings.auto_start and not self.settings.daemon_url and self.restarts == 0:
             self.restarts += 1
             self.sink.show("The codelm daemon stopped unexpectedly; restarting it.", False)
             self.start_in_background()
             return
-        message = (
-            "The codelm daemon stopped. Check `codelm-daemon logs`, then `codelm-daemon start`."
-        )
+        message = "The codelm daemon stopped. See `codelm-daemon logs`, then `codelm-daemon start`."
+        self._failed_at = asyncio.get_running_loop().time()
         self._set_state("error", message)
         self.sink.show(message, True)
 
     async def close(self) -> None:
         if self._starting is not None and not self._starting.done():
             self._starting.cancel()
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
 
 
-def health_state(status: int, body: dict[str, Any]) -> tuple[str, str]:
-    """Map a /health answer to (ready|loading|error, message)."""
-    state = str(body.get("state") or body.get("status") or "")
-    error = body.get("error") if isinstance(body.get("error"), dict) else {}
-    message = str(body.get("message") or error.get("message") or state or status)
-    if status == 503 or state in ("loading", "starting"):
-        return "loading", f"Loading model {body.get('model') or ''}".strip()
-    if status >= 400 or state in ("error", "failed"):
-        return "error", message
-    return "ready", message
+def _is_connection_error(exc: BaseException) -> bool:
+    """DaemonUnavailable raised because nothing answered (vs. the daemon saying it is busy)."""
+    import aiohttp
 
-
-def _error_from(status: int, body: dict[str, Any]) -> CodelmError:
-    error = body.get("error") if isinstance(body.get("error"), dict) else {}
-    code = error.get("code", "")
-    message = str(error.get("message") or f"HTTP {status}")
-    if code == "cancelled":
-        return Cancelled(message)
-    if code == "model_loading":
-        return ModelLoading(message)
-    err = CodelmError(message)
-    err.code, err.status = code or "http_error", status
-    return err
-
-
-async def _json(resp: aiohttp.ClientResponse) -> dict[str, Any]:
-    try:
-        body = await resp.json(content_type=None)
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def _auth(endpoint: Endpoint) -> dict[str, str]:
-    return {"Authorization": f"Bearer {endpoint.token}"} if endpoint.token else {}
+    return isinstance(exc.__cause__, aiohttp.ClientConnectionError)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

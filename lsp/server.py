@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import uuid
 from typing import Any
 
@@ -260,4 +261,5 @@ def _register_commands(server: LanguageServer, session: Session) -> None:
         body: dict[str, Any] = session.completer.stats.to_json()
         body["cache_entries"] = len(session.completer.cache)
         body["daemon_state"] = session.link.state
+        body["torch_loaded"] = "torch" in sys.modules  # must stay False (import boundary)
         return body

@@ -7,7 +7,9 @@ URI = "file:///t.py"
 
 
 def _store(cache: TypingCache, prefix: str, suffix: str, text: str, replace_after: int = 0):
-    cache.store(DocState.of(URI, prefix, suffix), [Suggestion(text=text, replace_after=replace_after)], "r1")
+    cache.store(
+        DocState.of(URI, prefix, suffix), [Suggestion(text=text, replace_after=replace_after)], "r1"
+    )
 
 
 def test_cache_answers_remainder_when_user_types_suggestion_prefix():

@@ -133,7 +133,11 @@ async def test_completer_sends_utf16_position_and_single_line_flag():
     await completer.inline_completion(URI, _at(0, 11), is_invoked=True)
     request = link.requests[0]
     assert (request.line, request.character, request.single_line) == (0, 11, True)
-    assert (request.path, request.language, request.trigger) == ("/work/demo.py", "python", "invoked")
+    assert (request.path, request.language, request.trigger) == (
+        "/work/demo.py",
+        "python",
+        "invoked",
+    )
 
 
 async def test_completer_newer_request_supersedes_older_one():

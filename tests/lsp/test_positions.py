@@ -33,7 +33,12 @@ def test_position_at_round_trips_every_offset():
 
 def test_lines_break_only_at_lsp_line_endings():
     text = "a\r\nb\rc\nd\x0ce\u2028f"
-    assert [text[slice(*line_bounds(text, n))] for n in range(4)] == ["a", "b", "c", "d\x0ce\u2028f"]
+    assert [text[slice(*line_bounds(text, n))] for n in range(4)] == [
+        "a",
+        "b",
+        "c",
+        "d\x0ce\u2028f",
+    ]
     assert line_bounds(text, 4) is None
 
 

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from codelm.lsp.completion import is_single_line
 from codelm.lsp.postprocess import (

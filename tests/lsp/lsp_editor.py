@@ -1,0 +1,125 @@
+"""A test editor: a real `codelm-lsp` subprocess driven over stdio by pytest-lsp's client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lsprotocol import types
+from pytest_lsp import LanguageClient, make_test_lsp_client
+
+from codelm.lsp.positions import position_at
+
+STATUS = "codelm/status"
+
+
+def lsp_command() -> list[str]:
+    script = Path(sys.executable).with_name("codelm-lsp")
+    found = str(script) if script.exists() else shutil.which("codelm-lsp")
+    if found is None:
+        pytest.skip("codelm-lsp is not installed (pip install -e .)")
+    return [found, "-v"]
+
+
+def capabilities(*, progress: bool = True) -> types.ClientCapabilities:
+    return types.ClientCapabilities(
+        general=types.GeneralClientCapabilities(
+            position_encodings=[types.PositionEncodingKind.Utf16]
+        ),
+        window=types.WindowClientCapabilities(work_done_progress=progress),
+        text_document=types.TextDocumentClientCapabilities(
+            synchronization=types.TextDocumentSyncClientCapabilities(),
+            inline_completion=types.InlineCompletionClientCapabilities(),
+        ),
+    )
+
+
+@dataclass
+class Editor:
+    """A test editor: the pytest-lsp client plus the documents as the editor sees them."""
+
+    client: LanguageClient
+    initialize_ms: float
+    result: types.InitializeResult
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+    texts: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
+
+    def open(self, uri: str, text: str, language: str = "python") -> None:
+        self.texts[uri], self.versions[uri] = text, 1
+        item = types.TextDocumentItem(uri=uri, language_id=language, version=1, text=text)
+        self.client.text_document_did_open(types.DidOpenTextDocumentParams(text_document=item))
+
+    def insert(self, uri: str, offset: int, new: str) -> None:
+        """Send one incremental change inserting `new` at str index `offset`."""
+        text = self.texts[uri]
+        here = position_at(text, offset)
+        self.texts[uri] = text[:offset] + new + text[offset:]
+        self.versions[uri] += 1
+        change = types.TextDocumentContentChangePartial(
+            range=types.Range(start=here, end=here), text=new
+        )
+        doc = types.VersionedTextDocumentIdentifier(uri=uri, version=self.versions[uri])
+        self.client.text_document_did_change(
+            types.DidChangeTextDocumentParams(text_document=doc, content_changes=[change])
+        )
+
+    async def inline(
+        self, uri: str, offset: int, invoked: bool = False
+    ) -> types.InlineCompletionList:
+        kind = types.InlineCompletionTriggerKind
+        params = types.InlineCompletionParams(
+            text_document=types.TextDocumentIdentifier(uri=uri),
+            position=position_at(self.texts[uri], offset),
+            context=types.InlineCompletionContext(
+                trigger_kind=kind.Invoked if invoked else kind.Automatic
+            ),
+        )
+        result = await self.client.text_document_inline_completion_async(params)
+        assert isinstance(result, types.InlineCompletionList)
+        return result
+
+    async def command(self, name: str, *args: Any) -> Any:
+        params = types.ExecuteCommandParams(command=name, arguments=list(args))
+        return await self.client.workspace_execute_command_async(params)
+
+    async def wait_status(self, state: str, timeout_s: float = 20.0) -> dict[str, Any]:
+        """Wait (by polling what arrived, never a blind sleep) for a `codelm/status`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for status in self.statuses:
+                if status["state"] == state:
+                    return status
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no {state!r} status; got {self.statuses}")
+
+
+async def start_editor(
+    home: Path, options: dict[str, Any], *, progress: bool = True
+) -> tuple[LanguageClient, Editor]:
+    client = make_test_lsp_client()
+    statuses: list[dict[str, Any]] = []
+
+    @client.feature(STATUS)
+    def on_status(params: Any) -> None:
+        statuses.append({"state": params.state, "message": params.message})
+
+    env = {**os.environ, "CODELM_HOME": str(home)}
+    started = time.perf_counter()
+    await client.start_io(*lsp_command(), env=env)
+    result = await client.initialize_session(
+        types.InitializeParams(
+            capabilities=capabilities(progress=progress),
+            initialization_options=options,
+            root_uri=home.as_uri(),
+        )
+    )
+    initialize_ms = 1000 * (time.perf_counter() - started)
+    return client, Editor(client, initialize_ms, result, statuses)

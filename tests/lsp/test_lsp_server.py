@@ -1,0 +1,233 @@
+"""codelm-lsp as a subprocess, driven over stdio by pytest-lsp, against the fake daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from lsp_editor import Editor, start_editor
+from lsp_fake_daemon import FakeDaemon
+from lsprotocol import types
+
+pytestmark = pytest.mark.e2e
+URI = "file:///work/demo.py"
+
+
+async def test_initialize_advertises_inline_completion_and_incremental_sync(editor: Editor):
+    caps = editor.result.capabilities
+    assert caps.inline_completion_provider is not None
+    sync = caps.text_document_sync
+    assert isinstance(sync, types.TextDocumentSyncOptions)
+    assert sync.change == types.TextDocumentSyncKind.Incremental
+    assert caps.completion_provider is None  # the fallback is off by default
+    assert editor.result.server_info.name == "codelm-lsp"
+
+
+async def test_inline_completion_returns_postprocessed_item_with_range(
+    editor: Editor, fake_daemon: FakeDaemon
+):
+    fake_daemon.truth = 'print("hello")\n'
+    fake_daemon.repeat_closers = True
+    editor.open(URI, 'print("hello\n')
+    result = await editor.inline(URI, 12)
+    assert [i.insert_text for i in result.items] == ['")']
+    assert result.items[0].range == types.Range(
+        start=types.Position(line=0, character=12), end=types.Position(line=0, character=12)
+    )
+
+
+async def test_initialize_answers_quickly(editor: Editor):
+    # Not a timing assertion (see benchmarks/lsp_replay.py): a generous bound that catches
+    # an accidental torch import (several seconds).
+    assert editor.initialize_ms < 5000
+    stats = await editor.command("codelm.stats")
+    assert stats["torch_loaded"] is False
+
+
+DATA = Path(__file__).parent / "data"
+REGION_START = "    word = GREETINGS"
+REGION_END = "return message.strip()"
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"], ids=["lf", "crlf"])
+async def test_typing_a_region_keystroke_by_keystroke(
+    editor: Editor, fake_daemon: FakeDaemon, eol: str
+):
+    truth = (DATA / "greetings.py").read_text(encoding="utf-8").replace("\n", eol)
+    start = truth.index(REGION_START)
+    end = truth.index(REGION_END) + len(REGION_END)
+    fake_daemon.truth = truth
+    uri = (DATA / "greetings.py").as_uri()
+    editor.open(uri, truth[:start] + truth[end:])
+    answered = 0
+    for offset in range(start, end):
+        editor.insert(uri, offset, truth[offset])
+        n_requests = len(fake_daemon.requests)
+        result = await editor.inline(uri, offset + 1)
+        if len(fake_daemon.requests) > n_requests:  # the daemon saw the editor's exact text
+            assert fake_daemon.requests[-1].text == editor.texts[uri]
+        for item in result.items:
+            assert truth[offset + 1 :].startswith(item.insert_text), (offset, item.insert_text)
+        answered += bool(result.items)
+    assert editor.texts[uri] == truth
+    keystrokes = end - start
+    stats = await editor.command("codelm.stats")
+    assert answered >= 0.9 * keystrokes
+    assert stats["cache_hits"] >= 0.8 * keystrokes
+    assert stats["daemon_calls"] <= 6
+    editor.client.text_document_did_close(
+        types.DidCloseTextDocumentParams(text_document=types.TextDocumentIdentifier(uri=uri))
+    )
+    await editor.command("codelm.stats")  # a round trip: didClose has been handled
+    assert await _eventually(lambda: fake_daemon.closed_uris == [uri])
+
+
+async def _eventually(check, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+async def test_cancel_request_aborts_the_daemon_call(editor: Editor, fake_daemon: FakeDaemon):
+    fake_daemon.delay_s = 30
+    editor.open(URI, "x = \n")
+    params = types.InlineCompletionParams(
+        text_document=types.TextDocumentIdentifier(uri=URI),
+        position=types.Position(line=0, character=4),
+        context=types.InlineCompletionContext(
+            trigger_kind=types.InlineCompletionTriggerKind.Invoked
+        ),
+    )
+    pending = asyncio.ensure_future(
+        editor.client.protocol.send_request_async(
+            types.TEXT_DOCUMENT_INLINE_COMPLETION, params, msg_id="slow-1"
+        )
+    )
+    assert await _eventually(lambda: len(fake_daemon.requests) == 1)
+    editor.client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="slow-1"))
+    with pytest.raises(Exception, match="cancel"):
+        await pending
+    assert await _eventually(lambda: fake_daemon.cancelled == 1)
+
+
+async def test_newer_request_supersedes_older_one(editor: Editor, fake_daemon: FakeDaemon):
+    fake_daemon.truth = "x = compute(1)\n"
+    fake_daemon.delay_s = 0.5
+    editor.open(URI, "x = \n")
+    first = asyncio.create_task(editor.inline(URI, 4, invoked=True))
+    assert await _eventually(lambda: len(fake_daemon.requests) == 1)
+    fake_daemon.delay_s = 0
+    second = await editor.inline(URI, 4, invoked=True)
+    assert not (await first).items
+    assert [i.insert_text for i in second.items] == ["compute(1)"]
+    assert await _eventually(lambda: fake_daemon.cancelled == 1)
+
+
+async def test_slow_daemon_answers_empty_list_and_reports_busy(
+    editor: Editor, fake_daemon: FakeDaemon
+):
+    editor.client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(settings={"codelm": {"timeoutMs": 100}})
+    )
+    fake_daemon.delay_s = 5
+    editor.open(URI, "x = \n")
+    started = time.monotonic()
+    result = await editor.inline(URI, 4, invoked=True)
+    assert not result.items and time.monotonic() - started < 4
+    await editor.wait_status("busy")
+
+
+async def test_disabled_by_configuration_answers_nothing(editor: Editor, fake_daemon: FakeDaemon):
+    editor.client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(settings={"codelm": {"enabled": False}})
+    )
+    editor.open(URI, "x = \n")
+    assert not (await editor.inline(URI, 4, invoked=True)).items
+    await editor.wait_status("disabled")
+    assert fake_daemon.requests == []
+
+
+async def test_accept_and_dismiss_commands_count_telemetry(editor: Editor, fake_daemon: FakeDaemon):
+    fake_daemon.truth = "x = compute(1)\n"
+    editor.open(URI, "x = \n")
+    item = (await editor.inline(URI, 4, invoked=True)).items[0]
+    assert item.command is not None and item.command.command == "codelm.accept"
+    await editor.command(item.command.command, *(item.command.arguments or []))
+    await editor.command("codelm.dismiss", {"requestId": "x"})
+    stats = await editor.command("codelm.stats")
+    assert (stats["accepted"], stats["accepted_chars"], stats["dismissed"]) == (1, 10, 1)
+
+
+async def _stop(client) -> int | None:
+    await client.shutdown_session()
+    server = client._server  # the subprocess (pygls keeps it private)
+    await client.stop()
+    return server.returncode if server is not None else None
+
+
+async def test_progress_and_status_while_the_model_loads(tmp_path: Path, fake_daemon: FakeDaemon):
+    fake_daemon.health_states = ["loading", "loading", "ready"]
+    client, editor = await start_editor(tmp_path, {"daemon": {"url": fake_daemon.url}})
+    await editor.wait_status("ready")
+    states = [s["state"] for s in editor.statuses]
+    assert states[: states.index("ready") + 1] == ["loading", "ready"]
+    reports = [r for values in client.progress_reports.values() for r in values]
+    kinds = [r.kind for r in reports]
+    assert kinds[0] == "begin" and kinds[-1] == "end" and "report" in kinds
+    assert any("Loading fake" in (r.message or "") for r in reports)
+    assert await _stop(client) == 0
+
+
+async def test_daemon_down_answers_empty_list_and_tells_the_user(tmp_path: Path):
+    options = {"daemon": {"url": "http://127.0.0.1:9"}, "debounceMs": 0}
+    client, editor = await start_editor(tmp_path, options)
+    status = await editor.wait_status("error")
+    assert "not" in status["message"] or "cannot" in status["message"]
+    editor.open(URI, "x = \n")
+    assert not (await editor.inline(URI, 4, invoked=True)).items
+    assert not (await editor.inline(URI, 4, invoked=False)).items
+    errors = [m for m in client.messages if m.type == types.MessageType.Error]
+    assert len(errors) == 1  # one message, not one per keystroke
+    assert await _stop(client) == 0
+
+
+async def test_invalid_settings_fall_back_with_one_warning(tmp_path: Path, fake_daemon: FakeDaemon):
+    options = {"daemon": {"url": fake_daemon.url}, "maxTokens": "lots", "singleLine": 3}
+    client, editor = await start_editor(tmp_path, options)
+    warnings = [m for m in client.messages if m.type == types.MessageType.Warning]
+    assert len(warnings) == 1
+    assert "maxTokens" in warnings[0].message and "singleLine" in warnings[0].message
+    await editor.wait_status("ready")
+    assert await _stop(client) == 0
+
+
+async def test_completion_fallback_when_enabled(tmp_path: Path, fake_daemon: FakeDaemon):
+    fake_daemon.truth = "total = compute(1)\n"
+    options = {"daemon": {"url": fake_daemon.url}, "completionFallback": True, "debounceMs": 0}
+    client, editor = await start_editor(tmp_path, options)
+    assert editor.result.capabilities.completion_provider is not None
+    await editor.wait_status("ready")
+    editor.open(URI, "total = \n")
+    result = await client.text_document_completion_async(
+        types.CompletionParams(
+            text_document=types.TextDocumentIdentifier(uri=URI),
+            position=types.Position(line=0, character=8),
+        )
+    )
+    assert isinstance(result, types.CompletionList)
+    edit = result.items[0].text_edit
+    assert isinstance(edit, types.TextEdit) and edit.new_text == "compute(1)"
+    assert await _stop(client) == 0
+
+
+async def test_exit_without_shutdown_returns_1(tmp_path: Path, fake_daemon: FakeDaemon):
+    client, editor = await start_editor(tmp_path, {"daemon": {"url": fake_daemon.url}})
+    server = client._server
+    client.exit(None)
+    assert await asyncio.wait_for(server.wait(), 10) == 1
+    await client.stop()
