@@ -1,0 +1,64 @@
+"""codelm.quant: weight-only int8 / int4 formats, their oracle, GGUF repacking and fast kernels.
+
+Never imports codelm.daemon: the engine depends on this package, not the reverse.
+"""
+
+from __future__ import annotations
+
+from codelm.quant.dispatch import (
+    CpuInfo,
+    DispatchConfig,
+    Dispatcher,
+    KernelPlan,
+    physical_cores,
+    read_cpu_info,
+)
+from codelm.quant.formats import (
+    INT4_GROUP_SIZES,
+    LAYOUT_INT4_NK_HI_FIRST,
+    LAYOUT_INT8_NK,
+    Int4Weight,
+    Int8Weight,
+    QuantizedWeight,
+    concat_formats,
+    pack_int4,
+    select_rows,
+    unpack_int4,
+)
+from codelm.quant.gguf_repack import repack_gguf, repack_reader_tensor
+from codelm.quant.linear import QuantizedLinear, quantize_model
+from codelm.quant.reference import (
+    dequantize,
+    matmul,
+    quantize_int4,
+    quantize_int8,
+    requantize_int8_per_channel,
+)
+
+__all__ = [
+    "INT4_GROUP_SIZES",
+    "LAYOUT_INT4_NK_HI_FIRST",
+    "LAYOUT_INT8_NK",
+    "CpuInfo",
+    "DispatchConfig",
+    "Dispatcher",
+    "Int4Weight",
+    "Int8Weight",
+    "KernelPlan",
+    "QuantizedLinear",
+    "QuantizedWeight",
+    "concat_formats",
+    "dequantize",
+    "matmul",
+    "pack_int4",
+    "physical_cores",
+    "quantize_int4",
+    "quantize_int8",
+    "quantize_model",
+    "read_cpu_info",
+    "repack_gguf",
+    "repack_reader_tensor",
+    "requantize_int8_per_channel",
+    "select_rows",
+    "unpack_int4",
+]

@@ -1,0 +1,191 @@
+"""CPU kernels for QuantizedLinear: each packs a canonical format once and computes x @ w.T.
+
+A kernel takes x [M, K] (float32 or bfloat16) and returns [M, N] in whatever dtype it computes
+in; QuantizedLinear converts at the boundary. dispatch.py times these and picks per shape.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from codelm.quant.formats import Int4Weight, Int8Weight, QuantizedWeight, unpack_int4
+from codelm.quant.reference import dequantize
+
+# Dequantised tiles of ~2 MiB stay in cache while the GEMM reads them (measured: 2-3x on the head).
+_TILE_BYTES = 2 << 20
+
+
+class Kernel(Protocol):
+    """x [M, K] -> x @ w.T [M, N]; `nbytes` is the memory the kernel's packed weight holds."""
+
+    name: str
+    nbytes: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class Int4PackBf16:
+    """torch._weight_int4pack_mm_for_cpu with bf16 activations (fp32 ones are 30x+ slower)."""
+
+    name = "int4pack_bf16"
+
+    def __init__(self, qw: Int4Weight) -> None:
+        n, k = qw.shape
+        self.n = n
+        q, scales, zeros = unpack_int4(qw.data).to(torch.int32), qw.scales, qw.zeros
+        pad = -n % 16  # the CPU packer wants N divisible by 16: pad with rows that dequantise to 0
+        if pad:
+            q = F.pad(q, (0, 0, 0, pad), value=8)
+            scales, zeros = F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))
+        self.group_size = qw.group_size
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+        # [K / group, N, 2] in the activation dtype, as the kernel reads it.
+        sz = torch.stack([scales.t(), zeros.t()], dim=-1)
+        self.scales_and_zeros = sz.to(torch.bfloat16).contiguous()
+        self.nbytes = _nbytes(self.packed, self.scales_and_zeros)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.bfloat16).contiguous()
+        y = torch._weight_int4pack_mm_for_cpu(
+            x, self.packed, self.group_size, self.scales_and_zeros
+        )
+        return y if y.shape[1] == self.n else y[:, : self.n]
+
+
+class Int8PackBf16:
+    """torch._weight_int8pack_mm with bf16 activations; per-channel weights only."""
+
+    name = "int8pack_bf16"
+
+    def __init__(self, qw: Int8Weight) -> None:
+        _require_per_channel(qw, self.name)
+        self.data = qw.data.contiguous()
+        self.scales = qw.scales[:, 0].to(torch.bfloat16).contiguous()
+        self.nbytes = _nbytes(self.data, self.scales)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.data, self.scales)
+
+
+class DequantFp32:
+    """Dequantise ~2 MiB row tiles to float32 on every call, then fp32 GEMM: no dense copy kept."""
+
+    name = "dequant_fp32"
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        n, k = qw.shape
+        rows = max(16, _TILE_BYTES // (4 * k) // 16 * 16)
+        self.n, self.k = n, k
+        self.tiles = [_slice_rows(qw, r, min(r + rows, n)) for r in range(0, n, rows)]
+        self.nbytes = qw.nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32)
+        out = torch.empty(self.n, x.shape[0], dtype=torch.float32, device=x.device)
+        for r0, r1, tile in self.tiles:
+            # out^T row blocks are contiguous, so mm writes straight into them.
+            torch.mm(_dequant_tile(tile), x.t(), out=out[r0:r1])
+        return out.t()
+
+
+class Dense:
+    """A dequantised float32 / bfloat16 copy + F.linear: fast prefill, 4 or 2 bytes per weight."""
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype) -> None:
+        self.name = "dense_fp32" if dtype == torch.float32 else "dense_bf16"
+        self.dtype = dtype
+        self.weight = dequantize(qw).to(dtype).contiguous()
+        self.nbytes = _nbytes(self.weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.dtype), self.weight)
+
+
+class DynamicInt8:
+    """fbgemm/onednn dynamic int8 linear: also quantises activations per call (lossy), opt-in."""
+
+    name = "dynamic_int8"
+
+    def __init__(self, qw: Int8Weight) -> None:
+        _require_per_channel(qw, self.name)
+        n = qw.shape[0]
+        # Quantized-tensor constructors warn that they are deprecated; this op has no successor yet.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*deprecated.*", category=UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(
+                qw.data, qw.scales[:, 0].to(torch.float64), torch.zeros(n, dtype=torch.int64), 0
+            )
+            self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.nbytes = qw.data.numel() + 8 * n
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # reduce_range as torch.ao's dynamic Linear does on x86 (avoids vpmaddubsw saturation).
+        return torch.ops.quantized.linear_dynamic(
+            x.to(torch.float32).contiguous(), self.packed, True
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KernelSpec:
+    """How to build one candidate, and what it costs beyond the int format (for the budget)."""
+
+    name: str
+    schemes: tuple[str, ...]
+    build: Callable[[QuantizedWeight], Kernel]
+    dense_bytes_per_weight: int = 0  # > 0: paid from DispatchConfig.dense_budget_bytes
+    # A DispatchConfig flag that must be on, for kernels that change numerics beyond the
+    # format (allow_lossy) or need an optional package (use_bitsandbytes).
+    opt_in: str | None = None
+    # Why this kernel cannot serve a weight (device capability, shape), or None.
+    unavailable: Callable[[QuantizedWeight], str | None] | None = None
+
+
+CPU_KERNELS: dict[str, KernelSpec] = {
+    spec.name: spec
+    for spec in (
+        KernelSpec("int4pack_bf16", ("int4",), Int4PackBf16),
+        KernelSpec("int8pack_bf16", ("int8",), Int8PackBf16),
+        KernelSpec("dequant_fp32", ("int4", "int8"), DequantFp32),
+        KernelSpec("dense_fp32", ("int4", "int8"), lambda qw: Dense(qw, torch.float32), 4),
+        KernelSpec("dense_bf16", ("int4", "int8"), lambda qw: Dense(qw, torch.bfloat16), 2),
+        KernelSpec("dynamic_int8", ("int8",), DynamicInt8, opt_in="allow_lossy"),
+    )
+}
+
+
+def _slice_rows(
+    qw: QuantizedWeight, r0: int, r1: int
+) -> tuple[int, int, tuple[tuple[torch.Tensor, ...], int]]:
+    tensors = (qw.data[r0:r1], qw.scales[r0:r1])
+    if isinstance(qw, Int4Weight):
+        tensors = (*tensors, qw.zeros[r0:r1])
+    return r0, r1, (tuple(t.contiguous() for t in tensors), qw.group_size)
+
+
+def _dequant_tile(tile: tuple[tuple[torch.Tensor, ...], int]) -> torch.Tensor:
+    tensors, group = tile
+    data, scales = tensors[0], tensors[1]
+    rows = data.shape[0]
+    if len(tensors) == 2:  # int8
+        q = data.to(torch.float32).view(rows, scales.shape[1], -1)
+        return q.mul_(scales[..., None]).view(rows, -1)
+    q = unpack_int4(data).to(torch.float32).view(rows, scales.shape[1], group)
+    return torch.addcmul(tensors[2][..., None], q.sub_(8.0), scales[..., None]).view(rows, -1)
+
+
+def _require_per_channel(qw: Int8Weight, kernel: str) -> None:
+    if not qw.is_per_channel:
+        raise ValueError(
+            f"{kernel}: needs per-channel int8, got group_size {qw.group_size} for shape "
+            f"{qw.shape}; use reference.requantize_int8_per_channel first"
+        )
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

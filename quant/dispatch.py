@@ -1,0 +1,380 @@
+"""Choose a kernel per (device, CPU, scheme, shape): time the candidates once, cache the ranking.
+
+Decode (few rows of x) and prefill (many rows) get separate choices, since one is bound by
+memory and the other by compute. Rankings persist in a JSON file when a cache dir is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from codelm.quant import cuda
+from codelm.quant.cpu import CPU_KERNELS, Kernel, KernelSpec
+from codelm.quant.formats import Int8Weight, QuantizedWeight
+from codelm.quant.reference import requantize_int8_per_channel
+
+logger = logging.getLogger(__name__)
+
+CACHE_FILE = "quant_dispatch.json"
+_CACHE_VERSION = 1
+_PHASES = ("decode", "prefill")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CpuInfo:
+    model_name: str
+    flags: frozenset[str]
+
+    @property
+    def has_avx2(self) -> bool:
+        return "avx2" in self.flags
+
+    @property
+    def has_avx512f(self) -> bool:
+        return "avx512f" in self.flags
+
+    @property
+    def has_avx512_bf16(self) -> bool:
+        return "avx512_bf16" in self.flags
+
+    @property
+    def has_amx(self) -> bool:
+        return "amx_bf16" in self.flags or "amx_tile" in self.flags
+
+    @property
+    def has_bf16_hardware(self) -> bool:
+        return self.has_avx512_bf16 or self.has_amx
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DispatchConfig:
+    """cache_dir: where the ranking JSON lives (None: memory only). dense_budget_bytes: memory
+    all layers together may spend on dequantised copies. allow_lossy: also try kernels that
+    quantise activations (fbgemm dynamic int8). use_bitsandbytes: also try its CUDA int8 / nf4
+    kernels (pip install bitsandbytes). calibrate False: rank by a fixed heuristic."""
+
+    cache_dir: Path | None = None
+    calibrate: bool = True
+    dense_budget_bytes: int = 0
+    allow_lossy: bool = False
+    use_bitsandbytes: bool = False
+    decode_max_rows: int = 16
+    calibration_rows: tuple[int, int] = (1, 128)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelPlan:
+    """The kernels one layer runs: `decode` for x with <= decode_max_rows rows, else `prefill`."""
+
+    decode: Kernel
+    prefill: Kernel
+    decode_max_rows: int
+
+    @property
+    def nbytes(self) -> int:
+        kernels = {id(k): k for k in (self.decode, self.prefill)}
+        return sum(k.nbytes for k in kernels.values())
+
+
+@dataclass
+class _Ranking:
+    times_ms: dict[str, dict[str, float]]  # phase -> kernel name -> ms
+    built: dict[str, Kernel] = field(default_factory=dict)  # kernels built while calibrating
+
+
+class Dispatcher:
+    """Builds KernelPlans; holds the per-shape rankings and the dense-copy budget left."""
+
+    def __init__(self, config: DispatchConfig | None = None) -> None:
+        self.config = config or DispatchConfig()
+        self.cpu = read_cpu_info()
+        self._rankings: dict[str, _Ranking] = {}
+        self._disk: dict[str, dict[str, dict[str, float]]] | None = None
+        self.dense_bytes_used = 0
+
+    def plan(self, qw: QuantizedWeight, *, name: str = "linear") -> KernelPlan:
+        """Pick and build the decode and prefill kernels for qw (on qw's device)."""
+        if isinstance(qw, Int8Weight) and not qw.is_per_channel:
+            # The int8 kernels take per-channel scales (GGUF Q8_0 comes in blocks of 32).
+            qw, err = requantize_int8_per_channel(qw)
+            logger.debug("%s: int8 group-wise -> per-channel, max abs err %.3g", name, err)
+        specs = self._candidates(qw)
+        if not specs:
+            raise ValueError(f"{name}: no {qw.scheme} kernel for shape {qw.shape} on {_device(qw)}")
+        key = self._key(qw, specs)
+        ranking = self._ranking(key, qw, specs)
+        left = self.config.dense_budget_bytes - self.dense_bytes_used
+        decode = self._pick(ranking, specs, "decode", qw, left=left)
+        # A dense copy already paid for by decode costs prefill nothing more.
+        left -= _dense_bytes(specs[decode], qw)
+        prefill = self._pick(ranking, specs, "prefill", qw, left=left, free=decode)
+        chosen = {"decode": decode, "prefill": prefill}
+        kernels = {
+            n: ranking.built.pop(n, None) or specs[n].build(qw) for n in set(chosen.values())
+        }
+        ranking.built.clear()  # only the first layer of a shape reuses calibration kernels
+        for n in kernels:
+            self.dense_bytes_used += _dense_bytes(specs[n], qw)
+        logger.debug(
+            "%s %s: decode=%s prefill=%s", name, qw.shape, chosen["decode"], chosen["prefill"]
+        )
+        return KernelPlan(
+            decode=kernels[chosen["decode"]],
+            prefill=kernels[chosen["prefill"]],
+            decode_max_rows=self.config.decode_max_rows,
+        )
+
+    def _candidates(self, qw: QuantizedWeight) -> dict[str, KernelSpec]:
+        table = cuda.CUDA_KERNELS if _device(qw).type == "cuda" else CPU_KERNELS
+        specs = {}
+        for spec in table.values():
+            if qw.scheme not in spec.schemes:
+                continue
+            if spec.opt_in and not getattr(self.config, spec.opt_in):
+                continue
+            reason = spec.unavailable(qw) if spec.unavailable else None
+            if reason:
+                logger.debug("kernel %s skipped for %s: %s", spec.name, qw.shape, reason)
+                continue
+            specs[spec.name] = spec
+        return specs
+
+    def _key(self, qw: QuantizedWeight, specs: dict[str, KernelSpec]) -> str:
+        device = _device(qw)
+        hw = torch.cuda.get_device_name(device) if device.type == "cuda" else self.cpu.model_name
+        n, k = qw.shape
+        return (
+            f"{hw}|torch {torch.__version__}|threads {torch.get_num_threads()}|{qw.scheme} "
+            f"g{qw.group_size if qw.scheme == 'int4' else 'ch'}|{n}x{k}|{','.join(sorted(specs))}"
+        )
+
+    def _ranking(self, key: str, qw: QuantizedWeight, specs: dict[str, KernelSpec]) -> _Ranking:
+        if key in self._rankings:
+            return self._rankings[key]
+        source = "heuristic"
+        times = self._load_disk().get(key) if self.config.calibrate else None
+        if times is not None:
+            ranking, source = _Ranking(times), "disk cache"
+        elif self.config.calibrate:
+            # Likely winners first, so clearly slower candidates are dropped after one call.
+            prior = _heuristic_times(qw, specs, self.cpu)["prefill"]
+            ordered = dict(sorted(specs.items(), key=lambda kv: prior.get(kv[0], math.inf)))
+            ranking = _calibrate(qw, ordered, self.config.calibration_rows)
+            source = "calibrated"
+            self._save_disk(key, ranking.times_ms)
+        else:
+            ranking = _Ranking(_heuristic_times(qw, specs, self.cpu))
+        self._rankings[key] = ranking
+        logger.info("quant kernels for %s (%s): %s", key, source, _describe(ranking.times_ms))
+        return ranking
+
+    @staticmethod
+    def _pick(
+        ranking: _Ranking,
+        specs: dict[str, KernelSpec],
+        phase: str,
+        qw: QuantizedWeight,
+        *,
+        left: int,
+        free: str | None = None,
+    ) -> str:
+        times = ranking.times_ms[phase]
+        order = sorted((t, n) for n, t in times.items() if n in specs)
+        for _, name in order:
+            if name == free or _dense_bytes(specs[name], qw) <= left:
+                return name
+        raise ValueError(f"no affordable {phase} kernel for {qw.scheme} {qw.shape} among {order}")
+
+    def _load_disk(self) -> dict[str, dict[str, dict[str, float]]]:
+        if self._disk is None:
+            self._disk = _read_cache(self._cache_path()) if self.config.cache_dir else {}
+        return self._disk
+
+    def _save_disk(self, key: str, times: dict[str, dict[str, float]]) -> None:
+        path = self._cache_path()
+        if path is None:
+            return
+        entries = _read_cache(path)  # merge: another process may have added shapes meanwhile
+        entries[key] = times
+        self._load_disk()[key] = times
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": _CACHE_VERSION, "entries": entries}, indent=1))
+        os.replace(tmp, path)
+
+    def _cache_path(self) -> Path | None:
+        return Path(self.config.cache_dir) / CACHE_FILE if self.config.cache_dir else None
+
+
+def _calibrate(
+    qw: QuantizedWeight, specs: dict[str, KernelSpec], rows: tuple[int, int]
+) -> _Ranking:
+    device, k = _device(qw), qw.shape[1]
+    xs = {phase: torch.randn(m, k, device=device) for phase, m in zip(_PHASES, rows, strict=True)}
+    times: dict[str, dict[str, float]] = {phase: {} for phase in _PHASES}
+    built: dict[str, Kernel] = {}
+    for name, spec in specs.items():
+        try:
+            kernel = spec.build(qw)
+            for phase, x in xs.items():
+                best = min(times[phase].values(), default=math.inf)
+                times[phase][name] = _time_ms(kernel, x, best_ms=best)
+        except (RuntimeError, NotImplementedError) as exc:
+            # A kernel this torch build or device rejects is no candidate; the rest still are.
+            logger.warning("kernel %s failed on %s %s: %s", name, qw.scheme, qw.shape, exc)
+            for phase_times in times.values():
+                phase_times.pop(name, None)
+            continue
+        built[name] = kernel
+    return _Ranking(times, built)
+
+
+def _time_ms(kernel: Kernel, x: torch.Tensor, *, best_ms: float, budget_ms: float = 25.0) -> float:
+    """Min over calls after one warm-up. Other processes preempt our threads for whole time
+    slices, so the min of many short calls is the stable estimate; stop early when losing."""
+    warm_up = _timed_call(kernel, x)
+    if warm_up > max(8 * best_ms, 1.0):
+        return warm_up
+    samples: list[float] = []
+    while len(samples) < 3 or (len(samples) < 50 and sum(samples) < budget_ms):
+        samples.append(_timed_call(kernel, x))
+        if samples[-1] > max(8 * best_ms, 1.0):  # clearly losing, and slow enough to matter
+            break
+    return min(samples)
+
+
+def _timed_call(kernel: Kernel, x: torch.Tensor) -> float:
+    is_cuda = x.device.type == "cuda"
+    if is_cuda:
+        torch.cuda.synchronize(x.device)
+    start = time.perf_counter()
+    kernel(x)
+    if is_cuda:
+        torch.cuda.synchronize(x.device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _heuristic_times(
+    qw: QuantizedWeight, specs: dict[str, KernelSpec], cpu: CpuInfo
+) -> dict[str, dict[str, float]]:
+    """Fixed preference orders, expressed as fake ranks so _pick treats them like timings."""
+    if _device(qw).type == "cuda":
+        orders = cuda.HEURISTIC_ORDER
+    elif cpu.has_bf16_hardware:
+        # Measured on an AVX512-BF16 EPYC: bf16 GEMMs beat fp32 for prefill (docs/quant.md).
+        orders = {
+            "decode": _PACKED + ("dense_bf16", "dequant_fp32"),
+            "prefill": ("dense_bf16",) + _PACKED + ("dense_fp32", "dequant_fp32"),
+        }
+    else:
+        # Without bf16 hardware, bf16 GEMMs are 3-10x slower than fp32 for prefill.
+        orders = {
+            "decode": _PACKED + ("dense_fp32", "dequant_fp32"),
+            "prefill": ("dense_fp32", "dequant_fp32") + _PACKED,
+        }
+    return {
+        phase: {n: float(i) for i, n in enumerate(order) if n in specs}
+        for phase, order in orders.items()
+    }
+
+
+_PACKED = ("int4pack_bf16", "int8pack_bf16")
+
+
+def _dense_bytes(spec: KernelSpec, qw: QuantizedWeight) -> int:
+    n, k = qw.shape
+    return spec.dense_bytes_per_weight * n * k
+
+
+def _describe(times: dict[str, dict[str, float]]) -> str:
+    parts = []
+    for phase, by_name in times.items():
+        ranked = sorted(by_name.items(), key=lambda item: item[1])
+        parts.append(f"{phase}: " + ", ".join(f"{n} {t:.3g}" for n, t in ranked))
+    return "; ".join(parts)
+
+
+def _read_cache(path: Path | None) -> dict[str, dict[str, dict[str, float]]]:
+    if path is None or not path.exists():
+        return {}
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring unreadable kernel cache %s: %s", path, exc)
+        return {}
+    if not isinstance(payload, dict) or payload.get("version") != _CACHE_VERSION:
+        logger.info("ignoring kernel cache %s from another version", path)
+        return {}
+    return dict(payload.get("entries", {}))
+
+
+def _device(qw: QuantizedWeight) -> torch.device:
+    return qw.data.device
+
+
+def read_cpu_info(path: str | Path = "/proc/cpuinfo") -> CpuInfo:
+    """CPU model name and feature flags from /proc/cpuinfo (empty flags where it is absent)."""
+    model, flags = "", ""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        text = ""  # not Linux: fall back to platform's name, no flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = value
+    if not model:
+        import platform
+
+        model = platform.processor() or platform.machine() or "unknown cpu"
+    return CpuInfo(model_name=model, flags=frozenset(flags.split()))
+
+
+def physical_cores(cpuinfo_path: str | Path = "/proc/cpuinfo") -> int:
+    """Physical cores this process may use: affinity, SMT siblings and cgroup quota respected."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    cores = _cores_from_cpuinfo(cpuinfo_path, allowed)
+    if cores == 0:
+        cores = len(allowed) if allowed else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, quota) if quota else cores)
+
+
+def _cores_from_cpuinfo(path: str | Path, allowed: set[int] | None) -> int:
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return 0
+    seen = set()
+    for block in text.strip().split("\n\n"):
+        fields = dict(
+            (k.strip(), v.strip())
+            for k, _, v in (line.partition(":") for line in block.splitlines())
+        )
+        if "processor" not in fields or "core id" not in fields:
+            continue
+        if allowed is not None and int(fields["processor"]) not in allowed:
+            continue
+        seen.add((fields.get("physical id", "0"), fields["core id"]))
+    return len(seen)
+
+
+def _cgroup_cpu_quota(path: str | Path = "/sys/fs/cgroup/cpu.max") -> int | None:
+    try:
+        quota, period = Path(path).read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))

@@ -1,0 +1,185 @@
+"""Weight-only quantised formats: the canonical, device-independent layouts every kernel packs from.
+
+Conventions (docs/quant.md): int8 is symmetric, w = data * scale; int4 is asymmetric,
+w = (q - 8) * scale + zero, as torch's int4 "tinygemm" kernels dequantise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import torch
+
+# Layout tags: stored with any serialised weight so a reader can refuse a layout it does not know.
+LAYOUT_INT8_NK = "int8_nk"
+# byte j of row n holds k=2j in the high nibble and k=2j+1 in the low nibble: the input of
+# torch's CUDA _convert_weight_to_int4pack (torch >= 2.5) and torchao's pack_uint4.
+LAYOUT_INT4_NK_HI_FIRST = "u4x2_nk_hi_first"
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class Int8Weight:
+    """Symmetric int8: w[n, k] = data[n, k] * scales[n, k // group_size].
+
+    data int8 [N, K]; scales float32 [N, K // group_size]. group_size == K is per output
+    channel (scales [N, 1]); GGUF Q8_0 repacks to group_size 32.
+    """
+
+    data: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
+    layout: str = LAYOUT_INT8_NK
+
+    def __post_init__(self) -> None:
+        if self.layout != LAYOUT_INT8_NK:
+            raise ValueError(f"Int8Weight: unknown layout {self.layout!r}")
+        if self.data.dtype != torch.int8 or self.data.dim() != 2:
+            raise ValueError(
+                f"Int8Weight: data must be int8 [N, K], got {self.data.dtype} "
+                f"{tuple(self.data.shape)}"
+            )
+        n, k = self.data.shape
+        _check_groups("Int8Weight", k, self.group_size)
+        _check_param("Int8Weight", "scales", self.scales, (n, k // self.group_size))
+
+    @property
+    def scheme(self) -> str:
+        return "int8"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.data.shape[0], self.data.shape[1])
+
+    @property
+    def is_per_channel(self) -> bool:
+        return self.group_size == self.data.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.data, self.scales)
+
+    def to(self, device: torch.device | str) -> Int8Weight:
+        return dataclasses.replace(self, data=self.data.to(device), scales=self.scales.to(device))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class Int4Weight:
+    """Asymmetric group-wise int4: w[n, k] = (q[n, k] - 8) * scales[n, g] + zeros[n, g],
+    g = k // group_size.
+
+    data uint8 [N, K // 2], two q values (0..15) per byte, layout LAYOUT_INT4_NK_HI_FIRST;
+    scales and zeros float32 [N, K // group_size].
+    """
+
+    data: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_size: int
+    layout: str = LAYOUT_INT4_NK_HI_FIRST
+
+    def __post_init__(self) -> None:
+        if self.layout != LAYOUT_INT4_NK_HI_FIRST:
+            raise ValueError(f"Int4Weight: unknown layout {self.layout!r}")
+        if self.data.dtype != torch.uint8 or self.data.dim() != 2:
+            raise ValueError(
+                f"Int4Weight: data must be uint8 [N, K // 2], got {self.data.dtype} "
+                f"{tuple(self.data.shape)}"
+            )
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(
+                f"Int4Weight: group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size}"
+            )
+        n, k = self.shape
+        _check_groups("Int4Weight", k, self.group_size)
+        groups = (n, k // self.group_size)
+        _check_param("Int4Weight", "scales", self.scales, groups)
+        _check_param("Int4Weight", "zeros", self.zeros, groups)
+
+    @property
+    def scheme(self) -> str:
+        return "int4"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.data.shape[0], self.data.shape[1] * 2)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.data, self.scales, self.zeros)
+
+    def to(self, device: torch.device | str) -> Int4Weight:
+        return dataclasses.replace(
+            self,
+            data=self.data.to(device),
+            scales=self.scales.to(device),
+            zeros=self.zeros.to(device),
+        )
+
+
+QuantizedWeight: TypeAlias = Int8Weight | Int4Weight
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q: integer [N, K] with values 0..15 -> uint8 [N, K // 2] in LAYOUT_INT4_NK_HI_FIRST."""
+    if q.dim() != 2 or q.shape[1] % 2:
+        raise ValueError(f"pack_int4: q must be [N, K] with K even, got {tuple(q.shape)}")
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] << 4) | q[:, 1::2]
+
+
+def unpack_int4(data: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K // 2] in LAYOUT_INT4_NK_HI_FIRST -> uint8 [N, K] with values 0..15."""
+    n = data.shape[0]
+    return torch.stack([data >> 4, data & 0x0F], dim=-1).reshape(n, -1)
+
+
+def concat_formats(qweights: Sequence[QuantizedWeight]) -> QuantizedWeight:
+    """Concatenate same-scheme weights along N (output rows), e.g. q/k/v or gate/up fusion."""
+    if not qweights:
+        raise ValueError("concat_formats: need at least one weight")
+    first = qweights[0]
+    for i, qw in enumerate(qweights[1:], start=1):
+        if type(qw) is not type(first) or qw.group_size != first.group_size:
+            raise ValueError(
+                f"concat_formats: weight {i} is {qw.scheme} group {qw.group_size}, "
+                f"weight 0 is {first.scheme} group {first.group_size}"
+            )
+        if qw.shape[1] != first.shape[1]:
+            raise ValueError(
+                f"concat_formats: weight {i} has shape {qw.shape}, expected K={first.shape[1]} "
+                f"like weight 0 {first.shape}"
+            )
+    return _map_tensors(qweights, lambda ts: torch.cat(ts, dim=0))
+
+
+def select_rows(qw: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
+    """Rows (output channels) of qw in `index` order, e.g. to undo GGUF's q/k RoPE permutation."""
+    return _map_tensors([qw], lambda ts: ts[0].index_select(0, index.to(ts[0].device)))
+
+
+def _map_tensors(qweights: Sequence[QuantizedWeight], fn) -> QuantizedWeight:
+    first = qweights[0]
+    fields = ("data", "scales") if isinstance(first, Int8Weight) else ("data", "scales", "zeros")
+    new = {f: fn([getattr(qw, f) for qw in qweights]).contiguous() for f in fields}
+    return dataclasses.replace(first, **new)
+
+
+def _check_groups(cls: str, k: int, group_size: int) -> None:
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"{cls}: group_size {group_size} must divide K={k}")
+
+
+def _check_param(cls: str, field: str, t: torch.Tensor, shape: tuple[int, int]) -> None:
+    if t.dtype != torch.float32 or tuple(t.shape) != shape:
+        raise ValueError(
+            f"{cls}: {field} must be float32 {list(shape)}, got {t.dtype} {tuple(t.shape)}"
+        )
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,149 @@
+"""GGUF tensor blocks -> our formats: Q4_0 / Q4_1 / Q8_0 exactly, everything else via dequantise.
+
+Block layouts follow ggml (ggml-common.h): a 32-element block starts with an fp16 scale d
+(Q4_1 then an fp16 min m); Q4 nibbles hold element j in the low and j + 16 in the high half.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from codelm.quant.formats import Int4Weight, Int8Weight, QuantizedWeight
+from codelm.quant.reference import quantize_int4, quantize_int8
+
+logger = logging.getLogger(__name__)
+
+QK = 32  # elements per Q4_0 / Q4_1 / Q8_0 block
+_T = GGMLQuantizationType
+_NATIVE_SCHEME = {_T.Q4_0: "int4", _T.Q4_1: "int4", _T.Q8_0: "int8"}
+# Types without an exact mapping: requantise to int8 when the source keeps more than ~4.5 bits.
+_FALLBACK_INT8 = {_T.F32, _T.F16, _T.BF16, _T.Q5_0, _T.Q5_1, _T.Q5_K, _T.Q6_K, _T.Q8_1, _T.Q8_K}
+
+
+def repack_gguf(
+    data: np.ndarray,
+    qtype: GGMLQuantizationType | int | str,
+    shape: Sequence[int],
+    *,
+    name: str = "tensor",
+    scheme: str | None = None,
+    group_size: int = 32,
+) -> QuantizedWeight:
+    """Map a GGUF tensor's data (as `GGUFReader` gives it) to Int4Weight / Int8Weight.
+
+    qtype: the ggml type (enum, its value, or its name such as "Q4_1"). shape: (N, K) in torch
+    order, i.e. GGUF's ne reversed. Q4_0 / Q4_1 -> int4 group 32 and Q8_0 -> int8 group 32 are
+    exact. Other types, or a `scheme` other than the native one, go through
+    gguf.quants.dequantize and our quantize ("int4" with group_size, or per-channel "int8");
+    scheme None picks int8 for sources of 5+ bits, int4 otherwise.
+    """
+    qtype = GGMLQuantizationType[qtype] if isinstance(qtype, str) else GGMLQuantizationType(qtype)
+    if len(shape) != 2:
+        raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(shape)} ({qtype.name})")
+    n, k = (int(s) for s in shape)
+    native = _NATIVE_SCHEME.get(qtype)
+    if native is not None and scheme in (None, native):
+        if k % QK:
+            raise ValueError(f"{name}: K={k} of shape {(n, k)} is not a multiple of {QK}")
+        blocks = np.asarray(data).reshape(-1).view(np.uint8)
+        expected = n * (k // QK) * quants.GGML_QUANT_SIZES[qtype][1]
+        if blocks.size != expected:
+            raise ValueError(
+                f"{name}: {blocks.size} bytes of {qtype.name} do not hold shape {(n, k)} "
+                f"({expected} expected)"
+            )
+        blocks = blocks.reshape(n, k // QK, -1)
+        return _REPACKERS[qtype](blocks, name)
+    if scheme is None:
+        scheme = "int8" if qtype in _FALLBACK_INT8 else "int4"
+    w = _dequantize_any(data, qtype, (n, k), name)
+    qw, err = _quantize(w, scheme, group_size, name)
+    logger.debug("%s: %s -> %s requantised, max abs err %.3g", name, qtype.name, scheme, err)
+    return qw
+
+
+def repack_reader_tensor(tensor: Any, **kwargs: Any) -> QuantizedWeight:
+    """repack_gguf for a `gguf.ReaderTensor` (name, tensor_type, shape in GGUF ne order, data)."""
+    shape = tuple(int(s) for s in reversed(tensor.shape.tolist()))
+    kwargs.setdefault("name", tensor.name)
+    return repack_gguf(tensor.data, tensor.tensor_type, shape, **kwargs)
+
+
+def _repack_q8_0(blocks: np.ndarray, name: str) -> Int8Weight:
+    n, nb, _ = blocks.shape
+    d = _fp16_field(blocks, 0)
+    qs = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, nb * QK)
+    return Int8Weight(data=torch.from_numpy(qs), scales=torch.from_numpy(d), group_size=QK)
+
+
+def _repack_q4_0(blocks: np.ndarray, name: str) -> Int4Weight:
+    d = _fp16_field(blocks, 0)
+    # ggml: w = (q - 8) * d, which is our convention with zero = 0.
+    return Int4Weight(
+        data=_nibbles_to_packed(blocks[..., 2:]),
+        scales=torch.from_numpy(d),
+        zeros=torch.zeros(d.shape, dtype=torch.float32),
+        group_size=QK,
+    )
+
+
+def _repack_q4_1(blocks: np.ndarray, name: str) -> Int4Weight:
+    d, m = _fp16_field(blocks, 0), _fp16_field(blocks, 2)
+    # ggml: w = q * d + m = (q - 8) * d + (m + 8 d).
+    zeros = m + np.float32(8.0) * d
+    exact = zeros.astype(np.float64) == m.astype(np.float64) + 8.0 * d.astype(np.float64)
+    if not exact.all():
+        # Only when |m| dwarfs d by ~2^13: zero then rounds and dequantise is off by <= 1/2 ulp.
+        logger.warning(
+            "%s: %d of %d Q4_1 blocks have a zero point not exact in float32",
+            name,
+            int((~exact).sum()),
+            exact.size,
+        )
+    return Int4Weight(
+        data=_nibbles_to_packed(blocks[..., 4:]),
+        scales=torch.from_numpy(d),
+        zeros=torch.from_numpy(zeros),
+        group_size=QK,
+    )
+
+
+_REPACKERS = {_T.Q8_0: _repack_q8_0, _T.Q4_0: _repack_q4_0, _T.Q4_1: _repack_q4_1}
+
+
+def _fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """The little-endian fp16 at byte `offset` of every block, as float32 [N, K / 32]."""
+    raw = np.ascontiguousarray(blocks[..., offset : offset + 2])
+    return raw.view("<f2")[..., 0].astype(np.float32)
+
+
+def _nibbles_to_packed(qs: np.ndarray) -> torch.Tensor:
+    """ggml nibbles [N, K/32, 16] -> uint8 [N, K/2] in LAYOUT_INT4_NK_HI_FIRST."""
+    n = qs.shape[0]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, -1)
+    return torch.from_numpy(np.ascontiguousarray((q[:, 0::2] << 4) | q[:, 1::2]))
+
+
+def _dequantize_any(
+    data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int], name: str
+) -> torch.Tensor:
+    values = quants.dequantize(np.asarray(data), qtype)
+    if values.size != shape[0] * shape[1]:
+        raise ValueError(f"{name}: {qtype.name} data holds {values.size} values, not shape {shape}")
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+
+
+def _quantize(
+    w: torch.Tensor, scheme: str, group_size: int, name: str
+) -> tuple[QuantizedWeight, float]:
+    if scheme == "int8":
+        return quantize_int8(w, name=name)
+    if scheme == "int4":
+        return quantize_int4(w, group_size, name=name)
+    raise ValueError(f"{name}: unknown scheme {scheme!r}; expected 'int4' or 'int8'")

@@ -1,0 +1,131 @@
+"""QuantizedLinear: a weight-only quantised nn.Linear whose kernels dispatch.py picks once."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from codelm.quant.dispatch import DispatchConfig, Dispatcher, KernelPlan
+from codelm.quant.formats import QuantizedWeight
+from codelm.quant.reference import quantize_int4, quantize_int8
+
+SCHEMES = ("int4", "int8")
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ w.T + bias for x [..., K] of any float dtype; y has x's dtype and device.
+
+    Built on its device: the packed weights are not parameters or buffers, so `.to()` does
+    not move them; quantise on the target device (or `qweight.to(device)`) instead.
+    """
+
+    def __init__(
+        self,
+        plan: KernelPlan,
+        shape: tuple[int, int],
+        scheme: str,
+        bias: torch.Tensor | None,
+        name: str = "linear",
+    ) -> None:
+        super().__init__()
+        self.plan = plan
+        self.out_features, self.in_features = shape
+        self.scheme = scheme
+        self.name = name
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"{name}: bias shape {tuple(bias.shape)} != ({self.out_features},)")
+        # One copy per activation dtype seen, made at construction: bias is tiny.
+        self._bias = (
+            {}
+            if bias is None
+            else {dt: bias.detach().to(dt) for dt in (torch.float32, torch.bfloat16, torch.float16)}
+        )
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        scheme: str = "int4",
+        group_size: int = 32,
+        dispatcher: Dispatcher | None = None,
+        name: str = "linear",
+    ) -> QuantizedLinear:
+        """Quantise weight [N, K] (int4 asymmetric in groups of group_size, or int8 per channel)."""
+        if scheme == "int4":
+            qweight, _ = quantize_int4(weight, group_size, name=name)
+        elif scheme == "int8":
+            qweight, _ = quantize_int8(weight, name=name)
+        else:
+            raise ValueError(f"{name}: unknown scheme {scheme!r}; expected one of {SCHEMES}")
+        return cls.from_format(qweight, bias, dispatcher=dispatcher, name=name)
+
+    @classmethod
+    def from_format(
+        cls,
+        qweight: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        *,
+        dispatcher: Dispatcher | None = None,
+        name: str = "linear",
+    ) -> QuantizedLinear:
+        """Wrap an already quantised weight (e.g. from repack_gguf or concat_formats)."""
+        # Without a dispatcher: a fixed, calibration-free choice (tests, one-off tools).
+        dispatcher = dispatcher or Dispatcher(DispatchConfig(calibrate=False))
+        plan = dispatcher.plan(qweight, name=name)
+        return cls(plan, qweight.shape, qweight.scheme, bias, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N]
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{self.name}: input shape {tuple(x.shape)} does not end in K={self.in_features}"
+            )
+        x2 = x.reshape(-1, self.in_features)
+        kernel = self.plan.decode if x2.shape[0] <= self.plan.decode_max_rows else self.plan.prefill
+        y = kernel(x2).to(x.dtype)
+        if self._bias:
+            y = y + self._bias.get(x.dtype, self._bias[torch.float32]).to(x.device, x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.plan.nbytes
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.name}: in={self.in_features}, out={self.out_features}, {self.scheme}, "
+            f"decode={self.plan.decode.name}, prefill={self.plan.prefill.name}, "
+            f"bias={bool(self._bias)}"
+        )
+
+
+def quantize_model(
+    model: nn.Module,
+    *,
+    scheme: str = "int4",
+    group_size: int = 32,
+    dispatcher: Dispatcher | None = None,
+    skip: tuple[str, ...] = (),
+) -> nn.Module:
+    """Replace every nn.Linear in model (in place) by a QuantizedLinear; returns model.
+
+    Linear layers whose qualified name is in `skip` are left alone (e.g. ("lm_head",)).
+    """
+    dispatcher = dispatcher or Dispatcher(DispatchConfig(calibrate=False))
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if not isinstance(child, nn.Linear) or full in skip:
+                continue
+            layer = QuantizedLinear.from_float(
+                child.weight,
+                child.bias,
+                scheme=scheme,
+                group_size=group_size,
+                dispatcher=dispatcher,
+                name=full,
+            )
+            setattr(parent, child_name, layer)
+    return model

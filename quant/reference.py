@@ -1,0 +1,109 @@
+"""Plain-torch quantise / dequantise / matmul: the oracle every fast path is tested against.
+
+All arithmetic is float32 on the weight's device; nothing here is tuned for speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from codelm.quant.formats import (
+    Int4Weight,
+    Int8Weight,
+    QuantizedWeight,
+    pack_int4,
+    unpack_int4,
+)
+
+
+def quantize_int8(
+    w: torch.Tensor, group_size: int | None = None, *, name: str = "weight"
+) -> tuple[Int8Weight, float]:
+    """Symmetric absmax int8 of w [N, K]; per output channel unless group_size is given.
+
+    Returns the weight and the max abs reconstruction error (float32 units of w).
+    """
+    w = _as_matrix(w, name)
+    n, k = w.shape
+    group = k if group_size is None else group_size
+    if group <= 0 or k % group:
+        raise ValueError(f"{name}: group_size {group} must divide K of shape {tuple(w.shape)}")
+    groups = w.reshape(n, k // group, group)
+    scales = groups.abs().amax(dim=-1) / 127.0
+    # An all-zero group keeps scale 0 (dequantises to 0) but must not divide by it.
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(groups / safe[..., None]).clamp_(-127, 127).to(torch.int8)
+    qw = Int8Weight(data=q.reshape(n, k), scales=scales.contiguous(), group_size=group)
+    return qw, _max_abs_err(qw, w)
+
+
+def quantize_int4(
+    w: torch.Tensor, group_size: int = 32, *, name: str = "weight"
+) -> tuple[Int4Weight, float]:
+    """Asymmetric min/max int4 of w [N, K] in groups of group_size along K.
+
+    Returns the weight and the max abs reconstruction error (float32 units of w).
+    """
+    w = _as_matrix(w, name)
+    n, k = w.shape
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"{name}: group_size {group_size} must divide K of shape {tuple(w.shape)}")
+    groups = w.reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = (hi - lo) / 15.0
+    zeros = lo + 8.0 * scales
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    # Round against the stored (rounded) zero so q is optimal for the formula the kernels use.
+    q = torch.round((groups - zeros[..., None]) / safe[..., None]) + 8.0
+    q = q.clamp_(0, 15).reshape(n, k)
+    qw = Int4Weight(
+        data=pack_int4(q),
+        scales=scales.contiguous(),
+        zeros=zeros.contiguous(),
+        group_size=group_size,
+    )
+    return qw, _max_abs_err(qw, w)
+
+
+def dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    """The float32 [N, K] matrix that qw stands for."""
+    n, k = qw.shape
+    groups = k // qw.group_size
+    if isinstance(qw, Int8Weight):
+        q = qw.data.to(torch.float32).reshape(n, groups, qw.group_size)
+        return (q * qw.scales[..., None]).reshape(n, k)
+    q = unpack_int4(qw.data).to(torch.float32).reshape(n, groups, qw.group_size)
+    # (q - 8) * scale is exact in float32 (4-bit times 24-bit), so only the add rounds.
+    return ((q - 8.0) * qw.scales[..., None] + qw.zeros[..., None]).reshape(n, k)
+
+
+def matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """x [..., K] @ dequantize(qw).T in float32 -> float32 [..., N]."""
+    k = qw.shape[1]
+    if x.shape[-1] != k:
+        raise ValueError(f"matmul: x has shape {tuple(x.shape)}, weight expects K={k}")
+    return x.to(torch.float32) @ dequantize(qw).t()
+
+
+def requantize_int8_per_channel(qw: Int8Weight) -> tuple[Int8Weight, float]:
+    """Group-wise int8 (e.g. GGUF Q8_0) -> per-channel int8, as the int8 kernels take.
+
+    The error returned is against qw's own dequantised values.
+    """
+    if qw.is_per_channel:
+        return qw, 0.0
+    return quantize_int8(dequantize(qw))
+
+
+def _as_matrix(w: torch.Tensor, name: str) -> torch.Tensor:
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(
+            f"{name}: expected a floating [N, K] weight, got {w.dtype} {tuple(w.shape)}"
+        )
+    return w.detach().to(torch.float32)
+
+
+def _max_abs_err(qw: QuantizedWeight, w: torch.Tensor) -> float:
+    if w.numel() == 0:
+        return 0.0
+    return float((dequantize(qw) - w).abs().max().item())

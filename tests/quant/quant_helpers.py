@@ -1,0 +1,36 @@
+"""Weights and error bounds shared by the quant tests (conftest.py holds the fixtures)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def weight(gen: torch.Generator, n: int, k: int, scale: float = 0.05) -> torch.Tensor:
+    """An LLM-like weight: normal with a few larger outliers."""
+    w = torch.randn(n, k, generator=gen) * scale
+    outliers = torch.rand(n, k, generator=gen) < 0.002
+    return torch.where(outliers, w * 8, w)
+
+
+def bf16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Error bound for bf16 activations and bf16 output against the fp32 reference.
+
+    Rounding x and y to bf16 (8-bit mantissa) each costs <= 2^-9 relative; 2^-7 * (|x| @ |w|.T)
+    leaves a 2x margin for fp32 accumulation order.
+    """
+    return 2.0**-7 * (x.abs().float() @ w.abs().t()) + 1e-6
+
+
+def int4_bf16_bound(x: torch.Tensor, qw) -> torch.Tensor:
+    """bf16_bound plus the rounding of int4 scales and zeros to bf16, which the int4 kernels
+    read in the activation dtype: each weight moves by <= 2^-9 * (|w| + 2 |zero|)."""
+    from codelm.quant import dequantize
+
+    w = dequantize(qw)
+    zeros = qw.zeros.repeat_interleave(qw.group_size, dim=1)
+    return 2.0**-7 * (x.abs().float() @ (w.abs() + 2 * zeros.abs()).t()) + 1e-6
+
+
+def fp32_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Error bound for float32 GEMMs that only differ from the reference in summation order."""
+    return 1e-5 * (x.abs().float() @ w.abs().t()) + 1e-6

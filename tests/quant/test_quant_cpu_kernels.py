@@ -1,0 +1,85 @@
+"""Every CPU kernel against reference.matmul, at a decode (1 row) and a prefill (33 rows) shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from quant_helpers import bf16_bound, fp32_bound, int4_bf16_bound, weight
+
+from codelm.quant import dequantize, matmul, quantize_int4, quantize_int8
+from codelm.quant.cpu import CPU_KERNELS, Int8PackBf16
+
+# (kernel, scheme, bound): bf16 kernels round x and y to bf16 (int4pack also its scales and
+# zeros); fp32 ones differ only in summation order; dynamic_int8 also quantises x per call.
+CASES = [
+    ("int4pack_bf16", "int4", "int4_bf16"),
+    ("dequant_fp32", "int4", "fp32"),
+    ("dense_fp32", "int4", "fp32"),
+    ("dense_bf16", "int4", "bf16"),
+    ("int8pack_bf16", "int8", "bf16"),
+    ("dequant_fp32", "int8", "fp32"),
+    ("dense_fp32", "int8", "fp32"),
+    ("dense_bf16", "int8", "bf16"),
+    ("dynamic_int8", "int8", "int8_activations"),
+]
+SHAPES = {"decode": 1, "prefill": 33}
+
+
+def _quantize(w: torch.Tensor, scheme: str, group_size: int = 32):
+    return quantize_int4(w, group_size)[0] if scheme == "int4" else quantize_int8(w)[0]
+
+
+def _bound(kind: str, x: torch.Tensor, qw) -> torch.Tensor:
+    w = dequantize(qw)
+    if kind == "int4_bf16":
+        return int4_bf16_bound(x, qw)
+    if kind == "fp32":
+        return fp32_bound(x, w)
+    if kind == "bf16":
+        return bf16_bound(x, w)
+    # One activation step per element (range / 127 with reduce_range), summed over |w|.
+    step = (x.max(dim=-1, keepdim=True).values - x.min(dim=-1, keepdim=True).values) / 127
+    return step * w.abs().sum(dim=1) + bf16_bound(x, w)
+
+
+@pytest.mark.parametrize("phase", SHAPES)
+@pytest.mark.parametrize(("kernel", "scheme", "bound"), CASES)
+def test_cpu_kernel_matches_reference_when_decode_and_prefill_shape(
+    gen, kernel, scheme, bound, phase
+):
+    qw = _quantize(weight(gen, 96, 256), scheme)
+    x = torch.randn(SHAPES[phase], 256, generator=gen)
+    y = CPU_KERNELS[kernel].build(qw)(x).float()
+    assert y.shape == (SHAPES[phase], 96)
+    assert ((y - matmul(x, qw)).abs() <= _bound(bound, x, qw)).all()
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_cpu_kernel_matches_reference_when_decode_shape(gen, group_size):
+    qw = _quantize(weight(gen, 64, 512), "int4", group_size)
+    x = torch.randn(1, 512, generator=gen)
+    y = CPU_KERNELS["int4pack_bf16"].build(qw)(x).float()
+    assert ((y - matmul(x, qw)).abs() <= int4_bf16_bound(x, qw)).all()
+
+
+def test_int4_cpu_kernel_pads_rows_when_n_not_multiple_of_16(gen):
+    qw = _quantize(weight(gen, 40, 64), "int4")
+    x = torch.randn(3, 64, generator=gen)
+    y = CPU_KERNELS["int4pack_bf16"].build(qw)(x).float()
+    assert y.shape == (3, 40)
+    assert ((y - matmul(x, qw)).abs() <= int4_bf16_bound(x, qw)).all()
+
+
+def test_dequant_fp32_kernel_covers_every_tile_when_many_tiles(gen):
+    # K=4096 -> 128-row tiles; N=300 leaves a ragged last tile.
+    qw = _quantize(weight(gen, 300, 4096), "int4")
+    x = torch.randn(2, 4096, generator=gen)
+    kernel = CPU_KERNELS["dequant_fp32"].build(qw)
+    assert len(kernel.tiles) == 3
+    assert ((kernel(x) - matmul(x, qw)).abs() <= fp32_bound(x, dequantize(qw))).all()
+
+
+def test_int8_pack_kernel_rejects_group_wise_weight_naming_shape(gen):
+    grouped, _ = quantize_int8(weight(gen, 16, 64), group_size=32)
+    with pytest.raises(ValueError, match=r"group_size 32 for shape \(16, 64\)"):
+        Int8PackBf16(grouped)

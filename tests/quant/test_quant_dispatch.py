@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+from quant_helpers import weight
+
+from codelm.quant import DispatchConfig, Dispatcher, physical_cores, quantize_int4, quantize_int8
+from codelm.quant import dispatch as dispatch_module
+
+CPUINFO = """processor\t: 0
+model name\t: Test CPU 9000
+physical id\t: 0
+core id\t\t: 0
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 amx_tile
+
+processor\t: 1
+model name\t: Test CPU 9000
+physical id\t: 0
+core id\t\t: 0
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 amx_tile
+
+processor\t: 2
+model name\t: Test CPU 9000
+physical id\t: 0
+core id\t\t: 1
+
+processor\t: 3
+model name\t: Test CPU 9000
+physical id\t: 0
+core id\t\t: 1
+"""
+
+
+@pytest.fixture
+def cpuinfo(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO)
+    return path
+
+
+def test_read_cpu_info_parses_model_and_flags(cpuinfo):
+    info = dispatch_module.read_cpu_info(cpuinfo)
+    assert info.model_name == "Test CPU 9000"
+    assert info.has_avx2 and info.has_avx512f and info.has_avx512_bf16 and info.has_amx
+    assert info.has_bf16_hardware
+
+
+def test_physical_cores_counts_smt_siblings_once(cpuinfo, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(dispatch_module, "_cgroup_cpu_quota", lambda: None)
+    assert physical_cores(cpuinfo) == 2
+
+
+def test_physical_cores_respects_affinity_and_cgroup_quota(cpuinfo, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 3}, raising=False)
+    monkeypatch.setattr(dispatch_module, "_cgroup_cpu_quota", lambda: None)
+    assert physical_cores(cpuinfo) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(dispatch_module, "_cgroup_cpu_quota", lambda: 1)
+    assert physical_cores(cpuinfo) == 1
+
+
+def test_physical_cores_is_positive_on_this_machine():
+    assert 1 <= physical_cores() <= (os.cpu_count() or 1)
+
+
+def test_dispatcher_calibrates_once_and_reuses_disk_cache(gen, tmp_path, monkeypatch, caplog):
+    qw, _ = quantize_int4(weight(gen, 64, 128))
+    with caplog.at_level(logging.INFO, logger="codelm.quant.dispatch"):
+        plan = Dispatcher(DispatchConfig(cache_dir=tmp_path)).plan(qw, name="q_proj")
+    assert "(calibrated)" in caplog.text
+    entries = json.loads((tmp_path / dispatch_module.CACHE_FILE).read_text())["entries"]
+    ((key, times),) = entries.items()
+    assert dispatch_module.read_cpu_info().model_name in key
+    assert torch.__version__ in key and "int4 g32|64x128" in key
+    assert set(times) == {"decode", "prefill"} and "int4pack_bf16" in times["decode"]
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("should have used the disk cache")
+
+    monkeypatch.setattr(dispatch_module, "_calibrate", no_calibration)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="codelm.quant.dispatch"):
+        again = Dispatcher(DispatchConfig(cache_dir=tmp_path)).plan(qw)
+    assert "(disk cache)" in caplog.text
+    assert (again.decode.name, again.prefill.name) == (plan.decode.name, plan.prefill.name)
+
+
+def test_dispatcher_picks_fastest_recorded_kernel(gen, tmp_path, monkeypatch):
+    qw, _ = quantize_int4(weight(gen, 64, 128))
+    times = {
+        "decode": {"int4pack_bf16": 5.0, "dequant_fp32": 1.0},
+        "prefill": {"int4pack_bf16": 1.0, "dequant_fp32": 2.0},
+    }
+    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    plan = Dispatcher(DispatchConfig(cache_dir=None)).plan(qw)
+    assert (plan.decode.name, plan.prefill.name) == ("dequant_fp32", "int4pack_bf16")
+
+
+def test_dispatcher_ignores_corrupt_cache_with_a_warning(gen, tmp_path, monkeypatch, caplog):
+    (tmp_path / dispatch_module.CACHE_FILE).write_text("{not json")
+    qw, _ = quantize_int8(weight(gen, 32, 64))
+    times = {"decode": {"int8pack_bf16": 1.0}, "prefill": {"int8pack_bf16": 1.0}}
+    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    with caplog.at_level(logging.WARNING, logger="codelm.quant.dispatch"):
+        plan = Dispatcher(DispatchConfig(cache_dir=tmp_path)).plan(qw)
+    assert "ignoring unreadable kernel cache" in caplog.text
+    assert plan.decode.name == "int8pack_bf16"
+    assert json.loads((tmp_path / dispatch_module.CACHE_FILE).read_text())["version"] == 1
+
+
+def test_dispatcher_offers_lossy_dynamic_int8_only_when_allowed(gen):
+    qw, _ = quantize_int8(weight(gen, 32, 64))
+    assert "dynamic_int8" not in Dispatcher(DispatchConfig())._candidates(qw)
+    assert "dynamic_int8" in Dispatcher(DispatchConfig(allow_lossy=True))._candidates(qw)
+
+
+def test_dispatcher_offers_dense_copies_only_with_a_budget(gen):
+    qw, _ = quantize_int4(weight(gen, 32, 64))
+    plan = Dispatcher(DispatchConfig(calibrate=False)).plan(qw)
+    assert not plan.decode.name.startswith("dense") and not plan.prefill.name.startswith("dense")

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from quant_helpers import weight
+
+from codelm.quant import (
+    Int4Weight,
+    Int8Weight,
+    concat_formats,
+    dequantize,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    select_rows,
+    unpack_int4,
+)
+
+
+def test_pack_int4_puts_even_k_in_high_nibble():
+    q = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
+    assert pack_int4(q).tolist() == [[0x12, 0xF0]]
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+
+
+def test_unpack_int4_round_trips_random_values(gen):
+    q = torch.randint(0, 16, (8, 64), generator=gen, dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+
+
+def test_int4_weight_rejects_bad_data_dtype_naming_shape():
+    with pytest.raises(ValueError, match=r"uint8 \[N, K // 2\].*\(4, 16\)"):
+        Int4Weight(
+            data=torch.zeros(4, 16, dtype=torch.int8),
+            scales=torch.zeros(4, 1),
+            zeros=torch.zeros(4, 1),
+            group_size=32,
+        )
+
+
+def test_int4_weight_rejects_scales_of_wrong_shape():
+    with pytest.raises(ValueError, match=r"scales must be float32 \[4, 2\].*\(4, 1\)"):
+        Int4Weight(
+            data=torch.zeros(4, 32, dtype=torch.uint8),
+            scales=torch.zeros(4, 1),
+            zeros=torch.zeros(4, 2),
+            group_size=32,
+        )
+
+
+def test_int4_weight_rejects_unsupported_group_size():
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        Int4Weight(
+            data=torch.zeros(4, 8, dtype=torch.uint8),
+            scales=torch.zeros(4, 1),
+            zeros=torch.zeros(4, 1),
+            group_size=16,
+        )
+
+
+def test_int8_weight_rejects_group_not_dividing_k():
+    with pytest.raises(ValueError, match="group_size 32 must divide K=48"):
+        Int8Weight(
+            data=torch.zeros(2, 48, dtype=torch.int8), scales=torch.zeros(2, 1), group_size=32
+        )
+
+
+def test_int8_weight_rejects_unknown_layout():
+    with pytest.raises(ValueError, match="unknown layout"):
+        Int8Weight(
+            data=torch.zeros(2, 32, dtype=torch.int8),
+            scales=torch.zeros(2, 1),
+            group_size=32,
+            layout="int8_kn",
+        )
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_concat_formats_equals_separate_dequantised_rows(gen, scheme):
+    quantize = quantize_int4 if scheme == "int4" else quantize_int8
+    parts = [quantize(weight(gen, n, 128))[0] for n in (64, 16, 16)]
+    fused = concat_formats(parts)
+    assert fused.shape == (96, 128)
+    assert torch.equal(dequantize(fused), torch.cat([dequantize(p) for p in parts]))
+
+
+def test_concat_formats_rejects_mixed_schemes(gen):
+    w = weight(gen, 16, 64)
+    with pytest.raises(ValueError, match="weight 1 is int8"):
+        concat_formats([quantize_int4(w)[0], quantize_int8(w)[0]])
+
+
+def test_concat_formats_rejects_different_k_naming_shapes(gen):
+    a, _ = quantize_int4(weight(gen, 16, 64))
+    b, _ = quantize_int4(weight(gen, 16, 128))
+    with pytest.raises(ValueError, match=r"\(16, 128\), expected K=64"):
+        concat_formats([a, b])
+
+
+def test_select_rows_permutes_dequantised_rows(gen):
+    qw, _ = quantize_int4(weight(gen, 32, 64))
+    index = torch.randperm(32, generator=gen)
+    assert torch.equal(dequantize(select_rows(qw, index)), dequantize(qw)[index])

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
+
+from codelm.quant import (
+    Int4Weight,
+    Int8Weight,
+    dequantize,
+    repack_gguf,
+    repack_reader_tensor,
+    unpack_int4,
+)
+
+T = GGMLQuantizationType
+
+
+def _weights(n: int = 64, k: int = 256, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+    w[:, :32] += 0.3  # a shifted block, so Q4_1's min is far from -max
+    return w
+
+
+@pytest.mark.parametrize(
+    ("qtype", "cls", "scheme"),
+    [(T.Q4_0, Int4Weight, "int4"), (T.Q4_1, Int4Weight, "int4"), (T.Q8_0, Int8Weight, "int8")],
+)
+def test_gguf_repack_dequantises_exactly_like_gguf_when_native_type(qtype, cls, scheme):
+    blocks = quants.quantize(_weights(), qtype)
+    qw = repack_gguf(blocks, qtype, (64, 256), name="blk.0.ffn_up.weight")
+    assert isinstance(qw, cls) and qw.scheme == scheme and qw.group_size == 32
+    expected = quants.dequantize(blocks, qtype)
+    assert np.array_equal(dequantize(qw).numpy(), expected)
+
+
+def test_gguf_repack_reads_low_nibbles_as_first_half_of_block():
+    # One Q4_0 block, d = 1: byte j holds element j (low nibble) and j + 16 (high nibble).
+    qs = np.array([(j % 16) | ((15 - j % 16) << 4) for j in range(16)], dtype=np.uint8)
+    block = np.concatenate([np.array([1.0], dtype="<f2").view(np.uint8), qs])
+    qw = repack_gguf(block[None, :], "Q4_0", (1, 32))
+    q = unpack_int4(qw.data)[0].tolist()
+    assert q[:16] == list(range(16)) and q[16:] == list(range(15, -1, -1))
+    assert dequantize(qw)[0].tolist() == [float(v - 8) for v in q]
+
+
+def test_gguf_repack_q4_1_zero_is_min_plus_eight_d():
+    blocks = quants.quantize(_weights(4, 64), T.Q4_1)
+    raw = blocks.reshape(4, 2, 20)
+    d = raw[..., 0:2].copy().view("<f2")[..., 0].astype(np.float32)
+    m = raw[..., 2:4].copy().view("<f2")[..., 0].astype(np.float32)
+    qw = repack_gguf(blocks, T.Q4_1, (4, 64))
+    assert np.array_equal(qw.zeros.numpy(), m + 8 * d)
+    assert np.array_equal(qw.scales.numpy(), d)
+
+
+def test_gguf_repack_q4_1_warns_when_zero_not_exact_in_fp32(caplog):
+    # A block whose min dwarfs its step: m + 8 d needs more than float32's 24 bits.
+    head = np.array([1.23e-4, 1025.0], dtype="<f2").view(np.uint8)
+    block = np.concatenate([head, np.full(16, 0x11, dtype=np.uint8)])
+    with caplog.at_level(logging.WARNING, logger="codelm.quant.gguf_repack"):
+        repack_gguf(block[None, :], T.Q4_1, (1, 32), name="odd")
+    assert "odd: 1 of 1 Q4_1 blocks" in caplog.text
+
+
+@pytest.mark.parametrize(("qtype", "scheme"), [(T.Q5_0, "int8"), (T.F16, "int8"), (T.F32, "int8")])
+def test_gguf_repack_requantises_other_types_within_half_step(qtype, scheme):
+    w = _weights(32, 128)
+    data = quants.quantize(w, qtype)
+    qw = repack_gguf(data, qtype, (32, 128))
+    assert qw.scheme == scheme and qw.is_per_channel
+    source = quants.dequantize(data, qtype)
+    err = np.abs(dequantize(qw).numpy() - source)
+    assert (err <= qw.scales.numpy() / 2 + 1e-7).all()
+
+
+def test_gguf_repack_dequantises_k_quants_then_quantises_int4_when_asked():
+    # Q6_K cannot be produced by gguf.quants; build valid blocks: ql, qh, int8 scales, fp16 d.
+    rng = np.random.default_rng(1)
+    n_blocks = 8 * 2  # 8 rows x 512 columns of 256-element super-blocks
+    body = rng.integers(0, 256, (n_blocks, 192), dtype=np.uint8)
+    scales = rng.integers(-40, 40, (n_blocks, 16)).astype(np.int8).view(np.uint8)
+    d = np.full((n_blocks, 1), 1e-3, dtype="<f2").view(np.uint8)
+    data = np.concatenate([body, scales, d], axis=1).reshape(8, -1)
+    qw = repack_gguf(data, T.Q6_K, (8, 512), scheme="int4", group_size=64)
+    assert qw.scheme == "int4" and qw.group_size == 64
+    source = quants.dequantize(data, T.Q6_K)
+    err = np.abs(dequantize(qw).numpy() - source)
+    assert (err <= qw.scales.repeat_interleave(64, dim=1).numpy() / 2 + 1e-6).all()
+
+
+def test_gguf_repack_rejects_byte_count_that_does_not_match_shape():
+    blocks = quants.quantize(_weights(4, 64), T.Q8_0)
+    with pytest.raises(ValueError, match=r"w: 272 bytes of Q8_0 do not hold shape \(4, 128\)"):
+        repack_gguf(blocks, T.Q8_0, (4, 128), name="w")
+
+
+def test_gguf_repack_rejects_one_dimensional_tensor():
+    with pytest.raises(ValueError, match=r"norm: expected a 2-D weight, got shape \(64,\)"):
+        repack_gguf(np.zeros(64, dtype=np.float32), T.F32, (64,), name="norm")
+
+
+def test_gguf_repack_reader_tensor_reverses_ggml_dims(tmp_path):
+    w = _weights(48, 128)
+    path = tmp_path / "tiny.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    blocks = quants.quantize(w, T.Q4_1)
+    writer.add_tensor("blk.0.attn_q.weight", blocks, raw_shape=blocks.shape, raw_dtype=T.Q4_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensor = GGUFReader(str(path)).tensors[0]
+    qw = repack_reader_tensor(tensor)
+    assert qw.shape == (48, 128)
+    assert torch.equal(dequantize(qw), torch.from_numpy(quants.dequantize(blocks, T.Q4_1)))
