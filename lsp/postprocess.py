@@ -108,11 +108,16 @@ def trim_space(s: Suggestion, ctx: Context) -> Suggestion | None:
 
 
 def cut_single_line(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Keep one line. At the end of a finished line, that is the next line (after the newline)."""
     if not ctx.is_single_line or "\n" not in s.text:
         return s
-    first = s.text.split("\n", 1)[0].rstrip()
+    first, rest = s.text.split("\n", 1)
+    if not first.strip() and not ctx.line_after.strip() and rest.strip():
+        next_line = rest.lstrip("\n").split("\n", 1)[0].rstrip()
+        logger.debug("cut_single_line: kept the line after the cursor's finished line")
+        return replace(s, text="\n" + next_line)
     logger.debug("cut_single_line: kept the first of %d lines", s.text.count("\n") + 1)
-    return replace(s, text=first)
+    return replace(s, text=first.rstrip())
 
 
 def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
@@ -279,11 +284,14 @@ def bracket_errors(text: str) -> int:
 
 def drop_repeated_line(s: Suggestion, ctx: Context) -> Suggestion | None:
     """Discard a one-line suggestion that only repeats the line above or below."""
-    if "\n" in s.text:
-        return s
-    line = (ctx.line_before + s.text + ctx.line_after).strip()
-    above = next((p.strip() for p in reversed(ctx.prefix_lines) if p.strip()), None)
     below = next((p.strip() for p in ctx.suffix_lines if p.strip()), None)
+    if "\n" not in s.text:
+        line = (ctx.line_before + s.text + ctx.line_after).strip()
+        above = next((p.strip() for p in reversed(ctx.prefix_lines) if p.strip()), None)
+    elif s.text.count("\n") == 1 and s.text.startswith("\n") and not ctx.line_after.strip():
+        line, above = s.text.strip(), ctx.line_before.strip()  # one new line below the cursor
+    else:
+        return s
     if line and line in (above, below) and len(s.text.strip()) > 1:
         logger.debug("drop_repeated_line: repeats an adjacent line")
         return None

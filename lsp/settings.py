@@ -88,7 +88,7 @@ _OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "maxTokens": ("max_tokens", _int_in(1, 1024)),
     "singleLine": ("single_line", _single_line),
     "debounceMs": ("debounce_ms", _int_in(0, 2000)),
-    "timeoutMs": ("timeout_ms", _int_in(50, 60_000)),
+    "timeoutMs": ("timeout_ms", _int_in(50, 600_000)),
     "enabledLanguages": ("enabled_languages", _languages),
     "disabledLanguages": ("disabled_languages", _languages),
     "completionFallback": ("completion_fallback", _bool),

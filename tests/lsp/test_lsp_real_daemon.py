@@ -1,0 +1,124 @@
+"""codelm-lsp end to end against the REAL daemon and the default model.
+
+The LSP auto-starts `codelm-daemon` in an isolated CODELM_HOME (the default model is linked in
+from the user data dir; skipped when it has not been fetched). Readiness is polled through
+`codelm/status`, never waited for blindly. The tiny default model is slow on CPU and weak at
+code, so these tests check behaviour (sync, supersede, cache, restart), not suggestion quality.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from lsp_editor import Editor, start_editor
+from lsprotocol import types
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+DATA = Path(__file__).parent / "data"
+LINE = '    word = GREETINGS.get(lang, "hello")'  # removed, leaving an empty line
+OPTIONS = {"maxTokens": 8, "timeoutMs": 120_000, "debounceMs": 0}
+READY_TIMEOUT_S = 300.0
+
+
+def _default_model() -> Path | None:
+    try:
+        from codelm.daemon.catalog import CATALOG, DEFAULT_MODEL
+        from codelm.daemon.runtime import RuntimePaths
+    except ImportError:
+        return None
+    path = RuntimePaths.for_home(None).data_dir / "models" / CATALOG[DEFAULT_MODEL].filename
+    return path if path.exists() else None
+
+
+def _daemon(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CODELM_HOME": str(home)}
+    command = [sys.executable, "-m", "codelm.daemon.cli", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+
+def _daemon_pid(home: Path) -> int:
+    return int((home / "run" / "daemon.pid").read_text().strip())
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    model = _default_model()
+    if model is None:
+        pytest.skip("the default model is not fetched: codelm-daemon models fetch default")
+    models = tmp_path / "data" / "models"
+    models.mkdir(parents=True)
+    (models / model.name).symlink_to(model)
+    yield tmp_path
+    _daemon(tmp_path, "stop")
+
+
+@pytest_asyncio.fixture
+async def real_editor(home: Path) -> AsyncIterator[Editor]:
+    client, editor = await start_editor(home, OPTIONS)
+    await editor.wait_status("ready", READY_TIMEOUT_S)
+    yield editor
+    await client.shutdown_session()
+    await client.stop()
+
+
+async def test_real_daemon_typing_supersede_cache_and_close(real_editor: Editor, home: Path):
+    editor = real_editor
+    reports = [r for rs in editor.client.progress_reports.values() for r in rs]
+    assert reports and reports[0].kind == "begin" and reports[-1].kind == "end"
+    truth = (DATA / "greetings.py").read_text(encoding="utf-8")
+    start = truth.index(LINE)
+    uri = (DATA / "greetings.py").as_uri()
+    editor.open(uri, truth[:start] + truth[start + len(LINE) :])
+    # Type the line at ~30 ms a key, asking at each key like an editor: older requests are
+    # superseded (empty lists) while the daemon works on the newest.
+    pending = []
+    for offset in range(start, start + len(LINE)):
+        editor.insert(uri, offset, truth[offset])
+        pending.append(asyncio.create_task(editor.inline(uri, offset + 1)))
+        await asyncio.sleep(0.03)
+    results = await asyncio.gather(*pending)
+    assert all(not r.items for r in results[:-1])
+    cursor = start + len(LINE)
+    stats = await editor.command("codelm.stats")
+    assert stats["superseded"] >= len(pending) - 2
+    invoked = await editor.inline(uri, cursor, invoked=True)
+    for item in invoked.items:
+        assert item.range.start == item.range.end  # an insertion at the cursor
+    if invoked.items and len(invoked.items[0].insert_text) > 1:
+        suggestion = invoked.items[0].insert_text
+        calls = (await editor.command("codelm.stats"))["daemon_calls"]
+        editor.insert(uri, cursor, suggestion[0])
+        typed_through = await editor.inline(uri, cursor + 1)
+        assert [i.insert_text for i in typed_through.items] == [suggestion[1:]]
+        assert (await editor.command("codelm.stats"))["daemon_calls"] == calls
+    stats = await editor.command("codelm.stats")
+    assert (stats["errors"], stats["timeouts"], stats["torch_loaded"]) == (0, 0, False)
+    editor.client.text_document_did_close(
+        types.DidCloseTextDocumentParams(text_document=types.TextDocumentIdentifier(uri=uri))
+    )
+    assert _daemon(home, "status").returncode == 0
+
+
+async def test_real_daemon_killed_is_restarted_once(real_editor: Editor, home: Path):
+    editor = real_editor
+    uri = (DATA / "greetings.py").as_uri()
+    editor.open(uri, (DATA / "greetings.py").read_text(encoding="utf-8"))
+    first_pid = _daemon_pid(home)
+    os.kill(first_pid, signal.SIGKILL)
+    editor.statuses.clear()
+    assert not (await editor.inline(uri, 0, invoked=True)).items
+    await editor.wait_status("ready", READY_TIMEOUT_S)
+    warnings = [m.message for m in editor.client.messages if "restarting" in m.message]
+    assert len(warnings) == 1
+    assert _daemon_pid(home) != first_pid
+    result = await editor.inline(uri, len('"""Greetings'), invoked=True)
+    assert isinstance(result, types.InlineCompletionList)
