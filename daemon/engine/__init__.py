@@ -16,6 +16,8 @@ class EngineConfig:
     threads: int = 0  # 0: all physical cores
     fim: str = "auto"  # auto | none | a FIM format name (prompt.FIM_FORMATS)
     prefill_chunk: int = 256  # tokens per prefill chunk (cancellation is checked between chunks)
+    prefix_chars: int = 8000  # the prefix window: about 2.3k tokens of code before the cursor
+    suffix_chars: int = 1000  # text after the cursor in invoked mode (a third of it when automatic)
     cache_budget_bytes: int = 0  # per-file KV cache budget; 0: derived from free memory
 
 

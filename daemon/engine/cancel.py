@@ -1,4 +1,4 @@
-"""CancelToken: set by the scheduler (supersede, disconnect), checked by the engine between steps."""
+"""CancelToken: set by the scheduler (supersede, disconnect), checked between engine steps."""
 
 from __future__ import annotations
 

@@ -31,12 +31,9 @@ from .cancel import CancelToken
 from .generate import GenerationResult, StopRules, generate
 from .kv import KVCache
 from .loader import LoadedModel, load_model
-from .prompt import Prompt, build_prompt, detect_fim
+from .prompt import Prompt, build_prompt, detect_fim, window_anchor
 
 logger = logging.getLogger(__name__)
-
-PREFIX_CHARS = 8000  # about 2.3k tokens of code before the cursor
-SUFFIX_CHARS = {"automatic": 400, "invoked": 2000}
 
 
 class Engine:
@@ -51,6 +48,7 @@ class Engine:
         self.stop_ids = frozenset(self.tokenizer.eos_ids) | self._fim_stop_ids()
         budget = config.cache_budget_bytes or default_cache_budget()
         self.cache = FileCache(budget_bytes=budget, new_kv=self.new_kv)
+        self.anchors: dict[str, str] = {}  # uri -> the text its prefix window starts with
         self.info: dict[str, Any] = {
             **loaded.info,
             "fim": self.fim.name if self.fim else "none (prefix-only)",
@@ -77,7 +75,12 @@ class Engine:
     def new_kv(self) -> KVCache:
         a = self.args
         return KVCache(
-            a.n_layers, a.n_kv_heads, a.head_dim, dtype=self.dtype, device=self.device, max_len=a.max_len
+            a.n_layers,
+            a.n_kv_heads,
+            a.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            max_len=a.max_len,
         )
 
     def prompt(self, request: CompleteRequest) -> tuple[str, list[int]]:
@@ -86,15 +89,19 @@ class Engine:
 
     def _build(self, request: CompleteRequest) -> Prompt:
         cursor = offset_at(request.text, request.line, request.character)
-        return build_prompt(
+        prompt = build_prompt(
             self.tokenizer,
             self.fim,
             request.text,
             cursor,
             path=request.path or _path_from_uri(request.uri),
-            prefix_chars=PREFIX_CHARS,
-            suffix_chars=SUFFIX_CHARS[request.trigger],
+            prefix_chars=self.config.prefix_chars,
+            # PSM prompts re-run the suffix on every keystroke: keep it short while typing.
+            suffix_chars=self.config.suffix_chars // (3 if request.trigger == "automatic" else 1),
+            anchor=self.anchors.get(request.uri),
         )
+        self.anchors[request.uri] = window_anchor(request.text, prompt.prefix_start)
+        return prompt
 
     def complete(
         self, request: CompleteRequest, cancel: CancelToken | None = None, on_text=None
@@ -119,27 +126,44 @@ class Engine:
         if request.suffix is not None and self.fim is not None:
             text = request.prompt + request.suffix
             ids = build_prompt(
-                self.tokenizer, self.fim, text, len(request.prompt), path=None,
-                prefix_chars=len(text) + 1, suffix_chars=len(request.suffix) + 1,
+                self.tokenizer,
+                self.fim,
+                text,
+                len(request.prompt),
+                path=None,
+                prefix_chars=len(text) + 1,
+                suffix_chars=len(request.suffix) + 1,
             ).token_ids
         else:
             ids = bos + self.tokenizer.encode(request.prompt)
         if not ids:
             raise BadRequest("prompt", "must not be empty")
-        rules = StopRules(stop_ids=self.stop_ids, stop_texts=request.stop, max_tokens=request.max_tokens)
+        rules = StopRules(
+            stop_ids=self.stop_ids, stop_texts=request.stop, max_tokens=request.max_tokens
+        )
         result = self._run(None, ids, rules, cancel, on_text)
         origin = Position(line=0, character=0)
-        return _response([CompletionItem(text=result.text, range=Range(start=origin, end=origin))], result)
+        return _response(
+            [CompletionItem(text=result.text, range=Range(start=origin, end=origin))], result
+        )
 
     def _run(self, uri, ids, rules, cancel, on_text) -> GenerationResult:
         if len(ids) + rules.max_tokens > self.args.max_len:
-            raise BadRequest("text", f"the prompt ({len(ids)} tokens) leaves no room in the context")
+            raise BadRequest(
+                "text", f"the prompt ({len(ids)} tokens) leaves no room in the context"
+            )
         kv, _ = self.cache.checkout(uri, ids)
         result = None
         try:
             result = generate(
-                self.model, self.tokenizer, kv, ids, rules,
-                chunk=self.config.prefill_chunk, cancel=cancel, on_text=on_text,
+                self.model,
+                self.tokenizer,
+                kv,
+                ids,
+                rules,
+                chunk=self.config.prefill_chunk,
+                cancel=cancel,
+                on_text=on_text,
             )
         finally:
             # Keep what was computed (also on cancel): the next keystroke reuses it.
@@ -148,6 +172,7 @@ class Engine:
         return result
 
     def close_document(self, uri: str) -> bool:
+        self.anchors.pop(uri, None)
         return self.cache.close(uri)
 
     def cache_stats(self) -> dict[str, Any]:
@@ -169,7 +194,10 @@ def _response(items: list[CompletionItem], result: GenerationResult) -> Complete
         decode_ms=result.decode_ms,
     )
     return CompleteResponse(
-        items=items, timings=timings, stop_reason=result.stop_reason.value, token_ids=result.token_ids
+        items=items,
+        timings=timings,
+        stop_reason=result.stop_reason.value,
+        token_ids=result.token_ids,
     )
 
 
@@ -195,9 +223,7 @@ def physical_cores() -> int:
         pairs = set()
         text = Path("/proc/cpuinfo").read_text()
         for block in text.split("\n\n"):
-            fields = dict(
-                line.split(":", 1) for line in block.splitlines() if ":" in line
-            )
+            fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
             fields = {k.strip(): v.strip() for k, v in fields.items()}
             if "core id" in fields:
                 pairs.add((fields.get("physical id"), fields["core id"]))

@@ -16,7 +16,6 @@ from .kv import KVCache
 from .sampling import greedy
 from .tokenizer import Tokenizer
 
-
 _FIRST_LINE = re.compile(r"\S[^\n]*\n")
 
 
@@ -177,8 +176,8 @@ def _decode(model, tokenizer, kv, logits, rules, result, cancel, on_text, pick) 
         text += streamer.flush()
     if result.stop_reason is StopReason.EOS:
         text += streamer.flush()
-    if result.stop_reason not in (StopReason.STOP_TEXT, StopReason.SINGLE_LINE):
+    cut_short = result.stop_reason in (StopReason.STOP_TEXT, StopReason.SINGLE_LINE)
+    if not cut_short and on_text is not None and len(text) > shown:
         # Nothing more can complete a held-back partial stop string: show it all.
-        if on_text is not None and len(text) > shown:
-            on_text(text[shown:])
+        on_text(text[shown:])
     result.text = text

@@ -41,7 +41,9 @@ class RopeScaling:
         if kind == "default":
             return cls()
         if kind not in ("linear", "dynamic", "llama3"):
-            raise ValueError(f"unsupported rope scaling {kind!r} (supported: linear, dynamic, llama3)")
+            raise ValueError(
+                f"unsupported rope scaling {kind!r} (supported: linear, dynamic, llama3)"
+            )
         return cls(
             kind=kind,
             factor=float(scaling.get("factor", 1.0)),
@@ -85,7 +87,9 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T] -> cos, sin: [T, head_dim]
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 

@@ -55,7 +55,9 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
     dtype = _dtype(config.quant, device)
     report(0.2, "building the model")
     model = module.Model(args)
-    fill_model(model, weights, module.FUSED, dtype, device, lambda f: report(0.2 + 0.8 * f, "weights"))
+    fill_model(
+        model, weights, module.FUSED, dtype, device, lambda f: report(0.2 + 0.8 * f, "weights")
+    )
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     info = {
@@ -76,7 +78,9 @@ def _hf_arch(config: dict) -> str:
     for name in config.get("architectures") or []:
         if name in HF_ARCHITECTURES:
             return HF_ARCHITECTURES[name]
-    raise ModelLoadError(f"config.json names no supported architecture: {config.get('architectures')}")
+    raise ModelLoadError(
+        f"config.json names no supported architecture: {config.get('architectures')}"
+    )
 
 
 def _read_gguf_file(path: Path) -> WeightSet:
@@ -90,7 +94,9 @@ def _unpermute_qk(weights: WeightSet, args: Any) -> None:
                 name = f"model.layers.{i}.self_attn.{part}.{kind}"
                 if name in weights.tensors:
                     source = weights.tensors[name]
-                    weights.tensors[name] = source.permute_rows(unpermute_order(source.shape[0], heads))
+                    weights.tensors[name] = source.permute_rows(
+                        unpermute_order(source.shape[0], heads)
+                    )
 
 
 def _dtype(quant: str, device: torch.device) -> torch.dtype:
@@ -120,14 +126,20 @@ def fill_model(
             sources = [weights.tensors["model.embed_tokens.weight"]]
         else:
             sources = [weights.take(f"{p}.weight") for p in _parts(name, fused)]
-        bias = [weights.take(f"{p}.bias") for p in _parts(name, fused)] if module.bias is not None else []
+        bias = (
+            [weights.take(f"{p}.bias") for p in _parts(name, fused)]
+            if module.bias is not None
+            else []
+        )
         _set_parent(model, name, _float_linear(sources, bias, dtype, device))
         progress(done / len(linears))
     for name, param in list(model.named_parameters()):
         if param.is_meta or name.endswith("norm.weight"):
             source = weights.take(name)
             _check_shape(name, source, tuple(param.shape))
-            value = source.to_float().to(dtype=dtype if param.is_meta else torch.float32, device=device)
+            value = source.to_float().to(
+                dtype=dtype if param.is_meta else torch.float32, device=device
+            )
             _set_parent(model, name, nn.Parameter(value, requires_grad=False))
     if model.args.tie_embeddings and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight  # one copy, as in the checkpoint
@@ -141,7 +153,9 @@ def _parts(name: str, fused: dict[str, tuple[str, ...]]) -> list[str]:
     return [f"{parent}.{p}" for p in fused[leaf]] if leaf in fused else [name]
 
 
-def _float_linear(sources: list[TensorSource], bias: list[TensorSource], dtype, device) -> nn.Linear:
+def _float_linear(
+    sources: list[TensorSource], bias: list[TensorSource], dtype, device
+) -> nn.Linear:
     weight = torch.cat([s.to_float() for s in sources]).to(dtype=dtype, device=device)
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bool(bias), device="meta")
     linear.weight = nn.Parameter(weight, requires_grad=False)
@@ -159,4 +173,6 @@ def _set_parent(model: nn.Module, name: str, value: nn.Module | nn.Parameter) ->
 
 def _check_shape(name: str, source: TensorSource, expected: tuple[int, ...]) -> None:
     if tuple(source.shape) != expected:
-        raise ModelLoadError(f"tensor {name} has shape {source.shape}, the config implies {expected}")
+        raise ModelLoadError(
+            f"tensor {name} has shape {source.shape}, the config implies {expected}"
+        )

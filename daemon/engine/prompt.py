@@ -51,7 +51,9 @@ FIM_FORMATS: dict[str, FimFormat] = {
             middle="<｜fim▁end｜>",
             stop=("<｜end▁of▁sentence｜>", "<|EOT|>"),
         ),
-        FimFormat(name="codellama", prefix="▁<PRE>", suffix="▁<SUF>", middle="▁<MID>", stop=("▁<EOT>",)),
+        FimFormat(
+            name="codellama", prefix="▁<PRE>", suffix="▁<SUF>", middle="▁<MID>", stop=("▁<EOT>",)
+        ),
         FimFormat(
             name="aixcoder",
             prefix="▁<AIX-SPAN-PRE>",
@@ -99,10 +101,30 @@ def comment_header(path: str | None) -> str:
     return f"// {path}\n"
 
 
-def window_start(text: str, cursor: int, max_chars: int) -> int:
-    """Start of the prefix window: a line start that stays put while the user types nearby."""
+ANCHOR_CHARS = 256  # how much text from the window start identifies it after edits elsewhere
+
+
+def window_anchor(text: str, start: int) -> str:
+    return text[start : start + ANCHOR_CHARS]
+
+
+def window_start(text: str, cursor: int, max_chars: int, anchor: str | None = None) -> int:
+    """Start of the prefix window: a line start that stays put while the user types nearby.
+
+    `anchor` is the text the previous window of this document started with: if it is still
+    there, within reach of the cursor, the window keeps starting there, so an edit above the
+    window (which shifts every offset) costs no recomputation.
+    """
     if cursor <= max_chars:
         return 0
+    if anchor:
+        found = text.rfind(anchor, 0, cursor)
+        if (
+            found >= 0
+            and cursor - found <= max_chars + WINDOW_STEP_CHARS
+            and (found == 0 or text[found - 1] == "\n")
+        ):
+            return found
     lowest = cursor - max_chars
     target = -(-lowest // WINDOW_STEP_CHARS) * WINDOW_STEP_CHARS
     line_start = text.rfind("\n", 0, target) + 1
@@ -136,12 +158,13 @@ def build_prompt(
     path: str | None,
     prefix_chars: int,
     suffix_chars: int,
+    anchor: str | None = None,
 ) -> Prompt:
     """Token ids for completing `text` at string offset `cursor`.
 
     Each part is encoded on its own, so the ids of the stable parts do not depend on the rest.
     """
-    start = window_start(text, cursor, prefix_chars)
+    start = window_start(text, cursor, prefix_chars, anchor)
     prefix = text[start:cursor]
     bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
     if fim is None:

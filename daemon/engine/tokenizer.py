@@ -139,7 +139,8 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
         [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
-    special = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in _SPECIAL_TYPES}
+    pairs = enumerate(zip(tokens, types, strict=True))
+    special = {tok: i for i, (tok, kind) in pairs if kind in _SPECIAL_TYPES}
     decoder = _byte_decoder()
     pieces = [
         tok.encode() if i in special.values() else bytes(decoder.get(c, 32) for c in tok)
@@ -244,7 +245,9 @@ def _sentencepiece_tokenizer(file: Path, settings: dict, config: dict) -> Tokeni
     pieces = []
     for i in range(size):
         piece = backend.id_to_piece(i)
-        pieces.append(piece.encode() if i in special.values() else _sentencepiece_piece_bytes(piece))
+        pieces.append(
+            piece.encode() if i in special.values() else _sentencepiece_piece_bytes(piece)
+        )
     eos_ids = _eos_ids(config, settings, lambda t: backend.piece_to_id(t))
     if backend.eos_id() >= 0:
         eos_ids = eos_ids | {backend.eos_id()}

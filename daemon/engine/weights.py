@@ -75,7 +75,7 @@ class WeightSet:
 def unpermute_order(n_rows: int, n_heads: int) -> torch.Tensor:
     """Row order that undoes llama.cpp's q/k permutation (interleaved -> rotate-half RoPE)."""
     head_dim = n_rows // n_heads
-    # convert_hf_to_gguf maps HF row (h, j, r) -> GGUF row (h, r, j) with j in [0,2), r in [0, hd/2).
+    # convert_hf_to_gguf: HF row (h, j, r) -> GGUF row (h, r, j), j in [0, 2), r in [0, hd/2).
     rows = torch.arange(n_rows).view(n_heads, head_dim // 2, 2).transpose(1, 2)
     return rows.reshape(n_rows)
 
@@ -148,7 +148,7 @@ def read_hf_folder(path: Path) -> WeightSet:
     tensors = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 tensor = f.get_tensor(name)
                 tensors[name] = TensorSource(name, tuple(tensor.shape), tensor=tensor)
     return WeightSet(tensors, config, "hf", path)

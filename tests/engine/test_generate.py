@@ -30,7 +30,9 @@ def _prompt(engine, text: str) -> list[int]:
 def test_generate_stops_at_max_tokens(default_engine):
     rules = StopRules(max_tokens=5)
     ids = _prompt(default_engine, "def add(a, b):\n    return")
-    result = generate(default_engine.model, default_engine.tokenizer, default_engine.new_kv(), ids, rules)
+    result = generate(
+        default_engine.model, default_engine.tokenizer, default_engine.new_kv(), ids, rules
+    )
     assert len(result.token_ids) == 5
     assert result.stop_reason is StopReason.MAX_TOKENS
     assert result.text == default_engine.tokenizer.decode(result.token_ids)
@@ -42,7 +44,11 @@ def test_generate_stops_at_a_stop_string_and_streams_the_same_text(default_engin
     pieces: list[str] = []
     rules = StopRules(max_tokens=40, stop_texts=("\n",))
     result = generate(
-        default_engine.model, default_engine.tokenizer, default_engine.new_kv(), ids, rules,
+        default_engine.model,
+        default_engine.tokenizer,
+        default_engine.new_kv(),
+        ids,
+        rules,
         on_text=pieces.append,
     )
     assert result.stop_reason is StopReason.STOP_TEXT
@@ -56,5 +62,13 @@ def test_generate_raises_cancelled_between_prefill_chunks(default_engine):
     kv = default_engine.new_kv()
     ids = _prompt(default_engine, "x = 1\n" * 200)
     with pytest.raises(Cancelled):
-        generate(default_engine.model, default_engine.tokenizer, kv, ids, StopRules(), chunk=32, cancel=cancel)
+        generate(
+            default_engine.model,
+            default_engine.tokenizer,
+            kv,
+            ids,
+            StopRules(),
+            chunk=32,
+            cancel=cancel,
+        )
     assert kv.length == 0

@@ -107,11 +107,16 @@ def test_default_model_logits_match_transformers_gguf(default_engine, default_mo
     # Both dequantise the same Q4_1/Q8_0 blocks to fp32; only summation order differs.
     torch.testing.assert_close(actual, expected, atol=2e-3, rtol=1e-3)
     greedy = ref.generate(
-        torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+        torch.tensor([ids]),
+        max_new_tokens=32,
+        do_sample=False,
+        eos_token_id=None,
         pad_token_id=0,
     )[0, len(ids) :].tolist()
     rules = StopRules(max_tokens=32)
-    ours = generate(default_engine.model, default_engine.tokenizer, default_engine.new_kv(), ids, rules)
+    ours = generate(
+        default_engine.model, default_engine.tokenizer, default_engine.new_kv(), ids, rules
+    )
     assert ours.token_ids == greedy
 
 

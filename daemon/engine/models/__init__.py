@@ -9,7 +9,11 @@ from . import llama
 
 # qwen2 is the llama block with q/k/v biases (ModelArgs.qkv_bias) and un-permuted GGUF q/k.
 ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama}
-HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+}
 
 
 def architecture(name: str) -> ModuleType:

@@ -1,0 +1,147 @@
+"""Per-file KV prefix cache: the same tokens with and without the cache, for each edit pattern,
+and only the changed tail prefilled."""
+
+from __future__ import annotations
+
+import dataclasses
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from codelm.daemon.cache import FileCache
+from codelm.daemon.engine.engine import Engine
+from codelm.daemon.protocol import CompleteRequest
+
+SOURCE = Path(sysconfig.get_paths()["stdlib"], "textwrap.py").read_text()[:9000]
+URI = "file:///work/textwrap.py"
+
+
+PREFIX_CHARS = 2400  # a small window keeps the test prompts short (~700 tokens)
+
+
+@pytest.fixture
+def engine(default_engine) -> Engine:
+    """The shared engine with an empty cache of its own and a small prefix window."""
+    saved = default_engine.config
+    default_engine.config = dataclasses.replace(saved, prefix_chars=PREFIX_CHARS)
+    default_engine.cache = FileCache(budget_bytes=1 << 30, new_kv=default_engine.new_kv)
+    default_engine.anchors.clear()
+    yield default_engine
+    default_engine.config = saved
+
+
+def _request(text: str, cursor: int, uri: str = URI, max_tokens: int = 8) -> CompleteRequest:
+    line = text.count("\n", 0, cursor)
+    character = cursor - (text.rfind("\n", 0, cursor) + 1)
+    return CompleteRequest(
+        uri=uri,
+        text=text,
+        line=line,
+        character=character,
+        max_tokens=max_tokens,
+        trigger="invoked",
+    )
+
+
+def _uncached(engine: Engine, request: CompleteRequest) -> list[int]:
+    saved = engine.cache
+    engine.cache = FileCache(budget_bytes=1 << 30, new_kv=engine.new_kv)
+    try:
+        return engine.complete(request).token_ids
+    finally:
+        engine.cache = saved
+
+
+def _check(engine: Engine, request: CompleteRequest, max_prefilled: int) -> None:
+    response = engine.complete(request)
+    assert response.token_ids == _uncached(engine, request)
+    assert response.timings.prefilled_tokens <= max_prefilled, response.timings
+    assert response.timings.cached_tokens > 0
+
+
+def _line_end(text: str, at: int) -> int:
+    """The end of the line that holds offset `at`."""
+    return text.index("\n", at)
+
+
+def test_file_cache_reuses_prefix_when_typing_at_end_of_line(engine):
+    cursor = _line_end(SOURCE, 2000)
+    engine.complete(_request(SOURCE, cursor))
+    typed = SOURCE[:cursor] + "  # wrap" + SOURCE[cursor:]
+    _check(engine, _request(typed, cursor + len("  # wrap")), max_prefilled=8)
+
+
+def test_file_cache_reuses_prefix_when_deleting_characters(engine):
+    cursor = _line_end(SOURCE, 1500)
+    engine.complete(_request(SOURCE, cursor))
+    deleted = SOURCE[: cursor - 3] + SOURCE[cursor:]
+    _check(engine, _request(deleted, cursor - 3), max_prefilled=4)
+
+
+def test_file_cache_prefills_only_the_pasted_block(engine):
+    cursor = _line_end(SOURCE, 2200)
+    engine.complete(_request(SOURCE, cursor))
+    block = "\n    # pasted\n    lines = text.splitlines()\n    lines = [l for l in lines if l]"
+    pasted = SOURCE[:cursor] + block + SOURCE[cursor:]
+    n_block = len(engine.tokenizer.encode(block))
+    _check(engine, _request(pasted, cursor + len(block)), max_prefilled=n_block + 4)
+
+
+def test_file_cache_recomputes_only_from_an_edit_inside_the_window(engine):
+    cursor = _line_end(SOURCE, 1800)
+    assert cursor < PREFIX_CHARS  # the window starts at the top of the file
+    engine.complete(_request(SOURCE, cursor))
+    at = SOURCE.index("class TextWrapper")
+    edited = SOURCE[:at] + "# note\n" + SOURCE[at:]
+    request = _request(edited, cursor + len("# note\n"))
+    n_before_edit = len(engine.tokenizer.encode("# textwrap.py\n" + SOURCE[:at]))
+    response = engine.complete(request)
+    assert response.token_ids == _uncached(engine, request)
+    assert n_before_edit - 4 <= response.timings.cached_tokens <= n_before_edit + 1
+
+
+def test_file_cache_reuses_everything_after_an_edit_above_the_window(engine):
+    cursor = _line_end(SOURCE, 8000)
+    assert cursor > 3 * PREFIX_CHARS  # far below the first line, outside the prefix window
+    engine.complete(_request(SOURCE, cursor))
+    edited = "# note\n" + SOURCE
+    response = engine.complete(_request(edited, cursor + len("# note\n")))
+    assert response.timings.prefilled_tokens <= 2
+
+
+def test_file_cache_keeps_each_open_file(engine):
+    other = Path(sysconfig.get_paths()["stdlib"], "json", "decoder.py").read_text()[:3000]
+    first = _request(SOURCE, _line_end(SOURCE, 1000))
+    second = _request(other, _line_end(other, 2000), uri="file:///work/decoder.py")
+    engine.complete(first)
+    engine.complete(second)
+    for request in (first, second):
+        response = engine.complete(request)
+        assert response.timings.prefilled_tokens == 1
+        assert response.token_ids == _uncached(engine, request)
+
+
+def test_file_cache_evicts_least_recently_used_under_a_small_budget(engine):
+    engine.cache = FileCache(budget_bytes=1, new_kv=engine.new_kv)
+    short = "def f(x):\n    return x\n"
+    for i in range(3):
+        engine.complete(_request(short, len(short), uri=f"file:///f{i}.py", max_tokens=2))
+    assert list(engine.cache.entries) == ["file:///f2.py"]
+    assert engine.cache.stats.evictions == 2
+
+
+def test_file_cache_frees_a_closed_document(engine):
+    engine.complete(_request(SOURCE, 200))
+    assert engine.close_document(URI)
+    assert engine.cache_stats()["entries"] == 0
+
+
+def test_request_without_a_document_reuses_the_best_entry(engine):
+    from codelm.daemon.protocol import OpenAICompletionRequest
+
+    cursor = _line_end(SOURCE, 2000)
+    engine.complete(_request(SOURCE, cursor))
+    prompt = "# textwrap.py\n" + SOURCE[:cursor]
+    response = engine.complete_openai(OpenAICompletionRequest(prompt=prompt, max_tokens=8))
+    assert response.timings.cached_tokens >= len(engine.tokenizer.encode(prompt)) - 4
