@@ -297,6 +297,7 @@ class Scheduler:
         if job.future.done() and not job.future.cancelled():
             return
         job.token.cancel(reason)
+        job.future.cancel()  # nobody will read the result (or the Cancelled error) any more
         with self._cond:
             if self._pending.get(job.key) is job:
                 del self._pending[job.key]
