@@ -1,0 +1,82 @@
+"""The real `codelm-daemon` process: start/status/stop, a second start, kill -9, a bad model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from live import cli, ensure_default_model, make_home, read_live, require_engine
+
+from codelm.daemon.runtime import RuntimePaths, is_lock_held
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture
+def home(tmp_path):
+    require_engine()
+    ensure_default_model()
+    home = make_home(tmp_path)
+    yield home
+    cli(home, "stop", timeout=60)
+
+
+def _wait_lock_free(paths: RuntimePaths, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while is_lock_held(paths):
+        assert time.monotonic() < deadline, "the killed daemon still holds the lock"
+        time.sleep(0.02)
+
+
+def test_start_status_stop_cycle(home):
+    started = cli(home, "start", "--wait", "0")
+    assert started.returncode == 0, started.stderr
+    live = read_live(home)
+    assert live.url in started.stdout and str(live.pid) in started.stdout
+    assert "daemon.log" in started.stdout
+
+    status = cli(home, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    body = json.loads(status.stdout)
+    assert body["state"] in ("loading", "ready") and body["pid"] == live.pid
+    assert body["url"] == live.url and body["token_file"].endswith("daemon.token")
+
+    again = cli(home, "start", "--wait", "0")
+    assert again.returncode == 1 and "already running" in again.stderr
+
+    stopped = cli(home, "stop", timeout=60)
+    assert stopped.returncode == 0 and f"pid {live.pid}" in stopped.stdout
+    assert cli(home, "status").returncode == 3
+    paths = RuntimePaths.for_home(home)
+    assert not any(p.exists() for p in (paths.pid_file, paths.url_file, paths.token_file))
+    logs = cli(home, "logs", "-n", "200")
+    assert logs.returncode == 0 and "listening on" in logs.stdout
+
+
+def test_kill_9_leaves_stale_files_that_start_recovers(home):
+    assert cli(home, "start", "--wait", "0").returncode == 0
+    live = read_live(home)
+    os.kill(live.pid, signal.SIGKILL)
+    _wait_lock_free(live.paths)
+    assert live.paths.pid_file.exists()  # stale: nobody cleaned up
+
+    status = cli(home, "status", "--json")
+    assert status.returncode == 3
+    assert json.loads(status.stdout)["state"] == "stopped"
+
+    restarted = cli(home, "start", "--wait", "0")
+    assert restarted.returncode == 0, restarted.stderr
+    assert read_live(home).pid != live.pid
+    assert cli(home, "stop", timeout=60).returncode == 0
+
+
+def test_unknown_model_path_fails_start_with_clear_error(home):
+    missing = "/nonexistent/folder/model.gguf"
+    started = cli(home, "start", "--model", missing)
+    assert started.returncode == 1
+    assert missing in started.stderr and "failed to load" in started.stderr
+    assert "daemon.log" in started.stderr
+    assert cli(home, "status").returncode == 3
