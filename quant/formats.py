@@ -134,9 +134,8 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(data: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K // 2] in LAYOUT_INT4_NK_HI_FIRST -> uint8 [N, K] with values 0..15."""
-    # One broadcast shift instead of stack([hi, lo]): 3.5x faster, it feeds per-call dequant.
-    shifts = torch.tensor([4, 0], dtype=torch.uint8, device=data.device)
-    return (data.unsqueeze(-1) >> shifts).bitwise_and_(0x0F).reshape(data.shape[0], -1)
+    n = data.shape[0]
+    return torch.stack([data >> 4, data & 0x0F], dim=-1).reshape(n, -1)
 
 
 def concat_formats(qweights: Sequence[QuantizedWeight]) -> QuantizedWeight:
