@@ -1,0 +1,185 @@
+"""Weight-only quant kernels on SmolLM2-135M's linear shapes, decode (M=1) and prefill (M=128).
+
+    .venv/bin/python benchmarks/quant_kernels.py [--rows 1 128] [--schemes int4 int8]
+        [--kernels NAME ...] [--min-time 0.2] [--json PATH]
+
+Prints one row per (scheme, shape, rows, kernel) with median and min ms over repeats
+(warm-up excluded), the max error against reference.matmul relative to max |y|, and the
+linear-layer time per token for the whole model (30 layers + head). Writes JSON to
+benchmarks/results/quant_kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from codelm.quant import physical_cores, quantize_int4, quantize_int8, read_cpu_info
+from codelm.quant.cpu import CPU_KERNELS
+from codelm.quant.reference import matmul
+
+RESULTS = Path(__file__).resolve().parent / "results" / "quant_kernels.json"
+N_LAYERS = 30
+# (name, N, K, uses per token): SmolLM2-135M, hidden 576, 9 q heads / 3 kv heads of 64, ffn 1536.
+SHAPES = [
+    ("qkv", 960, 576, N_LAYERS),
+    ("o_proj", 576, 576, N_LAYERS),
+    ("gate_up", 3072, 576, N_LAYERS),
+    ("down", 576, 1536, N_LAYERS),
+    ("lm_head", 49152, 576, 1),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    rows: list[dict[str, Any]] = []
+    for scheme in args.schemes:
+        for name, n, k, uses in SHAPES:
+            w = torch.randn(n, k, generator=gen) * 0.05
+            qw = quantize_int4(w, 32)[0] if scheme == "int4" else quantize_int8(w)[0]
+            rows += _bench_shape(qw, scheme, name, uses, args, gen)
+    totals = _model_totals(rows)
+    _print_table(rows, ["scheme", "shape", "rows", "kernel", "median_ms", "min_ms", "rel_err"])
+    print()
+    _print_table(totals, ["scheme", "kernel", "rows", "model_ms", "tokens_per_s"])
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": _machine(), "results": rows, "model_totals": totals}
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 128])
+    parser.add_argument("--schemes", nargs="+", default=["int4", "int8"], choices=["int4", "int8"])
+    parser.add_argument("--kernels", nargs="+", default=list(CPU_KERNELS))
+    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--json", default=str(RESULTS))
+    return parser.parse_args(argv)
+
+
+def _bench_shape(qw, scheme, name, uses, args, gen) -> list[dict[str, Any]]:
+    n, k = qw.shape
+    xs = {m: torch.randn(m, k, generator=gen) for m in args.rows}
+    refs = {m: matmul(x, qw) for m, x in xs.items()}
+    rows = []
+    for kernel_name in args.kernels:
+        spec = CPU_KERNELS[kernel_name]
+        if scheme not in spec.schemes:
+            continue
+        kernel = spec.build(qw)
+        for m, x in xs.items():
+            times = _time(kernel, x, args.min_time)
+            err = (kernel(x).float() - refs[m]).abs().max() / refs[m].abs().max()
+            rows.append(
+                {
+                    "scheme": scheme,
+                    "shape": f"{name} {n}x{k}",
+                    "uses": uses,
+                    "rows": m,
+                    "kernel": kernel_name + (" (lossy)" if spec.opt_in == "allow_lossy" else ""),
+                    "median_ms": statistics.median(times),
+                    "min_ms": min(times),
+                    "rel_err": float(err),
+                }
+            )
+        del kernel
+    return rows
+
+
+def _time(kernel, x: torch.Tensor, min_time: float) -> list[float]:
+    for _ in range(2):  # warm-up: first calls allocate and fault pages in
+        kernel(x)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        kernel(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 200:
+            break
+    return times
+
+
+def _model_totals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-token linear time of the whole model for each (scheme, kernel, rows) with all shapes."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["scheme"], row["kernel"], row["rows"]), []).append(row)
+    totals = []
+    for (scheme, kernel, m), members in groups.items():
+        if len(members) != len(SHAPES):
+            continue
+        model_ms = sum(r["median_ms"] * r["uses"] for r in members)
+        totals.append(
+            {
+                "scheme": scheme,
+                "kernel": kernel,
+                "rows": m,
+                "model_ms": model_ms,
+                "tokens_per_s": 1e3 * m / model_ms,
+            }
+        )
+    return totals
+
+
+def _machine() -> dict[str, Any]:
+    cpu = read_cpu_info()
+    isa = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile"}
+    return {
+        "cpu": cpu.model_name,
+        "isa": sorted(cpu.flags & isa),
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "commit": _commit(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _commit() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({exc})"
+    return done.stdout.strip()
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    cells = [[_fmt(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2e}" if abs(value) < 1e-3 and value else f"{value:.3f}"
+    return str(value)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
