@@ -164,17 +164,26 @@ class Dispatcher:
         if times is not None:
             ranking, source = _Ranking(times), "disk cache"
         elif self.config.calibrate:
-            # Likely winners first, so clearly slower candidates are dropped after one call.
-            prior = _heuristic_times(qw, specs, self.cpu)["prefill"]
-            ordered = dict(sorted(specs.items(), key=lambda kv: prior.get(kv[0], math.inf)))
-            ranking = _calibrate(qw, ordered, self.config.calibration_rows)
-            source = "calibrated"
-            self._save_disk(key, ranking.times_ms)
+            ranking, source = self._calibrate_and_store(key, qw, specs)
         else:
             ranking = _Ranking(_heuristic_times(qw, specs, self.cpu))
         self._rankings[key] = ranking
         logger.info("quant kernels for %s (%s): %s", key, source, _describe(ranking.times_ms))
         return ranking
+
+    def _calibrate_and_store(
+        self, key: str, qw: QuantizedWeight, specs: dict[str, KernelSpec]
+    ) -> tuple[_Ranking, str]:
+        # Likely winners first, so clearly slower candidates are dropped after one call.
+        prior = _heuristic_times(qw, specs, self.cpu)["prefill"]
+        ordered = dict(sorted(specs.items(), key=lambda kv: prior.get(kv[0], math.inf)))
+        busy_load = _busy_load()
+        ranking = _calibrate(qw, ordered, self.config.calibration_rows)
+        if busy_load is not None:
+            # Timings on a loaded machine are noise; do not make them permanent.
+            return ranking, f"calibrated on a busy machine (load {busy_load:.1f}), not cached"
+        self._save_disk(key, ranking.times_ms)
+        return ranking, "calibrated"
 
     @staticmethod
     def _pick(
@@ -239,14 +248,19 @@ def _calibrate(
 
 def _time_ms(kernel: Kernel, x: torch.Tensor, *, best_ms: float, budget_ms: float = 25.0) -> float:
     """Min over calls after one warm-up. Other processes preempt our threads for whole time
-    slices, so the min of many short calls is the stable estimate; stop early when losing."""
-    warm_up = _timed_call(kernel, x)
-    if warm_up > max(8 * best_ms, 1.0):
-        return warm_up
+    slices, so one slow call proves little: only a slow min, or a hopeless and costly call
+    (lm head candidates), ends the sampling early."""
+    hopeless_ms = max(8 * best_ms, 50.0)
+    first = _timed_call(kernel, x)
+    if first > hopeless_ms:
+        return first
     samples: list[float] = []
-    while len(samples) < 3 or (len(samples) < 50 and sum(samples) < budget_ms):
+    while len(samples) < 50:
         samples.append(_timed_call(kernel, x))
-        if samples[-1] > max(8 * best_ms, 1.0):  # clearly losing, and slow enough to matter
+        fastest = min(samples)
+        if fastest > hopeless_ms:
+            break
+        if len(samples) >= 3 and (sum(samples) >= budget_ms or fastest > 8 * best_ms):
             break
     return min(samples)
 
@@ -260,6 +274,15 @@ def _timed_call(kernel: Kernel, x: torch.Tensor) -> float:
     if is_cuda:
         torch.cuda.synchronize(x.device)
     return (time.perf_counter() - start) * 1e3
+
+
+def _busy_load() -> float | None:
+    """The 1-minute load average when it exceeds 1.5x the logical CPUs, else None."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not Unix: no load average to consult
+        return None
+    return load if load > 1.5 * (os.cpu_count() or 1) else None
 
 
 def _heuristic_times(

@@ -69,6 +69,7 @@ def test_physical_cores_is_positive_on_this_machine():
 
 
 def test_dispatcher_calibrates_once_and_reuses_disk_cache(gen, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(dispatch_module, "_busy_load", lambda: None)
     qw, _ = quantize_int4(weight(gen, 64, 128))
     with caplog.at_level(logging.INFO, logger="codelm.quant.dispatch"):
         plan = Dispatcher(DispatchConfig(cache_dir=tmp_path)).plan(qw, name="q_proj")
@@ -101,7 +102,17 @@ def test_dispatcher_picks_fastest_recorded_kernel(gen, tmp_path, monkeypatch):
     assert (plan.decode.name, plan.prefill.name) == ("dequant_fp32", "int4pack_bf16")
 
 
+def test_dispatcher_keeps_busy_machine_timings_out_of_the_disk_cache(gen, tmp_path, monkeypatch):
+    monkeypatch.setattr(dispatch_module, "_busy_load", lambda: 7.5)
+    times = {"decode": {"int4pack_bf16": 1.0}, "prefill": {"int4pack_bf16": 1.0}}
+    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    dispatcher = Dispatcher(DispatchConfig(cache_dir=tmp_path))
+    dispatcher.plan(quantize_int4(weight(gen, 32, 64))[0])
+    assert not (tmp_path / dispatch_module.CACHE_FILE).exists()
+
+
 def test_dispatcher_ignores_corrupt_cache_with_a_warning(gen, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(dispatch_module, "_busy_load", lambda: None)
     (tmp_path / dispatch_module.CACHE_FILE).write_text("{not json")
     qw, _ = quantize_int8(weight(gen, 32, 64))
     times = {"decode": {"int8pack_bf16": 1.0}, "prefill": {"int8pack_bf16": 1.0}}
