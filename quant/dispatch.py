@@ -140,6 +140,8 @@ class Dispatcher:
                 continue
             if spec.opt_in and not getattr(self.config, spec.opt_in):
                 continue
+            if _dense_bytes(spec, qw) > self.config.dense_budget_bytes:
+                continue  # never affordable: not worth building while calibrating
             reason = spec.unavailable(qw) if spec.unavailable else None
             if reason:
                 logger.debug("kernel %s skipped for %s: %s", spec.name, qw.shape, reason)
