@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,8 +361,6 @@ def read_cpu_info(path: str | Path = "/proc/cpuinfo") -> CpuInfo:
         elif key == "flags" and not flags:
             flags = value
     if not model:
-        import platform
-
         model = platform.processor() or platform.machine() or "unknown cpu"
     return CpuInfo(model_name=model, flags=frozenset(flags.split()))
 
