@@ -21,8 +21,10 @@ from codelm.quant.formats import (
     Int8Weight,
     QuantizedWeight,
     concat_formats,
+    from_tensors,
     pack_int4,
     select_rows,
+    to_tensors,
     unpack_int4,
 )
 from codelm.quant.gguf_repack import repack_gguf, repack_reader_tensor
@@ -49,6 +51,7 @@ __all__ = [
     "QuantizedWeight",
     "concat_formats",
     "dequantize",
+    "from_tensors",
     "matmul",
     "pack_int4",
     "physical_cores",
@@ -60,5 +63,6 @@ __all__ = [
     "repack_reader_tensor",
     "requantize_int8_per_channel",
     "select_rows",
+    "to_tensors",
     "unpack_int4",
 ]

@@ -162,6 +162,32 @@ def select_rows(qw: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
     return _map_tensors([qw], lambda ts: ts[0].index_select(0, index.to(ts[0].device)))
 
 
+def to_tensors(
+    qw: QuantizedWeight, prefix: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """qw as named tensors plus string metadata (scheme, layout, group size): safetensors-ready."""
+    fields = ("data", "scales") if isinstance(qw, Int8Weight) else ("data", "scales", "zeros")
+    tensors = {prefix + f: getattr(qw, f).contiguous() for f in fields}
+    meta = {prefix + "scheme": qw.scheme, prefix + "layout": qw.layout}
+    meta[prefix + "group_size"] = str(qw.group_size)
+    return tensors, meta
+
+
+def from_tensors(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str], prefix: str = ""
+) -> QuantizedWeight:
+    """Inverse of to_tensors; an unknown scheme or layout raises ValueError."""
+    scheme, layout = meta.get(prefix + "scheme"), meta.get(prefix + "layout", "")
+    common = {"data": tensors[prefix + "data"], "scales": tensors[prefix + "scales"]}
+    group_size = int(meta[prefix + "group_size"])
+    if scheme == "int8":
+        return Int8Weight(**common, group_size=group_size, layout=layout)
+    if scheme == "int4":
+        zeros = tensors[prefix + "zeros"]
+        return Int4Weight(**common, zeros=zeros, group_size=group_size, layout=layout)
+    raise ValueError(f"{prefix}: unknown quantisation scheme {scheme!r}")
+
+
 def _map_tensors(qweights: Sequence[QuantizedWeight], fn) -> QuantizedWeight:
     first = qweights[0]
     fields = ("data", "scales") if isinstance(first, Int8Weight) else ("data", "scales", "zeros")

@@ -9,10 +9,12 @@ from codelm.quant import (
     Int8Weight,
     concat_formats,
     dequantize,
+    from_tensors,
     pack_int4,
     quantize_int4,
     quantize_int8,
     select_rows,
+    to_tensors,
     unpack_int4,
 )
 
@@ -101,3 +103,21 @@ def test_select_rows_permutes_dequantised_rows(gen):
     qw, _ = quantize_int4(weight(gen, 32, 64))
     index = torch.randperm(32, generator=gen)
     assert torch.equal(dequantize(select_rows(qw, index)), dequantize(qw)[index])
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_to_tensors_round_trips_through_safetensors(gen, tmp_path, scheme):
+    from safetensors.torch import load_file, save_file
+
+    qw = (quantize_int4 if scheme == "int4" else quantize_int8)(weight(gen, 16, 64))[0]
+    tensors, meta = to_tensors(qw, prefix="layers.0.q_proj.")
+    save_file(tensors, tmp_path / "w.safetensors", metadata=meta)
+    back = from_tensors(load_file(tmp_path / "w.safetensors"), meta, prefix="layers.0.q_proj.")
+    assert type(back) is type(qw) and back.group_size == qw.group_size
+    assert torch.equal(dequantize(back), dequantize(qw))
+
+
+def test_from_tensors_rejects_unknown_layout(gen):
+    tensors, meta = to_tensors(quantize_int4(weight(gen, 16, 64))[0])
+    with pytest.raises(ValueError, match="unknown layout 'u4x2_nk_lo_first'"):
+        from_tensors(tensors, {**meta, "layout": "u4x2_nk_lo_first"})
