@@ -9,6 +9,7 @@ that task, so it is cancelled too. Rules and delays are plain functions, tested 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -154,7 +155,9 @@ class Completer:
     cache: TypingCache = field(default_factory=TypingCache)
     stats: Stats = field(default_factory=Stats)
     clock: Callable[[], float] = time.monotonic
-    _tasks: dict[str, asyncio.Task[list[ResultItem]]] = field(default_factory=dict)
+    _tasks: dict[str, asyncio.Task[list[ResultItem]]] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     async def inline_completion(
         self, uri: str, position: types.Position, is_invoked: bool
@@ -231,18 +234,7 @@ class Completer:
         is_invoked: bool,
     ) -> list[ResultItem]:
         settings = self.settings
-        pos = position_at(text, offset)  # the daemon speaks UTF-16, whatever the editor does
-        request = CompleteRequest(
-            uri=doc.uri,
-            text=text,
-            line=pos.line,
-            character=pos.character,
-            path=uri_to_path(doc.uri),
-            language=doc.language,
-            trigger="invoked" if is_invoked else "automatic",
-            max_tokens=settings.max_tokens,
-            single_line=ctx.is_single_line,
-        )
+        request = build_request(doc, text, offset, ctx, is_invoked, settings)
         request_id = uuid.uuid4().hex[:12]
         self.stats.daemon_calls += 1
         started = self.clock()
@@ -283,6 +275,24 @@ class Completer:
         ]
 
 
+def build_request(
+    doc: Document, text: str, offset: int, ctx: Context, is_invoked: bool, settings: LspSettings
+) -> CompleteRequest:
+    """The daemon request for the cursor at str index `offset` of `text` (a snapshot of doc)."""
+    pos = position_at(text, offset)  # the daemon speaks UTF-16, whatever the editor does
+    return CompleteRequest(
+        uri=doc.uri,
+        text=text,
+        line=pos.line,
+        character=pos.character,
+        path=uri_to_path(doc.uri),
+        language=doc.language,
+        trigger="invoked" if is_invoked else "automatic",
+        max_tokens=settings.max_tokens,
+        single_line=ctx.is_single_line,
+    )
+
+
 def _context(text: str, offset: int, language: str | None, single_line_mode: str) -> Context:
     ctx = Context(
         prefix=text[:offset], suffix=text[offset:], is_single_line=False, language=language
@@ -303,7 +313,7 @@ def _log_completion(
         "request %s uri#%s %s: %d items, cached %d prefilled %d generated %d tokens, "
         "prefill %.0f ms, decode %.0f ms, total %.0f ms, stop %s",
         request_id,
-        format(hash(request.uri) & 0xFFFFFF, "06x"),
+        hashlib.blake2b(request.uri.encode(), digest_size=3).hexdigest(),
         request.trigger,
         n_items,
         t.cached_tokens,

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from codelm.daemon import client as daemon_client
+from codelm.daemon.errors import DaemonUnavailable, ModelLoading
+from codelm.daemon.protocol import CompleteRequest
+from codelm.lsp.daemon_link import HttpDaemonLink, health_state
+from codelm.lsp.settings import LspSettings
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.statuses: list[str] = []
+        self.progress_stages: list[str] = []
+        self.shown: list[tuple[str, bool]] = []
+
+    def status(self, state: str, message: str) -> None:
+        self.statuses.append(state)
+
+    async def progress(self, stage: str, message: str) -> None:
+        self.progress_stages.append(stage)
+
+    def show(self, message: str, is_error: bool) -> None:
+        self.shown.append((message, is_error))
+
+
+class FakeClient:
+    def __init__(self, health: list[str]) -> None:
+        self.health_states = health
+        self.closed = False
+
+    async def health(self) -> dict[str, Any]:
+        state = self.health_states.pop(0) if len(self.health_states) > 1 else self.health_states[0]
+        return {"state": state, "model": "tiny", "progress": 0.25}
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize(
+    ("body", "state"),
+    [
+        ({"state": "ready", "model": "m"}, "ready"),
+        ({"state": "loading", "progress": 0.5}, "loading"),
+        ({"state": "unloaded"}, "loading"),
+        ({"state": "error", "message": "bad file"}, "error"),
+    ],
+)
+def test_health_state_maps_daemon_states(body, state):
+    assert health_state(body)[0] == state
+
+
+def test_health_state_loading_message_has_progress():
+    assert health_state({"state": "loading", "model": "m", "progress": 0.5})[1] == "Loading m 50%"
+
+
+async def test_link_reports_progress_until_the_model_is_loaded(monkeypatch):
+    fake = FakeClient(["loading", "loading", "ready"])
+    monkeypatch.setattr(daemon_client.DaemonClient, "discover", lambda *a, **k: fake)
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(), sink, home=None)
+    await link.ensure_running()
+    assert sink.statuses == ["loading", "ready"]
+    assert sink.progress_stages[0] == "begin" and sink.progress_stages[-1] == "end"
+    assert "report" in sink.progress_stages and sink.shown == []
+
+
+async def test_link_without_daemon_and_auto_start_off_fails_once(monkeypatch, tmp_path):
+    started: list[Any] = []
+    monkeypatch.setattr(daemon_client, "start_daemon", lambda *a, **k: started.append(a))
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(auto_start=False), sink, home=str(tmp_path))
+    with pytest.raises(DaemonUnavailable):
+        await link.ensure_running()
+    assert sink.statuses[-1] == "error" and len(sink.shown) == 1 and sink.shown[0][1]
+    request = CompleteRequest(uri="file:///a.py", text="x", line=0, character=1)
+    for _ in range(3):  # no new attempt per keystroke during the retry delay
+        with pytest.raises(DaemonUnavailable):
+            await link.complete(request)
+    assert started == [] and len(sink.shown) == 1
+
+
+async def test_link_complete_before_ready_starts_in_background(monkeypatch):
+    monkeypatch.setattr(
+        daemon_client.DaemonClient, "discover", lambda *a, **k: FakeClient(["ready"])
+    )
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(), sink, home=None)
+    with pytest.raises(ModelLoading):
+        await link.complete(CompleteRequest(uri="file:///a.py", text="x", line=0, character=1))
+    await link.ensure_running()
+    assert sink.statuses == ["loading", "ready"]
+
+
+async def test_lost_daemon_is_restarted_once_then_reported(monkeypatch):
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(), sink, home=None)
+    restarts: list[int] = []
+    monkeypatch.setattr(link, "start_in_background", lambda: restarts.append(1))
+    link._on_lost(ConnectionResetError("gone"))
+    assert restarts == [1] and sink.shown == [
+        ("The codelm daemon stopped unexpectedly; restarting it.", False)
+    ]
+    link._on_lost(ConnectionResetError("gone again"))
+    assert restarts == [1]
+    assert sink.statuses == ["error"] and sink.shown[-1][1] is True
+
+
+def test_link_disabled_by_settings_reports_disabled():
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(), sink, home=None)
+    link.apply_settings(LspSettings(enabled=False))
+    link.start_in_background()
+    assert sink.statuses == ["disabled"]
