@@ -110,7 +110,7 @@ async def _run(url: str, token: str, args: argparse.Namespace) -> dict[str, Any]
         await client.complete(_request(0, 0, args.max_tokens))  # warm-up, not measured
         before = (await client.status())["requests"]
         deadline = time.monotonic() + args.max_seconds
-        latencies: list[float] = []
+        latencies: dict[str, list[float]] = {"all": [], "last_key": []}
         outcomes: Counter[str] = Counter()
         started = time.perf_counter()
         await asyncio.gather(
@@ -150,24 +150,43 @@ async def _typist(
     n: int,
     args: argparse.Namespace,
     deadline: float,
-    latencies: list[float],
+    latencies: dict[str, list[float]],
     outcomes: Counter[str],
 ) -> None:
+    """Types one character every `typing_ms` without waiting for answers, as a user does:
+    each keystroke's request supersedes the previous one still queued or running."""
+    tasks = []
     for typed in range(1, args.keystrokes + 1):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if time.monotonic() >= deadline:
             outcomes["not_sent"] += args.keystrokes - typed + 1
-            return
-        t0 = time.perf_counter()
-        try:
-            await asyncio.wait_for(client.complete(_request(n, typed, args.max_tokens)), remaining)
-            latencies.append((time.perf_counter() - t0) * 1000)
-            outcomes["ok"] += 1
-        except asyncio.TimeoutError:
-            outcomes["timeout"] += 1
-        except CodelmError as exc:
-            outcomes[exc.code] += 1
+            break
+        last = typed == args.keystrokes
+        request = _request(n, typed, args.max_tokens)
+        tasks.append(asyncio.create_task(_keystroke(client, request, deadline, last, latencies)))
         await asyncio.sleep(args.typing_ms / 1000)
+    for outcome in await asyncio.gather(*tasks):
+        outcomes[outcome] += 1
+
+
+async def _keystroke(
+    client: DaemonClient,
+    request: CompleteRequest,
+    deadline: float,
+    last: bool,
+    latencies: dict[str, list[float]],
+) -> str:
+    t0 = time.perf_counter()
+    try:
+        await asyncio.wait_for(client.complete(request), max(0.001, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        return "timeout"
+    except CodelmError as exc:
+        return exc.code  # "cancelled": superseded by the next keystroke
+    latency_ms = (time.perf_counter() - t0) * 1000
+    latencies["all"].append(latency_ms)
+    if last:
+        latencies["last_key"].append(latency_ms)
+    return "ok"
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -179,14 +198,15 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def _summary(
     args: argparse.Namespace,
-    latencies: list[float],
+    latencies: dict[str, list[float]],
     outcomes: Counter[str],
     wall_s: float,
     before: dict[str, Any],
     status: dict[str, Any],
 ) -> dict[str, Any]:
     after = status["requests"]
-    errors = sum(v for k, v in outcomes.items() if k not in ("ok", "not_sent", "timeout"))
+    benign = ("ok", "not_sent", "timeout", "cancelled")
+    errors = sum(v for k, v in outcomes.items() if k not in benign)
     return {
         "benchmark": "load",
         "clients": args.clients,
@@ -196,7 +216,12 @@ def _summary(
         "wall_s": round(wall_s, 3),
         "completed": outcomes["ok"],
         "throughput_rps": round(outcomes["ok"] / wall_s, 3) if wall_s else None,
-        "latency_ms": {"p50": _percentile(latencies, 50), "p99": _percentile(latencies, 99)},
+        "latency_ms": {
+            "p50": _percentile(latencies["all"], 50),
+            "p99": _percentile(latencies["all"], 99),
+            "last_key_p50": _percentile(latencies["last_key"], 50),
+            "last_key_p99": _percentile(latencies["last_key"], 99),
+        },
         "outcomes": dict(outcomes),
         "errors": errors,
         "server": {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], int)},
@@ -237,7 +262,10 @@ def _print_table(result: dict[str, Any]) -> None:
         ("throughput (req/s)", result["throughput_rps"]),
         ("latency p50 (ms)", result["latency_ms"]["p50"]),
         ("latency p99 (ms)", result["latency_ms"]["p99"]),
+        ("last keystroke p50 (ms)", result["latency_ms"]["last_key_p50"]),
+        ("last keystroke p99 (ms)", result["latency_ms"]["last_key_p99"]),
         ("server superseded", result["server"].get("superseded")),
+        ("server cancelled", result["server"].get("cancelled")),
         ("model / device", f"{result['model']} / {result['device']} ({result['quant']})"),
     ]
     width = max(len(name) for name, _ in rows)

@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from .engine import EngineConfig
 from .errors import CodelmError
 from .runtime import RuntimePaths
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: settings still come from flags and the environment
+    tomllib = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +99,10 @@ def resolve_config(
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    if tomllib is None:
+        if path.exists():
+            raise ConfigError(f"{path}: reading config.toml needs Python 3.11 or newer")
+        return {}
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)

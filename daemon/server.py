@@ -5,6 +5,7 @@ serve until POST /shutdown or SIGTERM/SIGINT, then clean up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -58,6 +59,9 @@ async def _serve(config: DaemonConfig, on_ready: Callable[[str], None] | None) -
         logger.info("shutting down")
     finally:
         await runner.cleanup()
+        if config.unix_socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(config.unix_socket)
     return 0
 
 
@@ -82,9 +86,10 @@ def _bind(config: DaemonConfig) -> tuple[socket.socket, str, int | None]:
             os.unlink(path)  # a stale socket: we hold the instance lock
         old_umask = os.umask(0o077)
         try:
-            sock.bind(path)
+            sock.bind(path)  # created owner-only under the umask: no window for other users
         finally:
             os.umask(old_umask)
+        os.chmod(path, 0o600)
         return sock, f"unix:{path}", None
     host = "127.0.0.1" if config.host == "localhost" else config.host
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -51,8 +51,11 @@ def make_home(root: Path) -> Path:
     return root
 
 
-def cli(home: Path, *args: str, timeout: float = START_TIMEOUT_S) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CODELM_")}
+def cli(
+    home: Path, *args: str, timeout: float = START_TIMEOUT_S, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run `codelm-daemon ARGS` with CODELM_HOME=home (and no other CODELM_* from outside)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODELM_")} | (env or {})
     env["CODELM_HOME"] = str(home)
     return subprocess.run(
         [sys.executable, "-m", "codelm.daemon.cli", *args],

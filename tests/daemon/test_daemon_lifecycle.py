@@ -80,3 +80,24 @@ def test_unknown_model_path_fails_start_with_clear_error(home):
     assert missing in started.stderr and "failed to load" in started.stderr
     assert "daemon.log" in started.stderr
     assert cli(home, "status").returncode == 3
+
+
+def test_unix_socket_daemon_serves_the_client(home):
+    import asyncio
+
+    from codelm.daemon.client import DaemonClient
+
+    sock = home / "run" / "codelm.sock"
+    env_started = cli(home, "start", "--wait", "0", env={"CODELM_UNIX_SOCKET": str(sock)})
+    assert env_started.returncode == 0, env_started.stderr
+    live = RuntimePaths.for_home(home)
+    assert live.url_file.read_text().strip() == f"unix:{sock}"
+    assert oct(sock.stat().st_mode & 0o777) == oct(0o600)
+
+    async def health() -> dict:
+        async with DaemonClient.discover(live) as client:
+            return await client.health()
+
+    assert asyncio.run(health())["state"] in ("loading", "ready")
+    assert cli(home, "stop", timeout=60).returncode == 0
+    assert not sock.exists()
