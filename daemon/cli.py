@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
     logs.set_defaults(func=cmd_logs)
 
+    _add_engine_commands(sub, common, engine)
+    return parser
+
+
+def _add_engine_commands(sub: Any, common: Any, engine: Any) -> None:
+    """complete, prompt and models: implemented in commands.py."""
     for name, text in (("complete", "print the suggestion"), ("prompt", "print the prompt")):
         cmd = sub.add_parser(name, parents=[common, engine], help=f"{text} at FILE:LINE:COL")
         cmd.add_argument("location", help="FILE:LINE:COL, 1-based like compiler messages")
@@ -106,7 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("name", nargs="?", help="model name (default: default)")
     models.add_argument("--force", action="store_true", help="fetch again even if present")
     models.set_defaults(func=_lead_command("run_models"))
-    return parser
 
 
 def _lead_command(name: str) -> Any:

@@ -149,7 +149,7 @@ def test_live_client_disconnect_cancels_generation(live):
     conn, resp = _open_stream(live, LONG)
     resp.close()  # the response holds the socket open too
     conn.close()
-    _wait_for(lambda: _status(live)["requests"]["cancelled"] > before, timeout_s=20)
+    _wait_for(lambda: _status(live)["requests"]["cancelled"] > before, timeout_s=10)
     assert _status(live)["queue"]["in_flight"] is False
     _good_request_succeeds(live)
 
