@@ -52,11 +52,20 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
         tokenizer = tokenizer_from_gguf(weights.meta)
         if weights.meta["general.architecture"] in getattr(module, "GGUF_PERMUTED_ARCHS", ()):
             _unpermute_qk(weights, args)
-    dtype = _dtype(config.quant, device)
+    # Activations and KV: fp32 on CPUs (bf16 matmuls are slow without bf16 hardware; the
+    # quantised kernels convert at their boundary), bf16 on CUDA.
+    dtype = torch.bfloat16 if device.type == "cuda" or config.quant == "bf16" else torch.float32
+    make_linear = LinearFactory(config.quant, dtype, device)
     report(0.2, "building the model")
     model = module.Model(args)
     fill_model(
-        model, weights, module.FUSED, dtype, device, lambda f: report(0.2 + 0.8 * f, "weights")
+        model,
+        weights,
+        module.FUSED,
+        make_linear,
+        dtype,
+        device,
+        lambda f: report(0.2 + 0.8 * f, "weights"),
     )
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
@@ -65,8 +74,8 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
         "path": str(path),
         "arch": args.arch,
         "device": str(device),
-        "quant": str(dtype).removeprefix("torch."),
-        "quant_reason": "weights dequantised to float (quant/ kernels not used)",
+        "quant": make_linear.summary(),
+        "quant_reason": make_linear.reason,
         "n_params": n_params,
         "n_ctx": args.max_len,
     }
@@ -99,18 +108,80 @@ def _unpermute_qk(weights: WeightSet, args: Any) -> None:
                     )
 
 
-def _dtype(quant: str, device: torch.device) -> torch.dtype:
-    if quant in ("auto", "fp32"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if quant == "bf16":
-        return torch.bfloat16
-    raise ModelLoadError(f"--quant {quant} is not available yet; use fp32 or bf16")
+QUANT_MODES = ("auto", "int4", "int8", "bf16", "fp32")
+# GGUF types whose precision class is int4 (the rest keep 5 bits or more and become int8).
+_INT4_CLASS = {"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ2_XS"}
+
+
+class LinearFactory:
+    """Builds each linear layer from its checkpoint tensors, in float or through quant/."""
+
+    def __init__(self, mode: str, dtype: torch.dtype, device: torch.device) -> None:
+        if mode not in QUANT_MODES:
+            raise ModelLoadError(f"unknown quantisation {mode!r}; choose one of {QUANT_MODES}")
+        self.mode, self.dtype, self.device = mode, dtype, device
+        self.dispatcher = None
+        self.counts: dict[str, int] = {}
+        self.reason = {
+            "auto": "auto: a GGUF keeps its precision class (Q4 -> int4, Q5+ -> int8); "
+            "safetensors -> int4",
+            "int4": "asked for int4",
+            "int8": "asked for int8",
+            "bf16": "asked for bf16 (no quantisation)",
+            "fp32": "asked for fp32 (no quantisation)",
+        }[mode]
+
+    def scheme_for(self, sources: list[TensorSource]) -> str | None:
+        if self.mode in ("fp32", "bf16"):
+            return None
+        if self.mode in ("int4", "int8"):
+            return self.mode
+        kind = sources[0].ggml_type
+        return "int4" if kind is None or kind in _INT4_CLASS else "int8"
+
+    def __call__(self, name: str, sources: list[TensorSource], bias: list[TensorSource]):
+        scheme = self.scheme_for(sources)
+        label = scheme or str(self.dtype).removeprefix("torch.")
+        self.counts[label] = self.counts.get(label, 0) + 1
+        if scheme is None:
+            return _float_linear(sources, bias, self.dtype, self.device)
+        from codelm.quant import DispatchConfig, Dispatcher, QuantizedLinear, concat_formats
+
+        if self.dispatcher is None:
+            from ..config import resolve_paths
+
+            cache_dir = resolve_paths().cache_dir / "kernels"
+            self.dispatcher = Dispatcher(DispatchConfig(cache_dir=cache_dir))
+        parts = [_quantize(s, scheme) for s in sources]
+        qweight = concat_formats(parts) if len(parts) > 1 else parts[0]
+        if self.device.type != "cpu":
+            qweight = qweight.to(self.device)
+        bias_value = torch.cat([b.to_float() for b in bias]).to(self.device) if bias else None
+        return QuantizedLinear.from_format(
+            qweight, bias_value, dispatcher=self.dispatcher, name=name
+        )
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} x{v}" for k, v in sorted(self.counts.items()))
+
+
+def _quantize(source: TensorSource, scheme: str):
+    from codelm.quant import quantize_int4, quantize_int8, repack_gguf
+
+    if source.raw is not None:
+        return repack_gguf(
+            source.raw, source.ggml_type, source.shape, name=source.name, scheme=scheme
+        )
+    weight = source.to_float()
+    qweight, _ = (quantize_int4 if scheme == "int4" else quantize_int8)(weight, name=source.name)
+    return qweight
 
 
 def fill_model(
     model: nn.Module,
     weights: WeightSet,
     fused: dict[str, tuple[str, ...]],
+    make_linear,
     dtype: torch.dtype,
     device: torch.device,
     progress,
@@ -131,7 +202,7 @@ def fill_model(
             if module.bias is not None
             else []
         )
-        _set_parent(model, name, _float_linear(sources, bias, dtype, device))
+        _set_parent(model, name, make_linear(name, sources, bias))
         progress(done / len(linears))
     for name, param in list(model.named_parameters()):
         if param.is_meta or name.endswith("norm.weight"):

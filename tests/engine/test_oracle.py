@@ -10,7 +10,7 @@ import torch
 
 from codelm.daemon.engine.generate import StopRules, generate
 from codelm.daemon.engine.kv import KVCache
-from codelm.daemon.engine.loader import fill_model
+from codelm.daemon.engine.loader import LinearFactory, fill_model
 from codelm.daemon.engine.models import llama
 from codelm.daemon.engine.weights import read_hf_folder
 
@@ -39,7 +39,9 @@ def _our_model(folder: Path) -> llama.Model:
     weights = read_hf_folder(folder)
     args = llama.ModelArgs.from_hf_config(weights.meta)
     model = llama.Model(args)
-    fill_model(model, weights, llama.FUSED, torch.float32, torch.device("cpu"), lambda f: None)
+    cpu = torch.device("cpu")
+    linears = LinearFactory("fp32", torch.float32, cpu)
+    fill_model(model, weights, llama.FUSED, linears, torch.float32, cpu, lambda f: None)
     return model.eval()
 
 
