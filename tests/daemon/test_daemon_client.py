@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TOKEN
+from fake_daemon import TOKEN
 
 from codelm.daemon.client import DaemonClient, connect
 from codelm.daemon.errors import (
@@ -68,7 +68,7 @@ async def test_client_raises_cancelled_when_superseded(slow_daemon):
 
 
 async def test_client_raises_model_loading_while_loading(tmp_path):
-    from conftest import start_fake_daemon
+    from fake_daemon import start_fake_daemon
 
     daemon = await start_fake_daemon(tmp_path, wait_ready=False, load_s=0.5)
     try:

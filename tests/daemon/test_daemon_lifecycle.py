@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from live import cli, ensure_default_model, make_home, read_live, require_engine
+from daemon_live import cli, ensure_default_model, make_home, read_live, require_engine
 
 from codelm.daemon.runtime import RuntimePaths, is_lock_held
 

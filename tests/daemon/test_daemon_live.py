@@ -11,7 +11,7 @@ import time
 
 import aiohttp
 import pytest
-from live import Live, cli, ensure_default_model, make_home, read_live, require_engine
+from daemon_live import Live, cli, ensure_default_model, make_home, read_live, require_engine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from conftest import TOKEN, start_fake_daemon
+from fake_daemon import TOKEN, start_fake_daemon
 
 DOC = {"uri": "file:///a.py", "text": "def add(a, b):\n    return ", "line": 1, "character": 11}
 
