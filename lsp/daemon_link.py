@@ -43,11 +43,19 @@ class DaemonLink(Protocol):
 
     state: str  # one of STATES, or "" before the first check
 
-    def apply_settings(self, settings: LspSettings) -> None: ...
-    def start_in_background(self) -> None: ...
-    async def complete(self, request: CompleteRequest) -> CompleteResponse: ...
-    async def close_document(self, uri: str) -> None: ...
-    async def ensure_running(self) -> None: ...
+    def apply_settings(self, settings: LspSettings) -> None:
+        previous, self.settings = self.settings, settings
+        if not self.state:  # before `initialized`: start_in_background reports the state
+            return
+        if not settings.enabled:
+            self._set_state("disabled", "codelm is disabled in the settings")
+        elif self.state == "disabled" or (settings.daemon_url, settings.model) != (
+            previous.daemon_url,
+            previous.model,
+        ):
+            self._ready = False
+            self.start_in_background()
+
     def note_timeout(self) -> None: ...
     async def close(self) -> None: ...
 

@@ -16,6 +16,13 @@ from pygls.workspace.position_codec import PositionCodec
 logger = logging.getLogger(__name__)
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_LINES_CHUNK = 1024
+# One regex match per 1024 lines keeps a 100k-line file at C speed; sre scans `[^\n]*`
+# much faster than `[^\r\n]*`, so the general pattern is kept for text with a lone \r.
+_LF_LINES = re.compile(rf"(?:[^\n]*\n){{{_LINES_CHUNK}}}")
+_ANY_LINES = re.compile(rf"(?:[^\r\n]*(?:\r\n|\r|\n)){{{_LINES_CHUNK}}}")
+_LF_LINE = re.compile(r"[^\n]*\n")
+_ANY_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)")
 _UTF16 = types.PositionEncodingKind.Utf16
 
 
@@ -23,16 +30,27 @@ def _codec(encoding: str | None) -> PositionCodec:
     return PositionCodec(encoding or _UTF16)
 
 
+def line_start(text: str, line: int) -> int | None:
+    """str index where `line` starts; None if the text has fewer lines."""
+    lone_cr = "\r" in text and text.count("\r") != text.count("\r\n")
+    many, one = (_ANY_LINES, _ANY_LINE) if lone_cr else (_LF_LINES, _LF_LINE)
+    pos = 0
+    for pattern, steps in ((many, line // _LINES_CHUNK), (one, line % _LINES_CHUNK)):
+        for _ in range(steps):
+            match = pattern.match(text, pos)
+            if match is None:
+                return None
+            pos = match.end()
+    return pos
+
+
 def line_bounds(text: str, line: int) -> tuple[int, int] | None:
     """(start, end) str indices of `line` without its line break; None if past the end."""
-    start = 0
-    n_breaks = 0
-    for n_breaks, match in enumerate(_LINE_BREAK.finditer(text), start=1):
-        if n_breaks - 1 == line:
-            return start, match.start()
-        start = match.end()
-    # The text after the last break is the last line (possibly empty).
-    return (start, len(text)) if line == n_breaks else None
+    start = line_start(text, line)
+    if start is None:
+        return None
+    match = _LINE_BREAK.search(text, start)
+    return start, match.start() if match else len(text)
 
 
 def offset_at(text: str, line: int, character: int, encoding: str | None = None) -> int:
@@ -64,11 +82,11 @@ def position_at(text: str, offset: int, encoding: str | None = None) -> types.Po
     offset = min(max(offset, 0), len(text))
     if 0 < offset < len(text) and text[offset - 1] == "\r" and text[offset] == "\n":
         offset -= 1
-    line = 0
-    start = 0
-    for match in _LINE_BREAK.finditer(text, 0, offset):
-        line += 1
-        start = match.end()
+    n_cr = text.count("\r", 0, offset)
+    line = text.count("\n", 0, offset) + n_cr - (text.count("\r\n", 0, offset) if n_cr else 0)
+    start = text.rfind("\n", 0, offset) + 1
+    if n_cr:
+        start = max(start, text.rfind("\r", 0, offset) + 1)
     character = _codec(encoding).client_num_units(text[start:offset])
     return types.Position(line=line, character=character)
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+from pygls.protocol.language_server import lsp_method
 
 from . import __version__
 from .completion import Completer, ResultItem
@@ -80,6 +82,30 @@ class Session:
         self.link.apply_settings(settings)
 
 
+class CodelmProtocol(LanguageServerProtocol):
+    """pygls' protocol minus its own copy of the documents (see DocumentStore, docs/lsp.md D1).
+
+    Its incremental update walks every line in Python (about 20 ms a keystroke on a
+    100k-line file) and splits lines where LSP does not; our handlers keep the documents.
+    """
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
+    def lsp_text_document__did_open(self, params: types.DidOpenTextDocumentParams) -> Any:
+        yield from self._user_handler(types.TEXT_DOCUMENT_DID_OPEN, params)
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
+    def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams) -> Any:
+        yield from self._user_handler(types.TEXT_DOCUMENT_DID_CHANGE, params)
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
+    def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams) -> Any:
+        yield from self._user_handler(types.TEXT_DOCUMENT_DID_CLOSE, params)
+
+    def _user_handler(self, method: str, params: Any) -> Any:
+        if (handler := self.fm.features.get(method)) is not None:
+            yield handler, (params,), None
+
+
 class CodelmServer(LanguageServer):
     """pygls' server plus our Session (what the handlers share)."""
 
@@ -88,6 +114,7 @@ class CodelmServer(LanguageServer):
             SERVER_NAME,
             __version__,
             text_document_sync_kind=types.TextDocumentSyncKind.Incremental,
+            protocol_cls=CodelmProtocol,
         )
         self.session = Session(self, settings, link)
         self.shutdown_requested = False

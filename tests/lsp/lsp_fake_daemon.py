@@ -70,7 +70,7 @@ class FakeDaemon:
         return web.json_response({"closed": True})
 
     async def start(self) -> FakeDaemon:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/health", self._health)
         app.router.add_post("/v1/complete", self._complete)
         app.router.add_post("/v1/documents/close", self._close)

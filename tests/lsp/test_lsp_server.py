@@ -231,3 +231,23 @@ async def test_exit_without_shutdown_returns_1(tmp_path: Path, fake_daemon: Fake
     client.exit(None)
     assert await asyncio.wait_for(server.wait(), 10) == 1
     await client.stop()
+
+
+async def test_huge_crlf_file_stays_in_sync(editor: Editor, fake_daemon: FakeDaemon):
+    lines = [f"value_{i} = compute({i}, 'héllo 😀')  # comment\r\n" for i in range(40_000)]
+    truth = "".join(lines) + "total = sum(values)\r\n"
+    start = len(truth) - len("total = sum(values)\r\n")
+    fake_daemon.truth = truth
+    uri = "file:///work/huge.py"
+    editor.open(uri, truth[:start] + "\r\n")
+    for offset in range(start, start + 8):
+        editor.insert(uri, offset, truth[offset])
+        n_requests = len(fake_daemon.requests)
+        result = await editor.inline(uri, offset + 1)
+        if len(fake_daemon.requests) > n_requests:
+            assert fake_daemon.requests[-1].text == editor.texts[uri]
+        for item in result.items:
+            assert item.range.start.line == 40_000
+            assert truth[offset + 1 :].startswith(item.insert_text)
+    assert len(fake_daemon.requests) == 1  # then typed through
+    assert [i.insert_text for i in result.items] == ["sum(values)"]
