@@ -148,12 +148,11 @@ class Scheduler:
         if self._thread.is_alive():
             # A load cannot be interrupted (e.g. inside `import torch`); the thread is a daemon
             # thread, so waiting long for it only delays the exit.
-            loading = self._state is EngineState.LOADING
-            await asyncio.to_thread(
-                self._thread.join, min(timeout_s, 0.5) if loading else timeout_s
-            )
+            if self._state is EngineState.LOADING:
+                timeout_s = min(timeout_s, 0.5)
+            await asyncio.to_thread(self._thread.join, timeout_s)
         if self._thread.is_alive():
-            logger.warning("the engine thread did not stop within %.0f s", timeout_s)
+            logger.info("the engine thread is still busy after %.1f s; exiting anyway", timeout_s)
         with self._cond:
             self._state = EngineState.STOPPED
             self._engine = None
