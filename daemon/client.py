@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -193,7 +194,7 @@ async def _sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, 
 
 
 async def connect(
-    paths: RuntimePaths | None = None,
+    home: str | None = None,
     *,
     start: bool = True,
     start_args: Sequence[str] = (),
@@ -202,34 +203,37 @@ async def connect(
 ) -> DaemonClient:
     """A client for the running daemon, starting one (`codelm-daemon start`) when none runs.
 
+    `home` is a CODELM_HOME folder (None: $CODELM_HOME or the platformdirs folders).
     Returns once /health answers (the model may still be loading: poll `health()`).
     Raises DaemonUnavailable with the reason when it cannot start within `timeout_s`.
     """
-    paths = paths or resolve_paths()
+    paths = _paths_for(home)
     try:
         return DaemonClient.discover(paths, timeout_s=request_timeout_s)
     except DaemonUnavailable:
         if not start:
             raise
-    await start_daemon(paths, args=start_args, timeout_s=timeout_s)
+    await start_daemon(home, args=start_args, timeout_s=timeout_s)
     return DaemonClient.discover(paths, timeout_s=request_timeout_s)
 
 
 async def start_daemon(
-    paths: RuntimePaths | None = None,
+    home: str | None = None,
     *,
     args: Sequence[str] = (),
     timeout_s: float = START_TIMEOUT_S,
 ) -> None:
-    """Run `codelm-daemon start --wait 0` and wait until its /health answers."""
-    paths = paths or resolve_paths()
+    """Run `codelm-daemon start --wait 0 ARGS`; returns once the daemon's /health answers."""
+    paths = _paths_for(home)
     command = [sys.executable, "-m", "codelm.daemon.cli", "start", "--wait", "0", *args]
+    env = {**os.environ, "CODELM_HOME": home} if home else None
     logger.info("starting the daemon: %s", " ".join(command))
     proc = await asyncio.create_subprocess_exec(
         *command,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        env=env,
     )
     try:
         output, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
@@ -244,6 +248,10 @@ async def start_daemon(
             return
         text = output.decode(errors="replace").strip()
         raise DaemonUnavailable(f"the daemon did not start: {text or 'no output'}")
+
+
+def _paths_for(home: str | None) -> RuntimePaths:
+    return RuntimePaths.for_home(home) if home else resolve_paths()
 
 
 def call_sync(

@@ -89,11 +89,12 @@ async def test_client_reports_unreachable_daemon():
 
 
 async def test_connect_discovers_daemon_from_runtime_files(fake_daemon, tmp_path):
-    paths = RuntimePaths.for_home(tmp_path / "home")
+    home = str(tmp_path / "home")
+    paths = RuntimePaths.for_home(home)
     with pytest.raises(DaemonUnavailable):
-        await connect(paths, start=False)
+        await connect(home, start=False)
     with InstanceLock(paths):
         publish_endpoint(paths, str(fake_daemon.client.make_url("/")).rstrip("/"), None, TOKEN)
-        client = await connect(paths, start=False)
+        client = await connect(home, start=False)
         async with client:
             assert (await client.health())["state"] == "ready"

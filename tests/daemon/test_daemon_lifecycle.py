@@ -101,3 +101,16 @@ def test_unix_socket_daemon_serves_the_client(home):
     assert asyncio.run(health())["state"] in ("loading", "ready")
     assert cli(home, "stop", timeout=60).returncode == 0
     assert not sock.exists()
+
+
+async def test_client_connect_starts_the_daemon_when_none_runs(home):
+    from codelm.daemon.client import connect
+
+    async with await connect(str(home), timeout_s=120) as client:
+        assert (await client.health())["state"] in ("loading", "ready")
+        await client.shutdown()
+    paths = RuntimePaths.for_home(home)
+    deadline = time.monotonic() + 30
+    while is_lock_held(paths):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
