@@ -226,12 +226,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--debounce-ms", type=int, default=None, help="default: the LSP's")
     parser.add_argument("--timeout-ms", type=int, default=10_000)
     parser.add_argument("--spawn-runs", type=int, default=5)
+    parser.add_argument("--initialize-only", action="store_true", help="skip the replay")
     parser.add_argument("--json", default=None, help="default: benchmarks/results/lsp_replay.json")
     return parser.parse_args(argv)
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     spawn = await measure_initialize(args.spawn_runs)
+    spawn_stats = {"runs": spawn, "median": median(spawn), "min": min(spawn)}
+    if args.initialize_only:
+        return {"initialize_ms": spawn_stats}
     options: dict[str, Any] = {"maxTokens": args.max_tokens, "timeoutMs": args.timeout_ms}
     if args.debounce_ms is not None:
         options["debounceMs"] = args.debounce_ms
@@ -243,7 +247,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     result = await replay(session, args.file, region, args.key_ms, args.pause_ms)
     await session.close()
     return {
-        "initialize_ms": {"runs": spawn, "median": median(spawn), "min": min(spawn)},
+        "initialize_ms": spawn_stats,
         "daemon": status["message"],
         "file": str(args.file),
         "region_chars": region[1] - region[0],
@@ -259,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = asyncio.run(_run(args))
     init = payload["initialize_ms"]
     print(f"spawn -> initialize: median {init['median']:.0f} ms, min {init['min']:.0f} ms")
+    if args.initialize_only:
+        return 0
     print(f"daemon: {payload['daemon']}; retyped {payload['region_chars']} chars of {args.file}")
     r = payload["replay"]
     print_table(

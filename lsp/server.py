@@ -56,7 +56,7 @@ class EditorStatus:
             token = f"codelm-{uuid.uuid4().hex[:8]}"
             try:
                 await asyncio.wait_for(progress.create_async(token), PROGRESS_TIMEOUT_S)
-            except (asyncio.TimeoutError, Exception) as exc:  # the client may refuse
+            except Exception as exc:  # the client may refuse or never answer
                 logger.debug("no work-done progress: %s", exc)
                 return
             self._token = token
@@ -205,7 +205,7 @@ def _register_sync(server: LanguageServer, session: Session) -> None:
     @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
     def did_change(ls: LanguageServer, params: types.DidChangeTextDocumentParams) -> None:
         """Apply incremental changes; remember when (the typing rhythm)."""
-        session.documents.change(params, asyncio.get_running_loop().time())
+        session.documents.change(params, session.completer.clock())
 
     @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     async def did_close(ls: LanguageServer, params: types.DidCloseTextDocumentParams) -> None:

@@ -165,14 +165,14 @@ CUDA_KERNELS: dict[str, KernelSpec] = {
     )
 }
 
-# Used when calibration is off: tinygemm / int8pack for decode, cuBLAS for prefill.
+# Used when calibration is off: tinygemm / int8pack for decode, cuBLAS for prefill (dense
+# copies serve prefill only, as on CPU: decode is memory-bound).
 HEURISTIC_ORDER = {
     "decode": (
         "int4_tinygemm",
         "int8pack_cuda",
         "bnb_nf4",
         "bnb_int8",
-        "dense_bf16",
         "dequant_bf16",
     ),
     "prefill": (

@@ -251,3 +251,18 @@ async def test_huge_crlf_file_stays_in_sync(editor: Editor, fake_daemon: FakeDae
             assert truth[offset + 1 :].startswith(item.insert_text)
     assert len(fake_daemon.requests) == 1  # then typed through
     assert [i.insert_text for i in result.items] == ["sum(values)"]
+
+
+async def test_form_feed_and_line_separator_do_not_shift_lines(
+    editor: Editor, fake_daemon: FakeDaemon
+):
+    # str.splitlines breaks at \x0c and U+2028; LSP does not (docs/lsp.md, D1).
+    text = "a = 1\x0c\ns = 'x\u2028y'\n\x0c\nb = \n"
+    fake_daemon.truth = text.replace("b = \n", "b = a + 1\n")
+    editor.open(URI, text)
+    cursor = text.index("b = ") + 4
+    editor.insert(URI, cursor, "a")
+    result = await editor.inline(URI, cursor + 1, invoked=True)
+    assert fake_daemon.requests[-1].text == editor.texts[URI]
+    assert [i.insert_text for i in result.items] == [" + 1"]
+    assert result.items[0].range.start == types.Position(line=3, character=5)

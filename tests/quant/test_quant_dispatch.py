@@ -134,3 +134,14 @@ def test_dispatcher_offers_dense_copies_only_with_a_budget(gen):
     qw, _ = quantize_int4(weight(gen, 32, 64))
     plan = Dispatcher(DispatchConfig(calibrate=False)).plan(qw)
     assert not plan.decode.name.startswith("dense") and not plan.prefill.name.startswith("dense")
+
+
+def test_dispatcher_never_uses_dense_copies_for_decode(gen, monkeypatch):
+    monkeypatch.setattr(dispatch_module, "_busy_load", lambda: None)
+    qw, _ = quantize_int4(weight(gen, 64, 128))
+    dispatcher = Dispatcher(DispatchConfig(dense_budget_bytes=1 << 30))
+    plan = dispatcher.plan(qw)
+    (ranking,) = dispatcher._rankings.values()
+    assert not any(name.startswith("dense") for name in ranking.times_ms["decode"])
+    assert "dense_bf16" in ranking.times_ms["prefill"]
+    assert not plan.decode.name.startswith("dense")
