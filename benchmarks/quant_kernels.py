@@ -5,8 +5,10 @@
 
 Prints one row per (scheme, shape, rows, kernel) with median and min ms over repeats
 (warm-up excluded), the max error against reference.matmul relative to max |y|, and the
-linear-layer time per token for the whole model (30 layers + head). Writes JSON to
-benchmarks/results/quant_kernels.json.
+linear-layer time per token for the whole model (30 layers + head) summed from those rows.
+Per-shape loops keep a layer's weight hot in cache, so `--chain` (default) also times decode
+the way the model runs it: every layer once per token, in order, caches cold. Writes JSON
+to benchmarks/results/quant_kernels.json.
 """
 
 from __future__ import annotations
@@ -50,12 +52,21 @@ def main(argv: list[str] | None = None) -> int:
             qw = quantize_int4(w, 32)[0] if scheme == "int4" else quantize_int8(w)[0]
             rows += _bench_shape(qw, scheme, name, uses, args, gen)
     totals = _model_totals(rows)
+    chain = [_bench_chain(s, k, args, gen) for s in args.schemes for k in _chain_kernels(s, args)]
     _print_table(rows, ["scheme", "shape", "rows", "kernel", "median_ms", "min_ms", "rel_err"])
     print()
     _print_table(totals, ["scheme", "kernel", "rows", "model_ms", "tokens_per_s"])
+    if chain:
+        print("\ndecode, all layers in sequence (caches cold):")
+        _print_table(chain, ["scheme", "kernel", "median_ms", "min_ms", "tokens_per_s"])
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": _machine(), "results": rows, "model_totals": totals}
+    payload = {
+        "machine": _machine(),
+        "results": rows,
+        "model_totals": totals,
+        "decode_chain": chain,
+    }
     out.write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {out}")
     return 0
@@ -69,6 +80,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--json", default=str(RESULTS))
+    parser.add_argument("--no-chain", dest="chain", action="store_false")
     return parser.parse_args(argv)
 
 
@@ -101,14 +113,46 @@ def _bench_shape(qw, scheme, name, uses, args, gen) -> list[dict[str, Any]]:
     return rows
 
 
-def _time(kernel, x: torch.Tensor, min_time: float) -> list[float]:
+def _chain_kernels(scheme: str, args: argparse.Namespace) -> list[str]:
+    if not args.chain:
+        return []
+    # dequant_fp32 re-dequantises the whole model per token (~0.2 s): not a decode candidate.
+    names = [n for n in args.kernels if scheme in CPU_KERNELS[n].schemes]
+    return [n for n in names if n != "dequant_fp32"]
+
+
+def _bench_chain(scheme: str, kernel_name: str, args, gen) -> dict[str, Any]:
+    """One token through every linear layer of the model, as decode runs it."""
+    layers = []
+    for _, n, k, uses in SHAPES:
+        for _ in range(uses):
+            w = torch.randn(n, k, generator=gen) * 0.05
+            qw = quantize_int4(w, 32)[0] if scheme == "int4" else quantize_int8(w)[0]
+            layers.append((CPU_KERNELS[kernel_name].build(qw), torch.randn(1, k, generator=gen)))
+
+    def token() -> None:
+        for kernel, x in layers:
+            kernel(x)
+
+    times = _time(token, None, args.min_time)
+    return {
+        "scheme": scheme,
+        "kernel": kernel_name,
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "tokens_per_s": 1e3 / statistics.median(times),
+    }
+
+
+def _time(kernel, x: torch.Tensor | None, min_time: float) -> list[float]:
+    call = kernel if x is None else (lambda: kernel(x))
     for _ in range(2):  # warm-up: first calls allocate and fault pages in
-        kernel(x)
+        call()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < 5 or time.perf_counter() - start < min_time:
         t0 = time.perf_counter()
-        kernel(x)
+        call()
         times.append((time.perf_counter() - t0) * 1e3)
         if len(times) >= 200:
             break
