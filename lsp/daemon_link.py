@@ -159,7 +159,7 @@ class HttpDaemonLink:
                 raise
         await self.sink.progress("report", "Starting the codelm daemon")
         args = ["--model", self.settings.model] if self.settings.model else []
-        await daemon_client.start_daemon(paths, args=args, timeout_s=START_TIMEOUT_S)
+        await daemon_client.start_daemon(self.home, args=args, timeout_s=START_TIMEOUT_S)
         self._client = daemon_client.DaemonClient.discover(paths, timeout_s=REQUEST_TIMEOUT_S)
         return self._client
 
