@@ -203,3 +203,13 @@ async def test_completer_skips_disabled_language_and_mid_word():
     completer.settings = LspSettings(debounce_ms=0)
     assert await completer.inline_completion(URI, _at(0, 2), is_invoked=False) == []
     assert link.requests == [] and completer.stats.skipped == 2
+
+
+async def test_completer_speaks_the_negotiated_utf8_encoding():
+    link = FakeLink(lambda r: "1")
+    completer = _completer(link, "é😀 = \n")
+    completer.documents.encoding = types.PositionEncodingKind.Utf8
+    items = await completer.inline_completion(URI, _at(0, 9), is_invoked=True)  # 2+4+3 bytes
+    request = link.requests[0]
+    assert request.character == 6  # the daemon always gets UTF-16 units (1 + 2 + 3)
+    assert items[0].range.start == _at(0, 9)
