@@ -31,7 +31,13 @@ def _get(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {str: "a string", int: "an integer", bool: "a boolean", list: "a list", float: "a number"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        bool: "a boolean",
+        list: "a list",
+        float: "a number",
+    }
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
@@ -64,7 +70,7 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
 
 def _text(body: dict[str, Any], name: str, default: Any = ...) -> str:
     value = _get(body, name, str, default)
-    if len(value) > MAX_TEXT_CHARS:
+    if value is not None and len(value) > MAX_TEXT_CHARS:
         raise BadRequest(name, f"longer than {MAX_TEXT_CHARS} characters")
     return value
 

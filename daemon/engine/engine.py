@@ -106,7 +106,7 @@ class Engine:
     def complete(
         self, request: CompleteRequest, cancel: CancelToken | None = None, on_text=None
     ) -> CompleteResponse:
-        ids = self._build(request).token_ids
+        prompt = self._build(request)
         single_line = request.single_line if request.single_line is not None else False
         rules = StopRules(
             stop_ids=self.stop_ids,
@@ -114,7 +114,7 @@ class Engine:
             max_tokens=request.max_tokens,
             single_line=single_line,
         )
-        result = self._run(request.uri, ids, rules, cancel, on_text)
+        result = self._run(request.uri, prompt.token_ids, rules, cancel, on_text, prompt.heal)
         at = Position(line=request.line, character=request.character)
         item = CompletionItem(text=result.text, range=Range(start=at, end=at))
         return _response([item], result)
@@ -122,32 +122,28 @@ class Engine:
     def complete_openai(
         self, request: OpenAICompletionRequest, cancel: CancelToken | None = None, on_text=None
     ) -> CompleteResponse:
-        bos = [self.tokenizer.bos_id] if self.tokenizer.add_bos and self.tokenizer.bos_id else []
-        if request.suffix is not None and self.fim is not None:
-            text = request.prompt + request.suffix
-            ids = build_prompt(
-                self.tokenizer,
-                self.fim,
-                text,
-                len(request.prompt),
-                path=None,
-                prefix_chars=len(text) + 1,
-                suffix_chars=len(request.suffix) + 1,
-            ).token_ids
-        else:
-            ids = bos + self.tokenizer.encode(request.prompt)
-        if not ids:
+        """A raw prompt continued (or filled, with a suffix and a FIM model), token-healed."""
+        text = request.prompt + (request.suffix or "")
+        prompt = build_prompt(
+            self.tokenizer,
+            self.fim if request.suffix is not None else None,
+            text,
+            len(request.prompt),
+            path=None,
+            prefix_chars=len(text) + 1,
+            suffix_chars=len(text) + 1,
+        )
+        if not prompt.token_ids and not prompt.heal:
             raise BadRequest("prompt", "must not be empty")
         rules = StopRules(
             stop_ids=self.stop_ids, stop_texts=request.stop, max_tokens=request.max_tokens
         )
-        result = self._run(None, ids, rules, cancel, on_text)
+        result = self._run(None, prompt.token_ids, rules, cancel, on_text, prompt.heal)
         origin = Position(line=0, character=0)
-        return _response(
-            [CompletionItem(text=result.text, range=Range(start=origin, end=origin))], result
-        )
+        item = CompletionItem(text=result.text, range=Range(start=origin, end=origin))
+        return _response([item], result)
 
-    def _run(self, uri, ids, rules, cancel, on_text) -> GenerationResult:
+    def _run(self, uri, ids, rules, cancel, on_text, heal: bytes = b"") -> GenerationResult:
         if len(ids) + rules.max_tokens > self.args.max_len:
             raise BadRequest(
                 "text", f"the prompt ({len(ids)} tokens) leaves no room in the context"
@@ -164,11 +160,17 @@ class Engine:
                 chunk=self.config.prefill_chunk,
                 cancel=cancel,
                 on_text=on_text,
+                heal=heal,
             )
         finally:
-            # Keep what was computed (also on cancel): the next keystroke reuses it.
+            # Keep what was computed (also on cancel): the next keystroke reuses it. Tokens of
+            # a cancelled decode are dropped, the prompt's KV is kept.
+            if result is None:
+                kv.trim_to(min(kv.length, len(ids)))
             tokens = ids + _fed_tokens(kv, ids, result)
-            self.cache.checkin(uri or f"anonymous:{id(kv)}", tokens, kv)
+            # A prompt without a document is filed under its opening tokens, so a client that
+            # resends a growing prompt replaces its own entry instead of adding one each time.
+            self.cache.checkin(uri or f"prompt:{hash(tuple(ids[:64]))}", tokens, kv)
         return result
 
     def close_document(self, uri: str) -> bool:

@@ -13,7 +13,7 @@ import torch
 from ..errors import Cancelled
 from .cancel import CancelToken
 from .kv import KVCache
-from .sampling import greedy
+from .sampling import HealingPicker, greedy
 from .tokenizer import Tokenizer
 
 _FIRST_LINE = re.compile(r"\S[^\n]*\n")
@@ -130,12 +130,13 @@ def generate(
     chunk: int = 256,
     cancel: CancelToken | None = None,
     on_text: Callable[[str], None] | None = None,
-    pick: Callable[[torch.Tensor, int], int] | None = None,
+    heal: bytes = b"",
 ) -> GenerationResult:
     """Prefill what of `prompt` the cache lacks, then decode until a stop rule fires.
 
     `kv` must hold a prefix of `prompt` (the caller trims it); it ends holding the prompt plus
-    the generated tokens that were fed back.
+    the generated tokens that were fed back. `heal`: bytes removed from the prompt's end that
+    the first generated tokens must spell again; they are not part of the result's text.
     """
     assert kv.length < len(prompt), "the cache must leave at least one prompt token to run"
     result = GenerationResult(cached_tokens=kv.length, prefilled_tokens=len(prompt) - kv.length)
@@ -144,15 +145,16 @@ def generate(
         logits = prefill(model, kv, prompt[kv.length :], chunk, cancel)
         t1 = time.perf_counter()
         result.prefill_ms = (t1 - t0) * 1000
-        _decode(model, tokenizer, kv, logits, rules, result, cancel, on_text, pick)
+        _decode(model, tokenizer, kv, logits, rules, result, cancel, on_text, heal)
         result.decode_ms = (time.perf_counter() - t1) * 1000
     return result
 
 
-def _decode(model, tokenizer, kv, logits, rules, result, cancel, on_text, pick) -> None:
-    streamer = tokenizer.streamer()
+def _decode(model, tokenizer, kv, logits, rules, result, cancel, on_text, heal) -> None:
+    streamer = tokenizer.streamer(skip=heal)
     text, shown = "", 0
-    steps = decode_steps(model, kv, logits, rules.max_tokens, pick or (lambda lg, s: greedy(lg)))
+    pick = HealingPicker(tokenizer, heal) if heal else (lambda lg, step: greedy(lg))
+    steps = decode_steps(model, kv, logits, rules.max_tokens, pick)
     result.stop_reason = StopReason.MAX_TOKENS
     for token in steps:
         if cancel is not None and cancel.is_cancelled:

@@ -147,6 +147,18 @@ class Prompt:
     token_ids: list[int]
     prefix_start: int  # document offset where the prefix window starts
     fim: FimFormat | None
+    heal: bytes = b""  # the prompt's last token, removed for the model to spell again
+
+
+def _heal(tokenizer: Tokenizer, ids: list[int]) -> bytes:
+    """Pop the last token of `ids` (the text just before the cursor) and return its bytes.
+
+    Text at the cursor often ends inside what the model would write as one token (indentation,
+    half a word); letting the model choose that token again is token healing.
+    """
+    if len(ids) < 2 or ids[-1] in tokenizer.special.values():
+        return b""
+    return tokenizer.pieces[ids.pop()]
 
 
 def build_prompt(
@@ -167,13 +179,21 @@ def build_prompt(
     start = window_start(text, cursor, prefix_chars, anchor)
     prefix = text[start:cursor]
     bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+    prefix_ids = tokenizer.encode(prefix)
     if fim is None:
-        ids = bos + tokenizer.encode(comment_header(path)) + tokenizer.encode(prefix)
-        return Prompt(token_ids=ids, prefix_start=start, fim=None)
+        heal = _heal(tokenizer, prefix_ids)
+        ids = bos + tokenizer.encode(comment_header(path)) + prefix_ids
+        if not ids:
+            # An empty document: start where a new document starts in training, after a
+            # document boundary token.
+            ids = [tokenizer.bos_id if tokenizer.bos_id is not None else min(tokenizer.eos_ids)]
+        return Prompt(token_ids=ids, prefix_start=start, fim=None, heal=heal)
     suffix = suffix_window(text, cursor, suffix_chars)
     pre, suf, mid = (tokenizer.token_id(t) for t in (fim.prefix, fim.suffix, fim.middle))
     if fim.order == "spm":
-        ids = bos + [pre, suf] + tokenizer.encode(suffix) + [mid] + tokenizer.encode(prefix)
-    else:
-        ids = bos + [pre] + tokenizer.encode(prefix) + [suf] + tokenizer.encode(suffix) + [mid]
+        heal = _heal(tokenizer, prefix_ids)
+        ids = bos + [pre, suf] + tokenizer.encode(suffix) + [mid] + prefix_ids
+        return Prompt(token_ids=ids, prefix_start=start, fim=fim, heal=heal)
+    # PSM: the prefix is not at the end, so its last token cannot be healed.
+    ids = bos + [pre] + prefix_ids + [suf] + tokenizer.encode(suffix) + [mid]
     return Prompt(token_ids=ids, prefix_start=start, fim=fim)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 
 def greedy(logits: torch.Tensor) -> int:
@@ -15,3 +20,20 @@ def greedy_with_prefix(logits: torch.Tensor, allowed: torch.Tensor | None) -> in
     if allowed is None:
         return greedy(logits)
     return int(allowed[logits[-1, allowed].argmax()])
+
+
+class HealingPicker:
+    """Greedy, but the first tokens must spell `heal`: the bytes of the prompt's last token,
+    removed so the model can choose how the text at the cursor continues (token healing)."""
+
+    def __init__(self, tokenizer: Tokenizer, heal: bytes) -> None:
+        self.tokenizer = tokenizer
+        self.remaining = heal
+
+    def __call__(self, logits: torch.Tensor, step: int) -> int:
+        if not self.remaining:
+            return greedy(logits)
+        token = greedy_with_prefix(logits, self.tokenizer.consistent_tokens(self.remaining))
+        piece = self.tokenizer.pieces[token]
+        self.remaining = self.remaining[len(piece) :] if self.remaining.startswith(piece) else b""
+        return token

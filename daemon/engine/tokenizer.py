@@ -10,10 +10,12 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..errors import ModelLoadError
 
@@ -81,6 +83,7 @@ class Tokenizer:
     eos_ids: frozenset[int]
     add_bos: bool
     pieces: list[bytes]  # id -> the bytes that token stands for (special tokens: their text)
+    consistent_cache: dict[bytes, torch.Tensor] = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
@@ -97,22 +100,52 @@ class Tokenizer:
     def token_id(self, text: str) -> int | None:
         return self.special.get(text)
 
-    def streamer(self) -> StreamDecoder:
-        return StreamDecoder(self.pieces)
+    def streamer(self, skip: bytes = b"") -> StreamDecoder:
+        return StreamDecoder(self.pieces, skip)
+
+    def consistent_tokens(self, required: bytes) -> torch.Tensor:
+        """Ids of ordinary tokens whose bytes start with `required` or are a prefix of it."""
+        ids = self.consistent_cache.get(required)
+        if ids is None:
+            special = set(self.special.values())
+            ids = torch.tensor(
+                [
+                    i
+                    for i, piece in enumerate(self.pieces)
+                    if piece
+                    and i not in special
+                    and (piece.startswith(required) or required.startswith(piece))
+                ],
+                dtype=torch.long,
+            )
+            if len(self.consistent_cache) > 256:
+                self.consistent_cache.clear()
+            self.consistent_cache[required] = ids
+        return ids
 
 
 class StreamDecoder:
-    """Turns token ids into text pieces as they come, never splitting a UTF-8 character."""
+    """Turns token ids into text pieces as they come, never splitting a UTF-8 character.
 
-    def __init__(self, pieces: list[bytes]) -> None:
+    The first `skip` bytes are dropped: text the prompt already holds (token healing).
+    """
+
+    def __init__(self, pieces: list[bytes], skip: bytes = b"") -> None:
         self._pieces = pieces
+        self._skip = len(skip)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
-        return self._decoder.decode(self._pieces[token_id])
+        data = self._pieces[token_id]
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            data, self._skip = data[dropped:], self._skip - dropped
+        return self._decoder.decode(data)
 
     def flush(self) -> str:
-        return self._decoder.decode(b"", final=True)
+        """End of output: bytes of an unfinished character are dropped, never shown as U+FFFD."""
+        self._decoder.reset()
+        return ""
 
 
 def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:

@@ -126,11 +126,6 @@ async def test_live_huge_body_gets_413_and_daemon_lives_on(live):
     _good_request_succeeds(live)
 
 
-ENGINE_CANCEL_BUG = pytest.mark.xfail(
-    reason="engine: Engine._run's finally asserts in FileCache.checkin when cancelled during "
-    "decode (result is None, so the fed tokens are not counted); remove once fixed",
-    strict=False,
-)
 
 
 def _open_stream(live: Live, body: dict):
@@ -143,7 +138,6 @@ def _open_stream(live: Live, body: dict):
     return conn, resp
 
 
-@ENGINE_CANCEL_BUG
 def test_live_client_disconnect_cancels_generation(live):
     before = _status(live)["requests"]["cancelled"]
     conn, resp = _open_stream(live, LONG)
@@ -165,7 +159,6 @@ def test_live_newer_request_supersedes_older_while_queued_or_prefilling(live):
     assert results[0][0] == 409 and results[0][1]["error"]["code"] == "cancelled"
 
 
-@ENGINE_CANCEL_BUG
 def test_live_newer_request_supersedes_older_while_decoding(live):
     request = {**LONG, "uri": "file:///live/decoding.py"}
     conn, resp = _open_stream(live, request)
