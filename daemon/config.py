@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import EngineConfig
-from .errors import CodelmError
+from .errors import ConfigError
 from .runtime import RuntimePaths
 
 try:
@@ -33,13 +33,6 @@ CHOICES = {
     "log_level": LOG_LEVELS,
 }
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-class ConfigError(CodelmError):
-    """A setting has the wrong type or value; the message names where it came from."""
-
-    code = "config_error"
-    status = 400
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -51,6 +51,20 @@ class PayloadTooLarge(CodelmError):
     status = 413
 
 
+class ConfigError(CodelmError):
+    """A setting has the wrong type or value; the message names where it came from."""
+
+    code = "config_error"
+    status = 400
+
+
+class Overloaded(CodelmError):
+    """Too many documents are waiting for the engine."""
+
+    code = "overloaded"
+    status = 503
+
+
 class ModelLoading(CodelmError):
     code = "model_loading"
     status = 503

@@ -29,6 +29,7 @@ from .errors import (
     DaemonUnavailable,
     ModelLoadError,
     ModelLoading,
+    Overloaded,
 )
 from .protocol import CompleteRequest, CompleteResponse, OpenAICompletionRequest
 
@@ -36,13 +37,6 @@ logger = logging.getLogger(__name__)
 
 LATENCY_WINDOW = 1000  # completed requests kept for the percentiles
 Loader = Callable[..., Any]  # (EngineConfig, progress) -> Engine
-
-
-class Overloaded(CodelmError):
-    """Too many documents are waiting for the engine."""
-
-    code = "overloaded"
-    status = 503
 
 
 class EngineState(str, enum.Enum):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from codelm.daemon.config import ConfigError, DaemonConfig, resolve_config
+from codelm.daemon.config import DaemonConfig, resolve_config
+from codelm.daemon.errors import ConfigError
 from codelm.daemon.runtime import RuntimePaths
 
 

@@ -9,9 +9,9 @@ import pytest
 from fake_engine import make_loader
 
 from codelm.daemon.engine import EngineConfig
-from codelm.daemon.errors import Cancelled, ModelLoadError, ModelLoading
+from codelm.daemon.errors import Cancelled, ModelLoadError, ModelLoading, Overloaded
 from codelm.daemon.protocol import CompleteRequest, OpenAICompletionRequest
-from codelm.daemon.scheduler import EngineState, Overloaded, Scheduler
+from codelm.daemon.scheduler import EngineState, Scheduler
 
 
 def _request(
