@@ -35,6 +35,7 @@ from pygls.lsp.client import LanguageClient  # noqa: E402
 from codelm.lsp.positions import position_at  # noqa: E402
 
 READY_TIMEOUT_S = 300.0
+WARMUP_TIMEOUT_MS = 300_000
 
 
 def lsp_command() -> list[str]:
@@ -124,7 +125,12 @@ class Key:
 
 
 async def replay(
-    session: Session, path: Path, region: tuple[int, int], key_ms: float, pause_ms: float
+    session: Session,
+    path: Path,
+    region: tuple[int, int],
+    key_ms: float,
+    pause_ms: float,
+    timeout_ms: int,
 ) -> dict:
     truth = path.read_text(encoding="utf-8")
     start, end = region
@@ -133,8 +139,12 @@ async def replay(
     client = session.client
     item = types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)
     client.text_document_did_open(types.DidOpenTextDocumentParams(text_document=item))
-    # Warm-up (not measured): the user opened the file and paused where they will type.
+    # Warm-up (not measured): the user opened the file and paused where they will type; the
+    # daemon prefills the whole file once, however long that takes on this machine.
+    await _configure(client, {"timeoutMs": WARMUP_TIMEOUT_MS})
     await _ask(client, uri, position_at(text, start), Key(start, 0.0), invoked=True)
+    await _configure(client, {"timeoutMs": timeout_ms})
+    before = await _stats(client)
     keys: list[Key] = []
     tasks = []
     due = time.perf_counter()
@@ -161,10 +171,21 @@ async def replay(
         keys.append(key)
         tasks.append(asyncio.create_task(_ask(client, uri, position_at(text, offset + 1), key)))
     await asyncio.wait_for(asyncio.gather(*tasks), 120)
-    stats = await client.workspace_execute_command_async(
-        types.ExecuteCommandParams(command="codelm.stats")
-    )
+    after = await _stats(client)
+    stats = {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, int)}
     return summarize(keys, truth, key_ms, stats)
+
+
+async def _stats(client: LanguageClient) -> dict[str, Any]:
+    params = types.ExecuteCommandParams(command="codelm.stats")
+    return dict(await client.workspace_execute_command_async(params))
+
+
+async def _configure(client: LanguageClient, settings: dict[str, Any]) -> None:
+    client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(settings={"codelm": settings})
+    )
+    await _stats(client)  # a round trip: the notification has been handled
 
 
 async def _ask(
@@ -244,7 +265,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     if status["state"] != "ready":
         raise SystemExit(f"the daemon is not available: {status['message']}")
     region = pick_region(args.file.read_text(encoding="utf-8"), args.anchor, args.lines)
-    result = await replay(session, args.file, region, args.key_ms, args.pause_ms)
+    result = await replay(session, args.file, region, args.key_ms, args.pause_ms, args.timeout_ms)
     await session.close()
     return {
         "initialize_ms": spawn_stats,
