@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from codelm.daemon.protocol import CompleteRequest, CompleteResponse, Completion
 
 from .cache import DocState, TypingCache
 from .positions import offset_at, position_at, to_range
-from .postprocess import Context, Suggestion, postprocess
+from .postprocess import BLOCK_OPENER, LINE_REST_OK, Context, Suggestion, postprocess
 
 if TYPE_CHECKING:
     from .daemon_link import DaemonLink
@@ -37,9 +36,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Mid-line suggestions only when the rest of the line is closers, quotes, `;`, `,` or spaces.
-LINE_REST_OK = re.compile(r"^[\s)\]}\"'`;,]*$")
-BLOCK_OPENER = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
 FAST_TYPING_MS = 250.0  # median gap between edits below this counts as typing fast
 MAX_DEBOUNCE_FACTOR = 3.0
 

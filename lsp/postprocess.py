@@ -21,9 +21,10 @@ OPENERS = "([{"
 CLOSERS = ")]}"
 QUOTES = "\"'`"
 _PAIRS = dict(zip(CLOSERS, OPENERS, strict=True))
-_BLOCK_OPENER = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+BLOCK_OPENER = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
 # What may follow the cursor on its line for a mid-line suggestion (see completion.py).
-_LINE_REST_OK = re.compile(r"^[\s)\]}\"'`;,]*$")
+LINE_REST_OK = re.compile(r"^[\s)\]}\"'`;,]*$")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -49,7 +50,8 @@ class Context:
 
     @cached_property
     def line_after(self) -> str:
-        return re.split(r"\r\n|\r|\n", self.suffix, maxsplit=1)[0]
+        end = _LINE_BREAK.search(self.suffix)
+        return self.suffix[: end.start()] if end else self.suffix
 
     @cached_property
     def eol(self) -> str:
@@ -59,14 +61,16 @@ class Context:
     @cached_property
     def suffix_lines(self) -> list[str]:
         """Lines after the cursor line (at most 50), \\r stripped."""
-        rest = self.suffix[len(self.line_after) :].replace("\r\n", "\n").replace("\r", "\n")
+        start = len(self.line_after)
+        rest = self.suffix[start : start + 20_000].replace("\r\n", "\n").replace("\r", "\n")
         return rest[1:].split("\n", 50)[:50] if rest else []
 
     @cached_property
     def prefix_lines(self) -> list[str]:
         """Lines before the cursor line (at most 50, nearest last), \\r stripped."""
-        head = self.prefix[: len(self.prefix) - len(self.line_before)]
-        lines = head[-8000:].replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        end = len(self.prefix) - len(self.line_before)
+        head = self.prefix[max(0, end - 8000) : end]  # slices, not copies of a huge prefix
+        lines = head.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         return lines[:-1][-50:]
 
 
@@ -129,7 +133,7 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
     if cursor_line.strip():
         base = indent_width(cursor_line)
         # After `{`/`:`, the block is the lines indented deeper than the cursor line.
-        min_indent = base + 1 if _BLOCK_OPENER.search(cursor_line) else base
+        min_indent = base + 1 if BLOCK_OPENER.search(cursor_line) else base
     else:
         base = min_indent = indent_width(ctx.line_before)
     for n, line in enumerate(lines[1:], start=1):
@@ -231,7 +235,7 @@ def trim_closing_overlap(s: Suggestion, ctx: Context) -> Suggestion | None:
     candidates = [
         k
         for k in range(1, min(len(text), len(ahead)) + 1)
-        if text.endswith(ahead[:k]) and _LINE_REST_OK.match(ahead[:k]) and ahead[:k].strip()
+        if text.endswith(ahead[:k]) and LINE_REST_OK.match(ahead[:k]) and ahead[:k].strip()
     ]
     if not candidates:
         return s
@@ -308,7 +312,7 @@ def drop_blank(s: Suggestion, ctx: Context) -> Suggestion | None:
 def replace_line_rest(s: Suggestion, ctx: Context) -> Suggestion | None:
     """Replace the closers after the cursor when the suggestion retypes them (fewer errors)."""
     rest = ctx.line_after
-    if not rest.strip() or not _LINE_REST_OK.match(rest) or s.replace_after:
+    if not rest.strip() or not LINE_REST_OK.match(rest) or s.replace_after:
         return s
     if _errors_with(ctx, s.text, len(rest)) < _errors_with(ctx, s.text, 0):
         logger.debug("replace_line_rest: the suggestion retypes %r", rest)
