@@ -116,15 +116,20 @@ def _overrides_model(args: argparse.Namespace) -> bool:
 def run_prompt(args: argparse.Namespace) -> int:
     try:
         request = build_request(Location.parse(args.location), 1)
-        text, ids = _load_engine(args).prompt(request)
+        engine = _load_engine(args)
+        prompt = engine.prompt(request)
     except CodelmError as exc:
         print(f"codelm-daemon prompt: {exc.message}", file=sys.stderr)
         return 2
+    text, ids = engine.prompt_text(prompt), prompt.token_ids
+    healed = prompt.heal.decode("utf-8", errors="replace")
     if args.json:
-        print(json.dumps({"prompt": text, "token_ids": ids}, ensure_ascii=False))
+        body = {"prompt": text, "token_ids": ids, "healed": healed}
+        print(json.dumps(body, ensure_ascii=False))
     else:
         print(text)
-        print(f"--- {len(ids)} tokens", file=sys.stderr)
+        note = f" (healed: {healed!r}, which the suggestion starts by retyping)" if healed else ""
+        print(f"--- {len(ids)} tokens{note}", file=sys.stderr)
     return 0
 
 

@@ -237,10 +237,6 @@ class Scheduler:
         finally:
             self._abandon(job, "client went away")
 
-    async def prompt(self, request: CompleteRequest) -> tuple[str, list[int]]:
-        job = self._submit(f"prompt:{next(self._ids)}", "prompt", lambda e, _: e.prompt(request))
-        return await self._wait(job)
-
     async def close_document(self, uri: str) -> bool:
         """Drop the document's cached KV; False when nothing was cached (or no model loaded)."""
         with self._cond:

@@ -83,9 +83,12 @@ class Engine:
             max_len=a.max_len,
         )
 
-    def prompt(self, request: CompleteRequest) -> tuple[str, list[int]]:
-        built = self._build(request)
-        return self.tokenizer.decode(built.token_ids), built.token_ids
+    def prompt(self, request: CompleteRequest) -> Prompt:
+        """The prompt a completion at this point would run (its text: `prompt_text`)."""
+        return self._build(request)
+
+    def prompt_text(self, prompt: Prompt) -> str:
+        return self.tokenizer.decode(prompt.token_ids)
 
     def _build(self, request: CompleteRequest) -> Prompt:
         cursor = offset_at(request.text, request.line, request.character)

@@ -102,11 +102,6 @@ class FakeEngine:
         item = CompletionItem(text=text, range=Range(start=here, end=here))
         return CompleteResponse(items=[item], timings=timings, stop_reason="max_tokens")
 
-    def prompt(self, request: CompleteRequest) -> tuple[str, list[int]]:
-        offset = offset_at(request.text, request.line, request.character)
-        prompt = f"<pre>{request.text[:offset]}<suf>{request.text[offset:]}<mid>"
-        return prompt, [ord(c) % 256 for c in prompt]
-
     def close_document(self, uri: str) -> bool:
         if uri in self.cached:
             self.cached.discard(uri)

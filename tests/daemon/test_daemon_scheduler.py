@@ -222,8 +222,6 @@ async def test_scheduler_close_document_and_prompt_run_on_engine():
         await scheduler.complete(_request(max_tokens=1))
         assert scheduler.status()["cache"]["entries"] == 1
         assert await scheduler.close_document("file:///a.py") is True
-        prompt, ids = await scheduler.prompt(_request())
-        assert prompt.startswith("<pre>def f(x):") and len(ids) == len(prompt)
     finally:
         await scheduler.stop()
 
