@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,31 +83,28 @@ def unpermute_order(n_rows: int, n_heads: int) -> torch.Tensor:
 
 def read_gguf(path: Path, name_table: Callable[[str], dict[str, str]]) -> WeightSet:
     """Read a GGUF file; `name_table(arch)` gives that architecture's GGUF -> HF name table."""
-    from gguf import GGUFReader
+    from .gguf_file import read_gguf_file
 
     try:
-        reader = GGUFReader(path)
-        meta = {name: _field_value(field) for name, field in reader.fields.items()}
+        meta, gguf_tensors = read_gguf_file(path)
         arch = meta["general.architecture"]
-    except (ValueError, OSError, IndexError, KeyError) as exc:
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
         raise ModelLoadError(
             f"{path} is not a readable GGUF file ({exc!r}); fetch it again (for a catalogue "
             "model: `codelm-daemon models fetch NAME --force`)"
         ) from exc
     names = _expand_names(name_table(arch), meta.get(f"{arch}.block_count", 0))
     tensors = {}
-    for t in reader.tensors:
+    for t in gguf_tensors:
         ours = names.get(t.name)
         if ours is None:
             logger.debug("skipping GGUF tensor %s", t.name)
             continue
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        qtype = t.tensor_type.name
-        if qtype in _FLOAT_TYPES:
-            data = torch.from_numpy(np.array(t.data)).view(_FLOAT_TYPES[qtype]).reshape(shape)
-            tensors[ours] = TensorSource(ours, shape, tensor=data)
+        if t.type_name in _FLOAT_TYPES:
+            data = torch.from_numpy(np.array(t.data)).view(_FLOAT_TYPES[t.type_name])
+            tensors[ours] = TensorSource(ours, t.shape, tensor=data.reshape(t.shape))
         else:
-            tensors[ours] = TensorSource(ours, shape, qtype, raw=np.asarray(t.data))
+            tensors[ours] = TensorSource(ours, t.shape, t.type_name, raw=t.data)
     return WeightSet(tensors, meta, "gguf", path)
 
 
@@ -119,19 +117,6 @@ def _expand_names(table: dict[str, str], n_layers: int) -> dict[str, str]:
         else:
             names[gguf_name] = ours
     return names
-
-
-def _field_value(field: Any) -> Any:
-    from gguf import GGUFValueType
-
-    if field.types and field.types[0] == GGUFValueType.ARRAY:
-        if len(field.types) > 1 and field.types[1] == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    if field.types and field.types[0] == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-    value = field.parts[field.data[0]].tolist()
-    return value[0] if len(value) == 1 else value
 
 
 def read_hf_folder(path: Path) -> WeightSet:
