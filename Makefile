@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VSCODE := editors/vscode
 
-.PHONY: install start stop test lint bench bench-peers clean
+.PHONY: install start stop test lint bench bench-peers clean vsix test-editors
 
 install: $(STAMP)
 	@$(BIN)/codelm-daemon models fetch default
@@ -26,12 +27,28 @@ start: install
 stop:
 	@$(BIN)/codelm-daemon stop
 
-test: install
+# CODELM_EDITOR_TESTS=1 (CI) adds the editor tests, with their installs (see test-editors).
+test: install $(if $(filter 1,$(CODELM_EDITOR_TESTS)),test-editors)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon lsp quant tests benchmarks
 	$(BIN)/ruff format --check daemon lsp quant tests benchmarks
+
+# The VS Code extension, bundled with esbuild: $(VSCODE)/codelm-<version>.vsix.
+vsix: $(VSCODE)/node_modules/.installed
+	cd $(VSCODE) && npm run package
+
+$(VSCODE)/node_modules/.installed: $(VSCODE)/package-lock.json
+	cd $(VSCODE) && npm ci --no-audit --no-fund
+	touch $@
+
+# The extension's unit tests, then every editor end to end; code-server, Chromium and
+# Playwright are installed on first use (scripts/setup-e2e.sh).
+test-editors: install vsix
+	bash $(VSCODE)/scripts/setup-e2e.sh $(abspath $(BIN)/python)
+	cd $(VSCODE) && npm test
+	CODELM_VSCODE_E2E=1 $(BIN)/python -m pytest -q tests/e2e/test_editor_*.py
 
 bench: install
 	$(BIN)/python benchmarks/engine.py
