@@ -214,9 +214,14 @@ def fill_model(
     """
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     tied = model.args.tie_embeddings
+    embedding = getattr(model, "EMBEDDING", "model.embed_tokens.weight")
+    if embedding not in weights.tensors and "lm_head.weight" in weights.tensors:
+        # Tied the other way round (CodeShell): the checkpoint holds lm_head, not the embedding.
+        weights.tensors[embedding] = weights.tensors.pop("lm_head.weight")
+        tied = True
     for done, (name, module) in enumerate(linears):
         if name == "lm_head" and tied:
-            sources = [weights.tensors["model.embed_tokens.weight"]]
+            sources = [weights.tensors[embedding]]
         else:
             sources = [weights.take(f"{p}.weight") for p in _parts(name, fused)]
         bias = (
@@ -234,8 +239,8 @@ def fill_model(
                 dtype=dtype if param.is_meta else torch.float32, device=device
             )
             _set_parent(model, name, nn.Parameter(value, requires_grad=False))
-    if model.args.tie_embeddings and isinstance(model.lm_head, nn.Linear):
-        model.lm_head.weight = model.model.embed_tokens.weight  # one copy, as in the checkpoint
+    if tied and isinstance(model.lm_head, nn.Linear):
+        model.lm_head.weight = model.get_parameter(embedding)  # one copy, as in the checkpoint
     model.to(device)
     if weights.tensors:
         logger.debug("unused checkpoint tensors: %s", sorted(weights.tensors)[:20])

@@ -1,0 +1,255 @@
+"""StarCoder2: LayerNorm with bias, GELU MLP (c_fc/c_proj), biased q/k/v/o, GQA, RoPE, and
+sliding-window attention where the config sets one.
+
+CodeShell (models/codeshell.py) is built from the same LayerNorm and MLP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import ModelLoadError
+from ..kv import KVCache
+from ..layers import RopeScaling, Rotary, apply_rotary, attend
+
+# HF `hidden_act` -> F.gelu's `approximate`; "gelu_pytorch_tanh" is what the released models use.
+GELU_APPROXIMATE = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
+
+
+def gelu_approximate(name: str) -> str:
+    try:
+        return GELU_APPROXIMATE[name]
+    except KeyError:
+        raise ModelLoadError(
+            f"activation {name!r} is not supported; supported: {', '.join(GELU_APPROXIMATE)}"
+        ) from None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelArgs:
+    arch: str = "starcoder2"
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    head_dim: int
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_len: int = 4096
+    sliding_window: int | None = None  # a query sees only the last `sliding_window` positions
+    use_bias: bool = True
+    activation: str = "gelu_pytorch_tanh"
+    tie_embeddings: bool = True
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
+        n_heads = config["num_attention_heads"]
+        dim = config["hidden_size"]
+        # transformers 5 writes `rope_parameters` (theta inside); released checkpoints have
+        # `rope_theta` and `rope_scaling`.
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        act = config.get("hidden_act", "gelu_pytorch_tanh")
+        gelu_approximate(act)
+        return cls(
+            vocab_size=config["vocab_size"],
+            dim=dim,
+            n_layers=config["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads,
+            ffn_dim=config["intermediate_size"],
+            head_dim=config.get("head_dim") or dim // n_heads,
+            norm_eps=config.get("norm_epsilon", 1e-5),
+            rope_base=config.get("rope_theta") or rope.get("rope_theta", 10000.0),
+            rope_scaling=RopeScaling.from_hf(rope),
+            max_len=config.get("max_position_embeddings", 4096),
+            sliding_window=config.get("sliding_window"),
+            use_bias=config.get("use_bias", True),
+            activation=act,
+            tie_embeddings=config.get("tie_word_embeddings", True),
+        )
+
+    @classmethod
+    def from_gguf(cls, meta: dict[str, Any], has_output: bool) -> ModelArgs:
+        def key(name: str, default: Any = None) -> Any:
+            return meta.get(f"starcoder2.{name}", default)
+
+        n_heads = key("attention.head_count")
+        dim = key("embedding_length")
+        return cls(
+            vocab_size=key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+            dim=dim,
+            n_layers=key("block_count"),
+            n_heads=n_heads,
+            n_kv_heads=key("attention.head_count_kv") or n_heads,
+            ffn_dim=key("feed_forward_length"),
+            head_dim=key("attention.key_length") or dim // n_heads,
+            norm_eps=key("attention.layer_norm_epsilon", 1e-5),
+            rope_base=key("rope.freq_base", 10000.0),
+            max_len=key("context_length", 4096),
+            # llama.cpp's converter writes no window; it attends over the whole context too.
+            sliding_window=key("attention.sliding_window"),
+            tie_embeddings=not has_output,
+        )
+
+
+# Linear layers that run as one matmul: their parts' weights (and biases) are concatenated.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
+# GGUF tensor name (llama.cpp's STARCODER2 tensors) -> our (HF) name; {i} is the block index.
+# llama.cpp runs StarCoder2 with NeoX-style RoPE, so q/k rows are stored unpermuted.
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output_norm.bias": "model.norm.bias",
+    "output.weight": "lm_head.weight",
+    **{
+        f"blk.{{i}}.{gguf}.{kind}": f"model.layers.{{i}}.{ours}.{kind}"
+        for gguf, ours in (
+            ("attn_norm", "input_layernorm"),
+            ("attn_q", "self_attn.q_proj"),
+            ("attn_k", "self_attn.k_proj"),
+            ("attn_v", "self_attn.v_proj"),
+            ("attn_output", "self_attn.o_proj"),
+            ("ffn_norm", "post_attention_layernorm"),
+            ("ffn_up", "mlp.c_fc"),
+            ("ffn_down", "mlp.c_proj"),
+        )
+        for kind in ("weight", "bias")
+    },
+}
+
+
+def meta_linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
+    # Placeholder replaced at load by an nn.Linear with real weights or a QuantizedLinear.
+    return nn.Linear(n_in, n_out, bias=bias, device="meta")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias, computed in fp32 (the checkpoint fills both)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, device="meta"))
+        self.bias = nn.Parameter(torch.empty(dim, device="meta"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = self.weight.shape
+        out = F.layer_norm(x.float(), shape, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+class GeluMLP(nn.Module):
+    """GPT-2 style feed-forward: c_proj(gelu(c_fc(x)))."""
+
+    def __init__(self, dim: int, ffn_dim: int, bias: bool, activation: str) -> None:
+        super().__init__()
+        self.approximate = gelu_approximate(activation)
+        self.c_fc = meta_linear(dim, ffn_dim, bias)
+        self.c_proj = meta_linear(ffn_dim, dim, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+
+
+def attend_window(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    start: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None,
+) -> torch.Tensor:
+    """layers.attend where position p sees keys (p - window, p] only (HF's sliding window).
+
+    Shapes as in layers.attend: q [1, H, T, Dh], k/v [1, Hkv, T, Dh], caches [Hkv, cap, Dh].
+    """
+    end = start + q.shape[2]
+    if window is None or end <= window:
+        return attend(q, k_cache, v_cache, start, k, v)
+    k_cache[:, start:end] = k[0]
+    v_cache[:, start:end] = v[0]
+    first = max(0, start + 1 - window)  # the oldest key the first query still sees
+    keys = k_cache[:, first:end].unsqueeze(0)
+    values = v_cache[:, first:end].unsqueeze(0)
+    rows = torch.arange(start, end, device=q.device).unsqueeze(1)
+    cols = torch.arange(first, end, device=q.device).unsqueeze(0)
+    mask = (cols <= rows) & (cols > rows - window)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.qkv_proj = meta_linear(args.dim, q_dim + 2 * kv_dim, args.use_bias)
+        self.o_proj = meta_linear(q_dim, args.dim, args.use_bias)
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.window = args.sliding_window
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
+        # x: [1, T, D]
+        n_tokens = x.shape[1]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(1, n_tokens, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(1, n_tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(1, n_tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attend_window(q, k_cache, v_cache, start, k, v, self.window)
+        return self.o_proj(out.transpose(1, 2).reshape(1, n_tokens, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.input_layernorm = LayerNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = LayerNorm(args.dim, args.norm_eps)
+        self.mlp = GeluMLP(args.dim, args.ffn_dim, args.use_bias, args.activation)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Inner(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, device="meta")
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = LayerNorm(args.dim, args.norm_eps)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = Inner(args)
+        self.lm_head = meta_linear(args.dim, args.vocab_size, False)
+        self.rotary = Rotary(args.head_dim, args.rope_base, args.max_len, args.rope_scaling)
+
+    def forward(self, tokens: torch.Tensor, kv: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Run `tokens` ([T] ids) at positions [kv.length, kv.length + T); advance kv.length.
+
+        Returns fp32 logits [T, vocab] if all_logits else [1, vocab] for the last token.
+        """
+        start = kv.length
+        n_tokens = tokens.shape[0]
+        kv.reserve(start + n_tokens)
+        x = self.model.embed_tokens(tokens).unsqueeze(0).to(kv.dtype)  # [1, T, D]
+        cos, sin = self.rotary(torch.arange(start, start + n_tokens, device=tokens.device), x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, kv.k[i], kv.v[i], start)
+        kv.length = start + n_tokens
+        x = x[0] if all_logits else x[0, -1:]
+        return self.lm_head(self.model.norm(x)).float()

@@ -1,0 +1,340 @@
+"""Each architecture from a tiny random HF folder, loaded by our loader, against an oracle.
+
+Oracles: transformers (Starcoder2, Qwen2, Llama with aiXcoder's config) and, for CodeShell
+(no transformers class), a plain-torch forward written here from the published layout.
+One runner checks all: logits at every position, one-token-at-a-time decode == full forward,
+and 16 greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from codelm.daemon.engine import EngineConfig
+from codelm.daemon.engine.generate import StopRules, generate
+from codelm.daemon.engine.kv import KVCache
+from codelm.daemon.engine.loader import LoadedModel, load_model
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 320
+LOGIT_ATOL = 1e-3  # fp32 throughout; differences come only from summation order
+N_GREEDY = 16
+
+
+def _write_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer over the tiny vocabulary: load_model needs one in the folder."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(folder / "tokenizer.json"))
+
+
+def _load_ours(folder: Path) -> LoadedModel:
+    _write_tokenizer(folder)
+    return load_model(EngineConfig(model=str(folder), quant="fp32"), torch.device("cpu"))
+
+
+def _new_kv(loaded: LoadedModel) -> KVCache:
+    a = loaded.args
+    return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=torch.float32, max_len=a.max_len)
+
+
+def _check_against_oracle(
+    loaded: LoadedModel,
+    oracle_logits: Callable[[torch.Tensor], torch.Tensor],
+    oracle_greedy: Callable[[list[int]], list[int]],
+    n_tokens: int = 40,
+) -> None:
+    torch.manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (n_tokens,))
+    model = loaded.model
+    with torch.inference_mode():
+        expected = oracle_logits(tokens)
+        full = model(tokens, _new_kv(loaded), all_logits=True)
+        kv = _new_kv(loaded)
+        steps = torch.cat([model(tokens[i : i + 1], kv) for i in range(n_tokens)])
+    assert full.shape == (n_tokens, VOCAB) and full.dtype == torch.float32
+    torch.testing.assert_close(full, expected, atol=LOGIT_ATOL, rtol=1e-4)
+    torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+    prompt = tokens[:24].tolist()
+    ours = generate(model, loaded.tokenizer, _new_kv(loaded), prompt, StopRules(max_tokens=16))
+    assert ours.token_ids == oracle_greedy(prompt)
+
+
+def _transformers_oracle(ref) -> tuple[Callable, Callable]:
+    def logits(tokens: torch.Tensor) -> torch.Tensor:
+        return ref(tokens[None]).logits[0]
+
+    def greedy(prompt: list[int]) -> list[int]:
+        out = ref.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=N_GREEDY,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        return out[0, len(prompt) :].tolist()
+
+    return logits, greedy
+
+
+@pytest.mark.parametrize(
+    ("window", "tie"), [(8, True), (None, False)], ids=["window8-tied", "full-untied"]
+)
+def test_tiny_starcoder2_matches_transformers(tmp_path, window, tie):
+    config = transformers.Starcoder2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=100000.0,
+        sliding_window=window,
+        tie_word_embeddings=tie,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    ref = transformers.Starcoder2ForCausalLM(config).eval()
+    _randomise_norms(ref)
+    ref.save_pretrained(tmp_path)
+    loaded = _load_ours(tmp_path)
+    assert loaded.args.arch == "starcoder2" and loaded.args.sliding_window == window
+    _check_against_oracle(loaded, *_transformers_oracle(ref))
+
+
+def test_tiny_qwen2_matches_transformers(tmp_path):
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    ref = transformers.Qwen2ForCausalLM(config).eval()
+    _randomise_norms(ref)
+    ref.save_pretrained(tmp_path)
+    loaded = _load_ours(tmp_path)
+    assert loaded.args.arch == "qwen2" and loaded.args.qkv_bias
+    _check_against_oracle(loaded, *_transformers_oracle(ref))
+
+
+def _aixcoder_config(**sizes) -> dict:
+    """aiXcoder-7B's released config.json (aiXcoder/aixcoder-7b-base), field for field."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 14464,
+        "max_position_embeddings": 32768,
+        "model_type": "llama",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 8,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 256000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.34.1",
+        "use_cache": True,
+        "vocab_size": 49152,
+        **sizes,
+    }
+
+
+def test_tiny_aixcoder_config_loads_and_matches_transformers_llama(tmp_path):
+    published = _aixcoder_config(
+        hidden_size=64,
+        intermediate_size=112,
+        max_position_embeddings=256,
+        num_attention_heads=8,
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    )
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**published)).float().eval()
+    _randomise_norms(ref)
+    ref.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(published))  # as released, not as saved
+    loaded = _load_ours(tmp_path)
+    args = loaded.args
+    assert (args.n_kv_heads, args.rope_base, args.norm_eps) == (2, 256000.0, 1e-6)
+    assert not args.tie_embeddings
+    _check_against_oracle(loaded, *_transformers_oracle(ref))
+
+
+def _randomise_norms(ref: torch.nn.Module) -> None:
+    # Norms start at ones/zeros, which would hide a weight or bias that never got loaded.
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+
+
+# --- CodeShell: the released layout, and a plain-torch reference forward -----------------
+
+CODESHELL_SIZES = {"n_embd": 64, "n_head": 8, "num_query_groups": 2, "n_inner": 96, "n_layer": 2}
+
+
+def _codeshell_config(tie: bool | None) -> dict:
+    """CodeShell-7B's config.json (WisdomShell/codeshell model/config.json), tiny sizes."""
+    config = {
+        "activation_function": "gelu_pytorch_tanh",
+        "architectures": ["CodeShellForCausalLM"],
+        "attention_softmax_in_fp32": True,
+        "attn_pdrop": 0.1,
+        "group_query_attention": True,
+        "position_embedding_type": "rope",
+        "bos_token_id": 2,
+        "eos_token_id": 2,
+        "vocab_size": VOCAB,
+        "embd_pdrop": 0.1,
+        "initializer_range": 0.02,
+        "layer_norm_epsilon": 1e-05,
+        "model_type": "kclgpt",
+        "n_positions": 256,
+        "resid_pdrop": 0.1,
+        "rope_scaling": None,
+        "scale_attention_softmax_in_fp32": True,
+        "scale_attn_weights": True,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        **CODESHELL_SIZES,
+    }
+    if tie is not None:
+        config["tie_word_embeddings"] = tie
+    return config
+
+
+def _codeshell_weights(config: dict, with_wte: bool, with_lm_head: bool) -> dict:
+    torch.manual_seed(0)
+    d, layers = config["n_embd"], config["n_layer"]
+    kv_dim = config["num_query_groups"] * d // config["n_head"]
+    inner = config["n_inner"]
+
+    def rand(*shape: int, scale: float = 0.1) -> torch.Tensor:
+        return scale * torch.randn(*shape)
+
+    w = {}
+    for i in range(layers):
+        p = f"transformer.h.{i}"
+        for norm in ("ln_1", "ln_2"):
+            w[f"{p}.{norm}.weight"] = 1 + rand(d)
+            w[f"{p}.{norm}.bias"] = rand(d)
+        w[f"{p}.attn.c_attn.weight"] = rand(d + 2 * kv_dim, d)
+        w[f"{p}.attn.c_attn.bias"] = rand(d + 2 * kv_dim)
+        w[f"{p}.attn.c_proj.weight"] = rand(d, d)
+        w[f"{p}.attn.c_proj.bias"] = rand(d)
+        w[f"{p}.mlp.c_fc.weight"] = rand(inner, d)
+        w[f"{p}.mlp.c_fc.bias"] = rand(inner)
+        w[f"{p}.mlp.c_proj.weight"] = rand(d, inner)
+        w[f"{p}.mlp.c_proj.bias"] = rand(d)
+    w["transformer.ln_f.weight"] = 1 + rand(d)
+    w["transformer.ln_f.bias"] = rand(d)
+    if with_wte:
+        w["transformer.wte.weight"] = rand(config["vocab_size"], d, scale=1.0)
+    if with_lm_head:
+        w["lm_head.weight"] = rand(config["vocab_size"], d, scale=1.0)
+    return w
+
+
+def _codeshell_reference(config: dict, w: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """CodeShell's forward, step by step: [T] ids -> [T, vocab] logits, no cache."""
+    d, n_heads, n_groups = config["n_embd"], config["n_head"], config["num_query_groups"]
+    hd, eps = d // n_heads, config["layer_norm_epsilon"]
+    wte = w.get("transformer.wte.weight", w.get("lm_head.weight"))
+    lm_head = w.get("lm_head.weight", wte) if config.get("tie_word_embeddings") is False else wte
+
+    def norm(x, name):
+        return F.layer_norm(x, (d,), w[f"{name}.weight"], w[f"{name}.bias"], eps)
+
+    def linear(x, name):
+        return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+    def rope(x, n):  # x: [H, T, hd]; rotate-half layout, base 10000
+        inv_freq = 1.0 / 10000.0 ** (torch.arange(0, hd, 2).float() / hd)
+        angles = torch.outer(torch.arange(n).float(), inv_freq)
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        rotated = torch.cat([-x[..., hd // 2 :], x[..., : hd // 2]], -1)
+        return x * cos + rotated * sin
+
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        x = wte[tokens]  # [T, D]
+        causal = torch.ones(n, n).tril().bool()
+        for i in range(config["n_layer"]):
+            p = f"transformer.h.{i}"
+            qkv = linear(norm(x, f"{p}.ln_1"), f"{p}.attn.c_attn")
+            q, k, v = qkv.split([d, n_groups * hd, n_groups * hd], -1)
+            q = rope(q.view(n, n_heads, hd).transpose(0, 1), n)
+            k = rope(k.view(n, n_groups, hd).transpose(0, 1), n)
+            v = v.view(n, n_groups, hd).transpose(0, 1)
+            k = k.repeat_interleave(n_heads // n_groups, 0)
+            v = v.repeat_interleave(n_heads // n_groups, 0)
+            scores = (q @ k.transpose(1, 2)) / math.sqrt(hd)
+            attn = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v  # [H, T, hd]
+            x = x + linear(attn.transpose(0, 1).reshape(n, d), f"{p}.attn.c_proj")
+            h = F.gelu(linear(norm(x, f"{p}.ln_2"), f"{p}.mlp.c_fc"), approximate="tanh")
+            x = x + linear(h, f"{p}.mlp.c_proj")
+        return norm(x, "transformer.ln_f") @ lm_head.T
+
+    return forward
+
+
+def _reference_greedy(forward: Callable) -> Callable[[list[int]], list[int]]:
+    def greedy(prompt: list[int]) -> list[int]:
+        ids = list(prompt)
+        for _ in range(N_GREEDY):
+            ids.append(int(forward(torch.tensor(ids))[-1].argmax()))
+        return ids[len(prompt) :]
+
+    return greedy
+
+
+@pytest.mark.parametrize(
+    ("tie", "with_wte", "with_lm_head"),
+    [(None, False, True), (None, True, False), (False, True, True)],
+    ids=["released-lm-head-only", "wte-only", "untied"],
+)
+def test_tiny_codeshell_matches_plain_torch_reference(tmp_path, tie, with_wte, with_lm_head):
+    config = _codeshell_config(tie)
+    weights = _codeshell_weights(config, with_wte, with_lm_head)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(weights, tmp_path / "model.safetensors")
+    loaded = _load_ours(tmp_path)
+    args = loaded.args
+    assert args.arch == "codeshell"
+    assert (args.n_heads, args.n_kv_heads, args.ffn_dim, args.max_len) == (8, 2, 96, 256)
+    forward = _codeshell_reference(config, weights)
+    _check_against_oracle(loaded, forward, _reference_greedy(forward))
+
+
+def test_codeshell_7b_config_gives_the_published_shape():
+    from codelm.daemon.engine.models import architecture
+
+    config = {**_codeshell_config(None), "vocab_size": 70144, "n_positions": 8192}
+    config.update(n_embd=4096, n_head=32, num_query_groups=8, n_inner=16384, n_layer=42)
+    args = architecture(config["model_type"]).ModelArgs.from_hf_config(config)
+    assert (args.n_layers, args.dim, args.n_heads, args.n_kv_heads) == (42, 4096, 32, 8)
+    assert (args.vocab_size, args.max_len, args.head_dim) == (70144, 8192, 128)
