@@ -56,7 +56,7 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
     # Activations and KV: fp32 on CPUs (bf16 matmuls are slow without bf16 hardware; the
     # quantised kernels convert at their boundary), bf16 on CUDA.
     dtype = torch.bfloat16 if device.type == "cuda" or config.quant == "bf16" else torch.float32
-    make_linear = LinearFactory(config.quant, dtype, device)
+    make_linear = LinearFactory(config.quant, dtype, device, path)
     report(0.2, "building the model")
     model = module.Model(args)
     fill_model(
@@ -68,6 +68,7 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
         device,
         lambda f: report(0.2 + 0.8 * f, "weights"),
     )
+    make_linear.finish()
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     info = {
@@ -77,6 +78,7 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
         "device": str(device),
         "quant": make_linear.summary(),
         "quant_reason": make_linear.reason,
+        "weight_cache": make_linear.cache_report(),
         "n_params": n_params,
         "n_ctx": args.max_len,
     }
@@ -117,11 +119,16 @@ _INT4_CLASS = {"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_
 class LinearFactory:
     """Builds each linear layer from its checkpoint tensors, in float or through quant/."""
 
-    def __init__(self, mode: str, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, mode: str, dtype: torch.dtype, device: torch.device, model_path: Path | None = None
+    ) -> None:
         if mode not in QUANT_MODES:
             raise ModelLoadError(f"unknown quantisation {mode!r}; choose one of {QUANT_MODES}")
         self.mode, self.dtype, self.device = mode, dtype, device
+        self.model_path = model_path
         self.dispatcher = None
+        self.cache = None
+        self.cache_hits = 0
         self.counts: dict[str, int] = {}
         self.reason = {
             "auto": "auto: a GGUF keeps its precision class (Q4 -> int4, Q5+ -> int8); "
@@ -162,17 +169,42 @@ class LinearFactory:
             # hardware: ~3x); decode always reads the packed weights.
             config = DispatchConfig(cache_dir=cache_dir, dense_budget_bytes=_dense_budget())
             self.dispatcher = Dispatcher(config)
-        parts = [_quantize(s, scheme) for s in sources]
-        if len({p.group_size for p in parts}) > 1:
-            # Mixed GGUF types (Q5_0 q, Q8_0 v): int8 kernels take per-channel scales anyway.
-            parts = [requantize_int8_per_channel(p)[0] for p in parts]
-        qweight = concat_formats(parts) if len(parts) > 1 else parts[0]
+        qweight = self._cached(name, scheme) if _is_costly(sources, scheme) else None
+        self.cache_hits += qweight is not None
+        if qweight is None:
+            parts = [_quantize(s, scheme) for s in sources]
+            if len({p.group_size for p in parts}) > 1:
+                # Mixed GGUF types (Q5_0 q, Q8_0 v): int8 kernels take per-channel scales anyway.
+                parts = [requantize_int8_per_channel(p)[0] for p in parts]
+            qweight = concat_formats(parts) if len(parts) > 1 else parts[0]
+            if self.cache is not None:
+                self.cache.put(name, qweight)
         if self.device.type != "cpu":
             qweight = qweight.to(self.device)
         bias_value = torch.cat([b.to_float() for b in bias]).to(self.device) if bias else None
         return QuantizedLinear.from_format(
             qweight, bias_value, dispatcher=self.dispatcher, name=name
         )
+
+    def _cached(self, name: str, scheme: str):
+        if self.cache is None and self.model_path is not None:
+            from ..config import resolve_paths
+            from .weight_cache import WeightCache
+
+            cache_dir = resolve_paths().cache_dir
+            self.cache = WeightCache.for_model(self.model_path, self.mode, cache_dir)
+        return self.cache.get(name) if self.cache is not None else None
+
+    def cache_report(self) -> str:
+        if self.cache is None:
+            return "not used (nothing needed quantising)"
+        state = f"{self.cache_hits} layers loaded" if self.cache_hits else "written"
+        return f"{state}: {self.cache.file}"
+
+    def finish(self) -> None:
+        """Write newly quantised weights to the on-disk cache."""
+        if self.cache is not None:
+            self.cache.save()
 
     def summary(self) -> str:
         return ", ".join(f"{k} x{v}" for k, v in sorted(self.counts.items()))
@@ -185,6 +217,15 @@ def _dense_budget() -> int:
     except (ValueError, OSError):
         return 0
     return int(min(1.5 * (1 << 30), available // 8))
+
+
+# GGUF types that map exactly onto our formats (cheap to repack at every load).
+_NATIVE = {"int4": {"Q4_0", "Q4_1"}, "int8": {"Q8_0"}}
+
+
+def _is_costly(sources: list[TensorSource], scheme: str) -> bool:
+    """True when quantising these sources means real work (worth caching on disk)."""
+    return any(s.ggml_type not in _NATIVE[scheme] for s in sources)
 
 
 def _quantize(source: TensorSource, scheme: str):

@@ -34,3 +34,16 @@ def test_auto_keeps_the_gguf_precision_class(default_model_path):
     engine = load_engine(EngineConfig(model=str(default_model_path), quant="auto"))
     # SmolLM2's GGUF: Q4_1 blocks -> int4, the Q8_0 embedding (tied head) -> int8.
     assert engine.info["quant"] == "int4 x120, int8 x1"
+
+
+def test_requantised_weights_come_from_the_disk_cache_on_the_second_load(
+    default_model_path, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("CODELM_HOME", str(tmp_path))
+    first = load_engine(EngineConfig(model=str(default_model_path), quant="int8"))
+    assert first.info["weight_cache"].startswith("written")
+    second = load_engine(EngineConfig(model=str(default_model_path), quant="int8"))
+    # The 120 Q4_1 matrices were requantised to int8; the Q8_0 head repacks exactly each time.
+    assert second.info["weight_cache"].startswith("120 layers loaded")
+    ids = first.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n\n")
+    assert torch.equal(_top1(first, ids), _top1(second, ids))

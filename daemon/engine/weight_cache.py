@@ -1,0 +1,90 @@
+"""On-disk cache of quantised weights, so a model that had to be quantised at load (safetensors,
+or GGUF types without an exact int4/int8 mapping) loads fast the second time.
+
+One safetensors file per (model file, quantisation, torch version), in the user cache dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = "1"  # bump when a format's meaning changes
+
+
+def model_fingerprint(path: Path) -> str:
+    """Identity of a model file or folder: names, sizes, mtimes and the first MiB of each file."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        with file.open("rb") as f:
+            digest.update(f.read(1 << 20))
+    return digest.hexdigest()
+
+
+class WeightCache:
+    """Quantised weights by layer name; `save` writes what `put` added since loading."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.meta: dict[str, str] = {}
+        self.is_dirty = False
+        if file.exists():
+            self._load()
+
+    @classmethod
+    def for_model(cls, model_path: Path, quant: str, cache_dir: Path) -> WeightCache:
+        key = f"{model_fingerprint(model_path)}:{quant}:{torch.__version__}:{CACHE_VERSION}"
+        name = hashlib.sha256(key.encode()).hexdigest()[:24]
+        return cls(cache_dir / "weights" / f"{model_path.name}-{quant}-{name}.safetensors")
+
+    def _load(self) -> None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(self.file, framework="pt") as f:
+                self.meta = dict(f.metadata() or {})
+                self.tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        except (OSError, ValueError, RuntimeError) as exc:
+            logger.warning("ignoring unreadable weight cache %s: %s", self.file, exc)
+            self.tensors, self.meta = {}, {}
+
+    def get(self, name: str):
+        """The cached QuantizedWeight of layer `name`, or None."""
+        from codelm.quant.formats import from_tensors
+
+        if f"{name}.scheme" not in self.meta:
+            return None
+        return from_tensors(self.tensors, self.meta, prefix=f"{name}.")
+
+    def put(self, name: str, qweight) -> None:
+        from codelm.quant.formats import to_tensors
+
+        tensors, meta = to_tensors(qweight, prefix=f"{name}.")
+        self.tensors.update(tensors)
+        self.meta.update(meta)
+        self.is_dirty = True
+
+    def save(self) -> None:
+        if not self.is_dirty:
+            return
+        from safetensors.torch import save_file
+
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.file.with_suffix(".partial")
+        try:
+            save_file(self.tensors, str(partial), metadata=self.meta)
+            os.replace(partial, self.file)
+            logger.info("cached quantised weights in %s", self.file)
+        except OSError as exc:
+            logger.warning("could not write the weight cache %s: %s", self.file, exc)
+        self.is_dirty = False
