@@ -276,9 +276,12 @@ def fill_model(
         if param.is_meta or name.endswith("norm.weight"):
             source = weights.take(name)
             _check_shape(name, source, tuple(param.shape))
-            value = source.to_float().to(
-                dtype=dtype if param.is_meta else torch.float32, device=device
-            )
+            # Norms stay fp32; a quantised model keeps its embedding table in bf16 (only looked
+            # up, a row at a time: half the memory of fp32 for the same lookups).
+            kind = dtype if param.is_meta else torch.float32
+            if name == embedding and make_linear.mode not in ("fp32", "bf16"):
+                kind = torch.bfloat16
+            value = source.to_float().to(dtype=kind, device=device)
             _set_parent(model, name, nn.Parameter(value, requires_grad=False))
     if tied and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.get_parameter(embedding)  # one copy, as in the checkpoint
