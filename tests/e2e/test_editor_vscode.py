@@ -161,6 +161,10 @@ def test_vscode_shows_and_accepts_codelm_ghost_text(code_server, tmp_path: Path)
         # A multi-line suggestion would add lines after the first one: compare the start.
         source = workspace / "calc.py"
         _wait_for(lambda: source.read_text().startswith(SOURCE + TYPED + suggestion), "the save")
+        # The toggle command writes codelm.enable; the server hears it and says `disabled`.
+        _run_command(page, "codelm: Toggle Suggestions")
+        disabled = page.locator(".statusbar-item", has_text="codelm: disabled")
+        expect(disabled).to_be_visible(timeout=START_TIMEOUT_S * 1000)
         browser.close()
     # The item's command (codelm.accept) reached the server through workspace/executeCommand.
     log = tmp_path / "home" / "log" / "lsp.log"
@@ -178,6 +182,13 @@ def _open_file(page, name: str) -> None:
     page.keyboard.press("Enter")
     page.locator(".monaco-editor .view-lines").first.wait_for()
     page.locator(".monaco-editor .view-lines").first.click()
+
+
+def _run_command(page, title: str) -> None:
+    page.keyboard.press("F1")
+    page.locator(".quick-input-widget input").fill(f">{title}")
+    page.locator(".quick-input-list .monaco-list-row", has_text=title).first.wait_for()
+    page.keyboard.press("Enter")
 
 
 def _wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
