@@ -23,6 +23,8 @@ class FimFormat:
     order: str = "psm"
     stop: tuple[str, ...] = ()  # extra tokens that end a completion
     file_sep: str | None = None
+    bos: bool = False  # starts with BOS even where the tokenizer adds none (aiXcoder's `<s>`)
+    file_header: bool = False  # aiXcoder's path + language comment lines before the prefix
 
 
 FIM_FORMATS: dict[str, FimFormat] = {
@@ -61,6 +63,8 @@ FIM_FORMATS: dict[str, FimFormat] = {
             middle="▁<AIX-SPAN-MIDDLE>",
             order="spm",
             stop=("</s>",),
+            bos=True,
+            file_header=True,
         ),
     )
 }
@@ -68,6 +72,37 @@ FIM_FORMATS: dict[str, FimFormat] = {
 # Line-comment syntax by file extension, for the file-path header of prefix-only prompts.
 _HASH_COMMENT = {".py", ".sh", ".rb", ".pl", ".r", ".toml", ".yaml", ".yml", ".jl", ".nim", ".ps1"}
 _DASH_COMMENT = {".lua", ".sql", ".hs", ".elm"}
+
+# aiXcoder's header language by extension: (name as trained, comment open, comment close),
+# from aiXcoder-7B's hf_mini/utils.py (LANGUAGE_TAG, LANGUAGE_WRAPPER); other files get none.
+_AIX_LANGUAGES = {
+    ".py": ("Python", "# ", ""),
+    ".sh": ("Shell", "# ", ""),
+    ".rb": ("Ruby", "# ", ""),
+    ".r": ("R", "# ", ""),
+    ".c": ("C", "// ", ""),
+    ".h": ("C++", "// ", ""),
+    ".cc": ("C++", "// ", ""),
+    ".cpp": ("C++", "// ", ""),
+    ".hpp": ("C++", "// ", ""),
+    ".cs": ("C#", "// ", ""),
+    ".java": ("Java", "// ", ""),
+    ".js": ("JavaScript", "// ", ""),
+    ".jsx": ("JavaScript", "// ", ""),
+    ".ts": ("TypeScript", "// ", ""),
+    ".tsx": ("TypeScript", "// ", ""),
+    ".go": ("Go", "// ", ""),
+    ".rs": ("Rust", "// ", ""),
+    ".kt": ("Kotlin", "// ", ""),
+    ".scala": ("Scala", "// ", ""),
+    ".swift": ("swift", "// ", ""),
+    ".php": ("PHP", "// ", ""),
+    ".dart": ("Dart", "// ", ""),
+    ".lua": ("Lua", "// ", ""),
+    ".sql": ("SQL", "-- ", ""),
+    ".css": ("CSS", "/* ", " */"),
+    ".html": ("HTML", "<!--", "-->"),
+}
 
 # The prefix window starts on a line boundary at or after a multiple of this many characters,
 # so it moves in large steps, not with every keystroke (which would defeat KV reuse).
@@ -99,6 +134,19 @@ def comment_header(path: str | None) -> str:
     if ext in (".html", ".xml", ".md", ".vue", ".svelte"):
         return f"<!-- {path} -->\n"
     return f"// {path}\n"
+
+
+def aixcoder_header(path: str | None) -> str:
+    """`# the file path is: {path}\n# the code file is written by {Language}\n`, in the file's
+    comment syntax; empty for a file whose language aiXcoder was not trained to name."""
+    language = _AIX_LANGUAGES.get(os.path.splitext(path or "")[1].lower())
+    if language is None:
+        return ""
+    name, open_, close = language
+    return (
+        f"{open_}the file path is: {path}{close}\n"
+        f"{open_}the code file is written by {name}{close}\n"
+    )
 
 
 ANCHOR_CHARS = 256  # how much text from the window start identifies it after edits elsewhere
@@ -171,29 +219,33 @@ def build_prompt(
     prefix_chars: int,
     suffix_chars: int,
     anchor: str | None = None,
+    heal: bool = True,
 ) -> Prompt:
     """Token ids for completing `text` at string offset `cursor`.
 
     Each part is encoded on its own, so the ids of the stable parts do not depend on the rest.
+    `heal=False` keeps the prompt's last token (no token healing; for comparisons).
     """
     start = window_start(text, cursor, prefix_chars, anchor)
     prefix = text[start:cursor]
-    bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+    add_bos = tokenizer.add_bos or (fim is not None and fim.bos)
+    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
     prefix_ids = tokenizer.encode(prefix)
     if fim is None:
-        heal = _heal(tokenizer, prefix_ids)
+        healed = _heal(tokenizer, prefix_ids) if heal else b""
         ids = bos + tokenizer.encode(comment_header(path)) + prefix_ids
         if not ids:
             # An empty document: start where a new document starts in training, after a
             # document boundary token.
             ids = [tokenizer.bos_id if tokenizer.bos_id is not None else min(tokenizer.eos_ids)]
-        return Prompt(token_ids=ids, prefix_start=start, fim=None, heal=heal)
+        return Prompt(token_ids=ids, prefix_start=start, fim=None, heal=healed)
     suffix = suffix_window(text, cursor, suffix_chars)
     pre, suf, mid = (tokenizer.token_id(t) for t in (fim.prefix, fim.suffix, fim.middle))
     if fim.order == "spm":
-        heal = _heal(tokenizer, prefix_ids)
-        ids = bos + [pre, suf] + tokenizer.encode(suffix) + [mid] + prefix_ids
-        return Prompt(token_ids=ids, prefix_start=start, fim=fim, heal=heal)
+        healed = _heal(tokenizer, prefix_ids) if heal else b""
+        header = tokenizer.encode(aixcoder_header(path)) if fim.file_header else []
+        ids = bos + [pre, suf] + tokenizer.encode(suffix) + [mid] + header + prefix_ids
+        return Prompt(token_ids=ids, prefix_start=start, fim=fim, heal=healed)
     # PSM: the prefix is not at the end, so its last token cannot be healed.
     ids = bos + [pre] + prefix_ids + [suf] + tokenizer.encode(suffix) + [mid]
     return Prompt(token_ids=ids, prefix_start=start, fim=fim)

@@ -1,0 +1,187 @@
+"""FIM prompt formats: the exact prompt each format builds, with small hand-built tokenizers.
+
+Each tokenizer is a byte-level BPE without merges (one token per byte) plus the model family's
+special tokens, saved as tokenizer.json and loaded by our loader: no downloads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from codelm.daemon.engine.prompt import (
+    FIM_FORMATS,
+    aixcoder_header,
+    build_prompt,
+    detect_fim,
+)
+from codelm.daemon.engine.tokenizer import Tokenizer, tokenizer_from_folder
+
+# Special tokens (as in each family's tokenizer.json), BOS, EOS, add_bos_token.
+FAMILIES = {
+    "starcoder": (
+        ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"],
+        "<|endoftext|>",
+        "<|endoftext|>",
+        False,
+    ),
+    "qwen": (
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|fim_middle|>"]
+        + ["<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"],
+        None,
+        "<|endoftext|>",
+        False,
+    ),
+    "deepseek": (
+        ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜fim▁hole｜>", "<｜fim▁begin｜>"]
+        + ["<｜fim▁end｜>", "<|EOT|>"],
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+        True,
+    ),
+    "codellama": (
+        ["<unk>", "<s>", "</s>", "▁<PRE>", "▁<MID>", "▁<SUF>", "▁<EOT>"],
+        "<s>",
+        "</s>",
+        True,
+    ),
+    # aiXcoder's tokenizer_config.json does not ask for BOS; its prompt spells `<s>` itself.
+    "aixcoder": (
+        ["<unk>", "<s>", "</s>", "▁<AIX-SPAN-PRE>", "▁<AIX-SPAN-MIDDLE>", "▁<AIX-SPAN-POST>"],
+        "<s>",
+        "</s>",
+        False,
+    ),
+}
+
+DOCUMENT = "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n"
+CURSOR = DOCUMENT.index(" + b")  # after "return a"
+PREFIX, SUFFIX = DOCUMENT[:CURSOR], DOCUMENT[CURSOR:]
+PY_HEADER = "# the file path is: calc.py\n# the code file is written by Python\n"
+
+EXPECTED = {
+    "starcoder": f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>",
+    "qwen": f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>",
+    "deepseek": (
+        f"<｜begin▁of▁sentence｜><｜fim▁begin｜>{PREFIX}<｜fim▁hole｜>{SUFFIX}<｜fim▁end｜>"
+    ),
+    "codellama": f"<s>▁<PRE>{PREFIX}▁<SUF>{SUFFIX}▁<MID>",
+    "aixcoder": (
+        f"<s>▁<AIX-SPAN-PRE>▁<AIX-SPAN-POST>{SUFFIX}▁<AIX-SPAN-MIDDLE>{PY_HEADER}{PREFIX}"
+    ),
+}
+
+
+def _byte_tokenizer(
+    folder: Path, specials: list[str], bos: str | None, eos: str, add_bos: bool
+) -> Tokenizer:
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = HFTokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    folder.mkdir(parents=True, exist_ok=True)
+    backend.save(str(folder / "tokenizer.json"))
+    settings = {"bos_token": bos, "eos_token": eos, "add_bos_token": add_bos}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    return tokenizer_from_folder(folder, {})
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory) -> dict[str, Tokenizer]:
+    root = tmp_path_factory.mktemp("tokenizers")
+    built = {name: _byte_tokenizer(root / name, *spec) for name, spec in FAMILIES.items()}
+    built["plain"] = _byte_tokenizer(
+        root / "plain", ["<|endoftext|>"], None, "<|endoftext|>", False
+    )
+    return built
+
+
+def _prompt(tokenizer: Tokenizer, name: str, heal: bool = False):
+    return build_prompt(
+        tokenizer,
+        FIM_FORMATS[name],
+        DOCUMENT,
+        CURSOR,
+        path="calc.py",
+        prefix_chars=10_000,
+        suffix_chars=10_000,
+        heal=heal,
+    )
+
+
+def test_every_fim_format_has_a_prompt_test():
+    assert set(EXPECTED) == set(FIM_FORMATS) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_fim_prompt_is_exactly_the_documented_string(tokenizers, name):
+    tokenizer = tokenizers[name]
+    prompt = _prompt(tokenizer, name)
+    assert tokenizer.decode(prompt.token_ids) == EXPECTED[name]
+    assert prompt.heal == b"" and prompt.fim is FIM_FORMATS[name]
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_fim_special_tokens_are_single_ids_in_the_prompt(tokenizers, name):
+    tokenizer, fmt = tokenizers[name], FIM_FORMATS[name]
+    ids = _prompt(tokenizer, name).token_ids
+    for marker in (fmt.prefix, fmt.suffix, fmt.middle):
+        marker_id = tokenizer.token_id(marker)
+        assert marker_id is not None and ids.count(marker_id) == 1
+        # The same characters inside a document are text, never the special token.
+        assert marker_id not in tokenizer.encode(f"x = '{marker}'")
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_detect_fim_picks_the_format_from_special_tokens(tokenizers, name):
+    assert detect_fim(tokenizers[name]) is FIM_FORMATS[name]
+
+
+def test_detect_fim_without_fim_tokens_or_when_overridden(tokenizers):
+    assert detect_fim(tokenizers["plain"]) is None
+    assert detect_fim(tokenizers["qwen"], "none") is None
+    assert detect_fim(tokenizers["plain"], "starcoder") is FIM_FORMATS["starcoder"]
+    with pytest.raises(ValueError, match="unknown FIM format"):
+        detect_fim(tokenizers["plain"], "fim-of-the-future")
+
+
+def test_spm_prompt_heals_its_last_token_and_psm_does_not(tokenizers):
+    healed = _prompt(tokenizers["aixcoder"], "aixcoder", heal=True)
+    plain = _prompt(tokenizers["aixcoder"], "aixcoder", heal=False)
+    assert healed.token_ids == plain.token_ids[:-1]
+    assert healed.heal == PREFIX[-1].encode()  # one byte = one token in these tokenizers
+    psm = _prompt(tokenizers["starcoder"], "starcoder", heal=True)
+    assert (
+        psm.heal == b"" and psm.token_ids == _prompt(tokenizers["starcoder"], "starcoder").token_ids
+    )
+
+
+def test_aixcoder_header_names_language_in_the_files_comment_syntax():
+    assert aixcoder_header("calc.py") == PY_HEADER
+    assert aixcoder_header("src/app.ts") == (
+        "// the file path is: src/app.ts\n// the code file is written by TypeScript\n"
+    )
+    assert aixcoder_header("notes.txt") == ""
+    assert aixcoder_header(None) == ""
+
+
+def test_aixcoder_prompt_without_a_known_language_has_no_header(tokenizers):
+    tokenizer = tokenizers["aixcoder"]
+    prompt = build_prompt(
+        tokenizer,
+        FIM_FORMATS["aixcoder"],
+        DOCUMENT,
+        CURSOR,
+        path=None,
+        prefix_chars=10_000,
+        suffix_chars=10_000,
+        heal=False,
+    )
+    expected = f"<s>▁<AIX-SPAN-PRE>▁<AIX-SPAN-POST>{SUFFIX}▁<AIX-SPAN-MIDDLE>{PREFIX}"
+    assert tokenizer.decode(prompt.token_ids) == expected
