@@ -338,3 +338,84 @@ def test_codeshell_7b_config_gives_the_published_shape():
     args = architecture(config["model_type"]).ModelArgs.from_hf_config(config)
     assert (args.n_layers, args.dim, args.n_heads, args.n_kv_heads) == (42, 4096, 32, 8)
     assert (args.vocab_size, args.max_len, args.head_dim) == (70144, 8192, 128)
+
+
+# --- GGUF: tensors named by gguf's own HF -> GGUF map (what llama.cpp's converter uses) -------
+
+
+def _write_gguf(path: Path, arch: str, hparams: dict, state: dict[str, torch.Tensor]) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(hparams["context"])
+    writer.add_embedding_length(hparams["dim"])
+    writer.add_feed_forward_length(hparams["ffn"])
+    writer.add_block_count(hparams["layers"])
+    writer.add_head_count(hparams["heads"])
+    writer.add_head_count_kv(hparams["kv_heads"])
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_rope_freq_base(hparams["rope_base"])
+    writer.add_tokenizer_model("gpt2")
+    alphabet = sorted(_byte_alphabet()) + ["ab"]  # byte-level BPE: bytes and one merge
+    tokens = alphabet + [f"<extra_{i}>" for i in range(VOCAB - len(alphabet))]
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * VOCAB)
+    writer.add_token_merges(["a b"])
+    writer.add_eos_token_id(0)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hparams["layers"])
+    for name, tensor in state.items():
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, name
+        writer.add_tensor(gguf_name, tensor.float().contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _byte_alphabet() -> list[str]:
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.ByteLevel.alphabet()
+
+
+def _load_gguf(path: Path) -> LoadedModel:
+    return load_model(EngineConfig(model=str(path), quant="fp32"), torch.device("cpu"))
+
+
+def test_tiny_starcoder2_gguf_matches_transformers(tmp_path):
+    config = transformers.Starcoder2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=100000.0,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    ref = transformers.Starcoder2ForCausalLM(config).eval()
+    _randomise_norms(ref)
+    hparams = {"context": 256, "dim": 64, "ffn": 128, "layers": 2, "heads": 8, "kv_heads": 2}
+    path = tmp_path / "tiny-starcoder2.gguf"
+    _write_gguf(path, "starcoder2", {**hparams, "rope_base": 100000.0}, ref.state_dict())
+    loaded = _load_gguf(path)
+    assert loaded.args.arch == "starcoder2" and not loaded.args.tie_embeddings
+    _check_against_oracle(loaded, *_transformers_oracle(ref))
+
+
+def test_tiny_codeshell_gguf_without_token_embd_matches_reference(tmp_path):
+    # llama.cpp's converter stores CodeShell's output.weight only (its embedding is tied to it).
+    config = _codeshell_config(None)
+    weights = _codeshell_weights(config, with_wte=False, with_lm_head=True)
+    hparams = {"context": 256, "dim": 64, "ffn": 96, "layers": 2, "heads": 8, "kv_heads": 2}
+    path = tmp_path / "tiny-codeshell.gguf"
+    _write_gguf(path, "codeshell", {**hparams, "rope_base": 10000.0}, weights)
+    loaded = _load_gguf(path)
+    assert loaded.args.arch == "codeshell" and loaded.args.n_kv_heads == 2
+    forward = _codeshell_reference(config, weights)
+    _check_against_oracle(loaded, forward, _reference_greedy(forward))
