@@ -45,13 +45,19 @@ export class Extension implements vscode.Disposable {
       this.status.serverStatus(p.state, p.message),
     );
     client.onDidChangeState(({ newState }) => {
-      if (newState === ClientState.Stopped && this.client === client) {
+      if (this.client !== client) {
+        return; // an old client that restart() replaced
+      }
+      if (newState === ClientState.Running) {
+        this.status.started();
+      } else if (newState === ClientState.Stopped) {
         this.status.failed('stopped', 'codelm-lsp stopped; click to restart');
+      } else {
+        this.status.starting(); // also when the client restarts a crashed server
       }
     });
     try {
       await client.start();
-      this.status.started();
     } catch (err) {
       this.log.error(`codelm-lsp did not start: ${String(err)}`);
       this.status.failed('error', `codelm-lsp did not start: ${String(err)}`);
@@ -139,7 +145,7 @@ export class Extension implements vscode.Disposable {
       { label: 'Restart language server', command: 'codelm.restart' },
       { label: 'Show log', command: 'codelm.showLog' },
     );
-    const pick = await vscode.window.showQuickPick(picks, { title: this.status.state });
+    const pick = await vscode.window.showQuickPick(picks, { title: this.status.summary });
     if (pick) {
       await vscode.commands.executeCommand(pick.command);
     }

@@ -19,6 +19,7 @@ const ICONS: Record<State, string> = {
 export class StatusItem implements vscode.Disposable {
   private readonly item: vscode.StatusBarItem;
   private clientRunning = false;
+  private shown = '';
   private server: { state: State; message: string } = { state: 'loading', message: '' };
 
   constructor(menuCommand: string) {
@@ -55,11 +56,13 @@ export class StatusItem implements vscode.Disposable {
     this.render(state, message);
   }
 
-  get state(): string {
-    return this.item.text;
+  /** `codelm: ready (message)`, for the menu's title. */
+  get summary(): string {
+    return this.shown;
   }
 
   private render(state: State, message: string): void {
+    this.shown = message ? `codelm: ${state} (${message})` : `codelm: ${state}`;
     this.item.text = `${ICONS[state]} codelm: ${state}`;
     this.item.tooltip = message ? `codelm: ${message}` : 'codelm';
     this.item.backgroundColor =

@@ -36,8 +36,10 @@ local function on_attach(client, bufnr)
   if vim.lsp.inline_completion then
     vim.lsp.inline_completion.enable(true, { bufnr = bufnr })
     vim.keymap.set('i', keys.accept, function()
-      return vim.lsp.inline_completion.get() and '' or keys.accept
-    end, { buffer = bufnr, expr = true, replace_keycodes = true, desc = 'codelm: accept' })
+      if not vim.lsp.inline_completion.get() then
+        return keys.accept
+      end
+    end, { buffer = bufnr, expr = true, desc = 'codelm: accept' })
     vim.keymap.set('i', keys.trigger, vim.lsp.inline_completion.get, { buffer = bufnr, desc = 'codelm: suggest' })
   else
     require('codelm.ghost').attach(client, bufnr, M.config)
