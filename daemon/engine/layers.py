@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from .kv import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -126,3 +132,76 @@ def attend(
         rows = torch.arange(start, end, device=q.device).unsqueeze(1)
         mask = torch.arange(end, device=q.device).unsqueeze(0) <= rows
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+
+# HF `hidden_act` -> F.gelu's `approximate`; "gelu_pytorch_tanh" is what the released models use.
+GELU_APPROXIMATE = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
+
+
+def gelu_approximate(name: str) -> str:
+    try:
+        return GELU_APPROXIMATE[name]
+    except KeyError:
+        raise ModelLoadError(
+            f"activation {name!r} is not supported; supported: {', '.join(GELU_APPROXIMATE)}"
+        ) from None
+
+
+def meta_linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
+    # Placeholder replaced at load by an nn.Linear with real weights or a QuantizedLinear.
+    return nn.Linear(n_in, n_out, bias=bias, device="meta")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias, computed in fp32 (the checkpoint fills both)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, device="meta"))
+        self.bias = nn.Parameter(torch.empty(dim, device="meta"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = self.weight.shape
+        out = F.layer_norm(x.float(), shape, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+class GeluMLP(nn.Module):
+    """GPT-2 style feed-forward: c_proj(gelu(c_fc(x)))."""
+
+    def __init__(self, dim: int, ffn_dim: int, bias: bool, activation: str) -> None:
+        super().__init__()
+        self.approximate = gelu_approximate(activation)
+        self.c_fc = meta_linear(dim, ffn_dim, bias)
+        self.c_proj = meta_linear(ffn_dim, dim, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+
+
+def run_decoder(
+    embed: nn.Embedding,
+    blocks: nn.ModuleList,
+    final_norm: nn.Module,
+    lm_head: nn.Module,
+    rotary: Rotary,
+    tokens: torch.Tensor,
+    kv: KVCache,
+    all_logits: bool,
+) -> torch.Tensor:
+    """The decoder loop every architecture shares: embed, blocks over the KV cache, norm, head.
+
+    Runs `tokens` ([T] ids) at positions [kv.length, kv.length + T) and advances kv.length.
+    Returns fp32 logits [T, vocab] if all_logits else [1, vocab] for the last token.
+    """
+    start = kv.length
+    n_tokens = tokens.shape[0]
+    kv.reserve(start + n_tokens)
+    x = embed(tokens).unsqueeze(0).to(kv.dtype)  # [1, T, D]
+    cos, sin = rotary(torch.arange(start, start + n_tokens, device=tokens.device), x.dtype)
+    for i, block in enumerate(blocks):
+        x = block(x, cos, sin, kv.k[i], kv.v[i], start)
+    kv.length = start + n_tokens
+    x = x[0] if all_logits else x[0, -1:]
+    return lm_head(final_norm(x)).float()

@@ -16,8 +16,17 @@ from torch import nn
 
 from ...errors import ModelLoadError
 from ..kv import KVCache
-from ..layers import RopeScaling, Rotary, apply_rotary, attend
-from .starcoder2 import GeluMLP, LayerNorm, gelu_approximate, meta_linear
+from ..layers import (
+    GeluMLP,
+    LayerNorm,
+    RopeScaling,
+    Rotary,
+    apply_rotary,
+    attend,
+    gelu_approximate,
+    meta_linear,
+    run_decoder,
+)
 
 # CodeShell's rotary embedding has a fixed base (modeling_codeshell.py; llama.cpp writes 10000).
 ROPE_BASE = 10000.0
@@ -176,17 +185,14 @@ class Model(nn.Module):
         self.rotary = Rotary(args.head_dim, args.rope_base, args.max_len, args.rope_scaling)
 
     def forward(self, tokens: torch.Tensor, kv: KVCache, all_logits: bool = False) -> torch.Tensor:
-        """Run `tokens` ([T] ids) at positions [kv.length, kv.length + T); advance kv.length.
-
-        Returns fp32 logits [T, vocab] if all_logits else [1, vocab] for the last token.
-        """
-        start = kv.length
-        n_tokens = tokens.shape[0]
-        kv.reserve(start + n_tokens)
-        x = self.transformer.wte(tokens).unsqueeze(0).to(kv.dtype)  # [1, T, D]
-        cos, sin = self.rotary(torch.arange(start, start + n_tokens, device=tokens.device), x.dtype)
-        for i, layer in enumerate(self.transformer.h):
-            x = layer(x, cos, sin, kv.k[i], kv.v[i], start)
-        kv.length = start + n_tokens
-        x = x[0] if all_logits else x[0, -1:]
-        return self.lm_head(self.transformer.ln_f(x)).float()
+        """layers.run_decoder: logits of `tokens` run after what `kv` holds."""
+        return run_decoder(
+            self.transformer.wte,
+            self.transformer.h,
+            self.transformer.ln_f,
+            self.lm_head,
+            self.rotary,
+            tokens,
+            kv,
+            all_logits,
+        )

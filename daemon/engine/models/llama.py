@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kv import KVCache
-from ..layers import RMSNorm, RopeScaling, Rotary, apply_rotary, attend
+from ..layers import RMSNorm, RopeScaling, Rotary, apply_rotary, attend, meta_linear, run_decoder
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -118,18 +118,13 @@ GGUF_NAMES = {
 GGUF_PERMUTED_ARCHS = ("llama", "mistral")
 
 
-def _meta_linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
-    # Placeholder replaced at load by an nn.Linear with real weights or a QuantizedLinear.
-    return nn.Linear(n_in, n_out, bias=bias, device="meta")
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-        self.qkv_proj = _meta_linear(args.dim, q_dim + 2 * kv_dim, args.qkv_bias)
-        self.o_proj = _meta_linear(q_dim, args.dim, False)
+        self.qkv_proj = meta_linear(args.dim, q_dim + 2 * kv_dim, args.qkv_bias)
+        self.o_proj = meta_linear(q_dim, args.dim, False)
         self.split = (q_dim, kv_dim, kv_dim)
 
     def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
@@ -148,8 +143,8 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.ffn_dim = args.ffn_dim
-        self.gate_up_proj = _meta_linear(args.dim, 2 * args.ffn_dim, False)
-        self.down_proj = _meta_linear(args.ffn_dim, args.dim, False)
+        self.gate_up_proj = meta_linear(args.dim, 2 * args.ffn_dim, False)
+        self.down_proj = meta_linear(args.ffn_dim, args.dim, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.ffn_dim, dim=-1)
@@ -182,21 +177,18 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.model = Inner(args)
-        self.lm_head = _meta_linear(args.dim, args.vocab_size, False)
+        self.lm_head = meta_linear(args.dim, args.vocab_size, False)
         self.rotary = Rotary(args.head_dim, args.rope_base, args.max_len, args.rope_scaling)
 
     def forward(self, tokens: torch.Tensor, kv: KVCache, all_logits: bool = False) -> torch.Tensor:
-        """Run `tokens` ([T] ids) at positions [kv.length, kv.length + T); advance kv.length.
-
-        Returns fp32 logits [T, vocab] if all_logits else [1, vocab] for the last token.
-        """
-        start = kv.length
-        n_tokens = tokens.shape[0]
-        kv.reserve(start + n_tokens)
-        x = self.model.embed_tokens(tokens).unsqueeze(0).to(kv.dtype)  # [1, T, D]
-        cos, sin = self.rotary(torch.arange(start, start + n_tokens, device=tokens.device), x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, kv.k[i], kv.v[i], start)
-        kv.length = start + n_tokens
-        x = x[0] if all_logits else x[0, -1:]
-        return self.lm_head(self.model.norm(x)).float()
+        """layers.run_decoder: logits of `tokens` run after what `kv` holds."""
+        return run_decoder(
+            self.model.embed_tokens,
+            self.model.layers,
+            self.model.norm,
+            self.lm_head,
+            self.rotary,
+            tokens,
+            kv,
+            all_logits,
+        )

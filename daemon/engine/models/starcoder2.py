@@ -13,21 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import ModelLoadError
 from ..kv import KVCache
-from ..layers import RopeScaling, Rotary, apply_rotary, attend
-
-# HF `hidden_act` -> F.gelu's `approximate`; "gelu_pytorch_tanh" is what the released models use.
-GELU_APPROXIMATE = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
-
-
-def gelu_approximate(name: str) -> str:
-    try:
-        return GELU_APPROXIMATE[name]
-    except KeyError:
-        raise ModelLoadError(
-            f"activation {name!r} is not supported; supported: {', '.join(GELU_APPROXIMATE)}"
-        ) from None
+from ..layers import (
+    GeluMLP,
+    LayerNorm,
+    RopeScaling,
+    Rotary,
+    apply_rotary,
+    attend,
+    gelu_approximate,
+    meta_linear,
+    run_decoder,
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -127,39 +124,6 @@ GGUF_NAMES = {
 }
 
 
-def meta_linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
-    # Placeholder replaced at load by an nn.Linear with real weights or a QuantizedLinear.
-    return nn.Linear(n_in, n_out, bias=bias, device="meta")
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm with weight and bias, computed in fp32 (the checkpoint fills both)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim, device="meta"))
-        self.bias = nn.Parameter(torch.empty(dim, device="meta"))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = self.weight.shape
-        out = F.layer_norm(x.float(), shape, self.weight.float(), self.bias.float(), self.eps)
-        return out.to(x.dtype)
-
-
-class GeluMLP(nn.Module):
-    """GPT-2 style feed-forward: c_proj(gelu(c_fc(x)))."""
-
-    def __init__(self, dim: int, ffn_dim: int, bias: bool, activation: str) -> None:
-        super().__init__()
-        self.approximate = gelu_approximate(activation)
-        self.c_fc = meta_linear(dim, ffn_dim, bias)
-        self.c_proj = meta_linear(ffn_dim, dim, bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
-
-
 def attend_window(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -239,17 +203,14 @@ class Model(nn.Module):
         self.rotary = Rotary(args.head_dim, args.rope_base, args.max_len, args.rope_scaling)
 
     def forward(self, tokens: torch.Tensor, kv: KVCache, all_logits: bool = False) -> torch.Tensor:
-        """Run `tokens` ([T] ids) at positions [kv.length, kv.length + T); advance kv.length.
-
-        Returns fp32 logits [T, vocab] if all_logits else [1, vocab] for the last token.
-        """
-        start = kv.length
-        n_tokens = tokens.shape[0]
-        kv.reserve(start + n_tokens)
-        x = self.model.embed_tokens(tokens).unsqueeze(0).to(kv.dtype)  # [1, T, D]
-        cos, sin = self.rotary(torch.arange(start, start + n_tokens, device=tokens.device), x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, kv.k[i], kv.v[i], start)
-        kv.length = start + n_tokens
-        x = x[0] if all_logits else x[0, -1:]
-        return self.lm_head(self.model.norm(x)).float()
+        """layers.run_decoder: logits of `tokens` run after what `kv` holds."""
+        return run_decoder(
+            self.model.embed_tokens,
+            self.model.layers,
+            self.model.norm,
+            self.lm_head,
+            self.rotary,
+            tokens,
+            kv,
+            all_logits,
+        )
