@@ -20,6 +20,7 @@ class CacheStats:
     lookups: int = 0
     hits: int = 0  # lookups that reused at least one token
     reused_tokens: int = 0
+    shifted_tokens: int = 0  # reused from after an edit, moved to new positions
     prefilled_tokens: int = 0
     evictions: int = 0
 
@@ -41,6 +42,29 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+PROBE_TOKENS = 16  # run starts are found by looking up 16-token windows
+
+
+def find_moved_run(
+    old: list[int], new: list[int], start: int, min_run: int
+) -> tuple[int, int, int] | None:
+    """After an edit at `start`, the first run of at least `min_run` tokens of new[start:] that
+    also stands in old[start:], as (position in new, position in old, length)."""
+    firsts: dict[tuple[int, ...], int] = {}
+    for j in range(start, len(old) - PROBE_TOKENS + 1):
+        firsts.setdefault(tuple(old[j : j + PROBE_TOKENS]), j)
+    for q in range(start, len(new) - min_run + 1):
+        j = firsts.get(tuple(new[q : q + PROBE_TOKENS]))
+        if j is None:
+            continue
+        n = PROBE_TOKENS
+        while q + n < len(new) and j + n < len(old) and new[q + n] == old[j + n]:
+            n += 1
+        if n >= min_run:
+            return q, j, n
+    return None
+
+
 @dataclass
 class FileCache:
     """`checkout` hands a document's KV (trimmed to the reusable prefix) to the caller, who
@@ -51,15 +75,17 @@ class FileCache:
     entries: OrderedDict[str, Entry] = field(default_factory=OrderedDict)
     stats: CacheStats = field(default_factory=CacheStats)
 
-    def checkout(self, uri: str | None, tokens: list[int]) -> tuple[KVCache, int]:
-        """KV holding the longest cached prefix of `tokens` (at most len-1), and its length.
+    def checkout(self, uri: str | None, tokens: list[int]) -> tuple[KVCache, int, list[int]]:
+        """KV holding the longest cached prefix of `tokens` (at most len-1), its length, and the
+        tokens the entry held (their K/V stay in the tensors past the trimmed length).
 
         uri None (no document): the best entry of any document lends a copy of its prefix.
         """
         self.stats.lookups += 1
         entry = self.entries.pop(uri, None) if uri is not None else None
+        old: list[int] = []
         if entry is not None:
-            kv, reused = entry.kv, common_prefix(entry.tokens, tokens)
+            kv, reused, old = entry.kv, common_prefix(entry.tokens, tokens), entry.tokens
         else:
             kv, reused = self._borrow(tokens)
         # Leave one token to run: its logits start the generation.
@@ -68,7 +94,7 @@ class FileCache:
         self.stats.hits += reused > 0
         self.stats.reused_tokens += reused
         self.stats.prefilled_tokens += len(tokens) - reused
-        return kv, reused
+        return kv, reused, old
 
     def _borrow(self, tokens: list[int]) -> tuple[KVCache, int]:
         best, best_len = None, 0

@@ -19,6 +19,10 @@ class EngineConfig:
     prefix_chars: int = 8000  # the prefix window: about 2.3k tokens of code before the cursor
     suffix_chars: int = 1000  # text after the cursor in invoked mode (a third of it when automatic)
     cache_budget_bytes: int = 0  # per-file KV cache budget; 0: derived from free memory
+    # After an edit, reuse a run of at least this many cached tokens that follows it, moved to
+    # its new positions (like llama.cpp's --cache-reuse; approximate: that run's K/V saw the
+    # old text before it). 0: off, every token after an edit is recomputed exactly.
+    cache_reuse_min_tokens: int = 0
 
 
 def load_engine(config: EngineConfig, progress=None):  # -> Engine

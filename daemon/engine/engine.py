@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cache import FileCache
+from ..cache import FileCache, find_moved_run
 from ..errors import BadRequest, DeviceUnavailable, ModelLoadError
 from ..protocol import (
     CompleteRequest,
@@ -28,7 +28,7 @@ from ..protocol import (
 )
 from . import EngineConfig
 from .cancel import CancelToken
-from .generate import GenerationResult, StopRules, generate
+from .generate import GenerationResult, StopRules, generate, prefill
 from .kv import KVCache
 from .loader import LoadedModel, load_model
 from .prompt import Prompt, build_prompt, detect_fim, window_anchor
@@ -151,9 +151,10 @@ class Engine:
             raise BadRequest(
                 "text", f"the prompt ({len(ids)} tokens) leaves no room in the context"
             )
-        kv, _ = self.cache.checkout(uri, ids)
+        kv, reused, old = self.cache.checkout(uri, ids)
         result = None
         try:
+            moved_ms, gap = self._reuse_moved_run(kv, old, ids, reused, cancel)
             result = generate(
                 self.model,
                 self.tokenizer,
@@ -165,6 +166,10 @@ class Engine:
                 on_text=on_text,
                 heal=heal,
             )
+            # The edited tokens before the moved run were prefilled too.
+            result.prefill_ms += moved_ms
+            result.cached_tokens -= gap
+            result.prefilled_tokens += gap
         finally:
             # Keep what was computed (also on cancel): the next keystroke reuses it. Tokens of
             # a cancelled decode are dropped, the prompt's KV is kept.
@@ -175,6 +180,31 @@ class Engine:
             # resends a growing prompt replaces its own entry instead of adding one each time.
             self.cache.checkin(uri or f"prompt:{hash(tuple(ids[:64]))}", tokens, kv)
         return result
+
+    def _reuse_moved_run(self, kv: KVCache, old: list[int], ids: list[int], reused: int, cancel):
+        """Position-shifted reuse after an edit (EngineConfig.cache_reuse_min_tokens): prefill
+        the edited tokens, then move the cached run that follows them to its new positions.
+        Returns (milliseconds spent, tokens prefilled); kv ends holding ids[:end of the run]."""
+        min_run = self.config.cache_reuse_min_tokens
+        if not min_run or len(ids) - 1 - reused < min_run:
+            return 0.0, 0
+        found = find_moved_run(old, ids[: len(ids) - 1], reused, min_run)
+        if found is None:
+            return 0.0, 0
+        t0 = time.perf_counter()
+        new_at, old_at, n = found
+        keys = kv.k[:, :, old_at : old_at + n].clone()
+        values = kv.v[:, :, old_at : old_at + n].clone()
+        with torch.inference_mode():
+            if new_at > reused:
+                prefill(self.model, kv, ids[reused:new_at], self.config.prefill_chunk, cancel)
+            kv.reserve(new_at + n)
+            kv.k[:, :, new_at : new_at + n] = self.model.rotary.shift(keys, new_at - old_at)
+            kv.v[:, :, new_at : new_at + n] = values
+        kv.length = new_at + n
+        self.cache.stats.shifted_tokens += n
+        self.cache.stats.prefilled_tokens -= n
+        return (time.perf_counter() - t0) * 1000, new_at - reused
 
     def close_document(self, uri: str) -> bool:
         self.anchors.pop(uri, None)

@@ -90,8 +90,15 @@ class Rotary(nn.Module):
         inv_freq = rope_inv_freq(head_dim, base, scaling)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def shift(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+        """Keys rotated at position p, re-rotated to p + delta (rotations compose): [..., Dh]."""
+        angles = (delta * self.inv_freq.double()).float()
+        emb = torch.cat([angles, angles])
+        return apply_rotary(keys, emb.cos().to(keys.dtype), emb.sin().to(keys.dtype))
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype

@@ -8,9 +8,11 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
-from codelm.daemon.cache import FileCache
+from codelm.daemon.cache import FileCache, find_moved_run
 from codelm.daemon.engine.engine import Engine
+from codelm.daemon.engine.layers import apply_rotary
 from codelm.daemon.protocol import CompleteRequest
 
 SOURCE = Path(sysconfig.get_paths()["stdlib"], "textwrap.py").read_text()[:9000]
@@ -145,3 +147,34 @@ def test_request_without_a_document_reuses_the_best_entry(engine):
     prompt = "# textwrap.py\n" + SOURCE[:cursor]
     response = engine.complete_openai(OpenAICompletionRequest(prompt=prompt, max_tokens=8))
     assert response.timings.cached_tokens >= len(engine.tokenizer.encode(prompt)) - 4
+
+
+def test_rotary_shift_moves_keys_to_new_positions(default_engine):
+    rotary = default_engine.model.rotary
+    keys = torch.randn(3, 5, 64)
+    positions = torch.arange(100, 105)
+    cos, sin = rotary(positions, torch.float32)
+    moved = rotary.shift(apply_rotary(keys, cos, sin), 37)
+    cos2, sin2 = rotary(positions + 37, torch.float32)
+    torch.testing.assert_close(moved, apply_rotary(keys, cos2, sin2), atol=1e-4, rtol=1e-4)
+
+
+def test_find_moved_run_after_an_insertion():
+    old = list(range(100)) + list(range(1000, 1300))
+    new = list(range(100)) + [7, 7, 7] + list(range(1000, 1300))
+    assert find_moved_run(old, new, 100, 64) == (103, 100, 300)
+    assert find_moved_run(old, new, 100, 301) is None
+
+
+def test_shifted_reuse_recomputes_only_the_edit_when_enabled(engine):
+    engine.config = dataclasses.replace(engine.config, cache_reuse_min_tokens=64)
+    cursor = _line_end(SOURCE, 1800)
+    engine.complete(_request(SOURCE, cursor))
+    at = SOURCE.index("class TextWrapper")
+    edited = SOURCE[:at] + "# note\n" + SOURCE[at:]
+    response = engine.complete(_request(edited, cursor + len("# note\n")))
+    prompt_len = len(engine.prompt(_request(edited, cursor + len("# note\n"))).token_ids)
+    assert response.timings.prefilled_tokens <= 16
+    assert response.timings.cached_tokens + response.timings.prefilled_tokens == prompt_len
+    assert engine.cache.stats.shifted_tokens > prompt_len // 2
+    assert response.items[0].text.strip()
