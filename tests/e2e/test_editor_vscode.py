@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -147,7 +148,7 @@ def test_vscode_shows_and_accepts_codelm_ghost_text(code_server, tmp_path: Path)
         page.goto(url)
         page.locator(".monaco-workbench").wait_for(timeout=START_TIMEOUT_S * 1000)
         _open_file(page, "calc.py")
-        status = page.locator(".statusbar-item", has_text="codelm: ready")
+        status = _status(page, "ready")
         expect(status).to_be_visible(timeout=READY_TIMEOUT_S * 1000)
         page.keyboard.press("Control+End")
         page.keyboard.type(TYPED, delay=60)
@@ -161,13 +162,12 @@ def test_vscode_shows_and_accepts_codelm_ghost_text(code_server, tmp_path: Path)
         # A multi-line suggestion would add lines after the first one: compare the start.
         source = workspace / "calc.py"
         _wait_for(lambda: source.read_text().startswith(SOURCE + TYPED + suggestion), "the save")
-        # The toggle command writes codelm.enable; the server hears it and says `disabled`.
-        _run_command(page, "codelm: Toggle Suggestions")
-        disabled = page.locator(".statusbar-item", has_text="codelm: disabled")
-        expect(disabled).to_be_visible(timeout=START_TIMEOUT_S * 1000)
+        log = tmp_path / "home" / "log" / "lsp.log"
+        _toggle_and_restart(page, log)
         browser.close()
+    restarted = log.read_text().split(" starting\n")[-1]  # initializationOptions again
+    assert re.search(r"settings: enabled=True.*max_tokens=16", restarted)
     # The item's command (codelm.accept) reached the server through workspace/executeCommand.
-    log = tmp_path / "home" / "log" / "lsp.log"
     _wait_for(lambda: " accepted " in log.read_text(), "codelm.accept in lsp.log")
     if os.environ.get("CODELM_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(tmp_path / "vscode-suggestion.png", SCREENSHOT)
@@ -182,6 +182,24 @@ def _open_file(page, name: str) -> None:
     page.keyboard.press("Enter")
     page.locator(".monaco-editor .view-lines").first.wait_for()
     page.locator(".monaco-editor .view-lines").first.click()
+
+
+def _toggle_and_restart(page, log: Path) -> None:
+    """Settings reach the server: toggled off it says `disabled`; a restart re-sends them."""
+    from playwright.sync_api import expect
+
+    ready = _status(page, "ready")
+    _run_command(page, "codelm: Toggle Suggestions")
+    expect(_status(page, "disabled")).to_be_visible(timeout=START_TIMEOUT_S * 1000)
+    _run_command(page, "codelm: Toggle Suggestions")
+    expect(ready).to_be_visible(timeout=START_TIMEOUT_S * 1000)
+    _run_command(page, "codelm: Restart Language Server")
+    _wait_for(lambda: len(re.findall(r"codelm-lsp \d+ starting", log.read_text())) == 2, "restart")
+    expect(ready).to_be_visible(timeout=START_TIMEOUT_S * 1000)
+
+
+def _status(page, state: str):
+    return page.locator(".statusbar-item", has_text=f"codelm: {state}")
 
 
 def _run_command(page, title: str) -> None:

@@ -41,13 +41,15 @@ export class Extension implements vscode.Disposable {
     this.log.info(`starting ${command}`);
     const client = this.createClient(command);
     this.client = client;
-    client.onNotification(STATUS_NOTIFICATION, (p: { state: string; message: string }) =>
-      this.status.serverStatus(p.state, p.message),
-    );
+    client.onNotification(STATUS_NOTIFICATION, (p: { state: string; message: string }) => {
+      this.log.info(`status ${p.state}: ${p.message}`);
+      this.status.serverStatus(p.state, p.message);
+    });
     client.onDidChangeState(({ newState }) => {
       if (this.client !== client) {
         return; // an old client that restart() replaced
       }
+      this.log.info(`client ${ClientState[newState].toLowerCase()}`);
       if (newState === ClientState.Running) {
         this.status.started();
       } else if (newState === ClientState.Stopped) {
