@@ -43,19 +43,7 @@ class DaemonLink(Protocol):
 
     state: str  # one of STATES, or "" before the first check
 
-    def apply_settings(self, settings: LspSettings) -> None:
-        previous, self.settings = self.settings, settings
-        if not self.state:  # before `initialized`: start_in_background reports the state
-            return
-        if not settings.enabled:
-            self._set_state("disabled", "codelm is disabled in the settings")
-        elif self.state == "disabled" or (settings.daemon_url, settings.model) != (
-            previous.daemon_url,
-            previous.model,
-        ):
-            self._ready = False
-            self.start_in_background()
-
+    def apply_settings(self, settings: LspSettings) -> None: ...
     def note_timeout(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -99,9 +87,13 @@ class HttpDaemonLink:
             self.settings.model,
         )
         self.settings = settings
+        if not self.state:
+            # Before `initialized` no notification may be sent (LSP); start_in_background
+            # reports the state, "disabled" included.
+            return
         if not settings.enabled:
             self._set_state("disabled", "codelm is disabled in the settings")
-        elif self.state == "disabled" or (changed and self.state):
+        elif self.state == "disabled" or changed:
             self._ready = False
             self.start_in_background()
 
