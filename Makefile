@@ -7,8 +7,10 @@ VSCODE := editors/vscode
 
 .PHONY: install start stop test lint bench bench-peers clean vsix test-editors
 
+# The everyday model (Qwen2.5-Coder-0.5B, 491 MB) and the test suite's (SmolLM2-135M, 98 MB).
 install: $(STAMP)
 	@$(BIN)/codelm-daemon models fetch default
+	@$(BIN)/codelm-daemon models fetch smollm2-135m
 
 # torch is installed first and pinned, so pip never resolves it to a multi-GB CUDA build.
 $(STAMP): pyproject.toml

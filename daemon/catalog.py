@@ -58,7 +58,9 @@ CATALOG: dict[str, CatalogModel] = {
         ),
     )
 }
-DEFAULT_MODEL = "smollm2-135m"
+# The everyday default: a real FIM code model (55% single-line infill exact match on HumanEval
+# against 28% for SmolLM2). The test suite runs on SmolLM2 by name.
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 
 
 def models_dir() -> Path:

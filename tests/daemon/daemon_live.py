@@ -24,6 +24,10 @@ def require_engine() -> None:
         pytest.skip("daemon/engine/engine.py is not written yet (the lead is on it)")
 
 
+# The suite runs on the small SmolLM2 model (fast); `default` is the everyday Qwen model.
+TEST_MODEL = "smollm2-135m"
+
+
 def real_models_dir() -> Path:
     """The models folder of the user's real data dir (or of an outer CODELM_HOME)."""
     return RuntimePaths.for_home(os.environ.get("CODELM_HOME")).data_dir / "models"
@@ -33,11 +37,11 @@ def ensure_default_model() -> None:
     """Fetch the default model once (as `make install` does) when it is not there yet."""
     from codelm.daemon import catalog
 
-    entry = catalog.catalog_entry("default")
+    entry = catalog.catalog_entry(TEST_MODEL)
     assert entry is not None
     if not (real_models_dir() / entry.filename).exists():
         try:
-            catalog.fetch("default", log=lambda _msg: None)
+            catalog.fetch(TEST_MODEL, log=lambda _msg: None)
         except Exception as exc:
             pytest.fail(f"the default model is missing and could not be fetched: {exc}")
 
@@ -57,6 +61,7 @@ def cli(
     """Run `codelm-daemon ARGS` with CODELM_HOME=home (and no other CODELM_* from outside)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CODELM_")} | (env or {})
     env["CODELM_HOME"] = str(home)
+    env.setdefault("CODELM_MODEL", TEST_MODEL)  # a --model flag still wins
     return subprocess.run(
         [sys.executable, "-m", "codelm.daemon.cli", *args],
         env=env,

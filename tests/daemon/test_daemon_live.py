@@ -11,7 +11,15 @@ import time
 
 import aiohttp
 import pytest
-from daemon_live import Live, cli, ensure_default_model, make_home, read_live, require_engine
+from daemon_live import (
+    TEST_MODEL,
+    Live,
+    cli,
+    ensure_default_model,
+    make_home,
+    read_live,
+    require_engine,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -37,7 +45,7 @@ def live(tmp_path_factory) -> Live:
     require_engine()
     ensure_default_model()
     home = make_home(tmp_path_factory.mktemp("live"))
-    started = cli(home, "start", "--model", "default", "--device", "cpu")
+    started = cli(home, "start", "--model", TEST_MODEL, "--device", "cpu")
     assert started.returncode == 0, started.stderr
     yield read_live(home)
     cli(home, "stop", timeout=60)
@@ -124,8 +132,6 @@ async def test_live_huge_body_gets_413_and_daemon_lives_on(live):
         assert resp.status == 413
         assert (await resp.json())["error"]["code"] == "payload_too_large"
     _good_request_succeeds(live)
-
-
 
 
 def _open_stream(live: Live, body: dict):

@@ -48,7 +48,7 @@ def _default_model() -> Path:
     from codelm.daemon.errors import ModelLoadError
 
     try:
-        return resolve_model_path("default")
+        return resolve_model_path("smollm2-135m")
     except ModelLoadError as exc:
         pytest.skip(str(exc))
 

@@ -11,8 +11,8 @@ from codelm.daemon import catalog
 
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
-    """The default GGUF; `make install` fetches it (fetched here if a bare pytest run lacks it)."""
-    return catalog.fetch("default", log=lambda message: None)
+    """SmolLM2-135M, the suite's model (small and fast); fetched here if it is missing."""
+    return catalog.fetch("smollm2-135m", log=lambda message: None)
 
 
 @pytest.fixture(scope="session")

@@ -25,17 +25,19 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DATA = Path(__file__).parent / "data"
 LINE = '    word = GREETINGS.get(lang, "hello")'  # removed, leaving an empty line
-OPTIONS = {"maxTokens": 8, "timeoutMs": 120_000, "debounceMs": 0}
+# The small model keeps the suite fast; the LSP passes it to the daemon it starts.
+TEST_MODEL = "smollm2-135m"
+OPTIONS = {"maxTokens": 8, "timeoutMs": 120_000, "debounceMs": 0, "model": TEST_MODEL}
 READY_TIMEOUT_S = 300.0
 
 
 def _default_model() -> Path | None:
     try:
-        from codelm.daemon.catalog import CATALOG, DEFAULT_MODEL
+        from codelm.daemon.catalog import CATALOG
         from codelm.daemon.runtime import RuntimePaths
     except ImportError:
         return None
-    path = RuntimePaths.for_home(None).data_dir / "models" / CATALOG[DEFAULT_MODEL].filename
+    path = RuntimePaths.for_home(None).data_dir / "models" / CATALOG[TEST_MODEL].filename
     return path if path.exists() else None
 
 
