@@ -1,6 +1,13 @@
-"""Shared by the benchmarks: machine description, table printing, JSON results."""
+"""Shared by the benchmarks: machine description, table printing, JSON results.
+
+Imported before torch: idle OpenMP threads sleep, as in the daemon (docs/engine.md).
+"""
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json
 import platform
@@ -14,8 +21,6 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict[str, Any]:
-    import os
-
     cpu = platform.processor() or platform.machine()
     flags: set[str] = set()
     try:
@@ -83,6 +88,8 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
+        if value and abs(value) < 1e-2:
+            return f"{value:.2e}"
         return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
     return str(value)
 

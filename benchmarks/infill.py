@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     # busy machine does not stall every parallel op (docs/engine.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", default=["default", "qwen2.5-coder-0.5b"])
+    parser.add_argument("--model", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b"])
     parser.add_argument("--quant", nargs="+", default=["auto"])
     parser.add_argument("--limit", type=int, default=40, help="first N HumanEval problems")
     parser.add_argument("--heal", nargs="+", choices=["on", "off"], default=["on"])

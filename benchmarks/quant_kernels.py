@@ -14,17 +14,19 @@ to benchmarks/results/quant_kernels.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from codelm.quant import physical_cores, quantize_int4, quantize_int8, read_cpu_info
+from common import print_table, write_json  # noqa: E402, I001 (before torch: OpenMP policy)
+
+import torch  # noqa: E402
+
+from codelm.quant import physical_cores, quantize_int4, quantize_int8
 from codelm.quant.cpu import CPU_KERNELS
 from codelm.quant.reference import matmul
 
@@ -53,21 +55,14 @@ def main(argv: list[str] | None = None) -> int:
             rows += _bench_shape(qw, scheme, name, uses, args, gen)
     totals = _model_totals(rows)
     chain = [_bench_chain(s, k, args, gen) for s in args.schemes for k in _chain_kernels(s, args)]
-    _print_table(rows, ["scheme", "shape", "rows", "kernel", "median_ms", "min_ms", "rel_err"])
+    print_table(rows, ["scheme", "shape", "rows", "kernel", "median_ms", "min_ms", "rel_err"])
     print()
-    _print_table(totals, ["scheme", "kernel", "rows", "model_ms", "tokens_per_s"])
+    print_table(totals, ["scheme", "kernel", "rows", "model_ms", "tokens_per_s"])
     if chain:
         print("\ndecode, all layers in sequence (caches cold):")
-        _print_table(chain, ["scheme", "kernel", "median_ms", "min_ms", "tokens_per_s"])
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "machine": _machine(),
-        "results": rows,
-        "model_totals": totals,
-        "decode_chain": chain,
-    }
-    out.write_text(json.dumps(payload, indent=2))
+        print_table(chain, ["scheme", "kernel", "median_ms", "min_ms", "tokens_per_s"])
+    payload = {"results": rows, "model_totals": totals, "decode_chain": chain}
+    out = write_json("quant_kernels", {**payload, "physical_cores": physical_cores()}, args.json)
     print(f"\nwrote {out}")
     return 0
 
@@ -179,50 +174,6 @@ def _model_totals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return totals
-
-
-def _machine() -> dict[str, Any]:
-    cpu = read_cpu_info()
-    isa = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile"}
-    return {
-        "cpu": cpu.model_name,
-        "isa": sorted(cpu.flags & isa),
-        "logical_cpus": os.cpu_count(),
-        "physical_cores": physical_cores(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "commit": _commit(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def _commit() -> str:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).parent,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"unknown ({exc})"
-    return done.stdout.strip()
-
-
-def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    cells = [[_fmt(row[c]) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.2e}" if abs(value) < 1e-3 and value else f"{value:.3f}"
-    return str(value)
 
 
 if __name__ == "__main__":
