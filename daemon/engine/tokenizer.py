@@ -91,7 +91,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         if self.kind == "sentencepiece":
-            return self.backend.encode(text)
+            return _encode_without_dummy_prefix(self.backend, self.pieces, text)
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
@@ -122,6 +122,22 @@ class Tokenizer:
                 self.consistent_cache.clear()
             self.consistent_cache[required] = ids
         return ids
+
+
+# Encoded in front of a prompt part and dropped again, so sentencepiece's dummy prefix ("▁",
+# a space) lands on it rather than on the part (as transformers' non-legacy Llama tokenizer).
+_ANCHOR = "<unk>"
+
+
+def _encode_without_dummy_prefix(backend: Any, pieces: list[bytes], text: str) -> list[int]:
+    """Prompt parts are encoded one by one; each must not gain a leading space."""
+    anchor = backend.encode(_ANCHOR)
+    ids = backend.encode(_ANCHOR + text)
+    if ids[: len(anchor)] == anchor:
+        rest = ids[len(anchor) :]
+        if b"".join(pieces[i] for i in rest) == text.encode():
+            return rest
+    return backend.encode(text)  # the anchor merged with the text: keep the plain encoding
 
 
 class StreamDecoder:
