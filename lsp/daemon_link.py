@@ -30,6 +30,7 @@ START_TIMEOUT_S = 60.0  # process start until /health answers
 LOAD_TIMEOUT_S = 300.0  # model load after that
 RETRY_AFTER_S = 30.0  # after a failed start, completions wait this long before trying again
 REQUEST_TIMEOUT_S = 30.0  # completion.py drops answers much sooner (settings.timeout_ms)
+DEAD_LOCK_WAIT_S = 10.0  # how long a killed daemon's lock may outlive it
 
 
 class StatusSink(Protocol):
@@ -144,7 +145,7 @@ class HttpDaemonLink:
             return self._client
         paths = self._paths()
         try:
-            self._client = daemon_client.DaemonClient.discover(paths, timeout_s=REQUEST_TIMEOUT_S)
+            self._client = await _discover_live(paths)
             return self._client
         except DaemonUnavailable:
             if not self.settings.auto_start:
@@ -243,6 +244,26 @@ class HttpDaemonLink:
             self._starting.cancel()
         if self._client is not None:
             await self._client.close()
+
+
+async def _discover_live(paths: RuntimePaths) -> DaemonClient:
+    """The running daemon's client, checked with /health. A daemon that was just killed can
+    leave its files and, for a moment, its lock behind: then wait for the lock to go and
+    raise DaemonUnavailable, so the caller starts a new one instead of reusing a dead port."""
+    from codelm.daemon import client as daemon_client
+    from codelm.daemon.runtime import is_lock_held
+
+    client = daemon_client.DaemonClient.discover(paths, timeout_s=REQUEST_TIMEOUT_S)
+    try:
+        await client.health()
+        return client
+    except DaemonUnavailable:
+        await client.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEAD_LOCK_WAIT_S
+        while is_lock_held(paths) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        raise
 
 
 def _is_connection_error(exc: BaseException) -> bool:
