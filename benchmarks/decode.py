@@ -1,0 +1,276 @@
+"""Decode and prefill speed of the default model per --quant, as memory bandwidth, side by side
+with llama-server on the same GGUF in the same run.
+
+For each quantisation the engine is loaded in-process (as benchmarks/engine.py does) and runs a
+~512-token prompt of stdlib source (prefill tokens/s) and 64 greedy tokens after it (decode
+tokens/s). Decoding one token reads every weight matrix once, so achieved GB/s = decode tok/s x
+the bytes of the packed weights (QuantizedLinear.nbytes, nn.Linear weight bytes); the share is of
+this machine's bandwidth, measured as the best of 3 clones of a 1 GiB tensor (read + write).
+llama-server gets the same prompt text with `cache_prompt: false`, `n_predict: 64`,
+`ignore_eos`; its own timings (prompt_per_second, predicted_per_second) are reported, its bytes
+per token being the GGUF's weight tensors. Warm-up runs are excluded; medians of --repeats.
+
+    .venv/bin/python benchmarks/decode.py [--model default] [--quant auto int4 int8 fp32]
+        [--prompt-tokens 512] [--decode-tokens 64] [--repeats 3] [--no-peers] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import peers  # noqa: E402
+from common import median, print_table, write_json  # noqa: E402
+
+GIB = 1 << 30
+
+
+def memory_bandwidth(nbytes: int = GIB, repeats: int = 3) -> dict[str, float]:
+    """GB/s (bytes read + bytes written) of copying a 1 GiB tensor, best of `repeats`:
+    `clone` allocates its output each time (page faults included), `copy` reuses it."""
+    import torch
+
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    best_clone = best_copy = float("inf")
+    dst = torch.empty_like(src)
+    dst.fill_(0)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best_copy = min(best_copy, time.perf_counter() - t0)
+    del dst
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = src.clone()
+        best_clone = min(best_clone, time.perf_counter() - t0)
+        del out
+    del src
+    gc.collect()
+    return {"copy": 2 * nbytes / best_copy / 1e9, "clone": 2 * nbytes / best_clone / 1e9}
+
+
+def source_tokens(tokenizer, n_tokens: int) -> list[int]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = "".join((stdlib / name).read_text() for name in ("argparse.py", "textwrap.py"))
+    ids = tokenizer.encode(text)
+    assert len(ids) >= n_tokens, "the sample files are shorter than the prompt asked for"
+    return ids[:n_tokens]
+
+
+def weight_bytes(model) -> tuple[int, int, dict[str, int]]:
+    """(bytes one decode step reads, bytes the weights hold, decode kernels by name).
+
+    A decode step reads every linear layer's decode-kernel weight once (`plan.decode.nbytes`;
+    `QuantizedLinear.nbytes` also counts a dense prefill copy when the plan keeps one, which
+    decode does not read); embeddings are excluded (one row per token), norms are negligible.
+    """
+    from collections import Counter
+
+    from torch import nn
+
+    from codelm.quant.linear import QuantizedLinear
+
+    read = held = 0
+    kernels: Counter[str] = Counter()
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            read += module.plan.decode.nbytes
+            held += module.nbytes
+            kernels[module.plan.decode.name] += 1
+        elif isinstance(module, nn.Linear):
+            read += module.weight.nbytes
+            held += module.weight.nbytes
+            kernels["nn.Linear"] += 1
+    return read, held, dict(kernels)
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """The same for llama.cpp: every tensor of the file but the embedding table, which counts
+    only when it doubles as the output matrix (tied embeddings)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight", None)
+    return sum(tensors.values())
+
+
+def measure_codelm(model: str, quant: str, n_prompt: int, n_decode: int, repeats: int) -> dict:
+    import torch
+
+    from codelm.daemon.engine import EngineConfig, load_engine
+    from codelm.daemon.engine.generate import StopRules, generate
+
+    t0 = time.perf_counter()
+    engine = load_engine(EngineConfig(model=model, quant=quant))
+    load_s = time.perf_counter() - t0
+    tok = engine.tokenizer
+    ids = source_tokens(tok, n_prompt)
+    generate(engine.model, tok, engine.new_kv(), ids[:64], StopRules(max_tokens=2))  # warm-up
+    prefill, decode = [], []
+    for _ in range(repeats):
+        result = generate(engine.model, tok, engine.new_kv(), ids, StopRules(max_tokens=n_decode))
+        assert len(result.token_ids) == n_decode, "no stop rules: every token is kept"
+        prefill.append(n_prompt / (result.prefill_ms / 1000))
+        decode.append(result.decode_tokens_per_s)
+    nbytes, held, kernels = weight_bytes(engine.model)
+    row = {
+        "system": "codelm",
+        "quant": engine.info["quant"],
+        "load_s": load_s,
+        "prompt_tokens": n_prompt,
+        "prefill_tok_s": median(prefill),
+        "decode_tok_s": median(decode),
+        "weights_MB": nbytes / 1e6,
+        "held_MB": held / 1e6,
+        "decode_kernels": " ".join(f"{k} x{n}" for k, n in sorted(kernels.items())),
+        "threads": torch.get_num_threads(),
+    }
+    del engine
+    gc.collect()
+    return row
+
+
+def measure_peer(model_path: Path, text: str, n_decode: int, repeats: int) -> dict:
+    with peers.LlamaServer(model_path) as server:
+        server.complete(text[:400], n_predict=4, cache_prompt=False, stream=False)  # warm-up
+        prefill, decode, n_prompt = [], [], []
+        for _ in range(repeats):
+            r = server.complete(
+                text, n_predict=n_decode, cache_prompt=False, stream=False, ignore_eos=True
+            )
+            prefill.append(float(r.timings["prompt_per_second"]))
+            decode.append(float(r.timings["predicted_per_second"]))
+            n_prompt.append(r.prefilled)
+        return {
+            "system": "llama-server",
+            "quant": "gguf as is",
+            "load_s": server.start_s,
+            "prompt_tokens": int(median(n_prompt)),
+            "prefill_tok_s": median(prefill),
+            "decode_tok_s": median(decode),
+            "weights_MB": gguf_weight_bytes(model_path) / 1e6,
+            "held_MB": gguf_weight_bytes(model_path) / 1e6,
+            "decode_kernels": "ggml",
+            "threads": 2,
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--quant", nargs="+", default=["auto", "int4", "int8", "fp32"])
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-peers", action="store_true", help="codelm only")
+    parser.add_argument(
+        "--user-cache",
+        action="store_true",
+        help="use the user's kernel-ranking and weight caches (default: a temporary "
+        "CODELM_HOME, so kernels are calibrated afresh by this code and nothing is kept)",
+    )
+    parser.add_argument("--json", default=None, help="where to write the results JSON")
+    args = parser.parse_args(argv)
+
+    from codelm.daemon.catalog import resolve_model_path
+
+    model_path = resolve_model_path(args.model).resolve()
+    home = None if args.user_cache else tempfile.mkdtemp(prefix="codelm-decode-")
+    previous = os.environ.get("CODELM_HOME")
+    if home:
+        os.environ["CODELM_HOME"] = home
+    try:
+        return _run(args, model_path)
+    finally:
+        if home:
+            if previous is None:
+                os.environ.pop("CODELM_HOME", None)
+            else:
+                os.environ["CODELM_HOME"] = previous
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, model_path: Path) -> int:
+    measured = memory_bandwidth()
+    bandwidth = measured["copy"]
+    print(
+        f"model: {model_path.name}; memory bandwidth, 1 GiB, read + write, best of 3: "
+        f"copy into a reused tensor {measured['copy']:.1f} GB/s (the reference below), "
+        f"clone {measured['clone']:.1f} GB/s",
+        flush=True,
+    )
+    rows = []
+    for quant in args.quant:
+        rows.append(
+            measure_codelm(
+                str(model_path), quant, args.prompt_tokens, args.decode_tokens, args.repeats
+            )
+        )
+        print(f"  {quant}: done", flush=True)
+    peer_note = ""
+    if args.no_peers:
+        peer_note = "skipped (--no-peers)"
+    elif not peers.available():
+        peer_note = peers.NOT_BUILT
+    elif model_path.suffix != ".gguf":
+        peer_note = "skipped: llama-server needs a .gguf model"
+    else:
+        from codelm.daemon.engine.models import architecture
+        from codelm.daemon.engine.tokenizer import tokenizer_from_gguf
+        from codelm.daemon.engine.weights import read_gguf
+
+        meta = read_gguf(model_path, lambda arch: architecture(arch).GGUF_NAMES).meta
+        tokenizer = tokenizer_from_gguf(meta)
+        text = tokenizer.decode(source_tokens(tokenizer, args.prompt_tokens))
+        rows.append(measure_peer(model_path, text, args.decode_tokens, args.repeats))
+    for row in rows:
+        row["GB_s"] = row["decode_tok_s"] * row["weights_MB"] / 1e3
+        row["bw_share"] = row["GB_s"] / bandwidth
+    if peer_note:
+        rows.append({"system": "llama-server", "quant": peer_note})
+    columns = [
+        "system",
+        "quant",
+        "load_s",
+        "prompt_tokens",
+        "prefill_tok_s",
+        "decode_tok_s",
+        "weights_MB",
+        "GB_s",
+        "bw_share",
+        "held_MB",
+        "threads",
+    ]
+    print_table(rows, columns)
+    print(
+        "weights_MB: weight bytes one decode step reads; GB_s = decode_tok_s x weights_MB; "
+        "held_MB: what the weights occupy (dense prefill copies included)"
+    )
+    for row in rows:
+        if row.get("decode_kernels"):
+            print(f"  {row['system']} {row['quant']}: decode kernels {row['decode_kernels']}")
+    payload = {
+        "model": str(model_path),
+        "memory_bandwidth_GB_s": measured,
+        "settings": vars(args),
+        "kernel_cache": "user" if args.user_cache else "fresh (temporary CODELM_HOME)",
+        "peer": peer_note or peers.version(),
+        "rows": rows,
+    }
+    out = write_json("decode", payload, args.json)
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
