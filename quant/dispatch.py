@@ -25,7 +25,7 @@ from codelm.quant.reference import requantize_int8_per_channel
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "quant_dispatch.json"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: rankings from before dense copies became prefill-only are dropped
 _PHASES = ("decode", "prefill")
 # _DECODE_NO_DENSE: dense copies serve prefill only. Decode is memory-bound and reads every
 # weight per token: over all SmolLM2 layers (cold caches, 1 thread) int4pack_bf16 took 5.6 ms
@@ -203,7 +203,12 @@ class Dispatcher:
         free: str | None = None,
     ) -> str:
         times = ranking.times_ms[phase]
-        order = sorted((t, n) for n, t in times.items() if n in specs)
+        order = sorted(
+            (t, n)
+            for n, t in times.items()
+            # Dense copies never decode (see _DECODE_NO_DENSE), whatever a ranking says.
+            if n in specs and not (phase == "decode" and specs[n].dense_bytes_per_weight)
+        )
         for _, name in order:
             if name == free or _dense_bytes(specs[name], qw) <= left:
                 return name

@@ -121,7 +121,21 @@ def test_dispatcher_ignores_corrupt_cache_with_a_warning(gen, tmp_path, monkeypa
         plan = Dispatcher(DispatchConfig(cache_dir=tmp_path)).plan(qw)
     assert "ignoring unreadable kernel cache" in caplog.text
     assert plan.decode.name == "int8pack_bf16"
-    assert json.loads((tmp_path / dispatch_module.CACHE_FILE).read_text())["version"] == 1
+    saved = json.loads((tmp_path / dispatch_module.CACHE_FILE).read_text())
+    assert saved["version"] == dispatch_module._CACHE_VERSION
+
+
+def test_dispatcher_never_decodes_with_a_dense_copy_even_if_a_ranking_says_so(gen, monkeypatch):
+    qw, _ = quantize_int8(weight(gen, 32, 64))
+    # A ranking from an older cache, in which the dense copy timed fastest for decode.
+    times = {
+        "decode": {"dense_fp32": 0.1, "int8pack_bf16": 1.0},
+        "prefill": {"dense_fp32": 0.1, "int8pack_bf16": 1.0},
+    }
+    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    plan = Dispatcher(DispatchConfig(dense_budget_bytes=1 << 30)).plan(qw)
+    assert plan.decode.name == "int8pack_bf16"
+    assert plan.prefill.name == "dense_fp32"
 
 
 def test_dispatcher_offers_lossy_dynamic_int8_only_when_allowed(gen):
