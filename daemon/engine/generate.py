@@ -131,12 +131,14 @@ def generate(
     cancel: CancelToken | None = None,
     on_text: Callable[[str], None] | None = None,
     heal: bytes = b"",
+    decode_threads: int = 0,
 ) -> GenerationResult:
     """Prefill what of `prompt` the cache lacks, then decode until a stop rule fires.
 
     `kv` must hold a prefix of `prompt` (the caller trims it); it ends holding the prompt plus
     the generated tokens that were fed back. `heal`: bytes removed from the prompt's end that
     the first generated tokens must spell again; they are not part of the result's text.
+    `decode_threads`: CPU threads for the decode steps (0: as for prefill).
     """
     assert kv.length < len(prompt), "the cache must leave at least one prompt token to run"
     result = GenerationResult(cached_tokens=kv.length, prefilled_tokens=len(prompt) - kv.length)
@@ -145,7 +147,13 @@ def generate(
         logits = prefill(model, kv, prompt[kv.length :], chunk, cancel)
         t1 = time.perf_counter()
         result.prefill_ms = (t1 - t0) * 1000
-        _decode(model, tokenizer, kv, logits, rules, result, cancel, on_text, heal)
+        threads = torch.get_num_threads()
+        try:
+            if decode_threads:
+                torch.set_num_threads(decode_threads)
+            _decode(model, tokenizer, kv, logits, rules, result, cancel, on_text, heal)
+        finally:
+            torch.set_num_threads(threads)
         result.decode_ms = (time.perf_counter() - t1) * 1000
     return result
 
