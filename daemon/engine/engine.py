@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from codelm.quant import physical_cores
 
 from ..cache import FileCache, find_moved_run
 from ..errors import BadRequest, DeviceUnavailable, ModelLoadError
@@ -30,7 +31,7 @@ from . import EngineConfig
 from .cancel import CancelToken
 from .generate import GenerationResult, StopRules, generate, prefill
 from .kv import KVCache
-from .loader import LoadedModel, load_model
+from .loader import LoadedModel, available_memory_bytes, load_model
 from .prompt import Prompt, build_prompt, detect_fim, window_anchor
 
 logger = logging.getLogger(__name__)
@@ -275,27 +276,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def physical_cores() -> int:
-    """Physical cores (hyper-threads share a core's FPU; more threads than cores slows torch)."""
-    try:
-        pairs = set()
-        text = Path("/proc/cpuinfo").read_text()
-        for block in text.split("\n\n"):
-            fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
-            fields = {k.strip(): v.strip() for k, v in fields.items()}
-            if "core id" in fields:
-                pairs.add((fields.get("physical id"), fields["core id"]))
-        if pairs:
-            return min(len(pairs), len(os.sched_getaffinity(0)))
-    except OSError:
-        pass
-    return max(1, (os.cpu_count() or 2) // 2)
-
-
 def default_cache_budget() -> int:
     """A quarter of available memory, between 256 MiB and 4 GiB."""
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
+    available = available_memory_bytes()
+    if available is None:
         available = 4 << 30
     return int(min(4 << 30, max(256 << 20, available // 4)))

@@ -210,13 +210,18 @@ class LinearFactory:
         return ", ".join(f"{k} x{v}" for k, v in sorted(self.counts.items()))
 
 
+def available_memory_bytes() -> int | None:
+    """Memory available to allocate now, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
 def _dense_budget() -> int:
     """Memory dense prefill copies may use: an eighth of available memory, at most 1.5 GiB."""
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 0
-    return int(min(1.5 * (1 << 30), available // 8))
+    available = available_memory_bytes()
+    return 0 if available is None else int(min(1.5 * (1 << 30), available // 8))
 
 
 # GGUF types that map exactly onto our formats (cheap to repack at every load).
