@@ -23,6 +23,8 @@ class CacheStats:
     shifted_tokens: int = 0  # reused from after an edit, moved to new positions
     prefilled_tokens: int = 0
     evictions: int = 0
+    drafted_tokens: int = 0  # the last suggestion's tokens run as a guess (Engine._draft)
+    accepted_tokens: int = 0  # of those, the ones the model generated: no decode step ran
 
     def to_json(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

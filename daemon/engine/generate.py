@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from ..cache import common_prefix
 from ..errors import Cancelled
 from .cancel import CancelToken
 from .kv import KVCache
@@ -78,6 +80,8 @@ class GenerationResult:
     prefilled_tokens: int = 0
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0  # draft tokens generated as guessed
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -90,15 +94,20 @@ def prefill(
     tokens: list[int],
     chunk: int,
     cancel: CancelToken | None = None,
+    n_logits: int = 1,
 ) -> torch.Tensor:
-    """Run `tokens` after what `kv` holds, in chunks; returns the last position's logits."""
+    """Run `tokens` after what `kv` holds, in chunks; returns the logits of the last `n_logits`
+    positions ([n_logits, vocab]), which all run in the final chunk (it grows to hold them)."""
     assert tokens, "prefill needs at least one token"
     logits = None
     ids = torch.tensor(tokens, dtype=torch.long)
-    for start in range(0, len(tokens), chunk):
+    starts = list(range(0, len(tokens), chunk))
+    while len(starts) > 1 and starts[-1] > len(tokens) - n_logits:
+        starts.pop()  # the final chunk grows to hold every position whose logits are wanted
+    for start, end in zip(starts, [*starts[1:], len(tokens)], strict=True):
         if cancel is not None and cancel.is_cancelled:
             raise Cancelled(f"cancelled during prefill ({cancel.reason})")
-        logits = model(ids[start : start + chunk], kv)
+        logits = model(ids[start:end], kv, n_logits=n_logits if end == len(tokens) else 1)
     return logits
 
 
@@ -108,16 +117,38 @@ def decode_steps(
     logits: torch.Tensor,
     max_tokens: int,
     pick: Callable[[torch.Tensor, int], int] = lambda logits, step: greedy(logits),
+    draft: Sequence[int] = (),
 ) -> Iterator[int]:
     """Yield up to `max_tokens` tokens. A yielded token is fed to the model (and so enters `kv`)
-    only when the consumer asks for the next one, so a stop costs no extra forward."""
-    for step in range(max_tokens):
-        token = pick(logits, step)
-        yield token
-        if step + 1 < max_tokens:
+    only when the consumer asks for the next one, so a stop costs no extra forward.
+
+    `draft`: tokens already run after the prompt, `logits` [len(draft) + 1, vocab] being the
+    predictions at the prompt's last position and at each draft token. Draft tokens the model
+    picks itself are yielded without a forward; the first it does not pick ends the draft
+    (its KV is dropped). Close the generator (contextlib.closing) so `kv` is trimmed to what
+    was yielded when the consumer stops early.
+    """
+    base = kv.length - len(draft)  # the prompt's length
+    step = 0
+    try:
+        while True:
+            for row in range(logits.shape[0]):
+                token = pick(logits[row : row + 1], step)
+                step += 1
+                yield token
+                if step >= max_tokens:
+                    return
+                if row >= len(draft) or token != draft[row]:
+                    break
+            # `token` is not in kv yet: drop any draft after the tokens yielded before it.
+            kv.trim_to(base + step - 1)
             if kv.length >= kv.max_len:
                 return
             logits = model(torch.tensor([token], dtype=torch.long), kv)
+            draft = ()
+    finally:
+        # The last yielded token is never in kv; everything yielded before it is.
+        kv.trim_to(min(kv.length, base + max(step - 1, 0)))
 
 
 def generate(
@@ -132,6 +163,7 @@ def generate(
     on_text: Callable[[str], None] | None = None,
     heal: bytes = b"",
     decode_threads: int = 0,
+    draft: Sequence[int] = (),
 ) -> GenerationResult:
     """Prefill what of `prompt` the cache lacks, then decode until a stop rule fires.
 
@@ -139,30 +171,43 @@ def generate(
     the generated tokens that were fed back. `heal`: bytes removed from the prompt's end that
     the first generated tokens must spell again; they are not part of the result's text.
     `decode_threads`: CPU threads for the decode steps (0: as for prefill).
+    `draft`: a guess at the first generated tokens (e.g. the document's last suggestion, less
+    what the user has typed since), run with the prompt's tail in one forward; what the model
+    confirms costs no decode step. The result is the same as without it.
     """
     assert kv.length < len(prompt), "the cache must leave at least one prompt token to run"
     result = GenerationResult(cached_tokens=kv.length, prefilled_tokens=len(prompt) - kv.length)
+    draft = list(draft[: min(rules.max_tokens - 1, kv.max_len - len(prompt))])
     with torch.inference_mode():
         t0 = time.perf_counter()
-        logits = prefill(model, kv, prompt[kv.length :], chunk, cancel)
+        tail = prompt[kv.length :] + draft
+        logits = prefill(model, kv, tail, chunk, cancel, n_logits=len(draft) + 1)
         t1 = time.perf_counter()
         result.prefill_ms = (t1 - t0) * 1000
         threads = torch.get_num_threads()
         try:
             if decode_threads:
                 torch.set_num_threads(decode_threads)
-            _decode(model, tokenizer, kv, logits, rules, result, cancel, on_text, heal)
+            steps = decode_steps(
+                model, kv, logits, rules.max_tokens, _picker(tokenizer, heal), draft
+            )
+            with contextlib.closing(steps):
+                _decode(steps, tokenizer, rules, result, cancel, on_text, heal)
         finally:
             torch.set_num_threads(threads)
         result.decode_ms = (time.perf_counter() - t1) * 1000
+    result.drafted_tokens = len(draft)
+    result.accepted_tokens = common_prefix(result.token_ids, draft)
     return result
 
 
-def _decode(model, tokenizer, kv, logits, rules, result, cancel, on_text, heal) -> None:
+def _picker(tokenizer: Tokenizer, heal: bytes) -> Callable[[torch.Tensor, int], int]:
+    return HealingPicker(tokenizer, heal) if heal else (lambda logits, step: greedy(logits))
+
+
+def _decode(steps, tokenizer, rules, result, cancel, on_text, heal) -> None:
     streamer = tokenizer.streamer(skip=heal)
     text, shown = "", 0
-    pick = HealingPicker(tokenizer, heal) if heal else (lambda lg, step: greedy(lg))
-    steps = decode_steps(model, kv, logits, rules.max_tokens, pick)
     result.stop_reason = StopReason.MAX_TOKENS
     for token in steps:
         if cancel is not None and cancel.is_cancelled:

@@ -195,12 +195,12 @@ def run_decoder(
     rotary: Rotary,
     tokens: torch.Tensor,
     kv: KVCache,
-    all_logits: bool,
+    n_logits: int | None,
 ) -> torch.Tensor:
     """The decoder loop every architecture shares: embed, blocks over the KV cache, norm, head.
 
     Runs `tokens` ([T] ids) at positions [kv.length, kv.length + T) and advances kv.length.
-    Returns fp32 logits [T, vocab] if all_logits else [1, vocab] for the last token.
+    Returns fp32 logits [n, vocab] of the last n = n_logits positions (None: all T).
     """
     start = kv.length
     n_tokens = tokens.shape[0]
@@ -210,5 +210,5 @@ def run_decoder(
     for i, block in enumerate(blocks):
         x = block(x, cos, sin, kv.k[i], kv.v[i], start)
     kv.length = start + n_tokens
-    x = x[0] if all_logits else x[0, -1:]
+    x = x[0] if n_logits is None else x[0, -n_logits:]
     return lm_head(final_norm(x)).float()

@@ -59,7 +59,7 @@ def _check_against_oracle(
     model = loaded.model
     with torch.inference_mode():
         expected = oracle_logits(tokens)
-        full = model(tokens, _new_kv(loaded), all_logits=True)
+        full = model(tokens, _new_kv(loaded), n_logits=None)
         kv = _new_kv(loaded)
         steps = torch.cat([model(tokens[i : i + 1], kv) for i in range(n_tokens)])
     assert full.shape == (n_tokens, VOCAB) and full.dtype == torch.float32

@@ -29,6 +29,7 @@ def engine(default_engine) -> Engine:
     default_engine.config = dataclasses.replace(saved, prefix_chars=PREFIX_CHARS)
     default_engine.cache = FileCache(budget_bytes=1 << 30, new_kv=default_engine.new_kv)
     default_engine.anchors.clear()
+    default_engine.suggestions.clear()
     yield default_engine
     default_engine.config = saved
 
@@ -47,12 +48,14 @@ def _request(text: str, cursor: int, uri: str = URI, max_tokens: int = 8) -> Com
 
 
 def _uncached(engine: Engine, request: CompleteRequest) -> list[int]:
-    saved = engine.cache
+    """The tokens a fresh engine makes: no cache, no last suggestion to draft from."""
+    saved = engine.cache, engine.suggestions
     engine.cache = FileCache(budget_bytes=1 << 30, new_kv=engine.new_kv)
+    engine.suggestions = {}
     try:
         return engine.complete(request).token_ids
     finally:
-        engine.cache = saved
+        engine.cache, engine.suggestions = saved
 
 
 def _check(engine: Engine, request: CompleteRequest, max_prefilled: int) -> None:
@@ -178,3 +181,23 @@ def test_shifted_reuse_recomputes_only_the_edit_when_enabled(engine):
     assert response.timings.cached_tokens + response.timings.prefilled_tokens == prompt_len
     assert engine.cache.stats.shifted_tokens > prompt_len // 2
     assert response.items[0].text.strip()
+
+
+def test_typing_along_the_suggestion_verifies_it_instead_of_decoding(engine):
+    cursor = SOURCE.index("        if self.expand_tabs:") + len("        if self.")
+    first = engine.complete(_request(SOURCE, cursor, max_tokens=12)).items[0].text
+    assert len(first) > 6, first
+    typed = first[:3]
+    document = SOURCE[:cursor] + typed + SOURCE[cursor:]
+    request = _request(document, cursor + len(typed), max_tokens=12)
+    accepted = engine.cache.stats.accepted_tokens
+    response = engine.complete(request)
+    assert response.token_ids == _uncached(engine, request)
+    assert response.items[0].text.startswith(first[3:])
+    # Nearly all of the old suggestion was confirmed in the one forward that ran the new key.
+    assert engine.cache.stats.accepted_tokens - accepted >= 6
+    # Typing something else than the suggestion drafts nothing.
+    drafted = engine.cache.stats.drafted_tokens
+    other = SOURCE[:cursor] + "zq" + SOURCE[cursor:]
+    engine.complete(_request(other, cursor + 2, max_tokens=12))
+    assert engine.cache.stats.drafted_tokens == drafted

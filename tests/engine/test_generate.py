@@ -72,3 +72,51 @@ def test_generate_raises_cancelled_between_prefill_chunks(default_engine):
             cancel=cancel,
         )
     assert kv.length == 0
+
+
+def _count_forwards(model) -> list[int]:
+    calls = [0]
+
+    def hook(module, args, output):
+        calls[0] += 1
+
+    model.register_forward_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("kind", "accepted", "forwards"),
+    [("right", 11, 1), ("half", 5, 7), ("wrong", 0, 12), ("stop_inside", 4, 1)],
+)
+def test_a_draft_changes_nothing_but_the_forwards_it_saves(
+    default_engine, kind, accepted, forwards
+):
+    model, tokenizer = default_engine.model, default_engine.tokenizer
+    ids = _prompt(default_engine, "def fib(n):\n    if n < 2:\n        return n\n    return")
+    rules = StopRules(max_tokens=12)
+    plain = generate(model, tokenizer, default_engine.new_kv(), ids, rules)
+    assert len(plain.token_ids) == 12
+    other = [(t + 1) % tokenizer.vocab_size for t in plain.token_ids]
+    if kind == "stop_inside":  # a stop token the draft runs past
+        rules = StopRules(max_tokens=12, stop_ids=frozenset({plain.token_ids[4]}))
+        plain = generate(model, tokenizer, default_engine.new_kv(), ids, rules)
+    draft = {"wrong": other, "half": plain.token_ids[:5] + other[5:]}.get(kind, plain.token_ids)
+
+    kv = default_engine.new_kv()
+    hook = model._forward_hooks.copy()
+    calls = _count_forwards(model)
+    try:
+        drafted = generate(model, tokenizer, kv, ids, rules, draft=draft)
+    finally:
+        model._forward_hooks.clear()
+        model._forward_hooks.update(hook)
+    assert drafted.token_ids == plain.token_ids and drafted.text == plain.text
+    assert drafted.stop_reason is plain.stop_reason
+    assert drafted.accepted_tokens == accepted and calls[0] == forwards
+    # The cache holds the prompt and every generated token but the last (a stop is not kept).
+    fed = len(plain.token_ids) - (plain.stop_reason is StopReason.MAX_TOKENS)
+    assert kv.length == len(ids) + fed
+    # ...and what it holds is what a plain run computes: continuing from it gives plain's tokens.
+    kv.trim_to(len(ids) - 1)
+    again = generate(model, tokenizer, kv, ids, rules, draft=draft)
+    assert again.token_ids == plain.token_ids

@@ -63,7 +63,7 @@ def test_tiny_llama_logits_match_transformers(tmp_path, tie):
     tokens = torch.randint(0, 320, (40,))
     with torch.inference_mode():
         expected = ref(tokens[None]).logits[0]
-        actual = ours(tokens, _new_kv(ours), all_logits=True)
+        actual = ours(tokens, _new_kv(ours), n_logits=None)
     torch.testing.assert_close(actual, expected, atol=LOGIT_ATOL, rtol=1e-4)
 
 
@@ -79,7 +79,7 @@ def test_tiny_llama_with_llama3_rope_scaling_matches_transformers(tmp_path):
     tokens = torch.randint(0, 320, (100,))
     with torch.inference_mode():
         expected = ref(tokens[None]).logits[0]
-        actual = ours(tokens, _new_kv(ours), all_logits=True)
+        actual = ours(tokens, _new_kv(ours), n_logits=None)
     torch.testing.assert_close(actual, expected, atol=LOGIT_ATOL, rtol=1e-4)
 
 
@@ -88,7 +88,7 @@ def test_tiny_llama_decode_one_token_at_a_time_matches_full_forward(tmp_path):
     tokens = torch.randint(0, 320, (24,))
     kv = _new_kv(ours)
     with torch.inference_mode():
-        full = ours(tokens, _new_kv(ours), all_logits=True)
+        full = ours(tokens, _new_kv(ours), n_logits=None)
         steps = torch.cat([ours(tokens[i : i + 1], kv) for i in range(len(tokens))])
     torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
 
@@ -105,7 +105,7 @@ def test_default_model_logits_match_transformers_gguf(default_engine, default_mo
     ids = _source_prompt(default_engine, 200)
     with torch.inference_mode():
         expected = ref(torch.tensor([ids])).logits[0]
-        actual = default_engine.model(torch.tensor(ids), default_engine.new_kv(), all_logits=True)
+        actual = default_engine.model(torch.tensor(ids), default_engine.new_kv(), n_logits=None)
     # Both dequantise the same Q4_1/Q8_0 blocks to fp32; only summation order differs.
     torch.testing.assert_close(actual, expected, atol=2e-3, rtol=1e-3)
     greedy = ref.generate(

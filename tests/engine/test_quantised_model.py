@@ -16,7 +16,7 @@ MIN_AGREEMENT = {"int8": 0.97, "int4": 0.90}
 
 def _top1(engine, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        logits = engine.model(torch.tensor(ids), engine.new_kv(), all_logits=True)
+        logits = engine.model(torch.tensor(ids), engine.new_kv(), n_logits=None)
     return logits.argmax(-1)
 
 

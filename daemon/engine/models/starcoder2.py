@@ -202,7 +202,9 @@ class Model(nn.Module):
         self.lm_head = meta_linear(args.dim, args.vocab_size, False)
         self.rotary = Rotary(args.head_dim, args.rope_base, args.max_len, args.rope_scaling)
 
-    def forward(self, tokens: torch.Tensor, kv: KVCache, all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, kv: KVCache, n_logits: int | None = 1
+    ) -> torch.Tensor:
         """layers.run_decoder: logits of `tokens` run after what `kv` holds."""
         return run_decoder(
             self.model.embed_tokens,
@@ -212,5 +214,5 @@ class Model(nn.Module):
             self.rotary,
             tokens,
             kv,
-            all_logits,
+            n_logits,
         )
