@@ -9,6 +9,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .engine.kv import KVCache
 
@@ -34,6 +35,15 @@ class CacheStats:
 class Entry:
     tokens: list[int]  # the ids whose K/V are in kv[0:len(tokens)]
     kv: KVCache
+    # position p -> the greedy pick after tokens[: p + 1], from a forward that ran there
+    known: dict[int, int] = field(default_factory=dict)
+
+
+class Checkout(NamedTuple):
+    kv: KVCache
+    reused: int  # tokens kv holds
+    old: list[int]  # the tokens the entry held (their K/V stay in kv past `reused`)
+    known: dict[int, int]  # Entry.known for positions still valid
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -77,26 +87,30 @@ class FileCache:
     entries: OrderedDict[str, Entry] = field(default_factory=OrderedDict)
     stats: CacheStats = field(default_factory=CacheStats)
 
-    def checkout(self, uri: str | None, tokens: list[int]) -> tuple[KVCache, int, list[int]]:
-        """KV holding the longest cached prefix of `tokens` (at most len-1), its length, and the
-        tokens the entry held (their K/V stay in the tensors past the trimmed length).
+    def checkout(self, uri: str | None, tokens: list[int], n_prompt: int | None = None) -> Checkout:
+        """KV holding the longest cached prefix of `tokens` (at most len-1): `tokens` is a prompt
+        whose first `n_prompt` tokens count in the stats (all by default), then a draft.
 
         uri None (no document): the best entry of any document lends a copy of its prefix.
         """
+        n_prompt = len(tokens) if n_prompt is None else n_prompt
         self.stats.lookups += 1
         entry = self.entries.pop(uri, None) if uri is not None else None
         old: list[int] = []
+        known: dict[int, int] = {}
         if entry is not None:
-            kv, reused, old = entry.kv, common_prefix(entry.tokens, tokens), entry.tokens
+            kv, same, old = entry.kv, common_prefix(entry.tokens, tokens), entry.tokens
+            known = {p: t for p, t in entry.known.items() if p < same}
         else:
-            kv, reused = self._borrow(tokens)
-        # Leave one token to run: its logits start the generation.
-        reused = min(reused, len(tokens) - 1)
+            kv, same = self._borrow(tokens)
+        # Leave one token to run: a generation starts from a forward.
+        reused = min(same, len(tokens) - 1)
         kv.trim_to(reused)
+        in_prompt = min(reused, n_prompt)
         self.stats.hits += reused > 0
-        self.stats.reused_tokens += reused
-        self.stats.prefilled_tokens += len(tokens) - reused
-        return kv, reused, old
+        self.stats.reused_tokens += in_prompt
+        self.stats.prefilled_tokens += n_prompt - in_prompt
+        return Checkout(kv, reused, old, known)
 
     def _borrow(self, tokens: list[int]) -> tuple[KVCache, int]:
         best, best_len = None, 0
@@ -112,9 +126,12 @@ class FileCache:
             kv.length = best_len
         return kv, best_len
 
-    def checkin(self, uri: str, tokens: list[int], kv: KVCache) -> None:
+    def checkin(
+        self, uri: str, tokens: list[int], kv: KVCache, known: dict[int, int] | None = None
+    ) -> None:
         assert kv.length <= len(tokens)
-        self.entries[uri] = Entry(tokens[: kv.length], kv)
+        known = {p: t for p, t in (known or {}).items() if p < kv.length}
+        self.entries[uri] = Entry(tokens[: kv.length], kv, known)
         self.entries.move_to_end(uri)
         self._evict(keep=uri)
 

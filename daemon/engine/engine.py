@@ -201,7 +201,8 @@ class Engine:
             raise BadRequest(
                 "text", f"the prompt ({len(ids)} tokens) leaves no room in the context"
             )
-        kv, reused, old = self.cache.checkout(uri, ids)
+        draft = list(draft[: rules.max_tokens - 1])  # as generate() cuts it
+        kv, reused, old, known = self.cache.checkout(uri, ids + draft, n_prompt=len(ids))
         result = None
         try:
             moved_ms, gap = self._reuse_moved_run(kv, old, ids, reused, cancel)
@@ -217,6 +218,7 @@ class Engine:
                 heal=heal,
                 decode_threads=self.decode_threads,
                 draft=draft,
+                known=known,
             )
             self.cache.stats.drafted_tokens += result.drafted_tokens
             self.cache.stats.accepted_tokens += result.accepted_tokens
@@ -232,7 +234,7 @@ class Engine:
             tokens = ids + _fed_tokens(kv, ids, result)
             # A prompt without a document is filed under its opening tokens, so a client that
             # resends a growing prompt replaces its own entry instead of adding one each time.
-            self.cache.checkin(uri or f"prompt:{hash(tuple(ids[:64]))}", tokens, kv)
+            self.cache.checkin(uri or f"prompt:{hash(tuple(ids[:64]))}", tokens, kv, known)
         return result
 
     def _reuse_moved_run(self, kv: KVCache, old: list[int], ids: list[int], reused: int, cancel):

@@ -15,7 +15,7 @@ from ..cache import common_prefix
 from ..errors import Cancelled
 from .cancel import CancelToken
 from .kv import KVCache
-from .sampling import HealingPicker, greedy
+from .sampling import Greedy, HealingPicker, Picker, greedy
 from .tokenizer import Tokenizer
 
 _FIRST_LINE = re.compile(r"\S[^\n]*\n")
@@ -114,41 +114,64 @@ def prefill(
 def decode_steps(
     model: torch.nn.Module,
     kv: KVCache,
-    logits: torch.Tensor,
+    sequence: list[int],
+    rows: dict[int, torch.Tensor],
     max_tokens: int,
-    pick: Callable[[torch.Tensor, int], int] = lambda logits, step: greedy(logits),
-    draft: Sequence[int] = (),
+    pick: Picker | None = None,
+    n_draft: int = 0,
+    known: dict[int, int] | None = None,
 ) -> Iterator[int]:
-    """Yield up to `max_tokens` tokens. A yielded token is fed to the model (and so enters `kv`)
-    only when the consumer asks for the next one, so a stop costs no extra forward.
+    """Yield up to `max_tokens` tokens after `sequence` (the prompt and `n_draft` draft tokens,
+    all in `kv`). A yielded token is fed to the model (and so enters `kv`) only when the
+    consumer asks for the next one, so a stop costs no extra forward.
 
-    `draft`: tokens already run after the prompt, `logits` [len(draft) + 1, vocab] being the
-    predictions at the prompt's last position and at each draft token. Draft tokens the model
-    picks itself are yielded without a forward; the first it does not pick ends the draft
-    (its KV is dropped). Close the generator (contextlib.closing) so `kv` is trimmed to what
-    was yielded when the consumer stops early.
+    The token after position p comes from `rows[p]` (logits [1, vocab] of that position), else
+    from `known[p]` (the greedy pick a forward over the same tokens made before) when the picker
+    can use it, else from a forward of token p. Draft tokens the model picks itself are yielded
+    without a forward; the first it does not pick ends the draft (its K/V is dropped). Picks
+    made from logits are added to `known`. Close the generator (contextlib.closing) so `kv` is
+    trimmed to what was yielded when the consumer stops early.
     """
-    base = kv.length - len(draft)  # the prompt's length
+    pick = pick or Greedy()
+    known = {} if known is None else known
+    n_prompt = len(sequence) - n_draft
+    tokens = sequence[:n_prompt]  # the prompt and what was yielded
+    ahead = sequence[n_prompt:]  # draft tokens in kv after `tokens`
     step = 0
     try:
         while True:
-            for row in range(logits.shape[0]):
-                token = pick(logits[row : row + 1], step)
-                step += 1
-                yield token
-                if step >= max_tokens:
-                    return
-                if row >= len(draft) or token != draft[row]:
-                    break
-            # `token` is not in kv yet: drop any draft after the tokens yielded before it.
-            kv.trim_to(base + step - 1)
+            at = len(tokens) - 1
+            row = rows.get(at)
+            token = pick.known(known[at], step) if row is None and at in known else None
+            if token is None:
+                if row is None:
+                    # Nothing kept for this position: run its token again. That rewrites its
+                    # own K/V only; what kv holds after it stays.
+                    held = kv.length
+                    kv.trim_to(at)
+                    row = model(torch.tensor([tokens[at]], dtype=torch.long), kv)
+                    kv.length = held
+                known[at] = greedy(row)
+                token = pick(row, step)
+            step += 1
+            yield token
+            if step >= max_tokens:
+                return
+            tokens.append(token)
+            if ahead and ahead[0] == token:
+                ahead.pop(0)  # its K/V is in kv, and rows/known may hold what follows it
+                continue
+            # Off the draft: what kv and `known` hold past here belongs to another sequence.
+            kv.trim_to(len(tokens) - 1)
+            ahead = []
+            for stale in [p for p in known if p >= len(tokens) - 1]:
+                del known[stale]
             if kv.length >= kv.max_len:
                 return
-            logits = model(torch.tensor([token], dtype=torch.long), kv)
-            draft = ()
+            rows = {len(tokens) - 1: model(torch.tensor([token], dtype=torch.long), kv)}
     finally:
         # The last yielded token is never in kv; everything yielded before it is.
-        kv.trim_to(min(kv.length, base + max(step - 1, 0)))
+        kv.trim_to(min(kv.length, n_prompt + max(step - 1, 0)))
 
 
 def generate(
@@ -164,32 +187,43 @@ def generate(
     heal: bytes = b"",
     decode_threads: int = 0,
     draft: Sequence[int] = (),
+    known: dict[int, int] | None = None,
 ) -> GenerationResult:
-    """Prefill what of `prompt` the cache lacks, then decode until a stop rule fires.
+    """Prefill what of `prompt` (and `draft`) the cache lacks, then decode until a stop rule
+    fires.
 
-    `kv` must hold a prefix of `prompt` (the caller trims it); it ends holding the prompt plus
-    the generated tokens that were fed back. `heal`: bytes removed from the prompt's end that
-    the first generated tokens must spell again; they are not part of the result's text.
+    `kv` must hold a prefix of `prompt + draft` shorter than it (the caller trims it); it ends
+    holding the prompt plus the generated tokens that were fed back.
+    `heal`: bytes removed from the prompt's end that the first generated tokens must spell
+    again; they are not part of the result's text.
     `decode_threads`: CPU threads for the decode steps (0: as for prefill).
     `draft`: a guess at the first generated tokens (e.g. the document's last suggestion, less
     what the user has typed since), run with the prompt's tail in one forward; what the model
     confirms costs no decode step. The result is the same as without it.
+    `known`: position -> the greedy pick a forward made there before, valid for the tokens `kv`
+    holds (FileCache keeps them with the K/V); this run's picks are added to it.
     """
-    assert kv.length < len(prompt), "the cache must leave at least one prompt token to run"
-    result = GenerationResult(cached_tokens=kv.length, prefilled_tokens=len(prompt) - kv.length)
     draft = list(draft[: min(rules.max_tokens - 1, kv.max_len - len(prompt))])
+    sequence = prompt + draft
+    assert kv.length < len(sequence), "the cache must leave at least one token to run"
+    cached = min(kv.length, len(prompt))
+    result = GenerationResult(cached_tokens=cached, prefilled_tokens=len(prompt) - cached)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        tail = prompt[kv.length :] + draft
-        logits = prefill(model, kv, tail, chunk, cancel, n_logits=len(draft) + 1)
+        tail = sequence[kv.length :]
+        n_rows = min(len(tail), len(draft) + 1)  # the rows that pick or check a token
+        logits = prefill(model, kv, tail, chunk, cancel, n_logits=n_rows)
+        first = len(sequence) - n_rows
+        rows = {first + i: logits[i : i + 1] for i in range(n_rows)}
         t1 = time.perf_counter()
         result.prefill_ms = (t1 - t0) * 1000
         threads = torch.get_num_threads()
         try:
             if decode_threads:
                 torch.set_num_threads(decode_threads)
+            pick = HealingPicker(tokenizer, heal) if heal else Greedy()
             steps = decode_steps(
-                model, kv, logits, rules.max_tokens, _picker(tokenizer, heal), draft
+                model, kv, sequence, rows, rules.max_tokens, pick, len(draft), known
             )
             with contextlib.closing(steps):
                 _decode(steps, tokenizer, rules, result, cancel, on_text, heal)
@@ -199,10 +233,6 @@ def generate(
     result.drafted_tokens = len(draft)
     result.accepted_tokens = common_prefix(result.token_ids, draft)
     return result
-
-
-def _picker(tokenizer: Tokenizer, heal: bytes) -> Callable[[torch.Tensor, int], int]:
-    return HealingPicker(tokenizer, heal) if heal else (lambda logits, step: greedy(logits))
 
 
 def _decode(steps, tokenizer, rules, result, cancel, on_text, heal) -> None:

@@ -22,6 +22,17 @@ def greedy_with_prefix(logits: torch.Tensor, allowed: torch.Tensor | None) -> in
     return int(allowed[logits[-1, allowed].argmax()])
 
 
+class Greedy:
+    """Picks the most likely token. `known(token)`: the pick when the logits' argmax is known to
+    be `token` (a prediction kept from an earlier forward), or None when logits are needed."""
+
+    def __call__(self, logits: torch.Tensor, step: int) -> int:
+        return greedy(logits)
+
+    def known(self, token: int, step: int) -> int | None:
+        return token
+
+
 class HealingPicker:
     """Greedy, but the first tokens must spell `heal`: the bytes of the prompt's last token,
     removed so the model can choose how the text at the cursor continues (token healing)."""
@@ -34,6 +45,27 @@ class HealingPicker:
         if not self.remaining:
             return greedy(logits)
         token = greedy_with_prefix(logits, self.tokenizer.consistent_tokens(self.remaining))
+        self._spelled(token)
+        return token
+
+    def known(self, token: int, step: int) -> int | None:
+        # The argmax over the tokens that fit `heal` is the overall argmax when that one fits.
+        if self.remaining and not _fits(self.tokenizer, token, self.remaining):
+            return None
+        self._spelled(token)
+        return token
+
+    def _spelled(self, token: int) -> None:
         piece = self.tokenizer.pieces[token]
         self.remaining = self.remaining[len(piece) :] if self.remaining.startswith(piece) else b""
-        return token
+
+
+def _fits(tokenizer: Tokenizer, token: int, required: bytes) -> bool:
+    """What Tokenizer.consistent_tokens(required) holds `token` for."""
+    piece = tokenizer.pieces[token]
+    if not piece or token in tokenizer.special.values():
+        return False
+    return piece.startswith(required) or required.startswith(piece)
+
+
+Picker = Greedy | HealingPicker

@@ -20,3 +20,17 @@ def default_engine(default_model_path):
     from codelm.daemon.engine import EngineConfig, load_engine
 
     return load_engine(EngineConfig(model=str(default_model_path), quant="fp32"))
+
+
+@pytest.fixture
+def forwards(default_engine):
+    """The number of forwards of the default engine's model since the test (or its last reset
+    to 0) began: forwards[0]."""
+    calls = [0]
+
+    def count(module, args, output):
+        calls[0] += 1
+
+    handle = default_engine.model.register_forward_hook(count)
+    yield calls
+    handle.remove()

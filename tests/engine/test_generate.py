@@ -74,22 +74,12 @@ def test_generate_raises_cancelled_between_prefill_chunks(default_engine):
     assert kv.length == 0
 
 
-def _count_forwards(model) -> list[int]:
-    calls = [0]
-
-    def hook(module, args, output):
-        calls[0] += 1
-
-    model.register_forward_hook(hook)
-    return calls
-
-
 @pytest.mark.parametrize(
-    ("kind", "accepted", "forwards"),
+    ("kind", "accepted", "n_forwards"),
     [("right", 11, 1), ("half", 5, 7), ("wrong", 0, 12), ("stop_inside", 4, 1)],
 )
 def test_a_draft_changes_nothing_but_the_forwards_it_saves(
-    default_engine, kind, accepted, forwards
+    default_engine, forwards, kind, accepted, n_forwards
 ):
     model, tokenizer = default_engine.model, default_engine.tokenizer
     ids = _prompt(default_engine, "def fib(n):\n    if n < 2:\n        return n\n    return")
@@ -103,16 +93,11 @@ def test_a_draft_changes_nothing_but_the_forwards_it_saves(
     draft = {"wrong": other, "half": plain.token_ids[:5] + other[5:]}.get(kind, plain.token_ids)
 
     kv = default_engine.new_kv()
-    hook = model._forward_hooks.copy()
-    calls = _count_forwards(model)
-    try:
-        drafted = generate(model, tokenizer, kv, ids, rules, draft=draft)
-    finally:
-        model._forward_hooks.clear()
-        model._forward_hooks.update(hook)
+    forwards[0] = 0
+    drafted = generate(model, tokenizer, kv, ids, rules, draft=draft)
     assert drafted.token_ids == plain.token_ids and drafted.text == plain.text
     assert drafted.stop_reason is plain.stop_reason
-    assert drafted.accepted_tokens == accepted and calls[0] == forwards
+    assert drafted.accepted_tokens == accepted and forwards[0] == n_forwards
     # The cache holds the prompt and every generated token but the last (a stop is not kept).
     fed = len(plain.token_ids) - (plain.stop_reason is StopReason.MAX_TOKENS)
     assert kv.length == len(ids) + fed
@@ -120,3 +105,24 @@ def test_a_draft_changes_nothing_but_the_forwards_it_saves(
     kv.trim_to(len(ids) - 1)
     again = generate(model, tokenizer, kv, ids, rules, draft=draft)
     assert again.token_ids == plain.token_ids
+
+
+def test_known_picks_replace_forwards_over_tokens_already_in_the_cache(default_engine, forwards):
+    model, tokenizer = default_engine.model, default_engine.tokenizer
+    ids = _prompt(default_engine, "class Stack:\n    def push(self, item):\n        self")
+    rules = StopRules(max_tokens=12)
+    kv, known = default_engine.new_kv(), {}
+    first = generate(model, tokenizer, kv, ids, rules, known=known)
+    assert kv.length == len(ids) + 11 and set(range(len(ids) - 1, kv.length)) <= set(known)
+    # The same request again, its last suggestion as the draft: the cache holds all of it but
+    # the last token, whose forward is the only one to run.
+    kv.trim_to(len(ids) + 10)
+    forwards[0] = 0
+    again = generate(model, tokenizer, kv, ids, rules, draft=first.token_ids, known=known)
+    assert again.token_ids == first.token_ids and forwards[0] == 1
+    # A wrong pick kept for a position is never used once the tokens before it change.
+    kv.trim_to(len(ids))
+    known[len(ids) + 3] = (first.token_ids[4] + 1) % tokenizer.vocab_size
+    wrong_draft = first.token_ids[:3] + [(first.token_ids[3] + 1) % tokenizer.vocab_size]
+    third = generate(model, tokenizer, kv, ids, rules, draft=wrong_draft, known=known)
+    assert third.token_ids == first.token_ids

@@ -202,9 +202,7 @@ class Model(nn.Module):
         self.lm_head = meta_linear(args.dim, args.vocab_size, False)
         self.rotary = Rotary(args.head_dim, args.rope_base, args.max_len, args.rope_scaling)
 
-    def forward(
-        self, tokens: torch.Tensor, kv: KVCache, n_logits: int | None = 1
-    ) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, kv: KVCache, n_logits: int | None = 1) -> torch.Tensor:
         """layers.run_decoder: logits of `tokens` run after what `kv` holds."""
         return run_decoder(
             self.model.embed_tokens,
