@@ -151,15 +151,22 @@ def test_detect_fim_without_fim_tokens_or_when_overridden(tokenizers):
         detect_fim(tokenizers["plain"], "fim-of-the-future")
 
 
-def test_spm_prompt_heals_its_last_token_and_psm_does_not(tokenizers):
+def test_spm_prompt_heals_its_last_token_and_psm_only_inside_a_word(tokenizers):
     healed = _prompt(tokenizers["aixcoder"], "aixcoder", heal=True)
     plain = _prompt(tokenizers["aixcoder"], "aixcoder", heal=False)
     assert healed.token_ids == plain.token_ids[:-1]
     assert healed.heal == PREFIX[-1].encode()  # one byte = one token in these tokenizers
-    psm = _prompt(tokenizers["starcoder"], "starcoder", heal=True)
-    assert (
-        psm.heal == b"" and psm.token_ids == _prompt(tokenizers["starcoder"], "starcoder").token_ids
-    )
+    tokenizer, fim = tokenizers["starcoder"], FIM_FORMATS["starcoder"]
+    for cursor, heals in ((CURSOR, True), (CURSOR + 1, False), (CURSOR + 2, False)):
+        prompt = build_prompt(
+            tokenizer, fim, DOCUMENT, cursor, path=None, prefix_chars=999, suffix_chars=999
+        )
+        prefix = DOCUMENT[:cursor]
+        assert prompt.heal == (prefix[-1].encode() if heals else b""), repr(prefix[-3:])
+        kept = prefix[:-1] if heals else prefix
+        pre, suf = (tokenizer.token_id(t) for t in (fim.prefix, fim.suffix))
+        expected_start = [pre, *tokenizer.encode(kept), suf]
+        assert prompt.token_ids[: len(expected_start)] == expected_start
 
 
 def test_aixcoder_header_names_language_in_the_files_comment_syntax():
