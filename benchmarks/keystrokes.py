@@ -15,9 +15,10 @@ codelm is an isolated daemon (`CODELM_HOME` in a temporary folder) asked through
 `/v1/complete` with `stream: true`. llama-server gets the exact prompt text codelm's prompt
 builder makes (the daemon's own `Engine._build`, window anchors included, with the token it
 heals put back, so both continue from the cursor) on `/completion` with `cache_prompt: true`,
-`n_predict` 16, temperature 0, streamed. Four rows: codelm as configured by default, codelm
-with `CODELM_CACHE_REUSE_MIN_TOKENS=256` (position-shifted KV reuse after an edit), llama-server
-as started by default (4 slots) and llama-server with `--cache-reuse 256`. Latency is
+`n_predict` 16, temperature 0, streamed. Four rows: codelm with exact reuse only
+(`CODELM_CACHE_REUSE_MIN_TOKENS=0`), codelm with position-shifted KV reuse after an edit
+(`=256`, the daemon's default), llama-server as started by default (4 slots) and llama-server
+with `--cache-reuse 256`. Latency is
 measured on the client, to the first streamed piece of text and to the end of the suggestion.
 Warm-up requests (a small unrelated document) are excluded.
 
@@ -218,9 +219,12 @@ class Codelm:
         self.model_path = model_path
         self.quant = quant
         self.home = Path(tempfile.mkdtemp(prefix="codelm-bench-"))
-        self.env = {**os.environ, "CODELM_HOME": str(self.home)}
-        if cache_reuse:
-            self.env["CODELM_CACHE_REUSE_MIN_TOKENS"] = str(cache_reuse)
+        # Always set: the daemon's default (256) would otherwise make the first row reuse too.
+        self.env = {
+            **os.environ,
+            "CODELM_HOME": str(self.home),
+            "CODELM_CACHE_REUSE_MIN_TOKENS": str(cache_reuse),
+        }
         self.cli = str(Path(sys.executable).with_name("codelm-daemon"))
         self.loop = asyncio.new_event_loop()
         self.client = None

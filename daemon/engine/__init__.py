@@ -21,8 +21,9 @@ class EngineConfig:
     cache_budget_bytes: int = 0  # per-file KV cache budget; 0: derived from free memory
     # After an edit, reuse a run of at least this many cached tokens that follows it, moved to
     # its new positions (like llama.cpp's --cache-reuse; approximate: that run's K/V saw the
-    # old text before it). 0: off, every token after an edit is recomputed exactly.
-    cache_reuse_min_tokens: int = 0
+    # old text before it; no loss measured, docs/engine.md). 0: off, every token after an
+    # edit is recomputed exactly.
+    cache_reuse_min_tokens: int = 256
 
 
 def load_engine(config: EngineConfig, progress=None):  # -> Engine

@@ -24,9 +24,12 @@ PREFIX_CHARS = 2400  # a small window keeps the test prompts short (~700 tokens)
 
 @pytest.fixture
 def engine(default_engine) -> Engine:
-    """The shared engine with an empty cache of its own and a small prefix window."""
+    """The shared engine with an empty cache of its own, a small prefix window, and exact
+    reuse only (no position-shifted runs), so cached and uncached tokens are the same."""
     saved = default_engine.config
-    default_engine.config = dataclasses.replace(saved, prefix_chars=PREFIX_CHARS)
+    default_engine.config = dataclasses.replace(
+        saved, prefix_chars=PREFIX_CHARS, cache_reuse_min_tokens=0
+    )
     default_engine.cache = FileCache(budget_bytes=1 << 30, new_kv=default_engine.new_kv)
     default_engine.anchors.clear()
     default_engine.suggestions.clear()
