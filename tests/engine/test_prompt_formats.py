@@ -192,3 +192,19 @@ def test_aixcoder_prompt_without_a_known_language_has_no_header(tokenizers):
     )
     expected = f"<s>▁<AIX-SPAN-PRE>▁<AIX-SPAN-POST>{SUFFIX}▁<AIX-SPAN-MIDDLE>{PREFIX}"
     assert tokenizer.decode(prompt.token_ids) == expected
+
+
+def test_healing_takes_back_a_partial_word_split_over_tokens(default_engine):
+    tokenizer = default_engine.tokenizer
+    assert [tokenizer.pieces[i] for i in tokenizer.encode(" wi")] == [b" w", b"i"]
+    for text, healed in (
+        ("def area(width):\n    return wi", b" wi"),  # " w" + "i": both leave the prompt
+        ("def area(width):\n    return ", b" "),
+        ("def area(width):\n    ", b"\n    "),
+        ("x = values.app", b"app"),  # "." ends the word
+    ):
+        prompt = build_prompt(
+            tokenizer, None, text, len(text), path=None, prefix_chars=999, suffix_chars=0
+        )
+        assert prompt.heal == healed, text
+        assert tokenizer.decode(prompt.token_ids).endswith(text[: len(text) - len(healed)])
