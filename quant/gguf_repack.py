@@ -34,6 +34,7 @@ def repack_gguf(
     name: str = "tensor",
     scheme: str | None = None,
     group_size: int = 32,
+    search: bool = False,
 ) -> QuantizedWeight:
     """Map a GGUF tensor's data (as `GGUFReader` gives it) to Int4Weight / Int8Weight.
 
@@ -41,7 +42,8 @@ def repack_gguf(
     order, i.e. GGUF's ne reversed. Q4_0 / Q4_1 -> int4 group 32 and Q8_0 -> int8 group 32 are
     exact. Other types, or a `scheme` other than the native one, go through
     gguf.quants.dequantize and our quantize ("int4" with group_size, or per-channel "int8");
-    scheme None picks int8 for sources of 5+ bits, int4 otherwise.
+    scheme None picks int8 for sources of 5+ bits, int4 otherwise. `search`: int4 is
+    requantised with searched ranges (reference.quantize_int4(search=True)).
     """
     qtype = GGMLQuantizationType[qtype] if isinstance(qtype, str) else GGMLQuantizationType(qtype)
     if len(shape) != 2:
@@ -63,7 +65,7 @@ def repack_gguf(
     if scheme is None:
         scheme = "int8" if qtype in _FALLBACK_INT8 else "int4"
     w = _dequantize_any(data, qtype, (n, k), name)
-    qw, err = _quantize(w, scheme, group_size, name)
+    qw, err = _quantize(w, scheme, group_size, name, search)
     logger.debug("%s: %s -> %s requantised, max abs err %.3g", name, qtype.name, scheme, err)
     return qw
 
@@ -140,10 +142,10 @@ def _dequantize_any(
 
 
 def _quantize(
-    w: torch.Tensor, scheme: str, group_size: int, name: str
+    w: torch.Tensor, scheme: str, group_size: int, name: str, search: bool
 ) -> tuple[QuantizedWeight, float]:
     if scheme == "int8":
         return quantize_int8(w, name=name)
     if scheme == "int4":
-        return quantize_int4(w, group_size, name=name)
+        return quantize_int4(w, group_size, name=name, search=search)
     raise ValueError(f"{name}: unknown scheme {scheme!r}; expected 'int4' or 'int8'")

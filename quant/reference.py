@@ -38,11 +38,13 @@ def quantize_int8(
 
 
 def quantize_int4(
-    w: torch.Tensor, group_size: int = 32, *, name: str = "weight"
+    w: torch.Tensor, group_size: int = 32, *, name: str = "weight", search: bool = False
 ) -> tuple[Int4Weight, float]:
     """Asymmetric min/max int4 of w [N, K] in groups of group_size along K.
 
-    Returns the weight and the max abs reconstruction error (float32 units of w).
+    `search`: each group's range is instead the one of a few ranges narrowed around its
+    middle (`RANGE_FACTORS`) whose rounding has the least squared error; outliers are then
+    clipped. Returns the weight and the max abs reconstruction error (float32 units of w).
     """
     w = _as_matrix(w, name)
     n, k = w.shape
@@ -50,6 +52,8 @@ def quantize_int4(
         raise ValueError(f"{name}: group_size {group_size} must divide K of shape {tuple(w.shape)}")
     groups = w.reshape(n, k // group_size, group_size)
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    if search:
+        lo, hi = _least_error_range(groups, lo, hi)
     scales = (hi - lo) / 15.0
     zeros = lo + 8.0 * scales
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
@@ -63,6 +67,35 @@ def quantize_int4(
         group_size=group_size,
     )
     return qw, _max_abs_err(qw, w)
+
+
+RANGE_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+_SEARCH_ROWS_BYTES = 64 << 20  # rows searched at a time, so a large matrix needs no big copies
+
+
+def _least_error_range(
+    groups: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the (lo, hi) among [middle -/+ half * f for f in RANGE_FACTORS] whose int4
+    rounding has the least squared error. groups [N, G, g]; lo, hi [N, G]."""
+    best_lo, best_hi = lo.clone(), hi.clone()
+    rows = max(1, _SEARCH_ROWS_BYTES // max(1, groups[0].numel() * 4))
+    for r0 in range(0, groups.shape[0], rows):
+        part = groups[r0 : r0 + rows]
+        middle = (hi[r0 : r0 + rows] + lo[r0 : r0 + rows]) / 2
+        half = (hi[r0 : r0 + rows] - lo[r0 : r0 + rows]) / 2
+        best_err = torch.full_like(middle, float("inf"))
+        for factor in RANGE_FACTORS:
+            c_lo, c_hi = middle - half * factor, middle + half * factor
+            scale = (c_hi - c_lo) / 15.0
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))[..., None]
+            q = torch.round((part - c_lo[..., None]) / safe).clamp_(0, 15)
+            err = (q * scale[..., None] + c_lo[..., None] - part).square_().sum(dim=-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo[r0 : r0 + rows] = torch.where(better, c_lo, best_lo[r0 : r0 + rows])
+            best_hi[r0 : r0 + rows] = torch.where(better, c_hi, best_hi[r0 : r0 + rows])
+    return best_lo, best_hi
 
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:

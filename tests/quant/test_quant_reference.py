@@ -80,3 +80,16 @@ def test_requantize_int8_per_channel_reports_its_error(gen):
     actual = (dequantize(per_channel) - dequantize(grouped)).abs().max().item()
     assert err == pytest.approx(actual)
     assert (actual <= per_channel.scales.max() / 2 + 1e-7).all()
+
+
+def test_quantize_int4_range_search_lowers_the_squared_error(gen):
+    w = weight(gen, 64, 256)
+    w[torch.rand(w.shape, generator=gen) < 0.01] *= 6  # a few outliers, as real weights have
+    plain, _ = quantize_int4(w, 32)
+    searched, err = quantize_int4(w, 32, search=True)
+    plain_mse = (dequantize(plain) - w).square().mean()
+    searched_mse = (dequantize(searched) - w).square().mean()
+    assert searched_mse < plain_mse
+    assert err == pytest.approx((dequantize(searched) - w).abs().max().item())
+    # The same convention (q - 8) * scale + zero; no range is wider than min/max.
+    assert (searched.scales <= plain.scales + 1e-7).all()
