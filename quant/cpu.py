@@ -65,7 +65,7 @@ class Int8PackBf16:
 
     def __init__(self, qw: Int8Weight) -> None:
         _require_per_channel(qw, self.name)
-        self.data = qw.data.contiguous()
+        self.data = _aligned(qw.data)
         self.scales = qw.scales[:, 0].to(torch.bfloat16).contiguous()
         self.nbytes = _nbytes(self.data, self.scales)
 
@@ -185,6 +185,18 @@ def _require_per_channel(qw: Int8Weight, kernel: str) -> None:
             f"{kernel}: needs per-channel int8, got group_size {qw.group_size} for shape "
             f"{qw.shape}; use reference.requantize_int8_per_channel first"
         )
+
+
+# torch._weight_int8pack_mm reads its weight with aligned vector loads: given rows of more
+# than one input, data that does not start on a 64-byte boundary crashes the process (weights
+# read back from the safetensors weight cache start at any offset of the file).
+_ALIGNMENT = 64
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous and starting on a 64-byte boundary (copied only where it does not)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % _ALIGNMENT == 0 else t.clone()
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:

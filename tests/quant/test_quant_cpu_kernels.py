@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from quant_helpers import bf16_bound, fp32_bound, int4_bf16_bound, weight
@@ -83,3 +85,17 @@ def test_int8_pack_kernel_rejects_group_wise_weight_naming_shape(gen):
     grouped, _ = quantize_int8(weight(gen, 16, 64), group_size=32)
     with pytest.raises(ValueError, match=r"group_size 32 for shape \(16, 64\)"):
         Int8PackBf16(grouped)
+
+
+def test_int8_pack_kernel_takes_weights_at_any_offset_when_many_rows(gen):
+    # As read back from the weight cache: int8 data starting 24 bytes past a 64-byte boundary.
+    qw, _ = quantize_int8(weight(gen, 960, 576))
+    buffer = torch.empty(qw.data.numel() + 64, dtype=torch.int8)
+    start = (-buffer.data_ptr()) % 64 + 24
+    shifted = buffer[start : start + qw.data.numel()].view(qw.data.shape)
+    shifted.copy_(qw.data)
+    assert shifted.data_ptr() % 64 == 24
+    moved = dataclasses.replace(qw, data=shifted)
+    x = torch.randn(20, 576, generator=gen)
+    y = Int8PackBf16(moved)(x)
+    assert (((y.float() - matmul(x, qw)).abs()) <= bf16_bound(x, dequantize(qw))).all()
