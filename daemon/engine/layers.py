@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -187,28 +187,33 @@ class GeluMLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
 
 
-def run_decoder(
-    embed: nn.Embedding,
-    blocks: nn.ModuleList,
-    final_norm: nn.Module,
-    lm_head: nn.Module,
-    rotary: Rotary,
-    tokens: torch.Tensor,
-    kv: KVCache,
-    n_logits: int | None,
-) -> torch.Tensor:
-    """The decoder loop every architecture shares: embed, blocks over the KV cache, norm, head.
+class Decoder(nn.Module):
+    """What every architecture shares around its blocks: the head, the rotary tables and the
+    decoder loop. A subclass builds its body (named as its checkpoint names it) and says in
+    `parts` which modules are the embedding, the blocks and the final norm."""
 
-    Runs `tokens` ([T] ids) at positions [kv.length, kv.length + T) and advances kv.length.
-    Returns fp32 logits [n, vocab] of the last n = n_logits positions (None: all T).
-    """
-    start = kv.length
-    n_tokens = tokens.shape[0]
-    kv.reserve(start + n_tokens)
-    x = embed(tokens).unsqueeze(0).to(kv.dtype)  # [1, T, D]
-    cos, sin = rotary(torch.arange(start, start + n_tokens, device=tokens.device), x.dtype)
-    for i, block in enumerate(blocks):
-        x = block(x, cos, sin, kv.k[i], kv.v[i], start)
-    kv.length = start + n_tokens
-    x = x[0] if n_logits is None else x[0, -n_logits:]
-    return lm_head(final_norm(x)).float()
+    def __init__(self, args: Any) -> None:
+        super().__init__()
+        self.args = args
+        self.lm_head = meta_linear(args.dim, args.vocab_size, False)
+        self.rotary = Rotary(args.head_dim, args.rope_base, args.max_len, args.rope_scaling)
+
+    def parts(self) -> tuple[nn.Embedding, nn.ModuleList, nn.Module]:
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor, kv: KVCache, n_logits: int | None = 1) -> torch.Tensor:
+        """Runs `tokens` ([T] ids) at positions [kv.length, kv.length + T) and advances
+        kv.length. Returns fp32 logits [n, vocab] of the last n = n_logits positions (None:
+        all T)."""
+        embed, blocks, final_norm = self.parts()
+        start = kv.length
+        n_tokens = tokens.shape[0]
+        kv.reserve(start + n_tokens)
+        x = embed(tokens).unsqueeze(0).to(kv.dtype)  # [1, T, D]
+        positions = torch.arange(start, start + n_tokens, device=tokens.device)
+        cos, sin = self.rotary(positions, x.dtype)
+        for i, block in enumerate(blocks):
+            x = block(x, cos, sin, kv.k[i], kv.v[i], start)
+        kv.length = start + n_tokens
+        x = x[0] if n_logits is None else x[0, -n_logits:]
+        return self.lm_head(final_norm(x)).float()

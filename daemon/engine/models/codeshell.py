@@ -15,17 +15,15 @@ import torch
 from torch import nn
 
 from ...errors import ModelLoadError
-from ..kv import KVCache
 from ..layers import (
+    Decoder,
     GeluMLP,
     LayerNorm,
     RopeScaling,
-    Rotary,
     apply_rotary,
     attend,
     gelu_approximate,
     meta_linear,
-    run_decoder,
 )
 
 # CodeShell's rotary embedding has a fixed base (modeling_codeshell.py; llama.cpp writes 10000).
@@ -172,27 +170,14 @@ class Transformer(nn.Module):
         self.ln_f = LayerNorm(args.dim, args.norm_eps)
 
 
-class Model(nn.Module):
+class Model(Decoder):
     # The loader ties lm_head to this tensor. Released CodeShell checkpoints hold only
     # lm_head.weight (their tie runs the other way); the loader fills the embedding from it.
     EMBEDDING = "transformer.wte.weight"
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
+        super().__init__(args)
         self.transformer = Transformer(args)
-        self.lm_head = meta_linear(args.dim, args.vocab_size, False)
-        self.rotary = Rotary(args.head_dim, args.rope_base, args.max_len, args.rope_scaling)
 
-    def forward(self, tokens: torch.Tensor, kv: KVCache, n_logits: int | None = 1) -> torch.Tensor:
-        """layers.run_decoder: logits of `tokens` run after what `kv` holds."""
-        return run_decoder(
-            self.transformer.wte,
-            self.transformer.h,
-            self.transformer.ln_f,
-            self.lm_head,
-            self.rotary,
-            tokens,
-            kv,
-            n_logits,
-        )
+    def parts(self) -> tuple[nn.Embedding, nn.ModuleList, nn.Module]:
+        return self.transformer.wte, self.transformer.h, self.transformer.ln_f

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kv import KVCache
-from ..layers import RMSNorm, RopeScaling, Rotary, apply_rotary, attend, meta_linear, run_decoder
+from ..layers import Decoder, RMSNorm, RopeScaling, apply_rotary, attend, meta_linear
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -172,23 +171,10 @@ class Inner(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
 
-class Model(nn.Module):
+class Model(Decoder):
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
+        super().__init__(args)
         self.model = Inner(args)
-        self.lm_head = meta_linear(args.dim, args.vocab_size, False)
-        self.rotary = Rotary(args.head_dim, args.rope_base, args.max_len, args.rope_scaling)
 
-    def forward(self, tokens: torch.Tensor, kv: KVCache, n_logits: int | None = 1) -> torch.Tensor:
-        """layers.run_decoder: logits of `tokens` run after what `kv` holds."""
-        return run_decoder(
-            self.model.embed_tokens,
-            self.model.layers,
-            self.model.norm,
-            self.lm_head,
-            self.rotary,
-            tokens,
-            kv,
-            n_logits,
-        )
+    def parts(self) -> tuple[nn.Embedding, nn.ModuleList, nn.Module]:
+        return self.model.embed_tokens, self.model.layers, self.model.norm
