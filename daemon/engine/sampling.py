@@ -50,7 +50,7 @@ class HealingPicker:
 
     def known(self, token: int, step: int) -> int | None:
         # The argmax over the tokens that fit `heal` is the overall argmax when that one fits.
-        if self.remaining and not _fits(self.tokenizer, token, self.remaining):
+        if self.remaining and not self.tokenizer.fits(token, self.remaining):
             return None
         self._spelled(token)
         return token
@@ -58,14 +58,6 @@ class HealingPicker:
     def _spelled(self, token: int) -> None:
         piece = self.tokenizer.pieces[token]
         self.remaining = self.remaining[len(piece) :] if self.remaining.startswith(piece) else b""
-
-
-def _fits(tokenizer: Tokenizer, token: int, required: bytes) -> bool:
-    """What Tokenizer.consistent_tokens(required) holds `token` for."""
-    piece = tokenizer.pieces[token]
-    if not piece or token in tokenizer.special.values():
-        return False
-    return piece.startswith(required) or required.startswith(piece)
 
 
 Picker = Greedy | HealingPicker

@@ -104,7 +104,8 @@ class Tokenizer:
         return StreamDecoder(self.pieces, skip)
 
     def consistent_tokens(self, required: bytes) -> torch.Tensor:
-        """Ids of ordinary tokens whose bytes start with `required` or are a prefix of it."""
+        """Ids of the tokens that `fits(id, required)` (the same test, inlined: it runs over
+        the whole vocabulary on a request's path)."""
         ids = self.consistent_cache.get(required)
         if ids is None:
             special = set(self.special.values())
@@ -122,6 +123,14 @@ class Tokenizer:
                 self.consistent_cache.clear()
             self.consistent_cache[required] = ids
         return ids
+
+    def fits(self, token: int, required: bytes) -> bool:
+        """Whether `token` is an ordinary token whose bytes start with `required` or are a
+        prefix of it (one that can begin spelling `required`)."""
+        piece = self.pieces[token]
+        if not piece or token in self.special.values():
+            return False
+        return piece.startswith(required) or required.startswith(piece)
 
 
 # Encoded in front of a prompt part and dropped again, so sentencepiece's dummy prefix ("▁",
