@@ -77,7 +77,7 @@ class Step:
     line: int  # 0-based
     character: int  # UTF-16 units
     prompt: str = ""  # what llama-server gets
-    prompt_tokens: int = 0  # codelm's prompt length in tokens (healed token included)
+    prompt_tokens: int = 0  # codelm's prompt length in tokens (healed tokens included)
     healed: str = ""  # the text of the token codelm heals (its suggestion retypes it)
 
 
@@ -186,13 +186,14 @@ class PromptMirror:
     def fill(self, step: Step) -> None:
         from codelm.daemon.engine.engine import Engine
 
-        prompt = Engine._build(self, _request(step))  # type: ignore[arg-type]
+        prompt = Engine._build(self, _request(step), step.cursor)  # type: ignore[arg-type]
         ids = prompt.token_ids
         if self.tokenizer.add_bos and ids and ids[0] == self.tokenizer.bos_id:
             ids = ids[1:]  # llama-server adds its own
         step.healed = prompt.heal.decode("utf-8", errors="replace")
         step.prompt = self.tokenizer.decode(ids) + step.healed
-        step.prompt_tokens = len(prompt.token_ids) + (1 if prompt.heal else 0)
+        # Healing takes back the tokens of a partial word: count them as the prompt holds them.
+        step.prompt_tokens = len(prompt.token_ids) + len(self.tokenizer.encode(step.healed))
 
 
 def _request(step: Step):

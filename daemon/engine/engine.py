@@ -29,7 +29,7 @@ from ..protocol import (
 )
 from . import EngineConfig
 from .cancel import CancelToken
-from .generate import GenerationResult, StopRules, generate, prefill
+from .generate import GenerationResult, StopRules, generate, prefill, usable_draft
 from .kv import KVCache
 from .loader import LoadedModel, available_memory_bytes, load_model
 from .prompt import Prompt, build_prompt, detect_fim, window_anchor
@@ -110,13 +110,13 @@ class Engine:
 
     def prompt(self, request: CompleteRequest) -> Prompt:
         """The prompt a completion at this point would run (its text: `prompt_text`)."""
-        return self._build(request)
+        return self._build(request, offset_at(request.text, request.line, request.character))
 
     def prompt_text(self, prompt: Prompt) -> str:
         return self.tokenizer.decode(prompt.token_ids)
 
-    def _build(self, request: CompleteRequest) -> Prompt:
-        cursor = offset_at(request.text, request.line, request.character)
+    def _build(self, request: CompleteRequest, cursor: int) -> Prompt:
+        """`cursor`: the request's position as an offset into its text."""
         prompt = build_prompt(
             self.tokenizer,
             self.fim,
@@ -134,7 +134,8 @@ class Engine:
     def complete(
         self, request: CompleteRequest, cancel: CancelToken | None = None, on_text=None
     ) -> CompleteResponse:
-        prompt = self._build(request)
+        cursor = offset_at(request.text, request.line, request.character)
+        prompt = self._build(request, cursor)
         single_line = request.single_line if request.single_line is not None else False
         rules = StopRules(
             stop_ids=self.stop_ids,
@@ -142,7 +143,7 @@ class Engine:
             max_tokens=request.max_tokens,
             single_line=single_line,
         )
-        before = request.text[: offset_at(request.text, request.line, request.character)]
+        before = request.text[:cursor]
         draft = self._draft(request.uri, before, prompt.heal)
         result = self._run(
             request.uri, prompt.token_ids, rules, cancel, on_text, prompt.heal, draft
@@ -201,7 +202,8 @@ class Engine:
             raise BadRequest(
                 "text", f"the prompt ({len(ids)} tokens) leaves no room in the context"
             )
-        draft = list(draft[: rules.max_tokens - 1])  # as generate() cuts it
+        # Cut as generate() will, so the cache is looked up with the tokens that will run.
+        draft = usable_draft(draft, len(ids), rules.max_tokens, self.args.max_len)
         kv, reused, old, known = self.cache.checkout(uri, ids + draft, n_prompt=len(ids))
         result = None
         try:

@@ -203,7 +203,7 @@ def generate(
     `known`: position -> the greedy pick a forward made there before, valid for the tokens `kv`
     holds (FileCache keeps them with the K/V); this run's picks are added to it.
     """
-    draft = list(draft[: min(rules.max_tokens - 1, kv.max_len - len(prompt))])
+    draft = usable_draft(draft, len(prompt), rules.max_tokens, kv.max_len)
     sequence = prompt + draft
     assert kv.length < len(sequence), "the cache must leave at least one token to run"
     cached = min(kv.length, len(prompt))
@@ -233,6 +233,12 @@ def generate(
     result.drafted_tokens = len(draft)
     result.accepted_tokens = common_prefix(result.token_ids, draft)
     return result
+
+
+def usable_draft(draft: Sequence[int], n_prompt: int, max_tokens: int, max_len: int) -> list[int]:
+    """The part of `draft` a generation can check: max_tokens - 1 tokens (the last pick needs
+    no draft token), within the context after a prompt of n_prompt tokens."""
+    return list(draft[: min(max_tokens - 1, max_len - n_prompt)])
 
 
 def _decode(steps, tokenizer, rules, result, cancel, on_text, heal) -> None:
