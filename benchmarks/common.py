@@ -1,15 +1,9 @@
-"""Shared by the benchmarks: machine description, table printing, JSON results.
-
-Imported before torch: idle OpenMP threads sleep, as in the daemon (docs/engine.md).
-"""
+"""Shared by the benchmarks: machine description, table printing, JSON results."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import json
+import os
 import platform
 import statistics
 import subprocess

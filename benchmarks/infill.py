@@ -34,7 +34,6 @@ import functools
 import gzip
 import itertools
 import json
-import os
 import subprocess
 import sys
 import time
@@ -212,9 +211,6 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    # As the daemon does before torch loads: idle OpenMP threads sleep instead of spinning, so a
-    # busy machine does not stall every parallel op (docs/engine.md).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b"])
     parser.add_argument("--quant", nargs="+", default=["auto"])

@@ -31,9 +31,6 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Before torch loads OpenMP: idle worker threads sleep instead of spinning, so a busy
-    # machine (a build, the editor) does not stall every parallel op (docs/engine.md).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
     if not hasattr(args, "func"):
         build_parser().print_help(sys.stderr)

@@ -13,7 +13,7 @@ class EngineConfig:
     model: str = "default"  # "default", a catalogue name, a .gguf path or an HF folder
     device: str = "auto"  # auto | cpu | cuda
     quant: str = "auto"  # auto | int4 | int8 | bf16 | fp32
-    threads: int = 0  # 0: all physical cores
+    threads: int = 0  # 0: per request, the physical cores other processes leave free
     fim: str = "auto"  # auto | none | a FIM format name (prompt.FIM_FORMATS)
     prefill_chunk: int = 256  # tokens per prefill chunk (cancellation is checked between chunks)
     prefix_chars: int = 8000  # the prefix window: about 2.3k tokens of code before the cursor

@@ -5,9 +5,11 @@ All methods run on one thread (the scheduler's worker); nothing here is thread-s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from .generate import GenerationResult, StopRules, generate, prefill, usable_dra
 from .kv import KVCache
 from .loader import LoadedModel, available_memory_bytes, load_model
 from .prompt import Prompt, build_prompt, detect_fim, window_anchor
+from .threads import CpuShare
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class Engine:
         self.stop_ids = frozenset(self.tokenizer.eos_ids) | self._fim_stop_ids()
         budget = config.cache_budget_bytes or default_cache_budget()
         self.cache = FileCache(budget_bytes=budget, new_kv=self.new_kv)
-        self.decode_threads = 0  # CPU threads for decode steps; 0: as for prefill
+        self.cpu: CpuShare | None = None  # threads per request, where the config sets none
         self.anchors: dict[str, str] = {}  # uri -> the text its prefix window starts with
         # uri -> (the document's text before the cursor, the suggestion made there)
         self.suggestions: dict[str, tuple[str, str]] = {}
@@ -68,29 +71,26 @@ class Engine:
             torch.set_num_threads(config.threads or physical_cores())
         loaded = load_model(config, device, progress)
         engine = cls(loaded, config, time.perf_counter() - t0)
-        if device.type == "cpu" and torch.get_num_threads() > 1:
-            engine.decode_threads = engine._measure_decode_threads()
-        engine.info["decode_threads"] = engine.decode_threads or torch.get_num_threads()
+        if device.type == "cpu" and not config.threads:
+            engine.cpu = CpuShare(torch.get_num_threads())
+        engine.info["threads"] = (
+            f"up to {torch.get_num_threads()}, fewer while other processes keep cores busy"
+            if engine.cpu
+            else torch.get_num_threads()
+        )
         logger.info("engine ready: %s", engine.info)
         return engine
 
-    def _measure_decode_threads(self) -> int:
-        """1 or all threads for decode, whichever steps faster here: one-token steps of a small
-        model are bound by per-op overhead, which extra threads can add to (measured 84 vs 55
-        tokens/s for SmolLM2 on 2 cores)."""
-        ids = self.tokenizer.encode("def add(a, b):\n    return a + b\n" * 4)[:32]
-        times = {}
-        for threads in (torch.get_num_threads(), 1):
-            rules = StopRules(max_tokens=12)
-            runs = [
-                generate(self.model, self.tokenizer, self.new_kv(), ids, rules,
-                         decode_threads=threads).decode_ms
-                for _ in range(2)
-            ]  # fmt: skip
-            times[threads] = min(runs)
-        best = min(times, key=times.get)
-        logger.info("decode threads: %s (decode ms for 12 tokens: %s)", best, times)
-        return best
+    @contextlib.contextmanager
+    def threads(self) -> Iterator[int]:
+        """Runs the block with the CPU threads this request gets (CpuShare); yields them."""
+        before = torch.get_num_threads()
+        threads = self.cpu.threads() if self.cpu else before
+        torch.set_num_threads(threads)
+        try:
+            yield threads
+        finally:
+            torch.set_num_threads(before)
 
     def _fim_stop_ids(self) -> frozenset[int]:
         texts = self.fim.stop if self.fim else ()
@@ -207,21 +207,21 @@ class Engine:
         kv, reused, old, known = self.cache.checkout(uri, ids + draft, n_prompt=len(ids))
         result = None
         try:
-            moved_ms, gap = self._reuse_moved_run(kv, old, ids, reused, cancel)
-            result = generate(
-                self.model,
-                self.tokenizer,
-                kv,
-                ids,
-                rules,
-                chunk=self.config.prefill_chunk,
-                cancel=cancel,
-                on_text=on_text,
-                heal=heal,
-                decode_threads=self.decode_threads,
-                draft=draft,
-                known=known,
-            )
+            with self.threads():
+                moved_ms, gap = self._reuse_moved_run(kv, old, ids, reused, cancel)
+                result = generate(
+                    self.model,
+                    self.tokenizer,
+                    kv,
+                    ids,
+                    rules,
+                    chunk=self.config.prefill_chunk,
+                    cancel=cancel,
+                    on_text=on_text,
+                    heal=heal,
+                    draft=draft,
+                    known=known,
+                )
             self.cache.stats.drafted_tokens += result.drafted_tokens
             self.cache.stats.accepted_tokens += result.accepted_tokens
             # The edited tokens before the moved run were prefilled too.

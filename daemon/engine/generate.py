@@ -185,7 +185,6 @@ def generate(
     cancel: CancelToken | None = None,
     on_text: Callable[[str], None] | None = None,
     heal: bytes = b"",
-    decode_threads: int = 0,
     draft: Sequence[int] = (),
     known: dict[int, int] | None = None,
 ) -> GenerationResult:
@@ -196,7 +195,6 @@ def generate(
     holding the prompt plus the generated tokens that were fed back.
     `heal`: bytes removed from the prompt's end that the first generated tokens must spell
     again; they are not part of the result's text.
-    `decode_threads`: CPU threads for the decode steps (0: as for prefill).
     `draft`: a guess at the first generated tokens (e.g. the document's last suggestion, less
     what the user has typed since), run with the prompt's tail in one forward; what the model
     confirms costs no decode step. The result is the same as without it.
@@ -217,18 +215,10 @@ def generate(
         rows = {first + i: logits[i : i + 1] for i in range(n_rows)}
         t1 = time.perf_counter()
         result.prefill_ms = (t1 - t0) * 1000
-        threads = torch.get_num_threads()
-        try:
-            if decode_threads:
-                torch.set_num_threads(decode_threads)
-            pick = HealingPicker(tokenizer, heal) if heal else Greedy()
-            steps = decode_steps(
-                model, kv, sequence, rows, rules.max_tokens, pick, len(draft), known
-            )
-            with contextlib.closing(steps):
-                _decode(steps, tokenizer, rules, result, cancel, on_text, heal)
-        finally:
-            torch.set_num_threads(threads)
+        pick = HealingPicker(tokenizer, heal) if heal else Greedy()
+        steps = decode_steps(model, kv, sequence, rows, rules.max_tokens, pick, len(draft), known)
+        with contextlib.closing(steps):
+            _decode(steps, tokenizer, rules, result, cancel, on_text, heal)
         result.decode_ms = (time.perf_counter() - t1) * 1000
     result.drafted_tokens = len(draft)
     result.accepted_tokens = common_prefix(result.token_ids, draft)

@@ -1,0 +1,82 @@
+"""CPU threads per request: the cores other processes leave free, measured as we go.
+
+torch's OpenMP threads spin briefly between parallel regions (libgomp's default). On an idle
+machine that is what makes a second thread pay off; when another process keeps a core busy,
+a thread that shares it stalls every op of the team, and one thread is faster (measured in
+docs/engine.md). So each request runs with as many threads as there are cores the rest of
+the machine did not use over the last half second.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+WINDOW_S = 0.5  # the shortest span the other processes' CPU use is averaged over
+SLACK_CPUS = 0.2  # background use (an idle editor, a browser) that does not cost a thread
+
+
+class CpuShare:
+    """`threads()`: 1..`cores`, one fewer for each CPU other processes keep busy.
+
+    Busy time comes from /proc/stat, summed over the CPUs this process may run on, less this
+    process's own CPU time (its spinning threads included). Where /proc/stat cannot be read
+    (not Linux), every call gets `cores`.
+    """
+
+    def __init__(self, cores: int, stat_path: str | Path = "/proc/stat") -> None:
+        self.cores = max(1, cores)
+        self.stat_path = Path(stat_path)
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        self.cpus = sorted(cpus) if cpus else None
+        self.others = 0.0  # CPUs the other processes used over the last window
+        self.current = self.cores
+        self._last = self._sample()
+
+    def threads(self) -> int:
+        now = self._sample()
+        if now is None or self._last is None:
+            return self.cores
+        wall = now[0] - self._last[0]
+        if wall < WINDOW_S:
+            return self.current
+        busy, ours = now[1] - self._last[1], now[2] - self._last[2]
+        self._last = now
+        self.others = max(0.0, (busy - ours) / wall)
+        n_cpus = len(self.cpus) if self.cpus else os.cpu_count() or 1
+        free = n_cpus - self.others
+        threads = max(1, min(self.cores, math.floor(free + SLACK_CPUS)))
+        if threads != self.current:
+            logger.info(
+                "other processes use %.1f of %d CPUs: %d threads (was %d)",
+                self.others, n_cpus, threads, self.current,
+            )  # fmt: skip
+            self.current = threads
+        return threads
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        """(monotonic s, CPU-seconds all processes were busy on our CPUs, our CPU-seconds)."""
+        try:
+            lines = self.stat_path.read_text().splitlines()
+        except OSError:
+            return None
+        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        wanted = None if self.cpus is None else {f"cpu{i}" for i in self.cpus}
+        busy = 0
+        for line in lines:
+            name, _, rest = line.partition(" ")
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            if wanted is not None and name not in wanted:
+                continue
+            # user nice system idle iowait irq softirq steal ...; idle and iowait are not busy.
+            # (guest time is counted in user already, so only the first eight fields add up.)
+            fields = [int(v) for v in rest.split()[:8]]
+            busy += sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+        own = os.times()
+        return time.monotonic(), busy / tick, own.user + own.system
