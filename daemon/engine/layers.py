@@ -23,10 +23,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the reference implementations, then return in x's dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        # Normalised in fp32 like the reference implementations (one fused op, bit-identical to
+        # x * rsqrt(mean(x^2) + eps) * w there), returned in x's dtype.
+        out = F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
+        return out.to(x.dtype)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -83,35 +83,55 @@ def rope_inv_freq(head_dim: int, base: float, scaling: RopeScaling) -> torch.Ten
 
 
 class Rotary(nn.Module):
-    """Precomputed cos/sin tables for positions [0, max_len), HF "rotate half" layout."""
+    """Precomputed cos/sin tables for positions [0, max_len), HF "rotate half" layout.
+
+    The sin table's first half is negated (`signed_sin`), so rotating is x * cos plus x with its
+    halves swapped times that table (apply_rotary): HF's `rotate_half` negation, moved into
+    the table.
+    """
 
     def __init__(self, head_dim: int, base: float, max_len: int, scaling: RopeScaling) -> None:
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, base, scaling)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat([freqs, freqs], -1).cos(), persistent=False)
+        self.register_buffer("sin", signed_sin(freqs), persistent=False)
 
     def shift(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
         """Keys rotated at position p, re-rotated to p + delta (rotations compose): [..., Dh]."""
         angles = (delta * self.inv_freq.double()).float()
-        emb = torch.cat([angles, angles])
-        return apply_rotary(keys, emb.cos().to(keys.dtype), emb.sin().to(keys.dtype))
+        cos = torch.cat([angles, angles]).cos()
+        return apply_rotary(keys, cos.to(keys.dtype), signed_sin(angles).to(keys.dtype))
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [T] -> cos, sin: [T, head_dim]
+        # positions: [T] -> cos, signed sin: [T, head_dim]
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
+def signed_sin(angles: torch.Tensor) -> torch.Tensor:
+    """[..., Dh/2] angles -> [-sin, sin] along the last dim."""
+    sin = angles.sin()
+    return torch.cat([-sin, sin], dim=-1)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, T, Dh]
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """x: [B, H, T, Dh] rotated by cos and the signed sin of Rotary (exactly HF's
+    x * cos + rotate_half(x) * sin, with four ops instead of seven)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def qkv_heads(
+    qkv: torch.Tensor, n_heads: int, n_kv_heads: int, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused q/k/v projection [1, T, (H + 2 Hkv) Dh] as q [1, H, T, Dh] and k, v
+    [1, Hkv, T, Dh], q and k rotated (in one op chain: a decode step is bound by op count)."""
+    n_tokens = qkv.shape[1]
+    heads = qkv.view(1, n_tokens, n_heads + 2 * n_kv_heads, -1).transpose(1, 2)
+    qk = apply_rotary(heads[:, : n_heads + n_kv_heads], cos, sin)
+    return qk[:, :n_heads], qk[:, n_heads:], heads[:, n_heads + n_kv_heads :]
 
 
 def attend(

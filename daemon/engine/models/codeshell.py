@@ -20,10 +20,10 @@ from ..layers import (
     GeluMLP,
     LayerNorm,
     RopeScaling,
-    apply_rotary,
     attend,
     gelu_approximate,
     meta_linear,
+    qkv_heads,
 )
 
 # CodeShell's rotary embedding has a fixed base (modeling_codeshell.py; llama.cpp writes 10000).
@@ -131,22 +131,16 @@ GGUF_NAMES = {
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
         q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.c_attn = meta_linear(args.dim, q_dim + 2 * kv_dim, True)
         self.c_proj = meta_linear(q_dim, args.dim, True)
-        self.split = (q_dim, kv_dim, kv_dim)
 
     def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
         # x: [1, T, D]
-        n_tokens = x.shape[1]
-        q, k, v = self.c_attn(x).split(self.split, dim=-1)
-        q = q.view(1, n_tokens, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(1, n_tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(1, n_tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = qkv_heads(self.c_attn(x), self.n_heads, self.n_kv_heads, cos, sin)
         out = attend(q, k_cache, v_cache, start, k, v)
-        return self.c_proj(out.transpose(1, 2).reshape(1, n_tokens, -1))
+        return self.c_proj(out.transpose(1, 2).flatten(2))
 
 
 class Block(nn.Module):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Decoder, RMSNorm, RopeScaling, apply_rotary, attend, meta_linear
+from ..layers import Decoder, RMSNorm, RopeScaling, attend, meta_linear, qkv_heads
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -120,22 +120,16 @@ GGUF_PERMUTED_ARCHS = ("llama", "mistral")
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
         q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.qkv_proj = meta_linear(args.dim, q_dim + 2 * kv_dim, args.qkv_bias)
         self.o_proj = meta_linear(q_dim, args.dim, False)
-        self.split = (q_dim, kv_dim, kv_dim)
 
     def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
         # x: [1, T, D]
-        n_tokens = x.shape[1]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(1, n_tokens, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(1, n_tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(1, n_tokens, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = qkv_heads(self.qkv_proj(x), self.n_heads, self.n_kv_heads, cos, sin)
         out = attend(q, k_cache, v_cache, start, k, v)
-        return self.o_proj(out.transpose(1, 2).reshape(1, n_tokens, -1))
+        return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
 class MLP(nn.Module):
