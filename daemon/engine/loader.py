@@ -155,9 +155,8 @@ class LinearFactory:
 
     def __call__(self, name: str, sources: list[TensorSource], bias: list[TensorSource]):
         scheme = self.scheme_for(sources)
-        label = scheme or str(self.dtype).removeprefix("torch.")
-        self.counts[label] = self.counts.get(label, 0) + 1
         if scheme is None:
+            self._count(str(self.dtype).removeprefix("torch."))
             return _float_linear(sources, bias, self.dtype, self.device)
         from codelm.quant import (
             DispatchConfig,
@@ -184,7 +183,8 @@ class LinearFactory:
                 parts = [requantize_int8_per_channel(p)[0] for p in parts]
             qweight = concat_formats(parts) if len(parts) > 1 else parts[0]
             if self.cache is not None:
-                self.cache.put(name, qweight)
+                self.cache.put(name, qweight, asked=scheme)
+        self._count(qweight.scheme)  # mixed GGUF types make int8 where int4 was asked for
         if self.device.type != "cpu":
             qweight = qweight.to(self.device)
         bias_value = torch.cat([b.to_float() for b in bias]).to(self.device) if bias else None
@@ -199,7 +199,10 @@ class LinearFactory:
 
             cache_dir = resolve_paths().cache_dir
             self.cache = WeightCache.for_model(self.model_path, self.mode, cache_dir)
-        return self.cache.get(name) if self.cache is not None else None
+        return self.cache.get(name, asked=scheme) if self.cache is not None else None
+
+    def _count(self, label: str) -> None:
+        self.counts[label] = self.counts.get(label, 0) + 1
 
     def cache_report(self) -> str:
         if self.cache is None:

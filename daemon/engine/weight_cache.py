@@ -58,20 +58,23 @@ class WeightCache:
             logger.warning("ignoring unreadable weight cache %s: %s", self.file, exc)
             self.tensors, self.meta = {}, {}
 
-    def get(self, name: str):
-        """The cached QuantizedWeight of layer `name`, or None."""
+    def get(self, name: str, asked: str):
+        """The cached QuantizedWeight of layer `name` made when scheme `asked` was asked for, or
+        None. (`auto` picks schemes by GGUF type, and that choice can change between versions:
+        a layer cached under another choice is quantised again.)"""
         from codelm.quant.formats import from_tensors
 
-        if f"{name}.scheme" not in self.meta:
+        if self.meta.get(f"{name}.asked") != asked:
             return None
         return from_tensors(self.tensors, self.meta, prefix=f"{name}.")
 
-    def put(self, name: str, qweight) -> None:
+    def put(self, name: str, qweight, asked: str) -> None:
         from codelm.quant.formats import to_tensors
 
         tensors, meta = to_tensors(qweight, prefix=f"{name}.")
         self.tensors.update(tensors)
         self.meta.update(meta)
+        self.meta[f"{name}.asked"] = asked
         self.is_dirty = True
 
     def save(self) -> None:

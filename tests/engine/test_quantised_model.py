@@ -47,3 +47,20 @@ def test_requantised_weights_come_from_the_disk_cache_on_the_second_load(
     assert second.info["weight_cache"].startswith("120 layers loaded")
     ids = first.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n\n")
     assert torch.equal(_top1(first, ids), _top1(second, ids))
+
+
+def test_the_weight_cache_serves_a_layer_only_for_the_scheme_it_was_made_for(tmp_path):
+    from codelm.daemon.engine.weight_cache import WeightCache
+    from codelm.quant import quantize_int8
+
+    weight, _ = quantize_int8(torch.randn(32, 64))
+    file = tmp_path / "weights.safetensors"
+    cache = WeightCache(file)
+    # A mixed-type fused layer is int8 although int4 was asked for: cached under int4.
+    cache.put("blk.qkv", weight, asked="int4")
+    cache.save()
+    reopened = WeightCache(file)
+    assert torch.equal(reopened.get("blk.qkv", asked="int4").data, weight.data)
+    # After `auto` changes its choice for this layer, the old result is not served.
+    assert reopened.get("blk.qkv", asked="int8") is None
+    assert reopened.get("blk.other", asked="int4") is None
