@@ -54,13 +54,36 @@ def test_an_idle_machine_gets_every_core(machine):
     assert share.threads() == 2
 
 
-def test_a_busy_core_costs_a_thread_and_comes_back_when_freed(machine):
+def test_a_lasting_busy_core_costs_a_thread_that_comes_back_when_freed(machine):
     share = CpuShare(2, machine.stat)
+    machine.run(1.0, {0: 1.0})
+    assert share.threads() == 2  # one span: could be a burst
     machine.run(1.0, {0: 1.0})
     assert share.threads() == 1
     assert share.others == pytest.approx(1.0, abs=0.02)
     machine.run(1.0, {})
     assert share.threads() == 2
+
+
+def test_a_burst_in_one_span_costs_nothing(machine):
+    share = CpuShare(2, machine.stat)
+    machine.run(1.0, {})
+    assert share.threads() == 2
+    machine.run(0.6, {0: 1.0})  # e.g. the client that sends the request starting up
+    assert share.threads() == 2
+    machine.run(1.0, {})
+    assert share.threads() == 2
+
+
+def test_half_a_cpu_of_background_use_does_not_cost_a_thread(machine):
+    share = CpuShare(2, machine.stat)
+    for _ in range(2):
+        machine.run(1.0, {0: 0.25, 1: 0.2})
+        assert share.threads() == 2
+    for _ in range(2):
+        machine.run(1.0, {0: 0.4, 1: 0.3})
+        share.threads()
+    assert share.current == 1
 
 
 def test_our_own_cpu_time_is_not_counted_against_us(machine):
@@ -77,7 +100,9 @@ def test_cpus_outside_our_affinity_do_not_count(machine):
 
 def test_a_short_span_keeps_the_last_answer(machine):
     share = CpuShare(2, machine.stat)
-    machine.run(1.0, {1: 1.0})
+    for _ in range(2):
+        machine.run(1.0, {1: 1.0})
+        share.threads()
     assert share.threads() == 1
     machine.run(0.1, {})  # too short to judge: the last answer stands
     assert share.threads() == 1
@@ -85,7 +110,9 @@ def test_a_short_span_keeps_the_last_answer(machine):
 
 def test_never_fewer_than_one_thread(machine):
     share = CpuShare(2, machine.stat)
-    machine.run(1.0, {0: 1.0, 1: 1.0})
+    for _ in range(2):
+        machine.run(1.0, {0: 1.0, 1: 1.0})
+        share.threads()
     assert share.threads() == 1
 
 
