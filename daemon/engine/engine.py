@@ -124,7 +124,8 @@ class Engine:
             cursor,
             path=request.path or _path_from_uri(request.uri),
             prefix_chars=self.config.prefix_chars,
-            # PSM prompts re-run the suffix on every keystroke: keep it short while typing.
+            # While typing, keep the suffix short: a PSM prompt runs it again on every key
+            # that changes the prefix, an SPM prompt on every move of the cursor.
             suffix_chars=self.config.suffix_chars // (3 if request.trigger == "automatic" else 1),
             anchor=self.anchors.get(request.uri),
         )

@@ -43,6 +43,9 @@ FIM_FORMATS: dict[str, FimFormat] = {
             prefix="<|fim_prefix|>",
             suffix="<|fim_suffix|>",
             middle="<|fim_middle|>",
+            # SPM: 70.9% HumanEval infill against PSM's 54.9%, and typing appends to the
+            # prompt instead of changing its middle (docs/models.md).
+            order="spm",
             stop=("<|endoftext|>", "<|file_sep|>", "<|fim_pad|>", "<|repo_name|>", "<|im_end|>"),
             file_sep="<|file_sep|>",
         ),
