@@ -9,6 +9,8 @@ Replays editing real source files (Python stdlib modules of 2.6k-3.3k tokens) an
                far and the rest of the region removed), a request at every key;
 - edit_above:  a line inserted near the top of that file (~2k tokens above the cursor), then a
                request at the cursor; repeated;
+- jump:        the cursor moved to the end of a line above it in that file (12, 30, 6 and 45
+               lines up, in turn), a request at each: the text after the cursor changes;
 - switch:      3 other files round-robin, one character typed in each before its request.
 
 codelm is an isolated daemon (`CODELM_HOME` in a temporary folder) asked through
@@ -65,11 +67,12 @@ SWITCH_FILES = (
 )
 WARMUP_FILE = "bisect.py"
 EDIT_AFTER_LINE = 3  # the inserted lines go after this many lines of the file
+JUMP_LINES = (12, 30, 6, 45)  # how many lines above the typed region each jump lands
 
 
 @dataclass
 class Step:
-    scenario: str  # warmup | cold | keystroke | edit_above | switch
+    scenario: str  # warmup | cold | keystroke | edit_above | jump | switch
     file: str
     uri: str
     text: str
@@ -153,6 +156,11 @@ def build_plan(keys: int, edits: int, rounds: int) -> list[Step]:
         line = f"_EDIT_{r + 1} = {r + 1}  # an edit far above the cursor\n"
         text, cursor = text[:at] + line + text[at:], cursor + len(line)
         steps.append(_step("edit_above", name, text, cursor))
+    # (e) the cursor moved to the end of lines above it, the text unchanged.
+    line_ends = [m.start() for m in re.finditer("\n", text)]
+    here = text.count("\n", 0, cursor)
+    for back in JUMP_LINES:
+        steps.append(_step("jump", name, text, line_ends[here - back]))
     # (c) three files round-robin: each opened (cold), then one key typed in each per round.
     regions = []
     for name, pattern in SWITCH_FILES:
@@ -390,7 +398,7 @@ def run_system(system, plan: list[Step], budget_s: float) -> dict[str, Any]:
 
 # -- summary --
 
-SCENARIOS = ("keystroke", "switch", "edit_above", "cold")
+SCENARIOS = ("keystroke", "switch", "edit_above", "jump", "cold")
 
 
 def summarize(run: dict[str, Any]) -> list[dict[str, Any]]:
