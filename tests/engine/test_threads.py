@@ -6,9 +6,12 @@ import os
 from types import SimpleNamespace
 
 import pytest
+import torch
 
+from codelm.daemon.engine import engine as engine_module
 from codelm.daemon.engine import threads
 from codelm.daemon.engine.threads import CpuShare
+from codelm.daemon.protocol import CompleteRequest
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -119,3 +122,20 @@ def test_never_fewer_than_one_thread(machine):
 def test_without_proc_stat_every_call_gets_every_core(tmp_path):
     share = CpuShare(4, tmp_path / "missing")
     assert share.threads() == 4
+
+
+def test_engine_runs_a_request_with_the_threads_cpushare_gives(default_engine, monkeypatch):
+    seen = []
+    real_generate = engine_module.generate
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_generate(*args, **kwargs)
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(default_engine, "cpu", SimpleNamespace(threads=lambda: 1))
+    monkeypatch.setattr(engine_module, "generate", spy)
+    text = "def add(a, b):\n    return "
+    default_engine.complete(CompleteRequest(uri="file:///t.py", text=text, line=1, character=11))
+    assert seen == [1]
+    assert torch.get_num_threads() == before
