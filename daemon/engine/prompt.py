@@ -210,7 +210,7 @@ def _heal(tokenizer: Tokenizer, ids: list[int]) -> bytes:
     can be split oddly: SmolLM2 writes "return wi" as "return", " w", "i", and healing "i"
     alone made it continue "i * wi"; healing " wi" lets it choose " width".
     """
-    special = set(tokenizer.special.values())
+    special = tokenizer.special_ids
     if len(ids) < 2 or ids[-1] in special:
         return b""
     healed = tokenizer.pieces[ids.pop()]

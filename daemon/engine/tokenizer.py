@@ -84,6 +84,10 @@ class Tokenizer:
     add_bos: bool
     pieces: list[bytes]  # id -> the bytes that token stands for (special tokens: their text)
     consistent_cache: dict[bytes, torch.Tensor] = field(default_factory=dict)
+    special_ids: frozenset[int] = field(init=False)  # the ids of `special`
+
+    def __post_init__(self) -> None:
+        self.special_ids = frozenset(self.special.values())
 
     @property
     def vocab_size(self) -> int:
@@ -108,13 +112,12 @@ class Tokenizer:
         the whole vocabulary on a request's path)."""
         ids = self.consistent_cache.get(required)
         if ids is None:
-            special = set(self.special.values())
             ids = torch.tensor(
                 [
                     i
                     for i, piece in enumerate(self.pieces)
                     if piece
-                    and i not in special
+                    and i not in self.special_ids
                     and (piece.startswith(required) or required.startswith(piece))
                 ],
                 dtype=torch.long,
@@ -128,7 +131,7 @@ class Tokenizer:
         """Whether `token` is an ordinary token whose bytes start with `required` or are a
         prefix of it (one that can begin spelling `required`)."""
         piece = self.pieces[token]
-        if not piece or token in self.special.values():
+        if not piece or token in self.special_ids:
             return False
         return piece.startswith(required) or required.startswith(piece)
 
