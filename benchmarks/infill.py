@@ -200,7 +200,7 @@ def run(
         "heal": "on" if heal else "off",
         "before": f"{before}, reuse {cache_reuse}",
         "trigger": trigger,
-        "suffix_chars": suffix_chars // (3 if trigger == "automatic" else 1),
+        "suffix_chars": engine.suffix_chars(trigger),
         "lines": len(records),
         "exact_pct": 100 * sum(r["hit"] for r in records) / max(1, len(records)),
         "p50_ms": median(times),

@@ -191,6 +191,11 @@ class PromptMirror:
         self.fim = detect_fim(self.tokenizer, engine_config.fim)
         self.anchors: dict[str, str] = {}
 
+    def suffix_chars(self, trigger: str) -> int:
+        from codelm.daemon.engine.engine import Engine
+
+        return Engine.suffix_chars(self, trigger)  # type: ignore[arg-type]
+
     def fill(self, step: Step) -> None:
         from codelm.daemon.engine.engine import Engine
 

@@ -115,6 +115,12 @@ class Engine:
     def prompt_text(self, prompt: Prompt) -> str:
         return self.tokenizer.decode(prompt.token_ids)
 
+    def suffix_chars(self, trigger: str) -> int:
+        """Characters after the cursor a prompt holds. While typing (`automatic`) a third: a
+        PSM prompt runs the suffix again on every key that changes the prefix, an SPM prompt
+        on every move of the cursor."""
+        return self.config.suffix_chars // (3 if trigger == "automatic" else 1)
+
     def _build(self, request: CompleteRequest, cursor: int) -> Prompt:
         """`cursor`: the request's position as an offset into its text."""
         prompt = build_prompt(
@@ -124,9 +130,7 @@ class Engine:
             cursor,
             path=request.path or _path_from_uri(request.uri),
             prefix_chars=self.config.prefix_chars,
-            # While typing, keep the suffix short: a PSM prompt runs it again on every key
-            # that changes the prefix, an SPM prompt on every move of the cursor.
-            suffix_chars=self.config.suffix_chars // (3 if request.trigger == "automatic" else 1),
+            suffix_chars=self.suffix_chars(request.trigger),
             anchor=self.anchors.get(request.uri),
         )
         self.anchors[request.uri] = window_anchor(request.text, prompt.prefix_start)
