@@ -120,7 +120,7 @@ class HttpDaemonLink:
         await self.sink.progress("begin", "Connecting to the codelm daemon")
         try:
             client = await self._connect()
-            await self._wait_until_ready(client)
+            ready_message = await self._wait_until_ready(client)
         except CodelmError as exc:
             if self._failed_at is None:
                 self.sink.show(f"codelm: {exc.message}", True)
@@ -129,6 +129,8 @@ class HttpDaemonLink:
             raise
         finally:
             await self.sink.progress("end", "")
+        # "ready" only after the progress has ended: an editor that sees ready sees no spinner.
+        self._set_state("ready", ready_message)
         self._ready = True
         self._failed_at = None
 
@@ -169,15 +171,15 @@ class HttpDaemonLink:
         except DaemonUnavailable:
             return ""
 
-    async def _wait_until_ready(self, client: DaemonClient) -> None:
-        """Poll /health (progress while the model loads) until ready or failed."""
+    async def _wait_until_ready(self, client: DaemonClient) -> str:
+        """Poll /health (progress while the model loads) until ready (its message) or failed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LOAD_TIMEOUT_S
         for n in range(1_000_000):
             state, message = health_state(await client.health())
-            self._set_state(state, message)
             if state == "ready":
-                return
+                return message
+            self._set_state(state, message)
             if state == "error":
                 raise DaemonUnavailable(message)
             await self.sink.progress("report", message)
