@@ -1,11 +1,11 @@
-"""Weight-only quant kernels on SmolLM2-135M's linear shapes, decode (M=1) and prefill (M=128).
+"""Weight-only quant kernels on a model's linear shapes, decode (M=1) and prefill (M=128).
 
-    .venv/bin/python benchmarks/quant_kernels.py [--rows 1 128] [--schemes int4 int8]
-        [--kernels NAME ...] [--min-time 0.2] [--json PATH]
+    .venv/bin/python benchmarks/quant_kernels.py [--model smollm2-135m|qwen2.5-coder-0.5b]
+        [--rows 1 128] [--schemes int4 int8] [--kernels NAME ...] [--min-time 0.2] [--json PATH]
 
 Prints one row per (scheme, shape, rows, kernel) with median and min ms over repeats
 (warm-up excluded), the max error against reference.matmul relative to max |y|, and the
-linear-layer time per token for the whole model (30 layers + head) summed from those rows.
+linear-layer time per token for the whole model (all blocks + head) summed from those rows.
 Per-shape loops keep a layer's weight hot in cache, so `--chain` (default) also times decode
 the way the model runs it: every layer once per token, in order, caches cold. Writes JSON
 to benchmarks/results/quant_kernels.json.
@@ -22,24 +22,33 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import print_table, write_json  # noqa: E402, I001 (before torch: OpenMP policy)
-
 import torch  # noqa: E402
+from common import print_table, write_json  # noqa: E402
 
 from codelm.quant import physical_cores, quantize_int4, quantize_int8
 from codelm.quant.cpu import CPU_KERNELS
 from codelm.quant.reference import matmul
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quant_kernels.json"
-N_LAYERS = 30
-# (name, N, K, uses per token): SmolLM2-135M, hidden 576, 9 q heads / 3 kv heads of 64, ffn 1536.
-SHAPES = [
-    ("qkv", 960, 576, N_LAYERS),
-    ("o_proj", 576, 576, N_LAYERS),
-    ("gate_up", 3072, 576, N_LAYERS),
-    ("down", 576, 1536, N_LAYERS),
-    ("lm_head", 49152, 576, 1),
-]
+
+
+def _shapes(n_layers: int, dim: int, q_dim: int, kv_dim: int, ffn: int, vocab: int):
+    """(name, N, K, uses per token) of a llama-style model with fused qkv and gate/up."""
+    return [
+        ("qkv", q_dim + 2 * kv_dim, dim, n_layers),
+        ("o_proj", dim, q_dim, n_layers),
+        ("gate_up", 2 * ffn, dim, n_layers),
+        ("down", dim, ffn, n_layers),
+        ("lm_head", vocab, dim, 1),
+    ]
+
+
+MODELS = {
+    # 30 layers, hidden 576, 9 q heads / 3 kv heads of 64, ffn 1536.
+    "smollm2-135m": _shapes(30, 576, 576, 192, 1536, 49152),
+    # 24 layers, hidden 896, 14 q heads / 2 kv heads of 64, ffn 4864.
+    "qwen2.5-coder-0.5b": _shapes(24, 896, 896, 128, 4864, 151936),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,20 +57,23 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     rows: list[dict[str, Any]] = []
+    shapes = MODELS[args.model]
     for scheme in args.schemes:
-        for name, n, k, uses in SHAPES:
+        for name, n, k, uses in shapes:
             w = torch.randn(n, k, generator=gen) * 0.05
             qw = quantize_int4(w, 32)[0] if scheme == "int4" else quantize_int8(w)[0]
             rows += _bench_shape(qw, scheme, name, uses, args, gen)
-    totals = _model_totals(rows)
-    chain = [_bench_chain(s, k, args, gen) for s in args.schemes for k in _chain_kernels(s, args)]
+    totals = _model_totals(rows, len(shapes))
+    chain = [
+        _bench_chain(s, k, shapes, args, gen) for s in args.schemes for k in _chain_kernels(s, args)
+    ]
     print_table(rows, ["scheme", "shape", "rows", "kernel", "median_ms", "min_ms", "rel_err"])
     print()
     print_table(totals, ["scheme", "kernel", "rows", "model_ms", "tokens_per_s"])
     if chain:
         print("\ndecode, all layers in sequence (caches cold):")
         print_table(chain, ["scheme", "kernel", "median_ms", "min_ms", "tokens_per_s"])
-    payload = {"results": rows, "model_totals": totals, "decode_chain": chain}
+    payload = {"model": args.model, "results": rows, "model_totals": totals, "decode_chain": chain}
     out = write_json("quant_kernels", {**payload, "physical_cores": physical_cores()}, args.json)
     print(f"\nwrote {out}")
     return 0
@@ -69,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2-135m")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 128])
     parser.add_argument("--schemes", nargs="+", default=["int4", "int8"], choices=["int4", "int8"])
     parser.add_argument("--kernels", nargs="+", default=list(CPU_KERNELS))
@@ -116,10 +129,10 @@ def _chain_kernels(scheme: str, args: argparse.Namespace) -> list[str]:
     return [n for n in names if n != "dequant_fp32"]
 
 
-def _bench_chain(scheme: str, kernel_name: str, args, gen) -> dict[str, Any]:
+def _bench_chain(scheme: str, kernel_name: str, shapes, args, gen) -> dict[str, Any]:
     """One token through every linear layer of the model, as decode runs it."""
     layers = []
-    for _, n, k, uses in SHAPES:
+    for _, n, k, uses in shapes:
         for _ in range(uses):
             w = torch.randn(n, k, generator=gen) * 0.05
             qw = quantize_int4(w, 32)[0] if scheme == "int4" else quantize_int8(w)[0]
@@ -154,14 +167,14 @@ def _time(kernel, x: torch.Tensor | None, min_time: float) -> list[float]:
     return times
 
 
-def _model_totals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _model_totals(rows: list[dict[str, Any]], n_shapes: int) -> list[dict[str, Any]]:
     """Per-token linear time of the whole model for each (scheme, kernel, rows) with all shapes."""
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["scheme"], row["kernel"], row["rows"]), []).append(row)
     totals = []
     for (scheme, kernel, m), members in groups.items():
-        if len(members) != len(SHAPES):
+        if len(members) != n_shapes:
             continue
         model_ms = sum(r["median_ms"] * r["uses"] for r in members)
         totals.append(

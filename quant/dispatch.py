@@ -309,13 +309,14 @@ def _heuristic_times(
         # Measured on an AVX512-BF16 EPYC: bf16 GEMMs beat fp32 for prefill (docs/quant.md).
         orders = {
             "decode": _PACKED + ("dequant_fp32",),
-            "prefill": ("dense_bf16",) + _PACKED + ("dense_fp32", "dequant_fp32"),
+            "prefill": ("dense_bf16",) + _PACKED + ("dense_fp16", "dense_fp32", "dequant_fp32"),
         }
     else:
-        # Without bf16 hardware, bf16 GEMMs are 3-10x slower than fp32 for prefill.
+        # Without bf16 hardware, bf16 GEMMs are 3-10x slower than fp32 for prefill; fbgemm's
+        # fp16 GEMM (fp32 arithmetic) beats fp32 at half the bytes (AVX2 EPYC, docs/quant.md).
         orders = {
             "decode": _PACKED + ("dequant_fp32",),
-            "prefill": ("dense_fp32", "dequant_fp32") + _PACKED,
+            "prefill": ("dense_fp16", "dense_fp32", "dequant_fp32") + _PACKED,
         }
     return {
         phase: {n: float(i) for i, n in enumerate(order) if n in specs}

@@ -12,16 +12,19 @@ from codelm.quant import dequantize, matmul, quantize_int4, quantize_int8
 from codelm.quant.cpu import CPU_KERNELS, Int8PackBf16
 
 # (kernel, scheme, bound): bf16 kernels round x and y to bf16 (int4pack also its scales and
-# zeros); fp32 ones differ only in summation order; dynamic_int8 also quantises x per call.
+# zeros); dense_fp16 rounds each weight to fp16; fp32 ones differ only in summation order;
+# dynamic_int8 also quantises x per call.
 CASES = [
     ("int4pack_bf16", "int4", "int4_bf16"),
     ("dequant_fp32", "int4", "fp32"),
     ("dense_fp32", "int4", "fp32"),
     ("dense_bf16", "int4", "bf16"),
+    ("dense_fp16", "int4", "fp16"),
     ("int8pack_bf16", "int8", "bf16"),
     ("dequant_fp32", "int8", "fp32"),
     ("dense_fp32", "int8", "fp32"),
     ("dense_bf16", "int8", "bf16"),
+    ("dense_fp16", "int8", "fp16"),
     ("dynamic_int8", "int8", "int8_activations"),
 ]
 SHAPES = {"decode": 1, "prefill": 33}
@@ -39,6 +42,8 @@ def _bound(kind: str, x: torch.Tensor, qw) -> torch.Tensor:
         return fp32_bound(x, w)
     if kind == "bf16":
         return bf16_bound(x, w)
+    if kind == "fp16":  # each weight rounded to fp16 (<= 2^-11 relative), then fp32 sums
+        return 2.0**-11 * (x.abs() @ w.abs().t()) + fp32_bound(x, w)
     # One activation step per element (range / 127 with reduce_range), summed over |w|.
     step = (x.max(dim=-1, keepdim=True).values - x.min(dim=-1, keepdim=True).values) / 127
     return step * w.abs().sum(dim=1) + bf16_bound(x, w)

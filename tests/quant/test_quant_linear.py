@@ -112,10 +112,11 @@ def test_quantize_model_swaps_linears_except_skipped(gen):
 
 def test_dispatcher_gives_dense_copies_only_while_budget_lasts(gen):
     w = weight(gen, 32, 64)
-    dispatcher = Dispatcher(DispatchConfig(calibrate=False))
-    # The heuristic prefers a bf16 copy on bf16 hardware, fp32 elsewhere: budget exactly one.
-    bytes_per_weight = 2 if dispatcher.cpu.has_bf16_hardware else 4
-    budget = bytes_per_weight * 32 * 64
+    # The heuristic's dense copy (bf16, fp16 or fp32 by CPU and torch build): budget exactly one.
+    probe = Dispatcher(DispatchConfig(calibrate=False, dense_budget_bytes=1 << 30))
+    QuantizedLinear.from_float(w, dispatcher=probe)
+    budget = probe.dense_bytes_used
+    assert budget in (2 * 32 * 64, 4 * 32 * 64)
     dispatcher = Dispatcher(DispatchConfig(calibrate=False, dense_budget_bytes=budget))
     layers = [QuantizedLinear.from_float(w, dispatcher=dispatcher) for _ in range(2)]
     assert layers[0].plan.prefill.name.startswith("dense_")
