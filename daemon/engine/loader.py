@@ -178,8 +178,9 @@ class LinearFactory:
         self.cache_hits += qweight is not None
         if qweight is None:
             parts = [_quantize(s, scheme, search=name != "lm_head") for s in sources]
-            if len({p.group_size for p in parts}) > 1:
-                # Mixed GGUF types (Q5_0 q, Q8_0 v): int8 kernels take per-channel scales anyway.
+            if len({p.group_size for p in parts}) > 1 or any(_grouped_int8(p) for p in parts):
+                # The int8 kernels take per-channel scales: GGUF Q8_0 (blocks of 32) and mixed
+                # types (Q5_0 q, Q8_0 v) are requantised here, once; the weight cache keeps it.
                 parts = [requantize_int8_per_channel(p)[0] for p in parts]
             qweight = concat_formats(parts) if len(parts) > 1 else parts[0]
             if self.cache is not None:
@@ -233,8 +234,13 @@ def _dense_budget() -> int:
     return 0 if available is None else int(min(1.5 * (1 << 30), available // 8))
 
 
-# GGUF types that map exactly onto our formats (cheap to repack at every load).
-_NATIVE = {"int4": {"Q4_0", "Q4_1"}, "int8": {"Q8_0"}}
+# GGUF types whose exact repack is what the kernels take (cheap at every load). Q8_0 repacks
+# exactly too, but its blocks of 32 are then requantised per channel (a 136M-weight head: ~5 s).
+_NATIVE = {"int4": {"Q4_0", "Q4_1"}, "int8": set()}
+
+
+def _grouped_int8(qweight) -> bool:
+    return qweight.scheme == "int8" and not qweight.is_per_channel
 
 
 def _is_costly(sources: list[TensorSource], scheme: str) -> bool:
