@@ -27,7 +27,7 @@ from codelm.quant.formats import (
     to_tensors,
     unpack_int4,
 )
-from codelm.quant.gguf_repack import repack_gguf, repack_reader_tensor
+from codelm.quant.gguf_repack import dequantize_gguf, repack_gguf, repack_reader_tensor
 from codelm.quant.linear import QuantizedLinear, quantize_model
 from codelm.quant.reference import (
     dequantize,
@@ -51,6 +51,7 @@ __all__ = [
     "QuantizedWeight",
     "concat_formats",
     "dequantize",
+    "dequantize_gguf",
     "from_tensors",
     "matmul",
     "pack_int4",

@@ -7,6 +7,7 @@ Block layouts follow ggml (ggml-common.h): a 32-element block starts with an fp1
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from codelm.quant.formats import Int4Weight, Int8Weight, QuantizedWeight
-from codelm.quant.reference import quantize_int4, quantize_int8
+from codelm.quant.reference import dequantize, quantize_int4, quantize_int8
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +52,10 @@ def repack_gguf(
     n, k = (int(s) for s in shape)
     native = _NATIVE_SCHEME.get(qtype)
     if native is not None and scheme in (None, native):
-        if k % QK:
-            raise ValueError(f"{name}: K={k} of shape {(n, k)} is not a multiple of {QK}")
-        blocks = np.asarray(data).reshape(-1).view(np.uint8)
-        expected = n * (k // QK) * quants.GGML_QUANT_SIZES[qtype][1]
-        if blocks.size != expected:
-            raise ValueError(
-                f"{name}: {blocks.size} bytes of {qtype.name} do not hold shape {(n, k)} "
-                f"({expected} expected)"
-            )
-        blocks = blocks.reshape(n, k // QK, -1)
-        return _REPACKERS[qtype](blocks, name)
+        return _REPACKERS[qtype](_blocks(data, qtype, (n, k), name), name)
     if scheme is None:
         scheme = "int8" if qtype in _FALLBACK_INT8 else "int4"
-    w = _dequantize_any(data, qtype, (n, k), name)
+    w = dequantize_gguf(data, qtype, (n, k), name=name)
     qw, err = _quantize(w, scheme, group_size, name, search)
     logger.debug("%s: %s -> %s requantised, max abs err %.3g", name, qtype.name, scheme, err)
     return qw
@@ -132,13 +123,72 @@ def _nibbles_to_packed(qs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray((q[:, 0::2] << 4) | q[:, 1::2]))
 
 
-def _dequantize_any(
-    data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int], name: str
+def dequantize_gguf(
+    data: np.ndarray,
+    qtype: GGMLQuantizationType | int | str,
+    shape: Sequence[int],
+    *,
+    name: str = "tensor",
 ) -> torch.Tensor:
+    """A GGUF tensor as float32 in torch order `shape`: the values gguf.quants.dequantize
+    gives, bit for bit (tested). Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q5_1 are unpacked in torch
+    (Qwen2.5-Coder's Q5_0 embedding, 136M weights: 0.6 s where gguf's numpy takes 4.4 s on a
+    2-core AVX2 machine); every other type goes through gguf."""
+    qtype = GGMLQuantizationType[qtype] if isinstance(qtype, str) else GGMLQuantizationType(qtype)
+    shape = tuple(int(s) for s in shape)
+    fast = qtype in _REPACKERS or qtype in _Q5_FIELDS
+    if fast and len(shape) == 2:
+        blocks = _blocks(data, qtype, shape, name)
+        if qtype in _REPACKERS:
+            return dequantize(_REPACKERS[qtype](blocks, name))
+        return _dequantize_q5(blocks, *_Q5_FIELDS[qtype]).reshape(shape)
     values = quants.dequantize(np.asarray(data), qtype)
-    if values.size != shape[0] * shape[1]:
+    if values.size != math.prod(shape):
         raise ValueError(f"{name}: {qtype.name} data holds {values.size} values, not shape {shape}")
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+
+
+# Q5 block: fp16 d, (Q5_1: fp16 min m), 32 fifth bits (uint32 qh), 16 bytes of low nibbles.
+# (qh offset, min offset or None); ggml: Q5_0 w = (q - 16) d, Q5_1 w = q d + m.
+_Q5_FIELDS = {_T.Q5_0: (2, None), _T.Q5_1: (4, 2)}
+_Q5_CHUNK = 1 << 22  # elements unpacked at a time: int32 bit planes stay ~16 MB
+
+
+def _dequantize_q5(blocks: np.ndarray, qh_at: int, m_at: int | None) -> torch.Tensor:
+    n, nb, _ = blocks.shape
+    d = torch.from_numpy(_fp16_field(blocks, 0))
+    m = torch.from_numpy(_fp16_field(blocks, m_at)) if m_at is not None else None
+    # Read as int32: an arithmetic shift still brings bit j down to bit 0 for any j < 32.
+    qh = torch.from_numpy(np.ascontiguousarray(blocks[..., qh_at : qh_at + 4]).view("<i4"))
+    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., qh_at + 4 :]))
+    bit = torch.arange(QK, dtype=torch.int32)
+    out = torch.empty(n, nb, QK, dtype=torch.float32)
+    rows = max(1, _Q5_CHUNK // (nb * QK))
+    for r in range(0, n, rows):
+        sl = slice(r, r + rows)
+        # Element j of a block: low nibble j (j < 16) or high nibble j - 16, fifth bit j of qh.
+        low = torch.cat([qs[sl] & 0x0F, qs[sl] >> 4], dim=-1)
+        q = (((qh[sl] >> bit) & 1) * 16 + low).to(torch.float32)
+        if m is None:
+            torch.mul(q.sub_(16.0), d[sl, :, None], out=out[sl])
+        else:  # q d is exact in float32 (5 x 11 bits): only the add rounds, as in ggml
+            torch.addcmul(m[sl, :, None], q, d[sl, :, None], out=out[sl])
+    return out
+
+
+def _blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int], name: str):
+    """The raw bytes as [N, K / 32, bytes per block], sizes checked."""
+    n, k = shape
+    if k % QK:
+        raise ValueError(f"{name}: K={k} of shape {(n, k)} is not a multiple of {QK}")
+    blocks = np.asarray(data).reshape(-1).view(np.uint8)
+    expected = n * (k // QK) * quants.GGML_QUANT_SIZES[qtype][1]
+    if blocks.size != expected:
+        raise ValueError(
+            f"{name}: {blocks.size} bytes of {qtype.name} do not hold shape {(n, k)} "
+            f"({expected} expected)"
+        )
+    return blocks.reshape(n, k // QK, -1)
 
 
 def _quantize(

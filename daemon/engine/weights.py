@@ -42,11 +42,9 @@ class TensorSource:
         """The tensor in fp32 (dequantised if it is a GGUF quant type)."""
         if self.tensor is not None:
             return self.tensor.float()
-        from gguf import GGMLQuantizationType, quants
+        from codelm.quant import dequantize_gguf
 
-        qtype = GGMLQuantizationType[self.ggml_type]
-        values = quants.dequantize(self.raw, qtype)
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.shape)
+        return dequantize_gguf(self.raw, self.ggml_type, self.shape, name=self.name)
 
     def permute_rows(self, order: torch.Tensor) -> TensorSource:
         """Reorder the first dimension (output rows); quantised blocks move whole with their row."""

@@ -11,6 +11,7 @@ from codelm.quant import (
     Int4Weight,
     Int8Weight,
     dequantize,
+    dequantize_gguf,
     quantize_int4,
     repack_gguf,
     repack_reader_tensor,
@@ -37,6 +38,25 @@ def test_gguf_repack_dequantises_exactly_like_gguf_when_native_type(qtype, cls, 
     assert isinstance(qw, cls) and qw.scheme == scheme and qw.group_size == 32
     expected = quants.dequantize(blocks, qtype)
     assert np.array_equal(dequantize(qw).numpy(), expected)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16])
+def test_dequantize_gguf_gives_gguf_values_bit_for_bit(qtype, monkeypatch):
+    from codelm.quant import gguf_repack
+
+    monkeypatch.setattr(gguf_repack, "_Q5_CHUNK", 3 * 256)  # several row chunks, one ragged
+    w = _weights(10, 256)
+    w[3, 40] = 2.5  # an outlier block
+    blocks = quants.quantize(w, qtype)
+    expected = quants.dequantize(blocks, qtype).reshape(10, 256)
+    got = dequantize_gguf(blocks, qtype.name, (10, 256))
+    assert got.dtype == torch.float32 and np.array_equal(got.numpy(), expected)
+
+
+def test_dequantize_gguf_refuses_data_that_does_not_hold_the_shape():
+    blocks = quants.quantize(_weights(4, 64), T.Q5_0)
+    with pytest.raises(ValueError, match="do not hold shape"):
+        dequantize_gguf(blocks, T.Q5_0, (8, 64), name="blk.0.attn_q.weight")
 
 
 def test_gguf_repack_reads_low_nibbles_as_first_half_of_block():
