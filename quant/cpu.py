@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from codelm.quant import native
 from codelm.quant.formats import Int4Weight, Int8Weight, QuantizedWeight, unpack_int4
 from codelm.quant.reference import dequantize
 
@@ -156,6 +157,53 @@ class DynamicInt8:
         )
 
 
+class Int8Native:
+    """codelm's own AVX2 kernel (kernels_x86.c): int8 weights times activations quantised per
+    call in blocks of 32 (llama.cpp's Q8_0 x Q8_0 arithmetic). 1 byte per weight read, integer
+    dot products: the fastest decode where torch's packed kernels lack a fast path."""
+
+    name = "int8_native"
+
+    def __init__(self, qw: Int8Weight) -> None:
+        lib = native.library()
+        if isinstance(lib, str):
+            raise RuntimeError(f"{self.name}: {lib}")
+        self._fn = lib.codelm_q8_linear
+        self.n, self.k = qw.shape
+        self.group_size = qw.group_size
+        self.data = qw.data.contiguous()
+        self.scales = qw.scales.to(torch.float32).contiguous()  # [N, K / group]
+        self.nbytes = _nbytes(self.data, self.scales)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32).contiguous()
+        m = x.shape[0]
+        y = torch.empty(m, self.n, dtype=torch.float32)
+        rc = self._fn(
+            x.data_ptr(),
+            m,
+            self.k,
+            self.data.data_ptr(),
+            self.scales.data_ptr(),
+            self.group_size,
+            self.n,
+            y.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"{self.name}: no memory for {m}x{self.k} scratch")
+        return y
+
+
+def _native_unavailable(qw: QuantizedWeight) -> str | None:
+    if qw.data.device.type != "cpu":
+        return "a CPU kernel"
+    if qw.shape[1] % 32 or qw.group_size % 32:
+        return f"K={qw.shape[1]} or group {qw.group_size} is not a multiple of 32"
+    lib = native.library()
+    return lib if isinstance(lib, str) else None
+
+
 @dataclass(frozen=True, slots=True)
 class KernelSpec:
     """How to build one candidate, and what it costs beyond the int format (for the budget)."""
@@ -169,18 +217,23 @@ class KernelSpec:
     opt_in: str | None = None
     # Why this kernel cannot serve a weight (device capability, shape), or None.
     unavailable: Callable[[QuantizedWeight], str | None] | None = None
+    # Takes int8 with one scale per output channel only (not GGUF Q8_0's groups of 32).
+    per_channel_int8: bool = False
 
 
 CPU_KERNELS: dict[str, KernelSpec] = {
     spec.name: spec
     for spec in (
         KernelSpec("int4pack_bf16", ("int4",), Int4PackBf16),
-        KernelSpec("int8pack_bf16", ("int8",), Int8PackBf16),
+        KernelSpec("int8pack_bf16", ("int8",), Int8PackBf16, per_channel_int8=True),
         KernelSpec("dequant_fp32", ("int4", "int8"), DequantFp32),
         KernelSpec("dense_fp32", ("int4", "int8"), lambda qw: Dense(qw, torch.float32), 4),
         KernelSpec("dense_bf16", ("int4", "int8"), lambda qw: Dense(qw, torch.bfloat16), 2),
         KernelSpec("dense_fp16", ("int4", "int8"), DenseFp16, 2, unavailable=_without_fbgemm),
-        KernelSpec("dynamic_int8", ("int8",), DynamicInt8, opt_in="allow_lossy"),
+        KernelSpec(
+            "dynamic_int8", ("int8",), DynamicInt8, opt_in="allow_lossy", per_channel_int8=True
+        ),
+        KernelSpec("int8_native", ("int8",), Int8Native, unavailable=_native_unavailable),
     )
 }
 

@@ -157,8 +157,14 @@ CUDA_KERNELS: dict[str, KernelSpec] = {
     spec.name: spec
     for spec in (
         KernelSpec("int4_tinygemm", ("int4",), TinyGemmInt4, unavailable=_tinygemm_unavailable),
-        KernelSpec("int8pack_cuda", ("int8",), Int8PackCuda, unavailable=_int8pack_unavailable),
-        KernelSpec("dequant_bf16", ("int4", "int8"), DequantBf16Cuda),
+        KernelSpec(
+            "int8pack_cuda",
+            ("int8",),
+            Int8PackCuda,
+            unavailable=_int8pack_unavailable,
+            per_channel_int8=True,
+        ),
+        KernelSpec("dequant_bf16", ("int4", "int8"), DequantBf16Cuda, per_channel_int8=True),
         KernelSpec("dense_bf16", ("int4", "int8"), lambda qw: Dense(qw, torch.bfloat16), 2),
         KernelSpec("bnb_int8", ("int8",), BnbInt8, opt_in="use_bitsandbytes"),
         KernelSpec("bnb_nf4", ("int4",), BnbNf4, opt_in="use_bitsandbytes"),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from codelm.quant import cuda
+from codelm.quant import cuda, native
 from codelm.quant.cpu import CPU_KERNELS, Kernel, KernelSpec
 from codelm.quant.formats import Int8Weight, QuantizedWeight
 from codelm.quant.reference import requantize_int8_per_channel
@@ -107,8 +107,9 @@ class Dispatcher:
 
     def plan(self, qw: QuantizedWeight, *, name: str = "linear") -> KernelPlan:
         """Pick and build the decode and prefill kernels for qw (on qw's device)."""
-        if isinstance(qw, Int8Weight) and not qw.is_per_channel:
-            # The int8 kernels take per-channel scales (GGUF Q8_0 comes in blocks of 32).
+        grouped = isinstance(qw, Int8Weight) and not qw.is_per_channel
+        if grouped and not self.int8_group_size(_device(qw), qw.shape[1]):
+            # No kernel here takes int8 groups (GGUF Q8_0's blocks of 32): requantise per channel.
             qw, err = requantize_int8_per_channel(qw)
             logger.debug("%s: int8 group-wise -> per-channel, max abs err %.3g", name, err)
         specs = self._candidates(qw)
@@ -137,11 +138,27 @@ class Dispatcher:
             decode_max_rows=self.config.decode_max_rows,
         )
 
+    def int8_group_size(self, device: torch.device, k: int) -> int | None:
+        """The int8 group size for a weight of K inputs on `device`: 32 where the native
+        kernel serves (it keeps GGUF Q8_0 exactly and quantises activations in blocks of 32:
+        together as close to fp32 as per-channel int8 with bf16 activations, docs/quant.md),
+        None for one scale per output channel, which torch's int8 kernels take."""
+        if device.type != "cpu" or k % 32:
+            return None
+        return None if isinstance(native.library(self.config.cache_dir), str) else 32
+
     def _candidates(self, qw: QuantizedWeight) -> dict[str, KernelSpec]:
-        table = cuda.CUDA_KERNELS if _device(qw).type == "cuda" else CPU_KERNELS
+        if _device(qw).type == "cuda":
+            table = cuda.CUDA_KERNELS
+        else:
+            table = CPU_KERNELS
+            native.library(self.config.cache_dir)  # built next to the rankings, once
+        grouped_int8 = isinstance(qw, Int8Weight) and not qw.is_per_channel
         specs = {}
         for spec in table.values():
             if qw.scheme not in spec.schemes:
+                continue
+            if grouped_int8 and spec.per_channel_int8:
                 continue
             if spec.opt_in and not getattr(self.config, spec.opt_in):
                 continue
@@ -308,15 +325,15 @@ def _heuristic_times(
     elif cpu.has_bf16_hardware:
         # Measured on an AVX512-BF16 EPYC: bf16 GEMMs beat fp32 for prefill (docs/quant.md).
         orders = {
-            "decode": _PACKED + ("dequant_fp32",),
+            "decode": _PACKED + ("int8_native", "dequant_fp32"),
             "prefill": ("dense_bf16",) + _PACKED + ("dense_fp16", "dense_fp32", "dequant_fp32"),
         }
     else:
         # Without bf16 hardware, bf16 GEMMs are 3-10x slower than fp32 for prefill; fbgemm's
         # fp16 GEMM (fp32 arithmetic) beats fp32 at half the bytes (AVX2 EPYC, docs/quant.md).
         orders = {
-            "decode": _PACKED + ("dequant_fp32",),
-            "prefill": ("dense_fp16", "dense_fp32", "dequant_fp32") + _PACKED,
+            "decode": ("int4pack_bf16", "int8_native", "int8pack_bf16", "dequant_fp32"),
+            "prefill": ("dense_fp16", "dense_fp32", "dequant_fp32", "int8_native") + _PACKED,
         }
     return {
         phase: {n: float(i) for i, n in enumerate(order) if n in specs}

@@ -35,6 +35,7 @@ def repack_gguf(
     name: str = "tensor",
     scheme: str | None = None,
     group_size: int = 32,
+    int8_group_size: int | None = None,
     search: bool = False,
 ) -> QuantizedWeight:
     """Map a GGUF tensor's data (as `GGUFReader` gives it) to Int4Weight / Int8Weight.
@@ -42,7 +43,8 @@ def repack_gguf(
     qtype: the ggml type (enum, its value, or its name such as "Q4_1"). shape: (N, K) in torch
     order, i.e. GGUF's ne reversed. Q4_0 / Q4_1 -> int4 group 32 and Q8_0 -> int8 group 32 are
     exact. Other types, or a `scheme` other than the native one, go through
-    gguf.quants.dequantize and our quantize ("int4" with group_size, or per-channel "int8");
+    gguf.quants.dequantize and our quantize ("int4" with group_size, or "int8" with
+    int8_group_size, None for per channel);
     scheme None picks int8 for sources of 5+ bits, int4 otherwise. `search`: int4 is
     requantised with searched ranges (reference.quantize_int4(search=True)).
     """
@@ -56,7 +58,8 @@ def repack_gguf(
     if scheme is None:
         scheme = "int8" if qtype in _FALLBACK_INT8 else "int4"
     w = dequantize_gguf(data, qtype, (n, k), name=name)
-    qw, err = _quantize(w, scheme, group_size, name, search)
+    group = int8_group_size if scheme == "int8" else group_size
+    qw, err = _quantize(w, scheme, group, name, search)
     logger.debug("%s: %s -> %s requantised, max abs err %.3g", name, qtype.name, scheme, err)
     return qw
 
@@ -192,10 +195,10 @@ def _blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int
 
 
 def _quantize(
-    w: torch.Tensor, scheme: str, group_size: int, name: str, search: bool
+    w: torch.Tensor, scheme: str, group_size: int | None, name: str, search: bool
 ) -> tuple[QuantizedWeight, float]:
     if scheme == "int8":
-        return quantize_int8(w, name=name)
-    if scheme == "int4":
+        return quantize_int8(w, group_size, name=name)
+    if scheme == "int4" and group_size is not None:
         return quantize_int4(w, group_size, name=name, search=search)
     raise ValueError(f"{name}: unknown scheme {scheme!r}; expected 'int4' or 'int8'")

@@ -174,17 +174,22 @@ class LinearFactory:
             # bf16 hardware: ~3x; fp16 on AVX2: ~2.3x); decode always reads the packed weights.
             config = DispatchConfig(cache_dir=cache_dir, dense_budget_bytes=_dense_budget())
             self.dispatcher = Dispatcher(config)
-        qweight = self._cached(name, scheme) if _is_costly(sources, scheme) else None
+        # int8 in GGUF Q8_0's groups of 32 where the native kernel takes them, else per channel.
+        int8_group = self.dispatcher.int8_group_size(self.device, sources[0].shape[-1])
+        asked = scheme if scheme == "int4" or int8_group is None else f"int8 g{int8_group}"
+        costly = _is_costly(sources, scheme, int8_group)
+        qweight = self._cached(name, asked) if costly else None
         self.cache_hits += qweight is not None
         if qweight is None:
-            parts = [_quantize(s, scheme, search=name != "lm_head") for s in sources]
-            if len({p.group_size for p in parts}) > 1 or any(_grouped_int8(p) for p in parts):
-                # The int8 kernels take per-channel scales: GGUF Q8_0 (blocks of 32) and mixed
-                # types (Q5_0 q, Q8_0 v) are requantised here, once; the weight cache keeps it.
+            parts = [_quantize(s, scheme, int8_group, search=name != "lm_head") for s in sources]
+            per_channel = int8_group is None and any(_grouped_int8(p) for p in parts)
+            if per_channel or len({p.group_size for p in parts}) > 1:
+                # GGUF Q8_0 where the int8 kernels take per-channel scales only, and mixed
+                # types (Q5_0 q, Q8_0 v): requantised here, once; the weight cache keeps it.
                 parts = [requantize_int8_per_channel(p)[0] for p in parts]
             qweight = concat_formats(parts) if len(parts) > 1 else parts[0]
             if self.cache is not None:
-                self.cache.put(name, qweight, asked=scheme)
+                self.cache.put(name, qweight, asked=asked)
         self._count(qweight.scheme)  # mixed GGUF types make int8 where int4 was asked for
         if self.device.type != "cpu":
             qweight = qweight.to(self.device)
@@ -235,20 +240,22 @@ def _dense_budget() -> int:
 
 
 # GGUF types whose exact repack is what the kernels take (cheap at every load). Q8_0 repacks
-# exactly too, but its blocks of 32 are then requantised per channel (a 136M-weight head: ~5 s).
-_NATIVE = {"int4": {"Q4_0", "Q4_1"}, "int8": set()}
+# exactly too, but where int8 is per channel its blocks of 32 are requantised (a 136M-weight
+# head: ~5 s).
+_NATIVE = {"int4": {"Q4_0", "Q4_1"}, "int8": {"Q8_0"}}
 
 
 def _grouped_int8(qweight) -> bool:
     return qweight.scheme == "int8" and not qweight.is_per_channel
 
 
-def _is_costly(sources: list[TensorSource], scheme: str) -> bool:
+def _is_costly(sources: list[TensorSource], scheme: str, int8_group: int | None) -> bool:
     """True when quantising these sources means real work (worth caching on disk)."""
-    return any(s.ggml_type not in _NATIVE[scheme] for s in sources)
+    native = _NATIVE[scheme] if scheme == "int4" or int8_group == 32 else set()
+    return any(s.ggml_type not in native for s in sources)
 
 
-def _quantize(source: TensorSource, scheme: str, search: bool):
+def _quantize(source: TensorSource, scheme: str, int8_group: int | None, search: bool):
     """`search`: requantised int4 ranges are searched for the least squared error (clipping
     outliers), which measured better for the blocks' matrices; the head's argmax is not."""
     from codelm.quant import quantize_int4, quantize_int8, repack_gguf
@@ -260,12 +267,13 @@ def _quantize(source: TensorSource, scheme: str, search: bool):
             source.shape,
             name=source.name,
             scheme=scheme,
+            int8_group_size=int8_group,
             search=search,
         )
     weight = source.to_float()
     if scheme == "int4":
         return quantize_int4(weight, name=source.name, search=search)[0]
-    return quantize_int8(weight, name=source.name)[0]
+    return quantize_int8(weight, int8_group, name=source.name)[0]
 
 
 def fill_model(

@@ -13,7 +13,7 @@ from codelm.quant.cpu import CPU_KERNELS, Int8PackBf16
 
 # (kernel, scheme, bound): bf16 kernels round x and y to bf16 (int4pack also its scales and
 # zeros); dense_fp16 rounds each weight to fp16; fp32 ones differ only in summation order;
-# dynamic_int8 also quantises x per call.
+# dynamic_int8 and int8_native also quantise x per call (per row / per block of 32).
 CASES = [
     ("int4pack_bf16", "int4", "int4_bf16"),
     ("dequant_fp32", "int4", "fp32"),
@@ -26,6 +26,7 @@ CASES = [
     ("dense_bf16", "int8", "bf16"),
     ("dense_fp16", "int8", "fp16"),
     ("dynamic_int8", "int8", "int8_activations"),
+    ("int8_native", "int8", "int8_blocks"),
 ]
 SHAPES = {"decode": 1, "prefill": 33}
 
@@ -44,6 +45,10 @@ def _bound(kind: str, x: torch.Tensor, qw) -> torch.Tensor:
         return bf16_bound(x, w)
     if kind == "fp16":  # each weight rounded to fp16 (<= 2^-11 relative), then fp32 sums
         return 2.0**-11 * (x.abs() @ w.abs().t()) + fp32_bound(x, w)
+    if kind == "int8_blocks":  # half a step (block absmax / 127) per element, then fp32 sums
+        blocks = x.abs().view(x.shape[0], -1, 32).amax(dim=-1) / 127
+        half_step = blocks.repeat_interleave(32, dim=1) / 2
+        return half_step @ w.abs().t() + fp32_bound(x, w)
     # One activation step per element (range / 127 with reduce_range), summed over |w|.
     step = (x.max(dim=-1, keepdim=True).values - x.min(dim=-1, keepdim=True).values) / 127
     return step * w.abs().sum(dim=1) + bf16_bound(x, w)
@@ -55,6 +60,9 @@ def test_cpu_kernel_matches_reference_when_decode_and_prefill_shape(
     gen, kernel, scheme, bound, phase
 ):
     qw = _quantize(weight(gen, 96, 256), scheme)
+    reason = CPU_KERNELS[kernel].unavailable
+    if reason and reason(qw):
+        pytest.skip(f"{kernel}: {reason(qw)}")
     x = torch.randn(SHAPES[phase], 256, generator=gen)
     y = CPU_KERNELS[kernel].build(qw)(x).float()
     assert y.shape == (SHAPES[phase], 96)

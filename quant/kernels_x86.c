@@ -1,0 +1,105 @@
+/* codelm's own x86 kernel: int8 weights times int8 activations, for CPUs whose torch has no
+ * fast weight-only path (AVX2 without bf16 hardware; docs/quant.md, "Native kernel").
+ *
+ * y[m, n] = x[m, k] @ (w[n, k] * ws).T, with w int8 scaled per output channel or per group of
+ * 32 or more (GGUF Q8_0's blocks) and x quantised on the fly in blocks of 32 values (one float
+ * scale each, absmax / 127), so each block's dot product is exact in int32 and only x's
+ * rounding is new error.
+ *
+ * Built by native.py with the machine's own compiler (-O3 -march=native -fopenmp) and called
+ * through ctypes; OpenMP resolves to the libgomp torch has loaded, so both share one pool. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#ifndef __AVX2__
+#error "codelm's native kernel needs AVX2"
+#endif
+
+#define BLOCK 32
+
+int codelm_kernels_abi(void) { return 2; }
+
+/* x [rows, k] -> xq [rows, k] int8, xd [rows, k / BLOCK]: scale per block of 32. */
+static void quantize_blocks(const float *x, int64_t blocks, int8_t *xq, float *xd)
+{
+    for (int64_t b = 0; b < blocks; b++) {
+        const float *src = x + b * BLOCK;
+        float amax = 0.0f;
+        for (int j = 0; j < BLOCK; j++)
+            amax = fmaxf(amax, fabsf(src[j]));
+        const float d = amax / 127.0f;
+        const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+        xd[b] = d;
+        for (int j = 0; j < BLOCK; j++)
+            xq[b * BLOCK + j] = (int8_t)nearbyintf(src[j] * inv);
+    }
+}
+
+/* 32 int8 products summed in 8 int32 lanes. maddubs takes unsigned x signed bytes, so w's sign
+ * moves onto x: |w| <= 128 and |x| <= 127 keep each pair sum within int16. */
+static inline __m256i dot32(const int8_t *w, const int8_t *x)
+{
+    const __m256i wv = _mm256_loadu_si256((const __m256i *)w);
+    const __m256i xv = _mm256_loadu_si256((const __m256i *)x);
+    const __m256i wabs = _mm256_sign_epi8(wv, wv);
+    const __m256i xs = _mm256_sign_epi8(xv, wv);
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), wabs, xs);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float hsum(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One output: sum over blocks of xd[b] * ws[group of b] * (w . x in block b). */
+static float row_dot(const int8_t *w, const float *ws, int64_t per_group, const int8_t *xq,
+                     const float *xd, int64_t blocks)
+{
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g = 0, b = 0; b < blocks; g++) {
+        const float s = ws[g];
+        for (const int64_t end = b + per_group; b < end; b++) {
+            const __m256 p = _mm256_cvtepi32_ps(dot32(w + b * BLOCK, xq + b * BLOCK));
+            acc[b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * s), p, acc[b & 1]);
+        }
+    }
+    return hsum(_mm256_add_ps(acc[0], acc[1]));
+}
+
+/* w [n, k] int8 with float scales ws [n, k / group] (group: a multiple of BLOCK dividing k;
+ * k for one scale per row). Returns 0, or -1 for such a shape mismatch or no scratch memory. */
+int codelm_q8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const float *ws,
+                     int64_t group, int64_t n, float *y, int nthreads)
+{
+    if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0)
+        return -1;
+    const int64_t blocks = k / BLOCK, groups = k / group;
+    int8_t *xq = malloc((size_t)(m * k));
+    float *xd = malloc((size_t)(m * blocks) * sizeof(float));
+    if (!xq || !xd) {
+        free(xq);
+        free(xd);
+        return -1;
+    }
+    quantize_blocks(x, m * blocks, xq, xd);
+    /* Rows of w outer: each weight row is read from memory once and reused for all m rows. */
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        const int8_t *wr = w + r * k;
+        const float *wsr = ws + r * groups;
+        for (int64_t i = 0; i < m; i++)
+            y[i * n + r] = row_dot(wr, wsr, group / BLOCK, xq + i * k, xd + i * blocks, blocks);
+    }
+    free(xq);
+    free(xd);
+    return 0;
+}

@@ -1,0 +1,102 @@
+"""codelm's own C kernel (kernels_x86.c), compiled on first use by the machine's C compiler.
+
+torch has no fast int8 path on x86 CPUs without bf16 hardware, so this one is built here, for
+this CPU (-march=native), and cached by a hash of the source, compiler and CPU. Without a
+compiler, or on a CPU without AVX2, it is simply not a candidate: the torch kernels remain.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels_x86.c")
+_ABI = 2
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_COMPILE_TIMEOUT_S = 120
+
+_loaded: ctypes.CDLL | str | None = None
+
+
+def library(build_dir: Path | None = None) -> ctypes.CDLL | str:
+    """The loaded kernel library, or why there is none. The first call builds (about a second)
+    or reuses a build under `build_dir` (None: a temporary folder, removed once loaded); later
+    calls return the same result wherever they ask."""
+    global _loaded
+    if _loaded is None:
+        _loaded = _load(build_dir)
+        if isinstance(_loaded, str):
+            logger.info("native int8 kernel unavailable: %s", _loaded)
+    return _loaded
+
+
+def _load(build_dir: Path | None) -> ctypes.CDLL | str:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"it is written for x86-64, this is {platform.machine()}"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return "no C compiler found (install gcc, or set CC)"
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{compiler} does not run: {exc}"
+    key = hashlib.sha256(
+        "\0".join((SOURCE.read_text(), compiler, version, " ".join(_FLAGS), _cpu_id())).encode()
+    ).hexdigest()[:16]
+    if build_dir is None:
+        with tempfile.TemporaryDirectory(prefix="codelm-kernels-") as tmp:
+            return _build_and_open(compiler, Path(tmp) / f"kernels-{key}.so")
+    return _build_and_open(compiler, Path(build_dir) / f"kernels-{key}.so")
+
+
+def _build_and_open(compiler: str, path: Path) -> ctypes.CDLL | str:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [compiler, *_FLAGS, "-o", str(tmp), str(SOURCE), "-lm"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"compiling {SOURCE.name} failed: {exc}"
+        if done.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            return f"compiling {SOURCE.name} failed: {_last_line(done.stderr)}"
+        os.replace(tmp, path)  # atomic: a concurrent process sees no half-written library
+        logger.info("built native int8 kernel %s", path)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        return f"loading {path} failed: {exc}"
+    if lib.codelm_kernels_abi() != _ABI:
+        return f"{path} has another ABI version"
+    fn = lib.codelm_q8_linear
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = (p, i64, i64, p, p, i64, i64, p, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def _cpu_id() -> str:
+    """The CPU model and flags: a build for one CPU must not be loaded on another."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(lines[:2])
+
+
+def _last_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if "error" in line]
+    return (errors or stderr.strip().splitlines() or ["no output"])[0][:300]

@@ -1,0 +1,92 @@
+"""The native AVX2 int8 kernel: its build, its cache, its refusals and its edge cases.
+
+test_quant_cpu_kernels.py checks it against reference.matmul with the other kernels."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+from quant_helpers import fp32_bound, weight
+
+from codelm.quant import dequantize, matmul, native, quantize_int8
+from codelm.quant.cpu import CPU_KERNELS, Int8Native
+
+_LIB = native.library()
+needs_native = pytest.mark.skipif(isinstance(_LIB, str), reason=f"no native kernel: {_LIB}")
+
+
+def _block_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    half_step = x.abs().view(x.shape[0], -1, 32).amax(dim=-1).repeat_interleave(32, dim=1) / 254
+    return half_step @ w.abs().t() + fp32_bound(x, w)
+
+
+@needs_native
+def test_native_build_is_reused_when_loaded_again(tmp_path):
+    first = native._load(tmp_path)
+    assert isinstance(first, ctypes.CDLL)
+    (built,) = tmp_path.glob("kernels-*.so")
+    stamp = built.stat().st_mtime_ns
+    assert isinstance(native._load(tmp_path), ctypes.CDLL)
+    assert built.stat().st_mtime_ns == stamp
+    assert list(tmp_path.iterdir()) == [built]  # no temporary files left behind
+
+
+def test_native_says_why_when_compiler_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    reason = native._load(tmp_path)
+    assert isinstance(reason, str)
+    assert "no-such-cc" in reason
+
+
+def test_native_says_why_when_source_does_not_compile(tmp_path, monkeypatch):
+    if native.shutil.which("cc") is None and native.shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    broken = tmp_path / "kernels_x86.c"
+    broken.write_text("int codelm_kernels_abi(void) { return undeclared_name; }\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    reason = native._load(tmp_path / "build")
+    assert isinstance(reason, str)
+    assert reason.startswith("compiling kernels_x86.c failed") and "undeclared_name" in reason
+    assert not list((tmp_path / "build").glob("*.so"))
+
+
+def test_native_kernel_is_no_candidate_when_k_not_multiple_of_32(gen):
+    qw, _ = quantize_int8(weight(gen, 16, 48))
+    assert "K=48 or group 48 is not a multiple of 32" in CPU_KERNELS["int8_native"].unavailable(qw)
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_native_kernel_matches_reference_when_real_shapes(gen, rows):
+    # A Qwen2.5-Coder down projection with an odd row count; one x row is all zeros (scale 0).
+    qw, _ = quantize_int8(weight(gen, 899, 4864))
+    x = torch.randn(rows, 4864, generator=gen)
+    x[0, :64] = 0.0
+    if rows > 1:
+        x[1] = 0.0
+    y = Int8Native(qw)(x)
+    assert y.shape == (rows, 899) and y.dtype == torch.float32
+    assert ((y - matmul(x, qw)).abs() <= _block_bound(x, dequantize(qw))).all()
+    if rows > 1:
+        assert (y[1] == 0).all()
+
+
+@needs_native
+def test_native_kernel_takes_bf16_activations(gen):
+    qw, _ = quantize_int8(weight(gen, 64, 256))
+    x = torch.randn(2, 256, generator=gen).to(torch.bfloat16)
+    y = Int8Native(qw)(x)
+    xf = x.float()
+    assert ((y - matmul(xf, qw)).abs() <= _block_bound(xf, dequantize(qw))).all()
+
+
+@needs_native
+@pytest.mark.parametrize("group_size", [32, 64, 896])
+def test_native_kernel_matches_reference_when_group_wise(gen, group_size):
+    # GGUF Q8_0 comes in groups of 32: the kernel takes them as they are.
+    qw, _ = quantize_int8(weight(gen, 48, 896), group_size=group_size)
+    x = torch.randn(5, 896, generator=gen)
+    y = Int8Native(qw)(x)
+    assert ((y - matmul(x, qw)).abs() <= _block_bound(x, dequantize(qw))).all()
