@@ -1,8 +1,8 @@
 /* codelm's own x86 kernel: int8 weights times int8 activations, for CPUs whose torch has no
  * fast weight-only path (AVX2 without bf16 hardware; docs/quant.md, "Native kernel").
  *
- * y[m, n] = x[m, k] @ (w[n, k] * ws).T, with w int8 scaled per output channel or per group of
- * 32 or more (GGUF Q8_0's blocks) and x quantised on the fly in blocks of 32 values (one float
+ * y[m, n] = x[m, k] @ (w[n, k] * ws).T, with w int8 scaled (fp16) per output channel or per
+ * group of 32 or more (GGUF Q8_0's blocks) and x quantised on the fly in blocks of 32 values (one float
  * scale each, absmax / 127), so each block's dot product is exact in int32 and only x's
  * rounding is new error.
  *
@@ -13,13 +13,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#ifndef __AVX2__
-#error "codelm's native kernel needs AVX2"
+#if !defined(__AVX2__) || !defined(__F16C__)
+#error "codelm's native kernel needs AVX2 and F16C"
 #endif
 
 #define BLOCK 32
+#define MAX_GROUPS 4096 /* K up to 131072 in groups of 32 */
 
-int codelm_kernels_abi(void) { return 2; }
+int codelm_kernels_abi(void) { return 3; }
 
 /* x [rows, k] -> xq [rows, k] int8, xd [rows, k / BLOCK]: scale per block of 32. */
 static void quantize_blocks(const float *x, int64_t blocks, int8_t *xq, float *xd)
@@ -60,27 +61,61 @@ static inline float hsum(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-/* One output: sum over blocks of xd[b] * ws[group of b] * (w . x in block b). */
+static void fp16_to_fp32(const uint16_t *src, float *dst, int64_t count)
+{
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < count; i++)
+        dst[i] = _cvtsh_ss(src[i]);
+}
+
+static inline __m256 fma_block(const int8_t *w, const int8_t *x, float scale, __m256 acc)
+{
+    return _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(dot32(w, x)), acc);
+}
+
+/* One output: sum over blocks of xd[b] * ws[group of b] * (w . x in block b). Independent
+ * accumulators keep several blocks in flight: one chain waits on each fmadd's latency. */
 static float row_dot(const int8_t *w, const float *ws, int64_t per_group, const int8_t *xq,
                      const float *xd, int64_t blocks)
 {
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t g = 0, b = 0; b < blocks; g++) {
-        const float s = ws[g];
-        for (const int64_t end = b + per_group; b < end; b++) {
-            const __m256 p = _mm256_cvtepi32_ps(dot32(w + b * BLOCK, xq + b * BLOCK));
-            acc[b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * s), p, acc[b & 1]);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t b = 0;
+    if (per_group == 1) { /* GGUF Q8_0: a scale per block */
+        for (; b + 4 <= blocks; b += 4) {
+            a0 = fma_block(w + b * BLOCK, xq + b * BLOCK, xd[b] * ws[b], a0);
+            a1 = fma_block(w + (b + 1) * BLOCK, xq + (b + 1) * BLOCK, xd[b + 1] * ws[b + 1], a1);
+            a2 = fma_block(w + (b + 2) * BLOCK, xq + (b + 2) * BLOCK, xd[b + 2] * ws[b + 2], a2);
+            a3 = fma_block(w + (b + 3) * BLOCK, xq + (b + 3) * BLOCK, xd[b + 3] * ws[b + 3], a3);
+        }
+        for (; b < blocks; b++)
+            a0 = fma_block(w + b * BLOCK, xq + b * BLOCK, xd[b] * ws[b], a0);
+    } else { /* per group of several blocks (per channel: one group), scaled at its end */
+        for (int64_t g = 0; b < blocks; g++) {
+            const int64_t end = b + per_group;
+            __m256 g0 = _mm256_setzero_ps(), g1 = _mm256_setzero_ps();
+            for (; b + 2 <= end; b += 2) {
+                g0 = fma_block(w + b * BLOCK, xq + b * BLOCK, xd[b], g0);
+                g1 = fma_block(w + (b + 1) * BLOCK, xq + (b + 1) * BLOCK, xd[b + 1], g1);
+            }
+            if (b < end) {
+                g0 = fma_block(w + b * BLOCK, xq + b * BLOCK, xd[b], g0);
+                b++;
+            }
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(ws[g]), _mm256_add_ps(g0, g1), a0);
         }
     }
-    return hsum(_mm256_add_ps(acc[0], acc[1]));
+    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
-/* w [n, k] int8 with float scales ws [n, k / group] (group: a multiple of BLOCK dividing k;
- * k for one scale per row). Returns 0, or -1 for such a shape mismatch or no scratch memory. */
-int codelm_q8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const float *ws,
+/* w [n, k] int8 with fp16 scales ws [n, k / group] (group: a multiple of BLOCK dividing k;
+ * k for one scale per row; fp16 as GGUF Q8_0 stores them). Returns 0, or -1 for such a shape mismatch or no scratch memory. */
+int codelm_q8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const uint16_t *ws,
                      int64_t group, int64_t n, float *y, int nthreads)
 {
-    if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0)
+    if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || k / group > MAX_GROUPS)
         return -1;
     const int64_t blocks = k / BLOCK, groups = k / group;
     int8_t *xq = malloc((size_t)(m * k));
@@ -95,7 +130,8 @@ int codelm_q8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, cons
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < n; r++) {
         const int8_t *wr = w + r * k;
-        const float *wsr = ws + r * groups;
+        float wsr[MAX_GROUPS];
+        fp16_to_fp32(ws + r * groups, wsr, groups);
         for (int64_t i = 0; i < m; i++)
             y[i * n + r] = row_dot(wr, wsr, group / BLOCK, xq + i * k, xd + i * blocks, blocks);
     }

@@ -34,3 +34,13 @@ def int4_bf16_bound(x: torch.Tensor, qw) -> torch.Tensor:
 def fp32_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Error bound for float32 GEMMs that only differ from the reference in summation order."""
     return 1e-5 * (x.abs().float() @ w.abs().t()) + 1e-6
+
+
+def int8_blocks_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Error bound for the native int8 kernel: x rounded to int8 in blocks of 32 (half a step,
+    block absmax / 127, per element), the weight scales to fp16 (<= 2^-11 relative), then
+    fp32 sums."""
+    blocks = x.abs().view(x.shape[0], -1, 32).amax(dim=-1) / 127
+    half_step = blocks.repeat_interleave(32, dim=1) / 2
+    xa = x.abs().float()
+    return half_step @ w.abs().t() + 2.0**-11 * (xa @ w.abs().t()) + fp32_bound(x, w)

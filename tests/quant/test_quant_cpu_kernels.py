@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from quant_helpers import bf16_bound, fp32_bound, int4_bf16_bound, weight
+from quant_helpers import bf16_bound, fp32_bound, int4_bf16_bound, int8_blocks_bound, weight
 
 from codelm.quant import dequantize, matmul, quantize_int4, quantize_int8
 from codelm.quant.cpu import CPU_KERNELS, Int8PackBf16
@@ -45,10 +45,8 @@ def _bound(kind: str, x: torch.Tensor, qw) -> torch.Tensor:
         return bf16_bound(x, w)
     if kind == "fp16":  # each weight rounded to fp16 (<= 2^-11 relative), then fp32 sums
         return 2.0**-11 * (x.abs() @ w.abs().t()) + fp32_bound(x, w)
-    if kind == "int8_blocks":  # half a step (block absmax / 127) per element, then fp32 sums
-        blocks = x.abs().view(x.shape[0], -1, 32).amax(dim=-1) / 127
-        half_step = blocks.repeat_interleave(32, dim=1) / 2
-        return half_step @ w.abs().t() + fp32_bound(x, w)
+    if kind == "int8_blocks":
+        return int8_blocks_bound(x, w)
     # One activation step per element (range / 127 with reduce_range), summed over |w|.
     step = (x.max(dim=-1, keepdim=True).values - x.min(dim=-1, keepdim=True).values) / 127
     return step * w.abs().sum(dim=1) + bf16_bound(x, w)

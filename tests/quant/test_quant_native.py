@@ -8,18 +8,13 @@ import ctypes
 
 import pytest
 import torch
-from quant_helpers import fp32_bound, weight
+from quant_helpers import int8_blocks_bound, weight
 
 from codelm.quant import dequantize, matmul, native, quantize_int8
 from codelm.quant.cpu import CPU_KERNELS, Int8Native
 
 _LIB = native.library()
 needs_native = pytest.mark.skipif(isinstance(_LIB, str), reason=f"no native kernel: {_LIB}")
-
-
-def _block_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    half_step = x.abs().view(x.shape[0], -1, 32).amax(dim=-1).repeat_interleave(32, dim=1) / 254
-    return half_step @ w.abs().t() + fp32_bound(x, w)
 
 
 @needs_native
@@ -68,7 +63,7 @@ def test_native_kernel_matches_reference_when_real_shapes(gen, rows):
         x[1] = 0.0
     y = Int8Native(qw)(x)
     assert y.shape == (rows, 899) and y.dtype == torch.float32
-    assert ((y - matmul(x, qw)).abs() <= _block_bound(x, dequantize(qw))).all()
+    assert ((y - matmul(x, qw)).abs() <= int8_blocks_bound(x, dequantize(qw))).all()
     if rows > 1:
         assert (y[1] == 0).all()
 
@@ -79,7 +74,7 @@ def test_native_kernel_takes_bf16_activations(gen):
     x = torch.randn(2, 256, generator=gen).to(torch.bfloat16)
     y = Int8Native(qw)(x)
     xf = x.float()
-    assert ((y - matmul(xf, qw)).abs() <= _block_bound(xf, dequantize(qw))).all()
+    assert ((y - matmul(xf, qw)).abs() <= int8_blocks_bound(xf, dequantize(qw))).all()
 
 
 @needs_native
@@ -89,4 +84,4 @@ def test_native_kernel_matches_reference_when_group_wise(gen, group_size):
     qw, _ = quantize_int8(weight(gen, 48, 896), group_size=group_size)
     x = torch.randn(5, 896, generator=gen)
     y = Int8Native(qw)(x)
-    assert ((y - matmul(x, qw)).abs() <= _block_bound(x, dequantize(qw))).all()
+    assert ((y - matmul(x, qw)).abs() <= int8_blocks_bound(x, dequantize(qw))).all()
