@@ -158,17 +158,14 @@ class DynamicInt8:
 
 
 class Int8Native:
-    """codelm's own AVX2 kernel (kernels_x86.c): int8 weights times activations quantised per
-    call in blocks of 32 (llama.cpp's Q8_0 x Q8_0 arithmetic). 1 byte per weight read, integer
-    dot products: the fastest decode where torch's packed kernels lack a fast path."""
+    """codelm's own AVX2 kernel (kernels_x86.c): int8 weights, per channel or in groups of 32
+    (GGUF Q8_0 as it is), times activations quantised per call in blocks of 32 (llama.cpp's
+    Q8_0 x Q8_0 arithmetic): 1 byte per weight read, integer dot products."""
 
     name = "int8_native"
 
     def __init__(self, qw: Int8Weight) -> None:
-        lib = native.library()
-        if isinstance(lib, str):
-            raise RuntimeError(f"{self.name}: {lib}")
-        self._fn = lib.codelm_q8_linear
+        self._fn = _native_library(self.name).codelm_q8_linear
         self.n, self.k = qw.shape
         self.group_size = qw.group_size
         self.data = qw.data.contiguous()
@@ -178,23 +175,51 @@ class Int8Native:
         self.nbytes = _nbytes(self.data, self.scales)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32).contiguous()
-        m = x.shape[0]
-        y = torch.empty(m, self.n, dtype=torch.float32)
-        rc = self._fn(
-            x.data_ptr(),
-            m,
-            self.k,
-            self.data.data_ptr(),
-            self.scales.data_ptr(),
-            self.group_size,
-            self.n,
-            y.data_ptr(),
-            torch.get_num_threads(),
-        )
-        if rc != 0:
-            raise RuntimeError(f"{self.name}: no memory for {m}x{self.k} scratch")
-        return y
+        return _run_native(self, x, self.data, self.scales)
+
+
+class Int4Native:
+    """The int4 sibling of Int8Native (GGUF Q4_0 / Q4_1 x Q8_0 arithmetic): 0.625 bytes per
+    weight with fp16 scales and zeros, the -8 offset and zero points applied per group from
+    sums of x."""
+
+    name = "int4_native"
+
+    def __init__(self, qw: Int4Weight) -> None:
+        self._fn = _native_library(self.name).codelm_q4_linear
+        self.n, self.k = n, k = qw.shape
+        self.group_size = qw.group_size
+        # Per block of 32: element j in the low nibble of byte j, element j + 16 in the high
+        # one, so the kernel unpacks a block with one shift and two masks.
+        q = unpack_int4(qw.data).view(n, k // 32, 2, 16)
+        self.data = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+        self.scales = qw.scales.to(torch.float16).contiguous()
+        self.zeros = qw.zeros.to(torch.float16).contiguous()
+        self.nbytes = _nbytes(self.data, self.scales, self.zeros)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _run_native(self, x, self.data, self.scales, self.zeros)
+
+
+def _native_library(kernel: str):
+    lib = native.library()
+    if isinstance(lib, str):
+        raise RuntimeError(f"{kernel}: {lib}")
+    return lib
+
+
+def _run_native(kernel: Int8Native | Int4Native, x: torch.Tensor, *weight) -> torch.Tensor:
+    x = x.to(torch.float32).contiguous()
+    m = x.shape[0]
+    y = torch.empty(m, kernel.n, dtype=torch.float32)
+    pointers = (t.data_ptr() for t in weight)
+    threads = torch.get_num_threads()
+    rc = kernel._fn(
+        x.data_ptr(), m, kernel.k, *pointers, kernel.group_size, kernel.n, y.data_ptr(), threads
+    )
+    if rc != 0:
+        raise RuntimeError(f"{kernel.name}: no memory for {m}x{kernel.k} scratch")
+    return y
 
 
 def _native_unavailable(qw: QuantizedWeight) -> str | None:
@@ -236,6 +261,7 @@ CPU_KERNELS: dict[str, KernelSpec] = {
             "dynamic_int8", ("int8",), DynamicInt8, opt_in="allow_lossy", per_channel_int8=True
         ),
         KernelSpec("int8_native", ("int8",), Int8Native, unavailable=_native_unavailable),
+        KernelSpec("int4_native", ("int4",), Int4Native, unavailable=_native_unavailable),
     )
 }
 

@@ -325,15 +325,15 @@ def _heuristic_times(
     elif cpu.has_bf16_hardware:
         # Measured on an AVX512-BF16 EPYC: bf16 GEMMs beat fp32 for prefill (docs/quant.md).
         orders = {
-            "decode": _PACKED + ("int8_native", "dequant_fp32"),
+            "decode": _PACKED + _NATIVE + ("dequant_fp32",),
             "prefill": ("dense_bf16",) + _PACKED + ("dense_fp16", "dense_fp32", "dequant_fp32"),
         }
     else:
         # Without bf16 hardware, bf16 GEMMs are 3-10x slower than fp32 for prefill; fbgemm's
         # fp16 GEMM (fp32 arithmetic) beats fp32 at half the bytes (AVX2 EPYC, docs/quant.md).
         orders = {
-            "decode": ("int4pack_bf16", "int8_native", "int8pack_bf16", "dequant_fp32"),
-            "prefill": ("dense_fp16", "dense_fp32", "dequant_fp32", "int8_native") + _PACKED,
+            "decode": _NATIVE + _PACKED + ("dequant_fp32",),
+            "prefill": ("dense_fp16", "dense_fp32", "dequant_fp32") + _NATIVE + _PACKED,
         }
     return {
         phase: {n: float(i) for i, n in enumerate(order) if n in specs}
@@ -342,6 +342,7 @@ def _heuristic_times(
 
 
 _PACKED = ("int4pack_bf16", "int8pack_bf16")
+_NATIVE = ("int4_native", "int8_native")
 
 
 def _dense_bytes(spec: KernelSpec, qw: QuantizedWeight) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels_x86.c")
-_ABI = 3
+_ABI = 4
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _COMPILE_TIMEOUT_S = 120
 
@@ -80,10 +80,10 @@ def _build_and_open(compiler: str, path: Path) -> ctypes.CDLL | str:
         return f"loading {path} failed: {exc}"
     if lib.codelm_kernels_abi() != _ABI:
         return f"{path} has another ABI version"
-    fn = lib.codelm_q8_linear
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = (p, i64, i64, p, p, i64, i64, p, ctypes.c_int)
-    fn.restype = ctypes.c_int
+    lib.codelm_q8_linear.argtypes = (p, i64, i64, p, p, i64, i64, p, ctypes.c_int)
+    lib.codelm_q4_linear.argtypes = (p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int)
+    lib.codelm_q8_linear.restype = lib.codelm_q4_linear.restype = ctypes.c_int
     return lib
 
 

@@ -44,3 +44,17 @@ def int8_blocks_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     half_step = blocks.repeat_interleave(32, dim=1) / 2
     xa = x.abs().float()
     return half_step @ w.abs().t() + 2.0**-11 * (xa @ w.abs().t()) + fp32_bound(x, w)
+
+
+def int4_blocks_bound(x: torch.Tensor, qw) -> torch.Tensor:
+    """int8_blocks_bound for the native int4 kernel: x's rounding meets (q - 8) * scale, at most
+    |w| + |zero|; fp16 scales and zeros move each weight by <= 2^-11 * (|w| + 2 |zero|)."""
+    from codelm.quant import dequantize
+
+    w = dequantize(qw)
+    zeros = qw.zeros.abs().repeat_interleave(qw.group_size, dim=1)
+    blocks = x.abs().view(x.shape[0], -1, 32).amax(dim=-1) / 127
+    half_step = blocks.repeat_interleave(32, dim=1) / 2
+    xa = x.abs().float()
+    rounding = half_step @ (w.abs() + zeros).t()
+    return rounding + 2.0**-11 * (xa @ (w.abs() + 2 * zeros).t()) + fp32_bound(x, w)

@@ -6,7 +6,14 @@ import dataclasses
 
 import pytest
 import torch
-from quant_helpers import bf16_bound, fp32_bound, int4_bf16_bound, int8_blocks_bound, weight
+from quant_helpers import (
+    bf16_bound,
+    fp32_bound,
+    int4_bf16_bound,
+    int4_blocks_bound,
+    int8_blocks_bound,
+    weight,
+)
 
 from codelm.quant import dequantize, matmul, quantize_int4, quantize_int8
 from codelm.quant.cpu import CPU_KERNELS, Int8PackBf16
@@ -27,6 +34,7 @@ CASES = [
     ("dense_fp16", "int8", "fp16"),
     ("dynamic_int8", "int8", "int8_activations"),
     ("int8_native", "int8", "int8_blocks"),
+    ("int4_native", "int4", "int4_blocks"),
 ]
 SHAPES = {"decode": 1, "prefill": 33}
 
@@ -47,6 +55,8 @@ def _bound(kind: str, x: torch.Tensor, qw) -> torch.Tensor:
         return 2.0**-11 * (x.abs() @ w.abs().t()) + fp32_bound(x, w)
     if kind == "int8_blocks":
         return int8_blocks_bound(x, w)
+    if kind == "int4_blocks":
+        return int4_blocks_bound(x, qw)
     # One activation step per element (range / 127 with reduce_range), summed over |w|.
     step = (x.max(dim=-1, keepdim=True).values - x.min(dim=-1, keepdim=True).values) / 127
     return step * w.abs().sum(dim=1) + bf16_bound(x, w)

@@ -8,10 +8,10 @@ import ctypes
 
 import pytest
 import torch
-from quant_helpers import int8_blocks_bound, weight
+from quant_helpers import int4_blocks_bound, int8_blocks_bound, weight
 
-from codelm.quant import dequantize, matmul, native, quantize_int8
-from codelm.quant.cpu import CPU_KERNELS, Int8Native
+from codelm.quant import dequantize, matmul, native, quantize_int4, quantize_int8
+from codelm.quant.cpu import CPU_KERNELS, Int4Native, Int8Native
 
 _LIB = native.library()
 needs_native = pytest.mark.skipif(isinstance(_LIB, str), reason=f"no native kernel: {_LIB}")
@@ -85,3 +85,16 @@ def test_native_kernel_matches_reference_when_group_wise(gen, group_size):
     x = torch.randn(5, 896, generator=gen)
     y = Int8Native(qw)(x)
     assert ((y - matmul(x, qw)).abs() <= int8_blocks_bound(x, dequantize(qw))).all()
+
+
+@needs_native
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 17])
+def test_native_int4_kernel_matches_reference_when_offset_weights(gen, group_size, rows):
+    # Weights centred away from 0, as Q4_1's minimums make them: the zero points carry weight.
+    qw, _ = quantize_int4(weight(gen, 136, 896) + 0.03, group_size)
+    x = torch.randn(rows, 896, generator=gen)
+    x[0, 32:64] = 0.0
+    y = Int4Native(qw)(x)
+    assert y.shape == (rows, 136)
+    assert ((y - matmul(x, qw)).abs() <= int4_blocks_bound(x, qw)).all()
