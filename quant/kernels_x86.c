@@ -156,10 +156,10 @@ int codelm_q8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, cons
  * high nibble, as Int4Native repacks them) times 32 int8 x, as 8 int32 lanes; q is 0..15. */
 static inline __m256i dot32_q4(const uint8_t *w, const int8_t *x)
 {
-    const __m128i bytes = _mm_loadu_si128((const __m128i *)w);
-    const __m128i low = _mm_set1_epi8(0x0F);
-    const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low),
-                                       _mm_and_si128(bytes, low));
+    /* Both halves of the block's 16 bytes, the upper lane shifted down a nibble. */
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w));
+    const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(both, shift), _mm256_set1_epi8(0x0F));
     const __m256i xv = _mm256_loadu_si256((const __m256i *)x);
 #if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);
