@@ -209,7 +209,8 @@ def _native_library(kernel: str):
 
 
 def _run_native(kernel: Int8Native | Int4Native, x: torch.Tensor, *weight) -> torch.Tensor:
-    x = x.to(torch.float32).contiguous()
+    if x.dtype != torch.float32 or not x.is_contiguous():  # a decode step's x already is
+        x = x.to(torch.float32).contiguous()
     m = x.shape[0]
     y = torch.empty(m, kernel.n, dtype=torch.float32)
     pointers = (t.data_ptr() for t in weight)

@@ -84,9 +84,9 @@ class QuantizedLinear(nn.Module):
             )
         x2 = x.reshape(-1, self.in_features)
         kernel = self.plan.decode if x2.shape[0] <= self.plan.decode_max_rows else self.plan.prefill
-        y = kernel(x2).to(x.dtype)
+        y = kernel(x2).to(x.dtype)  # a new tensor: kernels keep no output buffers
         if self._bias:
-            y = y + self._bias.get(x.dtype, self._bias[torch.float32]).to(x.device, x.dtype)
+            y.add_(self._bias.get(x.dtype, self._bias[torch.float32]).to(x.device, x.dtype))
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @property
