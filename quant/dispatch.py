@@ -175,9 +175,11 @@ class Dispatcher:
         device = _device(qw)
         hw = torch.cuda.get_device_name(device) if device.type == "cuda" else self.cpu.model_name
         n, k = qw.shape
+        group = "ch" if qw.group_size == k else qw.group_size
+        built = [f"{s} {native.build_key()}" if s.endswith("_native") else s for s in specs]
         return (
             f"{hw}|torch {torch.__version__}|threads {torch.get_num_threads()}|{qw.scheme} "
-            f"g{qw.group_size if qw.scheme == 'int4' else 'ch'}|{n}x{k}|{','.join(sorted(specs))}"
+            f"g{group}|{n}x{k}|{','.join(sorted(built))}"
         )
 
     def _ranking(self, key: str, qw: QuantizedWeight, specs: dict[str, KernelSpec]) -> _Ranking:

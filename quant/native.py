@@ -25,6 +25,7 @@ _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _COMPILE_TIMEOUT_S = 120
 
 _loaded: ctypes.CDLL | str | None = None
+_build_key = ""  # of the loaded library: timings of another build must not rank this one
 
 
 def library(build_dir: Path | None = None) -> ctypes.CDLL | str:
@@ -39,7 +40,13 @@ def library(build_dir: Path | None = None) -> ctypes.CDLL | str:
     return _loaded
 
 
+def build_key() -> str:
+    """Identifies the loaded build (source, compiler, flags, CPU); "" before or without one."""
+    return _build_key if isinstance(_loaded, ctypes.CDLL) else ""
+
+
 def _load(build_dir: Path | None) -> ctypes.CDLL | str:
+    global _build_key
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"it is written for x86-64, this is {platform.machine()}"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -54,6 +61,7 @@ def _load(build_dir: Path | None) -> ctypes.CDLL | str:
     key = hashlib.sha256(
         "\0".join((SOURCE.read_text(), compiler, version, " ".join(_FLAGS), _cpu_id())).encode()
     ).hexdigest()[:16]
+    _build_key = key
     if build_dir is None:
         with tempfile.TemporaryDirectory(prefix="codelm-kernels-") as tmp:
             return _build_and_open(compiler, Path(tmp) / f"kernels-{key}.so")
