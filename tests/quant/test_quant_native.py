@@ -36,6 +36,7 @@ def test_native_says_why_when_compiler_missing(tmp_path, monkeypatch):
 
 
 def test_native_says_why_when_source_does_not_compile(tmp_path, monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
     if native.shutil.which("cc") is None and native.shutil.which("gcc") is None:
         pytest.skip("no C compiler on this machine")
     broken = tmp_path / "kernels_x86.c"
