@@ -66,31 +66,26 @@ def source_tokens(tokenizer, n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
-def weight_bytes(model) -> tuple[int, int, dict[str, int]]:
-    """(bytes one decode step reads, bytes the weights hold, decode kernels by name).
+def weight_bytes(model) -> tuple[int, int]:
+    """(bytes one decode step reads, bytes the weights hold).
 
     A decode step reads every linear layer's decode-kernel weight once (`plan.decode.nbytes`;
     `QuantizedLinear.nbytes` also counts a dense prefill copy when the plan keeps one, which
     decode does not read); embeddings are excluded (one row per token), norms are negligible.
     """
-    from collections import Counter
-
     from torch import nn
 
     from codelm.quant.linear import QuantizedLinear
 
     read = held = 0
-    kernels: Counter[str] = Counter()
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             read += module.plan.decode.nbytes
             held += module.nbytes
-            kernels[module.plan.decode.name] += 1
         elif isinstance(module, nn.Linear):
             read += module.weight.nbytes
             held += module.weight.nbytes
-            kernels["nn.Linear"] += 1
-    return read, held, dict(kernels)
+    return read, held
 
 
 def gguf_weight_bytes(path: Path) -> int:
@@ -124,7 +119,7 @@ def measure_codelm(model: str, quant: str, n_prompt: int, n_decode: int, repeats
         assert len(result.token_ids) == n_decode, "no stop rules: every token is kept"
         prefill.append(n_prompt / (result.prefill_ms / 1000))
         decode.append(result.decode_tokens_per_s)
-    nbytes, held, kernels = weight_bytes(engine.model)
+    nbytes, held = weight_bytes(engine.model)
     row = {
         "system": "codelm",
         "quant": engine.info["quant"],
@@ -134,7 +129,7 @@ def measure_codelm(model: str, quant: str, n_prompt: int, n_decode: int, repeats
         "decode_tok_s": median(decode),
         "weights_MB": nbytes / 1e6,
         "held_MB": held / 1e6,
-        "decode_kernels": " ".join(f"{k} x{n}" for k, n in sorted(kernels.items())),
+        "kernels": engine.info["kernels"] or "nn.Linear",
         "threads": torch.get_num_threads(),
     }
     del engine
@@ -162,7 +157,7 @@ def measure_peer(model_path: Path, text: str, n_decode: int, repeats: int) -> di
             "decode_tok_s": median(decode),
             "weights_MB": gguf_weight_bytes(model_path) / 1e6,
             "held_MB": gguf_weight_bytes(model_path) / 1e6,
-            "decode_kernels": "ggml",
+            "kernels": "ggml",
             "threads": 2,
         }
 
@@ -259,8 +254,8 @@ def _run(args: argparse.Namespace, model_path: Path) -> int:
         "held_MB: what the weights occupy (dense prefill copies included)"
     )
     for row in rows:
-        if row.get("decode_kernels"):
-            print(f"  {row['system']} {row['quant']}: decode kernels {row['decode_kernels']}")
+        if row.get("kernels"):
+            print(f"  {row['system']} {row['quant']}: {row['kernels']}")
     payload = {
         "model": str(model_path),
         "memory_bandwidth_GB_s": measured,

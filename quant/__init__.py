@@ -28,7 +28,7 @@ from codelm.quant.formats import (
     unpack_int4,
 )
 from codelm.quant.gguf_repack import dequantize_gguf, repack_gguf, repack_reader_tensor
-from codelm.quant.linear import QuantizedLinear, quantize_model
+from codelm.quant.linear import QuantizedLinear, kernel_summary, quantize_model
 from codelm.quant.reference import (
     dequantize,
     matmul,
@@ -48,6 +48,7 @@ __all__ = [
     "Int8Weight",
     "KernelPlan",
     "QuantizedLinear",
+    "kernel_summary",
     "QuantizedWeight",
     "concat_formats",
     "dequantize",

@@ -23,9 +23,10 @@
 int codelm_kernels_abi(void) { return 4; }
 
 /* x [rows, k] -> xq [rows, k] int8, xd [rows, k / BLOCK]: scale per block of 32. Where xsum
- * is given, also per block: [0] the float sum of x, [1] xd times the sum of xq (for int4's
- * zero points and its -8 offset). */
-static void quantize_blocks(const float *x, int64_t blocks, int8_t *xq, float *xd, float *xsum)
+ * and xqsum are given, also per block: the float sum of x, and xd times the sum of xq (for
+ * int4's zero points and its -8 offset). */
+static void quantize_blocks(const float *x, int64_t blocks, int8_t *xq, float *xd, float *xsum,
+                            float *xqsum)
 {
     for (int64_t b = 0; b < blocks; b++) {
         const float *src = x + b * BLOCK;
@@ -44,8 +45,8 @@ static void quantize_blocks(const float *x, int64_t blocks, int8_t *xq, float *x
             qsum += q;
         }
         if (xsum) {
-            xsum[2 * b] = sum;
-            xsum[2 * b + 1] = d * (float)qsum;
+            xsum[b] = sum;
+            xqsum[b] = d * (float)qsum;
         }
     }
 }
@@ -82,6 +83,16 @@ static void fp16_to_fp32(const uint16_t *src, float *dst, int64_t count)
         dst[i] = _cvtsh_ss(src[i]);
 }
 
+/* c[i] = a[i] * b[i]: a block's two scales combined once, 8 blocks at a time */
+static void mul_f32(const float *a, const float *b, float *c, int64_t count)
+{
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8)
+        _mm256_storeu_ps(c + i, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+    for (; i < count; i++)
+        c[i] = a[i] * b[i];
+}
+
 static inline __m256 fma_block(const int8_t *w, const int8_t *x, float scale, __m256 acc)
 {
     return _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(dot32(w, x)), acc);
@@ -96,14 +107,16 @@ static float row_dot(const int8_t *w, const float *ws, int64_t per_group, const 
     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t b = 0;
     if (per_group == 1) { /* GGUF Q8_0: a scale per block */
+        float c[MAX_GROUPS];
+        mul_f32(xd, ws, c, blocks);
         for (; b + 4 <= blocks; b += 4) {
-            a0 = fma_block(w + b * BLOCK, xq + b * BLOCK, xd[b] * ws[b], a0);
-            a1 = fma_block(w + (b + 1) * BLOCK, xq + (b + 1) * BLOCK, xd[b + 1] * ws[b + 1], a1);
-            a2 = fma_block(w + (b + 2) * BLOCK, xq + (b + 2) * BLOCK, xd[b + 2] * ws[b + 2], a2);
-            a3 = fma_block(w + (b + 3) * BLOCK, xq + (b + 3) * BLOCK, xd[b + 3] * ws[b + 3], a3);
+            a0 = fma_block(w + b * BLOCK, xq + b * BLOCK, c[b], a0);
+            a1 = fma_block(w + (b + 1) * BLOCK, xq + (b + 1) * BLOCK, c[b + 1], a1);
+            a2 = fma_block(w + (b + 2) * BLOCK, xq + (b + 2) * BLOCK, c[b + 2], a2);
+            a3 = fma_block(w + (b + 3) * BLOCK, xq + (b + 3) * BLOCK, c[b + 3], a3);
         }
         for (; b < blocks; b++)
-            a0 = fma_block(w + b * BLOCK, xq + b * BLOCK, xd[b] * ws[b], a0);
+            a0 = fma_block(w + b * BLOCK, xq + b * BLOCK, c[b], a0);
     } else { /* per group of several blocks (per channel: one group), scaled at its end */
         for (int64_t g = 0; b < blocks; g++) {
             const int64_t end = b + per_group;
@@ -137,7 +150,7 @@ int codelm_q8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, cons
         free(xd);
         return -1;
     }
-    quantize_blocks(x, m * blocks, xq, xd, NULL);
+    quantize_blocks(x, m * blocks, xq, xd, NULL, NULL);
     /* Rows of w outer: each weight row is read from memory once and reused for all m rows. */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < n; r++) {
@@ -150,6 +163,19 @@ int codelm_q8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, cons
     free(xq);
     free(xd);
     return 0;
+}
+
+/* sum of a[i] * b[i], 8 lanes at a time */
+static float dot_f32(const float *a, const float *b, int64_t count)
+{
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float sum = hsum(acc);
+    for (; i < count; i++)
+        sum += a[i] * b[i];
+    return sum;
 }
 
 /* 32 int4 weights (16 bytes: element j in the low nibble of byte j, element j + 16 in its
@@ -182,14 +208,16 @@ static float row_dot_q4(const uint8_t *w, const float *ws, int64_t per_group, co
     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t b = 0;
     if (per_group == 1) {
+        float c[MAX_GROUPS];
+        mul_f32(xd, ws, c, blocks);
         for (; b + 4 <= blocks; b += 4) {
-            a0 = fma_block_q4(w + b * half, xq + b * BLOCK, xd[b] * ws[b], a0);
-            a1 = fma_block_q4(w + (b + 1) * half, xq + (b + 1) * BLOCK, xd[b + 1] * ws[b + 1], a1);
-            a2 = fma_block_q4(w + (b + 2) * half, xq + (b + 2) * BLOCK, xd[b + 2] * ws[b + 2], a2);
-            a3 = fma_block_q4(w + (b + 3) * half, xq + (b + 3) * BLOCK, xd[b + 3] * ws[b + 3], a3);
+            a0 = fma_block_q4(w + b * half, xq + b * BLOCK, c[b], a0);
+            a1 = fma_block_q4(w + (b + 1) * half, xq + (b + 1) * BLOCK, c[b + 1], a1);
+            a2 = fma_block_q4(w + (b + 2) * half, xq + (b + 2) * BLOCK, c[b + 2], a2);
+            a3 = fma_block_q4(w + (b + 3) * half, xq + (b + 3) * BLOCK, c[b + 3], a3);
         }
         for (; b < blocks; b++)
-            a0 = fma_block_q4(w + b * half, xq + b * BLOCK, xd[b] * ws[b], a0);
+            a0 = fma_block_q4(w + b * half, xq + b * BLOCK, c[b], a0);
     } else {
         for (int64_t g = 0; b < blocks; g++) {
             const int64_t end = b + per_group;
@@ -218,21 +246,22 @@ int codelm_q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, con
     const int64_t blocks = k / BLOCK, groups = k / group, per_group = group / BLOCK;
     int8_t *xq = malloc((size_t)(m * k));
     float *xd = malloc((size_t)(m * blocks) * sizeof(float));
-    float *xsum = malloc((size_t)(m * blocks) * 2 * sizeof(float));
-    /* Per row of x and group: [0] sum of x (meets the zero), [1] sum of xd * xq (meets -8). */
+    float *bsum = malloc((size_t)(m * blocks) * 2 * sizeof(float));
+    /* Per row of x and group: the sum of x (meets the zero), the sum of xd * xq (meets -8). */
     float *gsum = calloc((size_t)(m * groups) * 2, sizeof(float));
-    if (!xq || !xd || !xsum || !gsum) {
+    if (!xq || !xd || !bsum || !gsum) {
         free(xq);
         free(xd);
-        free(xsum);
+        free(bsum);
         free(gsum);
         return -1;
     }
-    quantize_blocks(x, m * blocks, xq, xd, xsum);
+    float *gsum_q = gsum + m * groups;
+    quantize_blocks(x, m * blocks, xq, xd, bsum, bsum + m * blocks);
     for (int64_t b = 0; b < m * blocks; b++) {
         const int64_t g = b / per_group; /* blocks of one row of x never share a group */
-        gsum[2 * g] += xsum[2 * b];
-        gsum[2 * g + 1] += xsum[2 * b + 1];
+        gsum[g] += bsum[b];
+        gsum_q[g] += bsum[m * blocks + b];
     }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < n; r++) {
@@ -241,17 +270,15 @@ int codelm_q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, con
         fp16_to_fp32(wz + r * groups, zero, groups);
         const uint8_t *wr = w + r * (k / 2);
         for (int64_t i = 0; i < m; i++) {
-            const float *gs = gsum + 2 * i * groups;
-            float offset = 0.0f;
-            for (int64_t g = 0; g < groups; g++)
-                offset += zero[g] * gs[2 * g] - 8.0f * scale[g] * gs[2 * g + 1];
+            const float offset = dot_f32(zero, gsum + i * groups, groups) -
+                                 8.0f * dot_f32(scale, gsum_q + i * groups, groups);
             y[i * n + r] =
                 row_dot_q4(wr, scale, per_group, xq + i * k, xd + i * blocks, blocks) + offset;
         }
     }
     free(xq);
     free(xd);
-    free(xsum);
+    free(bsum);
     free(gsum);
     return 0;
 }

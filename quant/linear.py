@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 
@@ -129,3 +131,18 @@ def quantize_model(
             )
             setattr(parent, child_name, layer)
     return model
+
+
+def kernel_summary(model: nn.Module) -> str:
+    """The kernels model's quantised layers run, e.g. "decode int8_native x97; prefill
+    dense_fp16 x97" ("" without quantised layers): what `codelm-daemon status` shows."""
+    counts: dict[str, Counter[str]] = {"decode": Counter(), "prefill": Counter()}
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            counts["decode"][module.plan.decode.name] += 1
+            counts["prefill"][module.plan.prefill.name] += 1
+    return "; ".join(
+        f"{phase} " + ", ".join(f"{name} x{n}" for name, n in sorted(by_name.items()))
+        for phase, by_name in counts.items()
+        if by_name
+    )

@@ -71,6 +71,8 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
     make_linear.finish()
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
+    from codelm.quant import kernel_summary
+
     info = {
         "model": config.model,
         "path": str(path),
@@ -78,6 +80,7 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
         "device": str(device),
         "quant": make_linear.summary(),
         "quant_reason": make_linear.reason,
+        "kernels": kernel_summary(model),
         "weight_cache": make_linear.cache_report(),
         "n_params": n_params,
         "n_ctx": args.max_len,

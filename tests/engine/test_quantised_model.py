@@ -48,6 +48,11 @@ def test_auto_keeps_the_gguf_precision_class(default_model_path):
     engine = load_engine(EngineConfig(model=str(default_model_path), quant="auto"))
     # SmolLM2's GGUF: Q4_1 blocks -> int4, the Q8_0 embedding (tied head) -> int8.
     assert engine.info["quant"] == "int4 x120, int8 x1"
+    # Which kernels run, as `codelm-daemon status` shows it: every layer in both phases.
+    for phase in engine.info["kernels"].split("; "):
+        name, counts = phase.split(" ", 1)
+        assert name in ("decode", "prefill")
+        assert sum(int(c.rsplit(" x", 1)[1]) for c in counts.split(", ")) == 121
 
 
 def test_requantised_weights_come_from_the_disk_cache_on_the_second_load(

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_helpers import bf16_bound, int4_bf16_bound, weight
+from quant_helpers import bf16_bound, int4_bf16_bound, int8_blocks_bound, weight
 from torch import nn
 
 from codelm.quant import (
@@ -12,6 +12,7 @@ from codelm.quant import (
     QuantizedLinear,
     concat_formats,
     dequantize,
+    kernel_summary,
     matmul,
     quantize_int4,
     quantize_int8,
@@ -92,15 +93,29 @@ def test_quantized_linear_concat_equals_separate_layers(gen, scheme):
     assert torch.equal(fused(x), separate)
 
 
-def test_quantized_linear_requantises_group_wise_int8_per_channel(gen):
+def test_quantized_linear_keeps_group_wise_int8_only_where_a_kernel_takes_it(gen):
     grouped, _ = quantize_int8(weight(gen, 32, 128), group_size=32)
-    layer = QuantizedLinear.from_format(grouped)
+    dispatcher = Dispatcher(DispatchConfig(calibrate=False))
+    layer = QuantizedLinear.from_format(grouped, dispatcher=dispatcher)
     x = torch.randn(1, 128, generator=gen)
     w = dequantize(grouped)
-    # Requantising adds at most half a per-channel step per weight.
-    step = w.abs().amax(dim=1) / 127
-    bound = bf16_bound(x, w) + (x.abs().sum() * step / 2)
+    if dispatcher.int8_group_size(x.device, 128) == 32:
+        # The native kernel takes GGUF Q8_0's groups as they are.
+        assert layer.plan.decode.name == "int8_native"
+        bound = int8_blocks_bound(x, w)
+    else:
+        # Requantising per channel adds at most half a per-channel step per weight.
+        step = w.abs().amax(dim=1) / 127
+        bound = bf16_bound(x, w) + (x.abs().sum() * step / 2)
     assert ((layer(x) - matmul(x, grouped)).abs() <= bound).all()
+
+
+def test_kernel_summary_counts_each_phase_kernel(gen):
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64))
+    assert kernel_summary(model) == ""
+    quantize_model(model, scheme="int8")
+    decode, prefill = model[0].plan.decode.name, model[0].plan.prefill.name
+    assert kernel_summary(model) == f"decode {decode} x2; prefill {prefill} x2"
 
 
 def test_quantize_model_swaps_linears_except_skipped(gen):
