@@ -10,6 +10,7 @@
  * through ctypes; OpenMP resolves to the libgomp torch has loaded, so both share one pool. */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -18,9 +19,8 @@
 #endif
 
 #define BLOCK 32
-#define MAX_GROUPS 4096 /* K up to 131072 in groups of 32 */
 
-int codelm_kernels_abi(void) { return 4; }
+int codelm_kernels_abi(void) { return 5; }
 
 /* x [rows, k] -> xq [rows, k] int8, xd [rows, k / BLOCK]: scale per block of 32. Where xsum
  * and xqsum are given, also per block: the float sum of x, and xd times the sum of xq (for
@@ -74,6 +74,101 @@ static inline float hsum(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
+/* 32 int4 weights (16 bytes: element j in the low nibble of byte j, element j + 16 in its
+ * high nibble, as Int4Native repacks them) times 32 int8 x, as 8 int32 lanes; q is 0..15 so
+ * maddubs takes it as it is. Both lanes load the 16 bytes; the upper one shifts a nibble. */
+static inline __m256i dot32_q4(const uint8_t *w, const int8_t *x)
+{
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w));
+    const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(both, shift), _mm256_set1_epi8(0x0F));
+    const __m256i xv = _mm256_loadu_si256((const __m256i *)x);
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), _mm256_set1_epi16(1));
+#endif
+}
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* Weight block b times x's block b scaled and added to acc; q4 is a constant at each call
+ * site, so the compiler builds an int8 and an int4 copy of every loop below. */
+INLINE __m256 fma_block(const void *w, int64_t b, const int8_t *x, float scale, __m256 acc,
+                        int q4)
+{
+    const __m256i dot = q4 ? dot32_q4((const uint8_t *)w + b * (BLOCK / 2), x + b * BLOCK)
+                           : dot32((const int8_t *)w + b * BLOCK, x + b * BLOCK);
+    return _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(dot), acc);
+}
+
+/* sum over blocks of c[b] * (w . x)_b, c holding each block's two scales multiplied. Four
+ * independent accumulators keep blocks in flight (one chain waits on every fmadd). */
+INLINE float dot_scaled(const void *w, const float *c, const int8_t *xq, int64_t blocks, int q4)
+{
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 4 <= blocks; b += 4) {
+        a0 = fma_block(w, b, xq, c[b], a0, q4);
+        a1 = fma_block(w, b + 1, xq, c[b + 1], a1, q4);
+        a2 = fma_block(w, b + 2, xq, c[b + 2], a2, q4);
+        a3 = fma_block(w, b + 3, xq, c[b + 3], a3, q4);
+    }
+    for (; b < blocks; b++)
+        a0 = fma_block(w, b, xq, c[b], a0, q4);
+    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
+/* sum over groups of ws[g] * sum over the group's blocks of xd[b] * (w . x)_b: groups of 64
+ * and more, one per row included. */
+INLINE float dot_grouped(const void *w, const float *ws, int64_t per_group, const int8_t *xq,
+                         const float *xd, int64_t blocks, int q4)
+{
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0, b = 0; b < blocks; g++) {
+        const int64_t end = b + per_group;
+        __m256 g0 = _mm256_setzero_ps(), g1 = _mm256_setzero_ps();
+        for (; b + 2 <= end; b += 2) {
+            g0 = fma_block(w, b, xq, xd[b], g0, q4);
+            g1 = fma_block(w, b + 1, xq, xd[b + 1], g1, q4);
+        }
+        if (b < end) {
+            g0 = fma_block(w, b, xq, xd[b], g0, q4);
+            b++;
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(ws[g]), _mm256_add_ps(g0, g1), acc);
+    }
+    return hsum(acc);
+}
+
+/* Groups of 32: c[b] = scale[b] * xd[b] (scales fp16). For int4 (zeros given) also returns
+ * the row's offset, the sum of zero[b] * sx[b] - 8 * scale[b] * sq[b]; 8 blocks a step. */
+static float block_scales(const uint16_t *ws, const uint16_t *wz, const float *xd,
+                          const float *sx, const float *sq, int64_t blocks, float *c)
+{
+    __m256 off = _mm256_setzero_ps();
+    float tail = 0.0f;
+    int64_t b = 0;
+    for (; b + 8 <= blocks; b += 8) {
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ws + b)));
+        _mm256_storeu_ps(c + b, _mm256_mul_ps(s, _mm256_loadu_ps(xd + b)));
+        if (wz) {
+            const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wz + b)));
+            off = _mm256_fmadd_ps(z, _mm256_loadu_ps(sx + b), off);
+            const __m256 s8 = _mm256_mul_ps(s, _mm256_set1_ps(8.0f));
+            off = _mm256_fnmadd_ps(s8, _mm256_loadu_ps(sq + b), off);
+        }
+    }
+    for (; b < blocks; b++) {
+        const float s = _cvtsh_ss(ws[b]);
+        c[b] = s * xd[b];
+        if (wz)
+            tail += _cvtsh_ss(wz[b]) * sx[b] - 8.0f * s * sq[b];
+    }
+    return wz ? hsum(off) + tail : 0.0f;
+}
+
 static void fp16_to_fp32(const uint16_t *src, float *dst, int64_t count)
 {
     int64_t i = 0;
@@ -81,88 +176,6 @@ static void fp16_to_fp32(const uint16_t *src, float *dst, int64_t count)
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
     for (; i < count; i++)
         dst[i] = _cvtsh_ss(src[i]);
-}
-
-/* c[i] = a[i] * b[i]: a block's two scales combined once, 8 blocks at a time */
-static void mul_f32(const float *a, const float *b, float *c, int64_t count)
-{
-    int64_t i = 0;
-    for (; i + 8 <= count; i += 8)
-        _mm256_storeu_ps(c + i, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
-    for (; i < count; i++)
-        c[i] = a[i] * b[i];
-}
-
-static inline __m256 fma_block(const int8_t *w, const int8_t *x, float scale, __m256 acc)
-{
-    return _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(dot32(w, x)), acc);
-}
-
-/* One output: sum over blocks of xd[b] * ws[group of b] * (w . x in block b). Independent
- * accumulators keep several blocks in flight: one chain waits on each fmadd's latency. */
-static float row_dot(const int8_t *w, const float *ws, int64_t per_group, const int8_t *xq,
-                     const float *xd, int64_t blocks)
-{
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int64_t b = 0;
-    if (per_group == 1) { /* GGUF Q8_0: a scale per block */
-        float c[MAX_GROUPS];
-        mul_f32(xd, ws, c, blocks);
-        for (; b + 4 <= blocks; b += 4) {
-            a0 = fma_block(w + b * BLOCK, xq + b * BLOCK, c[b], a0);
-            a1 = fma_block(w + (b + 1) * BLOCK, xq + (b + 1) * BLOCK, c[b + 1], a1);
-            a2 = fma_block(w + (b + 2) * BLOCK, xq + (b + 2) * BLOCK, c[b + 2], a2);
-            a3 = fma_block(w + (b + 3) * BLOCK, xq + (b + 3) * BLOCK, c[b + 3], a3);
-        }
-        for (; b < blocks; b++)
-            a0 = fma_block(w + b * BLOCK, xq + b * BLOCK, c[b], a0);
-    } else { /* per group of several blocks (per channel: one group), scaled at its end */
-        for (int64_t g = 0; b < blocks; g++) {
-            const int64_t end = b + per_group;
-            __m256 g0 = _mm256_setzero_ps(), g1 = _mm256_setzero_ps();
-            for (; b + 2 <= end; b += 2) {
-                g0 = fma_block(w + b * BLOCK, xq + b * BLOCK, xd[b], g0);
-                g1 = fma_block(w + (b + 1) * BLOCK, xq + (b + 1) * BLOCK, xd[b + 1], g1);
-            }
-            if (b < end) {
-                g0 = fma_block(w + b * BLOCK, xq + b * BLOCK, xd[b], g0);
-                b++;
-            }
-            a0 = _mm256_fmadd_ps(_mm256_set1_ps(ws[g]), _mm256_add_ps(g0, g1), a0);
-        }
-    }
-    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-}
-
-/* w [n, k] int8 with fp16 scales ws [n, k / group] (group: a multiple of BLOCK dividing k;
- * k for one scale per row; fp16 as GGUF Q8_0 stores them). Returns 0, or -1 for such a shape mismatch or no scratch memory. */
-int codelm_q8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const uint16_t *ws,
-                     int64_t group, int64_t n, float *y, int nthreads)
-{
-    if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || k / group > MAX_GROUPS)
-        return -1;
-    const int64_t blocks = k / BLOCK, groups = k / group;
-    int8_t *xq = malloc((size_t)(m * k));
-    float *xd = malloc((size_t)(m * blocks) * sizeof(float));
-    if (!xq || !xd) {
-        free(xq);
-        free(xd);
-        return -1;
-    }
-    quantize_blocks(x, m * blocks, xq, xd, NULL, NULL);
-    /* Rows of w outer: each weight row is read from memory once and reused for all m rows. */
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < n; r++) {
-        const int8_t *wr = w + r * k;
-        float wsr[MAX_GROUPS];
-        fp16_to_fp32(ws + r * groups, wsr, groups);
-        for (int64_t i = 0; i < m; i++)
-            y[i * n + r] = row_dot(wr, wsr, group / BLOCK, xq + i * k, xd + i * blocks, blocks);
-    }
-    free(xq);
-    free(xd);
-    return 0;
 }
 
 /* sum of a[i] * b[i], 8 lanes at a time */
@@ -178,107 +191,100 @@ static float dot_f32(const float *a, const float *b, int64_t count)
     return sum;
 }
 
-/* 32 int4 weights (16 bytes: element j in the low nibble of byte j, element j + 16 in its
- * high nibble, as Int4Native repacks them) times 32 int8 x, as 8 int32 lanes; q is 0..15. */
-static inline __m256i dot32_q4(const uint8_t *w, const int8_t *x)
+/* The m outputs of weight row r: per-row fp16 scales (and int4 zeros) become float once, in
+ * this thread's scratch. For int4, sx / sq are x's per-group sums (see linear). */
+INLINE void weight_row(const void *wr, const uint16_t *ws, const uint16_t *wz, int64_t groups,
+                       int64_t blocks, int64_t m, int64_t n, const int8_t *xq, const float *xd,
+                       const float *sx, const float *sq, float *scratch, float *y, int q4)
 {
-    /* Both halves of the block's 16 bytes, the upper lane shifted down a nibble. */
-    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w));
-    const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-    const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(both, shift), _mm256_set1_epi8(0x0F));
-    const __m256i xv = _mm256_loadu_si256((const __m256i *)x);
-#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), _mm256_set1_epi16(1));
-#endif
-}
-
-static inline __m256 fma_block_q4(const uint8_t *w, const int8_t *x, float scale, __m256 acc)
-{
-    return _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(dot32_q4(w, x)), acc);
-}
-
-/* sum over groups of scale * sum_b xd[b] * (q . xq)_b; the -8 and zero terms come separately. */
-static float row_dot_q4(const uint8_t *w, const float *ws, int64_t per_group, const int8_t *xq,
-                        const float *xd, int64_t blocks)
-{
-    const int64_t half = BLOCK / 2;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int64_t b = 0;
-    if (per_group == 1) {
-        float c[MAX_GROUPS];
-        mul_f32(xd, ws, c, blocks);
-        for (; b + 4 <= blocks; b += 4) {
-            a0 = fma_block_q4(w + b * half, xq + b * BLOCK, c[b], a0);
-            a1 = fma_block_q4(w + (b + 1) * half, xq + (b + 1) * BLOCK, c[b + 1], a1);
-            a2 = fma_block_q4(w + (b + 2) * half, xq + (b + 2) * BLOCK, c[b + 2], a2);
-            a3 = fma_block_q4(w + (b + 3) * half, xq + (b + 3) * BLOCK, c[b + 3], a3);
+    const int64_t k = blocks * BLOCK;
+    if (groups == blocks) { /* groups of 32: GGUF Q8_0 / Q4_0 / Q4_1 */
+        for (int64_t i = 0; i < m; i++) {
+            const float off = block_scales(ws, q4 ? wz : NULL, xd + i * blocks,
+                                           sx + i * groups, sq + i * groups, blocks, scratch);
+            y[i * n] = dot_scaled(wr, scratch, xq + i * k, blocks, q4) + off;
         }
-        for (; b < blocks; b++)
-            a0 = fma_block_q4(w + b * half, xq + b * BLOCK, c[b], a0);
-    } else {
-        for (int64_t g = 0; b < blocks; g++) {
-            const int64_t end = b + per_group;
-            __m256 g0 = _mm256_setzero_ps(), g1 = _mm256_setzero_ps();
-            for (; b + 2 <= end; b += 2) {
-                g0 = fma_block_q4(w + b * half, xq + b * BLOCK, xd[b], g0);
-                g1 = fma_block_q4(w + (b + 1) * half, xq + (b + 1) * BLOCK, xd[b + 1], g1);
-            }
-            if (b < end) {
-                g0 = fma_block_q4(w + b * half, xq + b * BLOCK, xd[b], g0);
-                b++;
-            }
-            a0 = _mm256_fmadd_ps(_mm256_set1_ps(ws[g]), _mm256_add_ps(g0, g1), a0);
-        }
+        return;
     }
-    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    float *scale = scratch, *zero = scratch + groups;
+    fp16_to_fp32(ws, scale, groups);
+    if (q4)
+        fp16_to_fp32(wz, zero, groups);
+    for (int64_t i = 0; i < m; i++) {
+        const float off = q4 ? dot_f32(zero, sx + i * groups, groups) -
+                                   8.0f * dot_f32(scale, sq + i * groups, groups)
+                             : 0.0f;
+        y[i * n] = dot_grouped(wr, scale, blocks / groups, xq + i * k, xd + i * blocks, blocks,
+                               q4) +
+                   off;
+    }
 }
 
-/* w [n, k / 2] int4 (see dot32_q4) with fp16 scales ws and zeros wz [n, k / group]:
- * w = (q - 8) * scale + zero. Same return values as codelm_q8_linear. */
-int codelm_q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, const uint16_t *ws,
-                     const uint16_t *wz, int64_t group, int64_t n, float *y, int nthreads)
+/* Floats rounded up to whole 64-byte lines, so threads' scratch never shares a line. */
+static int64_t padded(int64_t floats) { return (floats + 15) / 16 * 16; }
+
+/* y [m, n] = x [m, k] @ w.T for int8 w [n, k] (wz NULL) or repacked int4 w [n, k / 2] with
+ * zeros wz; fp16 scales (and zeros) [n, k / group]. Returns 0, or -1 when the shape does not
+ * fit blocks of 32 or memory for scratch is short. */
+static int linear(const float *x, int64_t m, int64_t k, const void *w, const uint16_t *ws,
+                  const uint16_t *wz, int64_t group, int64_t n, float *y, int nthreads)
 {
-    if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || k / group > MAX_GROUPS)
+    if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || nthreads < 1)
         return -1;
+    const int q4 = wz != NULL;
     const int64_t blocks = k / BLOCK, groups = k / group, per_group = group / BLOCK;
+    const int64_t row_bytes = q4 ? k / 2 : k, per_thread = padded(blocks + groups);
     int8_t *xq = malloc((size_t)(m * k));
     float *xd = malloc((size_t)(m * blocks) * sizeof(float));
-    float *bsum = malloc((size_t)(m * blocks) * 2 * sizeof(float));
-    /* Per row of x and group: the sum of x (meets the zero), the sum of xd * xq (meets -8). */
-    float *gsum = calloc((size_t)(m * groups) * 2, sizeof(float));
-    if (!xq || !xd || !bsum || !gsum) {
+    /* int4 only: per block, then per group, the sum of x (meets the zero) and xd times the
+     * sum of xq (meets the -8). */
+    float *sums = q4 ? calloc((size_t)(m * (blocks + groups)) * 2, sizeof(float)) : NULL;
+    /* Heap, not stack: an array sized for the largest K would be probed page by page. */
+    float *scratch = aligned_alloc(64, (size_t)(nthreads * per_thread) * sizeof(float));
+    if (!xq || !xd || (q4 && !sums) || !scratch) {
         free(xq);
         free(xd);
-        free(bsum);
-        free(gsum);
+        free(sums);
+        free(scratch);
         return -1;
     }
-    float *gsum_q = gsum + m * groups;
-    quantize_blocks(x, m * blocks, xq, xd, bsum, bsum + m * blocks);
-    for (int64_t b = 0; b < m * blocks; b++) {
-        const int64_t g = b / per_group; /* blocks of one row of x never share a group */
-        gsum[g] += bsum[b];
-        gsum_q[g] += bsum[m * blocks + b];
+    float *bx = sums, *bq = q4 ? sums + m * blocks : NULL;
+    float *sx = q4 ? sums + 2 * m * blocks : NULL, *sq = q4 ? sx + m * groups : NULL;
+    quantize_blocks(x, m * blocks, xq, xd, bx, bq);
+    for (int64_t b = 0; q4 && b < m * blocks; b++) {
+        sx[b / per_group] += bx[b]; /* a row of x has whole groups: b / per_group is global */
+        sq[b / per_group] += bq[b];
     }
+    /* Rows of w outer: each weight row is read from memory once and reused for all m rows. */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < n; r++) {
-        float scale[MAX_GROUPS], zero[MAX_GROUPS];
-        fp16_to_fp32(ws + r * groups, scale, groups);
-        fp16_to_fp32(wz + r * groups, zero, groups);
-        const uint8_t *wr = w + r * (k / 2);
-        for (int64_t i = 0; i < m; i++) {
-            const float offset = dot_f32(zero, gsum + i * groups, groups) -
-                                 8.0f * dot_f32(scale, gsum_q + i * groups, groups);
-            y[i * n + r] =
-                row_dot_q4(wr, scale, per_group, xq + i * k, xd + i * blocks, blocks) + offset;
-        }
+        float *mine = scratch + omp_get_thread_num() * per_thread;
+        const char *wr = (const char *)w + r * row_bytes;
+        const uint16_t *zr = q4 ? wz + r * groups : NULL;
+        if (q4)
+            weight_row(wr, ws + r * groups, zr, groups, blocks, m, n, xq, xd, sx, sq, mine,
+                       y + r, 1);
+        else
+            weight_row(wr, ws + r * groups, NULL, groups, blocks, m, n, xq, xd, NULL, NULL,
+                       mine, y + r, 0);
     }
     free(xq);
     free(xd);
-    free(bsum);
-    free(gsum);
+    free(sums);
+    free(scratch);
     return 0;
+}
+
+/* int8 w [n, k], scaled per output channel (group k) or per group of 32 or more. */
+int codelm_q8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const uint16_t *ws,
+                     int64_t group, int64_t n, float *y, int nthreads)
+{
+    return linear(x, m, k, w, ws, NULL, group, n, y, nthreads);
+}
+
+/* int4 w [n, k / 2] (see dot32_q4): w = (q - 8) * scale + zero per group. */
+int codelm_q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, const uint16_t *ws,
+                     const uint16_t *wz, int64_t group, int64_t n, float *y, int nthreads)
+{
+    return wz ? linear(x, m, k, w, ws, wz, group, n, y, nthreads) : -1;
 }
