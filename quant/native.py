@@ -36,7 +36,7 @@ def library(build_dir: Path | None = None) -> ctypes.CDLL | str:
     if _loaded is None:
         _loaded = _load(build_dir)
         if isinstance(_loaded, str):
-            logger.info("native int8 kernel unavailable: %s", _loaded)
+            logger.info("native int8/int4 kernels unavailable: %s", _loaded)
     return _loaded
 
 
@@ -70,18 +70,18 @@ def _load(build_dir: Path | None) -> ctypes.CDLL | str:
 
 def _build_and_open(compiler: str, path: Path) -> ctypes.CDLL | str:
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         cmd = [compiler, *_FLAGS, "-o", str(tmp), str(SOURCE), "-lm"]
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
-        except (OSError, subprocess.SubprocessError) as exc:
-            return f"compiling {SOURCE.name} failed: {exc}"
-        if done.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            return f"compiling {SOURCE.name} failed: {_last_line(done.stderr)}"
-        os.replace(tmp, path)  # atomic: a concurrent process sees no half-written library
-        logger.info("built native int8 kernel %s", path)
+            if done.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                return f"compiling {SOURCE.name} failed: {_last_line(done.stderr)}"
+            os.replace(tmp, path)  # atomic: a concurrent process sees no half-written library
+        except (OSError, subprocess.SubprocessError) as exc:  # e.g. a read-only cache dir
+            return f"compiling {SOURCE.name} into {path.parent} failed: {exc}"
+        logger.info("built native kernels %s", path)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:

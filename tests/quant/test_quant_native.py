@@ -35,10 +35,14 @@ def test_native_says_why_when_compiler_missing(tmp_path, monkeypatch):
     assert "no-such-cc" in reason
 
 
-def test_native_says_why_when_source_does_not_compile(tmp_path, monkeypatch):
+def _with_real_compiler(monkeypatch) -> None:
     monkeypatch.delenv("CC", raising=False)
     if native.shutil.which("cc") is None and native.shutil.which("gcc") is None:
         pytest.skip("no C compiler on this machine")
+
+
+def test_native_says_why_when_source_does_not_compile(tmp_path, monkeypatch):
+    _with_real_compiler(monkeypatch)
     broken = tmp_path / "kernels_x86.c"
     broken.write_text("int codelm_kernels_abi(void) { return undeclared_name; }\n")
     monkeypatch.setattr(native, "SOURCE", broken)
@@ -99,3 +103,12 @@ def test_native_int4_kernel_matches_reference_when_offset_weights(gen, group_siz
     y = Int4Native(qw)(x)
     assert y.shape == (rows, 136)
     assert ((y - matmul(x, qw)).abs() <= int4_blocks_bound(x, qw)).all()
+
+
+def test_native_says_why_when_build_dir_cannot_be_made(tmp_path, monkeypatch):
+    _with_real_compiler(monkeypatch)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    reason = native._load(blocker / "kernels")
+    assert isinstance(reason, str)
+    assert reason.startswith("compiling kernels_x86.c into") and str(blocker) in reason
