@@ -1,5 +1,5 @@
-/* codelm's own x86 kernel: int8 weights times int8 activations, for CPUs whose torch has no
- * fast weight-only path (AVX2 without bf16 hardware; docs/quant.md, "Native kernel").
+/* codelm's own x86 kernels: int8 or int4 weights times int8 activations, for CPUs whose torch
+ * has no fast weight-only path (AVX2 without bf16 hardware; docs/quant.md, "Native kernels").
  *
  * y[m, n] = x[m, k] @ w[n, k].T with x quantised on the fly in blocks of 32 values (one float
  * scale each, absmax / 127), so each block's dot product is exact in int32 and only x's
