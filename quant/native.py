@@ -1,8 +1,8 @@
-"""codelm's own C kernel (kernels_x86.c), compiled on first use by the machine's C compiler.
+"""codelm's own C kernels (kernels_x86.c), compiled on first use by the machine's C compiler.
 
-torch has no fast int8 path on x86 CPUs without bf16 hardware, so this one is built here, for
-this CPU (-march=native), and cached by a hash of the source, compiler and CPU. Without a
-compiler, or on a CPU without AVX2, it is simply not a candidate: the torch kernels remain.
+torch has no fast int8/int4 path on x86 CPUs without bf16 hardware, so these are built here,
+for this CPU (-march=native), and cached by a hash of the source, compiler and CPU. Without a
+compiler, or on a CPU without AVX2, they are simply not candidates: the torch kernels remain.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _COMPILE_TIMEOUT_S = 120
 
 _loaded: ctypes.CDLL | str | None = None
-_build_key = ""  # of the loaded library: timings of another build must not rank this one
 
 
 def library(build_dir: Path | None = None) -> ctypes.CDLL | str:
@@ -41,12 +40,12 @@ def library(build_dir: Path | None = None) -> ctypes.CDLL | str:
 
 
 def build_key() -> str:
-    """Identifies the loaded build (source, compiler, flags, CPU); "" before or without one."""
-    return _build_key if isinstance(_loaded, ctypes.CDLL) else ""
+    """Identifies the loaded build (source, compiler, flags, CPU); "" before or without one:
+    timings of another build must not rank this one."""
+    return getattr(_loaded, "codelm_build_key", "")
 
 
 def _load(build_dir: Path | None) -> ctypes.CDLL | str:
-    global _build_key
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"it is written for x86-64, this is {platform.machine()}"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -61,14 +60,13 @@ def _load(build_dir: Path | None) -> ctypes.CDLL | str:
     key = hashlib.sha256(
         "\0".join((SOURCE.read_text(), compiler, version, " ".join(_FLAGS), _cpu_id())).encode()
     ).hexdigest()[:16]
-    _build_key = key
     if build_dir is None:
         with tempfile.TemporaryDirectory(prefix="codelm-kernels-") as tmp:
-            return _build_and_open(compiler, Path(tmp) / f"kernels-{key}.so")
-    return _build_and_open(compiler, Path(build_dir) / f"kernels-{key}.so")
+            return _build_and_open(compiler, Path(tmp) / f"kernels-{key}.so", key)
+    return _build_and_open(compiler, Path(build_dir) / f"kernels-{key}.so", key)
 
 
-def _build_and_open(compiler: str, path: Path) -> ctypes.CDLL | str:
+def _build_and_open(compiler: str, path: Path, key: str) -> ctypes.CDLL | str:
     if not path.exists():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         cmd = [compiler, *_FLAGS, "-o", str(tmp), str(SOURCE), "-lm"]
@@ -92,6 +90,7 @@ def _build_and_open(compiler: str, path: Path) -> ctypes.CDLL | str:
     lib.codelm_q8_linear.argtypes = (p, i64, i64, p, p, i64, i64, p, ctypes.c_int)
     lib.codelm_q4_linear.argtypes = (p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int)
     lib.codelm_q8_linear.restype = lib.codelm_q4_linear.restype = ctypes.c_int
+    lib.codelm_build_key = key
     return lib
 
 

@@ -26,6 +26,8 @@ def test_native_build_is_reused_when_loaded_again(tmp_path):
     assert isinstance(native._load(tmp_path), ctypes.CDLL)
     assert built.stat().st_mtime_ns == stamp
     assert list(tmp_path.iterdir()) == [built]  # no temporary files left behind
+    assert built.name == f"kernels-{first.codelm_build_key}.so"
+    assert native.build_key() == _LIB.codelm_build_key  # the process's own build, not this one
 
 
 def test_native_says_why_when_compiler_missing(tmp_path, monkeypatch):
