@@ -200,8 +200,10 @@ INLINE void weight_row(const void *wr, const uint16_t *ws, const uint16_t *wz, i
     const int64_t k = blocks * BLOCK;
     if (groups == blocks) { /* groups of 32: GGUF Q8_0 / Q4_0 / Q4_1 */
         for (int64_t i = 0; i < m; i++) {
-            const float off = block_scales(ws, q4 ? wz : NULL, xd + i * blocks,
-                                           sx + i * groups, sq + i * groups, blocks, scratch);
+            const float *xdi = xd + i * blocks;
+            const float off = q4 ? block_scales(ws, wz, xdi, sx + i * groups, sq + i * groups,
+                                                blocks, scratch)
+                                 : block_scales(ws, NULL, xdi, NULL, NULL, blocks, scratch);
             y[i * n] = dot_scaled(wr, scratch, xq + i * k, blocks, q4) + off;
         }
         return;
@@ -260,10 +262,9 @@ static int linear(const float *x, int64_t m, int64_t k, const void *w, const uin
     for (int64_t r = 0; r < n; r++) {
         float *mine = scratch + omp_get_thread_num() * per_thread;
         const char *wr = (const char *)w + r * row_bytes;
-        const uint16_t *zr = q4 ? wz + r * groups : NULL;
         if (q4)
-            weight_row(wr, ws + r * groups, zr, groups, blocks, m, n, xq, xd, sx, sq, mine,
-                       y + r, 1);
+            weight_row(wr, ws + r * groups, wz + r * groups, groups, blocks, m, n, xq, xd, sx, sq,
+                       mine, y + r, 1);
         else
             weight_row(wr, ws + r * groups, NULL, groups, blocks, m, n, xq, xd, NULL, NULL,
                        mine, y + r, 0);
