@@ -334,9 +334,11 @@ def _print_status(status: dict[str, Any], paths: RuntimePaths) -> None:
     print(f"  url:      {status.get('url')}  (pid {status.get('pid')})")
     print(f"  model:    {status.get('model')}  device {status.get('device')}")
     print(f"            quant {status.get('quant')}  up {status.get('uptime_s', 0):.0f} s")
-    kernels = status.get("engine", {}).get("kernels")
-    if kernels:
-        print(f"            kernels {kernels}")
+    engine = status.get("engine", {})
+    if engine.get("kernels"):
+        print(f"            kernels {engine['kernels']}")
+    if engine.get("decode_step"):
+        print(f"            decode step {engine['decode_step']}")
     print(
         f"  requests: {requests.get('requests', 0)} total, {requests.get('completed', 0)} done, "
         f"{requests.get('cancelled', 0)} cancelled, {requests.get('superseded', 0)} superseded, "

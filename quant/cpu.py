@@ -177,6 +177,11 @@ class Int8Native:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _run_native(self, x, self.data, self.scales)
 
+    def descriptor(self, bias: torch.Tensor | None) -> native.Linear:
+        """This weight (and a float32 bias) for kernels_x86.c's fused decode step; the
+        pointers stay valid while this kernel and the bias live."""
+        return _descriptor(self, bias, self.data, self.scales)
+
 
 class Int4Native:
     """The int4 sibling of Int8Native (GGUF Q4_0 / Q4_1 x Q8_0 arithmetic): 0.625 bytes per
@@ -200,6 +205,10 @@ class Int4Native:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _run_native(self, x, self.data, self.scales, self.zeros)
 
+    def descriptor(self, bias: torch.Tensor | None) -> native.Linear:
+        """See Int8Native.descriptor."""
+        return _descriptor(self, bias, self.data, self.scales, self.zeros)
+
 
 def _native_library(kernel: str):
     lib = native.library()
@@ -221,6 +230,23 @@ def _run_native(kernel: Int8Native | Int4Native, x: torch.Tensor, *weight) -> to
     if rc != 0:
         raise RuntimeError(f"{kernel.name}: no memory for {m}x{kernel.k} scratch")
     return y
+
+
+def _descriptor(
+    kernel: Int8Native | Int4Native, bias: torch.Tensor | None, *weight: torch.Tensor
+) -> native.Linear:
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        raise ValueError(f"{kernel.name}: the fused step takes a contiguous float32 bias")
+    data, scales, *zeros = (t.data_ptr() for t in weight)
+    return native.Linear(
+        data,
+        scales,
+        zeros[0] if zeros else None,
+        None if bias is None else bias.data_ptr(),
+        kernel.group_size,
+        kernel.n,
+        kernel.k,
+    )
 
 
 def _native_unavailable(qw: QuantizedWeight) -> str | None:

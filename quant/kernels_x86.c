@@ -13,6 +13,7 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if !defined(__AVX2__) || !defined(__F16C__)
 #error "codelm's native kernel needs AVX2 and F16C"
@@ -20,7 +21,7 @@
 
 #define BLOCK 32
 
-int codelm_kernels_abi(void) { return 5; }
+int codelm_kernels_abi(void) { return 6; }
 
 /* x [rows, k] -> xq [rows, k] int8, xd [rows, k / BLOCK]: scale per block of 32. Where xsum
  * and xqsum are given, also per block: the float sum of x, and xd times the sum of xq (for
@@ -288,4 +289,135 @@ int codelm_q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, con
                      const uint16_t *wz, int64_t group, int64_t n, float *y, int nthreads)
 {
     return wz ? linear(x, m, k, w, ws, wz, group, n, y, nthreads) : -1;
+}
+
+/* ---- One decode step of llama-family blocks, all in C (daemon/engine/fused_decode.py) ----
+ * The same arithmetic as the torch modules (RMSNorm, q/k/v with bias, rotate-half RoPE, GQA
+ * attention, SwiGLU) around the linear above, without ~20 torch ops per block between the
+ * matmuls: at 0.5B a decode step spends as long in those ops as in a third of its weights. */
+
+typedef struct {
+    const void *w;
+    const uint16_t *scales, *zeros; /* zeros NULL: int8 */
+    const float *bias;              /* NULL: none */
+    int64_t group, n, k;
+} codelm_linear;
+
+typedef struct {
+    const float *attn_norm, *ffn_norm;
+    codelm_linear qkv, out, gate_up, down;
+} codelm_block;
+
+typedef struct {
+    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, ffn_dim;
+    float eps;
+} codelm_shape;
+
+static int apply(const codelm_linear *l, const float *x, float *y, int nthreads)
+{
+    if (linear(x, 1, l->k, l->w, l->scales, l->zeros, l->group, l->n, y, nthreads) != 0)
+        return -1;
+    for (int64_t i = 0; l->bias && i < l->n; i++)
+        y[i] += l->bias[i];
+    return 0;
+}
+
+/* out = x / sqrt(mean(x^2) + eps) * w */
+static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out)
+{
+    const float r = 1.0f / sqrtf(dot_f32(x, x, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++)
+        out[i] = x[i] * r * w[i];
+}
+
+/* HF rotate-half RoPE with Rotary's tables: h * cos + roll(h, hd / 2) * signed sin. */
+static void rotate(float *h, const float *cos, const float *sin, int64_t hd)
+{
+    const int64_t half = hd / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = h[i], b = h[i + half];
+        h[i] = a * cos[i] + b * sin[i];
+        h[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* out [hd] = softmax(q . keys[t] / sqrt(hd)) . values over t < n_keys; scores [n_keys]. */
+static void attend_head(const float *q, const float *keys, const float *values, int64_t n_keys,
+                        int64_t hd, float *scores, float *out)
+{
+    const float scale = 1.0f / sqrtf((float)hd);
+    float top = -INFINITY, total = 0.0f;
+    for (int64_t t = 0; t < n_keys; t++) {
+        scores[t] = dot_f32(q, keys + t * hd, hd) * scale;
+        top = fmaxf(top, scores[t]);
+    }
+    for (int64_t i = 0; i < hd; i++)
+        out[i] = 0.0f;
+    for (int64_t t = 0; t < n_keys; t++) {
+        const float p = expf(scores[t] - top);
+        const float *v = values + t * hd;
+        total += p;
+        for (int64_t i = 0; i < hd; i++)
+            out[i] += p * v[i];
+    }
+    for (int64_t i = 0; i < hd; i++)
+        out[i] /= total;
+}
+
+/* x [dim] (the embedded token, updated in place to the last block's output) at position pos:
+ * every block's k / v rows are written at pos of k_cache / v_cache [n_layers, n_kv_heads,
+ * capacity, head_dim] and attended over [0, pos]; cos / sin are Rotary's rows for pos.
+ * Returns 0, or -1 when memory for scratch is short (x is then partly updated). */
+int codelm_decode_step(const codelm_block *blocks, const codelm_shape *s, float *x,
+                       float *k_cache, float *v_cache, int64_t capacity, int64_t pos,
+                       const float *cos, const float *sin, int nthreads)
+{
+    const int64_t hd = s->head_dim, heads = s->n_heads, kv_heads = s->n_kv_heads;
+    const int64_t dim = s->dim, ffn = s->ffn_dim, n_keys = pos + 1;
+    const int64_t n_qkv = (heads + 2 * kv_heads) * hd, per_kv = heads / kv_heads;
+    const int64_t layer_stride = kv_heads * capacity * hd;
+    float *buf = malloc((size_t)(dim + n_qkv + heads * hd + 3 * ffn + heads * n_keys) *
+                        sizeof(float));
+    if (!buf)
+        return -1;
+    float *h = buf, *qkv = h + dim, *att = qkv + n_qkv, *gate_up = att + heads * hd;
+    float *act = gate_up + 2 * ffn, *scores = act + ffn;
+    int rc = 0;
+    for (int64_t layer = 0; layer < s->n_layers && rc == 0; layer++) {
+        const codelm_block *b = blocks + layer;
+        float *kc = k_cache + layer * layer_stride, *vc = v_cache + layer * layer_stride;
+        rms_norm(x, b->attn_norm, dim, s->eps, h);
+        if ((rc = apply(&b->qkv, h, qkv, nthreads)) != 0)
+            break;
+        for (int64_t head = 0; head < heads + kv_heads; head++)
+            rotate(qkv + head * hd, cos, sin, hd);
+        for (int64_t g = 0; g < kv_heads; g++) {
+            const size_t row = (size_t)((g * capacity + pos) * hd);
+            memcpy(kc + row, qkv + (heads + g) * hd, (size_t)hd * sizeof(float));
+            memcpy(vc + row, qkv + (heads + kv_heads + g) * hd, (size_t)hd * sizeof(float));
+        }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t head = 0; head < heads; head++) {
+            const int64_t g = head / per_kv;
+            attend_head(qkv + head * hd, kc + g * capacity * hd, vc + g * capacity * hd, n_keys,
+                        hd, scores + head * n_keys, att + head * hd);
+        }
+        if ((rc = apply(&b->out, att, h, nthreads)) != 0)
+            break;
+        for (int64_t i = 0; i < dim; i++)
+            x[i] += h[i];
+        rms_norm(x, b->ffn_norm, dim, s->eps, h);
+        if ((rc = apply(&b->gate_up, h, gate_up, nthreads)) != 0)
+            break;
+        for (int64_t i = 0; i < ffn; i++) {
+            const float g = gate_up[i];
+            act[i] = g / (1.0f + expf(-g)) * gate_up[ffn + i];
+        }
+        if ((rc = apply(&b->down, act, h, nthreads)) != 0)
+            break;
+        for (int64_t i = 0; i < dim; i++)
+            x[i] += h[i];
+    }
+    free(buf);
+    return rc;
 }

@@ -7,6 +7,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from codelm.quant import native
 from codelm.quant.dispatch import DispatchConfig, Dispatcher, KernelPlan
 from codelm.quant.formats import QuantizedWeight
 from codelm.quant.reference import quantize_int4, quantize_int8
@@ -90,6 +91,12 @@ class QuantizedLinear(nn.Module):
         if self._bias:
             y.add_(self._bias.get(x.dtype, self._bias[torch.float32]).to(x.device, x.dtype))
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def native_decode(self) -> native.Linear | None:
+        """This layer's decode kernel and bias as kernels_x86.c's fused decode step takes
+        them, or None when the decode kernel is not one of codelm's native ones."""
+        describe = getattr(self.plan.decode, "descriptor", None)
+        return describe(self._bias.get(torch.float32)) if describe else None
 
     @property
     def nbytes(self) -> int:

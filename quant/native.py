@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels_x86.c")
-_ABI = 5
+_ABI = 6
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _COMPILE_TIMEOUT_S = 120
 
@@ -90,8 +90,51 @@ def _build_and_open(compiler: str, path: Path, key: str) -> ctypes.CDLL | str:
     lib.codelm_q8_linear.argtypes = (p, i64, i64, p, p, i64, i64, p, ctypes.c_int)
     lib.codelm_q4_linear.argtypes = (p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int)
     lib.codelm_q8_linear.restype = lib.codelm_q4_linear.restype = ctypes.c_int
+    lib.codelm_decode_step.argtypes = (p, p, p, p, p, i64, i64, p, p, ctypes.c_int)
+    lib.codelm_decode_step.restype = ctypes.c_int
     lib.codelm_build_key = key
     return lib
+
+
+class Linear(ctypes.Structure):
+    """kernels_x86.c's codelm_linear: one native kernel's weight (zeros 0 for int8) and bias."""
+
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("zeros", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("group", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+    ]
+
+
+class Block(ctypes.Structure):
+    """codelm_block: a llama-family block's norm weights and linears."""
+
+    _fields_ = [
+        ("attn_norm", ctypes.c_void_p),
+        ("ffn_norm", ctypes.c_void_p),
+        ("qkv", Linear),
+        ("out", Linear),
+        ("gate_up", Linear),
+        ("down", Linear),
+    ]
+
+
+class Shape(ctypes.Structure):
+    """codelm_shape: the sizes shared by all blocks."""
+
+    _fields_ = [
+        ("n_layers", ctypes.c_int64),
+        ("dim", ctypes.c_int64),
+        ("n_heads", ctypes.c_int64),
+        ("n_kv_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64),
+        ("ffn_dim", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+    ]
 
 
 def _cpu_id() -> str:

@@ -234,6 +234,9 @@ class Decoder(nn.Module):
         self.args = args
         self.lm_head = meta_linear(args.dim, args.vocab_size, False)
         self.rotary = Rotary(args.head_dim, args.rope_base, args.max_len, args.rope_scaling)
+        # One-token forwards on the CPU in one native call, where fused_decode.attach can build
+        # one for the loaded layers (a FusedDecode, not a module).
+        self.fused_decode: Any = None
 
     def parts(self) -> tuple[nn.Embedding, nn.ModuleList, nn.Module]:
         raise NotImplementedError
@@ -249,8 +252,11 @@ class Decoder(nn.Module):
         x = embed(tokens).unsqueeze(0).to(kv.dtype)  # [1, T, D]
         positions = torch.arange(start, start + n_tokens, device=tokens.device)
         cos, sin = self.rotary(positions, x.dtype)
-        for i, block in enumerate(blocks):
-            x = block(x, cos, sin, kv.k[i], kv.v[i], start)
+        if n_tokens == 1 and self.fused_decode is not None and kv.dtype == torch.float32:
+            x = self.fused_decode(x, kv, start, cos, sin)
+        else:
+            for i, block in enumerate(blocks):
+                x = block(x, cos, sin, kv.k[i], kv.v[i], start)
         kv.length = start + n_tokens
         x = x[0] if n_logits is None else x[0, -n_logits:]
         return self.lm_head(final_norm(x)).float()

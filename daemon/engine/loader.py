@@ -18,6 +18,7 @@ from torch import nn
 from ..catalog import resolve_model_path
 from ..errors import ModelLoadError
 from . import EngineConfig
+from .fused_decode import attach as attach_fused_decode
 from .models import HF_ARCHITECTURES, architecture
 from .tokenizer import Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
 from .weights import TensorSource, WeightSet, read_gguf, read_hf_folder, unpermute_order
@@ -70,6 +71,7 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
     )
     make_linear.finish()
     model.eval()
+    decode_step = attach_fused_decode(model, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     from codelm.quant import kernel_summary
 
@@ -81,6 +83,7 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
         "quant": make_linear.summary(),
         "quant_reason": make_linear.reason,
         "kernels": kernel_summary(model),
+        "decode_step": decode_step,
         "weight_cache": make_linear.cache_report(),
         "n_params": n_params,
         "n_ctx": args.max_len,

@@ -1,0 +1,91 @@
+"""The fused native decode step (fused_decode.py) against the module path it replaces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from codelm.daemon.engine import fused_decode
+from codelm.daemon.engine.kv import KVCache
+from codelm.daemon.engine.loader import LinearFactory, fill_model
+from codelm.daemon.engine.models import llama
+from codelm.daemon.engine.weights import read_hf_folder
+from codelm.quant import native
+
+transformers = pytest.importorskip("transformers")
+_LIB = native.library()
+needs_native = pytest.mark.skipif(isinstance(_LIB, str), reason=f"no native kernel: {_LIB}")
+CPU = torch.device("cpu")
+
+
+def _tiny(tmp_path: Path, arch: str, quant: str) -> llama.Model:
+    """A random 3-block model of `arch` saved by transformers and loaded as `quant`."""
+    shapes = dict(
+        vocab_size=320,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    if arch == "qwen2":  # q/k/v biases
+        ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shapes))
+        for layer in ref.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    else:
+        ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shapes))
+    # Norm weights other than ones: they must be applied, and with ones the int8 rounding of
+    # the bf16 embedding's ratios sits on exact ties that either path may break.
+    for name, param in ref.named_parameters():
+        if "norm" in name:
+            torch.nn.init.normal_(param, mean=1.0, std=0.3)
+    ref.save_pretrained(tmp_path)
+    weights = read_hf_folder(tmp_path)
+    model = llama.Model(llama.ModelArgs.from_hf_config(weights.meta))
+    linears = LinearFactory(quant, torch.float32, CPU)
+    fill_model(model, weights, llama.FUSED, linears, torch.float32, CPU, lambda f: None)
+    return model.eval()
+
+
+def _kv(model: llama.Model) -> KVCache:
+    a = model.args
+    return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=torch.float32, max_len=a.max_len)
+
+
+@needs_native
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_fused_decode_step_matches_module_path(tmp_path, arch, quant):
+    model = _tiny(tmp_path, arch, quant)
+    assert fused_decode.attach(model, CPU, torch.float32) == "fused native"
+    fused = model.fused_decode
+    tokens = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(1))
+    kv_fused, kv_module = _kv(model), _kv(model)
+    with torch.inference_mode():
+        for kv in (kv_fused, kv_module):
+            model(tokens[:30], kv)  # prefill: the module path for both
+        for i in range(30, 40):  # each step attends over keys both paths wrote
+            model.fused_decode = fused
+            got = model(tokens[i : i + 1], kv_fused)
+            model.fused_decode = None
+            expected = model(tokens[i : i + 1], kv_module)
+            # Same kernels and formulas, other summation orders: an activation rounded to the
+            # other int8 step in a kernel moves a logit by ~1e-3 at these sizes.
+            torch.testing.assert_close(got, expected, atol=5e-3, rtol=1e-3)
+    assert kv_fused.length == kv_module.length == 40
+    for fused_rows, module_rows in ((kv_fused.k, kv_module.k), (kv_fused.v, kv_module.v)):
+        torch.testing.assert_close(fused_rows[:, :, :40], module_rows[:, :, :40], atol=1e-3, rtol=0)
+
+
+def test_fused_decode_says_why_not_when_a_layer_is_float(tmp_path):
+    model = _tiny(tmp_path, "llama", "fp32")
+    how = fused_decode.attach(model, CPU, torch.float32)
+    assert how == "module by module (block 0 qkv_proj decodes on Linear)"
+    assert model.fused_decode is None
+    how = fused_decode.attach(model, torch.device("cuda"), torch.bfloat16)
+    assert how.startswith("module by module (the fused step runs float32 on the CPU")
