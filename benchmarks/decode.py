@@ -130,6 +130,7 @@ def measure_codelm(model: str, quant: str, n_prompt: int, n_decode: int, repeats
         "weights_MB": nbytes / 1e6,
         "held_MB": held / 1e6,
         "kernels": engine.info["kernels"] or "nn.Linear",
+        "decode_step": engine.info["decode_step"],
         "threads": torch.get_num_threads(),
     }
     del engine
@@ -255,7 +256,8 @@ def _run(args: argparse.Namespace, model_path: Path) -> int:
     )
     for row in rows:
         if row.get("kernels"):
-            print(f"  {row['system']} {row['quant']}: {row['kernels']}")
+            step = f"; decode step {row['decode_step']}" if row.get("decode_step") else ""
+            print(f"  {row['system']} {row['quant']}: {row['kernels']}{step}")
     payload = {
         "model": str(model_path),
         "memory_bandwidth_GB_s": measured,
