@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -249,13 +250,21 @@ def _descriptor(
     )
 
 
-def _native_unavailable(qw: QuantizedWeight) -> str | None:
-    if qw.data.device.type != "cpu":
+def native_unavailable(
+    device: torch.device, k: int, group: int, build_dir: Path | None = None
+) -> str | None:
+    """Why the native kernels cannot take a weight of K inputs in groups of `group` on
+    `device`, or None; `build_dir` is where a first call builds them (native.library)."""
+    if device.type != "cpu":
         return "a CPU kernel"
-    if qw.shape[1] % 32 or qw.group_size % 32:
-        return f"K={qw.shape[1]} or group {qw.group_size} is not a multiple of 32"
-    lib = native.library()
+    if k % 32 or group % 32:
+        return f"K={k} or group {group} is not a multiple of 32"
+    lib = native.library(build_dir)
     return lib if isinstance(lib, str) else None
+
+
+def _native_unavailable(qw: QuantizedWeight) -> str | None:
+    return native_unavailable(qw.data.device, qw.shape[1], qw.group_size)
 
 
 @dataclass(frozen=True, slots=True)

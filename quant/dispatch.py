@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from codelm.quant import cuda, native
-from codelm.quant.cpu import CPU_KERNELS, Kernel, KernelSpec
-from codelm.quant.formats import Int8Weight, QuantizedWeight
+from codelm.quant.cpu import CPU_KERNELS, Kernel, KernelSpec, native_unavailable
+from codelm.quant.formats import QuantizedWeight, is_grouped_int8
 from codelm.quant.reference import requantize_int8_per_channel
 
 logger = logging.getLogger(__name__)
@@ -112,8 +112,7 @@ class Dispatcher:
 
     def plan(self, qw: QuantizedWeight, *, name: str = "linear") -> KernelPlan:
         """Pick and build the decode and prefill kernels for qw (on qw's device)."""
-        grouped = isinstance(qw, Int8Weight) and not qw.is_per_channel
-        if grouped and not self.int8_group_size(_device(qw), qw.shape[1]):
+        if is_grouped_int8(qw) and not self.int8_group_size(_device(qw), qw.shape[1]):
             # No kernel here takes int8 groups (GGUF Q8_0's blocks of 32): requantise per channel.
             qw, err = requantize_int8_per_channel(qw)
             logger.debug("%s: int8 group-wise -> per-channel, max abs err %.3g", name, err)
@@ -148,9 +147,7 @@ class Dispatcher:
         kernel serves (it keeps GGUF Q8_0 exactly and quantises activations in blocks of 32:
         together as close to fp32 as per-channel int8 with bf16 activations, docs/quant.md),
         None for one scale per output channel, which torch's int8 kernels take."""
-        if device.type != "cpu" or k % 32:
-            return None
-        return None if isinstance(native.library(self.config.cache_dir), str) else 32
+        return None if native_unavailable(device, k, 32, self.config.cache_dir) else 32
 
     def _candidates(self, qw: QuantizedWeight) -> dict[str, KernelSpec]:
         if _device(qw).type == "cuda":
@@ -158,7 +155,7 @@ class Dispatcher:
         else:
             table = CPU_KERNELS
             native.library(self.config.cache_dir)  # built next to the rankings, once
-        grouped_int8 = isinstance(qw, Int8Weight) and not qw.is_per_channel
+        grouped_int8 = is_grouped_int8(qw)
         specs = {}
         for spec in table.values():
             if qw.scheme not in spec.schemes:
@@ -335,7 +332,10 @@ def _heuristic_times(
         # Measured on an AVX512-BF16 EPYC: bf16 GEMMs beat fp32 for prefill (docs/quant.md).
         orders = {
             "decode": _PACKED + _NATIVE + ("dequant_fp32",),
-            "prefill": ("dense_bf16",) + _PACKED + ("dense_fp16", "dense_fp32", "dequant_fp32"),
+            "prefill": ("dense_bf16",)
+            + _PACKED
+            + ("dense_fp16", "dense_fp32", "dequant_fp32")
+            + _NATIVE,
         }
     else:
         # Without bf16 hardware, bf16 GEMMs are 3-10x slower than fp32 for prefill; fbgemm's

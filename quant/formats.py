@@ -67,6 +67,11 @@ class Int8Weight:
         return dataclasses.replace(self, data=self.data.to(device), scales=self.scales.to(device))
 
 
+def is_grouped_int8(qw: QuantizedWeight) -> bool:
+    """int8 scaled per group of inputs (GGUF Q8_0's 32), not once per output channel."""
+    return isinstance(qw, Int8Weight) and not qw.is_per_channel
+
+
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
 class Int4Weight:
     """Asymmetric group-wise int4: w[n, k] = (q[n, k] - 8) * scales[n, g] + zeros[n, g],

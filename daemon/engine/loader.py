@@ -169,6 +169,7 @@ class LinearFactory:
             Dispatcher,
             QuantizedLinear,
             concat_formats,
+            is_grouped_int8,
             requantize_int8_per_channel,
         )
 
@@ -188,7 +189,7 @@ class LinearFactory:
         self.cache_hits += qweight is not None
         if qweight is None:
             parts = [_quantize(s, scheme, int8_group, search=name != "lm_head") for s in sources]
-            per_channel = int8_group is None and any(_grouped_int8(p) for p in parts)
+            per_channel = int8_group is None and any(is_grouped_int8(p) for p in parts)
             if per_channel or len({p.group_size for p in parts}) > 1:
                 # GGUF Q8_0 where the int8 kernels take per-channel scales only, and mixed
                 # types (Q5_0 q, Q8_0 v): requantised here, once; the weight cache keeps it.
@@ -249,10 +250,6 @@ def _dense_budget() -> int:
 # exactly too, but where int8 is per channel its blocks of 32 are requantised (a 136M-weight
 # head: ~5 s).
 _NATIVE = {"int4": {"Q4_0", "Q4_1"}, "int8": {"Q8_0"}}
-
-
-def _grouped_int8(qweight) -> bool:
-    return qweight.scheme == "int8" and not qweight.is_per_channel
 
 
 def _is_costly(sources: list[TensorSource], scheme: str, int8_group: int | None) -> bool:
