@@ -37,6 +37,9 @@ class FusedDecode:
     ) -> torch.Tensor:
         """x [1, 1, dim] float32, a new tensor (updated in place and returned) -> the last
         block's output; writes kv's k / v at `start` (the caller advances kv.length)."""
+        # The C side trusts the layout: [n_layers, n_kv_heads, capacity, head_dim], row `start`.
+        if not (kv.k.is_contiguous() and kv.v.is_contiguous() and start < kv.capacity):
+            raise ValueError(f"fused decode step: KV cache not laid out for position {start}")
         rc = self._step(
             ctypes.byref(self._blocks[0]),
             ctypes.byref(self._shape),
