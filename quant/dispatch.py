@@ -25,8 +25,13 @@ from codelm.quant.reference import requantize_int8_per_channel
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "quant_dispatch.json"
-_CACHE_VERSION = 2  # 2: rankings from before dense copies became prefill-only are dropped
+# 2: rankings from before dense copies became prefill-only are dropped; 3: crossover timings
+_CACHE_VERSION = 3
 _PHASES = ("decode", "prefill")
+# Rows of x at which calibration also times every candidate, to find where the prefill
+# kernel overtakes the decode one (KernelPlan.decode_max_rows): a short prefill after an
+# edit (a few tokens) or a draft check is neither a decode step nor a 128-row chunk.
+_CROSSOVER_ROWS = (2, 4, 8, 16)
 # _DECODE_NO_DENSE: dense copies serve prefill only. Decode is memory-bound and reads every
 # weight per token: over all SmolLM2 layers (cold caches, 1 thread) int4pack_bf16 took 5.6 ms
 # per token, dense_bf16 29 ms, dense_fp32 47 ms, while hot-cache calibration of one layer
@@ -71,7 +76,7 @@ class DispatchConfig:
     dense_budget_bytes: int = 0
     allow_lossy: bool = False
     use_bitsandbytes: bool = False
-    decode_max_rows: int = 16
+    decode_max_rows: int = 16  # where calibration has no crossover timings
     calibration_rows: tuple[int, int] = (1, 128)
     # Decode takes a native kernel measured up to this factor slower than the fastest: a
     # llama-family model whose block linears all decode natively runs its decode step as one
@@ -136,10 +141,11 @@ class Dispatcher:
         logger.debug(
             "%s %s: decode=%s prefill=%s", name, qw.shape, chosen["decode"], chosen["prefill"]
         )
+        rows = _decode_max_rows(ranking.times_ms, decode, prefill, self.config)
         return KernelPlan(
             decode=kernels[chosen["decode"]],
             prefill=kernels[chosen["prefill"]],
-            decode_max_rows=self.config.decode_max_rows,
+            decode_max_rows=rows,
         )
 
     def int8_group_size(self, device: torch.device, k: int) -> int | None:
@@ -263,7 +269,8 @@ def _calibrate(
 ) -> _Ranking:
     device, k = _device(qw), qw.shape[1]
     xs = {phase: torch.randn(m, k, device=device) for phase, m in zip(_PHASES, rows, strict=True)}
-    times: dict[str, dict[str, float]] = {phase: {} for phase in _PHASES}
+    xs |= {f"rows{m}": torch.randn(m, k, device=device) for m in _CROSSOVER_ROWS}
+    times: dict[str, dict[str, float]] = {phase: {} for phase in xs}
     built: dict[str, Kernel] = {}
     for name, spec in specs.items():
         try:
@@ -281,6 +288,25 @@ def _calibrate(
             continue
         built[name] = kernel
     return _Ranking(times, built)
+
+
+def _decode_max_rows(
+    times: dict[str, dict[str, float]], decode: str, prefill: str, config: DispatchConfig
+) -> int:
+    """The most rows of x the decode kernel takes: up to the last calibrated row count where
+    it is within native_decode_slack of the prefill kernel (one-layer loops keep the weights
+    in cache, which flatters a dense copy's extra bytes), else config.decode_max_rows."""
+    if decode == prefill:
+        return config.decode_max_rows
+    rows = 1
+    for m in _CROSSOVER_ROWS:
+        at = times.get(f"rows{m}", {})
+        if decode not in at or prefill not in at:
+            return config.decode_max_rows
+        if at[decode] > config.native_decode_slack * at[prefill]:
+            break
+        rows = m
+    return rows
 
 
 def _time_ms(kernel: Kernel, x: torch.Tensor, *, best_ms: float, budget_ms: float = 25.0) -> float:

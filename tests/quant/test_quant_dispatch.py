@@ -78,7 +78,8 @@ def test_dispatcher_calibrates_once_and_reuses_disk_cache(gen, tmp_path, monkeyp
     ((key, times),) = entries.items()
     assert dispatch_module.read_cpu_info().model_name in key
     assert torch.__version__ in key and "int4 g32|64x128" in key
-    assert set(times) == {"decode", "prefill"} and "int4pack_bf16" in times["decode"]
+    crossover = {f"rows{m}" for m in dispatch_module._CROSSOVER_ROWS}
+    assert set(times) == {"decode", "prefill"} | crossover and "int4pack_bf16" in times["decode"]
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("should have used the disk cache")
@@ -100,6 +101,36 @@ def test_dispatcher_picks_fastest_recorded_kernel(gen, tmp_path, monkeypatch):
     monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
     plan = Dispatcher(DispatchConfig(cache_dir=None)).plan(qw)
     assert (plan.decode.name, plan.prefill.name) == ("dequant_fp32", "int4pack_bf16")
+
+
+# Milliseconds at 2, 4, 8 and 16 rows of x: decode kernel, prefill kernel.
+@pytest.mark.parametrize(
+    ("decode_ms", "prefill_ms", "expected_rows"),
+    [
+        ((1.0, 1.2, 3.0, 9.0), (1.0, 1.0, 1.5, 2.5), 4),  # within the 1.25x slack at 4
+        ((3.0, 5.0, 9.0, 17.0), (1.0, 1.0, 1.5, 2.5), 1),  # the prefill kernel wins from 2
+        ((1.0, 1.0, 1.0, 1.0), (1.0, 1.0, 1.5, 2.5), 16),
+    ],
+)
+def test_decode_max_rows_is_where_the_prefill_kernel_overtakes(
+    gen, monkeypatch, decode_ms, prefill_ms, expected_rows
+):
+    qw, _ = quantize_int8(weight(gen, 32, 64))
+    times = {"decode": {"int8pack_bf16": 1.0}, "prefill": {"dense_fp32": 1.0}}
+    for m, d, p in zip(dispatch_module._CROSSOVER_ROWS, decode_ms, prefill_ms, strict=True):
+        times[f"rows{m}"] = {"int8pack_bf16": d, "dense_fp32": p}
+    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    plan = Dispatcher(DispatchConfig(dense_budget_bytes=1 << 30)).plan(qw)
+    assert (plan.decode.name, plan.prefill.name) == ("int8pack_bf16", "dense_fp32")
+    assert plan.decode_max_rows == expected_rows
+
+
+def test_decode_max_rows_falls_back_to_the_config_without_crossover_timings(gen, monkeypatch):
+    qw, _ = quantize_int8(weight(gen, 32, 64))
+    times = {"decode": {"int8pack_bf16": 1.0}, "prefill": {"dense_fp32": 1.0}}
+    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    plan = Dispatcher(DispatchConfig(dense_budget_bytes=1 << 30, decode_max_rows=9)).plan(qw)
+    assert plan.decode_max_rows == 9
 
 
 def test_dispatcher_keeps_busy_machine_timings_out_of_the_disk_cache(gen, tmp_path, monkeypatch):
