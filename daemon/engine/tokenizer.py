@@ -7,6 +7,7 @@ characters, not the special token. Special tokens enter prompts by id (prompt.py
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import json
 import logging
@@ -85,9 +86,17 @@ class Tokenizer:
     pieces: list[bytes]  # id -> the bytes that token stands for (special tokens: their text)
     consistent_cache: dict[bytes, torch.Tensor] = field(default_factory=dict)
     special_ids: frozenset[int] = field(init=False)  # the ids of `special`
+    # The ordinary tokens' pieces in byte order, and their ids (consistent_tokens' index).
+    _keys: list[bytes] = field(init=False)
+    _order: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.special_ids = frozenset(self.special.values())
+        # At load, not on the first healed request: ~0.1 s for Qwen's 151k tokens.
+        pieces = self.pieces
+        self._order = [i for i, p in enumerate(pieces) if p and i not in self.special_ids]
+        self._order.sort(key=pieces.__getitem__)
+        self._keys = [pieces[i] for i in self._order]
 
     @property
     def vocab_size(self) -> int:
@@ -108,20 +117,24 @@ class Tokenizer:
         return StreamDecoder(self.pieces, skip)
 
     def consistent_tokens(self, required: bytes) -> torch.Tensor:
-        """Ids of the tokens that `fits(id, required)` (the same test, inlined: it runs over
-        the whole vocabulary on a request's path)."""
+        """Ids, ascending, of the tokens that `fits(id, required)`. Those that start with
+        `required` are one run of the pieces in byte order, and those that are a proper prefix
+        of it are looked up one length at a time: no pass over the vocabulary, which took
+        ~175 ms for each new `required` on Qwen's 151k tokens, on a request's path."""
         ids = self.consistent_cache.get(required)
         if ids is None:
-            ids = torch.tensor(
-                [
-                    i
-                    for i, piece in enumerate(self.pieces)
-                    if piece
-                    and i not in self.special_ids
-                    and (piece.startswith(required) or required.startswith(piece))
-                ],
-                dtype=torch.long,
-            )
+            keys, order = self._keys, self._order
+            end = _successor(required)
+            lo = bisect.bisect_left(keys, required)
+            hi = len(keys) if end is None else bisect.bisect_left(keys, end)
+            found = set(order[lo:hi])
+            for n in range(1, len(required)):
+                prefix = required[:n]
+                at = bisect.bisect_left(keys, prefix)
+                while at < len(keys) and keys[at] == prefix:
+                    found.add(order[at])
+                    at += 1
+            ids = torch.tensor(sorted(found), dtype=torch.long)
             if len(self.consistent_cache) > 256:
                 self.consistent_cache.clear()
             self.consistent_cache[required] = ids
@@ -328,3 +341,9 @@ def _is_user_defined(backend: Any, i: int) -> bool:
     # angle-bracketed ones that are neither bytes nor ordinary pieces.
     piece = backend.id_to_piece(i)
     return piece.startswith(("<", "▁<")) and piece.endswith(">") and not backend.is_byte(i)
+
+
+def _successor(prefix: bytes) -> bytes | None:
+    """The least byte string above every string that starts with `prefix` (None: none is)."""
+    stem = prefix.rstrip(b"\xff")
+    return stem[:-1] + bytes([stem[-1] + 1]) if stem else None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from codelm.daemon.engine.tokenizer import StreamDecoder
+from codelm.daemon.engine.tokenizer import StreamDecoder, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -70,3 +70,42 @@ def test_stream_decoder_holds_back_a_partial_character():
     pieces = [b"a", b"\xf0\x9f", b"\x8e\x89", b"b"]
     stream = StreamDecoder(pieces)
     assert [stream.push(i) for i in range(4)] == ["a", "", "🎉", "b"]
+
+
+def _brute_force_consistent(tokenizer: Tokenizer, required: bytes) -> list[int]:
+    return [i for i in range(tokenizer.vocab_size) if tokenizer.fits(i, required)]
+
+
+def test_consistent_tokens_equal_a_pass_over_the_vocabulary_when_bytes_are_odd():
+    pieces = [
+        b"<s>",
+        b"a",
+        b"ab",
+        b"abc",
+        b"ab",
+        b"",
+        b"\xff",
+        b"\xff\xff",
+        b"a\xff",
+        b"b",
+        b"\xffa",
+    ]
+    tokenizer = Tokenizer(
+        backend=None,
+        kind="bpe",
+        special={"<s>": 0},
+        bos_id=None,
+        eos_ids=frozenset(),
+        add_bos=False,
+        pieces=pieces,
+    )
+    for required in (b"", b"a", b"ab", b"abcd", b"\xff", b"\xff\xff\xff", b"a\xff", b"z", b"<s>"):
+        got = tokenizer.consistent_tokens(required).tolist()
+        assert got == _brute_force_consistent(tokenizer, required), required
+
+
+def test_consistent_tokens_equal_a_pass_over_the_vocabulary_when_real(default_engine):
+    tokenizer = default_engine.tokenizer
+    for required in (b" ", b"        ", b"ret", b"return", b"\n", "é".encode(), b"self.assert"):
+        got = tokenizer.consistent_tokens(required).tolist()
+        assert got == _brute_force_consistent(tokenizer, required), required
