@@ -230,10 +230,9 @@ class Dispatcher:
         free: str | None = None,
     ) -> str:
         times = ranking.times_ms[phase]
-        native_slack = self.config.native_decode_slack if phase == "decode" else 1.0
-        slack = dict.fromkeys(_NATIVE, native_slack)
+        slack = self.config.native_decode_slack if phase == "decode" else 1.0
         order = sorted(
-            (t / slack.get(n, 1.0), n)
+            (t / slack if n in _NATIVE else t, n)
             for n, t in times.items()
             # Dense copies never decode (see _DECODE_NO_DENSE), whatever a ranking says.
             if n in specs and not (phase == "decode" and specs[n].dense_bytes_per_weight)

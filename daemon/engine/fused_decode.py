@@ -60,17 +60,30 @@ class FusedDecode:
 def attach(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str:
     """Give `model` a fused decode step where it can run one; returns how a decode step runs
     ("fused native", or "module by module" and why) for the engine's info."""
-    reason = _unfusable(model, device, dtype)
-    if reason:
+    blocks = _native_blocks(model, device, dtype)
+    if isinstance(blocks, str):
         model.fused_decode = None
-        logger.info("decode step runs module by module: %s", reason)
-        return f"module by module ({reason})"
-    model.fused_decode = _build(model)
+        logger.info("decode step runs module by module: %s", blocks)
+        return f"module by module ({blocks})"
+    args = model.args
+    shape = native.Shape(
+        args.n_layers,
+        args.dim,
+        args.n_heads,
+        args.n_kv_heads,
+        args.head_dim,
+        args.ffn_dim,
+        args.norm_eps,
+    )
+    model.fused_decode = FusedDecode(native.library(), blocks, shape)
     logger.info("decode step fused into one native call")
     return "fused native"
 
 
-def _unfusable(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str | None:
+def _native_blocks(
+    model: nn.Module, device: torch.device, dtype: torch.dtype
+) -> list[native.Block] | str:
+    """Each block's norm weights and native linears, or why the model has none to fuse."""
     if device.type != "cpu" or dtype != torch.float32:
         return f"the fused step runs float32 on the CPU, this is {dtype} on {device}"
     if not isinstance(model, llama.Model):
@@ -78,16 +91,19 @@ def _unfusable(model: nn.Module, device: torch.device, dtype: torch.dtype) -> st
     lib = native.library()
     if isinstance(lib, str):
         return lib
+    blocks = []
     for i, block in enumerate(model.model.layers):
+        linears = []
         for name, layer in _linears(block):
-            if not isinstance(layer, QuantizedLinear) or layer.plan.decode.name not in (
-                "int8_native",
-                "int4_native",
-            ):
-                kernel = getattr(getattr(layer, "plan", None), "decode", None)
-                what = kernel.name if kernel is not None else type(layer).__name__
-                return f"block {i} {name} decodes on {what}"
-    return None
+            # A QuantizedLinear whose decode kernel is native describes itself; nothing else does.
+            described = layer.native_decode() if isinstance(layer, QuantizedLinear) else None
+            if described is None:
+                kernel = layer.plan.decode.name if isinstance(layer, QuantizedLinear) else None
+                return f"block {i} {name} decodes on {kernel or type(layer).__name__}"
+            linears.append(described)
+        norms = (block.input_layernorm.weight, block.post_attention_layernorm.weight)
+        blocks.append(native.Block(norms[0].data_ptr(), norms[1].data_ptr(), *linears))
+    return blocks
 
 
 def _linears(block: llama.Block) -> list[tuple[str, nn.Module]]:
@@ -98,22 +114,3 @@ def _linears(block: llama.Block) -> list[tuple[str, nn.Module]]:
         ("gate_up_proj", mlp.gate_up_proj),
         ("down_proj", mlp.down_proj),
     ]
-
-
-def _build(model: llama.Model) -> FusedDecode:
-    args = model.args
-    blocks = []
-    for block in model.model.layers:
-        norms = (block.input_layernorm.weight, block.post_attention_layernorm.weight)
-        linears = [layer.native_decode() for _, layer in _linears(block)]
-        blocks.append(native.Block(norms[0].data_ptr(), norms[1].data_ptr(), *linears))
-    shape = native.Shape(
-        args.n_layers,
-        args.dim,
-        args.n_heads,
-        args.n_kv_heads,
-        args.head_dim,
-        args.ffn_dim,
-        args.norm_eps,
-    )
-    return FusedDecode(native.library(), blocks, shape)

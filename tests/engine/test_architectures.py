@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_helpers import randomise_norms
 from safetensors.torch import save_file
 
 from codelm.daemon.engine import EngineConfig
@@ -107,7 +108,7 @@ def test_tiny_starcoder2_matches_transformers(tmp_path, window, tie):
     )
     torch.manual_seed(0)
     ref = transformers.Starcoder2ForCausalLM(config).eval()
-    _randomise_norms(ref)
+    randomise_norms(ref)
     ref.save_pretrained(tmp_path)
     loaded = _load_ours(tmp_path)
     assert loaded.args.arch == "starcoder2" and loaded.args.sliding_window == window
@@ -128,7 +129,7 @@ def test_tiny_qwen2_matches_transformers(tmp_path):
     )
     torch.manual_seed(0)
     ref = transformers.Qwen2ForCausalLM(config).eval()
-    _randomise_norms(ref)
+    randomise_norms(ref)
     ref.save_pretrained(tmp_path)
     loaded = _load_ours(tmp_path)
     assert loaded.args.arch == "qwen2" and loaded.args.qkv_bias
@@ -174,7 +175,7 @@ def test_tiny_aixcoder_config_loads_and_matches_transformers_llama(tmp_path):
     )
     torch.manual_seed(0)
     ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**published)).float().eval()
-    _randomise_norms(ref)
+    randomise_norms(ref)
     ref.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(published))  # as released, not as saved
     loaded = _load_ours(tmp_path)
@@ -182,14 +183,6 @@ def test_tiny_aixcoder_config_loads_and_matches_transformers_llama(tmp_path):
     assert (args.n_kv_heads, args.rope_base, args.norm_eps) == (2, 256000.0, 1e-6)
     assert not args.tie_embeddings
     _check_against_oracle(loaded, *_transformers_oracle(ref))
-
-
-def _randomise_norms(ref: torch.nn.Module) -> None:
-    # Norms start at ones/zeros, which would hide a weight or bias that never got loaded.
-    with torch.no_grad():
-        for name, param in ref.named_parameters():
-            if "norm" in name or ".ln_" in name:
-                param.copy_(1 + 0.2 * torch.randn_like(param))
 
 
 # --- CodeShell: the released layout, and a plain-torch reference forward -----------------
@@ -399,7 +392,7 @@ def test_tiny_starcoder2_gguf_matches_transformers(tmp_path):
     )
     torch.manual_seed(0)
     ref = transformers.Starcoder2ForCausalLM(config).eval()
-    _randomise_norms(ref)
+    randomise_norms(ref)
     hparams = {"context": 256, "dim": 64, "ffn": 128, "layers": 2, "heads": 8, "kv_heads": 2}
     path = tmp_path / "tiny-starcoder2.gguf"
     _write_gguf(path, "starcoder2", {**hparams, "rope_base": 100000.0}, ref.state_dict())

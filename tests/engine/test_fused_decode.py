@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import randomise_norms
 
 from codelm.daemon.engine import fused_decode
 from codelm.daemon.engine.kv import KVCache
@@ -58,9 +59,7 @@ def _tiny(tmp_path: Path, arch: str, quant: str) -> llama.Model:
         ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shapes))
     # Norm weights other than ones: they must be applied, and with ones the int8 rounding of
     # the bf16 embedding's ratios sits on exact ties that either path may break.
-    for name, param in ref.named_parameters():
-        if "norm" in name:
-            torch.nn.init.normal_(param, mean=1.0, std=0.3)
+    randomise_norms(ref)
     ref.save_pretrained(tmp_path)
     weights = read_hf_folder(tmp_path)
     model = llama.Model(llama.ModelArgs.from_hf_config(weights.meta))
