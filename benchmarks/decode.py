@@ -99,17 +99,28 @@ def gguf_weight_bytes(path: Path) -> int:
     return sum(tensors.values())
 
 
-def measure_codelm(model: str, quant: str, n_prompt: int, n_decode: int, repeats: int) -> dict:
+def measure_codelm(
+    model: str,
+    quant: str,
+    n_prompt: int,
+    n_decode: int,
+    repeats: int,
+    *,
+    device: str = "auto",
+    prompt_ids=source_tokens,
+) -> dict:
+    """Load `model` with `quant` and time prefill of `prompt_ids(tokenizer, n_prompt)` and
+    n_decode greedy tokens after it, as the daemon runs a request."""
     import torch
 
     from codelm.daemon.engine import EngineConfig, load_engine
     from codelm.daemon.engine.generate import StopRules, generate
 
     t0 = time.perf_counter()
-    engine = load_engine(EngineConfig(model=model, quant=quant))
+    engine = load_engine(EngineConfig(model=model, quant=quant, device=device))
     load_s = time.perf_counter() - t0
     tok = engine.tokenizer
-    ids = source_tokens(tok, n_prompt)
+    ids = prompt_ids(tok, n_prompt)
     generate(engine.model, tok, engine.new_kv(), ids[:64], StopRules(max_tokens=2))  # warm-up
     prefill, decode = [], []
     for _ in range(repeats):
@@ -132,6 +143,7 @@ def measure_codelm(model: str, quant: str, n_prompt: int, n_decode: int, repeats
         "kernels": engine.info["kernels"] or "nn.Linear",
         "decode_step": engine.info["decode_step"],
         "threads": torch.get_num_threads(),
+        "device": engine.info["device"],
     }
     del engine
     gc.collect()

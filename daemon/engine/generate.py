@@ -213,6 +213,8 @@ def generate(
         logits = prefill(model, kv, tail, chunk, cancel, n_logits=n_rows)
         first = len(sequence) - n_rows
         rows = {first + i: logits[i : i + 1] for i in range(n_rows)}
+        if logits.is_cuda:  # prefill_ms is the GPU's work, not only its launch
+            torch.cuda.synchronize(logits.device)
         t1 = time.perf_counter()
         result.prefill_ms = (t1 - t0) * 1000
         pick = HealingPicker(tokenizer, heal) if heal else Greedy()

@@ -162,6 +162,12 @@ class LinearFactory:
 
     def __call__(self, name: str, sources: list[TensorSource], bias: list[TensorSource]):
         scheme = self.scheme_for(sources)
+        if scheme == "int4" and sources[0].shape[-1] % INT4_GROUP:
+            # int4's groups must tile K; int8 with one scale per output channel takes any K.
+            logger.info(
+                "%s: K=%d is no multiple of %d: int8", name, sources[0].shape[-1], INT4_GROUP
+            )
+            scheme = "int8"
         if scheme is None:
             self._count(str(self.dtype).removeprefix("torch."))
             return _float_linear(sources, bias, self.dtype, self.device)
@@ -189,7 +195,8 @@ class LinearFactory:
         qweight = self._cached(name, asked) if costly else None
         self.cache_hits += qweight is not None
         if qweight is None:
-            parts = [_quantize(s, scheme, int8_group, search=name != "lm_head") for s in sources]
+            search = name != "lm_head"
+            parts = [_quantize(s, scheme, int8_group, search, self.device) for s in sources]
             per_channel = int8_group is None and any(is_grouped_int8(p) for p in parts)
             if per_channel or len({p.group_size for p in parts}) > 1:
                 # GGUF Q8_0 where the int8 kernels take per-channel scales only, and mixed
@@ -247,6 +254,8 @@ def _dense_budget() -> int:
     return 0 if available is None else int(min(1.5 * (1 << 30), available // 8))
 
 
+INT4_GROUP = 32  # quantize_int4's group size (GGUF Q4_0 / Q4_1's blocks)
+
 # GGUF types whose exact repack is what the kernels take (cheap at every load). Q8_0 repacks
 # exactly too, but where int8 is per channel its blocks of 32 are requantised (a 136M-weight
 # head: ~5 s).
@@ -259,7 +268,13 @@ def _is_costly(sources: list[TensorSource], scheme: str, int8_group: int | None)
     return any(s.ggml_type not in native for s in sources)
 
 
-def _quantize(source: TensorSource, scheme: str, int8_group: int | None, search: bool):
+def _quantize(
+    source: TensorSource,
+    scheme: str,
+    int8_group: int | None,
+    search: bool,
+    device: torch.device,
+):
     """`search`: requantised int4 ranges are searched for the least squared error (clipping
     outliers), which measured better for the blocks' matrices; the head's argmax is not."""
     from codelm.quant import quantize_int4, quantize_int8, repack_gguf
@@ -273,10 +288,10 @@ def _quantize(source: TensorSource, scheme: str, int8_group: int | None, search:
             scheme=scheme,
             int8_group_size=int8_group,
             search=search,
-        )
-    weight = source.to_float()
+        ).to(device)
+    weight = source.to_float(device)  # quantised where it will run (quant/reference.py)
     if scheme == "int4":
-        return quantize_int4(weight, name=source.name, search=search)[0]
+        return quantize_int4(weight, INT4_GROUP, name=source.name, search=search)[0]
     return quantize_int8(weight, int8_group, name=source.name)[0]
 
 
@@ -338,7 +353,7 @@ def _parts(name: str, fused: dict[str, tuple[str, ...]]) -> list[str]:
 def _float_linear(
     sources: list[TensorSource], bias: list[TensorSource], dtype, device
 ) -> nn.Linear:
-    weight = torch.cat([s.to_float() for s in sources]).to(dtype=dtype, device=device)
+    weight = torch.cat([s.to_float(device) for s in sources]).to(dtype)
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bool(bias), device="meta")
     linear.weight = nn.Parameter(weight, requires_grad=False)
     if bias:

@@ -72,7 +72,8 @@ class WeightCache:
         from codelm.quant.formats import to_tensors
 
         tensors, meta = to_tensors(qweight, prefix=f"{name}.")
-        self.tensors.update(tensors)
+        # Held in host memory until save(): a GPU keeps only the copy its kernels use.
+        self.tensors.update({key: value.cpu() for key, value in tensors.items()})
         self.meta.update(meta)
         self.meta[f"{name}.asked"] = asked
         self.is_dirty = True

@@ -1,0 +1,105 @@
+"""A Hugging Face checkpoint loaded per --quant on each device against transformers in fp32.
+
+On CUDA the loader quantises on the GPU and runs bf16 activations; these are the engine-level
+CUDA tests (marked `cuda`, skipped without a GPU). The CPU rows check the same bounds here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from engine_helpers import randomise_norms
+
+from codelm.daemon.engine import EngineConfig
+from codelm.daemon.engine.kv import KVCache
+from codelm.daemon.engine.loader import load_model
+
+transformers = pytest.importorskip("transformers")
+VOCAB = 512
+N_TOKENS = 48
+# Cosine similarity of each position's logits with fp32's, and top-1 agreement, at least.
+# (Random models have flat logits: int4 moves the argmax of a third of positions.)
+BOUNDS = {"fp32": (0.9999, 1.0), "bf16": (0.999, 0.95), "int8": (0.998, 0.9), "int4": (0.97, 0.6)}
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ],
+    ),
+]
+
+
+def _save_llama(folder: Path, intermediate_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random 2-block llama saved by transformers in `folder`, with a word-level tokenizer;
+    returns a token sequence and transformers' fp32 logits for it."""
+    from tokenizers import Tokenizer, models
+
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(config).eval()
+    randomise_norms(ref)
+    ref.save_pretrained(folder)
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(folder / "tokenizer.json"))
+    tokens = torch.randint(0, VOCAB, (N_TOKENS,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        logits = ref(tokens[None]).logits[0]
+    return tokens, logits
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    """K = 256 and 512: int4 groups of 32 tile both."""
+    folder = tmp_path_factory.mktemp("llama")
+    return folder, *_save_llama(folder, 512)
+
+
+def _check_close(loaded, tokens: torch.Tensor, expected: torch.Tensor, quant: str) -> None:
+    """Half the tokens prefilled, half decoded one by one: each position's logits against
+    fp32's (BOUNDS)."""
+    model, a, device = loaded.model, loaded.args, loaded.device
+    kv = KVCache(
+        a.n_layers, a.n_kv_heads, a.head_dim, dtype=loaded.dtype, max_len=a.max_len, device=device
+    )
+    with torch.inference_mode():
+        half = N_TOKENS // 2
+        prefill = model(tokens[:half].to(device), kv, n_logits=None)
+        steps = [model(tokens[i : i + 1].to(device), kv) for i in range(half, N_TOKENS)]
+    got = torch.cat([prefill, *steps]).float().cpu()
+    min_cosine, min_agreement = BOUNDS[quant]
+    cosine = torch.nn.functional.cosine_similarity(got, expected, dim=-1)
+    agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    where = f"{quant} on {device.type}"
+    assert cosine.min().item() >= min_cosine, f"{where}: cosine {cosine.min():.5f}"
+    assert agreement >= min_agreement, f"{where}: top-1 agreement {agreement:.3f}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quant", ["fp32", "bf16", "int8", "int4"])
+def test_checkpoint_runs_close_to_fp32_on_each_device(checkpoint, device, quant):
+    folder, tokens, expected = checkpoint
+    loaded = load_model(EngineConfig(model=str(folder), quant=quant), torch.device(device))
+    for name, tensor in [*loaded.model.named_parameters(), *loaded.model.named_buffers()]:
+        assert tensor.device.type == device, f"{name} is on {tensor.device}"
+    _check_close(loaded, tokens, expected, quant)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int4_takes_int8_where_its_groups_do_not_tile_k(tmp_path, device):
+    tokens, expected = _save_llama(tmp_path, 200)  # down_proj: K = 200, not a multiple of 32
+    loaded = load_model(EngineConfig(model=str(tmp_path), quant="int4"), torch.device(device))
+    assert loaded.info["quant"] == "int4 x7, int8 x2"
+    _check_close(loaded, tokens, expected, "int4")
