@@ -29,7 +29,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
-from common import median, print_table, write_json  # noqa: E402
+from common import (  # noqa: E402
+    in_fresh_process,
+    median,
+    peak_rss_mb,
+    print_table,
+    rss_mb,
+    write_json,
+)
 
 GIB = 1 << 30
 
@@ -110,15 +117,19 @@ def measure_codelm(
     prompt_ids=source_tokens,
 ) -> dict:
     """Load `model` with `quant` and time prefill of `prompt_ids(tokenizer, n_prompt)` and
-    n_decode greedy tokens after it, as the daemon runs a request."""
+    n_decode greedy tokens after it, as the daemon runs a request. Run it in a fresh process
+    (common.in_fresh_process): `peak_rss_load_MB` is the process's peak RSS when the load
+    ends, `rss_before_load_MB` what Python and torch held before it."""
     import torch
 
     from codelm.daemon.engine import EngineConfig, load_engine
     from codelm.daemon.engine.generate import StopRules, generate
 
+    rss_before = rss_mb()
     t0 = time.perf_counter()
     engine = load_engine(EngineConfig(model=model, quant=quant, device=device))
     load_s = time.perf_counter() - t0
+    peak_rss = peak_rss_mb()
     tok = engine.tokenizer
     ids = prompt_ids(tok, n_prompt)
     generate(engine.model, tok, engine.new_kv(), ids[:64], StopRules(max_tokens=2))  # warm-up
@@ -135,6 +146,8 @@ def measure_codelm(
         "system": "codelm",
         "quant": engine.info["quant"],
         "load_s": load_s,
+        "rss_before_load_MB": rss_before,
+        "peak_rss_load_MB": peak_rss,
         "prompt_tokens": n_prompt,
         "prefill_tok_s": median(prefill),
         "decode_tok_s": median(decode),
@@ -145,6 +158,8 @@ def measure_codelm(
         "threads": torch.get_num_threads(),
         "device": engine.info["device"],
     }
+    if engine.device.type == "cuda":
+        row["peak_gpu_MB"] = torch.cuda.max_memory_allocated() / 1e6
     del engine
     gc.collect()
     return row
@@ -152,6 +167,7 @@ def measure_codelm(
 
 def measure_peer(model_path: Path, text: str, n_decode: int, repeats: int) -> dict:
     with peers.LlamaServer(model_path) as server:
+        peak_rss_load = server.peak_rss_mb()
         server.complete(text[:400], n_predict=4, cache_prompt=False, stream=False)  # warm-up
         prefill, decode, n_prompt = [], [], []
         for _ in range(repeats):
@@ -165,6 +181,7 @@ def measure_peer(model_path: Path, text: str, n_decode: int, repeats: int) -> di
             "system": "llama-server",
             "quant": "gguf as is",
             "load_s": server.start_s,
+            "peak_rss_load_MB": peak_rss_load,
             "prompt_tokens": int(median(n_prompt)),
             "prefill_tok_s": median(prefill),
             "decode_tok_s": median(decode),
@@ -222,8 +239,13 @@ def _run(args: argparse.Namespace, model_path: Path) -> int:
     rows = []
     for quant in args.quant:
         rows.append(
-            measure_codelm(
-                str(model_path), quant, args.prompt_tokens, args.decode_tokens, args.repeats
+            in_fresh_process(
+                measure_codelm,
+                str(model_path),
+                quant,
+                args.prompt_tokens,
+                args.decode_tokens,
+                args.repeats,
             )
         )
         print(f"  {quant}: done", flush=True)
@@ -259,12 +281,16 @@ def _run(args: argparse.Namespace, model_path: Path) -> int:
         "GB_s",
         "bw_share",
         "held_MB",
+        "peak_rss_load_MB",
         "threads",
     ]
     print_table(rows, columns)
     print(
         "weights_MB: weight bytes one decode step reads; GB_s = decode_tok_s x weights_MB; "
-        "held_MB: what the weights occupy (dense prefill copies included)"
+        "held_MB: what the weights occupy (dense prefill copies included); "
+        "peak_rss_load_MB: the process's peak resident memory when loading ends (codelm: each "
+        "quant in a fresh process, Python and torch included; file pages of the model read "
+        "count too)"
     )
     for row in rows:
         if row.get("kernels"):

@@ -107,6 +107,15 @@ class LlamaServer:
         self.start_s = float("nan")
 
     @property
+    def peak_rss_mb(self) -> float:
+        """The server process's peak resident memory so far (VmHWM), in MB; NaN if unknown."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+            kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))
+        except (AttributeError, OSError, StopIteration, IndexError):
+            return float("nan")
+        return int(kib) * 1024 / 1e6
+
     def command(self) -> list[str]:
         return [str(self.binary), "-m", str(self.model), "--host", HOST, "--port", str(self.port)]
 

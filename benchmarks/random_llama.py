@@ -18,7 +18,6 @@ counts them). transformers runs its own forward with its KV cache, token by toke
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
@@ -29,7 +28,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import median, print_table, write_json  # noqa: E402
+from common import (  # noqa: E402
+    in_fresh_process,
+    median,
+    peak_rss_mb,
+    print_table,
+    rss_mb,
+    write_json,
+)
 from decode import measure_codelm  # noqa: E402
 
 SHAPES = {
@@ -132,13 +138,14 @@ def measure_transformers(
             )
         )
         kwargs["device_map"] = device
-    _reset_peak(device)
+    rss_before = rss_mb()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if not quant.startswith("bnb-"):
         model = model.to(device)
     model.eval()
     load_s = time.perf_counter() - t0
+    peak_rss = peak_rss_mb()
     ids = torch.tensor([random_ids(None, n_prompt)], device=device)
 
     _greedy_run(model, ids, 2, device)  # warm-up
@@ -152,14 +159,16 @@ def measure_transformers(
         "quant": quant,
         "device": device,
         "load_s": load_s,
+        "rss_before_load_MB": rss_before,
+        "peak_rss_load_MB": peak_rss,
         "prompt_tokens": n_prompt,
         "prefill_tok_s": median(prefill),
         "decode_tok_s": median(decode),
         "weights_MB": model.get_memory_footprint() / 1e6,
         "threads": torch.get_num_threads(),
     }
-    del model
-    _free(device)
+    if device == "cuda":
+        row["peak_gpu_MB"] = torch.cuda.max_memory_allocated() / 1e6
     return row
 
 
@@ -185,29 +194,6 @@ def _greedy_run(model, ids, n_tokens: int, device: str) -> tuple[float, float]:
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         sync()
         return t1 - t0, time.perf_counter() - t1
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
-
-
-def _reset_peak(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gpu_mb(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,9 +240,10 @@ def _run(args: argparse.Namespace, device: str, work: Path) -> int:
         flush=True,
     )
     rows = []
+    # Each load in a fresh process: its peak RSS and GPU memory are its own.
     for quant in args.quant:
-        _reset_peak(device)
-        row = measure_codelm(
+        row = in_fresh_process(
+            measure_codelm,
             str(folder),
             quant,
             args.prompt_tokens,
@@ -265,20 +252,22 @@ def _run(args: argparse.Namespace, device: str, work: Path) -> int:
             device=device,
             prompt_ids=random_ids,
         )
-        row["peak_gpu_MB"] = _peak_gpu_mb(device)
         rows.append(row)
-        _free(device)
         print(f"  codelm {quant}: done", flush=True)
     for quant in args.peers:
         try:
-            row = measure_transformers(
-                folder, quant, device, args.prompt_tokens, args.decode_tokens, args.repeats
+            row = in_fresh_process(
+                measure_transformers,
+                folder,
+                quant,
+                device,
+                args.prompt_tokens,
+                args.decode_tokens,
+                args.repeats,
             )
-            row["peak_gpu_MB"] = _peak_gpu_mb(device)
         except ImportError as exc:  # bitsandbytes or accelerate missing
             row = {"system": "transformers", "quant": f"{quant}: skipped ({exc})"}
         rows.append(row)
-        _free(device)
         print(f"  transformers {quant}: done", flush=True)
     columns = [
         "system",
@@ -289,6 +278,7 @@ def _run(args: argparse.Namespace, device: str, work: Path) -> int:
         "prefill_tok_s",
         "decode_tok_s",
         "weights_MB",
+        "peak_rss_load_MB",
         "peak_gpu_MB",
         "threads",
     ]

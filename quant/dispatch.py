@@ -6,6 +6,7 @@ memory and the other by compute. Rankings persist in a JSON file when a cache di
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -148,6 +149,42 @@ class Dispatcher:
             decode_max_rows=rows,
         )
 
+    def faster_scheme(self, device: torch.device, shape: tuple[int, int]) -> dict[str, float]:
+        """Decode ms of an [N, K] layer as int4 (groups of 32) and as int8, fastest first.
+
+        Each runs the kernel plan() would pick for that shape, on copies of a random weight
+        that together far exceed the CPU's caches (`_STREAM_BYTES`), as a decode step reads a
+        model's weights: a one-layer loop keeps them in cache and hides int8's extra bytes.
+        The per-shape rankings are plan()'s, so the model's layers of this shape calibrate no
+        second time, and the streamed time is kept with them ("streamed"). Empty when
+        calibration is off (a heuristic order is no measurement).
+        """
+        from codelm.quant.reference import quantize_int4, quantize_int8
+
+        if not self.config.calibrate:
+            return {}
+        n, k = shape
+        generator = torch.Generator().manual_seed(0)
+        w = (torch.randn(n, k, generator=generator) * k**-0.5).to(device)
+        weights = {"int8": quantize_int8(w, self.int8_group_size(device, k))[0]}
+        if k % 32 == 0:
+            weights["int4"] = quantize_int4(w, 32)[0]
+        times = {}
+        for scheme, qw in weights.items():
+            specs = self._candidates(qw)
+            key = self._key(qw, specs)
+            ranking = self._ranking(key, qw, specs)
+            ranking.built.clear()  # built from random values: plan() builds from the real ones
+            left = self.config.dense_budget_bytes - self.dense_bytes_used
+            name = self._pick(ranking, specs, "decode", qw, left=left)
+            streamed = ranking.times_ms.setdefault("streamed", {})
+            if name not in streamed:
+                streamed[name] = _streamed_decode_ms(specs[name], qw)
+                if _busy_load() is None:
+                    self._save_disk(key, ranking.times_ms)
+            times[scheme] = streamed[name]
+        return dict(sorted(times.items(), key=lambda item: item[1]))
+
     def int8_group_size(self, device: torch.device, k: int) -> int | None:
         """The int8 group size for a weight of K inputs on `device`: 32 where the native
         kernel serves (it keeps GGUF Q8_0 exactly and quantises activations in blocks of 32:
@@ -287,6 +324,38 @@ def _calibrate(
             continue
         built[name] = kernel
     return _Ranking(times, built)
+
+
+_STREAM_BYTES = 256 << 20  # weights faster_scheme streams through: several times any LLC
+
+
+def _streamed_decode_ms(spec: KernelSpec, qw: QuantizedWeight, repeats: int = 3) -> float:
+    """ms of one decode row through one layer when its weights come from memory: one row
+    through distinct copies of the layer totalling _STREAM_BYTES, best of `repeats`."""
+    first = spec.build(qw)
+    copies = max(2, math.ceil(_STREAM_BYTES / max(1, first.nbytes)))
+    kernels = [first] + [spec.build(_clone(qw)) for _ in range(copies - 1)]
+    x = torch.randn(1, qw.shape[1], device=_device(qw))
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for kernel in kernels:
+            kernel(x)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3 / copies
+
+
+def _clone(qw: QuantizedWeight) -> QuantizedWeight:
+    return dataclasses.replace(
+        qw,
+        **{
+            f.name: getattr(qw, f.name).clone()
+            for f in dataclasses.fields(qw)
+            if isinstance(getattr(qw, f.name), torch.Tensor)
+        },
+    )
 
 
 def _decode_max_rows(

@@ -140,12 +140,12 @@ class LinearFactory:
         self.mode, self.dtype, self.device = mode, dtype, device
         self.model_path = model_path
         self.dispatcher = None
+        self.float_scheme: str | None = None  # auto's choice for float weights, made once
         self.cache = None
         self.cache_hits = 0
         self.counts: dict[str, int] = {}
         self.reason = {
-            "auto": "auto: a GGUF keeps its precision class (Q4 and below -> int4, Q5+ -> int8); "
-            "safetensors -> int4",
+            "auto": "auto: a GGUF keeps its precision class (Q4 and below -> int4, Q5+ -> int8)",
             "int4": "asked for int4",
             "int8": "asked for int8",
             "bf16": "asked for bf16 (no quantisation)",
@@ -158,7 +158,43 @@ class LinearFactory:
         if self.mode in ("int4", "int8"):
             return self.mode
         kind = sources[0].ggml_type
-        return "int4" if kind is None or kind in _INT4_CLASS else "int8"
+        if kind is not None:
+            return "int4" if kind in _INT4_CLASS else "int8"
+        if self.float_scheme is None:
+            self.float_scheme = self._faster_scheme(sources[0].shape)
+        return self.float_scheme
+
+    def _faster_scheme(self, shape: tuple[int, ...]) -> str:
+        """auto for float weights (safetensors, F16 GGUF tensors): int4 on CUDA; on a CPU
+        whichever of int4 and int8 decodes a layer of this shape faster here, as measured
+        (memory-bound decode favours int4's bytes, VNNI/AMX can favour int8)."""
+        if self.device.type != "cpu":
+            scheme, why = "int4", f"int4 on {self.device.type}"
+        else:
+            times = self._dispatcher().faster_scheme(self.device, (shape[0], shape[-1]))
+            scheme = next(iter(times), "int4")
+            measured = ", ".join(f"{s} {ms:.3g} ms" for s, ms in times.items())
+            why = (
+                f"{scheme}, the faster here (decode of a {shape[0]}x{shape[-1]} layer: {measured})"
+                if times
+                else "int4 (calibration is off: not measured)"
+            )
+        self.reason += f"; float weights -> {why}"
+        logger.info("quantisation: %s", self.reason)
+        return scheme
+
+    def _dispatcher(self):
+        if self.dispatcher is None:
+            from codelm.quant import DispatchConfig, Dispatcher
+
+            from ..config import resolve_paths
+
+            cache_dir = resolve_paths().cache_dir / "kernels"
+            # Prefill may run on dense copies where that measures faster (bf16 on CPUs with
+            # bf16 hardware: ~3x; fp16 on AVX2: ~2.3x); decode always reads the packed weights.
+            config = DispatchConfig(cache_dir=cache_dir, dense_budget_bytes=_dense_budget())
+            self.dispatcher = Dispatcher(config)
+        return self.dispatcher
 
     def __call__(self, name: str, sources: list[TensorSource], bias: list[TensorSource]):
         scheme = self.scheme_for(sources)
@@ -172,24 +208,15 @@ class LinearFactory:
             self._count(str(self.dtype).removeprefix("torch."))
             return _float_linear(sources, bias, self.dtype, self.device)
         from codelm.quant import (
-            DispatchConfig,
-            Dispatcher,
             QuantizedLinear,
             concat_formats,
             is_grouped_int8,
             requantize_int8_per_channel,
         )
 
-        if self.dispatcher is None:
-            from ..config import resolve_paths
-
-            cache_dir = resolve_paths().cache_dir / "kernels"
-            # Prefill may run on dense copies where that measures faster (bf16 on CPUs with
-            # bf16 hardware: ~3x; fp16 on AVX2: ~2.3x); decode always reads the packed weights.
-            config = DispatchConfig(cache_dir=cache_dir, dense_budget_bytes=_dense_budget())
-            self.dispatcher = Dispatcher(config)
+        dispatcher = self._dispatcher()
         # int8 in GGUF Q8_0's groups of 32 where the native kernel takes them, else per channel.
-        int8_group = self.dispatcher.int8_group_size(self.device, sources[0].shape[-1])
+        int8_group = dispatcher.int8_group_size(self.device, sources[0].shape[-1])
         asked = scheme if scheme == "int4" or int8_group is None else f"int8 g{int8_group}"
         costly = _is_costly(sources, scheme, int8_group)
         qweight = self._cached(name, asked) if costly else None
@@ -209,9 +236,7 @@ class LinearFactory:
         if self.device.type != "cpu":
             qweight = qweight.to(self.device)
         bias_value = torch.cat([b.to_float() for b in bias]).to(self.device) if bias else None
-        return QuantizedLinear.from_format(
-            qweight, bias_value, dispatcher=self.dispatcher, name=name
-        )
+        return QuantizedLinear.from_format(qweight, bias_value, dispatcher=dispatcher, name=name)
 
     def _cached(self, name: str, scheme: str):
         if self.cache is None and self.model_path is not None:
@@ -309,6 +334,9 @@ def fill_model(
     `fused` maps a fused linear (qkv_proj) to the checkpoint linears concatenated into it.
     """
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # The head last: the blocks' layers, which every token runs in full, are first to the
+    # dense-copy budget, and auto's int4/int8 measurement takes a block layer's shape.
+    linears.sort(key=lambda item: item[0] == "lm_head")
     tied = model.args.tie_embeddings
     embedding = getattr(model, "EMBEDDING", "model.embed_tokens.weight")
     if embedding not in weights.tensors and "lm_head.weight" in weights.tensors:

@@ -103,3 +103,28 @@ def test_int4_takes_int8_where_its_groups_do_not_tile_k(tmp_path, device):
     loaded = load_model(EngineConfig(model=str(tmp_path), quant="int4"), torch.device(device))
     assert loaded.info["quant"] == "int4 x7, int8 x2"
     _check_close(loaded, tokens, expected, "int4")
+
+
+@pytest.mark.parametrize("faster", ["int4", "int8"])
+def test_auto_runs_float_weights_in_the_scheme_that_decodes_faster_here(
+    tmp_path, monkeypatch, faster
+):
+    """Real timings, with the other scheme's made 10x slower: auto must follow the
+    measurement, for every layer, and say why."""
+    from codelm.quant import dispatch
+
+    streamed = dispatch._streamed_decode_ms
+
+    def slowed(spec, qw, **kwargs):
+        return streamed(spec, qw, **kwargs) * (1 if qw.scheme == faster else 10)
+
+    monkeypatch.setattr(dispatch, "_streamed_decode_ms", slowed)
+    monkeypatch.setattr(dispatch, "_STREAM_BYTES", 8 << 20)
+    monkeypatch.setattr(dispatch, "_busy_load", lambda: None)
+    monkeypatch.setenv("CODELM_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "llama"
+    tokens, expected = _save_llama(folder, 512)
+    loaded = load_model(EngineConfig(model=str(folder), quant="auto"), torch.device("cpu"))
+    assert loaded.info["quant"] == f"{faster} x9"
+    assert f"float weights -> {faster}, the faster here" in loaded.info["quant_reason"]
+    _check_close(loaded, tokens, expected, faster)

@@ -190,3 +190,27 @@ def test_dispatcher_never_uses_dense_copies_for_decode(gen, monkeypatch):
     assert not any(name.startswith("dense") for name in ranking.times_ms["decode"])
     assert "dense_bf16" in ranking.times_ms["prefill"]
     assert not plan.decode.name.startswith("dense")
+
+
+def test_faster_scheme_streams_each_scheme_once_and_keeps_the_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(dispatch_module, "_busy_load", lambda: None)
+    monkeypatch.setattr(dispatch_module, "_STREAM_BYTES", 4 << 20)  # small, for speed
+    streamed = []
+    stream = dispatch_module._streamed_decode_ms
+
+    def counted(spec, qw, **kwargs):
+        streamed.append((spec.name, qw.scheme))
+        return stream(spec, qw, **kwargs)
+
+    monkeypatch.setattr(dispatch_module, "_streamed_decode_ms", counted)
+    cpu = torch.device("cpu")
+    times = Dispatcher(DispatchConfig(cache_dir=tmp_path)).faster_scheme(cpu, (256, 512))
+    assert set(times) == {"int4", "int8"} and all(ms > 0 for ms in times.values())
+    assert list(times.values()) == sorted(times.values())  # fastest first
+    assert sorted(scheme for _, scheme in streamed) == ["int4", "int8"]
+    # A new dispatcher (the next load) reads the streamed times with the rankings.
+    again = Dispatcher(DispatchConfig(cache_dir=tmp_path)).faster_scheme(cpu, (256, 512))
+    assert again == times and len(streamed) == 2
+    # K that int4's groups of 32 do not tile: int8 only. Calibration off: no measurement.
+    assert set(Dispatcher().faster_scheme(cpu, (64, 200))) == {"int8"}
+    assert Dispatcher(DispatchConfig(calibrate=False)).faster_scheme(cpu, (256, 512)) == {}
