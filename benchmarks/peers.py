@@ -106,7 +106,6 @@ class LlamaServer:
         self.log_path: Path | None = None
         self.start_s = float("nan")
 
-    @property
     def peak_rss_mb(self) -> float:
         """The server process's peak resident memory so far (VmHWM), in MB; NaN if unknown."""
         try:
@@ -116,6 +115,7 @@ class LlamaServer:
             return float("nan")
         return int(kib) * 1024 / 1e6
 
+    @property
     def command(self) -> list[str]:
         return [str(self.binary), "-m", str(self.model), "--host", HOST, "--port", str(self.port)]
 

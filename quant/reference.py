@@ -32,7 +32,7 @@ def quantize_int8(
     scales = groups.abs().amax(dim=-1) / 127.0
     # An all-zero group keeps scale 0 (dequantises to 0) but must not divide by it.
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(groups / safe[..., None]).clamp_(-127, 127).to(torch.int8)
+    q = (groups / safe[..., None]).round_().clamp_(-127, 127).to(torch.int8)
     qw = Int8Weight(data=q.reshape(n, k), scales=scales.contiguous(), group_size=group)
     return qw, _max_abs_err(qw, w)
 
@@ -58,7 +58,8 @@ def quantize_int4(
     zeros = lo + 8.0 * scales
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     # Round against the stored (rounded) zero so q is optimal for the formula the kernels use.
-    q = torch.round((groups - zeros[..., None]) / safe[..., None]) + 8.0
+    # In place after the first op: a large matrix (a 136M-value head) makes few temporaries.
+    q = (groups - zeros[..., None]).div_(safe[..., None]).round_().add_(8.0)
     q = q.clamp_(0, 15).reshape(n, k)
     qw = Int4Weight(
         data=pack_int4(q),
@@ -102,12 +103,13 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """The float32 [N, K] matrix that qw stands for."""
     n, k = qw.shape
     groups = k // qw.group_size
+    # In place, one float32 [N, K] buffer: a dense copy of a large head is built from this.
     if isinstance(qw, Int8Weight):
         q = qw.data.to(torch.float32).reshape(n, groups, qw.group_size)
-        return (q * qw.scales[..., None]).reshape(n, k)
+        return q.mul_(qw.scales[..., None]).reshape(n, k)
     q = unpack_int4(qw.data).to(torch.float32).reshape(n, groups, qw.group_size)
     # (q - 8) * scale is exact in float32 (4-bit times 24-bit), so only the add rounds.
-    return ((q - 8.0) * qw.scales[..., None] + qw.zeros[..., None]).reshape(n, k)
+    return q.sub_(8.0).mul_(qw.scales[..., None]).add_(qw.zeros[..., None]).reshape(n, k)
 
 
 def matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
@@ -139,4 +141,4 @@ def _as_matrix(w: torch.Tensor, name: str) -> torch.Tensor:
 def _max_abs_err(qw: QuantizedWeight, w: torch.Tensor) -> float:
     if w.numel() == 0:
         return 0.0
-    return float((dequantize(qw) - w).abs().max().item())
+    return float(dequantize(qw).sub_(w).abs_().max().item())

@@ -6,6 +6,9 @@ through quant/), so the model is never held twice in memory.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -88,8 +91,24 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
         "n_params": n_params,
         "n_ctx": args.max_len,
     }
+    del make_linear, weights  # the weight cache's and the checkpoint's references
+    release_freed_memory()
     report(1.0, "ready")
     return LoadedModel(model, tokenizer, args, device, dtype, info)
+
+
+def release_freed_memory() -> None:
+    """Give memory freed while loading back to the system (see _trim_heap)."""
+    gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Layers are built one at a time from transient float copies, and glibc keeps much of
+    what they free in its heap, so resident memory grew with every layer: Qwen2.5-Coder's
+    load peaked at 3.5 GB and ended at 2.7 GB resident without trimming."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _hf_arch(config: dict) -> str:
@@ -354,6 +373,7 @@ def fill_model(
             else []
         )
         _set_parent(model, name, make_linear(name, sources, bias))
+        _trim_heap()  # each layer's float temporaries, before the next layer's
         progress(done / len(linears))
     for name, param in list(model.named_parameters()):
         if param.is_meta or name.endswith("norm.weight"):
@@ -364,7 +384,7 @@ def fill_model(
             kind = dtype if param.is_meta else torch.float32
             if name == embedding and make_linear.mode not in ("fp32", "bf16"):
                 kind = torch.bfloat16
-            value = source.to_float().to(dtype=kind, device=device)
+            value = source.to(kind, device)
             _set_parent(model, name, nn.Parameter(value, requires_grad=False))
     if tied and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.get_parameter(embedding)  # one copy, as in the checkpoint

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -12,3 +14,11 @@ def randomise_norms(ref: torch.nn.Module) -> None:
         for name, param in ref.named_parameters():
             if "norm" in name or ".ln_" in name:
                 param.copy_(1 + 0.2 * torch.randn_like(param))
+
+
+def write_word_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer.json over t0..t{vocab_size - 1}: a folder model needs one."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(folder / "tokenizer.json"))

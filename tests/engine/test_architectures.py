@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_helpers import randomise_norms
+from engine_helpers import randomise_norms, write_word_tokenizer
 from safetensors.torch import save_file
 
 from codelm.daemon.engine import EngineConfig
@@ -31,16 +31,8 @@ LOGIT_ATOL = 1e-3  # fp32 throughout; differences come only from summation order
 N_GREEDY = 16
 
 
-def _write_tokenizer(folder: Path) -> None:
-    """A word-level tokenizer over the tiny vocabulary: load_model needs one in the folder."""
-    from tokenizers import Tokenizer, models
-
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(folder / "tokenizer.json"))
-
-
 def _load_ours(folder: Path) -> LoadedModel:
-    _write_tokenizer(folder)
+    write_word_tokenizer(folder, VOCAB)
     return load_model(EngineConfig(model=str(folder), quant="fp32"), torch.device("cpu"))
 
 

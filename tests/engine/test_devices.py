@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import randomise_norms
+from engine_helpers import randomise_norms, write_word_tokenizer
 
 from codelm.daemon.engine import EngineConfig
 from codelm.daemon.engine.kv import KVCache
@@ -37,8 +37,6 @@ DEVICES = [
 def _save_llama(folder: Path, intermediate_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A random 2-block llama saved by transformers in `folder`, with a word-level tokenizer;
     returns a token sequence and transformers' fp32 logits for it."""
-    from tokenizers import Tokenizer, models
-
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=256,
@@ -52,8 +50,7 @@ def _save_llama(folder: Path, intermediate_size: int) -> tuple[torch.Tensor, tor
     ref = transformers.LlamaForCausalLM(config).eval()
     randomise_norms(ref)
     ref.save_pretrained(folder)
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(folder / "tokenizer.json"))
+    write_word_tokenizer(folder, VOCAB)
     tokens = torch.randint(0, VOCAB, (N_TOKENS,), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         logits = ref(tokens[None]).logits[0]
