@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -61,6 +64,23 @@ def _commit() -> str:
         return done.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+@contextlib.contextmanager
+def temporary_home(prefix: str, parent: str | None = None) -> Iterator[Path]:
+    """A new folder as CODELM_HOME inside the block (kernel rankings calibrated afresh, no
+    weight cache kept), removed afterwards; the previous CODELM_HOME comes back."""
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    previous = os.environ.get("CODELM_HOME")
+    os.environ["CODELM_HOME"] = str(home)
+    try:
+        yield home
+    finally:
+        if previous is None:
+            os.environ.pop("CODELM_HOME", None)
+        else:
+            os.environ["CODELM_HOME"] = previous
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def in_fresh_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +32,7 @@ from common import (  # noqa: E402
     peak_rss_mb,
     print_table,
     rss_mb,
+    temporary_home,
     write_json,
 )
 
@@ -212,19 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     from codelm.daemon.catalog import resolve_model_path
 
     model_path = resolve_model_path(args.model).resolve()
-    home = None if args.user_cache else tempfile.mkdtemp(prefix="codelm-decode-")
-    previous = os.environ.get("CODELM_HOME")
-    if home:
-        os.environ["CODELM_HOME"] = home
-    try:
+    if args.user_cache:
         return _run(args, model_path)
-    finally:
-        if home:
-            if previous is None:
-                os.environ.pop("CODELM_HOME", None)
-            else:
-                os.environ["CODELM_HOME"] = previous
-            shutil.rmtree(home, ignore_errors=True)
+    with temporary_home("codelm-decode-"):
+        return _run(args, model_path)
 
 
 def _run(args: argparse.Namespace, model_path: Path) -> int:

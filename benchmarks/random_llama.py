@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +31,7 @@ from common import (  # noqa: E402
     peak_rss_mb,
     print_table,
     rss_mb,
+    temporary_home,
     write_json,
 )
 from decode import measure_codelm  # noqa: E402
@@ -217,17 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.peers is None:
         # bitsandbytes' CPU path dequantises the whole weight per call (docs/quant.md).
         args.peers = ["bf16", "bnb-int8", "bnb-nf4"] if device == "cuda" else ["fp32"]
-    work = Path(tempfile.mkdtemp(prefix="codelm-random-llama-", dir=args.dir))
-    previous = os.environ.get("CODELM_HOME")
-    os.environ["CODELM_HOME"] = str(work / "home")  # fresh calibration, no weight cache kept
-    try:
+    with temporary_home("codelm-random-llama-", args.dir) as work:
         return _run(args, device, work)
-    finally:
-        if previous is None:
-            os.environ.pop("CODELM_HOME", None)
-        else:
-            os.environ["CODELM_HOME"] = previous
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _run(args: argparse.Namespace, device: str, work: Path) -> int:
