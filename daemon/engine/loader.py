@@ -92,15 +92,10 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
         "n_ctx": args.max_len,
     }
     del make_linear, weights  # the weight cache's and the checkpoint's references
-    release_freed_memory()
-    report(1.0, "ready")
-    return LoadedModel(model, tokenizer, args, device, dtype, info)
-
-
-def release_freed_memory() -> None:
-    """Give memory freed while loading back to the system (see _trim_heap)."""
     gc.collect()
     _trim_heap()
+    report(1.0, "ready")
+    return LoadedModel(model, tokenizer, args, device, dtype, info)
 
 
 def _trim_heap() -> None:
@@ -401,7 +396,7 @@ def _parts(name: str, fused: dict[str, tuple[str, ...]]) -> list[str]:
 def _float_linear(
     sources: list[TensorSource], bias: list[TensorSource], dtype, device
 ) -> nn.Linear:
-    weight = torch.cat([s.to_float(device) for s in sources]).to(dtype)
+    weight = torch.cat([s.to(dtype, device) for s in sources])
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bool(bias), device="meta")
     linear.weight = nn.Parameter(weight, requires_grad=False)
     if bias:
