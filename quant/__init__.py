@@ -14,6 +14,7 @@ from codelm.quant.dispatch import (
     read_cpu_info,
 )
 from codelm.quant.formats import (
+    INT4_GROUP,
     INT4_GROUP_SIZES,
     LAYOUT_INT4_NK_HI_FIRST,
     LAYOUT_INT8_NK,
@@ -39,6 +40,7 @@ from codelm.quant.reference import (
 )
 
 __all__ = [
+    "INT4_GROUP",
     "INT4_GROUP_SIZES",
     "LAYOUT_INT4_NK_HI_FIRST",
     "LAYOUT_INT8_NK",

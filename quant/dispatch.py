@@ -20,7 +20,7 @@ import torch
 
 from codelm.quant import cuda, native
 from codelm.quant.cpu import CPU_KERNELS, Kernel, KernelSpec, native_unavailable
-from codelm.quant.formats import QuantizedWeight, is_grouped_int8
+from codelm.quant.formats import INT4_GROUP, QuantizedWeight, is_grouped_int8
 from codelm.quant.reference import requantize_int8_per_channel
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,10 @@ class DispatchConfig:
     # native call (daemon/engine/fused_decode.py: 22 against 39 ms a token for
     # Qwen2.5-Coder-0.5B on a 2-core AVX2 CPU), which the per-layer timings cannot see.
     native_decode_slack: float = 1.25
+    # A layer keeps its decode kernel for x of 2 to 16 rows while it is within this factor of
+    # its prefill kernel there (`KernelPlan.decode_max_rows`): one-layer timing loops keep the
+    # weights in cache, which flatters a dense copy's extra bytes.
+    handover_slack: float = 1.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +167,8 @@ class Dispatcher:
         generator = torch.Generator().manual_seed(0)
         w = (torch.randn(n, k, generator=generator) * k**-0.5).to(device)
         weights = {"int8": quantize_int8(w, self.int8_group_size(device, k))[0]}
-        if k % 32 == 0:
-            weights["int4"] = quantize_int4(w, 32)[0]
+        if k % INT4_GROUP == 0:
+            weights["int4"] = quantize_int4(w)[0]
         times = {}
         for scheme, qw in weights.items():
             specs = self._candidates(qw)
@@ -357,8 +361,7 @@ def _decode_max_rows(
     times: dict[str, dict[str, float]], decode: str, prefill: str, config: DispatchConfig
 ) -> int:
     """The most rows of x the decode kernel takes: up to the last calibrated row count where
-    it is within native_decode_slack of the prefill kernel (one-layer loops keep the weights
-    in cache, which flatters a dense copy's extra bytes), else config.decode_max_rows."""
+    it is within config.handover_slack of the prefill kernel, else config.decode_max_rows."""
     if decode == prefill:
         return config.decode_max_rows
     rows = 1
@@ -366,7 +369,7 @@ def _decode_max_rows(
         at = times.get(f"rows{m}", {})
         if decode not in at or prefill not in at:
             return config.decode_max_rows
-        if at[decode] > config.native_decode_slack * at[prefill]:
+        if at[decode] > config.handover_slack * at[prefill]:
             break
         rows = m
     return rows

@@ -20,6 +20,9 @@ LAYOUT_INT8_NK = "int8_nk"
 LAYOUT_INT4_NK_HI_FIRST = "u4x2_nk_hi_first"
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+# The int4 group where none is asked for: GGUF Q4_0 / Q4_1's blocks, which the native kernels
+# and every group size above take.
+INT4_GROUP = 32
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)

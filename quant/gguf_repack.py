@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from codelm.quant.formats import Int4Weight, Int8Weight, QuantizedWeight
+from codelm.quant.formats import INT4_GROUP, Int4Weight, Int8Weight, QuantizedWeight
 from codelm.quant.reference import dequantize, quantize_int4, quantize_int8
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def repack_gguf(
     *,
     name: str = "tensor",
     scheme: str | None = None,
-    group_size: int = 32,
+    group_size: int = INT4_GROUP,
     int8_group_size: int | None = None,
     search: bool = False,
 ) -> QuantizedWeight:

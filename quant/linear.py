@@ -9,7 +9,7 @@ from torch import nn
 
 from codelm.quant import native
 from codelm.quant.dispatch import DispatchConfig, Dispatcher, KernelPlan
-from codelm.quant.formats import QuantizedWeight
+from codelm.quant.formats import INT4_GROUP, QuantizedWeight
 from codelm.quant.reference import quantize_int4, quantize_int8
 
 SCHEMES = ("int4", "int8")
@@ -51,7 +51,7 @@ class QuantizedLinear(nn.Module):
         bias: torch.Tensor | None = None,
         *,
         scheme: str = "int4",
-        group_size: int = 32,
+        group_size: int = INT4_GROUP,
         dispatcher: Dispatcher | None = None,
         name: str = "linear",
     ) -> QuantizedLinear:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from codelm.quant.formats import (
+    INT4_GROUP,
     Int4Weight,
     Int8Weight,
     QuantizedWeight,
@@ -38,7 +39,7 @@ def quantize_int8(
 
 
 def quantize_int4(
-    w: torch.Tensor, group_size: int = 32, *, name: str = "weight", search: bool = False
+    w: torch.Tensor, group_size: int = INT4_GROUP, *, name: str = "weight", search: bool = False
 ) -> tuple[Int4Weight, float]:
     """Asymmetric min/max int4 of w [N, K] in groups of group_size along K.
 

@@ -211,6 +211,14 @@ class LinearFactory:
         return self.dispatcher
 
     def __call__(self, name: str, sources: list[TensorSource], bias: list[TensorSource]):
+        from codelm.quant import (
+            INT4_GROUP,
+            QuantizedLinear,
+            concat_formats,
+            is_grouped_int8,
+            requantize_int8_per_channel,
+        )
+
         scheme = self.scheme_for(sources)
         if scheme == "int4" and sources[0].shape[-1] % INT4_GROUP:
             # int4's groups must tile K; int8 with one scale per output channel takes any K.
@@ -221,13 +229,6 @@ class LinearFactory:
         if scheme is None:
             self._count(str(self.dtype).removeprefix("torch."))
             return _float_linear(sources, bias, self.dtype, self.device)
-        from codelm.quant import (
-            QuantizedLinear,
-            concat_formats,
-            is_grouped_int8,
-            requantize_int8_per_channel,
-        )
-
         dispatcher = self._dispatcher()
         # int8 in GGUF Q8_0's groups of 32 where the native kernel takes them, else per channel.
         int8_group = dispatcher.int8_group_size(self.device, sources[0].shape[-1])
@@ -293,8 +294,6 @@ def _dense_budget() -> int:
     return 0 if available is None else int(min(1.5 * (1 << 30), available // 8))
 
 
-INT4_GROUP = 32  # quantize_int4's group size (GGUF Q4_0 / Q4_1's blocks)
-
 # GGUF types whose exact repack is what the kernels take (cheap at every load). Q8_0 repacks
 # exactly too, but where int8 is per channel its blocks of 32 are requantised (a 136M-weight
 # head: ~5 s).
@@ -330,7 +329,7 @@ def _quantize(
         ).to(device)
     weight = source.to_float(device)  # quantised where it will run (quant/reference.py)
     if scheme == "int4":
-        return quantize_int4(weight, INT4_GROUP, name=source.name, search=search)[0]
+        return quantize_int4(weight, name=source.name, search=search)[0]
     return quantize_int8(weight, int8_group, name=source.name)[0]
 
 

@@ -105,22 +105,24 @@ def test_dispatcher_picks_fastest_recorded_kernel(gen, tmp_path, monkeypatch):
 
 # Milliseconds at 2, 4, 8 and 16 rows of x: decode kernel, prefill kernel.
 @pytest.mark.parametrize(
-    ("decode_ms", "prefill_ms", "expected_rows"),
+    ("decode_ms", "prefill_ms", "slack", "expected_rows"),
     [
-        ((1.0, 1.2, 3.0, 9.0), (1.0, 1.0, 1.5, 2.5), 4),  # within the 1.25x slack at 4
-        ((3.0, 5.0, 9.0, 17.0), (1.0, 1.0, 1.5, 2.5), 1),  # the prefill kernel wins from 2
-        ((1.0, 1.0, 1.0, 1.0), (1.0, 1.0, 1.5, 2.5), 16),
+        ((1.0, 1.2, 3.0, 9.0), (1.0, 1.0, 1.5, 2.5), 1.25, 4),  # within the 1.25x slack at 4
+        ((1.0, 1.2, 3.0, 9.0), (1.0, 1.0, 1.5, 2.5), 1.1, 2),  # not within 1.1x at 4
+        ((3.0, 5.0, 9.0, 17.0), (1.0, 1.0, 1.5, 2.5), 1.25, 1),  # the prefill kernel wins from 2
+        ((1.0, 1.0, 1.0, 1.0), (1.0, 1.0, 1.5, 2.5), 1.25, 16),
     ],
 )
 def test_decode_max_rows_is_where_the_prefill_kernel_overtakes(
-    gen, monkeypatch, decode_ms, prefill_ms, expected_rows
+    gen, monkeypatch, decode_ms, prefill_ms, slack, expected_rows
 ):
     qw, _ = quantize_int8(weight(gen, 32, 64))
     times = {"decode": {"int8pack_bf16": 1.0}, "prefill": {"dense_fp32": 1.0}}
     for m, d, p in zip(dispatch_module._CROSSOVER_ROWS, decode_ms, prefill_ms, strict=True):
         times[f"rows{m}"] = {"int8pack_bf16": d, "dense_fp32": p}
     monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
-    plan = Dispatcher(DispatchConfig(dense_budget_bytes=1 << 30)).plan(qw)
+    config = DispatchConfig(dense_budget_bytes=1 << 30, handover_slack=slack)
+    plan = Dispatcher(config).plan(qw)
     assert (plan.decode.name, plan.prefill.name) == ("int8pack_bf16", "dense_fp32")
     assert plan.decode_max_rows == expected_rows
 
