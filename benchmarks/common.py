@@ -10,7 +10,6 @@ import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -100,12 +99,16 @@ def rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
-def peak_rss_mb() -> float:
-    """The most resident memory this process has had so far, in MB."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6  # bytes / KiB
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """The most resident memory process `pid` has had so far, in MB; NaN where /proc does not
+    say. VmHWM, not getrusage's ru_maxrss: a spawned process's ru_maxrss starts at its
+    parent's resident size (Linux keeps the high-water mark across exec)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))
+    except (OSError, StopIteration, IndexError):
+        return float("nan")
+    return int(kib) * 1024 / 1e6
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import common
+
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = ROOT / ".peers" / "bin" / "llama-server"
 NOT_BUILT = "not built: run make bench-peers"
@@ -107,13 +109,8 @@ class LlamaServer:
         self.start_s = float("nan")
 
     def peak_rss_mb(self) -> float:
-        """The server process's peak resident memory so far (VmHWM), in MB; NaN if unknown."""
-        try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()
-            kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))
-        except (AttributeError, OSError, StopIteration, IndexError):
-            return float("nan")
-        return int(kib) * 1024 / 1e6
+        """The server process's peak resident memory so far, in MB; NaN if unknown."""
+        return float("nan") if self.process is None else common.peak_rss_mb(self.process.pid)
 
     @property
     def command(self) -> list[str]:
