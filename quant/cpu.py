@@ -75,6 +75,14 @@ class Int8PackBf16:
         return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.data, self.scales)
 
 
+def _int8pack_unavailable(qw: QuantizedWeight) -> str | None:
+    # Its AVX-512 path reads K in steps of 16 and, given 4 or more input rows, crashes the
+    # process on any other K (measured on a Zen 4 with torch 2.13: K=200, 216, 584).
+    if qw.shape[1] % 16:
+        return f"K={qw.shape[1]} is not a multiple of 16"
+    return None
+
+
 class DequantFp32:
     """Dequantise ~2 MiB row tiles to float32 on every call, then fp32 GEMM: no dense copy kept."""
 
@@ -288,7 +296,13 @@ CPU_KERNELS: dict[str, KernelSpec] = {
     spec.name: spec
     for spec in (
         KernelSpec("int4pack_bf16", ("int4",), Int4PackBf16),
-        KernelSpec("int8pack_bf16", ("int8",), Int8PackBf16, per_channel_int8=True),
+        KernelSpec(
+            "int8pack_bf16",
+            ("int8",),
+            Int8PackBf16,
+            unavailable=_int8pack_unavailable,
+            per_channel_int8=True,
+        ),
         KernelSpec("dequant_fp32", ("int4", "int8"), DequantFp32),
         KernelSpec("dense_fp32", ("int4", "int8"), lambda qw: Dense(qw, torch.float32), 4),
         KernelSpec("dense_bf16", ("int4", "int8"), lambda qw: Dense(qw, torch.bfloat16), 2),

@@ -94,8 +94,10 @@ def test_fused_decode_step_matches_module_path(tmp_path, native_decode, arch, qu
             # other int8 step in a kernel moves a logit by ~1e-3 at these sizes.
             torch.testing.assert_close(got, expected, atol=5e-3, rtol=1e-3)
     assert kv_fused.length == kv_module.length == 40
+    # Most rows agree to ~1e-7; one activation on the other int8 step moves a key or value by
+    # up to ~6e-3 (measured on an AVX-512 machine, qwen2 int8).
     for fused_rows, module_rows in ((kv_fused.k, kv_module.k), (kv_fused.v, kv_module.v)):
-        torch.testing.assert_close(fused_rows[:, :, :40], module_rows[:, :, :40], atol=5e-3, rtol=0)
+        torch.testing.assert_close(fused_rows[:, :, :40], module_rows[:, :, :40], atol=1e-2, rtol=0)
 
 
 def test_fused_decode_says_why_not_when_a_layer_is_float(tmp_path):

@@ -120,3 +120,11 @@ def test_int8_pack_kernel_takes_weights_at_any_offset_when_many_rows(gen):
     x = torch.randn(20, 576, generator=gen)
     y = Int8PackBf16(moved)(x)
     assert (((y.float() - matmul(x, qw)).abs()) <= bf16_bound(x, dequantize(qw))).all()
+
+
+def test_int8_pack_kernel_is_not_offered_where_k_is_no_multiple_of_16(gen):
+    # torch's AVX-512 path crashes the process on such K given 4+ rows; the dispatcher must
+    # never time it there (test_devices loads a model with K=200 through real calibration).
+    unavailable = CPU_KERNELS["int8pack_bf16"].unavailable
+    assert unavailable(quantize_int8(weight(gen, 64, 200))[0]) == "K=200 is not a multiple of 16"
+    assert unavailable(quantize_int8(weight(gen, 64, 208))[0]) is None
