@@ -30,7 +30,12 @@ from codelm.quant.formats import (
     unpack_int4,
 )
 from codelm.quant.gguf_repack import dequantize_gguf, repack_gguf, repack_reader_tensor
-from codelm.quant.linear import QuantizedLinear, kernel_summary, quantize_model
+from codelm.quant.linear import (
+    QuantizedEmbedding,
+    QuantizedLinear,
+    kernel_summary,
+    quantize_model,
+)
 from codelm.quant.reference import (
     dequantize,
     matmul,
@@ -50,6 +55,7 @@ __all__ = [
     "Int4Weight",
     "Int8Weight",
     "KernelPlan",
+    "QuantizedEmbedding",
     "QuantizedLinear",
     "kernel_summary",
     "QuantizedWeight",

@@ -9,8 +9,8 @@ from torch import nn
 
 from codelm.quant import native
 from codelm.quant.dispatch import DispatchConfig, Dispatcher, KernelPlan
-from codelm.quant.formats import INT4_GROUP, QuantizedWeight
-from codelm.quant.reference import quantize_int4, quantize_int8
+from codelm.quant.formats import INT4_GROUP, QuantizedWeight, select_rows
+from codelm.quant.reference import dequantize, quantize_int4, quantize_int8
 
 SCHEMES = ("int4", "int8")
 
@@ -108,6 +108,29 @@ class QuantizedLinear(nn.Module):
             f"decode={self.plan.decode.name}, prefill={self.plan.prefill.name}, "
             f"bias={bool(self._bias)}"
         )
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding table kept quantised: a lookup dequantises only the rows it takes
+    (quant/reference.py), so int8 holds ~1.06 bytes a value where bf16 holds 2. Returns float32
+    [..., K] for token ids [...]."""
+
+    def __init__(self, qweight: QuantizedWeight) -> None:
+        super().__init__()
+        self.qweight = qweight
+        self.num_embeddings, self.embedding_dim = qweight.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = dequantize(select_rows(self.qweight, ids.reshape(-1)))
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.nbytes
+
+    def extra_repr(self) -> str:
+        qw = self.qweight
+        return f"{self.num_embeddings}, {self.embedding_dim}, {qw.scheme} g{qw.group_size}"
 
 
 def quantize_model(

@@ -211,13 +211,7 @@ class LinearFactory:
         return self.dispatcher
 
     def __call__(self, name: str, sources: list[TensorSource], bias: list[TensorSource]):
-        from codelm.quant import (
-            INT4_GROUP,
-            QuantizedLinear,
-            concat_formats,
-            is_grouped_int8,
-            requantize_int8_per_channel,
-        )
+        from codelm.quant import INT4_GROUP, QuantizedLinear
 
         scheme = self.scheme_for(sources)
         if scheme == "int4" and sources[0].shape[-1] % INT4_GROUP:
@@ -232,12 +226,37 @@ class LinearFactory:
         dispatcher = self._dispatcher()
         # int8 in GGUF Q8_0's groups of 32 where the native kernel takes them, else per channel.
         int8_group = dispatcher.int8_group_size(self.device, sources[0].shape[-1])
+        qweight = self._quantized(name, sources, scheme, int8_group, search=name != "lm_head")
+        self._count(qweight.scheme)  # mixed GGUF types make int8 where int4 was asked for
+        bias_value = torch.cat([b.to_float() for b in bias]).to(self.device) if bias else None
+        return QuantizedLinear.from_format(qweight, bias_value, dispatcher=dispatcher, name=name)
+
+    def embedding(self, name: str, source: TensorSource):
+        """A quantised model's embedding table, int8 in groups of 32 (per row where the width
+        is no multiple of 32): only looked up, a row per token, so no kernel needs it wider,
+        and it holds about half of bf16's bytes."""
+        from codelm.quant import QuantizedEmbedding
+
+        group = 32 if source.shape[-1] % 32 == 0 else None
+        return QuantizedEmbedding(self._quantized(name, [source], "int8", group, search=False))
+
+    def _quantized(
+        self,
+        name: str,
+        sources: list[TensorSource],
+        scheme: str,
+        int8_group: int | None,
+        search: bool,
+    ):
+        """sources as one quantised weight on this device, from the weight cache where
+        quantising them is real work."""
+        from codelm.quant import concat_formats, is_grouped_int8, requantize_int8_per_channel
+
         asked = scheme if scheme == "int4" or int8_group is None else f"int8 g{int8_group}"
         costly = _is_costly(sources, scheme, int8_group)
         qweight = self._cached(name, asked) if costly else None
         self.cache_hits += qweight is not None
         if qweight is None:
-            search = name != "lm_head"
             parts = [_quantize(s, scheme, int8_group, search, self.device) for s in sources]
             per_channel = int8_group is None and any(is_grouped_int8(p) for p in parts)
             if per_channel or len({p.group_size for p in parts}) > 1:
@@ -247,11 +266,7 @@ class LinearFactory:
             qweight = concat_formats(parts) if len(parts) > 1 else parts[0]
             if self.cache is not None:
                 self.cache.put(name, qweight, asked=asked)
-        self._count(qweight.scheme)  # mixed GGUF types make int8 where int4 was asked for
-        if self.device.type != "cpu":
-            qweight = qweight.to(self.device)
-        bias_value = torch.cat([b.to_float() for b in bias]).to(self.device) if bias else None
-        return QuantizedLinear.from_format(qweight, bias_value, dispatcher=dispatcher, name=name)
+        return qweight.to(self.device) if self.device.type != "cpu" else qweight
 
     def _cached(self, name: str, scheme: str):
         if self.cache is None and self.model_path is not None:
@@ -373,11 +388,11 @@ def fill_model(
         if param.is_meta or name.endswith("norm.weight"):
             source = weights.take(name)
             _check_shape(name, source, tuple(param.shape))
-            # Norms stay fp32; a quantised model keeps its embedding table in bf16 (only looked
-            # up, a row at a time: half the memory of fp32 for the same lookups).
-            kind = dtype if param.is_meta else torch.float32
             if name == embedding and make_linear.mode not in ("fp32", "bf16"):
-                kind = torch.bfloat16
+                table = make_linear.embedding(name, source)  # looked up, not multiplied
+                _set_parent(model, name.removesuffix(".weight"), table)
+                continue
+            kind = dtype if param.is_meta else torch.float32  # norms stay fp32
             value = source.to(kind, device)
             _set_parent(model, name, nn.Parameter(value, requires_grad=False))
     if tied and isinstance(model.lm_head, nn.Linear):

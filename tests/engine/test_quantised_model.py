@@ -11,7 +11,7 @@ import torch
 
 from codelm.daemon import catalog
 from codelm.daemon.engine import EngineConfig, load_engine
-from codelm.quant import native
+from codelm.quant import QuantizedEmbedding, native
 
 # Teacher-forced next-token agreement over 256 positions of real code.
 MIN_AGREEMENT = {"int8": 0.97, "int4": 0.90}
@@ -48,6 +48,10 @@ def test_auto_keeps_the_gguf_precision_class(default_model_path):
     engine = load_engine(EngineConfig(model=str(default_model_path), quant="auto"))
     # SmolLM2's GGUF: Q4_1 blocks -> int4, the Q8_0 embedding (tied head) -> int8.
     assert engine.info["quant"] == "int4 x120, int8 x1"
+    # The table itself stays int8 (Q8_0's blocks as they are), looked up a row at a time.
+    table = engine.model.parts()[0]
+    assert isinstance(table, QuantizedEmbedding)
+    assert (table.qweight.scheme, table.qweight.group_size) == ("int8", 32)
     # Which kernels run, as `codelm-daemon status` shows it: every layer in both phases.
     for phase in engine.info["kernels"].split("; "):
         name, counts = phase.split(" ", 1)

@@ -9,6 +9,7 @@ from codelm.quant import (
     DispatchConfig,
     Dispatcher,
     KernelPlan,
+    QuantizedEmbedding,
     QuantizedLinear,
     concat_formats,
     dequantize,
@@ -37,6 +38,18 @@ def test_quantized_linear_matches_reference_and_keeps_dtype(gen, scheme, dtype):
     # bf16 in: the answer itself is rounded to bf16 once more (2^-8 relative).
     slack = expected.abs() * 2.0**-8 if dtype == torch.bfloat16 else 0.0
     assert ((y.float() - expected).abs() <= _bound(x, qw) + slack).all()
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantized_embedding_looks_up_the_dequantised_rows(gen, scheme):
+    table = weight(gen, 50, 64)
+    qw = quantize_int4(table, 32)[0] if scheme == "int4" else quantize_int8(table, 32)[0]
+    embedding = QuantizedEmbedding(qw)
+    ids = torch.tensor([[3, 7, 3], [49, 0, 12]])
+    rows = embedding(ids)
+    assert rows.shape == (2, 3, 64) and rows.dtype == torch.float32
+    assert torch.equal(rows, dequantize(qw)[ids])
+    assert embedding.nbytes == qw.nbytes < table.numel() * 2  # under a bf16 table
 
 
 def test_quantized_linear_routes_rows_to_decode_or_prefill_kernel():
