@@ -244,8 +244,9 @@ class Decoder(nn.Module):
     def forward(self, tokens: torch.Tensor, kv: KVCache, n_logits: int | None = 1) -> torch.Tensor:
         """Runs `tokens` ([T] ids) at positions [kv.length, kv.length + T) and advances
         kv.length. Returns fp32 logits [n, vocab] of the last n = n_logits positions (None:
-        all T)."""
+        all T). The ids may sit on the CPU whatever the device: they move to kv's."""
         embed, blocks, final_norm = self.parts()
+        tokens = tokens.to(kv.device)
         start = kv.length
         n_tokens = tokens.shape[0]
         kv.reserve(start + n_tokens)
