@@ -41,6 +41,7 @@ from codelm.quant.reference import (
     matmul,
     quantize_int4,
     quantize_int8,
+    quantize_rows,
     requantize_int8_per_channel,
 )
 
@@ -69,6 +70,7 @@ __all__ = [
     "physical_cores",
     "quantize_int4",
     "quantize_int8",
+    "quantize_rows",
     "quantize_model",
     "read_cpu_info",
     "repack_gguf",

@@ -7,7 +7,7 @@ w = (q - 8) * scale + zero, as torch's int4 "tinygemm" kernels dequantise.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -165,6 +165,23 @@ def concat_formats(qweights: Sequence[QuantizedWeight]) -> QuantizedWeight:
     return _map_tensors(qweights, lambda ts: torch.cat(ts, dim=0))
 
 
+def stack_rows(parts: Iterable[QuantizedWeight], n_rows: int) -> QuantizedWeight:
+    """Consecutive row blocks of one weight, in order, written into one weight of n_rows as
+    they come: unlike concat_formats, the parts are never all held beside the result."""
+    out, row = None, 0
+    for part in parts:
+        if out is None:
+            if part.shape[0] == n_rows:
+                return part
+            out = _map_tensors([part], lambda ts: ts[0].new_empty((n_rows, *ts[0].shape[1:])))
+        for field in _fields(out):
+            getattr(out, field)[row : row + part.shape[0]].copy_(getattr(part, field))
+        row += part.shape[0]
+    if out is None or row != n_rows:
+        raise ValueError(f"stack_rows: the parts hold {row} rows, not {n_rows}")
+    return out
+
+
 def select_rows(qw: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
     """Rows (output channels) of qw in `index` order, e.g. to undo GGUF's q/k RoPE permutation."""
     return _map_tensors([qw], lambda ts: ts[0].index_select(0, index.to(ts[0].device)))
@@ -174,7 +191,7 @@ def to_tensors(
     qw: QuantizedWeight, prefix: str = ""
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """qw as named tensors plus string metadata (scheme, layout, group size): safetensors-ready."""
-    fields = ("data", "scales") if isinstance(qw, Int8Weight) else ("data", "scales", "zeros")
+    fields = _fields(qw)
     tensors = {prefix + f: getattr(qw, f).contiguous() for f in fields}
     meta = {prefix + "scheme": qw.scheme, prefix + "layout": qw.layout}
     meta[prefix + "group_size"] = str(qw.group_size)
@@ -198,9 +215,12 @@ def from_tensors(
 
 def _map_tensors(qweights: Sequence[QuantizedWeight], fn) -> QuantizedWeight:
     first = qweights[0]
-    fields = ("data", "scales") if isinstance(first, Int8Weight) else ("data", "scales", "zeros")
-    new = {f: fn([getattr(qw, f) for qw in qweights]).contiguous() for f in fields}
+    new = {f: fn([getattr(qw, f) for qw in qweights]).contiguous() for f in _fields(first)}
     return dataclasses.replace(first, **new)
+
+
+def _fields(qw: QuantizedWeight) -> tuple[str, ...]:
+    return ("data", "scales") if isinstance(qw, Int8Weight) else ("data", "scales", "zeros")
 
 
 def _check_groups(cls: str, k: int, group_size: int) -> None:

@@ -16,7 +16,7 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from codelm.quant.formats import INT4_GROUP, Int4Weight, Int8Weight, QuantizedWeight
-from codelm.quant.reference import dequantize, quantize_int4, quantize_int8
+from codelm.quant.reference import dequantize, quantize_rows
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +57,13 @@ def repack_gguf(
         return _REPACKERS[qtype](_blocks(data, qtype, (n, k), name), name)
     if scheme is None:
         scheme = "int8" if qtype in _FALLBACK_INT8 else "int4"
-    w = dequantize_gguf(data, qtype, (n, k), name=name)
+    by_row = np.asarray(data).reshape(n, -1)  # whole rows of blocks (or of floats)
+
+    def rows(r0: int, r1: int) -> torch.Tensor:
+        return dequantize_gguf(by_row[r0:r1], qtype, (r1 - r0, k), name=name)
+
     group = int8_group_size if scheme == "int8" else group_size
-    qw, err = _quantize(w, scheme, group, name, search)
+    qw, err = quantize_rows(rows, n, scheme, group, name=name, search=search)
     logger.debug("%s: %s -> %s requantised, max abs err %.3g", name, qtype.name, scheme, err)
     return qw
 
@@ -192,13 +196,3 @@ def _blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int
             f"({expected} expected)"
         )
     return blocks.reshape(n, k // QK, -1)
-
-
-def _quantize(
-    w: torch.Tensor, scheme: str, group_size: int | None, name: str, search: bool
-) -> tuple[QuantizedWeight, float]:
-    if scheme == "int8":
-        return quantize_int8(w, group_size, name=name)
-    if scheme == "int4" and group_size is not None:
-        return quantize_int4(w, group_size, name=name, search=search)
-    raise ValueError(f"{name}: unknown scheme {scheme!r}; expected 'int4' or 'int8'")

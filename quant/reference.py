@@ -5,6 +5,8 @@ All arithmetic is float32 on the weight's device; nothing here is tuned for spee
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from codelm.quant.formats import (
@@ -13,6 +15,7 @@ from codelm.quant.formats import (
     Int8Weight,
     QuantizedWeight,
     pack_int4,
+    stack_rows,
     unpack_int4,
 )
 
@@ -69,6 +72,41 @@ def quantize_int4(
         group_size=group_size,
     )
     return qw, _max_abs_err(qw, w)
+
+
+def quantize_rows(
+    rows: Callable[[int, int], torch.Tensor],
+    n_rows: int,
+    scheme: str,
+    group_size: int | None,
+    *,
+    name: str = "weight",
+    search: bool = False,
+    step: int = 4096,
+) -> tuple[QuantizedWeight, float]:
+    """quantize_int8 (group_size None: per channel) or quantize_int4 of an [n_rows, K] matrix
+    that `rows(r0, r1)` gives `step` rows at a time as float. Every format's scales belong to one
+    row, so the result equals quantising the matrix whole, without it (and the quantiser's
+    float32 buffer) in memory at once: Qwen2.5-Coder's Q5_0 embedding, 136M values, put 1.1 GB
+    of float32 on the load's peak whole. Each part goes into the result as it is made, so the
+    heap reuses one step's temporaries for the next (kept parts between them had fragmented
+    it: 880 MB more resident for a 153 MB result)."""
+    if scheme not in ("int4", "int8") or (scheme == "int4" and group_size is None):
+        raise ValueError(f"{name}: unknown scheme {scheme!r}; expected 'int4' or 'int8'")
+    errors = []
+
+    def parts():
+        for r0 in range(0, n_rows, step):
+            w = rows(r0, min(n_rows, r0 + step))
+            qw, err = (
+                quantize_int8(w, group_size, name=name)
+                if scheme == "int8"
+                else quantize_int4(w, group_size, name=name, search=search)
+            )
+            errors.append(err)
+            yield qw
+
+    return stack_rows(parts(), n_rows), max(errors)
 
 
 RANGE_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)

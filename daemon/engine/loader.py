@@ -330,7 +330,7 @@ def _quantize(
 ):
     """`search`: requantised int4 ranges are searched for the least squared error (clipping
     outliers), which measured better for the blocks' matrices; the head's argmax is not."""
-    from codelm.quant import quantize_int4, quantize_int8, repack_gguf
+    from codelm.quant import INT4_GROUP, quantize_rows, repack_gguf
 
     if source.raw is not None:
         return repack_gguf(
@@ -342,10 +342,12 @@ def _quantize(
             int8_group_size=int8_group,
             search=search,
         ).to(device)
-    weight = source.to_float(device)  # quantised where it will run (quant/reference.py)
-    if scheme == "int4":
-        return quantize_int4(weight, name=source.name, search=search)[0]
-    return quantize_int8(weight, int8_group, name=source.name)[0]
+
+    def rows(r0: int, r1: int) -> torch.Tensor:  # quantised where it will run
+        return source.tensor[r0:r1].to(device).float()
+
+    group = INT4_GROUP if scheme == "int4" else int8_group
+    return quantize_rows(rows, source.shape[0], scheme, group, name=source.name, search=search)[0]
 
 
 def fill_model(

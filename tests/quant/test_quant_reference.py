@@ -9,6 +9,7 @@ from codelm.quant import (
     matmul,
     quantize_int4,
     quantize_int8,
+    quantize_rows,
     requantize_int8_per_channel,
     unpack_int4,
 )
@@ -93,3 +94,27 @@ def test_quantize_int4_range_search_lowers_the_squared_error(gen):
     assert err == pytest.approx((dequantize(searched) - w).abs().max().item())
     # The same convention (q - 8) * scale + zero; no range is wider than min/max.
     assert (searched.scales <= plain.scales + 1e-7).all()
+
+
+@pytest.mark.parametrize(
+    ("scheme", "group", "search"),
+    [("int8", None, False), ("int8", 32, False), ("int4", 32, False), ("int4", 64, True)],
+)
+def test_quantize_rows_equals_quantising_the_matrix_whole(gen, scheme, group, search):
+    w = weight(gen, 50, 128)
+    read = []
+
+    def rows(r0, r1):
+        read.append(r1 - r0)
+        return w[r0:r1].clone()
+
+    got, err = quantize_rows(rows, 50, scheme, group, search=search, step=16)
+    if scheme == "int8":
+        whole, whole_err = quantize_int8(w, group)
+    else:
+        whole, whole_err = quantize_int4(w, group, search=search)
+    assert read == [16, 16, 16, 2]  # never more than a step of rows at once
+    assert type(got) is type(whole) and got.group_size == whole.group_size
+    assert torch.equal(dequantize(got), dequantize(whole)) and err == whole_err
+    with pytest.raises(ValueError, match="unknown scheme 'int4'"):
+        quantize_rows(rows, 50, "int4", None)
