@@ -141,7 +141,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.ffn_dim, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        # On a contiguous copy of the gate, in place: the same logits, bit for bit. One
+        # 512-token forward of Qwen2.5-Coder took 1.20 s against 1.47 on 2 Zen 4 cores (silu
+        # and the product on the strided half were the slow part); in 256-token chunks, the
+        # default prefill_chunk, both took 1.16 s.
+        return self.down_proj(F.silu(gate.contiguous(), inplace=True).mul_(up))
 
 
 class Block(nn.Module):
