@@ -424,7 +424,7 @@ def _heuristic_times(
         # Measured on an AVX512-BF16 EPYC: bf16 GEMMs beat fp32 for prefill (docs/quant.md).
         orders = {
             "decode": _PACKED + _NATIVE + ("dequant_fp32",),
-            "prefill": ("dense_bf16",)
+            "prefill": ("int8_tiles", "dense_bf16")
             + _PACKED
             + ("dense_fp16", "dense_fp32", "dequant_fp32")
             + _NATIVE,
@@ -434,7 +434,9 @@ def _heuristic_times(
         # fp16 GEMM (fp32 arithmetic) beats fp32 at half the bytes (AVX2 EPYC, docs/quant.md).
         orders = {
             "decode": _NATIVE + _PACKED + ("dequant_fp32",),
-            "prefill": ("dense_fp16", "dense_fp32", "dequant_fp32") + _NATIVE + _PACKED,
+            "prefill": ("int8_tiles", "dense_fp16", "dense_fp32", "dequant_fp32")
+            + _NATIVE
+            + _PACKED,
         }
     return {
         phase: {n: float(i) for i, n in enumerate(order) if n in specs}
@@ -448,7 +450,7 @@ _NATIVE = ("int4_native", "int8_native")
 
 def _dense_bytes(spec: KernelSpec, qw: QuantizedWeight) -> int:
     n, k = qw.shape
-    return spec.dense_bytes_per_weight * n * k
+    return int(spec.dense_bytes_per_weight * n * k)
 
 
 def _describe(times: dict[str, dict[str, float]]) -> str:

@@ -20,7 +20,8 @@ from codelm.quant.cpu import CPU_KERNELS, Int8PackBf16
 
 # (kernel, scheme, bound): bf16 kernels round x and y to bf16 (int4pack also its scales and
 # zeros); dense_fp16 rounds each weight to fp16; fp32 ones differ only in summation order;
-# dynamic_int8 and int8_native also quantise x per call (per row / per block of 32).
+# dynamic_int8, the native kernels and int8_tiles also quantise x per call (per row / per block
+# of 32).
 CASES = [
     ("int4pack_bf16", "int4", "int4_bf16"),
     ("dequant_fp32", "int4", "fp32"),
@@ -35,6 +36,8 @@ CASES = [
     ("dynamic_int8", "int8", "int8_activations"),
     ("int8_native", "int8", "int8_blocks"),
     ("int4_native", "int4", "int4_blocks"),
+    ("int8_tiles", "int8", "int8_blocks"),
+    ("int8_tiles", "int4", "int4_blocks"),
 ]
 SHAPES = {"decode": 1, "prefill": 33}
 

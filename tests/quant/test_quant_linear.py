@@ -19,6 +19,7 @@ from codelm.quant import (
     quantize_int8,
     quantize_model,
 )
+from codelm.quant.cpu import CPU_KERNELS
 
 
 def _bound(x: torch.Tensor, qw) -> torch.Tensor:
@@ -140,13 +141,14 @@ def test_quantize_model_swaps_linears_except_skipped(gen):
 
 def test_dispatcher_gives_dense_copies_only_while_budget_lasts(gen):
     w = weight(gen, 32, 64)
-    # The heuristic's dense copy (bf16, fp16 or fp32 by CPU and torch build): budget exactly one.
+    # The heuristic's prefill copy (int8 tiles, or dense bf16, fp16 or fp32 by CPU and torch
+    # build): budget exactly one.
     probe = Dispatcher(DispatchConfig(calibrate=False, dense_budget_bytes=1 << 30))
-    QuantizedLinear.from_float(w, dispatcher=probe)
+    copy = QuantizedLinear.from_float(w, dispatcher=probe).plan.prefill.name
     budget = probe.dense_bytes_used
-    assert budget in (2 * 32 * 64, 4 * 32 * 64)
+    assert budget == CPU_KERNELS[copy].dense_bytes_per_weight * 32 * 64 > 0
     dispatcher = Dispatcher(DispatchConfig(calibrate=False, dense_budget_bytes=budget))
     layers = [QuantizedLinear.from_float(w, dispatcher=dispatcher) for _ in range(2)]
-    assert layers[0].plan.prefill.name.startswith("dense_")
-    assert not layers[1].plan.prefill.name.startswith("dense_")
+    assert layers[0].plan.prefill.name == copy
+    assert not CPU_KERNELS[layers[1].plan.prefill.name].dense_bytes_per_weight
     assert dispatcher.dense_bytes_used == budget

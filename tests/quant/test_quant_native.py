@@ -11,10 +11,15 @@ import torch
 from quant_helpers import int4_blocks_bound, int8_blocks_bound, weight
 
 from codelm.quant import dequantize, matmul, native, quantize_int4, quantize_int8
-from codelm.quant.cpu import CPU_KERNELS, Int4Native, Int8Native
+from codelm.quant.cpu import CPU_KERNELS, Int4Native, Int8Native, Int8Tiles
 
 _LIB = native.library()
 needs_native = pytest.mark.skipif(isinstance(_LIB, str), reason=f"no native kernel: {_LIB}")
+_TILES = not isinstance(_LIB, str) and _LIB.codelm_tiles_available()
+# The AVX-512 VNNI prefill copy computes what Int8Native / Int4Native do, in another order.
+TILES = pytest.param(
+    Int8Tiles, marks=pytest.mark.skipif(not _TILES, reason="native kernels without AVX-512 VNNI")
+)
 
 
 @needs_native
@@ -60,15 +65,16 @@ def test_native_kernel_is_no_candidate_when_k_not_multiple_of_32(gen):
 
 
 @needs_native
+@pytest.mark.parametrize("kernel", [Int8Native, TILES])
 @pytest.mark.parametrize("rows", [1, 3, 40])
-def test_native_kernel_matches_reference_when_real_shapes(gen, rows):
+def test_native_kernel_matches_reference_when_real_shapes(gen, rows, kernel):
     # A Qwen2.5-Coder down projection with an odd row count; one x row is all zeros (scale 0).
     qw, _ = quantize_int8(weight(gen, 899, 4864))
     x = torch.randn(rows, 4864, generator=gen)
     x[0, :64] = 0.0
     if rows > 1:
         x[1] = 0.0
-    y = Int8Native(qw)(x)
+    y = kernel(qw)(x)
     assert y.shape == (rows, 899) and y.dtype == torch.float32
     assert ((y - matmul(x, qw)).abs() <= int8_blocks_bound(x, dequantize(qw))).all()
     if rows > 1:
@@ -85,24 +91,26 @@ def test_native_kernel_takes_bf16_activations(gen):
 
 
 @needs_native
+@pytest.mark.parametrize("kernel", [Int8Native, TILES])
 @pytest.mark.parametrize("group_size", [32, 64, 896])
-def test_native_kernel_matches_reference_when_group_wise(gen, group_size):
+def test_native_kernel_matches_reference_when_group_wise(gen, group_size, kernel):
     # GGUF Q8_0 comes in groups of 32: the kernel takes them as they are.
     qw, _ = quantize_int8(weight(gen, 48, 896), group_size=group_size)
     x = torch.randn(5, 896, generator=gen)
-    y = Int8Native(qw)(x)
+    y = kernel(qw)(x)
     assert ((y - matmul(x, qw)).abs() <= int8_blocks_bound(x, dequantize(qw))).all()
 
 
 @needs_native
+@pytest.mark.parametrize("kernel", [Int4Native, TILES])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("rows", [1, 17])
-def test_native_int4_kernel_matches_reference_when_offset_weights(gen, group_size, rows):
+def test_native_int4_kernel_matches_reference_when_offset_weights(gen, group_size, rows, kernel):
     # Weights centred away from 0, as Q4_1's minimums make them: the zero points carry weight.
     qw, _ = quantize_int4(weight(gen, 136, 896) + 0.03, group_size)
     x = torch.randn(rows, 896, generator=gen)
     x[0, 32:64] = 0.0
-    y = Int4Native(qw)(x)
+    y = kernel(qw)(x)
     assert y.shape == (rows, 136)
     assert ((y - matmul(x, qw)).abs() <= int4_blocks_bound(x, qw)).all()
 
