@@ -221,11 +221,10 @@ class Int4Native:
 
 class Int8Tiles:
     """A prefill copy for CPUs with AVX-512 VNNI (kernels_x86.c, "Prefill on AVX-512 VNNI"):
-    int8 weights (int4 ones as q - 8) laid out in tiles of 16 output channels, so vpdpbusd
-    adds 64 products into 16 outputs at once; x is quantised in blocks of 32 as for
-    Int8Native, so the numbers are its numbers summed in another order. ~1.3 bytes per
-    weight, paid from the dense budget like a dequantised copy; 1.3-1.6x a bf16 GEMM on a
-    Zen 4 (docs/quant.md)."""
+    int8 weights (as w + 128) or int4 ones (as q) laid out in tiles of 16 output channels, so
+    vpdpbusd adds 64 products into 16 outputs at once; x is quantised in blocks of 32 as for
+    Int8Native, so the numbers are its numbers summed in another order. ~1.2 bytes per weight,
+    paid from the dense budget like a dequantised copy, prefill only (docs/quant.md)."""
 
     name = "int8_tiles"
 
@@ -234,49 +233,44 @@ class Int8Tiles:
         self.n, self.k = n, k = qw.shape
         blocks = k // 32
         if isinstance(qw, Int4Weight):
-            w = unpack_int4(qw.data).to(torch.int8).sub_(8)
+            u, self.offset = unpack_int4(qw.data), 8
             zeros = _per_block(qw.zeros, blocks)
         else:
-            w, zeros = qw.data, None
-        scales = _per_block(qw.scales, blocks)
-        sums = w.view(n, blocks, 32).sum(dim=-1, dtype=torch.int32).mul_(128)
+            u, self.offset = qw.data.view(torch.uint8) ^ 0x80, 128  # w + 128
+            zeros = None
         pad = -n % 16  # whole tiles: padded channels are zero and sliced off the output
-        self.tiles = n + pad
-        t = self.tiles // 16
+        self.padded_n = n + pad
+        tiles = self.padded_n // 16
 
         def tiled(per_block: torch.Tensor) -> torch.Tensor:  # [N, B] -> [N / 16][B][16]
-            padded = F.pad(per_block, (0, 0, 0, pad))
-            return padded.view(t, 16, blocks).transpose(1, 2).contiguous()
+            return F.pad(per_block, (0, 0, 0, pad)).view(tiles, 16, blocks).transpose(1, 2)
 
-        padded = F.pad(w, (0, 0, 0, pad))
-        self.data = padded.view(t, 16, blocks, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
-        self.corrections = tiled(sums)
-        self.scales = tiled(scales.float())
-        self.zeros = None if zeros is None else tiled(zeros.float())
-        self.nbytes = _nbytes(self.data, self.corrections, self.scales, *self._zeros())
-
-    def _zeros(self) -> tuple[torch.Tensor, ...]:
-        return () if self.zeros is None else (self.zeros,)
+        u = F.pad(u, (0, 0, 0, pad), value=self.offset)
+        self.data = u.view(tiles, 16, blocks, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
+        self.scales = tiled(_per_block(qw.scales, blocks).float()).contiguous()
+        self.zeros = None if zeros is None else tiled(zeros.float()).contiguous()
+        self.nbytes = _nbytes(self.data, self.scales, *([] if zeros is None else [self.zeros]))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32).contiguous()
         m = x.shape[0]
-        y = torch.empty(m, self.tiles, dtype=torch.float32)
+        y = torch.empty(m, self.padded_n, dtype=torch.float32)
         zeros = None if self.zeros is None else self.zeros.data_ptr()
-        weight = (self.data, self.corrections, self.scales)
         rc = self._fn(
             x.data_ptr(),
             m,
             self.k,
-            *(t.data_ptr() for t in weight),
+            self.data.data_ptr(),
+            self.offset,
+            self.scales.data_ptr(),
             zeros,
-            self.tiles,
+            self.padded_n,
             y.data_ptr(),
             torch.get_num_threads(),
         )
         if rc != 0:
             raise RuntimeError(f"{self.name}: no memory for {m}x{self.k} scratch")
-        return y if self.tiles == self.n else y[:, : self.n]
+        return y if self.padded_n == self.n else y[:, : self.n]
 
 
 def _per_block(per_group: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -385,9 +379,7 @@ CPU_KERNELS: dict[str, KernelSpec] = {
         ),
         KernelSpec("int8_native", ("int8",), Int8Native, unavailable=_native_unavailable),
         KernelSpec("int4_native", ("int4",), Int4Native, unavailable=_native_unavailable),
-        KernelSpec(
-            "int8_tiles", ("int4", "int8"), Int8Tiles, 1.375, unavailable=_tiles_unavailable
-        ),
+        KernelSpec("int8_tiles", ("int4", "int8"), Int8Tiles, 1.25, unavailable=_tiles_unavailable),
     )
 }
 

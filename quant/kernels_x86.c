@@ -294,48 +294,49 @@ int codelm_q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, con
 /* ---- Prefill on AVX-512 VNNI: weights in tiles of 16 output channels ----
  * The row-at-a-time loop above sums each output with a horizontal add and reloads x for every
  * weight row: fine for a few rows (decode), far from what vpdpbusd can do for a prompt. Here a
- * weight copy is laid out [n / 16][k / 32][8][16][4] (int8; int4 as q - 8): one 64-byte load
- * holds 4 consecutive k of 16 output channels, so a broadcast of 4 bytes of x and one vpdpbusd
- * add 64 products straight into 16 outputs, and each load serves TILE_ROWS rows of x.
- * Per block of 32 the int32 sums become float with both scales (and int4's zero times the
- * block's float sum of x): the same arithmetic as `linear`, summed in another order.
- * vpdpbusd multiplies unsigned by signed bytes, so x goes in as q + 128 and each tile carries
- * 128 times its block sums of w to take back out. */
+ * weight copy is laid out [n / 16][k / 32][8][16][4] bytes: one 64-byte load holds 4
+ * consecutive k of 16 output channels, so a broadcast of 4 bytes of x and one vpdpbusd add 64
+ * products straight into 16 outputs, and each load serves TILE_ROWS rows of x.
+ * vpdpbusd multiplies unsigned by signed bytes: the weights are the unsigned side, int8 ones
+ * stored as w + 128 and int4 ones as q (0..15), so w = u - offset (128, or int4's 8) and each
+ * block's sums start at -offset * (sum of x's block): one broadcast per row and block, shared
+ * by all channels. Per block of 32 the int32 sums become float with both scales (and int4's
+ * zero times the block's float sum of x): the numbers of `linear`, summed in another order. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define TILE 16       /* output channels in a 512-bit register of int32 or float */
-#define TILE_ROWS 6   /* rows of x a weight load serves (6: 4 measured 0.8x as fast) */
-#define TILE_SPAN 64  /* rows of x (in L2) a tile pair (in L1 / L2) is applied to in turn */
+#define TILE 16      /* output channels in a 512-bit register of int32 or float */
+#define TILE_ROWS 6  /* rows of x a weight load serves (4 measured 0.8x as fast) */
+#define TILE_SPAN 64 /* rows of x (in L2) a tile pair (in L1 / L2) is applied to in turn */
 
 int codelm_tiles_available(void) { return 1; }
 
-/* x [rows, k] -> xq (q + 128 as bytes), xd (scale per block), xs (float sum per block, where
- * given); as quantize_blocks, 16 lanes at a time. */
-static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, uint8_t *xq, float *xd,
-                               float *xs, int nthreads)
+/* x [rows, k] -> xq (int8), xd (scale per block), xo (-offset * sum of xq per block) and, where
+ * given, xs (float sum per block); as quantize_blocks, 16 lanes at a time. */
+static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t offset,
+                               int8_t *xq, float *xd, int32_t *xo, float *xs, int nthreads)
 {
     const int64_t blocks = k / BLOCK;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t b = 0; b < rows * blocks; b++) {
         const float *src = x + b * BLOCK;
         const __m512 lo = _mm512_loadu_ps(src), hi = _mm512_loadu_ps(src + 16);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-        const float d = amax / 127.0f;
+        const __m512 amax = _mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi));
+        const float d = _mm512_reduce_max_ps(amax) / 127.0f;
         const __m512 inv = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
-        const __m512i bias = _mm512_set1_epi32(128);
-        const __m512i qlo = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), bias);
-        const __m512i qhi = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inv)), bias);
+        const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv));
+        const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
         _mm_storeu_si128((__m128i *)(xq + b * BLOCK), _mm512_cvtepi32_epi8(qlo));
         _mm_storeu_si128((__m128i *)(xq + b * BLOCK + 16), _mm512_cvtepi32_epi8(qhi));
         xd[b] = d;
+        xo[b] = -offset * _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
         if (xs)
             xs[b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
     }
 }
 
-/* y[rows, 16 * nt] for mr rows of x and nt tiles (both constants where inlined). */
-INLINE void tile_kernel(const uint8_t *xq, const float *xd, const float *xs, int64_t k,
-                        const int8_t *wt, const int32_t *corr, const float *ws, const float *wz,
-                        float *y, int64_t ldy, int mr, int nt)
+/* y[mr rows, 16 * nt] (mr, nt and whether wz is given: constants where inlined). */
+INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
+                        int64_t k, const uint8_t *wt, const float *ws, const float *wz, float *y,
+                        int64_t ldy, int mr, int nt)
 {
     const int64_t blocks = k / BLOCK, tile_bytes = k * TILE, tile_blocks = blocks * TILE;
     __m512 acc[TILE_ROWS][2];
@@ -344,9 +345,11 @@ INLINE void tile_kernel(const uint8_t *xq, const float *xd, const float *xs, int
             acc[r][j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
         __m512i dot[TILE_ROWS][2];
-        for (int r = 0; r < mr; r++)
+        for (int r = 0; r < mr; r++) {
+            const __m512i start = _mm512_set1_epi32(xo[r * blocks + b]);
             for (int j = 0; j < nt; j++)
-                dot[r][j] = _mm512_setzero_si512();
+                dot[r][j] = start;
+        }
         for (int step = 0; step < BLOCK / 4; step++) {
             __m512i w[2];
             for (int j = 0; j < nt; j++)
@@ -356,17 +359,15 @@ INLINE void tile_kernel(const uint8_t *xq, const float *xd, const float *xs, int
                 memcpy(&four, xq + r * k + b * BLOCK + step * 4, 4);
                 const __m512i xb = _mm512_set1_epi32(four);
                 for (int j = 0; j < nt; j++)
-                    dot[r][j] = _mm512_dpbusd_epi32(dot[r][j], xb, w[j]);
+                    dot[r][j] = _mm512_dpbusd_epi32(dot[r][j], w[j], xb);
             }
         }
         for (int j = 0; j < nt; j++) {
             const int64_t at = j * tile_blocks + b * TILE;
-            const __m512i c = _mm512_loadu_si512(corr + at);
             const __m512 s = _mm512_loadu_ps(ws + at);
             for (int r = 0; r < mr; r++) {
-                const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[r][j], c));
                 const __m512 scale = _mm512_mul_ps(s, _mm512_set1_ps(xd[r * blocks + b]));
-                acc[r][j] = _mm512_fmadd_ps(v, scale, acc[r][j]);
+                acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][j]), scale, acc[r][j]);
                 if (wz)
                     acc[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(wz + at),
                                                 _mm512_set1_ps(xs[r * blocks + b]), acc[r][j]);
@@ -382,52 +383,51 @@ INLINE void tile_kernel(const uint8_t *xq, const float *xd, const float *xs, int
 #define TILE_CASE(MR)                                                                            \
     case MR:                                                                                     \
         if (nt == 2 && wz)                                                                       \
-            tile_kernel(xq, xd, xs, k, wt, corr, ws, wz, y, n, MR, 2);                           \
+            tile_kernel(xq, xd, xo, xs, k, wt, ws, wz, y, n, MR, 2);                             \
         else if (nt == 2)                                                                        \
-            tile_kernel(xq, xd, xs, k, wt, corr, ws, NULL, y, n, MR, 2);                         \
+            tile_kernel(xq, xd, xo, xs, k, wt, ws, NULL, y, n, MR, 2);                           \
         else if (wz)                                                                             \
-            tile_kernel(xq, xd, xs, k, wt, corr, ws, wz, y, n, MR, 1);                           \
+            tile_kernel(xq, xd, xo, xs, k, wt, ws, wz, y, n, MR, 1);                             \
         else                                                                                     \
-            tile_kernel(xq, xd, xs, k, wt, corr, ws, NULL, y, n, MR, 1);                         \
+            tile_kernel(xq, xd, xo, xs, k, wt, ws, NULL, y, n, MR, 1);                           \
         return;
 
-static void tile_rows(const uint8_t *xq, const float *xd, const float *xs, int64_t k,
-                      const int8_t *wt, const int32_t *corr, const float *ws, const float *wz,
-                      float *y, int64_t n, int mr, int nt)
+static void tile_rows(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
+                      int64_t k, const uint8_t *wt, const float *ws, const float *wz, float *y,
+                      int64_t n, int mr, int nt)
 {
     switch (mr) {
         TILE_CASE(1)
         TILE_CASE(2)
         TILE_CASE(3)
         TILE_CASE(4)
-#if TILE_ROWS > 4
         TILE_CASE(5)
         TILE_CASE(6)
-#endif
     }
 }
 #undef TILE_CASE
 
 /* y [m, n] = x [m, k] @ w.T from a tiled copy (see above): wt [n / 16][k / 32][8][16][4]
- * bytes, corr / ws / wz [n / 16][k / 32][16] (int32 128 * block sums of w, float scales, float
- * zeros or NULL). Returns 0, or -1 for a shape that does not tile or short memory. */
-int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const int8_t *wt,
-                        const int32_t *corr, const float *ws, const float *wz, int64_t n, float *y,
-                        int nthreads)
+ * bytes holding w + offset, ws / wz [n / 16][k / 32][16] float scales and zeros (int4 only, or
+ * NULL). Returns 0, or -1 for a shape that does not tile or short memory. */
+int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t *wt, int32_t offset,
+                        const float *ws, const float *wz, int64_t n, float *y, int nthreads)
 {
     if (k % BLOCK != 0 || n % TILE != 0 || nthreads < 1)
         return -1;
     const int64_t blocks = k / BLOCK, tiles = n / TILE;
-    uint8_t *xq = malloc((size_t)(m * k));
+    int8_t *xq = malloc((size_t)(m * k));
     float *xd = malloc((size_t)(m * blocks) * sizeof(float));
+    int32_t *xo = malloc((size_t)(m * blocks) * sizeof(int32_t));
     float *xs = wz ? malloc((size_t)(m * blocks) * sizeof(float)) : NULL;
-    if (!xq || !xd || (wz && !xs)) {
+    if (!xq || !xd || !xo || (wz && !xs)) {
         free(xq);
         free(xd);
+        free(xo);
         free(xs);
         return -1;
     }
-    quantize_tile_rows(x, m, k, xq, xd, xs, nthreads);
+    quantize_tile_rows(x, m, k, offset, xq, xd, xo, xs, nthreads);
     const int64_t spans = (m + TILE_SPAN - 1) / TILE_SPAN, pairs = (tiles + 1) / 2;
 #pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
     for (int64_t span = 0; span < spans; span++)
@@ -437,24 +437,24 @@ int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const int8_t *wt,
             const int64_t at = t * blocks * TILE;
             for (int64_t i = span * TILE_SPAN; i < end; i += TILE_ROWS) {
                 const int mr = end - i < TILE_ROWS ? (int)(end - i) : TILE_ROWS;
-                tile_rows(xq + i * k, xd + i * blocks, xs ? xs + i * blocks : NULL, k,
-                          wt + t * k * TILE, corr + at, ws + at, wz ? wz + at : NULL,
-                          y + i * n + t * TILE, n, mr, (int)nt);
+                tile_rows(xq + i * k, xd + i * blocks, xo + i * blocks, xs ? xs + i * blocks : NULL,
+                          k, wt + t * k * TILE, ws + at, wz ? wz + at : NULL, y + i * n + t * TILE,
+                          n, mr, (int)nt);
             }
         }
     free(xq);
     free(xd);
+    free(xo);
     free(xs);
     return 0;
 }
 #else
 int codelm_tiles_available(void) { return 0; }
 
-int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const int8_t *wt,
-                        const int32_t *corr, const float *ws, const float *wz, int64_t n, float *y,
-                        int nthreads)
+int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t *wt, int32_t offset,
+                        const float *ws, const float *wz, int64_t n, float *y, int nthreads)
 {
-    (void)x, (void)m, (void)k, (void)wt, (void)corr, (void)ws, (void)wz, (void)n, (void)y;
+    (void)x, (void)m, (void)k, (void)wt, (void)offset, (void)ws, (void)wz, (void)n, (void)y;
     (void)nthreads;
     return -1;
 }

@@ -92,7 +92,8 @@ def _build_and_open(compiler: str, path: Path, key: str) -> ctypes.CDLL | str:
     lib.codelm_q8_linear.restype = lib.codelm_q4_linear.restype = ctypes.c_int
     lib.codelm_decode_step.argtypes = (p, p, p, p, p, i64, i64, p, p, ctypes.c_int)
     lib.codelm_decode_step.restype = ctypes.c_int
-    lib.codelm_tiles_linear.argtypes = (p, i64, i64, p, p, p, p, i64, p, ctypes.c_int)
+    i32 = ctypes.c_int32
+    lib.codelm_tiles_linear.argtypes = (p, i64, i64, p, i32, p, p, i64, p, ctypes.c_int)
     lib.codelm_tiles_linear.restype = lib.codelm_tiles_available.restype = ctypes.c_int
     lib.codelm_build_key = key
     return lib
