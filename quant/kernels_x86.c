@@ -305,35 +305,42 @@ int codelm_q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, con
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define TILE 16      /* output channels in a 512-bit register of int32 or float */
 #define TILE_ROWS 6  /* rows of x a weight load serves (4 measured 0.8x as fast) */
-#define TILE_SPAN 64 /* rows of x (in L2) a tile pair (in L1 / L2) is applied to in turn */
+#define TILE_SPAN 66 /* rows of x (in L2) a tile pair (in L1 / L2) is applied to in turn */
 
 int codelm_tiles_available(void) { return 1; }
 
-/* x [rows, k] -> xq (int8), xd (scale per block), xo (-offset * sum of xq per block) and, where
- * given, xs (float sum per block); as quantize_blocks, 16 lanes at a time. */
+/* x [rows, k] quantised as quantize_blocks does, 16 lanes at a time, into the order the tile
+ * kernel reads: rows in groups of TILE_ROWS (the last padded with zeros), each group's block b
+ * of all its rows together, so the kernel finds everything at constant offsets from one
+ * pointer. Per row and block: xq 32 int8, xd the scale, xo -offset * the sum of xq and, where
+ * given, xs the float sum of x. */
 static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t offset,
                                int8_t *xq, float *xd, int32_t *xo, float *xs, int nthreads)
 {
-    const int64_t blocks = k / BLOCK;
+    const int64_t blocks = k / BLOCK, padded = (rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t b = 0; b < rows * blocks; b++) {
-        const float *src = x + b * BLOCK;
-        const __m512 lo = _mm512_loadu_ps(src), hi = _mm512_loadu_ps(src + 16);
+    for (int64_t rb = 0; rb < padded * blocks; rb++) {
+        const int64_t i = rb / blocks, b = rb % blocks;
+        const int64_t at = (i / TILE_ROWS * blocks + b) * TILE_ROWS + i % TILE_ROWS;
+        const float *src = x + i * k + b * BLOCK;
+        const __m512 lo = i < rows ? _mm512_loadu_ps(src) : _mm512_setzero_ps();
+        const __m512 hi = i < rows ? _mm512_loadu_ps(src + 16) : _mm512_setzero_ps();
         const __m512 amax = _mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi));
         const float d = _mm512_reduce_max_ps(amax) / 127.0f;
         const __m512 inv = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
         const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv));
         const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
-        _mm_storeu_si128((__m128i *)(xq + b * BLOCK), _mm512_cvtepi32_epi8(qlo));
-        _mm_storeu_si128((__m128i *)(xq + b * BLOCK + 16), _mm512_cvtepi32_epi8(qhi));
-        xd[b] = d;
-        xo[b] = -offset * _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+        _mm_storeu_si128((__m128i *)(xq + at * BLOCK), _mm512_cvtepi32_epi8(qlo));
+        _mm_storeu_si128((__m128i *)(xq + at * BLOCK + 16), _mm512_cvtepi32_epi8(qhi));
+        xd[at] = d;
+        xo[at] = -offset * _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
         if (xs)
-            xs[b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+            xs[at] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
     }
 }
 
-/* y[mr rows, 16 * nt] (mr, nt and whether wz is given: constants where inlined). */
+/* y[mr rows, 16 * nt] from one group of TILE_ROWS quantised rows (of which mr are real) and nt
+ * weight tiles; mr, nt and whether wz is given are constants where inlined. */
 INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
                         int64_t k, const uint8_t *wt, const float *ws, const float *wz, float *y,
                         int64_t ldy, int mr, int nt)
@@ -344,33 +351,35 @@ INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, co
         for (int j = 0; j < nt; j++)
             acc[r][j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
+        const int8_t *xb = xq + b * TILE_ROWS * BLOCK;
+        const uint8_t *wb = wt + b * BLOCK * TILE;
         __m512i dot[TILE_ROWS][2];
         for (int r = 0; r < mr; r++) {
-            const __m512i start = _mm512_set1_epi32(xo[r * blocks + b]);
+            const __m512i start = _mm512_set1_epi32(xo[b * TILE_ROWS + r]);
             for (int j = 0; j < nt; j++)
                 dot[r][j] = start;
         }
         for (int step = 0; step < BLOCK / 4; step++) {
             __m512i w[2];
             for (int j = 0; j < nt; j++)
-                w[j] = _mm512_loadu_si512(wt + j * tile_bytes + (b * (BLOCK / 4) + step) * 64);
+                w[j] = _mm512_loadu_si512(wb + j * tile_bytes + step * 64);
             for (int r = 0; r < mr; r++) {
                 int32_t four;
-                memcpy(&four, xq + r * k + b * BLOCK + step * 4, 4);
-                const __m512i xb = _mm512_set1_epi32(four);
+                memcpy(&four, xb + r * BLOCK + step * 4, 4);
+                const __m512i x4 = _mm512_set1_epi32(four);
                 for (int j = 0; j < nt; j++)
-                    dot[r][j] = _mm512_dpbusd_epi32(dot[r][j], w[j], xb);
+                    dot[r][j] = _mm512_dpbusd_epi32(dot[r][j], w[j], x4);
             }
         }
         for (int j = 0; j < nt; j++) {
             const int64_t at = j * tile_blocks + b * TILE;
             const __m512 s = _mm512_loadu_ps(ws + at);
             for (int r = 0; r < mr; r++) {
-                const __m512 scale = _mm512_mul_ps(s, _mm512_set1_ps(xd[r * blocks + b]));
+                const __m512 scale = _mm512_mul_ps(s, _mm512_set1_ps(xd[b * TILE_ROWS + r]));
                 acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][j]), scale, acc[r][j]);
                 if (wz)
                     acc[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(wz + at),
-                                                _mm512_set1_ps(xs[r * blocks + b]), acc[r][j]);
+                                                _mm512_set1_ps(xs[b * TILE_ROWS + r]), acc[r][j]);
             }
         }
     }
@@ -416,10 +425,11 @@ int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t *wt,
     if (k % BLOCK != 0 || n % TILE != 0 || nthreads < 1)
         return -1;
     const int64_t blocks = k / BLOCK, tiles = n / TILE;
-    int8_t *xq = malloc((size_t)(m * k));
-    float *xd = malloc((size_t)(m * blocks) * sizeof(float));
-    int32_t *xo = malloc((size_t)(m * blocks) * sizeof(int32_t));
-    float *xs = wz ? malloc((size_t)(m * blocks) * sizeof(float)) : NULL;
+    const int64_t rows = (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS; /* whole groups */
+    int8_t *xq = malloc((size_t)(rows * k));
+    float *xd = malloc((size_t)(rows * blocks) * sizeof(float));
+    int32_t *xo = malloc((size_t)(rows * blocks) * sizeof(int32_t));
+    float *xs = wz ? malloc((size_t)(rows * blocks) * sizeof(float)) : NULL;
     if (!xq || !xd || !xo || (wz && !xs)) {
         free(xq);
         free(xd);
