@@ -421,7 +421,8 @@ def _heuristic_times(
     if _device(qw).type == "cuda":
         orders = cuda.HEURISTIC_ORDER
     elif cpu.has_bf16_hardware:
-        # Measured on an AVX512-BF16 EPYC: bf16 GEMMs beat fp32 for prefill (docs/quant.md).
+        # Measured on an AVX512-BF16 EPYC: bf16 GEMMs beat fp32 for prefill, and int8_tiles
+        # (built where the CPU has AVX-512 VNNI) beats both (docs/quant.md).
         orders = {
             "decode": _PACKED + _NATIVE + ("dequant_fp32",),
             "prefill": ("int8_tiles", "dense_bf16")

@@ -306,6 +306,7 @@ int codelm_q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, con
 #define TILE 16      /* output channels in a 512-bit register of int32 or float */
 #define TILE_ROWS 6  /* rows of x a weight load serves (4 measured 0.8x as fast) */
 #define TILE_SPAN 66 /* rows of x (in L2) a tile pair (in L1 / L2) is applied to in turn */
+_Static_assert(TILE_SPAN % TILE_ROWS == 0, "a span holds whole groups of rows");
 
 int codelm_tiles_available(void) { return 1; }
 
