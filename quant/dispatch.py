@@ -68,9 +68,10 @@ class CpuInfo:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DispatchConfig:
     """cache_dir: where the ranking JSON lives (None: memory only). dense_budget_bytes: memory
-    all layers together may spend on dequantised copies. allow_lossy: also try kernels that
-    quantise activations (fbgemm dynamic int8). use_bitsandbytes: also try its CUDA int8 / nf4
-    kernels (pip install bitsandbytes). calibrate False: rank by a fixed heuristic."""
+    all layers together may spend on prefill copies beside the format (dequantised, or int8
+    tiles). allow_lossy: also try kernels that quantise activations (fbgemm dynamic int8).
+    use_bitsandbytes: also try its CUDA int8 / nf4 kernels (pip install bitsandbytes).
+    calibrate False: rank by a fixed heuristic."""
 
     cache_dir: Path | None = None
     calibrate: bool = True
