@@ -6,6 +6,9 @@
  * rounding is new error. w is int8 scaled (fp16) per output channel or per group of 32 or more
  * (GGUF Q8_0's blocks), or int4 as (q - 8) * scale + zero per group (GGUF Q4_0 / Q4_1).
  *
+ * The same file holds what runs around them: SwiGLU, an AVX-512 VNNI prefill GEMM on a tiled
+ * copy of the weights, and a whole decode step of llama-family blocks.
+ *
  * Built by native.py with the machine's own compiler (-O3 -march=native -fopenmp) and called
  * through ctypes; OpenMP resolves to the libgomp torch has loaded, so both share one pool. */
 #include <immintrin.h>
@@ -21,7 +24,7 @@
 
 #define BLOCK 32
 
-int codelm_kernels_abi(void) { return 7; }
+int codelm_kernels_abi(void) { return 8; }
 
 /* x [rows, k] -> xq [rows, k] int8, xd [rows, k / BLOCK]: scale per block of 32. Where xsum
  * and xqsum are given, also per block: the float sum of x, and xd times the sum of xq (for
@@ -289,6 +292,52 @@ int codelm_q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, con
                      const uint16_t *wz, int64_t group, int64_t n, float *y, int nthreads)
 {
     return wz ? linear(x, m, k, w, ws, wz, group, n, y, nthreads) : -1;
+}
+
+/* ---- SwiGLU: silu(gate) * up, for the decode step and for prefill (layers.silu_and_mul) ---- */
+
+/* e^x in 8 lanes: 2^n * e^r with x = n ln 2 + r, |r| <= ln 2 / 2, e^r by Cephes' expf
+ * polynomial (~1 ulp); x clamped to [-87.3, 88.3], where 2^n stays a normal float. */
+static inline __m256 exp8(__m256 x)
+{
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln 2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* out[i] = gate[i] / (1 + e^-gate[i]) * up[i] for i < n */
+static void silu_mul(const float *gate, const float *up, int64_t n, float *out)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++)
+        out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* x [m, 2 * ffn], each row its gate then its up half -> out [m, ffn]: one pass over x where
+ * torch takes three (a contiguous gate, silu, mul). */
+void codelm_swiglu(const float *x, int64_t m, int64_t ffn, float *out, int nthreads)
+{
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < m; i++)
+        silu_mul(x + i * 2 * ffn, x + i * 2 * ffn + ffn, ffn, out + i * ffn);
 }
 
 /* ---- Prefill on AVX-512 VNNI: weights in tiles of 16 output channels ----
@@ -589,10 +638,7 @@ int codelm_decode_step(const codelm_block *blocks, const codelm_shape *s, float 
         rms_norm(x, b->ffn_norm, dim, s->eps, h);
         if ((rc = apply(&b->gate_up, h, gate_up, nthreads)) != 0)
             break;
-        for (int64_t i = 0; i < ffn; i++) {
-            const float g = gate_up[i];
-            act[i] = g / (1.0f + expf(-g)) * gate_up[ffn + i];
-        }
+        silu_mul(gate_up, gate_up + ffn, ffn, act);
         if ((rc = apply(&b->down, act, h, nthreads)) != 0)
             break;
         for (int64_t i = 0; i < dim; i++)

@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels_x86.c")
-_ABI = 7
+_ABI = 8
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _COMPILE_TIMEOUT_S = 120
 
@@ -95,6 +95,8 @@ def _build_and_open(compiler: str, path: Path, key: str) -> ctypes.CDLL | str:
     i32 = ctypes.c_int32
     lib.codelm_tiles_linear.argtypes = (p, i64, i64, p, i32, p, p, i64, p, ctypes.c_int)
     lib.codelm_tiles_linear.restype = lib.codelm_tiles_available.restype = ctypes.c_int
+    lib.codelm_swiglu.argtypes = (p, i64, i64, p, ctypes.c_int)
+    lib.codelm_swiglu.restype = None
     lib.codelm_build_key = key
     return lib
 

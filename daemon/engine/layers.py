@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -180,6 +181,25 @@ def _attend_one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
 
 # HF `hidden_act` -> F.gelu's `approximate`; "gelu_pytorch_tanh" is what the released models use.
 GELU_APPROXIMATE = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
+
+
+def silu_and_mul(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
+    """SwiGLU of a fused gate/up projection [..., 2 * ffn_dim]: silu(gate) * up, [..., ffn_dim].
+
+    On the CPU, for float32 rows, one pass of the native kernel (kernels_x86.c, codelm_swiglu,
+    the decode step's own): torch takes three (a contiguous gate, silu, mul), ~0.95 against
+    0.45 ms for 256 x 4864 on 2 Zen 4 cores. Elsewhere torch, on a contiguous gate in place."""
+    from codelm.quant import native
+
+    lib = native.library() if gate_up.device.type == "cpu" else None
+    if not isinstance(lib, ctypes.CDLL) or gate_up.dtype != torch.float32:
+        gate, up = gate_up.split(ffn_dim, dim=-1)
+        return F.silu(gate.contiguous(), inplace=True).mul_(up)
+    gate_up = gate_up.contiguous()
+    out = gate_up.new_empty(*gate_up.shape[:-1], ffn_dim)
+    rows = gate_up.numel() // (2 * ffn_dim)
+    lib.codelm_swiglu(gate_up.data_ptr(), rows, ffn_dim, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def gelu_approximate(name: str) -> str:

@@ -9,10 +9,17 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Decoder, RMSNorm, RopeScaling, attend, meta_linear, qkv_heads
+from ..layers import (
+    Decoder,
+    RMSNorm,
+    RopeScaling,
+    attend,
+    meta_linear,
+    qkv_heads,
+    silu_and_mul,
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -140,12 +147,7 @@ class MLP(nn.Module):
         self.down_proj = meta_linear(args.ffn_dim, args.dim, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.ffn_dim, dim=-1)
-        # On a contiguous copy of the gate, in place: the same logits, bit for bit. One
-        # 512-token forward of Qwen2.5-Coder took 1.20 s against 1.47 on 2 Zen 4 cores (silu
-        # and the product on the strided half were the slow part); in 256-token chunks, the
-        # default prefill_chunk, both took 1.16 s.
-        return self.down_proj(F.silu(gate.contiguous(), inplace=True).mul_(up))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.ffn_dim))
 
 
 class Block(nn.Module):
