@@ -252,24 +252,9 @@ class Int8Tiles:
         self.nbytes = _nbytes(self.data, self.scales, *([] if zeros is None else [self.zeros]))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32).contiguous()
-        m = x.shape[0]
-        y = torch.empty(m, self.padded_n, dtype=torch.float32)
         zeros = None if self.zeros is None else self.zeros.data_ptr()
-        rc = self._fn(
-            x.data_ptr(),
-            m,
-            self.k,
-            self.data.data_ptr(),
-            self.offset,
-            self.scales.data_ptr(),
-            zeros,
-            self.padded_n,
-            y.data_ptr(),
-            torch.get_num_threads(),
-        )
-        if rc != 0:
-            raise RuntimeError(f"{self.name}: no memory for {m}x{self.k} scratch")
+        weight = (self.data.data_ptr(), self.offset, self.scales.data_ptr(), zeros)
+        y = _call_native(self, x, self.padded_n, *weight, self.padded_n)
         return y if self.padded_n == self.n else y[:, : self.n]
 
 
@@ -293,15 +278,18 @@ def _native_library(kernel: str):
 
 
 def _run_native(kernel: Int8Native | Int4Native, x: torch.Tensor, *weight) -> torch.Tensor:
+    pointers = (t.data_ptr() for t in weight)
+    return _call_native(kernel, x, kernel.n, *pointers, kernel.group_size, kernel.n)
+
+
+def _call_native(kernel, x: torch.Tensor, n_out: int, *args) -> torch.Tensor:
+    """kernels_x86.c's linear entry points: fn(x, m, k, *args, y, threads) into a new float32
+    y [m, n_out]; a non-zero return is the kernel's scratch allocation failing."""
     if x.dtype != torch.float32 or not x.is_contiguous():  # a decode step's x already is
         x = x.to(torch.float32).contiguous()
     m = x.shape[0]
-    y = torch.empty(m, kernel.n, dtype=torch.float32)
-    pointers = (t.data_ptr() for t in weight)
-    threads = torch.get_num_threads()
-    rc = kernel._fn(
-        x.data_ptr(), m, kernel.k, *pointers, kernel.group_size, kernel.n, y.data_ptr(), threads
-    )
+    y = torch.empty(m, n_out, dtype=torch.float32)
+    rc = kernel._fn(x.data_ptr(), m, kernel.k, *args, y.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"{kernel.name}: no memory for {m}x{kernel.k} scratch")
     return y
