@@ -24,7 +24,7 @@
 
 #define BLOCK 32
 
-int codelm_kernels_abi(void) { return 8; }
+int codelm_kernels_abi(void) { return 9; }
 
 /* x [rows, k] -> xq [rows, k] int8, xd [rows, k / BLOCK]: scale per block of 32. Where xsum
  * and xqsum are given, also per block: the float sum of x, and xd times the sum of xq (for
@@ -75,6 +75,14 @@ static inline float hsum(__m256 v)
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float hmax(__m256 v)
+{
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
 
@@ -338,6 +346,218 @@ void codelm_swiglu(const float *x, int64_t m, int64_t ffn, float *out, int nthre
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t i = 0; i < m; i++)
         silu_mul(x + i * 2 * ffn, x + i * 2 * ffn + ffn, ffn, out + i * ffn);
+}
+
+/* ---- Causal attention for prompts: softmax(q k^T / sqrt(hd)) v over a layer's KV cache ----
+ * torch's CPU flash attention takes a whole key block of up to 512 per query block and copies
+ * K / V per query head under GQA. Here each work item is one KV head and ATT_POS positions of
+ * the prompt: the rows are every (position, query head) of that KV head, so each key and value
+ * load serves all of its query heads, and key blocks stop at the item's last position (the
+ * causal half is never computed). Scores and the weighted sum of values are fp32 FMAs in
+ * register tiles of ATT_ROWS rows x 16 lanes; the softmax is the online (flash) one, per key
+ * block of up to ATT_KEYS. Keys are first packed in panels of 16, [panel][hd][16], so a score
+ * tile reads 64 contiguous bytes a step. Plain AVX2 + FMA: Zen 4 runs two 256-bit FMAs a
+ * cycle, as fast as one 512-bit one. */
+#define ATT_POS 8   /* prompt positions per work item */
+#define ATT_KEYS 64 /* keys per online-softmax block */
+#define ATT_ROWS 6  /* rows of a register tile: 12 accumulators, 2 loads, 1 broadcast */
+
+/* panel [hd][16] = the first `count` (up to 16) of keys [16][hd] transposed, zeros after them:
+ * 8 x 8 blocks transposed in registers. */
+static void pack_keys(const float *keys, int64_t count, int64_t hd, float *panel)
+{
+    for (int64_t j0 = 0; j0 < 16; j0 += 8)
+        for (int64_t d0 = 0; d0 < hd; d0 += 8) {
+            __m256 r[8];
+            for (int j = 0; j < 8; j++)
+                r[j] = j0 + j < count ? _mm256_loadu_ps(keys + (j0 + j) * hd + d0)
+                                      : _mm256_setzero_ps();
+            /* rows j, columns d -> rows d, columns j */
+            __m256 t[8];
+            for (int j = 0; j < 8; j += 2) {
+                t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+                t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+            }
+            for (int j = 0; j < 8; j += 4) {
+                r[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44);
+                r[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
+                r[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44);
+                r[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+            }
+            for (int j = 0; j < 4; j++) {
+                t[j] = _mm256_permute2f128_ps(r[j], r[j + 4], 0x20);
+                t[j + 4] = _mm256_permute2f128_ps(r[j], r[j + 4], 0x31);
+            }
+            for (int d = 0; d < 8; d++)
+                _mm256_storeu_ps(panel + (d0 + d) * 16 + j0, t[d]);
+        }
+}
+
+/* s[r][0, 16 * panels) = q[r] . panel keys, for ATT_ROWS rows of q [.][hd] */
+INLINE void score_tile(const float *q, int64_t hd, const float *kp, int64_t panels, float *s,
+                       int64_t lds)
+{
+    for (int64_t p = 0; p < panels; p++) {
+        const float *k = kp + p * hd * 16;
+        __m256 acc[ATT_ROWS][2];
+        for (int r = 0; r < ATT_ROWS; r++)
+            acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < hd; d++) {
+            const __m256 k0 = _mm256_loadu_ps(k + d * 16), k1 = _mm256_loadu_ps(k + d * 16 + 8);
+            for (int r = 0; r < ATT_ROWS; r++) {
+                const __m256 qd = _mm256_broadcast_ss(q + r * hd + d);
+                acc[r][0] = _mm256_fmadd_ps(qd, k0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(qd, k1, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < ATT_ROWS; r++) {
+            _mm256_storeu_ps(s + r * lds + p * 16, acc[r][0]);
+            _mm256_storeu_ps(s + r * lds + p * 16 + 8, acc[r][1]);
+        }
+    }
+}
+
+/* o[r][0, hd) += sum over j < n_keys of p[r][j] * v[j], for ATT_ROWS rows; hd % 16 == 0 */
+INLINE void value_tile(const float *p, int64_t ldp, const float *v, int64_t n_keys, int64_t hd,
+                       float *o)
+{
+    for (int64_t c = 0; c < hd; c += 16) {
+        __m256 acc[ATT_ROWS][2];
+        for (int r = 0; r < ATT_ROWS; r++) {
+            acc[r][0] = _mm256_loadu_ps(o + r * hd + c);
+            acc[r][1] = _mm256_loadu_ps(o + r * hd + c + 8);
+        }
+        for (int64_t j = 0; j < n_keys; j++) {
+            const __m256 v0 = _mm256_loadu_ps(v + j * hd + c), v1 = _mm256_loadu_ps(v + j * hd + c + 8);
+            for (int r = 0; r < ATT_ROWS; r++) {
+                const __m256 pj = _mm256_broadcast_ss(p + r * ldp + j);
+                acc[r][0] = _mm256_fmadd_ps(pj, v0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(pj, v1, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < ATT_ROWS; r++) {
+            _mm256_storeu_ps(o + r * hd + c, acc[r][0]);
+            _mm256_storeu_ps(o + r * hd + c + 8, acc[r][1]);
+        }
+    }
+}
+
+/* The online softmax of one row's scores s[0, n) of which the first `valid` count (the rest
+ * are masked or padding): the row's running max m and sum l move on, its output o [hd] is
+ * rescaled to the new max, and s becomes the weights e^(s - m) (0 where masked). */
+static void softmax_step(float *s, int64_t n, int64_t valid, float *m, float *l, float *o,
+                         int64_t hd)
+{
+    __m256 high = _mm256_set1_ps(*m);
+    int64_t j = 0;
+    for (; j + 8 <= valid; j += 8)
+        high = _mm256_max_ps(high, _mm256_loadu_ps(s + j));
+    float top = hmax(high);
+    for (; j < valid; j++)
+        top = s[j] > top ? s[j] : top;
+    if (top > *m) {
+        const float rescale = expf(*m - top); /* 0 for the first block (m = -inf) */
+        for (int64_t i = 0; i < hd; i++)
+            o[i] *= rescale;
+        *l *= rescale;
+        *m = top;
+    }
+    const __m256 shift = _mm256_set1_ps(top);
+    __m256 total = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= valid; j += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), shift));
+        total = _mm256_add_ps(total, e);
+        _mm256_storeu_ps(s + j, e);
+    }
+    float sum = hsum(total);
+    for (; j < valid; j++)
+        sum += s[j] = expf(s[j] - top);
+    for (; j < n; j++)
+        s[j] = 0.0f;
+    *l += sum;
+}
+
+/* out [n_new, n_heads * hd] = causal attention of q (position t, head h at q + t * q_pos +
+ * h * q_head, hd contiguous floats) at positions [start, start + n_new) over one layer's
+ * k_cache / v_cache [n_kv_heads, capacity, hd] holding keys [0, start + n_new). Returns 0, or
+ * -1 for a shape it does not take (hd not a multiple of 16, heads not a multiple of the KV
+ * heads) or short memory. */
+int codelm_attention(const float *q, int64_t q_pos, int64_t q_head, const float *k_cache,
+                     const float *v_cache, int64_t capacity, int64_t n_heads, int64_t n_kv_heads,
+                     int64_t hd, int64_t start, int64_t n_new, float *out, int nthreads)
+{
+    if (hd % 16 != 0 || n_kv_heads < 1 || n_heads % n_kv_heads != 0 || nthreads < 1)
+        return -1;
+    const int64_t group = n_heads / n_kv_heads, end = start + n_new, panels = (end + 15) / 16;
+    const int64_t rows = ATT_POS * group, tiles = (rows + ATT_ROWS - 1) / ATT_ROWS;
+    const int64_t blocks = (n_new + ATT_POS - 1) / ATT_POS, items = n_kv_heads * blocks;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *kp = malloc((size_t)(n_kv_heads * panels * hd * 16) * sizeof(float));
+    if (!kp)
+        return -1;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (int64_t g = 0; g < n_kv_heads; g++)
+        for (int64_t p = 0; p < panels; p++)
+            pack_keys(k_cache + (g * capacity + p * 16) * hd, end - p * 16, hd,
+                      kp + (g * panels + p) * hd * 16);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        /* per thread: the item's rows of q (scaled), of o, of scores; running max and sum */
+        const int64_t padded = tiles * ATT_ROWS;
+        float *qs = malloc((size_t)(padded * (2 * hd + ATT_KEYS + 2)) * sizeof(float));
+        if (!qs) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        float *o = qs + padded * hd, *s = o + padded * hd, *m = s + padded * ATT_KEYS;
+        float *l = m + padded;
+        /* the last positions first: they have the most keys, so the tail balances */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            if (!qs)
+                continue;
+            const int64_t g = it % n_kv_heads, b = blocks - 1 - it / n_kv_heads;
+            const int64_t t0 = b * ATT_POS, n_pos = n_new - t0 < ATT_POS ? n_new - t0 : ATT_POS;
+            const int64_t real = n_pos * group, n_keys = start + t0 + n_pos;
+            const int64_t used = (real + ATT_ROWS - 1) / ATT_ROWS; /* tiles with real rows */
+            for (int64_t r = 0; r < used * ATT_ROWS; r++) {
+                const int64_t t = t0 + r / group, h = g * group + r % group;
+                for (int64_t d = 0; d < hd; d++)
+                    qs[r * hd + d] = r < real ? q[t * q_pos + h * q_head + d] * scale : 0.0f;
+                for (int64_t d = 0; d < hd; d++)
+                    o[r * hd + d] = 0.0f;
+                m[r] = -INFINITY;
+                l[r] = 0.0f;
+            }
+            const float *v = v_cache + g * capacity * hd;
+            for (int64_t k0 = 0; k0 < n_keys; k0 += ATT_KEYS) {
+                const int64_t nk = n_keys - k0 < ATT_KEYS ? n_keys - k0 : ATT_KEYS;
+                const float *panel = kp + (g * panels + k0 / 16) * hd * 16;
+                for (int64_t tile = 0; tile < used; tile++)
+                    score_tile(qs + tile * ATT_ROWS * hd, hd, panel, (nk + 15) / 16,
+                               s + tile * ATT_ROWS * ATT_KEYS, ATT_KEYS);
+                for (int64_t r = 0; r < used * ATT_ROWS; r++) {
+                    /* row r sees keys [0, start + its position] */
+                    const int64_t seen = r < real ? start + t0 + r / group + 1 - k0 : 0;
+                    const int64_t valid = seen < 0 ? 0 : (seen < nk ? seen : nk);
+                    softmax_step(s + r * ATT_KEYS, nk, valid, m + r, l + r, o + r * hd, hd);
+                }
+                for (int64_t tile = 0; tile < used; tile++)
+                    value_tile(s + tile * ATT_ROWS * ATT_KEYS, ATT_KEYS, v + k0 * hd, nk, hd,
+                               o + tile * ATT_ROWS * hd);
+            }
+            for (int64_t r = 0; r < real; r++) {
+                const int64_t t = t0 + r / group, h = g * group + r % group;
+                float *dst = out + t * n_heads * hd + h * hd;
+                for (int64_t d = 0; d < hd; d++)
+                    dst[d] = o[r * hd + d] / l[r];
+            }
+        }
+        free(qs);
+    }
+    free(kp);
+    return failed ? -1 : 0;
 }
 
 /* ---- Prefill on AVX-512 VNNI: weights in tiles of 16 output channels ----

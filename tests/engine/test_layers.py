@@ -1,5 +1,5 @@
-"""Shared layers against torch: the one-query attention path for long contexts against SDPA,
-the native SwiGLU against F.silu."""
+"""Shared layers against torch: attention (native and the one-query path) against SDPA, the
+native SwiGLU against F.silu."""
 
 from __future__ import annotations
 
@@ -7,26 +7,84 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codelm.daemon.engine.layers import _SDPA_DECODE_MAX_KEYS, attend, silu_and_mul
+from codelm.daemon.engine.layers import (
+    _SDPA_DECODE_MAX_KEYS,
+    _attend_one_query,
+    _native_attention,
+    attend,
+    silu_and_mul,
+)
+from codelm.quant import native
+
+_LIB = native.library()
+needs_native = pytest.mark.skipif(isinstance(_LIB, str), reason=f"no native kernel: {_LIB}")
+
+
+# fp32 summed in another order, over scores of std ~4 (q and k of std 2): peaked softmaxes.
+CLOSE = {"rtol": 1e-4, "atol": 5e-5}
+
+
+def grouped_heads(gen, n_heads, n_kv, head_dim, n_new, capacity):
+    """Caches holding NaN past what attention may read, and q, k, v as qkv_heads makes them:
+    strided slices of a transposed fused projection."""
+    k_cache = torch.full((n_kv, capacity, head_dim), float("nan"))
+    v_cache = torch.full((n_kv, capacity, head_dim), float("nan"))
+    qkv = torch.randn(1, n_new, (n_heads + 2 * n_kv) * head_dim, generator=gen) * 2
+    heads = qkv.view(1, n_new, n_heads + 2 * n_kv, head_dim).transpose(1, 2)
+    q, k, v = heads[:, :n_heads], heads[:, n_heads : n_heads + n_kv], heads[:, n_heads + n_kv :]
+    return q, k, v, k_cache, v_cache
+
+
+def expected_attention(q, k_cache, v_cache, start):
+    """SDPA with an explicit mask: query i (position start + i) sees keys [0, start + i]."""
+    end = start + q.shape[2]
+    keys, values = k_cache[:, :end].unsqueeze(0), v_cache[:, :end].unsqueeze(0)
+    rows = torch.arange(start, end).unsqueeze(1)
+    mask = torch.arange(end).unsqueeze(0) <= rows
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+
+@pytest.mark.parametrize(
+    ("n_heads", "n_kv", "head_dim"),
+    [(14, 2, 64), (9, 3, 64), (4, 4, 128), (6, 2, 40)],  # 40: no native kernel, torch's SDPA
+)
+@pytest.mark.parametrize(("start", "n_new"), [(0, 1), (0, 13), (0, 200), (57, 3), (131, 70)])
+def test_attend_matches_sdpa_when_causal_with_cached_prefix(n_heads, n_kv, head_dim, start, n_new):
+    gen = torch.Generator().manual_seed(start * 1000 + n_new)
+    q, k, v, k_cache, v_cache = grouped_heads(gen, n_heads, n_kv, head_dim, n_new, 512)
+    k_cache[:, :start] = torch.randn(n_kv, start, head_dim, generator=gen)
+    v_cache[:, :start] = torch.randn(n_kv, start, head_dim, generator=gen)
+    out = attend(q, k_cache, v_cache, start, k, v)
+    assert torch.equal(k_cache[:, start : start + n_new], k[0])  # the new keys were written
+    assert torch.equal(v_cache[:, start : start + n_new], v[0])
+    assert out.shape == (1, n_heads, n_new, head_dim)
+    torch.testing.assert_close(out, expected_attention(q, k_cache, v_cache, start), **CLOSE)
+
+
+@needs_native
+@pytest.mark.parametrize(("head_dim", "served"), [(64, True), (128, True), (40, False)])
+def test_native_attention_serves_head_dims_of_multiples_of_16(head_dim, served):
+    gen = torch.Generator().manual_seed(head_dim)
+    q, k, v, k_cache, v_cache = grouped_heads(gen, 14, 2, head_dim, 40, 64)
+    k_cache[:, :40], v_cache[:, :40] = k[0], v[0]
+    out = _native_attention(q, k_cache, v_cache, 0)
+    assert (out is not None) == served
+    if served:
+        torch.testing.assert_close(out, expected_attention(q, k_cache, v_cache, 0), **CLOSE)
 
 
 @pytest.mark.parametrize("n_keys", [_SDPA_DECODE_MAX_KEYS // 2, _SDPA_DECODE_MAX_KEYS * 2 + 3])
 def test_attend_one_query_matches_sdpa_when_grouped_heads(n_keys):
+    """The decode path without the native kernel (torch only)."""
     gen = torch.Generator().manual_seed(7)
-    n_heads, n_kv, head_dim, capacity = 14, 2, 64, 1024
-    k_cache = torch.randn(n_kv, capacity, head_dim, generator=gen)
-    v_cache = torch.randn(n_kv, capacity, head_dim, generator=gen)
-    # q as qkv_heads makes it: a strided slice of a transposed fused projection.
-    qkv = torch.randn(1, 1, (n_heads + 2 * n_kv) * head_dim, generator=gen)
-    heads = qkv.view(1, 1, n_heads + 2 * n_kv, head_dim).transpose(1, 2)
-    q, k, v = heads[:, :n_heads], heads[:, n_heads : n_heads + n_kv], heads[:, n_heads + n_kv :]
-    start = n_keys - 1
-    out = attend(q, k_cache, v_cache, start, k, v)
+    q, _, _, k_cache, v_cache = grouped_heads(gen, 14, 2, 64, 1, 1024)
+    k_cache[:, :n_keys] = torch.randn(2, n_keys, 64, generator=gen)
+    v_cache[:, :n_keys] = torch.randn(2, n_keys, 64, generator=gen)
     keys, values = k_cache[:, :n_keys].unsqueeze(0), v_cache[:, :n_keys].unsqueeze(0)
+    out = _attend_one_query(q, keys, values)
     expected = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
-    assert torch.equal(k_cache[:, start], k[0, :, 0])  # the new key was written first
-    assert out.shape == (1, n_heads, 1, head_dim)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.shape == (1, 14, 1, 64)
+    torch.testing.assert_close(out, expected, **CLOSE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
