@@ -24,7 +24,7 @@
 
 #define BLOCK 32
 
-int codelm_kernels_abi(void) { return 9; }
+int codelm_kernels_abi(void) { return 10; }
 
 /* x [rows, k] -> xq [rows, k] int8, xd [rows, k / BLOCK]: scale per block of 32. Where xsum
  * and xqsum are given, also per block: the float sum of x, and xd times the sum of xq (for
@@ -788,6 +788,27 @@ static void rotate(float *h, const float *cos, const float *sin, int64_t hd)
         h[i] = a * cos[i] + b * sin[i];
         h[i + half] = b * cos[i + half] + a * sin[i + half];
     }
+}
+
+/* The two above for a prompt's rows (layers.RMSNorm, layers.qkv_heads): torch spends ~1 ms on
+ * a 512 x 896 RMSNorm in five passes, and RoPE allocates four tensors per block. */
+void codelm_rms_norm(const float *x, int64_t rows, int64_t n, const float *w, float eps,
+                     float *out, int nthreads)
+{
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < rows; i++)
+        rms_norm(x + i * n, w, n, eps, out + i * n);
+}
+
+/* Rotates, in place, the first `heads` heads of each row of x (row i at x + i * stride) by
+ * row i of cos / sin [rows, hd]. */
+void codelm_rotate_heads(float *x, int64_t rows, int64_t stride, int64_t heads, int64_t hd,
+                         const float *cos, const float *sin, int nthreads)
+{
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t h = 0; h < heads; h++)
+            rotate(x + i * stride + h * hd, cos + i * hd, sin + i * hd, hd);
 }
 
 /* out [hd] = softmax(q . keys[t] / sqrt(hd)) . values over t < n_keys; scores [n_keys]. */

@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels_x86.c")
-_ABI = 9
+_ABI = 10
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _COMPILE_TIMEOUT_S = 120
 
@@ -99,6 +99,10 @@ def _build_and_open(compiler: str, path: Path, key: str) -> ctypes.CDLL | str:
     lib.codelm_swiglu.restype = None
     lib.codelm_attention.argtypes = (p, i64, i64, p, p, *(i64,) * 6, p, ctypes.c_int)
     lib.codelm_attention.restype = ctypes.c_int
+    f32 = ctypes.c_float
+    lib.codelm_rms_norm.argtypes = (p, i64, i64, p, f32, p, ctypes.c_int)
+    lib.codelm_rotate_heads.argtypes = (p, i64, i64, i64, i64, p, p, ctypes.c_int)
+    lib.codelm_rms_norm.restype = lib.codelm_rotate_heads.restype = None
     lib.codelm_build_key = key
     return lib
 

@@ -24,8 +24,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalised in fp32 like the reference implementations (one fused op, bit-identical to
-        # x * rsqrt(mean(x^2) + eps) * w there), returned in x's dtype.
+        # Normalised in fp32 like the reference implementations (bit-identical to
+        # x * rsqrt(mean(x^2) + eps) * w there), returned in x's dtype. On the CPU, for float32,
+        # one native pass (kernels_x86.c, codelm_rms_norm): torch takes five.
+        lib = _native_library() if x.device.type == "cpu" else None
+        if lib is not None and x.dtype == self.weight.dtype == torch.float32:
+            x = x.contiguous()
+            out = torch.empty_like(x)
+            dim = x.shape[-1]
+            lib.codelm_rms_norm(
+                x.data_ptr(), x.numel() // dim, dim, self.weight.data_ptr(), self.eps,
+                out.data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+            return out
         out = F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
         return out.to(x.dtype)
 
@@ -128,10 +139,21 @@ def qkv_heads(
     qkv: torch.Tensor, n_heads: int, n_kv_heads: int, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fused q/k/v projection [1, T, (H + 2 Hkv) Dh] as q [1, H, T, Dh] and k, v
-    [1, Hkv, T, Dh], q and k rotated (in one op chain: a decode step is bound by op count)."""
+    [1, Hkv, T, Dh], q and k rotated: on the CPU, for float32, in place in one native pass
+    (kernels_x86.c, codelm_rotate_heads); elsewhere in one op chain (a decode step is bound by
+    op count)."""
     n_tokens = qkv.shape[1]
     heads = qkv.view(1, n_tokens, n_heads + 2 * n_kv_heads, -1).transpose(1, 2)
-    qk = apply_rotary(heads[:, : n_heads + n_kv_heads], cos, sin)
+    lib = _native_library() if qkv.device.type == "cpu" else None
+    if lib is not None and qkv.dtype == cos.dtype == torch.float32 and qkv.is_contiguous():
+        cos, sin = cos.contiguous(), sin.contiguous()
+        lib.codelm_rotate_heads(
+            qkv.data_ptr(), n_tokens, qkv.shape[-1], n_heads + n_kv_heads, heads.shape[-1],
+            cos.data_ptr(), sin.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        qk = heads[:, : n_heads + n_kv_heads]
+    else:
+        qk = apply_rotary(heads[:, : n_heads + n_kv_heads], cos, sin)
     return qk[:, :n_heads], qk[:, n_heads:], heads[:, n_heads + n_kv_heads :]
 
 

@@ -1,5 +1,5 @@
 """Shared layers against torch: attention (native and the one-query path) against SDPA, the
-native SwiGLU against F.silu."""
+native SwiGLU, RMSNorm and RoPE against torch's ops (bf16 rows keep torch's own)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import torch.nn.functional as F
 
 from codelm.daemon.engine.layers import (
     _SDPA_DECODE_MAX_KEYS,
+    RMSNorm,
+    RopeScaling,
+    Rotary,
     _attend_one_query,
     _native_attention,
     attend,
+    qkv_heads,
     silu_and_mul,
 )
 from codelm.quant import native
@@ -102,3 +106,39 @@ def test_silu_and_mul_matches_torch_when_fused_projection(dtype, ffn):
     torch.testing.assert_close(
         out, expected, rtol=2e-6 if dtype == torch.float32 else 1e-2, atol=1e-30
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_torch(dtype):
+    gen = torch.Generator().manual_seed(5)
+    norm = RMSNorm(900, eps=1e-6)  # 900: the native loop's scalar tail
+    norm.weight.data = torch.randn(900, generator=gen).to(dtype)
+    x = (torch.randn(1, 7, 900, generator=gen) * 3).to(dtype)
+    x[0, 1] = 0.0  # eps keeps a zero row finite
+    expected = F.rms_norm(x.float(), (900,), norm.weight.float(), 1e-6).to(dtype)
+    out = norm(x)
+    assert out.shape == x.shape and out.dtype == dtype
+    torch.testing.assert_close(
+        out, expected, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_heads_rotates_q_and_k_as_hf_rotate_half(dtype):
+    gen = torch.Generator().manual_seed(6)
+    n_heads, n_kv, head_dim, n_tokens = 14, 2, 64, 9
+    rotary = Rotary(head_dim, 10000.0, 64, RopeScaling())
+    cos, sin = rotary(torch.arange(3, 3 + n_tokens), dtype)
+    qkv = torch.randn(1, n_tokens, (n_heads + 2 * n_kv) * head_dim, generator=gen).to(dtype)
+    heads = qkv.clone().view(1, n_tokens, n_heads + 2 * n_kv, head_dim).transpose(1, 2)
+
+    def rotate_half(x):
+        return torch.cat([-x[..., head_dim // 2 :], x[..., : head_dim // 2]], dim=-1)
+
+    full_cos = torch.cat([rotary.inv_freq, rotary.inv_freq]) * torch.arange(3, 12)[:, None]
+    expected = heads * full_cos.cos() + rotate_half(heads) * full_cos.sin()
+    q, k, v = qkv_heads(qkv, n_heads, n_kv, cos, sin)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(q, expected[:, :n_heads].to(dtype), **tol)
+    torch.testing.assert_close(k, expected[:, n_heads : n_heads + n_kv].to(dtype), **tol)
+    assert torch.equal(v, heads[:, n_heads + n_kv :])  # v is not rotated
