@@ -811,27 +811,69 @@ void codelm_rotate_heads(float *x, int64_t rows, int64_t stride, int64_t heads, 
             rotate(x + i * stride + h * hd, cos + i * hd, sin + i * hd, hd);
 }
 
+/* scores[0, 8) = q . keys[j] for 8 keys [8][hd], hd % 8 == 0: one load of q serves 8 keys,
+ * and the 8 lane-sums reduce together (three rounds of hadd) instead of one by one. */
+static inline __m256 dot8_keys(const float *q, const float *keys, int64_t hd)
+{
+    __m256 acc[8];
+    for (int j = 0; j < 8; j++)
+        acc[j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < hd; c += 8) {
+        const __m256 qc = _mm256_loadu_ps(q + c);
+        for (int j = 0; j < 8; j++)
+            acc[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(keys + j * hd + c), acc[j]);
+    }
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 /* out [hd] = softmax(q . keys[t] / sqrt(hd)) . values over t < n_keys; scores [n_keys]. */
 static void attend_head(const float *q, const float *keys, const float *values, int64_t n_keys,
                         int64_t hd, float *scores, float *out)
 {
     const float scale = 1.0f / sqrtf((float)hd);
-    float top = -INFINITY, total = 0.0f;
-    for (int64_t t = 0; t < n_keys; t++) {
+    int64_t t = 0;
+    if (hd % 8 == 0)
+        for (; t + 8 <= n_keys; t += 8)
+            _mm256_storeu_ps(scores + t, _mm256_mul_ps(dot8_keys(q, keys + t * hd, hd),
+                                                       _mm256_set1_ps(scale)));
+    for (; t < n_keys; t++)
         scores[t] = dot_f32(q, keys + t * hd, hd) * scale;
-        top = fmaxf(top, scores[t]);
-    }
     for (int64_t i = 0; i < hd; i++)
         out[i] = 0.0f;
-    for (int64_t t = 0; t < n_keys; t++) {
-        const float p = expf(scores[t] - top);
-        const float *v = values + t * hd;
-        total += p;
-        for (int64_t i = 0; i < hd; i++)
-            out[i] += p * v[i];
+    float top = -INFINITY, total = 0.0f;
+    softmax_step(scores, n_keys, n_keys, &top, &total, out, hd); /* scores -> weights */
+    int64_t c = 0;
+    for (; c + 16 <= hd; c += 16) { /* 4 independent sums per 16 lanes: FMA latency hides */
+        __m256 acc[4][2];
+        for (int a = 0; a < 4; a++)
+            acc[a][0] = acc[a][1] = _mm256_setzero_ps();
+        for (t = 0; t + 4 <= n_keys; t += 4)
+            for (int a = 0; a < 4; a++) {
+                const __m256 p = _mm256_broadcast_ss(scores + t + a);
+                const float *v = values + (t + a) * hd + c;
+                acc[a][0] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v), acc[a][0]);
+                acc[a][1] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8), acc[a][1]);
+            }
+        for (; t < n_keys; t++) {
+            const __m256 p = _mm256_broadcast_ss(scores + t);
+            acc[0][0] = _mm256_fmadd_ps(p, _mm256_loadu_ps(values + t * hd + c), acc[0][0]);
+            acc[0][1] = _mm256_fmadd_ps(p, _mm256_loadu_ps(values + t * hd + c + 8), acc[0][1]);
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / total);
+        for (int half = 0; half < 2; half++) {
+            const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0][half], acc[1][half]),
+                                             _mm256_add_ps(acc[2][half], acc[3][half]));
+            _mm256_storeu_ps(out + c + 8 * half, _mm256_mul_ps(sum, inv));
+        }
     }
-    for (int64_t i = 0; i < hd; i++)
-        out[i] /= total;
+    for (; c < hd; c++) { /* head sizes that are not a multiple of 16 */
+        float sum = 0.0f;
+        for (t = 0; t < n_keys; t++)
+            sum += scores[t] * values[t * hd + c];
+        out[c] = sum / total;
+    }
 }
 
 /* x [dim] (the embedded token, updated in place to the last block's output) at position pos:
