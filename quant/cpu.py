@@ -229,7 +229,8 @@ class Int8Tiles:
     name = "int8_tiles"
 
     def __init__(self, qw: QuantizedWeight) -> None:
-        self._fn = _native_library(self.name).codelm_tiles_linear
+        lib = _native_library(self.name)
+        self._fn, self._swiglu = lib.codelm_tiles_linear, lib.codelm_tiles_swiglu
         self.n, self.k = n, k = qw.shape
         blocks = k // 32
         if isinstance(qw, Int4Weight):
@@ -252,10 +253,20 @@ class Int8Tiles:
         self.nbytes = _nbytes(self.data, self.scales, *([] if zeros is None else [self.zeros]))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        zeros = None if self.zeros is None else self.zeros.data_ptr()
-        weight = (self.data.data_ptr(), self.offset, self.scales.data_ptr(), zeros)
-        y = _call_native(self, x, self.padded_n, *weight, self.padded_n)
+        y = _call_native(self, x, self.padded_n, *self._weight(), self.padded_n)
         return y if self.padded_n == self.n else y[:, : self.n]
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up [m, n / 2] where this is a fused gate / up projection (gate rows
+        first), computed in the GEMM's epilogue (codelm_tiles_swiglu: the n floats a row never
+        reach memory); None where the halves are not whole pairs of tiles."""
+        if self.padded_n != self.n or self.n % 32:
+            return None
+        return _call_native(self, x, self.n // 2, *self._weight(), self.n, fn=self._swiglu)
+
+    def _weight(self) -> tuple:
+        zeros = None if self.zeros is None else self.zeros.data_ptr()
+        return self.data.data_ptr(), self.offset, self.scales.data_ptr(), zeros
 
 
 def _per_block(per_group: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -282,14 +293,16 @@ def _run_native(kernel: Int8Native | Int4Native, x: torch.Tensor, *weight) -> to
     return _call_native(kernel, x, kernel.n, *pointers, kernel.group_size, kernel.n)
 
 
-def _call_native(kernel, x: torch.Tensor, n_out: int, *args) -> torch.Tensor:
-    """kernels_x86.c's linear entry points: fn(x, m, k, *args, y, threads) into a new float32
-    y [m, n_out]; a non-zero return is the kernel's scratch allocation failing."""
+def _call_native(kernel, x: torch.Tensor, n_out: int, *args, fn=None) -> torch.Tensor:
+    """kernels_x86.c's linear entry points: fn(x, m, k, *args, y, threads) (kernel._fn unless
+    given) into a new float32 y [m, n_out]; a non-zero return is the kernel's scratch allocation
+    failing."""
     if x.dtype != torch.float32 or not x.is_contiguous():  # a decode step's x already is
         x = x.to(torch.float32).contiguous()
     m = x.shape[0]
     y = torch.empty(m, n_out, dtype=torch.float32)
-    rc = kernel._fn(x.data_ptr(), m, kernel.k, *args, y.data_ptr(), torch.get_num_threads())
+    fn = fn or kernel._fn
+    rc = fn(x.data_ptr(), m, kernel.k, *args, y.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"{kernel.name}: no memory for {m}x{kernel.k} scratch")
     return y

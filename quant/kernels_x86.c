@@ -24,7 +24,7 @@
 
 #define BLOCK 32
 
-int codelm_kernels_abi(void) { return 10; }
+int codelm_kernels_abi(void) { return 11; }
 
 /* x [rows, k] -> xq [rows, k] int8, xd [rows, k / BLOCK]: scale per block of 32. Where xsum
  * and xqsum are given, also per block: the float sum of x, and xd times the sum of xq (for
@@ -325,16 +325,19 @@ static inline __m256 exp8(__m256 x)
     return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
+/* g / (1 + e^-g) * u in 8 lanes */
+static inline __m256 silu_mul8(__m256 g, __m256 u)
+{
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
 /* out[i] = gate[i] / (1 + e^-gate[i]) * up[i] for i < n */
 static void silu_mul(const float *gate, const float *up, int64_t n, float *out)
 {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256 g = _mm256_loadu_ps(gate + i);
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
-    }
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, silu_mul8(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i)));
     for (; i < n; i++)
         out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
@@ -609,13 +612,19 @@ static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t 
     }
 }
 
-/* y[mr rows, 16 * nt] from one group of TILE_ROWS quantised rows (of which mr are real) and nt
- * weight tiles; mr, nt and whether wz is given are constants where inlined. */
-INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
-                        int64_t k, const uint8_t *wt, const float *ws, const float *wz, float *y,
-                        int64_t ldy, int mr, int nt)
+static inline __m256 upper8(__m512 v) /* lanes 8..15, in AVX512F alone */
 {
-    const int64_t blocks = k / BLOCK, tile_bytes = k * TILE, tile_blocks = blocks * TILE;
+    return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+
+/* y[mr rows, 16 * nt] from one group of TILE_ROWS quantised rows (of which mr are real) and nt
+ * weight tiles, the second `gap` tiles after the first; with `swiglu` (nt == 2) y[mr rows, 16]
+ * = silu(first) * second. mr, nt and whether wz is given are constants where inlined. */
+INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
+                        int64_t k, const uint8_t *wt, const float *ws, const float *wz,
+                        int64_t gap, float *y, int64_t ldy, int mr, int nt, int swiglu)
+{
+    const int64_t blocks = k / BLOCK, tile_bytes = gap * k * TILE, tile_blocks = gap * blocks * TILE;
     __m512 acc[TILE_ROWS][2];
     for (int r = 0; r < mr; r++)
         for (int j = 0; j < nt; j++)
@@ -653,27 +662,34 @@ INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, co
             }
         }
     }
-    for (int r = 0; r < mr; r++)
-        for (int j = 0; j < nt; j++)
-            _mm512_storeu_ps(y + r * ldy + j * TILE, acc[r][j]);
+    if (swiglu) /* nt == 2: the gate tile and its up tile */
+        for (int r = 0; r < mr; r++) {
+            _mm256_storeu_ps(y + r * ldy, silu_mul8(_mm512_castps512_ps256(acc[r][0]),
+                                                    _mm512_castps512_ps256(acc[r][1])));
+            _mm256_storeu_ps(y + r * ldy + 8, silu_mul8(upper8(acc[r][0]), upper8(acc[r][1])));
+        }
+    else
+        for (int r = 0; r < mr; r++)
+            for (int j = 0; j < nt; j++)
+                _mm512_storeu_ps(y + r * ldy + j * TILE, acc[r][j]);
 }
 
 /* One call per (rows, tiles, zeros or not), so each is compiled with its loops unrolled. */
 #define TILE_CASE(MR)                                                                            \
     case MR:                                                                                     \
         if (nt == 2 && wz)                                                                       \
-            tile_kernel(xq, xd, xo, xs, k, wt, ws, wz, y, n, MR, 2);                             \
+            tile_kernel(xq, xd, xo, xs, k, wt, ws, wz, gap, y, ldy, MR, 2, swiglu);              \
         else if (nt == 2)                                                                        \
-            tile_kernel(xq, xd, xo, xs, k, wt, ws, NULL, y, n, MR, 2);                           \
+            tile_kernel(xq, xd, xo, xs, k, wt, ws, NULL, gap, y, ldy, MR, 2, swiglu);            \
         else if (wz)                                                                             \
-            tile_kernel(xq, xd, xo, xs, k, wt, ws, wz, y, n, MR, 1);                             \
+            tile_kernel(xq, xd, xo, xs, k, wt, ws, wz, gap, y, ldy, MR, 1, 0);                   \
         else                                                                                     \
-            tile_kernel(xq, xd, xo, xs, k, wt, ws, NULL, y, n, MR, 1);                           \
+            tile_kernel(xq, xd, xo, xs, k, wt, ws, NULL, gap, y, ldy, MR, 1, 0);                 \
         return;
 
 static void tile_rows(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
-                      int64_t k, const uint8_t *wt, const float *ws, const float *wz, float *y,
-                      int64_t n, int mr, int nt)
+                      int64_t k, const uint8_t *wt, const float *ws, const float *wz, int64_t gap,
+                      float *y, int64_t ldy, int mr, int nt, int swiglu)
 {
     switch (mr) {
         TILE_CASE(1)
@@ -686,13 +702,15 @@ static void tile_rows(const int8_t *xq, const float *xd, const int32_t *xo, cons
 }
 #undef TILE_CASE
 
-/* y [m, n] = x [m, k] @ w.T from a tiled copy (see above): wt [n / 16][k / 32][8][16][4]
- * bytes holding w + offset, ws / wz [n / 16][k / 32][16] float scales and zeros (int4 only, or
- * NULL). Returns 0, or -1 for a shape that does not tile or short memory. */
-int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t *wt, int32_t offset,
-                        const float *ws, const float *wz, int64_t n, float *y, int nthreads)
+/* The GEMM of codelm_tiles_linear, or with `swiglu` that of a fused gate / up projection (gate
+ * tiles first, then as many up tiles) whose output is silu(gate) * up [m, n / 2] straight from
+ * the registers: gate tile c pairs with up tile c + n / 32, and the n floats a row never reach
+ * memory. */
+static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, int32_t offset,
+                      const float *ws, const float *wz, int64_t n, float *y, int swiglu,
+                      int nthreads)
 {
-    if (k % BLOCK != 0 || n % TILE != 0 || nthreads < 1)
+    if (k % BLOCK != 0 || n % (swiglu ? 2 * TILE : TILE) != 0 || nthreads < 1)
         return -1;
     const int64_t blocks = k / BLOCK, tiles = n / TILE;
     const int64_t rows = (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS; /* whole groups */
@@ -708,18 +726,21 @@ int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t *wt,
         return -1;
     }
     quantize_tile_rows(x, m, k, offset, xq, xd, xo, xs, nthreads);
-    const int64_t spans = (m + TILE_SPAN - 1) / TILE_SPAN, pairs = (tiles + 1) / 2;
+    /* a pair: tiles t and t + gap, written at column c of y's rows of ldy floats */
+    const int64_t pairs = swiglu ? tiles / 2 : (tiles + 1) / 2, gap = swiglu ? tiles / 2 : 1;
+    const int64_t ldy = swiglu ? n / 2 : n, spans = (m + TILE_SPAN - 1) / TILE_SPAN;
 #pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
     for (int64_t span = 0; span < spans; span++)
         for (int64_t pair = 0; pair < pairs; pair++) {
-            const int64_t t = pair * 2, nt = tiles - t < 2 ? 1 : 2;
+            const int64_t t = swiglu ? pair : pair * 2, nt = tiles - t < 2 ? 1 : 2;
+            const int64_t c = swiglu ? pair * TILE : t * TILE;
             const int64_t end = span * TILE_SPAN + TILE_SPAN < m ? span * TILE_SPAN + TILE_SPAN : m;
             const int64_t at = t * blocks * TILE;
             for (int64_t i = span * TILE_SPAN; i < end; i += TILE_ROWS) {
                 const int mr = end - i < TILE_ROWS ? (int)(end - i) : TILE_ROWS;
                 tile_rows(xq + i * k, xd + i * blocks, xo + i * blocks, xs ? xs + i * blocks : NULL,
-                          k, wt + t * k * TILE, ws + at, wz ? wz + at : NULL, y + i * n + t * TILE,
-                          n, mr, (int)nt);
+                          k, wt + t * k * TILE, ws + at, wz ? wz + at : NULL, gap, y + i * ldy + c,
+                          ldy, mr, (int)nt, swiglu);
             }
         }
     free(xq);
@@ -727,6 +748,23 @@ int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t *wt,
     free(xo);
     free(xs);
     return 0;
+}
+
+/* y [m, n] = x [m, k] @ w.T from a tiled copy (see above): wt [n / 16][k / 32][8][16][4]
+ * bytes holding w + offset, ws / wz [n / 16][k / 32][16] float scales and zeros (int4 only, or
+ * NULL). Returns 0, or -1 for a shape that does not tile or short memory. */
+int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t *wt, int32_t offset,
+                        const float *ws, const float *wz, int64_t n, float *y, int nthreads)
+{
+    return tiles_gemm(x, m, k, wt, offset, ws, wz, n, y, 0, nthreads);
+}
+
+/* y [m, n / 2] = silu(gate) * up of the same GEMM where w is a fused gate / up projection
+ * (layers.silu_and_mul's numbers: its function on the same floats); n % 32 == 0. */
+int codelm_tiles_swiglu(const float *x, int64_t m, int64_t k, const uint8_t *wt, int32_t offset,
+                        const float *ws, const float *wz, int64_t n, float *y, int nthreads)
+{
+    return tiles_gemm(x, m, k, wt, offset, ws, wz, n, y, 1, nthreads);
 }
 #else
 int codelm_tiles_available(void) { return 0; }
@@ -737,6 +775,12 @@ int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t *wt,
     (void)x, (void)m, (void)k, (void)wt, (void)offset, (void)ws, (void)wz, (void)n, (void)y;
     (void)nthreads;
     return -1;
+}
+
+int codelm_tiles_swiglu(const float *x, int64_t m, int64_t k, const uint8_t *wt, int32_t offset,
+                        const float *ws, const float *wz, int64_t n, float *y, int nthreads)
+{
+    return codelm_tiles_linear(x, m, k, wt, offset, ws, wz, n, y, nthreads);
 }
 #endif
 

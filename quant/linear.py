@@ -92,6 +92,24 @@ class QuantizedLinear(nn.Module):
             y.add_(self._bias.get(x.dtype, self._bias[torch.float32]).to(x.device, x.dtype))
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up [..., N / 2] of this layer's output, where it is a fused gate / up
+        projection (gate rows first), computed inside the prefill kernel where it has such an
+        epilogue (Int8Tiles) and x takes it (float32 prompt rows, no bias). None otherwise: the
+        caller applies the activation to forward(x)."""
+        fused = getattr(self.plan.prefill, "silu_and_mul", None)
+        x2 = x.reshape(-1, x.shape[-1])
+        if (
+            fused is None
+            or self._bias
+            or x.dtype != torch.float32
+            or x.shape[-1] != self.in_features
+            or x2.shape[0] <= self.plan.decode_max_rows
+        ):
+            return None
+        y = fused(x2)
+        return None if y is None else y.reshape(*x.shape[:-1], self.out_features // 2)
+
     def native_decode(self) -> native.Linear | None:
         """This layer's decode kernel and bias as kernels_x86.c's fused decode step takes
         them, or None when the decode kernel is not one of codelm's native ones."""

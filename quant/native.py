@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels_x86.c")
-_ABI = 10
+_ABI = 11
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _COMPILE_TIMEOUT_S = 120
 
@@ -93,8 +93,10 @@ def _build_and_open(compiler: str, path: Path, key: str) -> ctypes.CDLL | str:
     lib.codelm_decode_step.argtypes = (p, p, p, p, p, i64, i64, p, p, ctypes.c_int)
     lib.codelm_decode_step.restype = ctypes.c_int
     i32 = ctypes.c_int32
-    lib.codelm_tiles_linear.argtypes = (p, i64, i64, p, i32, p, p, i64, p, ctypes.c_int)
-    lib.codelm_tiles_linear.restype = lib.codelm_tiles_available.restype = ctypes.c_int
+    for tiles in (lib.codelm_tiles_linear, lib.codelm_tiles_swiglu):
+        tiles.argtypes = (p, i64, i64, p, i32, p, p, i64, p, ctypes.c_int)
+        tiles.restype = ctypes.c_int
+    lib.codelm_tiles_available.restype = ctypes.c_int
     lib.codelm_swiglu.argtypes = (p, i64, i64, p, ctypes.c_int)
     lib.codelm_swiglu.restype = None
     lib.codelm_attention.argtypes = (p, i64, i64, p, p, *(i64,) * 6, p, ctypes.c_int)

@@ -261,6 +261,15 @@ def silu_and_mul(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
     return out
 
 
+def gate_up_silu(gate_up_proj: nn.Module, x: torch.Tensor, ffn_dim: int) -> torch.Tensor:
+    """silu(gate) * up of a fused gate/up projection of x: inside the projection's kernel where
+    it has that epilogue (QuantizedLinear.silu_and_mul: a prompt on int8_tiles), else
+    silu_and_mul of its output."""
+    fused = getattr(gate_up_proj, "silu_and_mul", None)
+    out = fused(x) if fused is not None else None
+    return silu_and_mul(gate_up_proj(x), ffn_dim) if out is None else out
+
+
 def gelu_approximate(name: str) -> str:
     try:
         return GELU_APPROXIMATE[name]

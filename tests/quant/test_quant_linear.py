@@ -74,6 +74,29 @@ def test_quantized_linear_routes_rows_to_decode_or_prefill_kernel():
     assert calls == ["decode", "decode", "prefill"]
 
 
+def test_quantized_linear_fuses_swiglu_only_for_float32_prompt_rows_without_bias():
+    calls: list[str] = []
+
+    class Fused:
+        name, nbytes = "fused", 0
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(x.shape[0], 8)
+
+        def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append("epilogue")
+            return torch.ones(x.shape[0], 4)
+
+    plan = KernelPlan(decode=Fused(), prefill=Fused(), decode_max_rows=4)
+    layer = QuantizedLinear(plan, (8, 16), "int8", None)
+    assert layer.silu_and_mul(torch.zeros(2, 3, 16)).shape == (2, 3, 4)  # 6 rows: prefill
+    assert layer.silu_and_mul(torch.zeros(1, 4, 16)) is None  # decode rows
+    assert layer.silu_and_mul(torch.zeros(1, 9, 16, dtype=torch.bfloat16)) is None
+    with_bias = QuantizedLinear(plan, (8, 16), "int8", torch.zeros(8))
+    assert with_bias.silu_and_mul(torch.zeros(1, 9, 16)) is None
+    assert calls == ["epilogue"]
+
+
 def test_quantized_linear_rejects_wrong_input_shape_naming_layer(gen):
     layer = QuantizedLinear.from_float(weight(gen, 32, 64), name="layers.3.mlp.down_proj")
     with pytest.raises(ValueError, match=r"layers.3.mlp.down_proj: input shape \(2, 63\)"):

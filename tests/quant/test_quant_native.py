@@ -10,6 +10,7 @@ import pytest
 import torch
 from quant_helpers import int4_blocks_bound, int8_blocks_bound, weight
 
+from codelm.daemon.engine.layers import silu_and_mul
 from codelm.quant import dequantize, matmul, native, quantize_int4, quantize_int8
 from codelm.quant.cpu import CPU_KERNELS, Int4Native, Int8Native, Int8Tiles
 
@@ -113,6 +114,28 @@ def test_native_int4_kernel_matches_reference_when_offset_weights(gen, group_siz
     y = kernel(qw)(x)
     assert y.shape == (rows, 136)
     assert ((y - matmul(x, qw)).abs() <= int4_blocks_bound(x, qw)).all()
+
+
+@pytest.mark.skipif(not _TILES, reason="native kernels without AVX-512 VNNI")
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 7, 70])  # 70: a second span of rows
+def test_tiles_swiglu_epilogue_equals_swiglu_of_output(gen, scheme, rows):
+    # A fused gate / up projection of 3 tiles of 16 each: silu(gate) * up from the registers is
+    # silu_and_mul's function on the same floats, so equal to the bit.
+    w = weight(gen, 96, 256)
+    qw, _ = quantize_int8(w) if scheme == "int8" else quantize_int4(w, 32)
+    tiles = Int8Tiles(qw)
+    x = torch.randn(rows, 256, generator=gen) * 3
+    out = tiles.silu_and_mul(x)
+    assert out.shape == (rows, 48)
+    assert torch.equal(out, silu_and_mul(tiles(x), 48))
+
+
+@pytest.mark.skipif(not _TILES, reason="native kernels without AVX-512 VNNI")
+@pytest.mark.parametrize("n", [80, 72])  # halves of 40 (not whole tiles), or padded to 80
+def test_tiles_swiglu_epilogue_declines_halves_that_are_not_whole_tiles(gen, n):
+    qw, _ = quantize_int8(weight(gen, n, 256))
+    assert Int8Tiles(qw).silu_and_mul(torch.randn(9, 256, generator=gen)) is None
 
 
 def test_native_says_why_when_build_dir_cannot_be_made(tmp_path, monkeypatch):

@@ -16,9 +16,9 @@ from ..layers import (
     RMSNorm,
     RopeScaling,
     attend,
+    gate_up_silu,
     meta_linear,
     qkv_heads,
-    silu_and_mul,
 )
 
 
@@ -147,7 +147,7 @@ class MLP(nn.Module):
         self.down_proj = meta_linear(args.ffn_dim, args.dim, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.ffn_dim))
+        return self.down_proj(gate_up_silu(self.gate_up_proj, x, self.ffn_dim))
 
 
 class Block(nn.Module):
