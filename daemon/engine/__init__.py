@@ -15,7 +15,7 @@ class EngineConfig:
     quant: str = "auto"  # auto | int4 | int8 | bf16 | fp32
     threads: int = 0  # 0: per request, the physical cores other processes leave free
     fim: str = "auto"  # auto | none | a FIM format name (prompt.FIM_FORMATS)
-    prefill_chunk: int = 256  # tokens per prefill chunk (cancellation is checked between chunks)
+    prefill_chunk: int = 512  # tokens per forward of a prompt (a cancel stops between blocks)
     prefix_chars: int = 8000  # the prefix window: about 2.3k tokens of code before the cursor
     suffix_chars: int = 1000  # text after the cursor in invoked mode (a third of it when automatic)
     cache_budget_bytes: int = 0  # per-file KV cache budget; 0: derived from free memory

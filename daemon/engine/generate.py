@@ -97,7 +97,9 @@ def prefill(
     n_logits: int = 1,
 ) -> torch.Tensor:
     """Run `tokens` after what `kv` holds, in chunks; returns the logits of the last `n_logits`
-    positions ([n_logits, vocab]), which all run in the final chunk (it grows to hold them)."""
+    positions ([n_logits, vocab]), which all run in the final chunk (it grows to hold them).
+    `cancel` stops it between blocks of a chunk (Decoder.forward), with `kv` holding the
+    chunks done before."""
     assert tokens, "prefill needs at least one token"
     logits = None
     ids = torch.tensor(tokens, dtype=torch.long)
@@ -105,9 +107,8 @@ def prefill(
     while len(starts) > 1 and starts[-1] > len(tokens) - n_logits:
         starts.pop()  # the final chunk grows to hold every position whose logits are wanted
     for start, end in zip(starts, [*starts[1:], len(tokens)], strict=True):
-        if cancel is not None and cancel.is_cancelled:
-            raise Cancelled(f"cancelled during prefill ({cancel.reason})")
-        logits = model(ids[start:end], kv, n_logits=n_logits if end == len(tokens) else 1)
+        n_rows = n_logits if end == len(tokens) else 1
+        logits = model(ids[start:end], kv, n_logits=n_rows, cancel=cancel)
     return logits
 
 
@@ -181,7 +182,7 @@ def generate(
     prompt: list[int],
     rules: StopRules,
     *,
-    chunk: int = 256,
+    chunk: int = 512,
     cancel: CancelToken | None = None,
     on_text: Callable[[str], None] | None = None,
     heal: bytes = b"",

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import Cancelled, ModelLoadError
 
 if TYPE_CHECKING:
+    from .cancel import CancelToken
     from .kv import KVCache
 
 
@@ -329,10 +330,19 @@ class Decoder(nn.Module):
     def parts(self) -> tuple[nn.Embedding, nn.ModuleList, nn.Module]:
         raise NotImplementedError
 
-    def forward(self, tokens: torch.Tensor, kv: KVCache, n_logits: int | None = 1) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        kv: KVCache,
+        n_logits: int | None = 1,
+        cancel: CancelToken | None = None,
+    ) -> torch.Tensor:
         """Runs `tokens` ([T] ids) at positions [kv.length, kv.length + T) and advances
         kv.length. Returns fp32 logits [n, vocab] of the last n = n_logits positions (None:
-        all T). The ids may sit on the CPU whatever the device: they move to kv's."""
+        all T). The ids may sit on the CPU whatever the device: they move to kv's.
+
+        `cancel`: checked before each block; once set, raises Cancelled with kv.length as it
+        was (rows the earlier blocks wrote past it are dead, overwritten by the next run)."""
         embed, blocks, final_norm = self.parts()
         tokens = tokens.to(kv.device)
         start = kv.length
@@ -345,6 +355,8 @@ class Decoder(nn.Module):
             x = self.fused_decode(x, kv, start, cos, sin)
         else:
             for i, block in enumerate(blocks):
+                if cancel is not None and cancel.is_cancelled:
+                    raise Cancelled(f"cancelled during a forward ({cancel.reason})")
                 x = block(x, cos, sin, kv.k[i], kv.v[i], start)
         kv.length = start + n_tokens
         x = x[0] if n_logits is None else x[0, -n_logits:]

@@ -74,6 +74,32 @@ def test_generate_raises_cancelled_between_prefill_chunks(default_engine):
     assert kv.length == 0
 
 
+def test_generate_stops_between_blocks_when_cancelled_mid_forward(default_engine):
+    """A cancel set while a chunk runs stops it at the next block; the rows the earlier blocks
+    wrote lie past kv.length, and the next run overwrites them: its logits are a fresh run's."""
+    model, tok = default_engine.model, default_engine.tokenizer
+    ids = _prompt(default_engine, "x = 1\n" * 60)
+    cancel = CancelToken()
+    blocks = model.parts()[1]
+    calls = []
+
+    def hook(*_):
+        calls.append(1)
+        cancel.cancel("superseded")
+
+    handle = blocks[1].register_forward_hook(hook)
+    kv = default_engine.new_kv()
+    try:
+        with pytest.raises(Cancelled, match="superseded"):
+            generate(model, tok, kv, ids, StopRules(max_tokens=1), cancel=cancel)
+    finally:
+        handle.remove()
+    assert calls == [1] and kv.length == 0  # block 2 never ran
+    again = generate(model, tok, kv, ids, StopRules(max_tokens=4))
+    fresh = generate(model, tok, default_engine.new_kv(), ids, StopRules(max_tokens=4))
+    assert again.token_ids == fresh.token_ids
+
+
 @pytest.mark.parametrize(
     ("kind", "accepted", "n_forwards"),
     [("right", 11, 1), ("half", 5, 7), ("wrong", 0, 12), ("stop_inside", 4, 1)],
