@@ -6,8 +6,9 @@
  * rounding is new error. w is int8 scaled (fp16) per output channel or per group of 32 or more
  * (GGUF Q8_0's blocks), or int4 as (q - 8) * scale + zero per group (GGUF Q4_0 / Q4_1).
  *
- * The same file holds what runs around them: SwiGLU, an AVX-512 VNNI prefill GEMM on a tiled
- * copy of the weights, and a whole decode step of llama-family blocks.
+ * The same file holds what runs around them: SwiGLU, causal attention for prompts, an AVX-512
+ * VNNI prefill GEMM on a tiled copy of the weights (with SwiGLU in its epilogue), and a whole
+ * decode step of llama-family blocks, whose RMSNorm and RoPE also serve prompts' rows.
  *
  * Built by native.py with the machine's own compiler (-O3 -march=native -fopenmp) and called
  * through ctypes; OpenMP resolves to the libgomp torch has loaded, so both share one pool. */
