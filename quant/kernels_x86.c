@@ -363,8 +363,8 @@ void codelm_swiglu(const float *x, int64_t m, int64_t ffn, float *out, int nthre
  * tile reads 64 contiguous bytes a step. Plain AVX2 + FMA: Zen 4 runs two 256-bit FMAs a
  * cycle, as fast as one 512-bit one. */
 #define ATT_ROWS 6  /* rows of a register tile: 12 accumulators, 2 loads, 1 broadcast */
-#define ATT_POS 6   /* prompt positions per work item: as many as ATT_ROWS, so its rows (ATT_POS
-                     * x the group's heads) fill whole tiles whatever the group */
+#define ATT_POS ATT_ROWS /* prompt positions per work item: its rows (ATT_POS x the group's
+                          * heads) then fill whole tiles whatever the group */
 #define ATT_KEYS 64 /* keys per online-softmax block */
 
 /* panel [hd][16] = the first `count` (up to 16) of keys [16][hd] transposed, zeros after them:

@@ -25,11 +25,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalised in fp32 like the reference implementations (bit-identical to
+        # Normalised in fp32 like the reference implementations (F.rms_norm: bit-identical to
         # x * rsqrt(mean(x^2) + eps) * w there), returned in x's dtype. On the CPU, for float32,
-        # one native pass (kernels_x86.c, codelm_rms_norm): torch takes five.
-        lib = _native_library() if x.device.type == "cpu" else None
-        if lib is not None and x.dtype == self.weight.dtype == torch.float32:
+        # one native pass (kernels_x86.c, codelm_rms_norm; another summation order): torch
+        # takes five.
+        lib = _native_for(x, self.weight)
+        if lib is not None:
             x = x.contiguous()
             out = torch.empty_like(x)
             dim = x.shape[-1]
@@ -145,8 +146,8 @@ def qkv_heads(
     op count)."""
     n_tokens = qkv.shape[1]
     heads = qkv.view(1, n_tokens, n_heads + 2 * n_kv_heads, -1).transpose(1, 2)
-    lib = _native_library() if qkv.device.type == "cpu" else None
-    if lib is not None and qkv.dtype == cos.dtype == torch.float32 and qkv.is_contiguous():
+    lib = _native_for(qkv, cos)
+    if lib is not None and qkv.is_contiguous():
         cos, sin = cos.contiguous(), sin.contiguous()
         lib.codelm_rotate_heads(
             qkv.data_ptr(), n_tokens, qkv.shape[-1], n_heads + n_kv_heads, heads.shape[-1],
@@ -174,10 +175,9 @@ def attend(
     end = start + n_new
     k_cache[:, start:end] = k[0]
     v_cache[:, start:end] = v[0]
-    if q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32:
-        out = _native_attention(q, k_cache, v_cache, start)
-        if out is not None:
-            return out
+    out = _native_attention(q, k_cache, v_cache, start)
+    if out is not None:
+        return out
     keys = k_cache[:, :end].unsqueeze(0)
     values = v_cache[:, :end].unsqueeze(0)
     if n_new == 1:
@@ -195,11 +195,12 @@ def _native_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int
 ) -> torch.Tensor | None:
     """attend's arithmetic in the native kernel (kernels_x86.c, codelm_attention), or None where
-    it does not take the shapes (head_dim not a multiple of 16) or is not built. It skips the
+    it does not take the tensors (not float32 on the CPU, head_dim not a multiple of 16) or is
+    not built. It skips the
     causal half torch's CPU flash attention computes and shares each K/V load across a GQA
     group: 4.2 against 8.1 ms for a 512-token prompt of Qwen2.5-Coder-0.5B's shapes on 2 Zen 4
     cores, 37 against 88 ms at 1.7k tokens (docs/engine.md)."""
-    lib = _native_library()
+    lib = _native_for(q, k_cache, v_cache)
     if (
         lib is None
         or q.stride(-1) != 1
@@ -218,7 +219,11 @@ def _native_attention(
     return out.view(1, n_new, n_heads, head_dim).transpose(1, 2)
 
 
-def _native_library() -> ctypes.CDLL | None:
+def _native_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The native kernels (kernels_x86.c) where all `tensors` are float32 on the CPU and they
+    are built; None otherwise (the caller keeps torch's ops)."""
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
     from codelm.quant import native
 
     lib = native.library()
@@ -251,8 +256,8 @@ def silu_and_mul(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
     On the CPU, for float32 rows, one pass of the native kernel (kernels_x86.c, codelm_swiglu,
     the decode step's own): torch takes three (a contiguous gate, silu, mul), ~0.95 against
     0.45 ms for 256 x 4864 on 2 Zen 4 cores. Elsewhere torch, on a contiguous gate in place."""
-    lib = _native_library() if gate_up.device.type == "cpu" else None
-    if lib is None or gate_up.dtype != torch.float32:
+    lib = _native_for(gate_up)
+    if lib is None:
         gate, up = gate_up.split(ffn_dim, dim=-1)
         return F.silu(gate.contiguous(), inplace=True).mul_(up)
     gate_up = gate_up.contiguous()

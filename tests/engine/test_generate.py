@@ -56,7 +56,7 @@ def test_generate_stops_at_a_stop_string_and_streams_the_same_text(default_engin
     assert "".join(pieces) == result.text
 
 
-def test_generate_raises_cancelled_between_prefill_chunks(default_engine):
+def test_generate_raises_cancelled_before_any_block_when_cancelled_first(default_engine):
     cancel = CancelToken()
     cancel.cancel("superseded")
     kv = default_engine.new_kv()

@@ -28,12 +28,12 @@ needs_native = pytest.mark.skipif(isinstance(_LIB, str), reason=f"no native kern
 CLOSE = {"rtol": 1e-4, "atol": 5e-5}
 
 
-def grouped_heads(gen, n_heads, n_kv, head_dim, n_new, capacity):
-    """Caches holding NaN past what attention may read, and q, k, v as qkv_heads makes them:
-    strided slices of a transposed fused projection."""
+def grouped_heads(gen, n_heads, n_kv, head_dim, n_new, capacity, scale=2.0):
+    """Caches holding NaN past what attention may read, and q, k, v (of std `scale`) as
+    qkv_heads makes them: strided slices of a transposed fused projection."""
     k_cache = torch.full((n_kv, capacity, head_dim), float("nan"))
     v_cache = torch.full((n_kv, capacity, head_dim), float("nan"))
-    qkv = torch.randn(1, n_new, (n_heads + 2 * n_kv) * head_dim, generator=gen) * 2
+    qkv = torch.randn(1, n_new, (n_heads + 2 * n_kv) * head_dim, generator=gen) * scale
     heads = qkv.view(1, n_new, n_heads + 2 * n_kv, head_dim).transpose(1, 2)
     q, k, v = heads[:, :n_heads], heads[:, n_heads : n_heads + n_kv], heads[:, n_heads + n_kv :]
     return q, k, v, k_cache, v_cache
@@ -81,14 +81,14 @@ def test_native_attention_serves_head_dims_of_multiples_of_16(head_dim, served):
 def test_attend_one_query_matches_sdpa_when_grouped_heads(n_keys):
     """The decode path without the native kernel (torch only)."""
     gen = torch.Generator().manual_seed(7)
-    q, _, _, k_cache, v_cache = grouped_heads(gen, 14, 2, 64, 1, 1024)
+    q, _, _, k_cache, v_cache = grouped_heads(gen, 14, 2, 64, 1, 1024, scale=1.0)
     k_cache[:, :n_keys] = torch.randn(2, n_keys, 64, generator=gen)
     v_cache[:, :n_keys] = torch.randn(2, n_keys, 64, generator=gen)
     keys, values = k_cache[:, :n_keys].unsqueeze(0), v_cache[:, :n_keys].unsqueeze(0)
     out = _attend_one_query(q, keys, values)
     expected = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
     assert out.shape == (1, 14, 1, 64)
-    torch.testing.assert_close(out, expected, **CLOSE)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
