@@ -138,12 +138,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def qkv_heads(
-    qkv: torch.Tensor, n_heads: int, n_kv_heads: int, cos: torch.Tensor, sin: torch.Tensor
+    qkv: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fused q/k/v projection [1, T, (H + 2 Hkv) Dh] as q [1, H, T, Dh] and k, v
     [1, Hkv, T, Dh], q and k rotated: on the CPU, for float32, in place in one native pass
     (kernels_x86.c, codelm_rotate_heads); elsewhere in one op chain (a decode step is bound by
-    op count)."""
+    op count). `rows`: q holds only the last `rows` positions (Block.forward's `rows`)."""
     n_tokens = qkv.shape[1]
     heads = qkv.view(1, n_tokens, n_heads + 2 * n_kv_heads, -1).transpose(1, 2)
     lib = _native_for(qkv, cos)
@@ -156,7 +161,8 @@ def qkv_heads(
         qk = heads[:, : n_heads + n_kv_heads]
     else:
         qk = apply_rotary(heads[:, : n_heads + n_kv_heads], cos, sin)
-    return qk[:, :n_heads], qk[:, n_heads:], heads[:, n_heads + n_kv_heads :]
+    q = qk[:, :n_heads] if rows is None else qk[:, :n_heads, n_tokens - rows :]
+    return q, qk[:, n_heads:], heads[:, n_heads + n_kv_heads :]
 
 
 def attend(
@@ -169,24 +175,25 @@ def attend(
 ) -> torch.Tensor:
     """Write k/v at [start, start+T) of one layer's cache and attend causally over [0, start+T).
 
-    q: [1, H, T, Dh]; k, v: [1, Hkv, T, Dh]; k_cache, v_cache: [Hkv, capacity, Dh].
+    q: [1, H, Tq, Dh], the last Tq <= T of the new positions; k, v: [1, Hkv, T, Dh];
+    k_cache, v_cache: [Hkv, capacity, Dh].
     """
-    n_new = q.shape[2]
-    end = start + n_new
+    end = start + k.shape[2]
+    n_queries = q.shape[2]
     k_cache[:, start:end] = k[0]
     v_cache[:, start:end] = v[0]
-    out = _native_attention(q, k_cache, v_cache, start)
+    out = _native_attention(q, k_cache, v_cache, end - n_queries)
     if out is not None:
         return out
     keys = k_cache[:, :end].unsqueeze(0)
     values = v_cache[:, :end].unsqueeze(0)
-    if n_new == 1:
+    if n_queries == 1:
         if q.device.type == "cpu" and end > _SDPA_DECODE_MAX_KEYS:
             return _attend_one_query(q, keys, values)
         mask = None
     else:
-        # Query i (absolute position start+i) sees keys [0, start+i].
-        rows = torch.arange(start, end, device=q.device).unsqueeze(1)
+        # Query i (absolute position end - n_queries + i) sees the keys up to its own.
+        rows = torch.arange(end - n_queries, end, device=q.device).unsqueeze(1)
         mask = torch.arange(end, device=q.device).unsqueeze(0) <= rows
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
@@ -359,10 +366,14 @@ class Decoder(nn.Module):
         if n_tokens == 1 and self.fused_decode is not None and kv.dtype == torch.float32:
             x = self.fused_decode(x, kv, start, cos, sin)
         else:
+            # The last block computes only the rows whose logits are asked for: the others'
+            # keys and values are all that later tokens read.
+            last_rows = n_logits if n_logits is not None and n_logits < n_tokens else None
             for i, block in enumerate(blocks):
                 if cancel is not None and cancel.is_cancelled:
                     raise Cancelled(f"cancelled during a forward ({cancel.reason})")
-                x = block(x, cos, sin, kv.k[i], kv.v[i], start)
+                rows = last_rows if i == len(blocks) - 1 else None
+                x = block(x, cos, sin, kv.k[i], kv.v[i], start, rows)
         kv.length = start + n_tokens
         x = x[0] if n_logits is None else x[0, -n_logits:]
         return self.lm_head(final_norm(x)).float()

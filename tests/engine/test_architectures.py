@@ -55,9 +55,15 @@ def _check_against_oracle(
         full = model(tokens, _new_kv(loaded), n_logits=None)
         kv = _new_kv(loaded)
         steps = torch.cat([model(tokens[i : i + 1], kv) for i in range(n_tokens)])
+        # The last block runs only the rows whose logits are asked for; the cache it leaves
+        # must serve the next token as the full forward's does.
+        kv = _new_kv(loaded)
+        tail = model(tokens[:-1], kv, n_logits=5)
+        after = model(tokens[-1:], kv)
     assert full.shape == (n_tokens, VOCAB) and full.dtype == torch.float32
     torch.testing.assert_close(full, expected, atol=LOGIT_ATOL, rtol=1e-4)
     torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([tail, after]), full[-6:], atol=1e-4, rtol=1e-4)
     prompt = tokens[:24].tolist()
     ours = generate(model, loaded.tokenizer, _new_kv(loaded), prompt, StopRules(max_tokens=16))
     assert ours.token_ids == oracle_greedy(prompt)

@@ -65,6 +65,26 @@ def test_attend_matches_sdpa_when_causal_with_cached_prefix(n_heads, n_kv, head_
     torch.testing.assert_close(out, expected_attention(q, k_cache, v_cache, start), **CLOSE)
 
 
+@pytest.mark.parametrize(("n_heads", "n_kv", "head_dim"), [(14, 2, 64), (6, 2, 40)])
+@pytest.mark.parametrize("n_queries", [1, 5])
+def test_attend_for_the_last_queries_only_gives_their_rows_of_the_full_result(
+    n_heads, n_kv, head_dim, n_queries
+):
+    """What the last block of a prompt runs (Decoder.forward): every new key and value is
+    written, queries are asked for the last positions only."""
+    gen = torch.Generator().manual_seed(n_queries)
+    start, n_new = 31, 70
+    q, k, v, k_cache, v_cache = grouped_heads(gen, n_heads, n_kv, head_dim, n_new, 128)
+    k_cache[:, :start] = torch.randn(n_kv, start, head_dim, generator=gen)
+    v_cache[:, :start] = torch.randn(n_kv, start, head_dim, generator=gen)
+    full = attend(q, k_cache.clone(), v_cache.clone(), start, k, v)
+    tail = attend(q[:, :, -n_queries:], k_cache, v_cache, start, k, v)
+    assert torch.equal(k_cache[:, start : start + n_new], k[0])
+    assert torch.equal(v_cache[:, start : start + n_new], v[0])
+    assert tail.shape == (1, n_heads, n_queries, head_dim)
+    torch.testing.assert_close(tail, full[:, :, -n_queries:], rtol=1e-5, atol=1e-5)
+
+
 @needs_native
 @pytest.mark.parametrize(("head_dim", "served"), [(64, True), (128, True), (40, False)])
 def test_native_attention_serves_head_dims_of_multiples_of_16(head_dim, served):

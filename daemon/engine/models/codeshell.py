@@ -136,9 +136,9 @@ class Attention(nn.Module):
         self.c_attn = meta_linear(args.dim, q_dim + 2 * kv_dim, True)
         self.c_proj = meta_linear(q_dim, args.dim, True)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
-        # x: [1, T, D]
-        q, k, v = qkv_heads(self.c_attn(x), self.n_heads, self.n_kv_heads, cos, sin)
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
+        # x: [1, T, D]; the result holds the last `rows` positions (None: all T)
+        q, k, v = qkv_heads(self.c_attn(x), self.n_heads, self.n_kv_heads, cos, sin, rows)
         out = attend(q, k_cache, v_cache, start, k, v)
         return self.c_proj(out.transpose(1, 2).flatten(2))
 
@@ -151,8 +151,9 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(args.dim, args.norm_eps)
         self.mlp = GeluMLP(args.dim, args.ffn_dim, True, args.activation)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cos, sin, k_cache, v_cache, start)
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
+        h = self.attn(self.ln_1(x), cos, sin, k_cache, v_cache, start, rows)
+        x = x[:, x.shape[1] - h.shape[1] :] + h
         return x + self.mlp(self.ln_2(x))
 
 

@@ -132,9 +132,9 @@ class Attention(nn.Module):
         self.qkv_proj = meta_linear(args.dim, q_dim + 2 * kv_dim, args.qkv_bias)
         self.o_proj = meta_linear(q_dim, args.dim, False)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
-        # x: [1, T, D]
-        q, k, v = qkv_heads(self.qkv_proj(x), self.n_heads, self.n_kv_heads, cos, sin)
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
+        # x: [1, T, D]; the result holds the last `rows` positions (None: all T)
+        q, k, v = qkv_heads(self.qkv_proj(x), self.n_heads, self.n_kv_heads, cos, sin, rows)
         out = attend(q, k_cache, v_cache, start, k, v)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
@@ -158,8 +158,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start)
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, rows)
+        x = x[:, x.shape[1] - h.shape[1] :] + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

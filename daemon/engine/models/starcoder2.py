@@ -133,17 +133,19 @@ def attend_window(
 ) -> torch.Tensor:
     """layers.attend where position p sees keys (p - window, p] only (HF's sliding window).
 
-    Shapes as in layers.attend: q [1, H, T, Dh], k/v [1, Hkv, T, Dh], caches [Hkv, cap, Dh].
+    Shapes as in layers.attend: q [1, H, Tq, Dh] (the last Tq <= T positions), k/v
+    [1, Hkv, T, Dh], caches [Hkv, cap, Dh].
     """
-    end = start + q.shape[2]
+    end = start + k.shape[2]
     if window is None or end <= window:
         return attend(q, k_cache, v_cache, start, k, v)
     k_cache[:, start:end] = k[0]
     v_cache[:, start:end] = v[0]
-    first = max(0, start + 1 - window)  # the oldest key the first query still sees
+    q_start = end - q.shape[2]
+    first = max(0, q_start + 1 - window)  # the oldest key the first query still sees
     keys = k_cache[:, first:end].unsqueeze(0)
     values = v_cache[:, first:end].unsqueeze(0)
-    rows = torch.arange(start, end, device=q.device).unsqueeze(1)
+    rows = torch.arange(q_start, end, device=q.device).unsqueeze(1)
     cols = torch.arange(first, end, device=q.device).unsqueeze(0)
     mask = (cols <= rows) & (cols > rows - window)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
@@ -158,9 +160,9 @@ class Attention(nn.Module):
         self.o_proj = meta_linear(q_dim, args.dim, args.use_bias)
         self.window = args.sliding_window
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
-        # x: [1, T, D]
-        q, k, v = qkv_heads(self.qkv_proj(x), self.n_heads, self.n_kv_heads, cos, sin)
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
+        # x: [1, T, D]; the result holds the last `rows` positions (None: all T)
+        q, k, v = qkv_heads(self.qkv_proj(x), self.n_heads, self.n_kv_heads, cos, sin, rows)
         out = attend_window(q, k_cache, v_cache, start, k, v, self.window)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
@@ -173,8 +175,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = LayerNorm(args.dim, args.norm_eps)
         self.mlp = GeluMLP(args.dim, args.ffn_dim, args.use_bias, args.activation)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start)
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, rows)
+        x = x[:, x.shape[1] - h.shape[1] :] + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
