@@ -325,6 +325,46 @@ class GeluMLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
 
 
+class SelfAttention(nn.Module):
+    """What every architecture's attention shares: a fused q/k/v projection, RoPE, causal
+    attention over the layer's cache and the output projection. A subclass builds the two
+    projections (named as its checkpoint names them), sets n_heads / n_kv_heads and says in
+    `projections` which modules they are."""
+
+    n_heads: int
+    n_kv_heads: int
+
+    def projections(self) -> tuple[nn.Module, nn.Module]:
+        raise NotImplementedError
+
+    def attend(self, q, k_cache, v_cache, start: int, k, v) -> torch.Tensor:
+        return attend(q, k_cache, v_cache, start, k, v)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
+        # x: [1, T, D]; the result holds the last `rows` positions (None: all T)
+        qkv_proj, out_proj = self.projections()
+        q, k, v = qkv_heads(qkv_proj(x), self.n_heads, self.n_kv_heads, cos, sin, rows)
+        out = self.attend(q, k_cache, v_cache, start, k, v)
+        return out_proj(out.transpose(1, 2).flatten(2))
+
+
+class PreNormBlock(nn.Module):
+    """x + attention(norm(x)), then x + mlp(norm(x)). A subclass builds the four modules
+    (named as its checkpoint names them) and says in `parts` which they are."""
+
+    def parts(self) -> tuple[nn.Module, SelfAttention, nn.Module, nn.Module]:
+        """The norm before attention, the attention, the norm before the MLP, the MLP."""
+        raise NotImplementedError
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
+        """x [1, T, D] at positions [start, start + T); returns the last `rows` positions'
+        outputs (None: all T), every position's keys and values written to the cache."""
+        attn_norm, attn, mlp_norm, mlp = self.parts()
+        h = attn(attn_norm(x), cos, sin, k_cache, v_cache, start, rows)
+        x = x[:, x.shape[1] - h.shape[1] :] + h
+        return x + mlp(mlp_norm(x))
+
+
 class Decoder(nn.Module):
     """What every architecture shares around its blocks: the head, the rotary tables and the
     decoder loop. A subclass builds its body (named as its checkpoint names it) and says in

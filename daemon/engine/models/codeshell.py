@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from ...errors import ModelLoadError
@@ -19,11 +18,11 @@ from ..layers import (
     Decoder,
     GeluMLP,
     LayerNorm,
+    PreNormBlock,
     RopeScaling,
-    attend,
+    SelfAttention,
     gelu_approximate,
     meta_linear,
-    qkv_heads,
 )
 
 # CodeShell's rotary embedding has a fixed base (modeling_codeshell.py; llama.cpp writes 10000).
@@ -128,7 +127,7 @@ GGUF_NAMES = {
 }
 
 
-class Attention(nn.Module):
+class Attention(SelfAttention):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
@@ -136,14 +135,11 @@ class Attention(nn.Module):
         self.c_attn = meta_linear(args.dim, q_dim + 2 * kv_dim, True)
         self.c_proj = meta_linear(q_dim, args.dim, True)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
-        # x: [1, T, D]; the result holds the last `rows` positions (None: all T)
-        q, k, v = qkv_heads(self.c_attn(x), self.n_heads, self.n_kv_heads, cos, sin, rows)
-        out = attend(q, k_cache, v_cache, start, k, v)
-        return self.c_proj(out.transpose(1, 2).flatten(2))
+    def projections(self) -> tuple[nn.Module, nn.Module]:
+        return self.c_attn, self.c_proj
 
 
-class Block(nn.Module):
+class Block(PreNormBlock):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.ln_1 = LayerNorm(args.dim, args.norm_eps)
@@ -151,10 +147,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(args.dim, args.norm_eps)
         self.mlp = GeluMLP(args.dim, args.ffn_dim, True, args.activation)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
-        h = self.attn(self.ln_1(x), cos, sin, k_cache, v_cache, start, rows)
-        x = x[:, x.shape[1] - h.shape[1] :] + h
-        return x + self.mlp(self.ln_2(x))
+    def parts(self) -> tuple[nn.Module, SelfAttention, nn.Module, nn.Module]:
+        return self.ln_1, self.attn, self.ln_2, self.mlp
 
 
 class Transformer(nn.Module):

@@ -13,12 +13,12 @@ from torch import nn
 
 from ..layers import (
     Decoder,
+    PreNormBlock,
     RMSNorm,
     RopeScaling,
-    attend,
+    SelfAttention,
     gate_up_silu,
     meta_linear,
-    qkv_heads,
 )
 
 
@@ -124,7 +124,7 @@ GGUF_NAMES = {
 GGUF_PERMUTED_ARCHS = ("llama", "mistral")
 
 
-class Attention(nn.Module):
+class Attention(SelfAttention):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
@@ -132,11 +132,8 @@ class Attention(nn.Module):
         self.qkv_proj = meta_linear(args.dim, q_dim + 2 * kv_dim, args.qkv_bias)
         self.o_proj = meta_linear(q_dim, args.dim, False)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
-        # x: [1, T, D]; the result holds the last `rows` positions (None: all T)
-        q, k, v = qkv_heads(self.qkv_proj(x), self.n_heads, self.n_kv_heads, cos, sin, rows)
-        out = attend(q, k_cache, v_cache, start, k, v)
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+    def projections(self) -> tuple[nn.Module, nn.Module]:
+        return self.qkv_proj, self.o_proj
 
 
 class MLP(nn.Module):
@@ -150,7 +147,7 @@ class MLP(nn.Module):
         return self.down_proj(gate_up_silu(self.gate_up_proj, x, self.ffn_dim))
 
 
-class Block(nn.Module):
+class Block(PreNormBlock):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
@@ -158,10 +155,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, rows)
-        x = x[:, x.shape[1] - h.shape[1] :] + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def parts(self) -> tuple[nn.Module, SelfAttention, nn.Module, nn.Module]:
+        return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp
 
 
 class Inner(nn.Module):

@@ -17,11 +17,12 @@ from ..layers import (
     Decoder,
     GeluMLP,
     LayerNorm,
+    PreNormBlock,
     RopeScaling,
+    SelfAttention,
     attend,
     gelu_approximate,
     meta_linear,
-    qkv_heads,
 )
 
 
@@ -151,7 +152,7 @@ def attend_window(
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
 
-class Attention(nn.Module):
+class Attention(SelfAttention):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
@@ -160,14 +161,14 @@ class Attention(nn.Module):
         self.o_proj = meta_linear(q_dim, args.dim, args.use_bias)
         self.window = args.sliding_window
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
-        # x: [1, T, D]; the result holds the last `rows` positions (None: all T)
-        q, k, v = qkv_heads(self.qkv_proj(x), self.n_heads, self.n_kv_heads, cos, sin, rows)
-        out = attend_window(q, k_cache, v_cache, start, k, v, self.window)
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+    def projections(self) -> tuple[nn.Module, nn.Module]:
+        return self.qkv_proj, self.o_proj
+
+    def attend(self, q, k_cache, v_cache, start: int, k, v) -> torch.Tensor:
+        return attend_window(q, k_cache, v_cache, start, k, v, self.window)
 
 
-class Block(nn.Module):
+class Block(PreNormBlock):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.input_layernorm = LayerNorm(args.dim, args.norm_eps)
@@ -175,10 +176,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = LayerNorm(args.dim, args.norm_eps)
         self.mlp = GeluMLP(args.dim, args.ffn_dim, args.use_bias, args.activation)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, rows)
-        x = x[:, x.shape[1] - h.shape[1] :] + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def parts(self) -> tuple[nn.Module, SelfAttention, nn.Module, nn.Module]:
+        return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp
 
 
 class Inner(nn.Module):
