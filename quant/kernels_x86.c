@@ -25,7 +25,52 @@
 
 #define BLOCK 32
 
-int codelm_kernels_abi(void) { return 11; }
+int codelm_kernels_abi(void) { return 12; }
+
+static inline float hsum(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float hmax(__m256 v)
+{
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One block of x: q[32] = round(x / d), d = absmax / 127 (0 for a block of zeros), returned;
+ * *qsum gets the sum of q and, where `sum` is given, *sum the float sum of x. The prompt's tile
+ * kernel and the row kernels both quantise x through this, so they see the same numbers. */
+static inline float quantize_block(const float *src, int8_t *q, int32_t *qsum, float *sum)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4], amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(src + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    }
+    const float d = hmax(amax) / 127.0f;
+    const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+    __m256i n[4];
+    for (int i = 0; i < 4; i++)
+        n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)); /* to nearest, ties to even */
+    /* packs work within 128-bit lanes: the bytes come out as dwords 0 4 1 5 2 6 3 7 */
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]),
+                                              _mm256_packs_epi32(n[2], n[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(
+                                          packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const __m256i nsum =
+        _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
+    *qsum = (int32_t)hsum(_mm256_cvtepi32_ps(nsum)); /* |sum| <= 32 * 127: exact in float */
+    if (sum)
+        *sum = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+    return d;
+}
 
 /* x [rows, k] -> xq [rows, k] int8, xd [rows, k / BLOCK]: scale per block of 32. Where xsum
  * and xqsum are given, also per block: the float sum of x, and xd times the sum of xq (for
@@ -34,25 +79,10 @@ static void quantize_blocks(const float *x, int64_t blocks, int8_t *xq, float *x
                             float *xqsum)
 {
     for (int64_t b = 0; b < blocks; b++) {
-        const float *src = x + b * BLOCK;
-        float amax = 0.0f, sum = 0.0f;
-        for (int j = 0; j < BLOCK; j++) {
-            amax = fmaxf(amax, fabsf(src[j]));
-            sum += src[j];
-        }
-        const float d = amax / 127.0f;
-        const float inv = d > 0.0f ? 1.0f / d : 0.0f;
-        int qsum = 0;
-        xd[b] = d;
-        for (int j = 0; j < BLOCK; j++) {
-            const int q = (int)nearbyintf(src[j] * inv);
-            xq[b * BLOCK + j] = (int8_t)q;
-            qsum += q;
-        }
-        if (xsum) {
-            xsum[b] = sum;
-            xqsum[b] = d * (float)qsum;
-        }
+        int32_t qsum;
+        xd[b] = quantize_block(x + b * BLOCK, xq + b * BLOCK, &qsum, xsum ? xsum + b : NULL);
+        if (xqsum)
+            xqsum[b] = xd[b] * (float)qsum;
     }
 }
 
@@ -69,22 +99,6 @@ static inline __m256i dot32(const int8_t *w, const int8_t *x)
 #else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), _mm256_set1_epi16(1));
 #endif
-}
-
-static inline float hsum(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline float hmax(__m256 v)
-{
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* 32 int4 weights (16 bytes: element j in the low nibble of byte j, element j + 16 in its
@@ -584,7 +598,7 @@ _Static_assert(TILE_SPAN % TILE_ROWS == 0, "a span holds whole groups of rows");
 
 int codelm_tiles_available(void) { return 1; }
 
-/* x [rows, k] quantised as quantize_blocks does, 16 lanes at a time, into the order the tile
+/* x [rows, k] quantised as quantize_blocks does, into the order the tile
  * kernel reads: rows in groups of TILE_ROWS (the last padded with zeros), each group's block b
  * of all its rows together, so the kernel finds everything at constant offsets from one
  * pointer. Per row and block: xq 32 int8, xd the scale, xo -offset * the sum of xq and, where
@@ -597,20 +611,18 @@ static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t 
     for (int64_t rb = 0; rb < padded * blocks; rb++) {
         const int64_t i = rb / blocks, b = rb % blocks;
         const int64_t at = (i / TILE_ROWS * blocks + b) * TILE_ROWS + i % TILE_ROWS;
+        if (i >= rows) { /* padding: a block of zeros */
+            memset(xq + at * BLOCK, 0, BLOCK);
+            xd[at] = 0.0f;
+            xo[at] = 0;
+            if (xs)
+                xs[at] = 0.0f;
+            continue;
+        }
+        int32_t qsum;
         const float *src = x + i * k + b * BLOCK;
-        const __m512 lo = i < rows ? _mm512_loadu_ps(src) : _mm512_setzero_ps();
-        const __m512 hi = i < rows ? _mm512_loadu_ps(src + 16) : _mm512_setzero_ps();
-        const __m512 amax = _mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi));
-        const float d = _mm512_reduce_max_ps(amax) / 127.0f;
-        const __m512 inv = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
-        const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv));
-        const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
-        _mm_storeu_si128((__m128i *)(xq + at * BLOCK), _mm512_cvtepi32_epi8(qlo));
-        _mm_storeu_si128((__m128i *)(xq + at * BLOCK + 16), _mm512_cvtepi32_epi8(qhi));
-        xd[at] = d;
-        xo[at] = -offset * _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
-        if (xs)
-            xs[at] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+        xd[at] = quantize_block(src, xq + at * BLOCK, &qsum, xs ? xs + at : NULL);
+        xo[at] = -offset * qsum;
     }
 }
 
