@@ -25,7 +25,7 @@
 
 #define BLOCK 32
 
-int codelm_kernels_abi(void) { return 12; }
+int codelm_kernels_abi(void) { return 13; }
 
 static inline float hsum(__m256 v)
 {
@@ -886,51 +886,75 @@ static inline __m256 dot8_keys(const float *q, const float *keys, int64_t hd)
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* out [hd] = softmax(q . keys[t] / sqrt(hd)) . values over t < n_keys; scores [n_keys]. */
-static void attend_head(const float *q, const float *keys, const float *values, int64_t n_keys,
-                        int64_t hd, float *scores, float *out)
+/* Where the query heads of one KV head share its keys and values (GQA), each block of keys
+ * is loaded once for DECODE_HEADS of them: at long context K and V no longer fit in L1 and
+ * a head-by-head loop read them from L2 once per head. */
+#define DECODE_HEADS 4 /* query heads one pass over the values serves: 2 accumulators each */
+
+/* out[h, c..c+16) = sum over t < n_keys of p[h, t] values[t, c..c+16) / total[h], for
+ * nh <= DECODE_HEADS heads (a constant where inlined): each value row is loaded once for all
+ * of them, and their 2 x nh independent sums hide the FMA latency. */
+INLINE void weigh_values(const float *p, int64_t n_keys, const float *values, int64_t hd,
+                         int64_t c, const float *total, float *out, int nh)
+{
+    __m256 acc[DECODE_HEADS][2];
+    for (int h = 0; h < nh; h++)
+        acc[h][0] = acc[h][1] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n_keys; t++) {
+        const __m256 v0 = _mm256_loadu_ps(values + t * hd + c);
+        const __m256 v1 = _mm256_loadu_ps(values + t * hd + c + 8);
+        for (int h = 0; h < nh; h++) {
+            const __m256 w = _mm256_broadcast_ss(p + h * n_keys + t);
+            acc[h][0] = _mm256_fmadd_ps(w, v0, acc[h][0]);
+            acc[h][1] = _mm256_fmadd_ps(w, v1, acc[h][1]);
+        }
+    }
+    for (int h = 0; h < nh; h++) {
+        const __m256 inv = _mm256_set1_ps(1.0f / total[h]);
+        _mm256_storeu_ps(out + h * hd + c, _mm256_mul_ps(acc[h][0], inv));
+        _mm256_storeu_ps(out + h * hd + c + 8, _mm256_mul_ps(acc[h][1], inv));
+    }
+}
+
+/* out [nq, hd] = softmax(q_h . keys[t] / sqrt(hd)) . values over t < n_keys for nq query heads
+ * of one KV head (q_h at q + h * hd); scores [nq, n_keys]. */
+static void attend_heads(const float *q, int64_t nq, const float *keys, const float *values,
+                         int64_t n_keys, int64_t hd, float *scores, float *out)
 {
     const float scale = 1.0f / sqrtf((float)hd);
     int64_t t = 0;
     if (hd % 8 == 0)
-        for (; t + 8 <= n_keys; t += 8)
-            _mm256_storeu_ps(scores + t, _mm256_mul_ps(dot8_keys(q, keys + t * hd, hd),
-                                                       _mm256_set1_ps(scale)));
+        for (; t + 8 <= n_keys; t += 8) /* a block of 8 keys (hd floats each) stays in L1 */
+            for (int64_t h = 0; h < nq; h++)
+                _mm256_storeu_ps(scores + h * n_keys + t,
+                                 _mm256_mul_ps(dot8_keys(q + h * hd, keys + t * hd, hd),
+                                               _mm256_set1_ps(scale)));
     for (; t < n_keys; t++)
-        scores[t] = dot_f32(q, keys + t * hd, hd) * scale;
-    for (int64_t i = 0; i < hd; i++)
-        out[i] = 0.0f;
-    float top = -INFINITY, total = 0.0f;
-    softmax_step(scores, n_keys, n_keys, &top, &total, out, hd); /* scores -> weights */
-    int64_t c = 0;
-    for (; c + 16 <= hd; c += 16) { /* 4 independent sums per 16 lanes: FMA latency hides */
-        __m256 acc[4][2];
-        for (int a = 0; a < 4; a++)
-            acc[a][0] = acc[a][1] = _mm256_setzero_ps();
-        for (t = 0; t + 4 <= n_keys; t += 4)
-            for (int a = 0; a < 4; a++) {
-                const __m256 p = _mm256_broadcast_ss(scores + t + a);
-                const float *v = values + (t + a) * hd + c;
-                acc[a][0] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v), acc[a][0]);
-                acc[a][1] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8), acc[a][1]);
+        for (int64_t h = 0; h < nq; h++)
+            scores[h * n_keys + t] = dot_f32(q + h * hd, keys + t * hd, hd) * scale;
+    for (int64_t h0 = 0; h0 < nq; h0 += DECODE_HEADS) {
+        const int nh = nq - h0 < DECODE_HEADS ? (int)(nq - h0) : DECODE_HEADS;
+        float *p = scores + h0 * n_keys, *o = out + h0 * hd, total[DECODE_HEADS];
+        for (int h = 0; h < nh; h++) { /* scores -> exp(score - max), total their sum */
+            float top = -INFINITY;
+            total[h] = 0.0f;
+            softmax_step(p + h * n_keys, n_keys, n_keys, &top, &total[h], NULL, 0);
+        }
+        int64_t c = 0;
+        for (; c + 16 <= hd; c += 16)
+            switch (nh) {
+            case 1: weigh_values(p, n_keys, values, hd, c, total, o, 1); break;
+            case 2: weigh_values(p, n_keys, values, hd, c, total, o, 2); break;
+            case 3: weigh_values(p, n_keys, values, hd, c, total, o, 3); break;
+            default: weigh_values(p, n_keys, values, hd, c, total, o, 4); break;
             }
-        for (; t < n_keys; t++) {
-            const __m256 p = _mm256_broadcast_ss(scores + t);
-            acc[0][0] = _mm256_fmadd_ps(p, _mm256_loadu_ps(values + t * hd + c), acc[0][0]);
-            acc[0][1] = _mm256_fmadd_ps(p, _mm256_loadu_ps(values + t * hd + c + 8), acc[0][1]);
-        }
-        const __m256 inv = _mm256_set1_ps(1.0f / total);
-        for (int half = 0; half < 2; half++) {
-            const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0][half], acc[1][half]),
-                                             _mm256_add_ps(acc[2][half], acc[3][half]));
-            _mm256_storeu_ps(out + c + 8 * half, _mm256_mul_ps(sum, inv));
-        }
-    }
-    for (; c < hd; c++) { /* head sizes that are not a multiple of 16 */
-        float sum = 0.0f;
-        for (t = 0; t < n_keys; t++)
-            sum += scores[t] * values[t * hd + c];
-        out[c] = sum / total;
+        for (; c < hd; c++) /* head sizes that are not a multiple of 16 */
+            for (int h = 0; h < nh; h++) {
+                float sum = 0.0f;
+                for (t = 0; t < n_keys; t++)
+                    sum += p[h * n_keys + t] * values[t * hd + c];
+                o[h * hd + c] = sum / total[h];
+            }
     }
 }
 
@@ -946,6 +970,11 @@ int codelm_decode_step(const codelm_block *blocks, const codelm_shape *s, float 
     const int64_t dim = s->dim, ffn = s->ffn_dim, n_keys = pos + 1;
     const int64_t n_qkv = (heads + 2 * kv_heads) * hd, per_kv = heads / kv_heads;
     const int64_t layer_stride = kv_heads * capacity * hd;
+    /* attention work items: each KV head's query heads in `split` runs of per_item, as many
+     * runs as there are threads for each KV head (while heads last) */
+    const int64_t threads_per_kv = (nthreads + kv_heads - 1) / kv_heads;
+    const int64_t split = threads_per_kv < per_kv ? threads_per_kv : per_kv;
+    const int64_t per_item = (per_kv + split - 1) / split;
     float *buf = malloc((size_t)(dim + n_qkv + heads * hd + 3 * ffn + heads * n_keys) *
                         sizeof(float));
     if (!buf)
@@ -967,10 +996,14 @@ int codelm_decode_step(const codelm_block *blocks, const codelm_shape *s, float 
             memcpy(vc + row, qkv + (heads + kv_heads + g) * hd, (size_t)hd * sizeof(float));
         }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t head = 0; head < heads; head++) {
-            const int64_t g = head / per_kv;
-            attend_head(qkv + head * hd, kc + g * capacity * hd, vc + g * capacity * hd, n_keys,
-                        hd, scores + head * n_keys, att + head * hd);
+        for (int64_t item = 0; item < kv_heads * split; item++) { /* a KV head's query heads */
+            const int64_t g = item / split, first = g * per_kv + item % split * per_item;
+            const int64_t end = first + per_item < (g + 1) * per_kv ? first + per_item
+                                                                    : (g + 1) * per_kv;
+            if (first < end)
+                attend_heads(qkv + first * hd, end - first, kc + g * capacity * hd,
+                             vc + g * capacity * hd, n_keys, hd, scores + first * n_keys,
+                             att + first * hd);
         }
         if ((rc = apply(&b->out, att, h, nthreads)) != 0)
             break;

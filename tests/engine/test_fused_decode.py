@@ -38,15 +38,19 @@ def native_decode(monkeypatch):
     monkeypatch.setattr(Dispatcher, "_pick", native_first)
 
 
-def _tiny(tmp_path: Path, arch: str, quant: str) -> llama.Model:
-    """A random 3-block model of `arch` saved by transformers and loaded as `quant`."""
+def _tiny(
+    tmp_path: Path, arch: str, quant: str, heads: tuple[int, int, int] = (4, 2, 32)
+) -> llama.Model:
+    """A random 3-block model of `arch` saved by transformers and loaded as `quant`, with
+    `heads` = (query heads, KV heads, head size)."""
+    n_heads, n_kv_heads, head_dim = heads
     shapes = dict(
         vocab_size=320,
-        hidden_size=128,
+        hidden_size=n_heads * head_dim,
         intermediate_size=256,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
         max_position_embeddings=512,
     )
     torch.manual_seed(0)
@@ -74,10 +78,21 @@ def _kv(model: llama.Model) -> KVCache:
 
 
 @needs_native
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_fused_decode_step_matches_module_path(tmp_path, native_decode, arch, quant):
-    model = _tiny(tmp_path, arch, quant)
+@pytest.mark.parametrize(
+    ("arch", "quant", "heads"),
+    [
+        ("llama", "int4", (4, 2, 32)),
+        ("llama", "int8", (4, 2, 32)),
+        ("qwen2", "int4", (4, 2, 32)),
+        ("qwen2", "int8", (4, 2, 32)),
+        # 7 query heads a KV head (the default model's grouping): the step's attention takes
+        # them in passes of 4 and 3, and in two work items where there are 2+ threads.
+        ("qwen2", "int8", (7, 1, 64)),
+        ("llama", "int8", (8, 2, 40)),  # a head size that is not a multiple of 16
+    ],
+)
+def test_fused_decode_step_matches_module_path(tmp_path, native_decode, arch, quant, heads):
+    model = _tiny(tmp_path, arch, quant, heads)
     assert fused_decode.attach(model, CPU, torch.float32) == "fused native"
     fused = model.fused_decode
     tokens = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(1))
