@@ -25,7 +25,7 @@
 
 #define BLOCK 32
 
-int codelm_kernels_abi(void) { return 13; }
+int codelm_kernels_abi(void) { return 14; }
 
 static inline float hsum(__m256 v)
 {
@@ -496,6 +496,118 @@ static void softmax_step(float *s, int64_t n, int64_t valid, float *m, float *l,
     *l += sum;
 }
 
+/* scores[0, 8) = q . keys[j] for 8 keys [8][hd], hd % 8 == 0: one load of q serves 8 keys,
+ * and the 8 lane-sums reduce together (three rounds of hadd) instead of one by one. */
+static inline __m256 dot8_keys(const float *q, const float *keys, int64_t hd)
+{
+    __m256 acc[8];
+    for (int j = 0; j < 8; j++)
+        acc[j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < hd; c += 8) {
+        const __m256 qc = _mm256_loadu_ps(q + c);
+        for (int j = 0; j < 8; j++)
+            acc[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(keys + j * hd + c), acc[j]);
+    }
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* Where the query heads of one KV head share its keys and values (GQA), each block of keys
+ * is loaded once for DECODE_HEADS of them: at long context K and V no longer fit in L1 and
+ * a head-by-head loop read them from L2 once per head. */
+#define DECODE_HEADS 4 /* query heads one pass over the values serves: 2 accumulators each */
+
+/* out[h, c..c+16) = sum over t < n_keys of p[h, t] values[t, c..c+16) / total[h], for
+ * nh <= DECODE_HEADS heads (a constant where inlined): each value row is loaded once for all
+ * of them, and their 2 x nh independent sums hide the FMA latency. */
+INLINE void weigh_values(const float *p, int64_t n_keys, const float *values, int64_t hd,
+                         int64_t c, const float *total, float *out, int nh)
+{
+    __m256 acc[DECODE_HEADS][2];
+    for (int h = 0; h < nh; h++)
+        acc[h][0] = acc[h][1] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n_keys; t++) {
+        const __m256 v0 = _mm256_loadu_ps(values + t * hd + c);
+        const __m256 v1 = _mm256_loadu_ps(values + t * hd + c + 8);
+        for (int h = 0; h < nh; h++) {
+            const __m256 w = _mm256_broadcast_ss(p + h * n_keys + t);
+            acc[h][0] = _mm256_fmadd_ps(w, v0, acc[h][0]);
+            acc[h][1] = _mm256_fmadd_ps(w, v1, acc[h][1]);
+        }
+    }
+    for (int h = 0; h < nh; h++) {
+        const __m256 inv = _mm256_set1_ps(1.0f / total[h]);
+        _mm256_storeu_ps(out + h * hd + c, _mm256_mul_ps(acc[h][0], inv));
+        _mm256_storeu_ps(out + h * hd + c + 8, _mm256_mul_ps(acc[h][1], inv));
+    }
+}
+
+/* out [nq, hd] = softmax(q_h . keys[t] / sqrt(hd)) . values over t < n_keys for nq query heads
+ * of one KV head (q_h at q + h * hd); scores [nq, n_keys]. */
+static void attend_heads(const float *q, int64_t nq, const float *keys, const float *values,
+                         int64_t n_keys, int64_t hd, float *scores, float *out)
+{
+    const float scale = 1.0f / sqrtf((float)hd);
+    int64_t t = 0;
+    if (hd % 8 == 0)
+        for (; t + 8 <= n_keys; t += 8) /* a block of 8 keys (hd floats each) stays in L1 */
+            for (int64_t h = 0; h < nq; h++)
+                _mm256_storeu_ps(scores + h * n_keys + t,
+                                 _mm256_mul_ps(dot8_keys(q + h * hd, keys + t * hd, hd),
+                                               _mm256_set1_ps(scale)));
+    for (; t < n_keys; t++)
+        for (int64_t h = 0; h < nq; h++)
+            scores[h * n_keys + t] = dot_f32(q + h * hd, keys + t * hd, hd) * scale;
+    for (int64_t h0 = 0; h0 < nq; h0 += DECODE_HEADS) {
+        const int nh = nq - h0 < DECODE_HEADS ? (int)(nq - h0) : DECODE_HEADS;
+        float *p = scores + h0 * n_keys, *o = out + h0 * hd, total[DECODE_HEADS];
+        for (int h = 0; h < nh; h++) { /* scores -> exp(score - max), total their sum */
+            float top = -INFINITY;
+            total[h] = 0.0f;
+            softmax_step(p + h * n_keys, n_keys, n_keys, &top, &total[h], NULL, 0);
+        }
+        int64_t c = 0;
+        for (; c + 16 <= hd; c += 16)
+            switch (nh) {
+            case 1: weigh_values(p, n_keys, values, hd, c, total, o, 1); break;
+            case 2: weigh_values(p, n_keys, values, hd, c, total, o, 2); break;
+            case 3: weigh_values(p, n_keys, values, hd, c, total, o, 3); break;
+            default: weigh_values(p, n_keys, values, hd, c, total, o, 4); break;
+            }
+        for (; c < hd; c++) /* head sizes that are not a multiple of 16 */
+            for (int h = 0; h < nh; h++) {
+                float sum = 0.0f;
+                for (t = 0; t < n_keys; t++)
+                    sum += p[h * n_keys + t] * values[t * hd + c];
+                o[h * hd + c] = sum / total[h];
+            }
+    }
+}
+
+/* out [n_heads, hd] = attention of one position's q [n_heads, hd] over the first n_keys keys
+ * of k_cache / v_cache [n_kv_heads, capacity, hd]; scores [n_heads, n_keys] is scratch. Work
+ * items are a KV head's query heads in as many runs as there are threads for it. */
+static void attend_position(const float *q, const float *k_cache, const float *v_cache,
+                            int64_t capacity, int64_t n_heads, int64_t n_kv_heads, int64_t hd,
+                            int64_t n_keys, float *scores, float *out, int nthreads)
+{
+    const int64_t per_kv = n_heads / n_kv_heads;
+    const int64_t threads_per_kv = (nthreads + n_kv_heads - 1) / n_kv_heads;
+    const int64_t split = threads_per_kv < per_kv ? threads_per_kv : per_kv;
+    const int64_t per_item = (per_kv + split - 1) / split;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t item = 0; item < n_kv_heads * split; item++) {
+        const int64_t g = item / split, first = g * per_kv + item % split * per_item;
+        const int64_t last = first + per_item < (g + 1) * per_kv ? first + per_item
+                                                                 : (g + 1) * per_kv;
+        if (first < last)
+            attend_heads(q + first * hd, last - first, k_cache + g * capacity * hd,
+                         v_cache + g * capacity * hd, n_keys, hd, scores + first * n_keys,
+                         out + first * hd);
+    }
+}
+
 /* out [n_new, n_heads * hd] = causal attention of q (position t, head h at q + t * q_pos +
  * h * q_head, hd contiguous floats) at positions [start, start + n_new) over one layer's
  * k_cache / v_cache [n_kv_heads, capacity, hd] holding keys [0, start + n_new). Returns 0, or
@@ -510,6 +622,15 @@ int codelm_attention(const float *q, int64_t q_pos, int64_t q_head, const float 
     const int64_t group = n_heads / n_kv_heads, end = start + n_new, panels = (end + 15) / 16;
     const int64_t rows = ATT_POS * group, tiles = (rows + ATT_ROWS - 1) / ATT_ROWS;
     const int64_t blocks = (n_new + ATT_POS - 1) / ATT_POS, items = n_kv_heads * blocks;
+    if (n_new == 1 && q_head == hd) { /* one position: no packing, K/V read where they are */
+        float *scores = malloc((size_t)(n_heads * end) * sizeof(float));
+        if (!scores)
+            return -1;
+        attend_position(q, k_cache, v_cache, capacity, n_heads, n_kv_heads, hd, end, scores, out,
+                        nthreads);
+        free(scores);
+        return 0;
+    }
     const float scale = 1.0f / sqrtf((float)hd);
     float *kp = malloc((size_t)(n_kv_heads * panels * hd * 16) * sizeof(float));
     if (!kp)
@@ -869,95 +990,6 @@ void codelm_rotate_heads(float *x, int64_t rows, int64_t stride, int64_t heads, 
             rotate(x + i * stride + h * hd, cos + i * hd, sin + i * hd, hd);
 }
 
-/* scores[0, 8) = q . keys[j] for 8 keys [8][hd], hd % 8 == 0: one load of q serves 8 keys,
- * and the 8 lane-sums reduce together (three rounds of hadd) instead of one by one. */
-static inline __m256 dot8_keys(const float *q, const float *keys, int64_t hd)
-{
-    __m256 acc[8];
-    for (int j = 0; j < 8; j++)
-        acc[j] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < hd; c += 8) {
-        const __m256 qc = _mm256_loadu_ps(q + c);
-        for (int j = 0; j < 8; j++)
-            acc[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(keys + j * hd + c), acc[j]);
-    }
-    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-/* Where the query heads of one KV head share its keys and values (GQA), each block of keys
- * is loaded once for DECODE_HEADS of them: at long context K and V no longer fit in L1 and
- * a head-by-head loop read them from L2 once per head. */
-#define DECODE_HEADS 4 /* query heads one pass over the values serves: 2 accumulators each */
-
-/* out[h, c..c+16) = sum over t < n_keys of p[h, t] values[t, c..c+16) / total[h], for
- * nh <= DECODE_HEADS heads (a constant where inlined): each value row is loaded once for all
- * of them, and their 2 x nh independent sums hide the FMA latency. */
-INLINE void weigh_values(const float *p, int64_t n_keys, const float *values, int64_t hd,
-                         int64_t c, const float *total, float *out, int nh)
-{
-    __m256 acc[DECODE_HEADS][2];
-    for (int h = 0; h < nh; h++)
-        acc[h][0] = acc[h][1] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < n_keys; t++) {
-        const __m256 v0 = _mm256_loadu_ps(values + t * hd + c);
-        const __m256 v1 = _mm256_loadu_ps(values + t * hd + c + 8);
-        for (int h = 0; h < nh; h++) {
-            const __m256 w = _mm256_broadcast_ss(p + h * n_keys + t);
-            acc[h][0] = _mm256_fmadd_ps(w, v0, acc[h][0]);
-            acc[h][1] = _mm256_fmadd_ps(w, v1, acc[h][1]);
-        }
-    }
-    for (int h = 0; h < nh; h++) {
-        const __m256 inv = _mm256_set1_ps(1.0f / total[h]);
-        _mm256_storeu_ps(out + h * hd + c, _mm256_mul_ps(acc[h][0], inv));
-        _mm256_storeu_ps(out + h * hd + c + 8, _mm256_mul_ps(acc[h][1], inv));
-    }
-}
-
-/* out [nq, hd] = softmax(q_h . keys[t] / sqrt(hd)) . values over t < n_keys for nq query heads
- * of one KV head (q_h at q + h * hd); scores [nq, n_keys]. */
-static void attend_heads(const float *q, int64_t nq, const float *keys, const float *values,
-                         int64_t n_keys, int64_t hd, float *scores, float *out)
-{
-    const float scale = 1.0f / sqrtf((float)hd);
-    int64_t t = 0;
-    if (hd % 8 == 0)
-        for (; t + 8 <= n_keys; t += 8) /* a block of 8 keys (hd floats each) stays in L1 */
-            for (int64_t h = 0; h < nq; h++)
-                _mm256_storeu_ps(scores + h * n_keys + t,
-                                 _mm256_mul_ps(dot8_keys(q + h * hd, keys + t * hd, hd),
-                                               _mm256_set1_ps(scale)));
-    for (; t < n_keys; t++)
-        for (int64_t h = 0; h < nq; h++)
-            scores[h * n_keys + t] = dot_f32(q + h * hd, keys + t * hd, hd) * scale;
-    for (int64_t h0 = 0; h0 < nq; h0 += DECODE_HEADS) {
-        const int nh = nq - h0 < DECODE_HEADS ? (int)(nq - h0) : DECODE_HEADS;
-        float *p = scores + h0 * n_keys, *o = out + h0 * hd, total[DECODE_HEADS];
-        for (int h = 0; h < nh; h++) { /* scores -> exp(score - max), total their sum */
-            float top = -INFINITY;
-            total[h] = 0.0f;
-            softmax_step(p + h * n_keys, n_keys, n_keys, &top, &total[h], NULL, 0);
-        }
-        int64_t c = 0;
-        for (; c + 16 <= hd; c += 16)
-            switch (nh) {
-            case 1: weigh_values(p, n_keys, values, hd, c, total, o, 1); break;
-            case 2: weigh_values(p, n_keys, values, hd, c, total, o, 2); break;
-            case 3: weigh_values(p, n_keys, values, hd, c, total, o, 3); break;
-            default: weigh_values(p, n_keys, values, hd, c, total, o, 4); break;
-            }
-        for (; c < hd; c++) /* head sizes that are not a multiple of 16 */
-            for (int h = 0; h < nh; h++) {
-                float sum = 0.0f;
-                for (t = 0; t < n_keys; t++)
-                    sum += p[h * n_keys + t] * values[t * hd + c];
-                o[h * hd + c] = sum / total[h];
-            }
-    }
-}
-
 /* x [dim] (the embedded token, updated in place to the last block's output) at position pos:
  * every block's k / v rows are written at pos of k_cache / v_cache [n_layers, n_kv_heads,
  * capacity, head_dim] and attended over [0, pos]; cos / sin are Rotary's rows for pos.
@@ -968,13 +1000,8 @@ int codelm_decode_step(const codelm_block *blocks, const codelm_shape *s, float 
 {
     const int64_t hd = s->head_dim, heads = s->n_heads, kv_heads = s->n_kv_heads;
     const int64_t dim = s->dim, ffn = s->ffn_dim, n_keys = pos + 1;
-    const int64_t n_qkv = (heads + 2 * kv_heads) * hd, per_kv = heads / kv_heads;
+    const int64_t n_qkv = (heads + 2 * kv_heads) * hd;
     const int64_t layer_stride = kv_heads * capacity * hd;
-    /* attention work items: each KV head's query heads in `split` runs of per_item, as many
-     * runs as there are threads for each KV head (while heads last) */
-    const int64_t threads_per_kv = (nthreads + kv_heads - 1) / kv_heads;
-    const int64_t split = threads_per_kv < per_kv ? threads_per_kv : per_kv;
-    const int64_t per_item = (per_kv + split - 1) / split;
     float *buf = malloc((size_t)(dim + n_qkv + heads * hd + 3 * ffn + heads * n_keys) *
                         sizeof(float));
     if (!buf)
@@ -995,16 +1022,7 @@ int codelm_decode_step(const codelm_block *blocks, const codelm_shape *s, float 
             memcpy(kc + row, qkv + (heads + g) * hd, (size_t)hd * sizeof(float));
             memcpy(vc + row, qkv + (heads + kv_heads + g) * hd, (size_t)hd * sizeof(float));
         }
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t item = 0; item < kv_heads * split; item++) { /* a KV head's query heads */
-            const int64_t g = item / split, first = g * per_kv + item % split * per_item;
-            const int64_t end = first + per_item < (g + 1) * per_kv ? first + per_item
-                                                                    : (g + 1) * per_kv;
-            if (first < end)
-                attend_heads(qkv + first * hd, end - first, kc + g * capacity * hd,
-                             vc + g * capacity * hd, n_keys, hd, scores + first * n_keys,
-                             att + first * hd);
-        }
+        attend_position(qkv, kc, vc, capacity, heads, kv_heads, hd, n_keys, scores, att, nthreads);
         if ((rc = apply(&b->out, att, h, nthreads)) != 0)
             break;
         for (int64_t i = 0; i < dim; i++)

@@ -52,7 +52,9 @@ def expected_attention(q, k_cache, v_cache, start):
     ("n_heads", "n_kv", "head_dim"),
     [(14, 2, 64), (9, 3, 64), (4, 4, 128), (6, 2, 40)],  # 40: no native kernel, torch's SDPA
 )
-@pytest.mark.parametrize(("start", "n_new"), [(0, 1), (0, 13), (0, 200), (57, 3), (131, 70)])
+@pytest.mark.parametrize(
+    ("start", "n_new"), [(0, 1), (300, 1), (0, 13), (0, 200), (57, 3), (131, 70)]
+)
 def test_attend_matches_sdpa_when_causal_with_cached_prefix(n_heads, n_kv, head_dim, start, n_new):
     gen = torch.Generator().manual_seed(start * 1000 + n_new)
     q, k, v, k_cache, v_cache = grouped_heads(gen, n_heads, n_kv, head_dim, n_new, 512)
