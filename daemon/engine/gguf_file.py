@@ -101,3 +101,22 @@ def read_gguf_file(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
             data = raw.reshape(-1, dims[0] // block * block_bytes)
         tensors.append(GGUFTensor(name, shape, qtype.name, data))
     return meta, tensors
+
+
+def gguf_sizes(meta: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The sizes every architecture's metadata states under the same llama.cpp keys
+    (`{arch}.block_count`, ...), as the ModelArgs fields they fill."""
+
+    def key(name: str) -> Any:
+        return meta.get(f"{arch}.{name}")
+
+    n_heads, dim = key("attention.head_count"), key("embedding_length")
+    return {
+        "vocab_size": key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        "dim": dim,
+        "n_layers": key("block_count"),
+        "n_heads": n_heads,
+        "n_kv_heads": key("attention.head_count_kv") or n_heads,
+        "ffn_dim": key("feed_forward_length"),
+        "head_dim": key("attention.key_length") or dim // n_heads,
+    }

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from ...errors import ModelLoadError
+from ..gguf_file import gguf_sizes
 from ..layers import (
     Decoder,
     GeluMLP,
@@ -78,16 +79,8 @@ class ModelArgs:
         def key(name: str, default: Any = None) -> Any:
             return meta.get(f"codeshell.{name}", default)
 
-        n_heads = key("attention.head_count")
-        dim = key("embedding_length")
         return cls(
-            vocab_size=key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
-            dim=dim,
-            n_layers=key("block_count"),
-            n_heads=n_heads,
-            n_kv_heads=key("attention.head_count_kv") or n_heads,
-            ffn_dim=key("feed_forward_length"),
-            head_dim=dim // n_heads,
+            **gguf_sizes(meta, "codeshell"),
             norm_eps=key("attention.layer_norm_epsilon", 1e-5),
             rope_base=key("rope.freq_base", ROPE_BASE),
             max_len=key("context_length", 8192),

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..gguf_file import gguf_sizes
 from ..layers import (
     Decoder,
     PreNormBlock,
@@ -71,20 +72,12 @@ class ModelArgs:
         def key(name: str, default: Any = None) -> Any:
             return meta.get(f"{arch}.{name}", default)
 
-        n_heads = key("attention.head_count")
-        dim = key("embedding_length")
         scaling = None
         if key("rope.scaling.type") not in (None, "none"):
             scaling = {"type": key("rope.scaling.type"), "factor": key("rope.scaling.factor", 1.0)}
         return cls(
             arch=arch,
-            vocab_size=key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
-            dim=dim,
-            n_layers=key("block_count"),
-            n_heads=n_heads,
-            n_kv_heads=key("attention.head_count_kv") or n_heads,
-            ffn_dim=key("feed_forward_length"),
-            head_dim=key("attention.key_length") or dim // n_heads,
+            **gguf_sizes(meta, arch),
             norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5),
             rope_base=key("rope.freq_base", 10000.0),
             rope_scaling=RopeScaling.from_hf(scaling),

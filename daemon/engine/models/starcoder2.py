@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..gguf_file import gguf_sizes
 from ..layers import (
     Decoder,
     GeluMLP,
@@ -77,16 +78,8 @@ class ModelArgs:
         def key(name: str, default: Any = None) -> Any:
             return meta.get(f"starcoder2.{name}", default)
 
-        n_heads = key("attention.head_count")
-        dim = key("embedding_length")
         return cls(
-            vocab_size=key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
-            dim=dim,
-            n_layers=key("block_count"),
-            n_heads=n_heads,
-            n_kv_heads=key("attention.head_count_kv") or n_heads,
-            ffn_dim=key("feed_forward_length"),
-            head_dim=key("attention.key_length") or dim // n_heads,
+            **gguf_sizes(meta, "starcoder2"),
             norm_eps=key("attention.layer_norm_epsilon", 1e-5),
             rope_base=key("rope.freq_base", 10000.0),
             max_len=key("context_length", 4096),
