@@ -340,7 +340,7 @@ def _print_status(status: dict[str, Any], paths: RuntimePaths) -> None:
     if engine.get("kernels"):
         print(f"            kernels {engine['kernels']}")
     if engine.get("decode_step"):
-        print(f"            decode step {engine['decode_step']}")
+        print(f"            decode step {engine['decode_step']}  kv cache {engine.get('kv_cache')}")
     print(
         f"  requests: {requests.get('requests', 0)} total, {requests.get('completed', 0)} done, "
         f"{requests.get('cancelled', 0)} cancelled, {requests.get('superseded', 0)} superseded, "

@@ -25,7 +25,7 @@
 
 #define BLOCK 32
 
-int codelm_kernels_abi(void) { return 14; }
+int codelm_kernels_abi(void) { return 15; }
 
 static inline float hsum(__m256 v)
 {
@@ -496,9 +496,43 @@ static void softmax_step(float *s, int64_t n, int64_t valid, float *m, float *l,
     *l += sum;
 }
 
+/* A KV cache holds float32 values, or (half) fp16 ones: where it is fp16 a row takes half the
+ * bytes to read, and values become float as they are loaded (F16C). */
+static inline __m256 kv_load8(const void *base, int64_t i, int half)
+{
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i)))
+                : _mm256_loadu_ps((const float *)base + i);
+}
+
+static inline float kv_get(const void *base, int64_t i, int half)
+{
+    return half ? _cvtsh_ss(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+static inline const void *kv_at(const void *base, int64_t i, int half)
+{
+    return (const char *)base + i * (half ? 2 : 4);
+}
+
+/* float32 x [n] into a cache row at element i */
+static inline void kv_put(void *base, int64_t i, const float *x, int64_t n, int half)
+{
+    if (!half) {
+        memcpy((float *)base + i, x, (size_t)n * sizeof(float));
+        return;
+    }
+    uint16_t *dst = (uint16_t *)base + i;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm_storeu_si128((__m128i *)(dst + j),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
+    for (; j < n; j++)
+        dst[j] = _cvtss_sh(x[j], _MM_FROUND_TO_NEAREST_INT);
+}
+
 /* scores[0, 8) = q . keys[j] for 8 keys [8][hd], hd % 8 == 0: one load of q serves 8 keys,
  * and the 8 lane-sums reduce together (three rounds of hadd) instead of one by one. */
-static inline __m256 dot8_keys(const float *q, const float *keys, int64_t hd)
+INLINE __m256 dot8_keys(const float *q, const void *keys, int64_t hd, int half)
 {
     __m256 acc[8];
     for (int j = 0; j < 8; j++)
@@ -506,7 +540,7 @@ static inline __m256 dot8_keys(const float *q, const float *keys, int64_t hd)
     for (int64_t c = 0; c < hd; c += 8) {
         const __m256 qc = _mm256_loadu_ps(q + c);
         for (int j = 0; j < 8; j++)
-            acc[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(keys + j * hd + c), acc[j]);
+            acc[j] = _mm256_fmadd_ps(qc, kv_load8(keys, j * hd + c, half), acc[j]);
     }
     const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
     const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
@@ -521,15 +555,15 @@ static inline __m256 dot8_keys(const float *q, const float *keys, int64_t hd)
 /* out[h, c..c+16) = sum over t < n_keys of p[h, t] values[t, c..c+16) / total[h], for
  * nh <= DECODE_HEADS heads (a constant where inlined): each value row is loaded once for all
  * of them, and their 2 x nh independent sums hide the FMA latency. */
-INLINE void weigh_values(const float *p, int64_t n_keys, const float *values, int64_t hd,
-                         int64_t c, const float *total, float *out, int nh)
+INLINE void weigh_values(const float *p, int64_t n_keys, const void *values, int64_t hd,
+                         int64_t c, const float *total, float *out, int nh, int half)
 {
     __m256 acc[DECODE_HEADS][2];
     for (int h = 0; h < nh; h++)
         acc[h][0] = acc[h][1] = _mm256_setzero_ps();
     for (int64_t t = 0; t < n_keys; t++) {
-        const __m256 v0 = _mm256_loadu_ps(values + t * hd + c);
-        const __m256 v1 = _mm256_loadu_ps(values + t * hd + c + 8);
+        const __m256 v0 = kv_load8(values, t * hd + c, half);
+        const __m256 v1 = kv_load8(values, t * hd + c + 8, half);
         for (int h = 0; h < nh; h++) {
             const __m256 w = _mm256_broadcast_ss(p + h * n_keys + t);
             acc[h][0] = _mm256_fmadd_ps(w, v0, acc[h][0]);
@@ -545,8 +579,8 @@ INLINE void weigh_values(const float *p, int64_t n_keys, const float *values, in
 
 /* out [nq, hd] = softmax(q_h . keys[t] / sqrt(hd)) . values over t < n_keys for nq query heads
  * of one KV head (q_h at q + h * hd); scores [nq, n_keys]. */
-static void attend_heads(const float *q, int64_t nq, const float *keys, const float *values,
-                         int64_t n_keys, int64_t hd, float *scores, float *out)
+INLINE void attend_heads(const float *q, int64_t nq, const void *keys, const void *values,
+                         int64_t n_keys, int64_t hd, float *scores, float *out, int half)
 {
     const float scale = 1.0f / sqrtf((float)hd);
     int64_t t = 0;
@@ -554,11 +588,16 @@ static void attend_heads(const float *q, int64_t nq, const float *keys, const fl
         for (; t + 8 <= n_keys; t += 8) /* a block of 8 keys (hd floats each) stays in L1 */
             for (int64_t h = 0; h < nq; h++)
                 _mm256_storeu_ps(scores + h * n_keys + t,
-                                 _mm256_mul_ps(dot8_keys(q + h * hd, keys + t * hd, hd),
+                                 _mm256_mul_ps(dot8_keys(q + h * hd, kv_at(keys, t * hd, half),
+                                                         hd, half),
                                                _mm256_set1_ps(scale)));
     for (; t < n_keys; t++)
-        for (int64_t h = 0; h < nq; h++)
-            scores[h * n_keys + t] = dot_f32(q + h * hd, keys + t * hd, hd) * scale;
+        for (int64_t h = 0; h < nq; h++) {
+            float dot = 0.0f;
+            for (int64_t c = 0; c < hd; c++)
+                dot += q[h * hd + c] * kv_get(keys, t * hd + c, half);
+            scores[h * n_keys + t] = dot * scale;
+        }
     for (int64_t h0 = 0; h0 < nq; h0 += DECODE_HEADS) {
         const int nh = nq - h0 < DECODE_HEADS ? (int)(nq - h0) : DECODE_HEADS;
         float *p = scores + h0 * n_keys, *o = out + h0 * hd, total[DECODE_HEADS];
@@ -570,27 +609,28 @@ static void attend_heads(const float *q, int64_t nq, const float *keys, const fl
         int64_t c = 0;
         for (; c + 16 <= hd; c += 16)
             switch (nh) {
-            case 1: weigh_values(p, n_keys, values, hd, c, total, o, 1); break;
-            case 2: weigh_values(p, n_keys, values, hd, c, total, o, 2); break;
-            case 3: weigh_values(p, n_keys, values, hd, c, total, o, 3); break;
-            default: weigh_values(p, n_keys, values, hd, c, total, o, 4); break;
+            case 1: weigh_values(p, n_keys, values, hd, c, total, o, 1, half); break;
+            case 2: weigh_values(p, n_keys, values, hd, c, total, o, 2, half); break;
+            case 3: weigh_values(p, n_keys, values, hd, c, total, o, 3, half); break;
+            default: weigh_values(p, n_keys, values, hd, c, total, o, 4, half); break;
             }
         for (; c < hd; c++) /* head sizes that are not a multiple of 16 */
             for (int h = 0; h < nh; h++) {
                 float sum = 0.0f;
                 for (t = 0; t < n_keys; t++)
-                    sum += p[h * n_keys + t] * values[t * hd + c];
+                    sum += p[h * n_keys + t] * kv_get(values, t * hd + c, half);
                 o[h * hd + c] = sum / total[h];
             }
     }
 }
 
 /* out [n_heads, hd] = attention of one position's q [n_heads, hd] over the first n_keys keys
- * of k_cache / v_cache [n_kv_heads, capacity, hd]; scores [n_heads, n_keys] is scratch. Work
- * items are a KV head's query heads in as many runs as there are threads for it. */
-static void attend_position(const float *q, const float *k_cache, const float *v_cache,
+ * of k_cache / v_cache [n_kv_heads, capacity, hd] (fp16 where `half`); scores [n_heads,
+ * n_keys] is scratch. Work items are a KV head's query heads in as many runs as there are
+ * threads for it. */
+static void attend_position(const float *q, const void *k_cache, const void *v_cache,
                             int64_t capacity, int64_t n_heads, int64_t n_kv_heads, int64_t hd,
-                            int64_t n_keys, float *scores, float *out, int nthreads)
+                            int64_t n_keys, float *scores, float *out, int half, int nthreads)
 {
     const int64_t per_kv = n_heads / n_kv_heads;
     const int64_t threads_per_kv = (nthreads + n_kv_heads - 1) / n_kv_heads;
@@ -601,21 +641,41 @@ static void attend_position(const float *q, const float *k_cache, const float *v
         const int64_t g = item / split, first = g * per_kv + item % split * per_item;
         const int64_t last = first + per_item < (g + 1) * per_kv ? first + per_item
                                                                  : (g + 1) * per_kv;
-        if (first < last)
-            attend_heads(q + first * hd, last - first, k_cache + g * capacity * hd,
-                         v_cache + g * capacity * hd, n_keys, hd, scores + first * n_keys,
-                         out + first * hd);
+        if (first >= last)
+            continue;
+        const void *keys = kv_at(k_cache, g * capacity * hd, half);
+        const void *values = kv_at(v_cache, g * capacity * hd, half);
+        if (half) /* each a copy of attend_heads with its loads fixed */
+            attend_heads(q + first * hd, last - first, keys, values, n_keys, hd,
+                         scores + first * n_keys, out + first * hd, 1);
+        else
+            attend_heads(q + first * hd, last - first, keys, values, n_keys, hd,
+                         scores + first * n_keys, out + first * hd, 0);
     }
+}
+
+/* k / v [n_kv_heads, capacity, hd] fp16, positions [0, n), as float32 [n_kv_heads, n, hd] */
+static void widen_kv(const uint16_t *k, const uint16_t *v, int64_t n_kv_heads, int64_t capacity,
+                     int64_t hd, int64_t n, float *wide_k, float *wide_v, int nthreads)
+{
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (int64_t g = 0; g < n_kv_heads; g++)
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t c = 0; c < hd; c += 8) {
+                const int64_t from = (g * capacity + t) * hd + c, to = (g * n + t) * hd + c;
+                _mm256_storeu_ps(wide_k + to, kv_load8(k, from, 1));
+                _mm256_storeu_ps(wide_v + to, kv_load8(v, from, 1));
+            }
 }
 
 /* out [n_new, n_heads * hd] = causal attention of q (position t, head h at q + t * q_pos +
  * h * q_head, hd contiguous floats) at positions [start, start + n_new) over one layer's
- * k_cache / v_cache [n_kv_heads, capacity, hd] holding keys [0, start + n_new). Returns 0, or
- * -1 for a shape it does not take (hd not a multiple of 16, heads not a multiple of the KV
- * heads) or short memory. */
-int codelm_attention(const float *q, int64_t q_pos, int64_t q_head, const float *k_cache,
-                     const float *v_cache, int64_t capacity, int64_t n_heads, int64_t n_kv_heads,
-                     int64_t hd, int64_t start, int64_t n_new, float *out, int nthreads)
+ * k_cache / v_cache [n_kv_heads, capacity, hd] (float32, or fp16 where `half`) holding keys
+ * [0, start + n_new). Returns 0, or -1 for a shape it does not take (hd not a multiple of 16,
+ * heads not a multiple of the KV heads) or short memory. */
+int codelm_attention(const float *q, int64_t q_pos, int64_t q_head, const void *k_cache,
+                     const void *v_cache, int64_t capacity, int64_t n_heads, int64_t n_kv_heads,
+                     int64_t hd, int64_t start, int64_t n_new, int half, float *out, int nthreads)
 {
     if (hd % 16 != 0 || n_kv_heads < 1 || n_heads % n_kv_heads != 0 || nthreads < 1)
         return -1;
@@ -627,18 +687,33 @@ int codelm_attention(const float *q, int64_t q_pos, int64_t q_head, const float 
         if (!scores)
             return -1;
         attend_position(q, k_cache, v_cache, capacity, n_heads, n_kv_heads, hd, end, scores, out,
-                        nthreads);
+                        half, nthreads);
         free(scores);
         return 0;
     }
+    /* A prompt's keys are packed into panels below anyway; an fp16 cache is widened first
+     * (its values, read once per item, too): a pass over [0, end), small next to the FMAs. */
+    float *wide = half ? malloc((size_t)(2 * n_kv_heads * end * hd) * sizeof(float)) : NULL;
+    if (half && !wide)
+        return -1;
+    if (half) {
+        float *wide_v = wide + n_kv_heads * end * hd;
+        widen_kv(k_cache, v_cache, n_kv_heads, capacity, hd, end, wide, wide_v, nthreads);
+        k_cache = wide;
+        v_cache = wide_v;
+        capacity = end;
+    }
+    const float *kf = k_cache, *vf = v_cache;
     const float scale = 1.0f / sqrtf((float)hd);
     float *kp = malloc((size_t)(n_kv_heads * panels * hd * 16) * sizeof(float));
-    if (!kp)
+    if (!kp) {
+        free(wide);
         return -1;
+    }
 #pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
     for (int64_t g = 0; g < n_kv_heads; g++)
         for (int64_t p = 0; p < panels; p++)
-            pack_keys(k_cache + (g * capacity + p * 16) * hd, end - p * 16, hd,
+            pack_keys(kf + (g * capacity + p * 16) * hd, end - p * 16, hd,
                       kp + (g * panels + p) * hd * 16);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -670,7 +745,7 @@ int codelm_attention(const float *q, int64_t q_pos, int64_t q_head, const float 
                 m[r] = -INFINITY;
                 l[r] = 0.0f;
             }
-            const float *v = v_cache + g * capacity * hd;
+            const float *v = vf + g * capacity * hd;
             for (int64_t k0 = 0; k0 < n_keys; k0 += ATT_KEYS) {
                 const int64_t nk = n_keys - k0 < ATT_KEYS ? n_keys - k0 : ATT_KEYS;
                 const float *panel = kp + (g * panels + k0 / 16) * hd * 16;
@@ -697,6 +772,7 @@ int codelm_attention(const float *q, int64_t q_pos, int64_t q_head, const float 
         free(qs);
     }
     free(kp);
+    free(wide);
     return failed ? -1 : 0;
 }
 
@@ -992,11 +1068,12 @@ void codelm_rotate_heads(float *x, int64_t rows, int64_t stride, int64_t heads, 
 
 /* x [dim] (the embedded token, updated in place to the last block's output) at position pos:
  * every block's k / v rows are written at pos of k_cache / v_cache [n_layers, n_kv_heads,
- * capacity, head_dim] and attended over [0, pos]; cos / sin are Rotary's rows for pos.
- * Returns 0, or -1 when memory for scratch is short (x is then partly updated). */
+ * capacity, head_dim] (float32, or fp16 where `half`) and attended over [0, pos]; cos / sin
+ * are Rotary's rows for pos. Returns 0, or -1 when memory for scratch is short (x is then
+ * partly updated). */
 int codelm_decode_step(const codelm_block *blocks, const codelm_shape *s, float *x,
-                       float *k_cache, float *v_cache, int64_t capacity, int64_t pos,
-                       const float *cos, const float *sin, int nthreads)
+                       void *k_cache, void *v_cache, int64_t capacity, int64_t pos,
+                       const float *cos, const float *sin, int half, int nthreads)
 {
     const int64_t hd = s->head_dim, heads = s->n_heads, kv_heads = s->n_kv_heads;
     const int64_t dim = s->dim, ffn = s->ffn_dim, n_keys = pos + 1;
@@ -1011,18 +1088,20 @@ int codelm_decode_step(const codelm_block *blocks, const codelm_shape *s, float 
     int rc = 0;
     for (int64_t layer = 0; layer < s->n_layers && rc == 0; layer++) {
         const codelm_block *b = blocks + layer;
-        float *kc = k_cache + layer * layer_stride, *vc = v_cache + layer * layer_stride;
+        void *kc = (void *)kv_at(k_cache, layer * layer_stride, half);
+        void *vc = (void *)kv_at(v_cache, layer * layer_stride, half);
         rms_norm(x, b->attn_norm, dim, s->eps, h);
         if ((rc = apply(&b->qkv, h, qkv, nthreads)) != 0)
             break;
         for (int64_t head = 0; head < heads + kv_heads; head++)
             rotate(qkv + head * hd, cos, sin, hd);
         for (int64_t g = 0; g < kv_heads; g++) {
-            const size_t row = (size_t)((g * capacity + pos) * hd);
-            memcpy(kc + row, qkv + (heads + g) * hd, (size_t)hd * sizeof(float));
-            memcpy(vc + row, qkv + (heads + kv_heads + g) * hd, (size_t)hd * sizeof(float));
+            const int64_t row = (g * capacity + pos) * hd;
+            kv_put(kc, row, qkv + (heads + g) * hd, hd, half);
+            kv_put(vc, row, qkv + (heads + kv_heads + g) * hd, hd, half);
         }
-        attend_position(qkv, kc, vc, capacity, heads, kv_heads, hd, n_keys, scores, att, nthreads);
+        attend_position(qkv, kc, vc, capacity, heads, kv_heads, hd, n_keys, scores, att, half,
+                        nthreads);
         if ((rc = apply(&b->out, att, h, nthreads)) != 0)
             break;
         for (int64_t i = 0; i < dim; i++)

@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels_x86.c")
-_ABI = 14
+_ABI = 15
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _COMPILE_TIMEOUT_S = 120
 
@@ -90,7 +90,8 @@ def _build_and_open(compiler: str, path: Path, key: str) -> ctypes.CDLL | str:
     lib.codelm_q8_linear.argtypes = (p, i64, i64, p, p, i64, i64, p, ctypes.c_int)
     lib.codelm_q4_linear.argtypes = (p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int)
     lib.codelm_q8_linear.restype = lib.codelm_q4_linear.restype = ctypes.c_int
-    lib.codelm_decode_step.argtypes = (p, p, p, p, p, i64, i64, p, p, ctypes.c_int)
+    c_int = ctypes.c_int
+    lib.codelm_decode_step.argtypes = (p, p, p, p, p, i64, i64, p, p, c_int, c_int)
     lib.codelm_decode_step.restype = ctypes.c_int
     i32 = ctypes.c_int32
     for tiles in (lib.codelm_tiles_linear, lib.codelm_tiles_swiglu):
@@ -99,7 +100,7 @@ def _build_and_open(compiler: str, path: Path, key: str) -> ctypes.CDLL | str:
     lib.codelm_tiles_available.restype = ctypes.c_int
     lib.codelm_swiglu.argtypes = (p, i64, i64, p, ctypes.c_int)
     lib.codelm_swiglu.restype = None
-    lib.codelm_attention.argtypes = (p, i64, i64, p, p, *(i64,) * 6, p, ctypes.c_int)
+    lib.codelm_attention.argtypes = (p, i64, i64, p, p, *(i64,) * 6, c_int, p, c_int)
     lib.codelm_attention.restype = ctypes.c_int
     f32 = ctypes.c_float
     lib.codelm_rms_norm.argtypes = (p, i64, i64, p, f32, p, ctypes.c_int)

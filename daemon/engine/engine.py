@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from codelm.quant import physical_cores
+from codelm.quant import native, physical_cores
 
 from ..cache import FileCache, find_moved_run
 from ..errors import BadRequest, DeviceUnavailable, ModelLoadError
@@ -48,6 +48,7 @@ class Engine:
         self.config = config
         self.device = loaded.device
         self.dtype = loaded.dtype
+        self.cache_dtype = kv_cache_dtype(self.device, self.dtype, config.quant)
         self.fim = detect_fim(self.tokenizer, config.fim)
         self.stop_ids = frozenset(self.tokenizer.eos_ids) | self._fim_stop_ids()
         budget = config.cache_budget_bytes or default_cache_budget()
@@ -61,6 +62,7 @@ class Engine:
             "fim": self.fim.name if self.fim else "none (prefix-only)",
             "load_s": round(load_s, 3),
             "cache_budget_bytes": budget,
+            "kv_cache": str(self.cache_dtype).removeprefix("torch."),
         }
 
     @classmethod
@@ -106,6 +108,7 @@ class Engine:
             dtype=self.dtype,
             device=self.device,
             max_len=a.max_len,
+            cache_dtype=self.cache_dtype,
         )
 
     def prompt(self, request: CompleteRequest) -> Prompt:
@@ -314,6 +317,16 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ModelLoadError(f"unknown device {name!r} (auto, cpu, cuda)")
     return torch.device(name)
+
+
+def kv_cache_dtype(device: torch.device, dtype: torch.dtype, quant: str) -> torch.dtype:
+    """What keys and values are stored in: float16 for a float32 model with quantised weights
+    on the CPU where the native attention reads it (half the bytes a decode step reads from the
+    cache and half the memory a cached file holds; llama.cpp keeps fp16 K/V too). `--quant
+    fp32` keeps the reference float32 throughout; other devices and dtypes keep theirs."""
+    if device.type != "cpu" or dtype != torch.float32 or quant == "fp32":
+        return dtype
+    return torch.float16 if not isinstance(native.library(), str) else dtype
 
 
 def default_cache_budget() -> int:

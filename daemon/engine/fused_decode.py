@@ -50,6 +50,7 @@ class FusedDecode:
             start,
             cos.data_ptr(),
             sin.data_ptr(),
+            kv.k.dtype == torch.float16,
             torch.get_num_threads(),
         )
         if rc != 0:

@@ -11,7 +11,9 @@ class KVCache:
     """Keys and values of all layers for positions [0, length).
 
     `k` and `v` are [n_layers, n_kv_heads, capacity, head_dim]; the model writes positions
-    [length, length + T) in place during a forward and the caller advances `length`.
+    [length, length + T) in place during a forward and the caller advances `length`. `dtype`
+    is what the model computes in, `cache_dtype` what the keys and values are stored in
+    (`dtype` unless given: float16 halves a float32 model's cache).
     """
 
     def __init__(
@@ -23,14 +25,16 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         max_len: int,
+        cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.shape = (n_layers, n_kv_heads, 0, head_dim)
         self.dtype = dtype
+        self.cache_dtype = cache_dtype or dtype
         self.device = torch.device(device)
         self.max_len = max_len
         self.length = 0
-        self.k = torch.empty(self.shape, dtype=dtype, device=self.device)
-        self.v = torch.empty(self.shape, dtype=dtype, device=self.device)
+        self.k = torch.empty(self.shape, dtype=self.cache_dtype, device=self.device)
+        self.v = torch.empty(self.shape, dtype=self.cache_dtype, device=self.device)
 
     @property
     def capacity(self) -> int:
@@ -51,7 +55,7 @@ class KVCache:
         shape = (n_layers, n_heads, capacity, head_dim)
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = torch.empty(shape, dtype=self.dtype, device=self.device)
+            new = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
 

@@ -113,10 +113,11 @@ class Rotary(nn.Module):
         self.register_buffer("sin", signed_sin(freqs), persistent=False)
 
     def shift(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
-        """Keys rotated at position p, re-rotated to p + delta (rotations compose): [..., Dh]."""
+        """Keys rotated at position p, re-rotated to p + delta (rotations compose): [..., Dh],
+        computed in float32 whatever the cache stores."""
         angles = (delta * self.inv_freq.double()).float()
         cos = torch.cat([angles, angles]).cos()
-        return apply_rotary(keys, cos.to(keys.dtype), signed_sin(angles).to(keys.dtype))
+        return apply_rotary(keys.float(), cos, signed_sin(angles)).to(keys.dtype)
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
@@ -176,7 +177,7 @@ def attend(
     """Write k/v at [start, start+T) of one layer's cache and attend causally over [0, start+T).
 
     q: [1, H, Tq, Dh], the last Tq <= T of the new positions; k, v: [1, Hkv, T, Dh];
-    k_cache, v_cache: [Hkv, capacity, Dh].
+    k_cache, v_cache: [Hkv, capacity, Dh], in q's dtype or (KVCache.cache_dtype) another.
     """
     end = start + k.shape[2]
     n_queries = q.shape[2]
@@ -185,8 +186,8 @@ def attend(
     out = _native_attention(q, k_cache, v_cache, end - n_queries)
     if out is not None:
         return out
-    keys = k_cache[:, :end].unsqueeze(0)
-    values = v_cache[:, :end].unsqueeze(0)
+    keys = k_cache[:, :end].to(q.dtype).unsqueeze(0)
+    values = v_cache[:, :end].to(q.dtype).unsqueeze(0)
     if n_queries == 1:
         if q.device.type == "cpu" and end > _SDPA_DECODE_MAX_KEYS:
             return _attend_one_query(q, keys, values)
@@ -202,15 +203,18 @@ def _native_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int
 ) -> torch.Tensor | None:
     """attend's arithmetic in the native kernel (kernels_x86.c, codelm_attention), or None where
-    it does not take the tensors (not float32 on the CPU, head_dim not a multiple of 16) or is
-    not built. It skips the
-    causal half torch's CPU flash attention computes and shares each K/V load across a GQA
-    group: 4.2 against 8.1 ms for a 512-token prompt of Qwen2.5-Coder-0.5B's shapes on 2 Zen 4
-    cores, 37 against 88 ms at 1.7k tokens (docs/engine.md)."""
-    lib = _native_for(q, k_cache, v_cache)
+    it does not take the tensors (q not float32 on the CPU, a cache neither float32 nor
+    float16, head_dim not a multiple of 16) or is not built. It skips the causal half torch's
+    CPU flash attention computes and shares each K/V load across a GQA group: 4.2 against
+    8.1 ms for a 512-token prompt of Qwen2.5-Coder-0.5B's shapes on 2 Zen 4 cores, 37 against
+    88 ms at 1.7k tokens (docs/engine.md)."""
+    lib = _native_for(q)
     if (
         lib is None
         or q.stride(-1) != 1
+        or k_cache.device.type != "cpu"
+        or k_cache.dtype not in (torch.float32, torch.float16)
+        or v_cache.dtype != k_cache.dtype
         or not (k_cache.is_contiguous() and v_cache.is_contiguous())
     ):
         return None
@@ -218,8 +222,8 @@ def _native_attention(
     out = q.new_empty(n_new, n_heads * head_dim)
     rc = lib.codelm_attention(
         q.data_ptr(), q.stride(2), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
-        k_cache.shape[1], n_heads, k_cache.shape[0], head_dim, start, n_new, out.data_ptr(),
-        torch.get_num_threads(),
+        k_cache.shape[1], n_heads, k_cache.shape[0], head_dim, start, n_new,
+        k_cache.dtype == torch.float16, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         return None

@@ -72,9 +72,16 @@ def _tiny(
     return model.eval()
 
 
-def _kv(model: llama.Model) -> KVCache:
+def _kv(model: llama.Model, cache_dtype: torch.dtype = torch.float32) -> KVCache:
     a = model.args
-    return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=torch.float32, max_len=a.max_len)
+    return KVCache(
+        a.n_layers,
+        a.n_kv_heads,
+        a.head_dim,
+        dtype=torch.float32,
+        max_len=a.max_len,
+        cache_dtype=cache_dtype,
+    )
 
 
 @needs_native
@@ -91,12 +98,15 @@ def _kv(model: llama.Model) -> KVCache:
         ("llama", "int8", (8, 2, 40)),  # a head size that is not a multiple of 16
     ],
 )
-def test_fused_decode_step_matches_module_path(tmp_path, native_decode, arch, quant, heads):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_fused_decode_step_matches_module_path(
+    tmp_path, native_decode, arch, quant, heads, cache_dtype
+):
     model = _tiny(tmp_path, arch, quant, heads)
     assert fused_decode.attach(model, CPU, torch.float32) == "fused native"
     fused = model.fused_decode
     tokens = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(1))
-    kv_fused, kv_module = _kv(model), _kv(model)
+    kv_fused, kv_module = _kv(model, cache_dtype), _kv(model, cache_dtype)
     with torch.inference_mode():
         for kv in (kv_fused, kv_module):
             model(tokens[:30], kv)  # prefill: the module path for both
@@ -112,7 +122,10 @@ def test_fused_decode_step_matches_module_path(tmp_path, native_decode, arch, qu
     # Most rows agree to ~1e-7; one activation on the other int8 step moves a key or value by
     # up to ~6e-3 (measured on an AVX-512 machine, qwen2 int8).
     for fused_rows, module_rows in ((kv_fused.k, kv_module.k), (kv_fused.v, kv_module.v)):
-        torch.testing.assert_close(fused_rows[:, :, :40], module_rows[:, :, :40], atol=1e-2, rtol=0)
+        assert fused_rows.dtype == cache_dtype
+        torch.testing.assert_close(
+            fused_rows[:, :, :40].float(), module_rows[:, :, :40].float(), atol=1e-2, rtol=0
+        )
 
 
 def test_fused_decode_says_why_not_when_a_layer_is_float(tmp_path):

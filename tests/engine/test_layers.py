@@ -87,6 +87,35 @@ def test_attend_for_the_last_queries_only_gives_their_rows_of_the_full_result(
     torch.testing.assert_close(tail, full[:, :, -n_queries:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("n_heads", "n_kv", "head_dim"), [(14, 2, 64), (6, 2, 40)])
+@pytest.mark.parametrize(("start", "n_new"), [(0, 13), (300, 1), (131, 70)])
+def test_attend_over_a_float16_cache_matches_float32_holding_the_same_values(
+    n_heads, n_kv, head_dim, start, n_new
+):
+    """KVCache.cache_dtype float16: keys and values are stored rounded, read as float32 (the
+    native kernel widens them; torch's path converts), the arithmetic stays float32."""
+    gen = torch.Generator().manual_seed(start + n_new)
+    q, k, v, k32, v32 = grouped_heads(gen, n_heads, n_kv, head_dim, n_new, 512)
+    k32[:, :start] = torch.randn(n_kv, start, head_dim, generator=gen)
+    v32[:, :start] = torch.randn(n_kv, start, head_dim, generator=gen)
+    k16, v16 = k32.half(), v32.half()
+    k, v = k.half().float(), v.half().float()  # what the float16 cache will hold
+    k32, v32 = k16.float(), v16.float()
+    out16 = attend(q, k16, v16, start, k, v)
+    out32 = attend(q, k32, v32, start, k, v)
+    assert k16.dtype == torch.float16 and torch.equal(k16[:, start : start + n_new].float(), k[0])
+    assert out16.dtype == torch.float32 and out16.shape == (1, n_heads, n_new, head_dim)
+    torch.testing.assert_close(out16, out32, rtol=1e-5, atol=1e-6)
+
+
+def test_rotary_shift_of_float16_keys_rotates_in_float32():
+    rotary = Rotary(64, 10000.0, 256, RopeScaling())
+    keys = torch.randn(2, 3, 40, 64)
+    shifted = rotary.shift(keys.half(), 37)
+    assert shifted.dtype == torch.float16
+    torch.testing.assert_close(shifted.float(), rotary.shift(keys, 37), rtol=2e-3, atol=2e-3)
+
+
 @needs_native
 @pytest.mark.parametrize(("head_dim", "served"), [(64, True), (128, True), (40, False)])
 def test_native_attention_serves_head_dims_of_multiples_of_16(head_dim, served):

@@ -137,8 +137,8 @@ def attend_window(
     v_cache[:, start:end] = v[0]
     q_start = end - q.shape[2]
     first = max(0, q_start + 1 - window)  # the oldest key the first query still sees
-    keys = k_cache[:, first:end].unsqueeze(0)
-    values = v_cache[:, first:end].unsqueeze(0)
+    keys = k_cache[:, first:end].to(q.dtype).unsqueeze(0)
+    values = v_cache[:, first:end].to(q.dtype).unsqueeze(0)
     rows = torch.arange(q_start, end, device=q.device).unsqueeze(1)
     cols = torch.arange(first, end, device=q.device).unsqueeze(0)
     mask = (cols <= rows) & (cols > rows - window)
