@@ -7,6 +7,21 @@ from pathlib import Path
 import torch
 
 
+def new_kv(args, cache_dtype: torch.dtype = torch.float32):
+    """A float32 model's KV cache for the ModelArgs `args` on the CPU, keys and values stored
+    as `cache_dtype` (the engine's own is Engine.new_kv)."""
+    from codelm.daemon.engine.kv import KVCache
+
+    return KVCache(
+        args.n_layers,
+        args.n_kv_heads,
+        args.head_dim,
+        dtype=torch.float32,
+        max_len=args.max_len,
+        cache_dtype=cache_dtype,
+    )
+
+
 def randomise_norms(ref: torch.nn.Module) -> None:
     """Norm weights (and biases) of a freshly built reference model off their ones / zeros,
     which would hide a weight or bias that never got loaded."""

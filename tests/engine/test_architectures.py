@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_helpers import randomise_norms, write_word_tokenizer
+from engine_helpers import new_kv, randomise_norms, write_word_tokenizer
 from safetensors.torch import save_file
 
 from codelm.daemon.engine import EngineConfig
 from codelm.daemon.engine.generate import StopRules, generate
-from codelm.daemon.engine.kv import KVCache
 from codelm.daemon.engine.loader import LoadedModel, load_model
 
 transformers = pytest.importorskip("transformers")
@@ -36,18 +35,6 @@ def _load_ours(folder: Path) -> LoadedModel:
     return load_model(EngineConfig(model=str(folder), quant="fp32"), torch.device("cpu"))
 
 
-def _new_kv(loaded: LoadedModel, cache_dtype: torch.dtype = torch.float32) -> KVCache:
-    a = loaded.args
-    return KVCache(
-        a.n_layers,
-        a.n_kv_heads,
-        a.head_dim,
-        dtype=torch.float32,
-        max_len=a.max_len,
-        cache_dtype=cache_dtype,
-    )
-
-
 def _check_against_oracle(
     loaded: LoadedModel,
     oracle_logits: Callable[[torch.Tensor], torch.Tensor],
@@ -59,24 +46,24 @@ def _check_against_oracle(
     model = loaded.model
     with torch.inference_mode():
         expected = oracle_logits(tokens)
-        full = model(tokens, _new_kv(loaded), n_logits=None)
-        kv = _new_kv(loaded)
+        full = model(tokens, new_kv(loaded.args), n_logits=None)
+        kv = new_kv(loaded.args)
         steps = torch.cat([model(tokens[i : i + 1], kv) for i in range(n_tokens)])
         # The last block runs only the rows whose logits are asked for; the cache it leaves
         # must serve the next token as the full forward's does.
-        kv = _new_kv(loaded)
+        kv = new_kv(loaded.args)
         tail = model(tokens[:-1], kv, n_logits=5)
         after = model(tokens[-1:], kv)
         # Keys and values stored as float16 (the engine's choice for quantised weights on the
         # CPU), read back through each architecture's attention: only their rounding differs.
-        half = model(tokens, _new_kv(loaded, torch.float16), n_logits=None)
+        half = model(tokens, new_kv(loaded.args, torch.float16), n_logits=None)
     assert full.shape == (n_tokens, VOCAB) and full.dtype == torch.float32
     torch.testing.assert_close(full, expected, atol=LOGIT_ATOL, rtol=1e-4)
     torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.cat([tail, after]), full[-6:], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(half, full, atol=1e-2, rtol=1e-3)  # measured: <= 4.7e-3
     prompt = tokens[:24].tolist()
-    ours = generate(model, loaded.tokenizer, _new_kv(loaded), prompt, StopRules(max_tokens=16))
+    ours = generate(model, loaded.tokenizer, new_kv(loaded.args), prompt, StopRules(max_tokens=16))
     assert ours.token_ids == oracle_greedy(prompt)
 
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import randomise_norms
+from engine_helpers import new_kv, randomise_norms
 
 from codelm.daemon.engine import fused_decode
-from codelm.daemon.engine.kv import KVCache
 from codelm.daemon.engine.loader import LinearFactory, fill_model
 from codelm.daemon.engine.models import llama
 from codelm.daemon.engine.weights import read_hf_folder
@@ -72,18 +71,6 @@ def _tiny(
     return model.eval()
 
 
-def _kv(model: llama.Model, cache_dtype: torch.dtype = torch.float32) -> KVCache:
-    a = model.args
-    return KVCache(
-        a.n_layers,
-        a.n_kv_heads,
-        a.head_dim,
-        dtype=torch.float32,
-        max_len=a.max_len,
-        cache_dtype=cache_dtype,
-    )
-
-
 @needs_native
 @pytest.mark.parametrize(
     ("arch", "quant", "heads"),
@@ -106,7 +93,7 @@ def test_fused_decode_step_matches_module_path(
     assert fused_decode.attach(model, CPU, torch.float32) == "fused native"
     fused = model.fused_decode
     tokens = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(1))
-    kv_fused, kv_module = _kv(model, cache_dtype), _kv(model, cache_dtype)
+    kv_fused, kv_module = new_kv(model.args, cache_dtype), new_kv(model.args, cache_dtype)
     with torch.inference_mode():
         for kv in (kv_fused, kv_module):
             model(tokens[:30], kv)  # prefill: the module path for both

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import new_kv
 
 from codelm.daemon.engine.generate import StopRules, generate
-from codelm.daemon.engine.kv import KVCache
 from codelm.daemon.engine.loader import LinearFactory, fill_model
 from codelm.daemon.engine.models import llama
 from codelm.daemon.engine.weights import read_hf_folder
@@ -45,11 +45,6 @@ def _our_model(folder: Path) -> llama.Model:
     return model.eval()
 
 
-def _new_kv(model: llama.Model) -> KVCache:
-    a = model.args
-    return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=torch.float32, max_len=a.max_len)
-
-
 def _tiny_pair(tmp_path: Path, tie: bool, **extra):
     torch.manual_seed(0)
     ref = transformers.LlamaForCausalLM(_tiny_config(tie, **extra)).eval()
@@ -63,7 +58,7 @@ def test_tiny_llama_logits_match_transformers(tmp_path, tie):
     tokens = torch.randint(0, 320, (40,))
     with torch.inference_mode():
         expected = ref(tokens[None]).logits[0]
-        actual = ours(tokens, _new_kv(ours), n_logits=None)
+        actual = ours(tokens, new_kv(ours.args), n_logits=None)
     torch.testing.assert_close(actual, expected, atol=LOGIT_ATOL, rtol=1e-4)
 
 
@@ -79,16 +74,16 @@ def test_tiny_llama_with_llama3_rope_scaling_matches_transformers(tmp_path):
     tokens = torch.randint(0, 320, (100,))
     with torch.inference_mode():
         expected = ref(tokens[None]).logits[0]
-        actual = ours(tokens, _new_kv(ours), n_logits=None)
+        actual = ours(tokens, new_kv(ours.args), n_logits=None)
     torch.testing.assert_close(actual, expected, atol=LOGIT_ATOL, rtol=1e-4)
 
 
 def test_tiny_llama_decode_one_token_at_a_time_matches_full_forward(tmp_path):
     ref, ours = _tiny_pair(tmp_path, False)
     tokens = torch.randint(0, 320, (24,))
-    kv = _new_kv(ours)
+    kv = new_kv(ours.args)
     with torch.inference_mode():
-        full = ours(tokens, _new_kv(ours), n_logits=None)
+        full = ours(tokens, new_kv(ours.args), n_logits=None)
         steps = torch.cat([ours(tokens[i : i + 1], kv) for i in range(len(tokens))])
     torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
 
