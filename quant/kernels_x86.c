@@ -693,17 +693,15 @@ int codelm_attention(const float *q, int64_t q_pos, int64_t q_head, const void *
     }
     /* A prompt's keys are packed into panels below anyway; an fp16 cache is widened first
      * (its values, read once per item, too): a pass over [0, end), small next to the FMAs. */
-    float *wide = half ? malloc((size_t)(2 * n_kv_heads * end * hd) * sizeof(float)) : NULL;
-    if (half && !wide)
-        return -1;
+    const int64_t widened = n_kv_heads * end * hd; /* floats of K (then of V) when widened */
+    float *wide = NULL;
     if (half) {
-        float *wide_v = wide + n_kv_heads * end * hd;
-        widen_kv(k_cache, v_cache, n_kv_heads, capacity, hd, end, wide, wide_v, nthreads);
-        k_cache = wide;
-        v_cache = wide_v;
-        capacity = end;
+        if (!(wide = malloc((size_t)(2 * widened) * sizeof(float))))
+            return -1;
+        widen_kv(k_cache, v_cache, n_kv_heads, capacity, hd, end, wide, wide + widened, nthreads);
+        capacity = end; /* the widened rows of a KV head */
     }
-    const float *kf = k_cache, *vf = v_cache;
+    const float *kf = half ? wide : k_cache, *vf = half ? wide + widened : v_cache;
     const float scale = 1.0f / sqrtf((float)hd);
     float *kp = malloc((size_t)(n_kv_heads * panels * hd * 16) * sizeof(float));
     if (!kp) {

@@ -86,25 +86,24 @@ def _build_and_open(compiler: str, path: Path, key: str) -> ctypes.CDLL | str:
         return f"loading {path} failed: {exc}"
     if lib.codelm_kernels_abi() != _ABI:
         return f"{path} has another ABI version"
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.codelm_q8_linear.argtypes = (p, i64, i64, p, p, i64, i64, p, ctypes.c_int)
-    lib.codelm_q4_linear.argtypes = (p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int)
-    lib.codelm_q8_linear.restype = lib.codelm_q4_linear.restype = ctypes.c_int
-    c_int = ctypes.c_int
+    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.codelm_q8_linear.argtypes = (p, i64, i64, p, p, i64, i64, p, c_int)
+    lib.codelm_q4_linear.argtypes = (p, i64, i64, p, p, p, i64, i64, p, c_int)
+    lib.codelm_q8_linear.restype = lib.codelm_q4_linear.restype = c_int
     lib.codelm_decode_step.argtypes = (p, p, p, p, p, i64, i64, p, p, c_int, c_int)
-    lib.codelm_decode_step.restype = ctypes.c_int
+    lib.codelm_decode_step.restype = c_int
     i32 = ctypes.c_int32
     for tiles in (lib.codelm_tiles_linear, lib.codelm_tiles_swiglu):
-        tiles.argtypes = (p, i64, i64, p, i32, p, p, i64, p, ctypes.c_int)
-        tiles.restype = ctypes.c_int
-    lib.codelm_tiles_available.restype = ctypes.c_int
-    lib.codelm_swiglu.argtypes = (p, i64, i64, p, ctypes.c_int)
+        tiles.argtypes = (p, i64, i64, p, i32, p, p, i64, p, c_int)
+        tiles.restype = c_int
+    lib.codelm_tiles_available.restype = c_int
+    lib.codelm_swiglu.argtypes = (p, i64, i64, p, c_int)
     lib.codelm_swiglu.restype = None
     lib.codelm_attention.argtypes = (p, i64, i64, p, p, *(i64,) * 6, c_int, p, c_int)
-    lib.codelm_attention.restype = ctypes.c_int
+    lib.codelm_attention.restype = c_int
     f32 = ctypes.c_float
-    lib.codelm_rms_norm.argtypes = (p, i64, i64, p, f32, p, ctypes.c_int)
-    lib.codelm_rotate_heads.argtypes = (p, i64, i64, i64, i64, p, p, ctypes.c_int)
+    lib.codelm_rms_norm.argtypes = (p, i64, i64, p, f32, p, c_int)
+    lib.codelm_rotate_heads.argtypes = (p, i64, i64, i64, i64, p, p, c_int)
     lib.codelm_rms_norm.restype = lib.codelm_rotate_heads.restype = None
     lib.codelm_build_key = key
     return lib
