@@ -117,6 +117,29 @@ def test_native_int4_kernel_matches_reference_when_offset_weights(gen, group_siz
 
 
 @pytest.mark.skipif(not _TILES, reason="native kernels without AVX-512 VNNI")
+@pytest.mark.parametrize("rows", [5, 100, 203])  # 203: 3 whole spans of rows and 5 more
+def test_tiles_outputs_are_the_same_whatever_the_threads(gen, rows):
+    # The threads split rows x tile pairs between them, a span cut anywhere along its pairs:
+    # each output is computed once, by the same code, so it is equal to the bit however many
+    # threads share the work, and y starts as torch.empty: one missed is garbage.
+    qw, _ = quantize_int8(weight(gen, 208, 256))  # 13 tiles: 7 pairs, the last of one tile
+    tiles, x = Int8Tiles(qw), torch.randn(rows, 256, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = tiles(x)
+        shared = []
+        for n in (2, 3, 5):
+            torch.set_num_threads(n)
+            shared.append(tiles(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert ((alone - matmul(x, qw)).abs() <= int8_blocks_bound(x, dequantize(qw))).all()
+    for y in shared:
+        assert torch.equal(y, alone)
+
+
+@pytest.mark.skipif(not _TILES, reason="native kernels without AVX-512 VNNI")
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 7, 70])  # 70: a second span of rows
 def test_tiles_swiglu_epilogue_equals_swiglu_of_output(gen, scheme, rows):
