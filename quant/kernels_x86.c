@@ -45,7 +45,25 @@ static inline float hmax(__m256 v)
 
 /* One block of x: q[32] = round(x / d), d = absmax / 127 (0 for a block of zeros), returned;
  * *qsum gets the sum of q and, where `sum` is given, *sum the float sum of x. The prompt's tile
- * kernel and the row kernels both quantise x through this, so they see the same numbers. */
+ * kernel and the row kernels both quantise x through this, so they see the same numbers.
+ * With AVX-512 the block is two registers and vpmovsdb narrows to bytes in one step. */
+#if defined(__AVX512F__)
+static inline float quantize_block(const float *src, int8_t *q, int32_t *qsum, float *sum)
+{
+    const __m512 v0 = _mm512_loadu_ps(src), v1 = _mm512_loadu_ps(src + 16);
+    const float d =
+        _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1))) / 127.0f;
+    const __m512 inv = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+    const __m512i n0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));
+    const __m512i n1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv)); /* ties to even */
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(n0));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(n1));
+    *qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(n0, n1));
+    if (sum)
+        *sum = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+    return d;
+}
+#else
 static inline float quantize_block(const float *src, int8_t *q, int32_t *qsum, float *sum)
 {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -71,6 +89,7 @@ static inline float quantize_block(const float *src, int8_t *q, int32_t *qsum, f
         *sum = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
     return d;
 }
+#endif
 
 /* x [rows, k] -> xq [rows, k] int8, xd [rows, k / BLOCK]: scale per block of 32. Where xsum
  * and xqsum are given, also per block: the float sum of x, and xd times the sum of xq (for
