@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelLoadError
+from .layers import RopeScaling
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,28 @@ def _expand_names(table: dict[str, str], n_layers: int) -> dict[str, str]:
         else:
             names[gguf_name] = ours
     return names
+
+
+def hf_sizes(config: dict[str, Any]) -> dict[str, Any]:
+    """The sizes a transformers config.json states under its common keys (`hidden_size`,
+    `num_hidden_layers`, ...; llama, mistral, qwen2, starcoder2), as the ModelArgs fields they
+    fill, the rotary base and scaling and the context length with them."""
+    n_heads, dim = config["num_attention_heads"], config["hidden_size"]
+    # transformers 5 writes `rope_parameters` (theta inside); released checkpoints have
+    # `rope_theta` and `rope_scaling`.
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return {
+        "vocab_size": config["vocab_size"],
+        "dim": dim,
+        "n_layers": config["num_hidden_layers"],
+        "n_heads": n_heads,
+        "n_kv_heads": config.get("num_key_value_heads") or n_heads,
+        "ffn_dim": config["intermediate_size"],
+        "head_dim": config.get("head_dim") or dim // n_heads,
+        "rope_base": config.get("rope_theta") or rope.get("rope_theta", 10000.0),
+        "rope_scaling": RopeScaling.from_hf(rope),
+        "max_len": config.get("max_position_embeddings", 4096),
+    }
 
 
 def read_hf_folder(path: Path) -> WeightSet:

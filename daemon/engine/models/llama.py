@@ -1,6 +1,6 @@
 """Llama family: SmolLM2, aiXcoder-7B, DeepSeek-Coder, CodeLlama (RMSNorm, RoPE, SwiGLU, GQA).
 
-Qwen2 reuses this block with q/k/v biases (models/qwen2.py).
+Qwen2 reuses this block with q/k/v biases (ModelArgs.qkv_bias).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ..layers import (
     gate_up_silu,
     meta_linear,
 )
+from ..weights import hf_sizes
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -42,25 +43,10 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
-        n_heads = config["num_attention_heads"]
-        # transformers 5 writes `rope_parameters` (theta inside); released checkpoints have
-        # `rope_theta` and `rope_scaling`.
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        rope_base = config.get("rope_theta") or rope.get("rope_theta", 10000.0)
-        dim = config["hidden_size"]
         return cls(
             arch=config.get("model_type", "llama"),
-            vocab_size=config["vocab_size"],
-            dim=dim,
-            n_layers=config["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=config.get("num_key_value_heads") or n_heads,
-            ffn_dim=config["intermediate_size"],
-            head_dim=config.get("head_dim") or dim // n_heads,
+            **hf_sizes(config),
             norm_eps=config.get("rms_norm_eps", 1e-5),
-            rope_base=rope_base,
-            rope_scaling=RopeScaling.from_hf(rope),
-            max_len=config.get("max_position_embeddings", 4096),
             tie_embeddings=config.get("tie_word_embeddings", False),
             qkv_bias=config.get("attention_bias", False) or config.get("model_type") == "qwen2",
         )

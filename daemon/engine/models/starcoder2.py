@@ -25,6 +25,7 @@ from ..layers import (
     gelu_approximate,
     meta_linear,
 )
+from ..weights import hf_sizes
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -48,25 +49,11 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
-        n_heads = config["num_attention_heads"]
-        dim = config["hidden_size"]
-        # transformers 5 writes `rope_parameters` (theta inside); released checkpoints have
-        # `rope_theta` and `rope_scaling`.
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
         act = config.get("hidden_act", "gelu_pytorch_tanh")
         gelu_approximate(act)
         return cls(
-            vocab_size=config["vocab_size"],
-            dim=dim,
-            n_layers=config["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=config.get("num_key_value_heads") or n_heads,
-            ffn_dim=config["intermediate_size"],
-            head_dim=config.get("head_dim") or dim // n_heads,
+            **hf_sizes(config),
             norm_eps=config.get("norm_epsilon", 1e-5),
-            rope_base=config.get("rope_theta") or rope.get("rope_theta", 10000.0),
-            rope_scaling=RopeScaling.from_hf(rope),
-            max_len=config.get("max_position_embeddings", 4096),
             sliding_window=config.get("sliding_window"),
             use_bias=config.get("use_bias", True),
             activation=act,
