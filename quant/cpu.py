@@ -16,11 +16,20 @@ import torch
 import torch.nn.functional as F
 
 from codelm.quant import native
-from codelm.quant.formats import Int4Weight, Int8Weight, QuantizedWeight, unpack_int4
+from codelm.quant.formats import (
+    Int4Weight,
+    Int8Weight,
+    QuantizedWeight,
+    select_rows,
+    unpack_int4,
+)
 from codelm.quant.reference import dequantize
 
 # ~2 MiB dequantised tiles stay in cache while the GEMM reads them (measured 2-3x on the head).
 _TILE_BYTES = 2 << 20
+# The most float32 a 2-byte dense copy is converted from at once: a part of a large matrix
+# (Qwen2.5-Coder-0.5B's head is 545 MB in float32, 7B's 2.2 GB), whole for most others.
+_PACK_BYTES = 64 << 20
 
 
 class Kernel(Protocol):
@@ -110,7 +119,7 @@ class Dense:
     def __init__(self, qw: QuantizedWeight, dtype: torch.dtype) -> None:
         self.name = "dense_fp32" if dtype == torch.float32 else "dense_bf16"
         self.dtype = dtype
-        self.weight = dequantize(qw).to(dtype).contiguous()
+        self.weight = _dequantize_by_rows(qw, dtype)
         self.nbytes = _nbytes(self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,14 +135,22 @@ class DenseFp16:
     name = "dense_fp16"
 
     def __init__(self, qw: QuantizedWeight) -> None:
-        weight = dequantize(qw)
-        self.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
-        self.nbytes = 2 * weight.numel()
+        # fbgemm packs from float32: a large matrix (a head) is packed in parts of rows, so the
+        # float32 it is packed from is a part's, not all of it.
+        n, k = qw.shape
+        rows = max(1, _PACK_BYTES // (4 * k))
+        self.parts = [
+            torch.ops.quantized.linear_prepack_fp16(
+                dequantize(select_rows(qw, torch.arange(r0, min(r0 + rows, n)))), None
+            )
+            for r0 in range(0, n, rows)
+        ]
+        self.nbytes = 2 * n * k
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic_fp16(
-            x.to(torch.float32).contiguous(), self.packed
-        )
+        x = x.to(torch.float32).contiguous()
+        ys = [torch.ops.quantized.linear_dynamic_fp16(x, part) for part in self.parts]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
 
 def _without_fbgemm(qw: QuantizedWeight) -> str | None:
@@ -383,6 +400,20 @@ CPU_KERNELS: dict[str, KernelSpec] = {
         KernelSpec("int8_tiles", ("int4", "int8"), Int8Tiles, 1.25, unavailable=_tiles_unavailable),
     )
 }
+
+
+def _dequantize_by_rows(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """dequantize(qw) in `dtype`, converted a part of rows at a time: no float32 [N, K] beside
+    a bfloat16 copy at load."""
+    if dtype == torch.float32:
+        return dequantize(qw)  # the float32 buffer is the copy
+    n, k = qw.shape
+    out = torch.empty(n, k, dtype=dtype, device=qw.data.device)
+    rows = max(1, _PACK_BYTES // (4 * k))
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        out[r0:r1] = dequantize(select_rows(qw, torch.arange(r0, r1)))
+    return out
 
 
 def _slice_rows(
