@@ -250,12 +250,9 @@ class Int8Tiles:
         self._fn, self._swiglu = lib.codelm_tiles_linear, lib.codelm_tiles_swiglu
         self.n, self.k = n, k = qw.shape
         blocks = k // 32
-        if isinstance(qw, Int4Weight):
-            u, self.offset = unpack_int4(qw.data), 8
-            zeros = _per_block(qw.zeros, blocks)
-        else:
-            u, self.offset = qw.data.view(torch.uint8) ^ 0x80, 128  # w + 128
-            zeros = None
+        int4 = isinstance(qw, Int4Weight)
+        self.offset = 8 if int4 else 128  # int4 as q, int8 as w + 128
+        zeros = _per_block(qw.zeros, blocks) if int4 else None
         pad = -n % 16  # whole tiles: padded channels are zero and sliced off the output
         self.padded_n = n + pad
         tiles = self.padded_n // 16
@@ -263,8 +260,15 @@ class Int8Tiles:
         def tiled(per_block: torch.Tensor) -> torch.Tensor:  # [N, B] -> [N / 16][B][16]
             return F.pad(per_block, (0, 0, 0, pad)).view(tiles, 16, blocks).transpose(1, 2)
 
-        u = F.pad(u, (0, 0, 0, pad), value=self.offset)
-        self.data = u.view(tiles, 16, blocks, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
+        # Laid out a part of tiles at a time: a head's temporaries stay a part's, not its size.
+        self.data = torch.empty(tiles, blocks, 8, 16, 4, dtype=torch.uint8)
+        step = max(1, _PACK_BYTES // (16 * k))
+        for t0 in range(0, tiles, step):
+            t1 = min(t0 + step, tiles)
+            rows = qw.data[t0 * 16 : t1 * 16]
+            u = unpack_int4(rows) if int4 else rows.view(torch.uint8) ^ 0x80
+            u = F.pad(u, (0, 0, 0, (t1 - t0) * 16 - u.shape[0]), value=self.offset)
+            self.data[t0:t1] = u.view(t1 - t0, 16, blocks, 8, 4).permute(0, 2, 3, 1, 4)
         self.scales = tiled(_per_block(qw.scales, blocks).float()).contiguous()
         self.zeros = None if zeros is None else tiled(zeros.float()).contiguous()
         self.nbytes = _nbytes(self.data, self.scales, *([] if zeros is None else [self.zeros]))

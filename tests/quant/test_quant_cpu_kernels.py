@@ -134,19 +134,20 @@ def test_int8_pack_kernel_is_not_offered_where_k_is_no_multiple_of_16(gen):
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_dense_copies_built_in_parts_equal_whole_ones(gen, scheme, monkeypatch):
-    # A head's bf16 / fp16 copy is converted from float32 a part of rows at a time, so load
-    # never holds all of it in float32 beside the copy: the parts make the same numbers.
+def test_prefill_copies_built_in_parts_equal_whole_ones(gen, scheme, monkeypatch):
+    # A head's prefill copies are made a part of rows at a time, so load never holds all of
+    # it in float32 (or in temporaries) beside the copy: the parts make the same numbers.
     from codelm.quant import cpu
 
-    qw = _quantize(weight(gen, 100, 64), scheme)
-    if CPU_KERNELS["dense_fp16"].unavailable(qw):
-        pytest.skip(CPU_KERNELS["dense_fp16"].unavailable(qw))
+    qw = _quantize(weight(gen, 100, 64), scheme)  # 100 rows: 7 tiles of 16, the last padded
+    specs = [CPU_KERNELS[n] for n in ("dense_bf16", "dense_fp16", "int8_tiles")]
+    names = [spec.name for spec in specs if not (spec.unavailable and spec.unavailable(qw))]
     x = torch.randn(5, 64, generator=gen)
-    whole = {name: CPU_KERNELS[name].build(qw) for name in ("dense_bf16", "dense_fp16")}
-    monkeypatch.setattr(cpu, "_PACK_BYTES", 4 * 64 * 7)  # parts of 7 rows: 15 of them
-    split = {name: CPU_KERNELS[name].build(qw) for name in whole}
-    assert len(split["dense_fp16"].parts) == 15 and len(whole["dense_fp16"].parts) == 1
+    whole = {name: CPU_KERNELS[name].build(qw) for name in names}
+    monkeypatch.setattr(cpu, "_PACK_BYTES", 4 * 64 * 7)  # 7 rows of float32, 1 tile of int8
+    split = {name: CPU_KERNELS[name].build(qw) for name in names}
     assert torch.equal(split["dense_bf16"].weight, dequantize(qw).to(torch.bfloat16))
-    for name in whole:
+    if "dense_fp16" in names:
+        assert len(split["dense_fp16"].parts) == 15 and len(whole["dense_fp16"].parts) == 1
+    for name in names:
         assert torch.equal(split[name](x), whole[name](x)), name
