@@ -216,3 +216,26 @@ def test_faster_scheme_streams_each_scheme_once_and_keeps_the_time(tmp_path, mon
     # K that int4's groups of 32 do not tile: int8 only. Calibration off: no measurement.
     assert set(Dispatcher().faster_scheme(cpu, (64, 200))) == {"int8"}
     assert Dispatcher(DispatchConfig(calibrate=False)).faster_scheme(cpu, (256, 512)) == {}
+
+
+class _Clocked:
+    """A kernel whose calls take `ms` each (a sleep), counting them."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms, self.calls = ms, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        dispatch_module.time.sleep(self.ms / 1e3)
+        return x
+
+
+def test_timing_takes_a_long_call_twice_and_a_short_one_more_often():
+    # A head's prefill candidates run 80-340 ms a call: the warm-up and one more are enough
+    # there, where short calls are sampled until 25 ms have passed (at least three).
+    x = torch.zeros(1, 4)
+    long, short = _Clocked(120.0), _Clocked(2.0)
+    assert dispatch_module._time_ms(long, x, best_ms=100.0) >= 120.0
+    assert long.calls == 2
+    assert dispatch_module._time_ms(short, x, best_ms=1.0) >= 2.0
+    assert short.calls >= 1 + 3
