@@ -137,15 +137,10 @@ class DenseFp16:
     def __init__(self, qw: QuantizedWeight) -> None:
         # fbgemm packs from float32: a large matrix (a head) is packed in parts of rows, so the
         # float32 it is packed from is a part's, not all of it.
-        n, k = qw.shape
-        rows = max(1, _PACK_BYTES // (4 * k))
         self.parts = [
-            torch.ops.quantized.linear_prepack_fp16(
-                dequantize(select_rows(qw, torch.arange(r0, min(r0 + rows, n)))), None
-            )
-            for r0 in range(0, n, rows)
+            torch.ops.quantized.linear_prepack_fp16(part, None) for _, part in _float32_parts(qw)
         ]
-        self.nbytes = 2 * n * k
+        self.nbytes = 2 * qw.shape[0] * qw.shape[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32).contiguous()
@@ -411,13 +406,19 @@ def _dequantize_by_rows(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor
     a bfloat16 copy at load."""
     if dtype == torch.float32:
         return dequantize(qw)  # the float32 buffer is the copy
+    out = torch.empty(qw.shape, dtype=dtype, device=qw.data.device)
+    for r0, part in _float32_parts(qw):
+        out[r0 : r0 + part.shape[0]] = part
+    return out
+
+
+def _float32_parts(qw: QuantizedWeight):
+    """(first row, dequantize(those rows)) for parts of up to _PACK_BYTES of float32, in
+    order: the rows' numbers are dequantize(qw)'s."""
     n, k = qw.shape
-    out = torch.empty(n, k, dtype=dtype, device=qw.data.device)
     rows = max(1, _PACK_BYTES // (4 * k))
     for r0 in range(0, n, rows):
-        r1 = min(r0 + rows, n)
-        out[r0:r1] = dequantize(select_rows(qw, torch.arange(r0, r1)))
-    return out
+        yield r0, dequantize(select_rows(qw, torch.arange(r0, min(r0 + rows, n))))
 
 
 def _slice_rows(
