@@ -16,6 +16,7 @@ from codelm.daemon.engine import EngineConfig
 from codelm.daemon.engine.generate import StopRules, generate
 from codelm.daemon.engine.kv import KVCache
 from codelm.daemon.engine.loader import load_model
+from codelm.quant import QuantizedLinear
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 512
@@ -128,7 +129,25 @@ def test_generate_runs_on_each_device_from_cpu_token_ids(checkpoint, device, qua
 def test_int4_takes_int8_where_its_groups_do_not_tile_k(tmp_path, device):
     tokens, expected = _save_llama(tmp_path, 200)  # down_proj: K = 200, not a multiple of 32
     loaded = load_model(EngineConfig(model=str(tmp_path), quant="int4"), torch.device(device))
-    assert loaded.info["quant"] == "int4 x7, int8 x2"
+    # int8: the two down_proj (K = 200) and the two qkv_proj (kept int8 by int4, below).
+    assert loaded.info["quant"] == "int4 x5, int8 x4"
+    _check_close(loaded, tokens, expected, "int4")
+
+
+def test_int4_keeps_attention_inputs_int8_from_a_float_checkpoint(checkpoint):
+    """q/k/v holds much of int4's loss on few bytes (docs/quant.md): it stays int8, and the
+    reason says so; every other layer is int4."""
+    folder, tokens, expected = checkpoint
+    loaded = load_model(EngineConfig(model=str(folder), quant="int4"), torch.device("cpu"))
+    schemes = {
+        name: module.scheme
+        for name, module in loaded.model.named_modules()
+        if isinstance(module, QuantizedLinear)
+    }
+    assert len(schemes) == 9, schemes
+    for name, scheme in schemes.items():
+        assert scheme == ("int8" if name.endswith("qkv_proj") else "int4"), name
+    assert "q/k/v int8" in loaded.info["quant_reason"]
     _check_close(loaded, tokens, expected, "int4")
 
 
@@ -152,6 +171,7 @@ def test_auto_runs_float_weights_in_the_scheme_that_decodes_faster_here(
     folder = tmp_path / "llama"
     tokens, expected = _save_llama(folder, 512)
     loaded = load_model(EngineConfig(model=str(folder), quant="auto"), torch.device("cpu"))
-    assert loaded.info["quant"] == f"{faster} x9"
+    # int4 keeps the two qkv_proj int8 (test_int4_keeps_attention_inputs_int8_...).
+    assert loaded.info["quant"] == {"int4": "int4 x7, int8 x2", "int8": "int8 x9"}[faster]
     assert f"float weights -> {faster}, the faster here" in loaded.info["quant_reason"]
     _check_close(loaded, tokens, expected, faster)

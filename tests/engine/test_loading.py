@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from codelm.daemon.engine import EngineConfig, load_engine
+from codelm.daemon.engine.loader import LinearFactory
+from codelm.daemon.engine.weights import TensorSource
 from codelm.daemon.errors import ModelLoadError
 
 
@@ -36,3 +39,24 @@ def test_folder_without_weights_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ModelLoadError, match="no \\*.safetensors"):
         load_engine(EngineConfig(model=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("mode", "types", "attention_input", "scheme"),
+    [
+        ("int4", ["Q5_0", "Q5_0", "Q8_0"], True, "int8"),  # Qwen2.5-Coder's q/k/v
+        ("int4", ["Q5_0"], False, "int4"),
+        ("int4", ["Q4_1", "Q4_1", "Q4_1"], True, "int4"),  # 4 bits already: nothing to keep
+        ("auto", ["Q4_K", "Q4_K", "Q6_K"], True, "int8"),  # Q4_K_M widens attn_v
+        ("auto", ["Q4_K"], False, "int4"),
+        ("auto", ["Q5_0"], True, "int8"),
+        ("int8", ["Q4_0"], True, "int8"),
+        ("fp32", ["Q4_0"], True, None),
+    ],
+)
+def test_int4_keeps_attention_inputs_wider_than_4_bits_at_int8(
+    mode, types, attention_input, scheme
+):
+    factory = LinearFactory(mode, torch.float32, torch.device("cpu"))
+    sources = [TensorSource(f"t{i}", (64, 64), kind) for i, kind in enumerate(types)]
+    assert factory.scheme_for(sources, attention_input) == scheme
