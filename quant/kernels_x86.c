@@ -24,6 +24,10 @@
 #endif
 
 #define BLOCK 32
+/* The row kernels ask for the weight bytes this far ahead where a row is shorter: int4 rows of
+ * K = 896 (448 bytes) otherwise wait on memory at each row's first load, the hardware
+ * prefetcher not running far enough ahead of short rows (docs/quant.md, "Native kernels"). */
+#define PREFETCH_BYTES 2048
 
 int codelm_kernels_abi(void) { return 15; }
 
@@ -308,6 +312,9 @@ static int linear(const float *x, int64_t m, int64_t k, const void *w, const uin
     for (int64_t r = 0; r < n; r++) {
         float *mine = scratch + omp_get_thread_num() * per_thread;
         const char *wr = (const char *)w + r * row_bytes;
+        if (row_bytes < PREFETCH_BYTES && (r + 1) * row_bytes + PREFETCH_BYTES <= n * row_bytes)
+            for (int64_t off = 0; off < row_bytes; off += 64)
+                _mm_prefetch(wr + PREFETCH_BYTES + off, _MM_HINT_T0);
         if (q4)
             weight_row(wr, ws + r * groups, wz + r * groups, groups, blocks, m, n, xq, xd, sx, sq,
                        mine, y + r, 1);
