@@ -111,6 +111,23 @@ def trim_space(s: Suggestion, ctx: Context) -> Suggestion | None:
     return s
 
 
+def start_on_cursor_line(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """On a line of nothing but indentation, a suggestion that opens with blank lines starts
+    on the cursor's line: its first line of text goes there, less the indentation already typed.
+    (Accepted as it came, it would leave the cursor's line blank with trailing whitespace and
+    put the code below the cursor.)"""
+    if ctx.line_before.strip() or ctx.line_after.strip() or "\n" not in s.text:
+        return s
+    lines = s.text.split("\n")
+    if lines[0].strip():
+        return s
+    first = next((n for n, line in enumerate(lines) if line.strip()), None)
+    if first is None or not lines[first].startswith(ctx.line_before):
+        return s  # blank, or less indented than the cursor: left as it is
+    logger.debug("start_on_cursor_line: %d blank lines dropped", first)
+    return replace(s, text="\n".join([lines[first][len(ctx.line_before) :], *lines[first + 1 :]]))
+
+
 def cut_single_line(s: Suggestion, ctx: Context) -> Suggestion | None:
     """Keep one line. At the end of a finished line, that is the next line (after the newline)."""
     if not ctx.is_single_line or "\n" not in s.text:
@@ -330,6 +347,7 @@ def restore_line_endings(s: Suggestion, ctx: Context) -> Suggestion | None:
 FILTERS: tuple[Filter, ...] = (
     normalize_newlines,
     trim_space,
+    start_on_cursor_line,
     cut_single_line,
     stop_at_block_end,
     fix_indentation,
