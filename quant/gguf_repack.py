@@ -1,7 +1,10 @@
-"""GGUF tensor blocks -> our formats: Q4_0 / Q4_1 / Q8_0 exactly, everything else via dequantise.
+"""GGUF tensor blocks -> our formats: Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 exactly, everything else
+via dequantise.
 
 Block layouts follow ggml (ggml-common.h): a 32-element block starts with an fp16 scale d
 (Q4_1 then an fp16 min m); Q4 nibbles hold element j in the low and j + 16 in the high half.
+Q4_K's 256-element super-blocks hold eight groups of 32, each `d sc q - dmin m` with 6-bit sc
+and m: an asymmetric int4 group of 32.
 """
 
 from __future__ import annotations
@@ -20,11 +23,18 @@ from codelm.quant.reference import dequantize, quantize_rows
 
 logger = logging.getLogger(__name__)
 
-QK = 32  # elements per Q4_0 / Q4_1 / Q8_0 block
+QK = 32  # elements per Q4_0 / Q4_1 / Q5_0 / Q8_0 block, and per group of a Q4_K super-block
 _T = GGMLQuantizationType
-_NATIVE_SCHEME = {_T.Q4_0: "int4", _T.Q4_1: "int4", _T.Q8_0: "int8"}
+# The types whose values our formats hold as they are, and in which scheme (groups of 32).
+EXACT_SCHEME = {
+    _T.Q4_0: "int4",
+    _T.Q4_1: "int4",
+    _T.Q4_K: "int4",
+    _T.Q5_0: "int8",  # (q - 16) d: int8 values -16..15
+    _T.Q8_0: "int8",
+}
 # Types without an exact mapping: requantise to int8 when the source keeps more than ~4.5 bits.
-_FALLBACK_INT8 = {_T.F32, _T.F16, _T.BF16, _T.Q5_0, _T.Q5_1, _T.Q5_K, _T.Q6_K, _T.Q8_1, _T.Q8_K}
+_FALLBACK_INT8 = {_T.F32, _T.F16, _T.BF16, _T.Q5_1, _T.Q5_K, _T.Q6_K, _T.Q8_1, _T.Q8_K}
 
 
 def repack_gguf(
@@ -41,18 +51,19 @@ def repack_gguf(
     """Map a GGUF tensor's data (as `GGUFReader` gives it) to Int4Weight / Int8Weight.
 
     qtype: the ggml type (enum, its value, or its name such as "Q4_1"). shape: (N, K) in torch
-    order, i.e. GGUF's ne reversed. Q4_0 / Q4_1 -> int4 group 32 and Q8_0 -> int8 group 32 are
-    exact. Other types, or a `scheme` other than the native one, go through
-    gguf.quants.dequantize and our quantize ("int4" with group_size, or "int8" with
-    int8_group_size, None for per channel);
-    scheme None picks int8 for sources of 5+ bits, int4 otherwise. `search`: int4 is
+    order, i.e. GGUF's ne reversed. Q4_0 / Q4_1 / Q4_K -> int4 group 32 and Q5_0 / Q8_0 -> int8
+    group 32 keep the file's values (EXACT_SCHEME; Q4_K's zero points round once in float32,
+    so a value may be an ulp off gguf's). Other types, or a `scheme` other than the native
+    one, go through gguf.quants.dequantize and our quantize ("int4" with group_size, or "int8"
+    with int8_group_size, None for per channel); scheme None picks int8 for sources of 5+
+    bits, int4 otherwise. `search`: int4 is
     requantised with searched ranges (reference.quantize_int4(search=True)).
     """
     qtype = GGMLQuantizationType[qtype] if isinstance(qtype, str) else GGMLQuantizationType(qtype)
     if len(shape) != 2:
         raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(shape)} ({qtype.name})")
     n, k = (int(s) for s in shape)
-    native = _NATIVE_SCHEME.get(qtype)
+    native = EXACT_SCHEME.get(qtype)
     if native is not None and scheme in (None, native):
         return _REPACKERS[qtype](_blocks(data, qtype, (n, k), name), name)
     if scheme is None:
@@ -114,7 +125,51 @@ def _repack_q4_1(blocks: np.ndarray, name: str) -> Int4Weight:
     )
 
 
-_REPACKERS = {_T.Q8_0: _repack_q8_0, _T.Q4_0: _repack_q4_0, _T.Q4_1: _repack_q4_1}
+def _repack_q4_k(blocks: np.ndarray, name: str) -> Int4Weight:
+    """[N, K / 256, 144]: fp16 d and dmin, 12 bytes of 6-bit scales and mins, 128 of nibbles."""
+    n, nb, _ = blocks.shape
+    d, dmin = _fp16_field(blocks, 0)[..., None], _fp16_field(blocks, 2)[..., None]
+    sc, m = _k_scales_mins(blocks[..., 4:16])
+    # ggml: w = d sc q - dmin m = (q - 8) (d sc) + (8 d sc - dmin m); d sc and dmin m are exact
+    # in float32 (11 x 6 bits), the zero point rounds once.
+    scales = d * sc
+    zeros = np.float32(8.0) * scales - dmin * m
+    # Bytes 32c..32c+31 of the nibbles: group 2c in their low halves, group 2c + 1 in the high.
+    qs = blocks[..., 16:].reshape(n, nb, 4, 1, QK) >> np.array([0, 4], np.uint8).reshape(2, 1)
+    q = (qs & 0x0F).reshape(n, nb * 8 * QK)
+    return Int4Weight(
+        data=torch.from_numpy(np.ascontiguousarray((q[:, 0::2] << 4) | q[:, 1::2])),
+        scales=torch.from_numpy(scales.reshape(n, nb * 8)),
+        zeros=torch.from_numpy(zeros.reshape(n, nb * 8)),
+        group_size=QK,
+    )
+
+
+def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 bytes -> the 8 scales and 8 mins (6 bits each) as float32 [..., 8]: bytes 0-3
+    hold scales 0-3 and 4-7 mins 0-3 in their low 6 bits; bytes 8-11 the low 4 bits of scales
+    4-7 (low nibble) and mins 4-7 (high), whose top 2 bits are those of bytes 0-3 and 4-7."""
+    low, high, rest = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([low & 0x3F, (rest & 0x0F) | ((low >> 2) & 0x30)], axis=-1)
+    m = np.concatenate([high & 0x3F, (rest >> 4) | ((high >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32), m.astype(np.float32)
+
+
+def _repack_q5_0(blocks: np.ndarray, name: str) -> Int8Weight:
+    n, nb, _ = blocks.shape
+    data = torch.empty(n, nb * QK, dtype=torch.int8)
+    for rows, q in _q5_quants(blocks, qh_at=_Q5_FIELDS[_T.Q5_0][0]):
+        data[rows] = q.sub_(16).to(torch.int8).reshape(-1, nb * QK)  # ggml: w = (q - 16) d
+    return Int8Weight(data=data, scales=torch.from_numpy(_fp16_field(blocks, 0)), group_size=QK)
+
+
+_REPACKERS = {
+    _T.Q8_0: _repack_q8_0,
+    _T.Q4_0: _repack_q4_0,
+    _T.Q4_1: _repack_q4_1,
+    _T.Q4_K: _repack_q4_k,
+    _T.Q5_0: _repack_q5_0,
+}
 
 
 def _fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
@@ -143,12 +198,11 @@ def dequantize_gguf(
     2-core AVX2 machine); every other type goes through gguf."""
     qtype = GGMLQuantizationType[qtype] if isinstance(qtype, str) else GGMLQuantizationType(qtype)
     shape = tuple(int(s) for s in shape)
-    fast = qtype in _REPACKERS or qtype in _Q5_FIELDS
-    if fast and len(shape) == 2:
+    if qtype in _FAST_DEQUANTIZE and len(shape) == 2:
         blocks = _blocks(data, qtype, shape, name)
-        if qtype in _REPACKERS:
-            return dequantize(_REPACKERS[qtype](blocks, name))
-        return _dequantize_q5(blocks, *_Q5_FIELDS[qtype]).reshape(shape)
+        if qtype in _Q5_FIELDS:
+            return _dequantize_q5(blocks, *_Q5_FIELDS[qtype]).reshape(shape)
+        return dequantize(_REPACKERS[qtype](blocks, name))
     values = quants.dequantize(np.asarray(data), qtype)
     if values.size != math.prod(shape):
         raise ValueError(f"{name}: {qtype.name} data holds {values.size} values, not shape {shape}")
@@ -159,23 +213,18 @@ def dequantize_gguf(
 # (qh offset, min offset or None); ggml: Q5_0 w = (q - 16) d, Q5_1 w = q d + m.
 _Q5_FIELDS = {_T.Q5_0: (2, None), _T.Q5_1: (4, 2)}
 _Q5_CHUNK = 1 << 22  # elements unpacked at a time: int32 bit planes stay ~16 MB
+# Unpacked here (bit for bit gguf's values) rather than by gguf's numpy. Not Q4_K: its zero
+# points round once more than gguf's arithmetic does.
+_FAST_DEQUANTIZE = {_T.Q4_0, _T.Q4_1, _T.Q8_0, *_Q5_FIELDS}
 
 
 def _dequantize_q5(blocks: np.ndarray, qh_at: int, m_at: int | None) -> torch.Tensor:
     n, nb, _ = blocks.shape
     d = torch.from_numpy(_fp16_field(blocks, 0))
     m = torch.from_numpy(_fp16_field(blocks, m_at)) if m_at is not None else None
-    # Read as int32: an arithmetic shift still brings bit j down to bit 0 for any j < 32.
-    qh = torch.from_numpy(np.ascontiguousarray(blocks[..., qh_at : qh_at + 4]).view("<i4"))
-    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., qh_at + 4 :]))
-    bit = torch.arange(QK, dtype=torch.int32)
     out = torch.empty(n, nb, QK, dtype=torch.float32)
-    rows = max(1, _Q5_CHUNK // (nb * QK))
-    for r in range(0, n, rows):
-        sl = slice(r, r + rows)
-        # Element j of a block: low nibble j (j < 16) or high nibble j - 16, fifth bit j of qh.
-        low = torch.cat([qs[sl] & 0x0F, qs[sl] >> 4], dim=-1)
-        q = (((qh[sl] >> bit) & 1) * 16 + low).to(torch.float32)
+    for sl, q in _q5_quants(blocks, qh_at):
+        q = q.to(torch.float32)
         if m is None:
             torch.mul(q.sub_(16.0), d[sl, :, None], out=out[sl])
         else:  # q d is exact in float32 (5 x 11 bits): only the add rounds, as in ggml
@@ -183,16 +232,33 @@ def _dequantize_q5(blocks: np.ndarray, qh_at: int, m_at: int | None) -> torch.Te
     return out
 
 
+def _q5_quants(blocks: np.ndarray, qh_at: int):
+    """(row slice, int32 q [rows, K / 32, 32] in 0..31) over a Q5 tensor's rows, _Q5_CHUNK
+    elements at a time."""
+    n, nb, _ = blocks.shape
+    # Read as int32: an arithmetic shift still brings bit j down to bit 0 for any j < 32.
+    qh = torch.from_numpy(np.ascontiguousarray(blocks[..., qh_at : qh_at + 4]).view("<i4"))
+    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., qh_at + 4 :]))
+    bit = torch.arange(QK, dtype=torch.int32)
+    rows = max(1, _Q5_CHUNK // (nb * QK))
+    for r in range(0, n, rows):
+        sl = slice(r, r + rows)
+        # Element j of a block: low nibble j (j < 16) or high nibble j - 16, fifth bit j of qh.
+        low = torch.cat([qs[sl] & 0x0F, qs[sl] >> 4], dim=-1)
+        yield sl, ((qh[sl] >> bit) & 1) * 16 + low
+
+
 def _blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int], name: str):
-    """The raw bytes as [N, K / 32, bytes per block], sizes checked."""
+    """The raw bytes as [N, K / block, bytes per block], sizes checked."""
     n, k = shape
-    if k % QK:
-        raise ValueError(f"{name}: K={k} of shape {(n, k)} is not a multiple of {QK}")
+    size, nbytes = quants.GGML_QUANT_SIZES[qtype]
+    if k % size:
+        raise ValueError(f"{name}: K={k} of shape {(n, k)} is not a multiple of {size}")
     blocks = np.asarray(data).reshape(-1).view(np.uint8)
-    expected = n * (k // QK) * quants.GGML_QUANT_SIZES[qtype][1]
+    expected = n * (k // size) * nbytes
     if blocks.size != expected:
         raise ValueError(
             f"{name}: {blocks.size} bytes of {qtype.name} do not hold shape {(n, k)} "
             f"({expected} expected)"
         )
-    return blocks.reshape(n, k // QK, -1)
+    return blocks.reshape(n, k // size, -1)

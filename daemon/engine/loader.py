@@ -338,13 +338,15 @@ def _dense_budget() -> int:
 # GGUF types whose exact repack is what the kernels take (cheap at every load). Q8_0 repacks
 # exactly too, but where int8 is per channel its blocks of 32 are requantised (a 136M-weight
 # head: ~5 s).
-_NATIVE = {"int4": {"Q4_0", "Q4_1"}, "int8": {"Q8_0"}}
-
-
 def _is_costly(sources: list[TensorSource], scheme: str, int8_group: int | None) -> bool:
-    """True when quantising these sources means real work (worth caching on disk)."""
-    native = _NATIVE[scheme] if scheme == "int4" or int8_group == 32 else set()
-    return any(s.ggml_type not in native for s in sources)
+    """True when quantising these sources means real work (worth caching on disk): anything
+    but GGUF blocks our formats take as they are."""
+    from codelm.quant.gguf_repack import EXACT_SCHEME
+
+    if scheme == "int8" and int8_group != 32:
+        return True  # requantised per channel
+    exact = {kind.name for kind, exact_scheme in EXACT_SCHEME.items() if exact_scheme == scheme}
+    return any(s.ggml_type not in exact for s in sources)
 
 
 def _quantize(

@@ -30,7 +30,12 @@ def _weights(n: int = 64, k: int = 256, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("qtype", "cls", "scheme"),
-    [(T.Q4_0, Int4Weight, "int4"), (T.Q4_1, Int4Weight, "int4"), (T.Q8_0, Int8Weight, "int8")],
+    [
+        (T.Q4_0, Int4Weight, "int4"),
+        (T.Q4_1, Int4Weight, "int4"),
+        (T.Q5_0, Int8Weight, "int8"),
+        (T.Q8_0, Int8Weight, "int8"),
+    ],
 )
 def test_gguf_repack_dequantises_exactly_like_gguf_when_native_type(qtype, cls, scheme):
     blocks = quants.quantize(_weights(), qtype)
@@ -88,7 +93,53 @@ def test_gguf_repack_q4_1_warns_when_zero_not_exact_in_fp32(caplog):
     assert "odd: 1 of 1 Q4_1 blocks" in caplog.text
 
 
-@pytest.mark.parametrize(("qtype", "scheme"), [(T.Q5_0, "int8"), (T.F16, "int8"), (T.F32, "int8")])
+def _q4_k_blocks(n: int, k: int, seed: int = 2) -> np.ndarray:
+    """Valid Q4_K data (gguf.quants cannot make it): per 256 values fp16 d and dmin, 12 bytes of
+    packed 6-bit scales and mins (any bytes are valid), 128 bytes of nibbles."""
+    rng = np.random.default_rng(seed)
+    count = n * k // 256
+    d = rng.uniform(1e-4, 2e-3, (count, 1)).astype("<f2").view(np.uint8)
+    dmin = rng.uniform(1e-4, 4e-3, (count, 1)).astype("<f2").view(np.uint8)
+    body = rng.integers(0, 256, (count, 140), dtype=np.uint8)
+    return np.concatenate([d, dmin, body], axis=1).reshape(n, -1)
+
+
+def test_gguf_repack_keeps_q4_k_values_as_int4_groups_of_32():
+    data = _q4_k_blocks(8, 512)
+    qw = repack_gguf(data, T.Q4_K, (8, 512), name="blk.0.ffn_down.weight")
+    assert isinstance(qw, Int4Weight) and qw.group_size == 32
+    expected = quants.dequantize(data, T.Q4_K).reshape(8, 512)
+    got = dequantize(qw).numpy()
+    # The zero point 8 d sc - dmin m rounds once in float32, where ggml's d sc q - dmin m
+    # rounds after the subtraction: at most an ulp or two of the values apart.
+    assert np.abs(got - expected).max() <= 2 * np.spacing(np.abs(expected).max())
+    assert (got == expected).mean() > 0.9
+    # The q of each group are the file's nibbles: a requantisation would move some of them.
+    nibbles = data.reshape(8, 2, 144)[..., 16:].reshape(8, 2, 4, 32)
+    q = unpack_int4(qw.data).numpy().reshape(8, 2, 4, 2, 32)
+    assert np.array_equal(q[:, :, :, 0], nibbles & 0x0F)
+    assert np.array_equal(q[:, :, :, 1], nibbles >> 4)
+
+
+def test_gguf_repack_reads_q4_k_scales_and_mins():
+    """One super-block whose 8 scales are 1..8 (8 spread over the top bits) and mins 0..7."""
+    scales = np.zeros(12, dtype=np.uint8)
+    sc, m = [1, 2, 3, 4, 5, 6, 7, 63], [0, 1, 2, 3, 4, 5, 6, 40]
+    for j in range(4):
+        scales[j] = sc[j] | ((sc[j + 4] >> 4) << 6)
+        scales[j + 4] = m[j] | ((m[j + 4] >> 4) << 6)
+        scales[j + 8] = (sc[j + 4] & 0x0F) | ((m[j + 4] & 0x0F) << 4)
+    head = np.array([1.0, 0.5], dtype="<f2").view(np.uint8)
+    block = np.concatenate([head, scales, np.full(128, 0x21, dtype=np.uint8)])
+    qw = repack_gguf(block[None, :], T.Q4_K, (1, 256))
+    assert qw.scales[0].tolist() == [float(v) for v in sc]
+    # Nibbles 1 (low, even groups) and 2 (high, odd groups): w = sc q - 0.5 m.
+    expected = [sc[g] * (1 if g % 2 == 0 else 2) - 0.5 * m[g] for g in range(8)]
+    assert dequantize(qw)[0].reshape(8, 32)[:, 0].tolist() == expected
+    assert np.array_equal(dequantize(qw).numpy(), quants.dequantize(block[None, :], T.Q4_K))
+
+
+@pytest.mark.parametrize(("qtype", "scheme"), [(T.F16, "int8"), (T.F32, "int8")])
 def test_gguf_repack_requantises_other_types_within_half_step(qtype, scheme):
     w = _weights(32, 128)
     data = quants.quantize(w, qtype)
