@@ -3,7 +3,9 @@
 Each problem's prompt + canonical solution is the document. One non-blank solution line at a
 time loses its content (its indentation stays), the cursor goes after the indentation, and the
 engine is asked for a single-line suggestion (trigger "invoked", 48 tokens at most), in process.
-A line counts when the stripped suggestion equals the stripped original line.
+A line counts when the stripped suggestion equals the stripped original line: `exact_pct`
+scores the engine's text, `shown_pct` the text the language server would show for it (its
+post-processing, lsp/postprocess.py, in single-line mode).
 
     .venv/bin/python benchmarks/infill.py [--model default qwen2.5-coder-0.5b]
         [--quant auto] [--limit 40] [--heal on off] [--before none|above|typed]
@@ -183,10 +185,12 @@ def run(
             ms = (time.perf_counter() - t1) * 1000
             got = response.items[0].text.split("\n", 1)[0]
             hit = got.strip() == task.expected.strip()
+            shown = _shown(task, response.items[0].text)
             t = response.timings
             records.append(
                 {"task": task.task_id, "line": task.line, "hit": hit, "ms": round(ms, 1)}
                 | {"expected": task.expected, "got": got, "stop": response.stop_reason}
+                | {"shown": shown, "shown_hit": shown.strip() == task.expected.strip()}
                 | {"prefilled": t.prefilled_tokens, "generated": t.generated_tokens}
             )
             if (i + 1) % 20 == 0:
@@ -203,11 +207,26 @@ def run(
         "suffix_chars": engine.suffix_chars(trigger),
         "lines": len(records),
         "exact_pct": 100 * sum(r["hit"] for r in records) / max(1, len(records)),
+        "shown_pct": 100 * sum(r["shown_hit"] for r in records) / max(1, len(records)),
         "p50_ms": median(times),
         "p90_ms": percentile(times, 90),
         "load_s": load_s,
     }
     return row, records
+
+
+def _shown(task: Task, text: str) -> str:
+    """The first line of what the language server shows for the engine's `text` at the task's
+    cursor."""
+    from codelm.lsp.postprocess import Context, Suggestion, postprocess
+
+    document = task.text
+    cursor = sum(len(line) + 1 for line in document.split("\n")[: task.line]) + len(task.indent)
+    context = Context(
+        prefix=document[:cursor], suffix=document[cursor:], is_single_line=True, language="python"
+    )
+    shown = postprocess(Suggestion(text=text), context)
+    return "" if shown is None else shown.text.split("\n", 1)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 key = f"{model}/{quant}/heal-{heal}/{row['before']}/suffix-{row['suffix_chars']}"
                 details[key] = records
     columns = ["model", "quant", "fim", "heal", "before", "trigger", "suffix_chars", "lines"]
-    columns += ["exact_pct", "p50_ms", "p90_ms"]
+    columns += ["exact_pct", "shown_pct", "p50_ms", "p90_ms"]
     print_table(rows, columns)
     payload = {"limit": args.limit, "max_tokens": MAX_TOKENS, "rows": rows, "lines": details}
     out = write_json("infill", payload, args.json)
