@@ -304,16 +304,17 @@ def bracket_errors(text: str) -> int:
 
 
 def drop_repeated_line(s: Suggestion, ctx: Context) -> Suggestion | None:
-    """Discard a one-line suggestion that only repeats the line above or below."""
-    below = next((p.strip() for p in ctx.suffix_lines if p.strip()), None)
+    """Discard a one-line suggestion that only repeats the line above or below, indentation
+    included (`return False` closing an outer block after an inner one's is no repeat)."""
+    below = next((p.rstrip() for p in ctx.suffix_lines if p.strip()), None)
     if "\n" not in s.text:
-        line = (ctx.line_before + s.text + ctx.line_after).strip()
-        above = next((p.strip() for p in reversed(ctx.prefix_lines) if p.strip()), None)
+        line = (ctx.line_before + s.text + ctx.line_after).rstrip()
+        above = next((p.rstrip() for p in reversed(ctx.prefix_lines) if p.strip()), None)
     elif s.text.count("\n") == 1 and s.text.startswith("\n") and not ctx.line_after.strip():
-        line, above = s.text.strip(), ctx.line_before.strip()  # one new line below the cursor
+        line, above = s.text[1:].rstrip(), ctx.line_before.rstrip()  # one new line below
     else:
         return s
-    if line and line in (above, below) and len(s.text.strip()) > 1:
+    if line.strip() and line in (above, below) and len(s.text.strip()) > 1:
         logger.debug("drop_repeated_line: repeats an adjacent line")
         return None
     return s
