@@ -56,8 +56,8 @@ def repack_gguf(
     so a value may be an ulp off gguf's). Other types, or a `scheme` other than the native
     one, go through gguf.quants.dequantize and our quantize ("int4" with group_size, or "int8"
     with int8_group_size, None for per channel); scheme None picks int8 for sources of 5+
-    bits, int4 otherwise. `search`: int4 is
-    requantised with searched ranges (reference.quantize_int4(search=True)).
+    bits, int4 otherwise. `search`: int4 is requantised with searched ranges
+    (reference.quantize_int4(search=True)).
     """
     qtype = GGMLQuantizationType[qtype] if isinstance(qtype, str) else GGMLQuantizationType(qtype)
     if len(shape) != 2:

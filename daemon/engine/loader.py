@@ -335,12 +335,11 @@ def _dense_budget() -> int:
     return 0 if available is None else int(min(1.5 * (1 << 30), available // 8))
 
 
-# GGUF types whose exact repack is what the kernels take (cheap at every load). Q8_0 repacks
-# exactly too, but where int8 is per channel its blocks of 32 are requantised (a 136M-weight
-# head: ~5 s).
 def _is_costly(sources: list[TensorSource], scheme: str, int8_group: int | None) -> bool:
     """True when quantising these sources means real work (worth caching on disk): anything
-    but GGUF blocks our formats take as they are."""
+    but GGUF blocks our formats take as they are (quant.gguf_repack.EXACT_SCHEME), cheap at
+    every load. Where int8 is per channel even those are requantised (Qwen2.5-Coder's Q8_0
+    head, 136M weights: ~5 s)."""
     from codelm.quant.gguf_repack import EXACT_SCHEME
 
     if scheme == "int8" and int8_group != 32:
