@@ -156,6 +156,17 @@ class Engine:
         result = self._run(
             request.uri, prompt.token_ids, rules, cancel, on_text, prompt.heal, draft
         )
+        if on_text is None and _repeats_next_line(request.text, cursor, result.text):
+            # On a blank line the model may skip it and write the line below again, which the
+            # editor would drop: ask once more with that line's first token ruled out
+            # (docs/engine.md, "A suggestion that repeats the next line").
+            pieces = [self.tokenizer.pieces[t] for t in result.token_ids]
+            step = next((i for i, piece in enumerate(pieces) if piece.strip()), None)
+            if step is not None:
+                ban = (step, result.token_ids[step])
+                result = self._run(
+                    request.uri, prompt.token_ids, rules, cancel, None, prompt.heal, ban=ban
+                )
         self.suggestions[request.uri] = (before, result.text)
         at = Position(line=request.line, character=request.character)
         item = CompletionItem(text=result.text, range=Range(start=at, end=at))
@@ -204,7 +215,15 @@ class Engine:
         return self.tokenizer.encode(healed + last[1][len(typed) :])
 
     def _run(
-        self, uri, ids, rules, cancel, on_text, heal: bytes = b"", draft: list[int] = ()
+        self,
+        uri,
+        ids,
+        rules,
+        cancel,
+        on_text,
+        heal: bytes = b"",
+        draft: list[int] = (),
+        ban: tuple[int, int] | None = None,
     ) -> GenerationResult:
         if len(ids) + rules.max_tokens > self.args.max_len:
             raise BadRequest(
@@ -229,6 +248,7 @@ class Engine:
                     heal=heal,
                     draft=draft,
                     known=known,
+                    ban=ban,
                 )
             self.cache.stats.drafted_tokens += result.drafted_tokens
             self.cache.stats.accepted_tokens += result.accepted_tokens
@@ -279,6 +299,20 @@ class Engine:
 
     def cache_stats(self) -> dict[str, Any]:
         return self.cache.to_json()
+
+
+def _repeats_next_line(text: str, cursor: int, suggestion: str) -> bool:
+    """Whether `suggestion`, at a cursor with nothing but indentation on its line, opens with
+    the document's next non-blank line (more than one character): inserted, that line would
+    be there twice."""
+    start = text.rfind("\n", 0, cursor) + 1
+    end = text.find("\n", cursor)
+    end = len(text) if end < 0 else end
+    if text[start:end].strip():
+        return False
+    first = next((line.strip() for line in suggestion.split("\n") if line.strip()), "")
+    below = text[end + 1 : end + 1 + 20_000].split("\n")
+    return len(first) > 1 and first == next((line.strip() for line in below if line.strip()), "")
 
 
 def _fed_tokens(kv: KVCache, ids: list[int], result: GenerationResult | None) -> list[int]:

@@ -15,7 +15,7 @@ from ..cache import common_prefix
 from ..errors import Cancelled
 from .cancel import CancelToken
 from .kv import KVCache
-from .sampling import Greedy, HealingPicker, Picker, greedy
+from .sampling import Banning, Greedy, HealingPicker, Picker, greedy
 from .tokenizer import Tokenizer
 
 _FIRST_LINE = re.compile(r"\S[^\n]*\n")
@@ -188,6 +188,7 @@ def generate(
     heal: bytes = b"",
     draft: Sequence[int] = (),
     known: dict[int, int] | None = None,
+    ban: tuple[int, int] | None = None,
 ) -> GenerationResult:
     """Prefill what of `prompt` (and `draft`) the cache lacks, then decode until a stop rule
     fires.
@@ -201,6 +202,7 @@ def generate(
     confirms costs no decode step. The result is the same as without it.
     `known`: position -> the greedy pick a forward made there before, valid for the tokens `kv`
     holds (FileCache keeps them with the K/V); this run's picks are added to it.
+    `ban`: (step, token): that token is not picked at that step of the generation.
     """
     draft = usable_draft(draft, len(prompt), rules.max_tokens, kv.max_len)
     sequence = prompt + draft
@@ -219,6 +221,8 @@ def generate(
         t1 = time.perf_counter()
         result.prefill_ms = (t1 - t0) * 1000
         pick = HealingPicker(tokenizer, heal) if heal else Greedy()
+        if ban is not None:
+            pick = Banning(pick, *ban)
         steps = decode_steps(model, kv, sequence, rows, rules.max_tokens, pick, len(draft), known)
         with contextlib.closing(steps):
             _decode(steps, tokenizer, rules, result, cancel, on_text, heal)

@@ -61,3 +61,20 @@ class HealingPicker:
 
 
 Picker = Greedy | HealingPicker
+
+
+class Banning:
+    """Another picker with one token ruled out at one step: a retry after a suggestion that only
+    repeated the document's next line (Engine.complete)."""
+
+    def __init__(self, pick, step: int, token: int) -> None:
+        self.pick, self.step, self.token = pick, step, token
+
+    def __call__(self, logits: torch.Tensor, step: int) -> int:
+        if step == self.step:
+            logits = logits.clone()
+            logits[..., self.token] = float("-inf")
+        return self.pick(logits, step)
+
+    def known(self, token: int, step: int) -> int | None:
+        return None if step == self.step else self.pick.known(token, step)

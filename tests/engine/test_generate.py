@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from codelm.daemon.engine.cancel import CancelToken
+from codelm.daemon.engine.engine import _repeats_next_line
 from codelm.daemon.engine.generate import StopReason, StopRules, generate
 from codelm.daemon.errors import Cancelled
+from codelm.daemon.protocol import CompleteRequest
 
 
 def test_stop_rules_hold_back_a_partial_stop_string():
@@ -152,3 +154,53 @@ def test_known_picks_replace_forwards_over_tokens_already_in_the_cache(default_e
     wrong_draft = first.token_ids[:3] + [(first.token_ids[3] + 1) % tokenizer.vocab_size]
     third = generate(model, tokenizer, kv, ids, rules, draft=wrong_draft, known=known)
     assert third.token_ids == first.token_ids
+
+
+def test_a_banned_token_is_not_picked_at_its_step_even_when_a_pick_is_known(default_engine):
+    model, tokenizer = default_engine.model, default_engine.tokenizer
+    ids = _prompt(default_engine, "def area(width, height):\n    return")
+    rules = StopRules(max_tokens=8)
+    kv, known = default_engine.new_kv(), {}
+    first = generate(model, tokenizer, kv, ids, rules, known=known)
+    kv.trim_to(len(ids) - 1)  # the prompt's last token runs again; `known` holds the picks
+    again = generate(model, tokenizer, kv, ids, rules, known=known, ban=(3, first.token_ids[3]))
+    assert again.token_ids[:3] == first.token_ids[:3]
+    assert again.token_ids[3] != first.token_ids[3]
+
+
+@pytest.mark.parametrize(
+    ("text", "suggestion", "repeats"),
+    [
+        ("def f(x):\n    \u2038\n    return x\n", "return x", True),
+        ("def f(x):\n    \u2038\n\n    return x\n", "\n    return x\n", True),
+        ("def f(x):\n    \u2038\n    return x\n", "y = x", False),
+        ("def f(x):\n    y = \u2038\n    return x\n", "return x", False),  # not a blank line
+        ("def f(x):\n    \u2038\n    )\n", ")", False),  # one character: may well repeat
+        ("def f(x):\n    \u2038", "return x", False),  # nothing below
+    ],
+)
+def test_repeats_next_line(text, suggestion, repeats):
+    cursor = text.index("\u2038")
+    assert _repeats_next_line(text.replace("\u2038", ""), cursor, suggestion) is repeats
+
+
+def test_a_suggestion_that_repeats_the_next_line_is_asked_again_without_it(default_engine):
+    """SmolLM2's prompt is the prefix alone, so with the suggestion's own line put below the
+    cursor it would suggest that line again; the engine asks once more instead."""
+
+    def complete(text: str, cursor: int) -> str:
+        line = text.count("\n", 0, cursor)
+        character = cursor - (text.rfind("\n", 0, cursor) + 1)
+        request = CompleteRequest(
+            uri="file:///repeat.py", text=text, line=line, character=character, max_tokens=12
+        )
+        return default_engine.complete(request).items[0].text
+
+    before = "def area(width, height):\n    "
+    first = next(line.strip() for line in complete(before, len(before)).split("\n") if line)
+    assert len(first) > 1
+    document = before + "\n    " + first + "\n"
+    again = complete(document, len(before))
+    assert (
+        again.strip() and next(line.strip() for line in again.split("\n") if line.strip()) != first
+    )
