@@ -134,11 +134,9 @@ def _repack_q4_k(blocks: np.ndarray, name: str) -> Int4Weight:
     # in float32 (11 x 6 bits), the zero point rounds once.
     scales = d * sc
     zeros = np.float32(8.0) * scales - dmin * m
-    # Bytes 32c..32c+31 of the nibbles: group 2c in their low halves, group 2c + 1 in the high.
-    qs = blocks[..., 16:].reshape(n, nb, 4, 1, QK) >> np.array([0, 4], np.uint8).reshape(2, 1)
-    q = (qs & 0x0F).reshape(n, nb * 8 * QK)
     return Int4Weight(
-        data=torch.from_numpy(np.ascontiguousarray((q[:, 0::2] << 4) | q[:, 1::2])),
+        # Bytes 32c..32c+31 of the nibbles: group 2c in their low halves, 2c + 1 in the high.
+        data=_nibbles_to_packed(blocks[..., 16:].reshape(n, nb * 4, QK)),
         scales=torch.from_numpy(scales.reshape(n, nb * 8)),
         zeros=torch.from_numpy(zeros.reshape(n, nb * 8)),
         group_size=QK,
@@ -179,7 +177,9 @@ def _fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
 
 
 def _nibbles_to_packed(qs: np.ndarray) -> torch.Tensor:
-    """ggml nibbles [N, K/32, 16] -> uint8 [N, K/2] in LAYOUT_INT4_NK_HI_FIRST."""
+    """ggml nibbles [N, chunks, bytes] (each chunk's low halves the first values, its high
+    halves the next: 16 bytes for Q4_0 / Q4_1, 32 for Q4_K) -> uint8 [N, K/2] in
+    LAYOUT_INT4_NK_HI_FIRST."""
     n = qs.shape[0]
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, -1)
     return torch.from_numpy(np.ascontiguousarray((q[:, 0::2] << 4) | q[:, 1::2]))

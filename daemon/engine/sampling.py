@@ -60,14 +60,11 @@ class HealingPicker:
         self.remaining = self.remaining[len(piece) :] if self.remaining.startswith(piece) else b""
 
 
-Picker = Greedy | HealingPicker
-
-
 class Banning:
     """Another picker with one token ruled out at one step: a retry after a suggestion that only
     repeated the document's next line (Engine.complete)."""
 
-    def __init__(self, pick, step: int, token: int) -> None:
+    def __init__(self, pick: Greedy | HealingPicker, step: int, token: int) -> None:
         self.pick, self.step, self.token = pick, step, token
 
     def __call__(self, logits: torch.Tensor, step: int) -> int:
@@ -78,3 +75,6 @@ class Banning:
 
     def known(self, token: int, step: int) -> int | None:
         return None if step == self.step else self.pick.known(token, step)
+
+
+Picker = Greedy | HealingPicker | Banning
