@@ -132,6 +132,14 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
 
 
+def print_kernels(rows: list[dict[str, Any]]) -> None:
+    """Under a table: the kernels each codelm row ran and how its decode step ran."""
+    for row in rows:
+        if row.get("kernels"):
+            step = f"; decode step {row['decode_step']}" if row.get("decode_step") else ""
+            print(f"  {row['system']} {row['quant']}: {row['kernels']}{step}")
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if value and abs(value) < 1e-2:

@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     in_fresh_process,
     median,
     peak_rss_mb,
+    print_kernels,
     print_table,
     rss_mb,
     temporary_home,
@@ -298,10 +299,7 @@ def _run(args: argparse.Namespace, model_path: Path) -> int:
         "quant in a fresh process, Python and torch included; file pages of the model read "
         "count too)"
     )
-    for row in rows:
-        if row.get("kernels"):
-            step = f"; decode step {row['decode_step']}" if row.get("decode_step") else ""
-            print(f"  {row['system']} {row['quant']}: {row['kernels']}{step}")
+    print_kernels(rows)
     payload = {
         "model": str(model_path),
         "memory_bandwidth_GB_s": measured,

@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     in_fresh_process,
     median,
     peak_rss_mb,
+    print_kernels,
     print_table,
     rss_mb,
     temporary_home,
@@ -273,9 +274,7 @@ def _run(args: argparse.Namespace, device: str, work: Path) -> int:
     ]
     print_table(rows, columns)
     print("weights_MB: codelm, bytes one decode step reads; transformers, its memory footprint")
-    for row in rows:
-        if row.get("kernels"):
-            print(f"  {row['system']} {row['quant']}: {row['kernels']}")
+    print_kernels(rows)
     payload = {"shape": args.shape, "n_params": n_params, "settings": vars(args), "rows": rows}
     out = write_json(f"random_llama_{args.shape}", payload, args.json)
     print(f"results: {out}")

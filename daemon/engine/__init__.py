@@ -24,6 +24,9 @@ class EngineConfig:
     # old text before it; no loss measured, docs/engine.md). 0: off, every token after an
     # edit is recomputed exactly.
     cache_reuse_min_tokens: int = 256
+    # On CUDA, replay a decode step as one captured graph (fused_decode.GraphedDecode); False
+    # launches the step's kernels one by one from Python.
+    cuda_graphs: bool = True
 
 
 def load_engine(config: EngineConfig, progress=None):  # -> Engine

@@ -55,7 +55,9 @@ class KVCache:
         shape = (n_layers, n_heads, capacity, head_dim)
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
+            # Zeroed: a CUDA graph's decode step attends over the whole capacity under a mask
+            # (layers.attend_at), and a masked row of NaN bits would still poison the sum.
+            new = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
 

@@ -170,7 +170,7 @@ def attend(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    start: int,
+    start: int | torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
 ) -> torch.Tensor:
@@ -178,7 +178,10 @@ def attend(
 
     q: [1, H, Tq, Dh], the last Tq <= T of the new positions; k, v: [1, Hkv, T, Dh];
     k_cache, v_cache: [Hkv, capacity, Dh], in q's dtype or (KVCache.cache_dtype) another.
+    `start` as a tensor: one new position, held on the device (attend_at).
     """
+    if isinstance(start, torch.Tensor):
+        return attend_at(q, k_cache, v_cache, start, k, v)
     end = start + k.shape[2]
     n_queries = q.shape[2]
     k_cache[:, start:end] = k[0]
@@ -197,6 +200,36 @@ def attend(
         rows = torch.arange(end - n_queries, end, device=q.device).unsqueeze(1)
         mask = torch.arange(end, device=q.device).unsqueeze(0) <= rows
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+
+def attend_at(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    position: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None = None,
+) -> torch.Tensor:
+    """attend for one new position given as a tensor ([1] int64 on the cache's device), with
+    shapes that do not depend on it, so a captured CUDA graph replays it at any position
+    (fused_decode.GraphedDecode): the row is written with index_copy_ and the query attends
+    over the cache's whole capacity under a mask (keys (position - window, position] where a
+    sliding `window` is given). The rows past the position must hold finite numbers (a masked
+    score is -inf, and 0 times NaN is NaN): KVCache zeroes what it allocates."""
+    k_cache.index_copy_(1, position, k[0].to(k_cache.dtype))
+    v_cache.index_copy_(1, position, v[0].to(v_cache.dtype))
+    keys = torch.arange(k_cache.shape[1], device=position.device)
+    mask = keys <= position
+    if window is not None:
+        mask &= keys > position - window
+    return F.scaled_dot_product_attention(
+        q,
+        k_cache.to(q.dtype).unsqueeze(0),
+        v_cache.to(q.dtype).unsqueeze(0),
+        attn_mask=mask.view(1, 1, 1, -1),
+        enable_gqa=True,
+    )
 
 
 def _native_attention(
@@ -341,10 +374,12 @@ class SelfAttention(nn.Module):
     def projections(self) -> tuple[nn.Module, nn.Module]:
         raise NotImplementedError
 
-    def attend(self, q, k_cache, v_cache, start: int, k, v) -> torch.Tensor:
+    def attend(self, q, k_cache, v_cache, start: int | torch.Tensor, k, v) -> torch.Tensor:
         return attend(q, k_cache, v_cache, start, k, v)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, k_cache, v_cache, start: int | torch.Tensor, rows=None
+    ) -> torch.Tensor:
         # x: [1, T, D]; the result holds the last `rows` positions (None: all T)
         qkv_proj, out_proj = self.projections()
         q, k, v = qkv_heads(qkv_proj(x), self.n_heads, self.n_kv_heads, cos, sin, rows)
@@ -360,7 +395,9 @@ class PreNormBlock(nn.Module):
         """The norm before attention, the attention, the norm before the MLP, the MLP."""
         raise NotImplementedError
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int, rows=None) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, k_cache, v_cache, start: int | torch.Tensor, rows=None
+    ) -> torch.Tensor:
         """x [1, T, D] at positions [start, start + T); returns the last `rows` positions'
         outputs (None: all T), every position's keys and values written to the cache."""
         attn_norm, attn, mlp_norm, mlp = self.parts()
@@ -379,9 +416,9 @@ class Decoder(nn.Module):
         self.args = args
         self.lm_head = meta_linear(args.dim, args.vocab_size, False)
         self.rotary = Rotary(args.head_dim, args.rope_base, args.max_len, args.rope_scaling)
-        # One-token forwards on the CPU in one native call, where fused_decode.attach can build
-        # one for the loaded layers (a FusedDecode, not a module).
-        self.fused_decode: Any = None
+        # One-token forwards in one call where fused_decode.attach can build one for the loaded
+        # layers (not a module): native on the CPU, a replayed CUDA graph on a GPU.
+        self.decode_step: Any = None
 
     def parts(self) -> tuple[nn.Embedding, nn.ModuleList, nn.Module]:
         raise NotImplementedError
@@ -407,8 +444,8 @@ class Decoder(nn.Module):
         x = embed(tokens).unsqueeze(0).to(kv.dtype)  # [1, T, D]
         positions = torch.arange(start, start + n_tokens, device=tokens.device)
         cos, sin = self.rotary(positions, x.dtype)
-        if n_tokens == 1 and self.fused_decode is not None and kv.dtype == torch.float32:
-            x = self.fused_decode(x, kv, start, cos, sin)
+        if n_tokens == 1 and self.decode_step is not None and self.decode_step.accepts(kv):
+            x = self.decode_step(x, kv, start, cos, sin)
         else:
             # The last block computes only the rows whose logits are asked for: the others'
             # keys and values are all that later tokens read.

@@ -75,7 +75,7 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
     )
     make_linear.finish()
     model.eval()
-    decode_step = attach_fused_decode(model, device, dtype)
+    decode_step = attach_fused_decode(model, device, dtype, config.cuda_graphs)
     n_params = sum(p.numel() for p in model.parameters())
     from codelm.quant import kernel_summary
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from engine_helpers import new_kv, randomise_norms, write_word_tokenizer
 from safetensors.torch import save_file
 
-from codelm.daemon.engine import EngineConfig
+from codelm.daemon.engine import EngineConfig, fused_decode
 from codelm.daemon.engine.generate import StopRules, generate
 from codelm.daemon.engine.loader import LoadedModel, load_model
 
@@ -57,14 +57,40 @@ def _check_against_oracle(
         # Keys and values stored as float16 (the engine's choice for quantised weights on the
         # CPU), read back through each architecture's attention: only their rounding differs.
         half = model(tokens, new_kv(loaded.args, torch.float16), n_logits=None)
+        graph_body = _graph_step_eagerly(model, tokens)
     assert full.shape == (n_tokens, VOCAB) and full.dtype == torch.float32
     torch.testing.assert_close(full, expected, atol=LOGIT_ATOL, rtol=1e-4)
     torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.cat([tail, after]), full[-6:], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(half, full, atol=1e-2, rtol=1e-3)  # measured: <= 4.7e-3
+    torch.testing.assert_close(graph_body, full, atol=1e-4, rtol=1e-4)
     prompt = tokens[:24].tolist()
     ours = generate(model, loaded.tokenizer, new_kv(loaded.args), prompt, StopRules(max_tokens=16))
     assert ours.token_ids == oracle_greedy(prompt)
+
+
+def _graph_step_eagerly(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of `tokens` run in one-token steps through what a CUDA graph captures
+    (fused_decode.decode_blocks: the position as a tensor, attention over the cache's whole
+    capacity under a mask), run eagerly on the CPU, into a cache whose rows past each
+    position hold the other steps' leftovers (finite: KVCache zeroes what it allocates)."""
+
+    class GraphBody:
+        def accepts(self, kv):
+            return True
+
+        def __call__(self, x, kv, start, cos, sin):
+            position = torch.tensor([start])
+            return fused_decode.decode_blocks(list(model.parts()[1]), kv, x, cos, sin, position)
+
+    kv = new_kv(model.args)
+    model(tokens.flip(0), kv)  # leftovers past every position the steps below attend from
+    kv.trim_to(0)
+    model.decode_step = GraphBody()
+    try:
+        return torch.cat([model(tokens[i : i + 1], kv) for i in range(len(tokens))])
+    finally:
+        model.decode_step = None
 
 
 def _transformers_oracle(ref) -> tuple[Callable, Callable]:

@@ -125,6 +125,42 @@ def test_generate_runs_on_each_device_from_cpu_token_ids(checkpoint, device, qua
     assert result.token_ids and result.token_ids == expected
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quant", ["bf16", "int8", "int4"])
+def test_cuda_graph_steps_match_the_module_path(checkpoint, quant):
+    """Two caches decoded in turn, so two graphs each replayed at moving positions, against the
+    same steps module by module: the same logits up to bf16 rounding (attention there runs
+    over the whole cache under a mask)."""
+    folder, tokens, _ = checkpoint
+    loaded = load_model(EngineConfig(model=str(folder), quant=quant), torch.device("cuda"))
+    assert loaded.info["decode_step"] == "CUDA graph"
+    model, graphed, a = loaded.model, loaded.model.decode_step, loaded.args
+    tokens = tokens.cuda()
+
+    def steps(step) -> torch.Tensor:
+        model.decode_step = step
+        caches = [
+            KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=loaded.dtype,
+                    max_len=a.max_len, device=loaded.device)
+            for _ in range(2)
+        ]  # fmt: skip
+        rows = []
+        with torch.inference_mode():
+            for j, kv in enumerate(caches):
+                model(tokens[: 8 + j], kv)
+            for i in range(8, 24):
+                rows += [model(tokens[i + j : i + j + 1], kv) for j, kv in enumerate(caches)]
+        return torch.cat(rows).float().cpu()
+
+    got, expected = steps(graphed), steps(None)
+    assert graphed.failed is None and graphed.captures == 2
+    cosine = torch.nn.functional.cosine_similarity(got, expected, dim=-1)
+    agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    assert cosine.min().item() >= 0.999, f"cosine {cosine.min():.5f}"
+    assert agreement >= 0.9, f"top-1 agreement {agreement:.3f}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_int4_takes_int8_where_its_groups_do_not_tile_k(tmp_path, device):
     tokens, expected = _save_llama(tmp_path, 200)  # down_proj: K = 200, not a multiple of 32

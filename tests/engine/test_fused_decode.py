@@ -91,16 +91,16 @@ def test_fused_decode_step_matches_module_path(
 ):
     model = _tiny(tmp_path, arch, quant, heads)
     assert fused_decode.attach(model, CPU, torch.float32) == "fused native"
-    fused = model.fused_decode
+    fused = model.decode_step
     tokens = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(1))
     kv_fused, kv_module = new_kv(model.args, cache_dtype), new_kv(model.args, cache_dtype)
     with torch.inference_mode():
         for kv in (kv_fused, kv_module):
             model(tokens[:30], kv)  # prefill: the module path for both
         for i in range(30, 40):  # each step attends over keys both paths wrote
-            model.fused_decode = fused
+            model.decode_step = fused
             got = model(tokens[i : i + 1], kv_fused)
-            model.fused_decode = None
+            model.decode_step = None
             expected = model(tokens[i : i + 1], kv_module)
             # Same kernels and formulas, other summation orders: an activation rounded to the
             # other int8 step in a kernel moves a logit by ~1e-3 at these sizes.
@@ -119,6 +119,19 @@ def test_fused_decode_says_why_not_when_a_layer_is_float(tmp_path):
     model = _tiny(tmp_path, "llama", "fp32")
     how = fused_decode.attach(model, CPU, torch.float32)
     assert how == "module by module (block 0 qkv_proj decodes on Linear)"
-    assert model.fused_decode is None
-    how = fused_decode.attach(model, torch.device("cuda"), torch.bfloat16)
-    assert how.startswith("module by module (the fused step runs float32 on the CPU")
+    assert model.decode_step is None
+    how = fused_decode.attach(model, CPU, torch.bfloat16)
+    assert (
+        how == "module by module (the fused step runs float32 on the CPU, this is torch.bfloat16)"
+    )
+
+
+def test_cuda_takes_a_graphed_step_unless_switched_off(tmp_path):
+    """Building the step touches no GPU (capture waits for the first step): checked here; the
+    step itself is checked on a GPU (test_devices.py) and, eagerly, on every architecture
+    (test_architectures.py)."""
+    model = _tiny(tmp_path, "llama", "fp32")
+    assert fused_decode.attach(model, torch.device("cuda"), torch.bfloat16) == "CUDA graph"
+    assert isinstance(model.decode_step, fused_decode.GraphedDecode)
+    how = fused_decode.attach(model, torch.device("cuda"), torch.bfloat16, cuda_graphs=False)
+    assert how == "module by module (cuda_graphs is off)" and model.decode_step is None

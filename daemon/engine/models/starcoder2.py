@@ -22,6 +22,7 @@ from ..layers import (
     RopeScaling,
     SelfAttention,
     attend,
+    attend_at,
     gelu_approximate,
     meta_linear,
 )
@@ -107,7 +108,7 @@ def attend_window(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    start: int,
+    start: int | torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     window: int | None,
@@ -117,6 +118,8 @@ def attend_window(
     Shapes as in layers.attend: q [1, H, Tq, Dh] (the last Tq <= T positions), k/v
     [1, Hkv, T, Dh], caches [Hkv, cap, Dh].
     """
+    if isinstance(start, torch.Tensor):
+        return attend_at(q, k_cache, v_cache, start, k, v, window)
     end = start + k.shape[2]
     if window is None or end <= window:
         return attend(q, k_cache, v_cache, start, k, v)
@@ -144,7 +147,7 @@ class Attention(SelfAttention):
     def projections(self) -> tuple[nn.Module, nn.Module]:
         return self.qkv_proj, self.o_proj
 
-    def attend(self, q, k_cache, v_cache, start: int, k, v) -> torch.Tensor:
+    def attend(self, q, k_cache, v_cache, start: int | torch.Tensor, k, v) -> torch.Tensor:
         return attend_window(q, k_cache, v_cache, start, k, v, self.window)
 
 
