@@ -114,11 +114,13 @@ def measure_codelm(
     *,
     device: str = "auto",
     prompt_ids=source_tokens,
+    cuda_graphs: bool = True,
 ) -> dict:
     """Load `model` with `quant` and time prefill of `prompt_ids(tokenizer, n_prompt)` and
     n_decode greedy tokens after it, as the daemon runs a request. Run it in a fresh process
     (common.in_fresh_process): `peak_rss_load_MB` is the process's peak RSS when the load
-    ends, `rss_before_load_MB` what Python and torch held before it."""
+    ends, `rss_before_load_MB` what Python and torch held before it. `cuda_graphs`: the
+    engine setting of that name."""
     import torch
 
     from codelm.daemon.engine import EngineConfig, load_engine
@@ -126,7 +128,8 @@ def measure_codelm(
 
     rss_before = rss_mb()
     t0 = time.perf_counter()
-    engine = load_engine(EngineConfig(model=model, quant=quant, device=device))
+    config = EngineConfig(model=model, quant=quant, device=device, cuda_graphs=cuda_graphs)
+    engine = load_engine(config)
     load_s = time.perf_counter() - t0
     peak_rss = peak_rss_mb()
     tok = engine.tokenizer

@@ -25,4 +25,7 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 # The tests import the installed codelm; -p no:cacheprovider keeps the tree as it is.
 "$python" -m pytest -q -p no:cacheprovider -m cuda tests/quant tests/engine \
     --junitxml="$out/gpu_tests.xml" || echo "CUDA tests failed (above)"
-"$python" benchmarks/random_llama.py --shape "${SHAPE:-7b}" --json "$out/random_llama.json"
+# Each quant with its decode step as a CUDA graph and module by module (GRAPHS="on" halves it).
+# shellcheck disable=SC2086
+"$python" benchmarks/random_llama.py --shape "${SHAPE:-7b}" --quant ${QUANTS:-int4 int8 bf16} \
+    --cuda-graphs ${GRAPHS:-on off} --json "$out/random_llama.json"

@@ -10,14 +10,18 @@ compute), the last two only on CUDA with bitsandbytes installed. Each system run
 (decode tokens/s: tokens picked over the time from the end of prefill, as GenerationResult
 counts them). transformers runs its own forward with its KV cache, token by token, without
 `generate`'s extra work. `tiny` is the same benchmark at a size a CPU runs in seconds.
+On CUDA, `--cuda-graphs on off` gives each quant a row with its decode step replayed as a
+CUDA graph and one module by module (docs/engine.md).
 
     .venv/bin/python benchmarks/random_llama.py [--shape 7b|tiny] [--device auto|cpu|cuda]
-        [--quant int4 int8 bf16] [--peers bf16 bnb-int8 bnb-nf4] [--repeats 3] [--json PATH]
+        [--quant int4 int8 bf16] [--cuda-graphs on off] [--peers bf16 bnb-int8 bnb-nf4]
+        [--repeats 3] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -201,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--quant", nargs="+", default=["int4", "int8", "bf16"])
     parser.add_argument("--peers", nargs="*", default=None, choices=PEER_QUANTS)
+    parser.add_argument(
+        "--cuda-graphs",
+        nargs="+",
+        choices=("on", "off"),
+        default=["on"],
+        help="on CUDA, codelm rows with its decode step as a CUDA graph and/or module by module",
+    )
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -231,7 +242,8 @@ def _run(args: argparse.Namespace, device: str, work: Path) -> int:
     )
     rows = []
     # Each load in a fresh process: its peak RSS and GPU memory are its own.
-    for quant in args.quant:
+    graphs = args.cuda_graphs if device == "cuda" else ["on"]
+    for quant, graph in itertools.product(args.quant, graphs):
         row = in_fresh_process(
             measure_codelm,
             str(folder),
@@ -241,9 +253,10 @@ def _run(args: argparse.Namespace, device: str, work: Path) -> int:
             args.repeats,
             device=device,
             prompt_ids=random_ids,
+            cuda_graphs=graph == "on",
         )
         rows.append(row)
-        print(f"  codelm {quant}: done", flush=True)
+        print(f"  codelm {quant} ({row['decode_step']}): done", flush=True)
     for quant in args.peers:
         try:
             row = in_fresh_process(
@@ -263,6 +276,7 @@ def _run(args: argparse.Namespace, device: str, work: Path) -> int:
         "system",
         "quant",
         "device",
+        "decode_step",
         "load_s",
         "prompt_tokens",
         "prefill_tok_s",
