@@ -186,9 +186,16 @@ class LinearFactory:
             if self.float_scheme is None:
                 self.float_scheme = self._faster_scheme(sources[0].shape)
             scheme = self.float_scheme
-        if scheme == "int4" and attention_input and not _int4_class(sources):
+        if (
+            scheme == "int4"
+            and attention_input
+            and self.device.type == "cpu"
+            and not _int4_class(sources)
+        ):
             # q/k/v stays int8: on Qwen2.5-Coder its k and v rows, 1.5% of the blocks' weights,
-            # held 38% of int4's loss (docs/quant.md, "int4 keeps q/k/v int8").
+            # held 38% of int4's loss (docs/quant.md, "int4 keeps q/k/v int8"). Not on CUDA,
+            # where int8 decoded on dequant_bf16 (an H200's calibration), which reads ~3x the
+            # bytes int4's tinygemm does, for a seventh of a 7B block's weights.
             if _QKV_NOTE not in self.reason:
                 self.reason += _QKV_NOTE
             return "int8"
