@@ -1,4 +1,5 @@
-"""CUDA kernels: torch int4 tinygemm (sm80+), torch int8 weight-only, bitsandbytes int8 / nf4.
+"""CUDA kernels: torch int4 tinygemm (sm80+), torch int8 weight-only, a Triton int8 kernel,
+bitsandbytes int8 / nf4.
 
 bitsandbytes is optional and imported only when one of its kernels is built. Nothing here
 runs at import time, so CPU-only installs import this module freely.
@@ -59,6 +60,24 @@ class Int8PackCuda:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.data, self.scales)
+
+
+class TritonInt8:
+    """int8 with per-channel or grouped scales, read once per call (triton_kernels.int8_rows)."""
+
+    name = "int8_triton"
+
+    def __init__(self, qw: Int8Weight) -> None:
+        from codelm.quant import triton_kernels
+
+        self._rows = triton_kernels.int8_rows
+        self.data = qw.data.contiguous()
+        self.scales = qw.scales.float().contiguous()
+        self.group_size = qw.group_size
+        self.nbytes = _nbytes(self.data, self.scales)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._rows(x.contiguous(), self.data, self.scales, self.group_size)
 
 
 class DequantBf16Cuda:
@@ -140,6 +159,14 @@ def _int8pack_unavailable(qw: QuantizedWeight) -> str | None:
     return None
 
 
+def _triton_unavailable(qw: QuantizedWeight) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (it comes with PyTorch's CUDA wheels on Linux)"
+    return None
+
+
 def _has_cuda_kernel(op: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
 
@@ -164,6 +191,7 @@ CUDA_KERNELS: dict[str, KernelSpec] = {
             unavailable=_int8pack_unavailable,
             per_channel_int8=True,
         ),
+        KernelSpec("int8_triton", ("int8",), TritonInt8, unavailable=_triton_unavailable),
         KernelSpec("dequant_bf16", ("int4", "int8"), DequantBf16Cuda, per_channel_int8=True),
         KernelSpec("dense_bf16", ("int4", "int8"), lambda qw: Dense(qw, torch.bfloat16), 2),
         KernelSpec("bnb_int8", ("int8",), BnbInt8, opt_in="use_bitsandbytes"),
@@ -176,6 +204,7 @@ CUDA_KERNELS: dict[str, KernelSpec] = {
 HEURISTIC_ORDER = {
     "decode": (
         "int4_tinygemm",
+        "int8_triton",
         "int8pack_cuda",
         "bnb_nf4",
         "bnb_int8",
@@ -185,6 +214,7 @@ HEURISTIC_ORDER = {
         "dense_bf16",
         "int4_tinygemm",
         "dequant_bf16",
+        "int8_triton",
         "int8pack_cuda",
         "bnb_nf4",
         "bnb_int8",

@@ -52,9 +52,12 @@ def test_int4_cuda_kernel_matches_reference_when_decode_and_prefill_shape(
 
 @pytest.mark.cuda
 @no_cuda
-@pytest.mark.parametrize("kernel", ["int8pack_cuda", "dequant_bf16"])
-def test_int8_cuda_kernel_matches_reference(gen, kernel):
-    qw = quantize_int8(weight(gen, 256, 512))[0].to("cuda")
+@pytest.mark.parametrize(
+    ("kernel", "group_size"),
+    [("int8pack_cuda", None), ("dequant_bf16", None), ("int8_triton", None), ("int8_triton", 32)],
+)
+def test_int8_cuda_kernel_matches_reference(gen, kernel, group_size):
+    qw = quantize_int8(weight(gen, 256, 512), group_size)[0].to("cuda")
     spec = quant_cuda.CUDA_KERNELS[kernel]
     if spec.unavailable and (reason := spec.unavailable(qw)):
         pytest.skip(reason)
