@@ -1,13 +1,6 @@
-"""Triton kernels for CUDA (imported only where one is built: triton ships with CUDA torch).
-
-`int8_rows`: y = x @ (data * scales).T for int8 weights with a scale per group of inputs (one
-group per row is per-channel int8, GGUF Q8_0 / Q5_0 repacks have groups of 32), reading the
-int8 bytes once: torch has no CUDA kernel that does (dequant_bf16 writes and reads a bf16 copy
-of the matrix each call, 5 bytes a weight where this reads 1 plus the scales).
-
-With TRITON_INTERPRET=1 in the environment before this module is imported, the kernel runs
-on CPU tensors through Triton's interpreter: how tests/quant check its arithmetic without a GPU.
-"""
+"""Triton kernels for CUDA, imported only where one is built (triton ships with CUDA torch).
+With TRITON_INTERPRET=1 set before triton is imported they run on CPU tensors through Triton's
+interpreter, which is how the tests check them without a GPU."""
 
 from __future__ import annotations
 
@@ -55,8 +48,10 @@ def _int8_rows(
 def int8_rows(
     x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    """x [M, K] (any float dtype, contiguous) -> [M, N] in x's dtype; data int8 [N, K],
-    scales float32 [N, K // group_size], both contiguous."""
+    """x @ (data * scales per group of inputs).T, reading each int8 byte once (torch's CUDA
+    path writes and reads a bf16 copy of the matrix). x [M, K] (any float dtype, contiguous)
+    -> [M, N] in x's dtype; data int8 [N, K], scales float32 [N, K // group_size], both
+    contiguous; per-channel scales are one group of K."""
     m, k = x.shape
     n = data.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)

@@ -1,17 +1,7 @@
-"""A decode step of the whole stack of blocks as one call, where the model and device allow.
-
-A one-token forward through the torch modules runs ~20 small ops per block between its four
-matmuls. On the CPU (Qwen2.5-Coder-0.5B on 2 cores) those ops cost about as long as a third of
-the weights take to read; on a GPU each is a kernel launched from Python, and launching bounds
-the step (57 tokens/s for a 7B llama in int4 on an H200, ~5% of its memory bandwidth). So:
-- CPU: when every block linear decodes on a native kernel (int8_native / int4_native), the
-  blocks run in C (kernels_x86.c, codelm_decode_step): the same kernels, RMSNorm, RoPE and
-  attention written out, the KV cache written in place (FusedDecode).
-- CUDA: the blocks' kernels are captured once into a CUDA graph and replayed each step
-  (GraphedDecode).
-Anything else (bf16 activations on the CPU, another architecture or a torch kernel there) keeps
-the module path.
-"""
+"""A decode step of all the blocks in one call: native C on the CPU (FusedDecode), a replayed
+CUDA graph on a GPU (GraphedDecode). A one-token forward through the modules runs ~20 small ops
+a block, which cost a third of the weights' read time on a 2-core CPU and bound the step in
+kernel launches on a GPU (docs/engine.md)."""
 
 from __future__ import annotations
 
