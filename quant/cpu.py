@@ -232,11 +232,12 @@ class Int4Native:
 
 
 class Int8Tiles:
-    """A prefill copy for CPUs with AVX-512 VNNI (kernels_x86.c, "Prefill on AVX-512 VNNI"):
-    int8 weights (as w + 128) or int4 ones (as q) laid out in tiles of 16 output channels, so
-    vpdpbusd adds 64 products into 16 outputs at once; x is quantised in blocks of 32 as for
-    Int8Native, so the numbers are its numbers summed in another order. ~1.2 bytes per weight,
-    paid from the dense budget like a dequantised copy, prefill only (docs/quant.md)."""
+    """A prefill copy (kernels_x86.c, "Prefill: weights in tiles of 16 output channels"): int8
+    weights (as w + 128) or int4 ones (as q) laid out in tiles of 16 output channels, so with
+    AVX-512 VNNI one vpdpbusd adds 64 products into 16 outputs (256-bit code elsewhere); x is
+    quantised in blocks of 32 as for Int8Native, so the numbers are its numbers summed in
+    another order. ~1.2 bytes per weight, paid from the dense budget like a dequantised copy,
+    prefill only (docs/quant.md)."""
 
     name = "int8_tiles"
 
@@ -288,13 +289,6 @@ class Int8Tiles:
 def _per_block(per_group: torch.Tensor, blocks: int) -> torch.Tensor:
     """[N, K / group] -> [N, K / 32]: each group's value for each of its blocks of 32."""
     return per_group.repeat_interleave(blocks // per_group.shape[1], dim=1)
-
-
-def _tiles_unavailable(qw: QuantizedWeight) -> str | None:
-    reason = _native_unavailable(qw)
-    if reason is None and not native.library().codelm_tiles_available():
-        reason = "the native kernels were built without AVX-512 VNNI (this CPU lacks it)"
-    return reason
 
 
 def _native_library(kernel: str):
@@ -396,7 +390,9 @@ CPU_KERNELS: dict[str, KernelSpec] = {
         ),
         KernelSpec("int8_native", ("int8",), Int8Native, unavailable=_native_unavailable),
         KernelSpec("int4_native", ("int4",), Int4Native, unavailable=_native_unavailable),
-        KernelSpec("int8_tiles", ("int4", "int8"), Int8Tiles, 1.25, unavailable=_tiles_unavailable),
+        KernelSpec(
+            "int8_tiles", ("int4", "int8"), Int8Tiles, 1.25, unavailable=_native_unavailable
+        ),
     )
 }
 

@@ -429,7 +429,7 @@ def _heuristic_times(
         orders = cuda.HEURISTIC_ORDER
     elif cpu.has_bf16_hardware:
         # Measured on an AVX512-BF16 EPYC: bf16 GEMMs beat fp32 for prefill, and int8_tiles
-        # (built where the CPU has AVX-512 VNNI) beats both (docs/quant.md).
+        # (with AVX-512 VNNI there) beats both (docs/quant.md).
         orders = {
             "decode": _PACKED + _NATIVE + ("dequant_fp32",),
             "prefill": ("int8_tiles", "dense_bf16")

@@ -6,8 +6,9 @@
  * rounding is new error. w is int8 scaled (fp16) per output channel or per group of 32 or more
  * (GGUF Q8_0's blocks), or int4 as (q - 8) * scale + zero per group (GGUF Q4_0 / Q4_1).
  *
- * The same file holds what runs around them: SwiGLU, causal attention for prompts, an AVX-512
- * VNNI prefill GEMM on a tiled copy of the weights (with SwiGLU in its epilogue), and a whole
+ * The same file holds what runs around them: SwiGLU, causal attention for prompts, a prefill
+ * GEMM on a tiled copy of the weights (AVX-512 VNNI, or 256-bit code; SwiGLU in its
+ * epilogue), and a whole
  * decode step of llama-family blocks, whose RMSNorm and RoPE also serve prompts' rows.
  *
  * Built by native.py with the machine's own compiler (-O3 -march=native -fopenmp) and called
@@ -29,7 +30,7 @@
  * prefetcher not running far enough ahead of short rows (docs/quant.md, "Native kernels"). */
 #define PREFETCH_BYTES 2048
 
-int codelm_kernels_abi(void) { return 15; }
+int codelm_kernels_abi(void) { return 16; }
 
 static inline float hsum(__m256 v)
 {
@@ -800,7 +801,7 @@ int codelm_attention(const float *q, int64_t q_pos, int64_t q_head, const void *
     return failed ? -1 : 0;
 }
 
-/* ---- Prefill on AVX-512 VNNI: weights in tiles of 16 output channels ----
+/* ---- Prefill: weights in tiles of 16 output channels (AVX-512 VNNI; 256-bit below) ----
  * The row-at-a-time loop above sums each output with a horizontal add and reloads x for every
  * weight row: fine for a few rows (decode), far from what vpdpbusd can do for a prompt. Here a
  * weight copy is laid out [n / 16][k / 32][8][16][4] bytes: one 64-byte load holds 4
@@ -811,41 +812,11 @@ int codelm_attention(const float *q, int64_t q_pos, int64_t q_head, const void *
  * block's sums start at -offset * (sum of x's block): one broadcast per row and block, shared
  * by all channels. Per block of 32 the int32 sums become float with both scales (and int4's
  * zero times the block's float sum of x): the numbers of `linear`, summed in another order. */
+#define TILE 16 /* output channels of a tile (the packed layout, Int8Tiles), on every CPU */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define TILE 16      /* output channels in a 512-bit register of int32 or float */
 #define TILE_ROWS 6  /* rows of x a weight load serves (4 measured 0.8x as fast) */
 #define TILE_SPAN 66 /* rows of x (in L2) a tile pair (in L1 / L2) is applied to in turn */
-_Static_assert(TILE_SPAN % TILE_ROWS == 0, "a span holds whole groups of rows");
-
-int codelm_tiles_available(void) { return 1; }
-
-/* x [rows, k] quantised as quantize_blocks does, into the order the tile
- * kernel reads: rows in groups of TILE_ROWS (the last padded with zeros), each group's block b
- * of all its rows together, so the kernel finds everything at constant offsets from one
- * pointer. Per row and block: xq 32 int8, xd the scale, xo -offset * the sum of xq and, where
- * given, xs the float sum of x. */
-static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t offset,
-                               int8_t *xq, float *xd, int32_t *xo, float *xs, int nthreads)
-{
-    const int64_t blocks = k / BLOCK, padded = (rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t rb = 0; rb < padded * blocks; rb++) {
-        const int64_t i = rb / blocks, b = rb % blocks;
-        const int64_t at = (i / TILE_ROWS * blocks + b) * TILE_ROWS + i % TILE_ROWS;
-        if (i >= rows) { /* padding: a block of zeros */
-            memset(xq + at * BLOCK, 0, BLOCK);
-            xd[at] = 0.0f;
-            xo[at] = 0;
-            if (xs)
-                xs[at] = 0.0f;
-            continue;
-        }
-        int32_t qsum;
-        const float *src = x + i * k + b * BLOCK;
-        xd[at] = quantize_block(src, xq + at * BLOCK, &qsum, xs ? xs + at : NULL);
-        xo[at] = -offset * qsum;
-    }
-}
+#define INT8_SIGNED 0
 
 static inline __m256 upper8(__m512 v) /* lanes 8..15, in AVX512F alone */
 {
@@ -909,6 +880,134 @@ INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, co
                 _mm512_storeu_ps(y + r * ldy + j * TILE, acc[r][j]);
 }
 
+#else
+/* 256-bit registers (AVX2, with or without AVX-VNNI): a tile is two columns of 8 channels,
+ * each run over K on its own; 16 registers hold 4 rows' sums and dot products beside the
+ * weights and x. Without VNNI, maddubs multiplies unsigned by signed bytes into 16-bit pair
+ * sums, which int8 stored as w + 128 would overflow (255 * 127 * 2): int8 tiles are read back
+ * as signed (u ^ 0x80), w's sign moved onto x (|w| <= 128, |x| <= 127: the sums fit), and
+ * their dot products start at 0 (x quantised with offset 0). int4's q <= 15 fits as it is:
+ * its pair sums add up in 16 bits over a whole block (8 * 2 * 15 * 127 < 2^15). */
+#define TILE_ROWS 4
+#define TILE_SPAN 64
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+#define INT8_SIGNED 0
+#else
+#define INT8_SIGNED 1
+#endif
+
+/* Column h (channels 8h .. 8h + 7) of the tile at wt for mr rows: out[r * ldo + c]. q8: int8
+ * weights, else int4 with zero points wz. Constants where inlined, like tile_kernel's. */
+INLINE void column_kernel(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
+                          int64_t k, const uint8_t *wt, const float *ws, const float *wz, int h,
+                          float *out, int64_t ldo, int mr, int q8)
+{
+    const int64_t blocks = k / BLOCK;
+    (void)q8; /* the same arithmetic for both where VNNI takes w + 128 */
+    __m256 acc[TILE_ROWS];
+    for (int r = 0; r < mr; r++)
+        acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const int8_t *xb = xq + b * TILE_ROWS * BLOCK;
+        const uint8_t *wb = wt + b * BLOCK * TILE + h * 32;
+        __m256i dot[TILE_ROWS];
+        for (int r = 0; r < mr; r++) /* without VNNI int4's offset is added at the end */
+            dot[r] = INT8_SIGNED ? _mm256_setzero_si256() : _mm256_set1_epi32(xo[b * TILE_ROWS + r]);
+        for (int step = 0; step < BLOCK / 4; step++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(wb + step * 4 * TILE));
+#if INT8_SIGNED
+            const __m256i ws8 = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
+            const __m256i wabs = _mm256_abs_epi8(ws8);
+#endif
+            for (int r = 0; r < mr; r++) {
+                int32_t four;
+                memcpy(&four, xb + r * BLOCK + step * 4, 4);
+                const __m256i x4 = _mm256_set1_epi32(four);
+#if INT8_SIGNED
+                const __m256i pairs = q8 ? _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x4, ws8))
+                                         : _mm256_maddubs_epi16(w, x4);
+                dot[r] = q8 ? _mm256_add_epi32(dot[r], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+                            : _mm256_add_epi16(dot[r], pairs);
+#else
+                dot[r] = _mm256_dpbusd_epi32(dot[r], w, x4);
+#endif
+            }
+        }
+        const __m256 s = _mm256_loadu_ps(ws + b * TILE + h * 8);
+        for (int r = 0; r < mr; r++) {
+            __m256i sums = dot[r];
+#if INT8_SIGNED
+            if (!q8) /* the block's 16-bit pair sums, then int4's -offset * sum of x */
+                sums = _mm256_add_epi32(_mm256_madd_epi16(sums, _mm256_set1_epi16(1)),
+                                        _mm256_set1_epi32(xo[b * TILE_ROWS + r]));
+#endif
+            const __m256 scale = _mm256_mul_ps(s, _mm256_set1_ps(xd[b * TILE_ROWS + r]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
+            if (wz)
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(wz + b * TILE + h * 8),
+                                         _mm256_set1_ps(xs[b * TILE_ROWS + r]), acc[r]);
+        }
+    }
+    for (int r = 0; r < mr; r++)
+        _mm256_storeu_ps(out + r * ldo, acc[r]);
+}
+
+/* tile_kernel's contract (below, for AVX-512) column by column; int8 exactly where wz is NULL
+ * (Int8Tiles gives int4 its zero points). */
+INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
+                        int64_t k, const uint8_t *wt, const float *ws, const float *wz,
+                        int64_t gap, float *y, int64_t ldy, int mr, int nt, int swiglu)
+{
+    const int64_t tile_bytes = gap * k * TILE, tile_blocks = gap * (k / BLOCK) * TILE;
+    const int q8 = wz == NULL;
+    if (swiglu) { /* nt == 2: each column of the gate tile, then the same of its up tile */
+        float gate[TILE_ROWS * 8], up[TILE_ROWS * 8];
+        for (int h = 0; h < 2; h++) {
+            column_kernel(xq, xd, xo, xs, k, wt, ws, wz, h, gate, 8, mr, q8);
+            column_kernel(xq, xd, xo, xs, k, wt + tile_bytes, ws + tile_blocks,
+                          wz ? wz + tile_blocks : NULL, h, up, 8, mr, q8);
+            for (int r = 0; r < mr; r++)
+                _mm256_storeu_ps(y + r * ldy + h * 8, silu_mul8(_mm256_loadu_ps(gate + r * 8),
+                                                                _mm256_loadu_ps(up + r * 8)));
+        }
+        return;
+    }
+    for (int j = 0; j < nt; j++)
+        for (int h = 0; h < 2; h++)
+            column_kernel(xq, xd, xo, xs, k, wt + j * tile_bytes, ws + j * tile_blocks,
+                          wz ? wz + j * tile_blocks : NULL, h, y + j * TILE + h * 8, ldy, mr, q8);
+}
+#endif
+_Static_assert(TILE_SPAN % TILE_ROWS == 0, "a span holds whole groups of rows");
+
+/* x [rows, k] quantised as quantize_blocks does, into the order the tile
+ * kernel reads: rows in groups of TILE_ROWS (the last padded with zeros), each group's block b
+ * of all its rows together, so the kernel finds everything at constant offsets from one
+ * pointer. Per row and block: xq 32 int8, xd the scale, xo -offset * the sum of xq and, where
+ * given, xs the float sum of x. */
+static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t offset,
+                               int8_t *xq, float *xd, int32_t *xo, float *xs, int nthreads)
+{
+    const int64_t blocks = k / BLOCK, padded = (rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t rb = 0; rb < padded * blocks; rb++) {
+        const int64_t i = rb / blocks, b = rb % blocks;
+        const int64_t at = (i / TILE_ROWS * blocks + b) * TILE_ROWS + i % TILE_ROWS;
+        if (i >= rows) { /* padding: a block of zeros */
+            memset(xq + at * BLOCK, 0, BLOCK);
+            xd[at] = 0.0f;
+            xo[at] = 0;
+            if (xs)
+                xs[at] = 0.0f;
+            continue;
+        }
+        int32_t qsum;
+        const float *src = x + i * k + b * BLOCK;
+        xd[at] = quantize_block(src, xq + at * BLOCK, &qsum, xs ? xs + at : NULL);
+        xo[at] = -offset * qsum;
+    }
+}
+
 /* One call per (rows, tiles, zeros or not), so each is compiled with its loops unrolled. */
 #define TILE_CASE(MR)                                                                            \
     case MR:                                                                                     \
@@ -931,8 +1030,10 @@ static void tile_rows(const int8_t *xq, const float *xd, const int32_t *xo, cons
         TILE_CASE(2)
         TILE_CASE(3)
         TILE_CASE(4)
+#if TILE_ROWS == 6
         TILE_CASE(5)
         TILE_CASE(6)
+#endif
     }
 }
 #undef TILE_CASE
@@ -968,7 +1069,8 @@ static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, i
         free(xs);
         return -1;
     }
-    quantize_tile_rows(x, m, k, offset, xq, xd, xo, xs, nthreads);
+    quantize_tile_rows(x, m, k, INT8_SIGNED && offset == 128 ? 0 : offset, xq, xd, xo, xs,
+                       nthreads);
     /* a pair: tiles t and t + gap, written at column c of y's rows of ldy floats */
     const int64_t pairs = swiglu ? tiles / 2 : (tiles + 1) / 2, gap = swiglu ? tiles / 2 : 1;
     const int64_t ldy = swiglu ? n / 2 : n;
@@ -1019,24 +1121,6 @@ int codelm_tiles_swiglu(const float *x, int64_t m, int64_t k, const uint8_t *wt,
 {
     return tiles_gemm(x, m, k, wt, offset, ws, wz, n, y, 1, nthreads);
 }
-#else
-int codelm_tiles_available(void) { return 0; }
-
-int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t *wt, int32_t offset,
-                        const float *ws, const float *wz, int64_t n, float *y, int nthreads)
-{
-    (void)x, (void)m, (void)k, (void)wt, (void)offset, (void)ws, (void)wz, (void)n, (void)y;
-    (void)nthreads;
-    return -1;
-}
-
-int codelm_tiles_swiglu(const float *x, int64_t m, int64_t k, const uint8_t *wt, int32_t offset,
-                        const float *ws, const float *wz, int64_t n, float *y, int nthreads)
-{
-    return codelm_tiles_linear(x, m, k, wt, offset, ws, wz, n, y, nthreads);
-}
-#endif
-
 /* ---- One decode step of llama-family blocks, all in C (daemon/engine/fused_decode.py) ----
  * The same arithmetic as the torch modules (RMSNorm, q/k/v with bias, rotate-half RoPE, GQA
  * attention, SwiGLU) around the linear above, without ~20 torch ops per block between the

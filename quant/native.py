@@ -20,8 +20,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels_x86.c")
-_ABI = 15
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_ABI = 16
+_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_ARCH = ("-march=native",)
 _COMPILE_TIMEOUT_S = 120
 
 _loaded: ctypes.CDLL | str | None = None
@@ -45,7 +46,9 @@ def build_key() -> str:
     return getattr(_loaded, "codelm_build_key", "")
 
 
-def _load(build_dir: Path | None) -> ctypes.CDLL | str:
+def _load(build_dir: Path | None, arch: tuple[str, ...] = _ARCH) -> ctypes.CDLL | str:
+    """Build (or reuse) and open the library; `arch`: the target flags (tests build the
+    AVX2-only variants of the kernels on a CPU that has more)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"it is written for x86-64, this is {platform.machine()}"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -57,19 +60,22 @@ def _load(build_dir: Path | None) -> ctypes.CDLL | str:
         ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return f"{compiler} does not run: {exc}"
+    flags = (*_FLAGS, *arch)
     key = hashlib.sha256(
-        "\0".join((SOURCE.read_text(), compiler, version, " ".join(_FLAGS), _cpu_id())).encode()
+        "\0".join((SOURCE.read_text(), compiler, version, " ".join(flags), _cpu_id())).encode()
     ).hexdigest()[:16]
     if build_dir is None:
         with tempfile.TemporaryDirectory(prefix="codelm-kernels-") as tmp:
-            return _build_and_open(compiler, Path(tmp) / f"kernels-{key}.so", key)
-    return _build_and_open(compiler, Path(build_dir) / f"kernels-{key}.so", key)
+            return _build_and_open(compiler, flags, Path(tmp) / f"kernels-{key}.so", key)
+    return _build_and_open(compiler, flags, Path(build_dir) / f"kernels-{key}.so", key)
 
 
-def _build_and_open(compiler: str, path: Path, key: str) -> ctypes.CDLL | str:
+def _build_and_open(
+    compiler: str, flags: tuple[str, ...], path: Path, key: str
+) -> ctypes.CDLL | str:
     if not path.exists():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [compiler, *_FLAGS, "-o", str(tmp), str(SOURCE), "-lm"]
+        cmd = [compiler, *flags, "-o", str(tmp), str(SOURCE), "-lm"]
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
@@ -96,7 +102,6 @@ def _build_and_open(compiler: str, path: Path, key: str) -> ctypes.CDLL | str:
     for tiles in (lib.codelm_tiles_linear, lib.codelm_tiles_swiglu):
         tiles.argtypes = (p, i64, i64, p, i32, p, p, i64, p, c_int)
         tiles.restype = c_int
-    lib.codelm_tiles_available.restype = c_int
     lib.codelm_swiglu.argtypes = (p, i64, i64, p, c_int)
     lib.codelm_swiglu.restype = None
     lib.codelm_attention.argtypes = (p, i64, i64, p, p, *(i64,) * 6, c_int, p, c_int)

@@ -228,8 +228,8 @@ class LinearFactory:
 
             cache_dir = resolve_paths().cache_dir / "kernels"
             # Prefill may run on copies beside the packed weights where that measures faster
-            # (int8 tiles on CPUs with AVX-512 VNNI: ~1.5x bf16; bf16 with bf16 hardware: ~3x;
-            # fp16 on AVX2: ~2.3x); decode always reads the packed weights.
+            # (int8 tiles: ~1.5x bf16 with AVX-512 VNNI; bf16 with bf16 hardware: ~3x; fp16 on
+            # AVX2: ~2.3x); decode always reads the packed weights.
             config = DispatchConfig(cache_dir=cache_dir, dense_budget_bytes=_dense_budget())
             self.dispatcher = Dispatcher(config)
         return self.dispatcher

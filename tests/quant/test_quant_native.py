@@ -5,6 +5,7 @@ test_quant_cpu_kernels.py checks it against reference.matmul with the other kern
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,14 +14,10 @@ from quant_helpers import int4_blocks_bound, int8_blocks_bound, weight
 from codelm.daemon.engine.layers import silu_and_mul
 from codelm.quant import dequantize, matmul, native, quantize_int4, quantize_int8
 from codelm.quant.cpu import CPU_KERNELS, Int4Native, Int8Native, Int8Tiles
+from codelm.quant.formats import Int8Weight
 
 _LIB = native.library()
 needs_native = pytest.mark.skipif(isinstance(_LIB, str), reason=f"no native kernel: {_LIB}")
-_TILES = not isinstance(_LIB, str) and _LIB.codelm_tiles_available()
-# The AVX-512 VNNI prefill copy computes what Int8Native / Int4Native do, in another order.
-TILES = pytest.param(
-    Int8Tiles, marks=pytest.mark.skipif(not _TILES, reason="native kernels without AVX-512 VNNI")
-)
 
 
 @needs_native
@@ -66,7 +63,8 @@ def test_native_kernel_is_no_candidate_when_k_not_multiple_of_32(gen):
 
 
 @needs_native
-@pytest.mark.parametrize("kernel", [Int8Native, TILES])
+# Int8Tiles (the prefill copy) computes what Int8Native does, in another order.
+@pytest.mark.parametrize("kernel", [Int8Native, Int8Tiles])
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_native_kernel_matches_reference_when_real_shapes(gen, rows, kernel):
     # A Qwen2.5-Coder down projection with an odd row count; one x row is all zeros (scale 0).
@@ -92,7 +90,7 @@ def test_native_kernel_takes_bf16_activations(gen):
 
 
 @needs_native
-@pytest.mark.parametrize("kernel", [Int8Native, TILES])
+@pytest.mark.parametrize("kernel", [Int8Native, Int8Tiles])
 @pytest.mark.parametrize("group_size", [32, 64, 896])
 def test_native_kernel_matches_reference_when_group_wise(gen, group_size, kernel):
     # GGUF Q8_0 comes in groups of 32: the kernel takes them as they are.
@@ -103,7 +101,7 @@ def test_native_kernel_matches_reference_when_group_wise(gen, group_size, kernel
 
 
 @needs_native
-@pytest.mark.parametrize("kernel", [Int4Native, TILES])
+@pytest.mark.parametrize("kernel", [Int4Native, Int8Tiles])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("rows", [1, 17])
 def test_native_int4_kernel_matches_reference_when_offset_weights(gen, group_size, rows, kernel):
@@ -116,7 +114,7 @@ def test_native_int4_kernel_matches_reference_when_offset_weights(gen, group_siz
     assert ((y - matmul(x, qw)).abs() <= int4_blocks_bound(x, qw)).all()
 
 
-@pytest.mark.skipif(not _TILES, reason="native kernels without AVX-512 VNNI")
+@needs_native
 @pytest.mark.parametrize("rows", [5, 100, 203])  # 203: 3 whole spans of rows and 5 more
 def test_tiles_outputs_are_the_same_whatever_the_threads(gen, rows):
     # The threads split rows x tile pairs between them, a span cut anywhere along its pairs:
@@ -139,7 +137,7 @@ def test_tiles_outputs_are_the_same_whatever_the_threads(gen, rows):
         assert torch.equal(y, alone)
 
 
-@pytest.mark.skipif(not _TILES, reason="native kernels without AVX-512 VNNI")
+@needs_native
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 7, 70])  # 70: a second span of rows
 def test_tiles_swiglu_epilogue_equals_swiglu_of_output(gen, scheme, rows):
@@ -154,7 +152,7 @@ def test_tiles_swiglu_epilogue_equals_swiglu_of_output(gen, scheme, rows):
     assert torch.equal(out, silu_and_mul(tiles(x), 48))
 
 
-@pytest.mark.skipif(not _TILES, reason="native kernels without AVX-512 VNNI")
+@needs_native
 @pytest.mark.parametrize("n", [80, 72])  # halves of 40 (not whole tiles), or padded to 80
 def test_tiles_swiglu_epilogue_declines_halves_that_are_not_whole_tiles(gen, n):
     qw, _ = quantize_int8(weight(gen, n, 256))
@@ -168,3 +166,86 @@ def test_native_says_why_when_build_dir_cannot_be_made(tmp_path, monkeypatch):
     reason = native._load(blocker / "kernels")
     assert isinstance(reason, str)
     assert reason.startswith("compiling kernels_x86.c into") and str(blocker) in reason
+
+
+# The 256-bit tile kernels that CPUs without AVX-512 run, built here for subsets of this CPU:
+# AVX2 alone (maddubs, int8 read back as signed) and AVX2 with 256-bit VNNI.
+AVX2_BUILDS = {
+    "avx2": (("-march=haswell",), ("avx2", "fma", "f16c")),
+    "avx2-vnni": (
+        ("-march=haswell", "-mavx512f", "-mavx512vl", "-mavx512vnni"),
+        ("avx2", "avx512vl", "avx512_vnni"),
+    ),
+}
+_AVX2_LIBS: dict[str, ctypes.CDLL | str] = {}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
+
+
+@pytest.fixture(params=sorted(AVX2_BUILDS))
+def avx2_tiles(request, tmp_path_factory, monkeypatch):
+    """Int8Tiles built against a 256-bit variant of the kernels (a factory: qw -> kernel)."""
+    flags, needs = AVX2_BUILDS[request.param]
+    if missing := set(needs) - _cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(missing)}")
+    _with_real_compiler(monkeypatch)
+    if request.param not in _AVX2_LIBS:
+        build_dir = tmp_path_factory.mktemp(request.param)
+        _AVX2_LIBS[request.param] = native._load(build_dir, flags)
+    lib = _AVX2_LIBS[request.param]
+    if isinstance(lib, str):
+        pytest.skip(lib)
+
+    def build(qw):
+        with monkeypatch.context() as patch:
+            patch.setattr(native, "_loaded", lib)
+            return Int8Tiles(qw)
+
+    return build
+
+
+@pytest.mark.parametrize("case", ["int8", "int8-g32", "int4"])
+@pytest.mark.parametrize("rows", [1, 6, 70])  # 70: a second span of rows, a partial group
+def test_avx2_tiles_match_reference_and_the_avx512_tiles(avx2_tiles, gen, case, rows):
+    # Exact int32 dot products a block, summed into float in the same order as the AVX-512
+    # kernel's: where this machine has that build too, equal but for int4's float sums of x,
+    # which an AVX2-only build adds in another order.
+    w = weight(gen, 136, 896) + (0.03 if case == "int4" else 0.0)
+    qw = (
+        quantize_int4(w, 64)[0]
+        if case == "int4"
+        else quantize_int8(w, 32 if "g32" in case else None)[0]
+    )
+    x = torch.randn(rows, 896, generator=gen)
+    x[0, 32:64] = 0.0
+    y = avx2_tiles(qw)(x)
+    assert y.shape == (rows, 136)
+    bound = int4_blocks_bound(x, qw) if case == "int4" else int8_blocks_bound(x, dequantize(qw))
+    assert ((y - matmul(x, qw)).abs() <= bound).all()
+    if not isinstance(_LIB, str):  # this machine's own build
+        torch.testing.assert_close(y, Int8Tiles(qw)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_avx2_tiles_take_int8_at_both_ends_without_overflow(avx2_tiles, gen):
+    # -128 and 127 weights against x at +-127 after quantisation: maddubs's 16-bit pair sums
+    # must not saturate (w's sign moves onto x: |w| <= 128, |x| <= 127).
+    data = torch.tensor([-128, 127, -128, -127], dtype=torch.int8).repeat(32, 64)
+    qw = Int8Weight(data=data, scales=torch.full((32, 1), 0.01), group_size=256)
+    x = torch.tensor([1.0, -1.0]).repeat(3, 128)
+    y = avx2_tiles(qw)(x)
+    torch.testing.assert_close(y, matmul(x, qw), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_avx2_tiles_swiglu_epilogue_equals_swiglu_of_output(avx2_tiles, gen, scheme):
+    w = weight(gen, 96, 256)
+    qw, _ = quantize_int8(w) if scheme == "int8" else quantize_int4(w, 32)
+    tiles = avx2_tiles(qw)
+    x = torch.randn(9, 256, generator=gen) * 3
+    assert torch.equal(tiles.silu_and_mul(x), silu_and_mul(tiles(x), 48))
