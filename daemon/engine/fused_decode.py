@@ -95,18 +95,21 @@ class GraphedDecode:
     def __call__(
         self, x: torch.Tensor, kv: KVCache, start: int, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        """As FusedDecode: x [1, 1, dim] -> the last block's output; kv written at `start`."""
+        """As FusedDecode: x [1, 1, dim] -> the last block's output; kv written at `start`.
+        Runs in inference mode whatever the caller's: the graphs' tensors are made in it and
+        written in place at every step."""
         key = (kv.k.data_ptr(), kv.v.data_ptr(), tuple(kv.k.shape), kv.k.dtype)
-        step = self._graphs.get(key)
-        if step is None:
-            return self._capture(key, x, kv, start, cos, sin)
-        self._graphs.move_to_end(key)
-        step.x.copy_(x)
-        step.cos.copy_(cos)
-        step.sin.copy_(sin)
-        step.position.fill_(start)
-        step.graph.replay()
-        return step.out.clone()  # the next replay of any graph may overwrite `out`
+        with torch.inference_mode():
+            step = self._graphs.get(key)
+            if step is None:
+                return self._capture(key, x, kv, start, cos, sin)
+            self._graphs.move_to_end(key)
+            step.x.copy_(x)
+            step.cos.copy_(cos)
+            step.sin.copy_(sin)
+            step.position.fill_(start)
+            step.graph.replay()
+            return step.out.clone()  # the next replay of any graph may overwrite `out`
 
     def _capture(self, key, x, kv, start, cos, sin) -> torch.Tensor:
         """This step's output, run once eagerly (the warm-up a capture needs: lazy
