@@ -222,9 +222,10 @@ class Dispatcher:
         n, k = qw.shape
         group = "ch" if qw.group_size == k else qw.group_size
         built = [f"{s} {native.build_key()}" if s.endswith("_native") else s for s in specs]
+        rows = self.config.calibration_rows[1]  # the prefill timings' rows
         return (
             f"{hw}|torch {torch.__version__}|threads {torch.get_num_threads()}|{qw.scheme} "
-            f"g{group}|{n}x{k}|{','.join(sorted(built))}"
+            f"g{group}|{n}x{k}|rows {rows}|{','.join(sorted(built))}"
         )
 
     def _ranking(self, key: str, qw: QuantizedWeight, specs: dict[str, KernelSpec]) -> _Ranking:

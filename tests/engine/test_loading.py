@@ -60,3 +60,11 @@ def test_int4_keeps_attention_inputs_wider_than_4_bits_at_int8(
     factory = LinearFactory(mode, torch.float32, torch.device("cpu"))
     sources = [TensorSource(f"t{i}", (64, 64), kind) for i, kind in enumerate(types)]
     assert factory.scheme_for(sources, attention_input) == scheme
+
+
+@pytest.mark.parametrize(("device", "rows"), [("cpu", 128), ("cuda", 512)])
+def test_prefill_is_calibrated_at_a_whole_chunk_on_a_gpu(monkeypatch, tmp_path, device, rows):
+    # Building the dispatcher touches no GPU; its prefill timings' row count is in their key.
+    monkeypatch.setenv("CODELM_HOME", str(tmp_path))
+    dispatcher = LinearFactory("int4", torch.bfloat16, torch.device(device))._dispatcher()
+    assert dispatcher.config.calibration_rows == (1, rows)
