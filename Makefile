@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 VSCODE := editors/vscode
 
-.PHONY: install start stop test lint bench bench-peers clean vsix test-editors
+.PHONY: install install-dev start stop test lint bench bench-peers clean vsix test-editors
 
 # The everyday model (Qwen2.5-Coder-0.5B, 491 MB) and the test suite's (SmolLM2-135M, 98 MB).
 install: $(STAMP)
@@ -17,8 +18,16 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
+
+# What the suite, the linters and the benchmarks add (pytest, transformers, ruff, triton for
+# its CPU interpreter...): not part of `make start`.
+install-dev: install $(DEV_STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(DEV_STAMP)
 
 start: install
 	@$(BIN)/codelm-daemon start
@@ -30,10 +39,10 @@ stop:
 	@$(BIN)/codelm-daemon stop
 
 # CODELM_EDITOR_TESTS=1 (CI) adds the editor tests, with their installs (see test-editors).
-test: install $(if $(filter 1,$(CODELM_EDITOR_TESTS)),test-editors)
+test: install-dev $(if $(filter 1,$(CODELM_EDITOR_TESTS)),test-editors)
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check daemon lsp quant tests benchmarks
 	$(BIN)/ruff format --check daemon lsp quant tests benchmarks
 
@@ -47,12 +56,12 @@ $(VSCODE)/node_modules/.installed: $(VSCODE)/package-lock.json
 
 # The extension's unit tests, then every editor end to end; code-server, Chromium and
 # Playwright are installed on first use (scripts/setup-e2e.sh).
-test-editors: install vsix
+test-editors: install-dev vsix
 	bash $(VSCODE)/scripts/setup-e2e.sh $(abspath $(BIN)/python)
 	cd $(VSCODE) && npm test
 	CODELM_VSCODE_E2E=1 $(BIN)/python -m pytest -q tests/e2e/test_editor_*.py
 
-bench: install
+bench: install-dev
 	$(BIN)/python benchmarks/engine.py
 
 # llama.cpp's llama-server, the peer the benchmarks compare against, built from the sources
