@@ -286,8 +286,9 @@ class Codelm:
             found = re.search(r"quant kernels for (.*?) \((.*?)\): decode: (\S+)", line)
             if found:
                 key, source, kernel = found.groups()
-                shape = key.split("|")[-2]
-                chosen[f"{key.split('|')[3]} {shape}"] = f"{kernel} ({source})"
+                fields = key.split("|")  # ...|scheme group|NxK|... (Dispatcher._key)
+                shape = next((f for f in fields if re.fullmatch(r"\d+x\d+", f)), "?")
+                chosen[f"{fields[3]} {shape}"] = f"{kernel} ({source})"
         return chosen
 
     def complete(self, step: Step) -> Sample:
