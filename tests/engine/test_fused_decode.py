@@ -135,3 +135,77 @@ def test_cuda_takes_a_graphed_step_unless_switched_off(tmp_path):
     assert isinstance(model.decode_step, fused_decode.GraphedDecode)
     how = fused_decode.attach(model, torch.device("cuda"), torch.bfloat16, cuda_graphs=False)
     assert how == "module by module (cuda_graphs is off)" and model.decode_step is None
+
+
+class _FakeCuda:
+    """torch.cuda's stream and graph API as far as GraphedDecode uses it, on the CPU: capture
+    runs the body eagerly (as the real capture records it), and a replay runs the captured
+    step again from the graph's static tensors, so the bookkeeping around the graphs (inputs
+    copied in, outputs copied out, one graph per cache layout, the least recently used
+    dropped) is checked without a GPU."""
+
+    def __init__(self, step: fused_decode.GraphedDecode, caches: list) -> None:
+        self.step, self.caches = step, caches
+
+    def install(self, monkeypatch) -> None:
+        import contextlib
+
+        fake = self
+
+        class Stream:
+            def __init__(self, *args, **kwargs) -> None:
+                pass
+
+            def wait_stream(self, other) -> None:
+                pass
+
+        class Graph:
+            def pool(self):
+                return ("pool", id(fake))
+
+            def replay(self) -> None:
+                key, graph = next((k, g) for k, g in fake.step._graphs.items() if g.graph is self)
+                kv = next(kv for kv in fake.caches if kv.k.data_ptr() == key[0])
+                out = fused_decode.decode_blocks(
+                    fake.step._blocks, kv, graph.x, graph.cos, graph.sin, graph.position
+                )
+                graph.out.copy_(out)
+
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(
+            torch.cuda, "graph", lambda graph, pool=None, **kwargs: contextlib.nullcontext()
+        )
+
+
+def test_graphed_step_bookkeeping_with_a_fake_cuda(tmp_path, monkeypatch):
+    model = _tiny(tmp_path, "qwen2", "fp32")
+    step = fused_decode.GraphedDecode(model, max_graphs=2)
+    monkeypatch.setattr(step, "accepts", lambda kv: True)  # CPU caches stand in for CUDA ones
+    caches = [new_kv(model.args) for _ in range(3)]
+    _FakeCuda(step, caches).install(monkeypatch)
+    tokens = torch.randint(0, 320, (24,), generator=torch.Generator().manual_seed(3))
+    order = [0, 1, 0, 2, 1, 0, 0, 2]  # 2 evicts 1, then 1 evicts 0, 0 evicts 2...
+
+    def run(decode_step) -> list[torch.Tensor]:
+        model.decode_step = decode_step
+        kvs = [new_kv(model.args) for _ in range(3)] if decode_step is None else caches
+        logits = []
+        with torch.inference_mode():
+            for j, kv in enumerate(kvs):
+                model(tokens[: 4 + j], kv)
+            for j in order:
+                at = kvs[j].length
+                logits.append(model(tokens[at : at + 1], kvs[j]))
+        return logits
+
+    expected = run(None)
+    got = run(step)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    # Captured at each cache's first step and again after its eviction: 0, 1, 2 (drops 1),
+    # 1 (drops 0), 0 (drops 2), 2 (drops 1); replays for the rest.
+    assert step.captures == 6 and step.failed is None
+    assert len(step._graphs) == 2
