@@ -92,9 +92,13 @@ class DequantBf16Cuda:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16)
         qw = self.qw
-        if isinstance(qw, Int8Weight):
-            # Per-channel: x @ (q * s).T == (x @ q.T) * s, and int8 -> bf16 is exact.
+        if isinstance(qw, Int8Weight) and qw.is_per_channel:
+            # x @ (q * s).T == (x @ q.T) * s, and int8 -> bf16 is exact.
             return F.linear(x, qw.data.to(torch.bfloat16)) * qw.scales[:, 0].to(torch.bfloat16)
+        if isinstance(qw, Int8Weight):  # GGUF Q8_0 / Q5_0's groups of 32
+            n, k = qw.shape
+            q = qw.data.view(n, -1, qw.group_size).to(torch.bfloat16)
+            return F.linear(x, (q * qw.scales[..., None].to(torch.bfloat16)).view(n, k))
         n, k = qw.shape
         q = unpack_int4(qw.data).view(n, -1, qw.group_size).to(torch.bfloat16)
         w = (q - 8) * qw.scales[..., None].to(torch.bfloat16) + qw.zeros[..., None].to(
@@ -192,7 +196,7 @@ CUDA_KERNELS: dict[str, KernelSpec] = {
             per_channel_int8=True,
         ),
         KernelSpec("int8_triton", ("int8",), TritonInt8, unavailable=_triton_unavailable),
-        KernelSpec("dequant_bf16", ("int4", "int8"), DequantBf16Cuda, per_channel_int8=True),
+        KernelSpec("dequant_bf16", ("int4", "int8"), DequantBf16Cuda),
         KernelSpec("dense_bf16", ("int4", "int8"), lambda qw: Dense(qw, torch.bfloat16), 2),
         KernelSpec("bnb_int8", ("int8",), BnbInt8, opt_in="use_bitsandbytes"),
         KernelSpec("bnb_nf4", ("int4",), BnbNf4, opt_in="use_bitsandbytes"),

@@ -188,8 +188,11 @@ class Dispatcher:
     def int8_group_size(self, device: torch.device, k: int) -> int | None:
         """The int8 group size for a weight of K inputs on `device`: 32 where the native
         kernel serves (it keeps GGUF Q8_0 exactly and quantises activations in blocks of 32:
-        together as close to fp32 as per-channel int8 with bf16 activations, docs/quant.md),
-        None for one scale per output channel, which torch's int8 kernels take."""
+        together as close to fp32 as per-channel int8 with bf16 activations, docs/quant.md)
+        and on CUDA (int8_triton and dequant_bf16 take groups), None for one scale per output
+        channel, which torch's CPU int8 kernels take."""
+        if device.type == "cuda":
+            return 32 if k % 32 == 0 else None
         return None if native_unavailable(device, k, 32, self.config.cache_dir) else 32
 
     def _candidates(self, qw: QuantizedWeight) -> dict[str, KernelSpec]:

@@ -262,7 +262,8 @@ class LinearFactory:
             self._count(str(self.dtype).removeprefix("torch."))
             return _float_linear(sources, bias, self.dtype, self.device)
         dispatcher = self._dispatcher()
-        # int8 in GGUF Q8_0's groups of 32 where the native kernel takes them, else per channel.
+        # int8 in GGUF Q8_0's groups of 32 where kernels take them (the CPU's native ones, and
+        # on CUDA), else per channel.
         int8_group = dispatcher.int8_group_size(self.device, sources[0].shape[-1])
         qweight = self._quantized(name, sources, scheme, int8_group, search=name != "lm_head")
         self._count(qweight.scheme)  # mixed GGUF types make int8 where int4 was asked for

@@ -54,7 +54,13 @@ def test_int4_cuda_kernel_matches_reference_when_decode_and_prefill_shape(
 @no_cuda
 @pytest.mark.parametrize(
     ("kernel", "group_size"),
-    [("int8pack_cuda", None), ("dequant_bf16", None), ("int8_triton", None), ("int8_triton", 32)],
+    [
+        ("int8pack_cuda", None),
+        ("dequant_bf16", None),
+        ("dequant_bf16", 32),
+        ("int8_triton", None),
+        ("int8_triton", 32),
+    ],
 )
 def test_int8_cuda_kernel_matches_reference(gen, kernel, group_size):
     qw = quantize_int8(weight(gen, 256, 512), group_size)[0].to("cuda")
@@ -64,6 +70,24 @@ def test_int8_cuda_kernel_matches_reference(gen, kernel, group_size):
     x = torch.randn(4, 512, generator=gen).cuda()
     y = spec.build(qw)(x).float()
     assert ((y - matmul(x, qw)).abs() <= bf16_bound(x, dequantize(qw))).all()
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_int8_dequant_bf16_arithmetic_on_the_cpu(gen, group_size):
+    # The kernel is plain torch: its numbers (GGUF Q8_0's groups included) are checked here,
+    # its CUDA run above.
+    qw = quantize_int8(weight(gen, 64, 256), group_size)[0]
+    x = torch.randn(3, 256, generator=gen)
+    y = quant_cuda.DequantBf16Cuda(qw)(x).float()
+    # Scales rounded to bf16 move each weight by <= 2^-9 of itself: within twice bf16_bound.
+    assert ((y - matmul(x, qw)).abs() <= 2 * bf16_bound(x, dequantize(qw))).all()
+
+
+def test_int8_keeps_groups_of_32_on_cuda():
+    # int8_triton and dequant_bf16 take GGUF Q8_0 / Q5_0 groups: no requantising per channel.
+    dispatcher = Dispatcher(DispatchConfig(calibrate=False))
+    assert dispatcher.int8_group_size(torch.device("cuda"), 896) == 32
+    assert dispatcher.int8_group_size(torch.device("cuda"), 200) is None
 
 
 @pytest.mark.cuda
