@@ -5,7 +5,6 @@ test_quant_cpu_kernels.py checks it against reference.matmul with the other kern
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from quant_helpers import int4_blocks_bound, int8_blocks_bound, weight
 from codelm.daemon.engine.layers import silu_and_mul
 from codelm.quant import dequantize, matmul, native, quantize_int4, quantize_int8
 from codelm.quant.cpu import CPU_KERNELS, Int4Native, Int8Native, Int8Tiles
+from codelm.quant.dispatch import read_cpu_info
 from codelm.quant.formats import Int8Weight
 
 _LIB = native.library()
@@ -180,19 +180,11 @@ AVX2_BUILDS = {
 _AVX2_LIBS: dict[str, ctypes.CDLL | str] = {}
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
-
-
 @pytest.fixture(params=sorted(AVX2_BUILDS))
 def avx2_tiles(request, tmp_path_factory, monkeypatch):
     """Int8Tiles built against a 256-bit variant of the kernels (a factory: qw -> kernel)."""
     flags, needs = AVX2_BUILDS[request.param]
-    if missing := set(needs) - _cpu_flags():
+    if missing := set(needs) - read_cpu_info().flags:
         pytest.skip(f"this CPU lacks {sorted(missing)}")
     _with_real_compiler(monkeypatch)
     if request.param not in _AVX2_LIBS:
