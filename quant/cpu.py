@@ -247,7 +247,9 @@ class Int8Tiles:
         self.n, self.k = n, k = qw.shape
         blocks = k // 32
         int4 = isinstance(qw, Int4Weight)
-        self.offset = 8 if int4 else 128  # int4 as q, int8 as w + 128
+        # int4 as q, int8 as w + 128, or as w + 16 where it fits in 5 bits (GGUF Q5_0): the
+        # AVX2 code multiplies bytes up to 31 once, larger ones as two nibbles.
+        self.offset = 8 if int4 else 16 if _fits_5_bits(qw.data) else 128
         zeros = _per_block(qw.zeros, blocks) if int4 else None
         pad = -n % 16  # whole tiles: padded channels are zero and sliced off the output
         self.padded_n = n + pad
@@ -262,7 +264,7 @@ class Int8Tiles:
         for t0 in range(0, tiles, step):
             t1 = min(t0 + step, tiles)
             rows = qw.data[t0 * 16 : t1 * 16]
-            u = unpack_int4(rows) if int4 else rows.view(torch.uint8) ^ 0x80
+            u = unpack_int4(rows) if int4 else (rows.to(torch.int16) + self.offset).to(torch.uint8)
             u = F.pad(u, (0, 0, 0, (t1 - t0) * 16 - u.shape[0]), value=self.offset)
             self.data[t0:t1] = u.view(t1 - t0, 16, blocks, 8, 4).permute(0, 2, 3, 1, 4)
         self.scales = tiled(_per_block(qw.scales, blocks).float()).contiguous()
@@ -284,6 +286,10 @@ class Int8Tiles:
     def _weight(self) -> tuple:
         zeros = None if self.zeros is None else self.zeros.data_ptr()
         return self.data.data_ptr(), self.offset, self.scales.data_ptr(), zeros
+
+
+def _fits_5_bits(data: torch.Tensor) -> bool:
+    return int(data.min()) >= -16 and int(data.max()) <= 15
 
 
 def _per_block(per_group: torch.Tensor, blocks: int) -> torch.Tensor:

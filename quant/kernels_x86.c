@@ -30,7 +30,7 @@
  * prefetcher not running far enough ahead of short rows (docs/quant.md, "Native kernels"). */
 #define PREFETCH_BYTES 2048
 
-int codelm_kernels_abi(void) { return 16; }
+int codelm_kernels_abi(void) { return 17; }
 
 static inline float hsum(__m256 v)
 {
@@ -818,7 +818,6 @@ int codelm_attention(const float *q, int64_t q_pos, int64_t q_head, const void *
 #define TILE_SPAN 66 /* rows of x (in L2) a tile pair (in L1 / L2) is applied to in turn */
 _Static_assert(TILE_SPAN % TILE_ROWS == 0, "a span holds whole groups of rows");
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define INT8_SIGNED 0
 
 static inline __m256 upper8(__m512 v) /* lanes 8..15, in AVX512F alone */
 {
@@ -827,11 +826,14 @@ static inline __m256 upper8(__m512 v) /* lanes 8..15, in AVX512F alone */
 
 /* y[mr rows, 16 * nt] from one group of TILE_ROWS quantised rows (of which mr are real) and nt
  * weight tiles, the second `gap` tiles after the first; with `swiglu` (nt == 2) y[mr rows, 16]
- * = silu(first) * second. mr, nt and whether wz is given are constants where inlined. */
+ * = silu(first) * second. `wide`: int8 stored as w + 128 (else u <= 31), which only the 256-bit
+ * code without VNNI tells apart. mr, nt, wide and whether wz is given are constants where
+ * inlined. */
 INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
                         int64_t k, const uint8_t *wt, const float *ws, const float *wz,
-                        int64_t gap, float *y, int64_t ldy, int mr, int nt, int swiglu)
+                        int64_t gap, float *y, int64_t ldy, int mr, int nt, int swiglu, int wide)
 {
+    (void)wide;
     const int64_t blocks = k / BLOCK, tile_bytes = gap * k * TILE, tile_blocks = gap * blocks * TILE;
     __m512 acc[TILE_ROWS][2];
     for (int r = 0; r < mr; r++)
@@ -884,26 +886,47 @@ INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, co
 
 #else
 /* 256-bit registers (AVX2, with or without AVX-VNNI): a tile is two columns of 8 channels,
- * each run over K on its own, 6 rows at a time (12 of the 16 registers for their sums and
- * dot products). Without VNNI, maddubs multiplies unsigned by signed bytes into 16-bit pair
- * sums, which int8 stored as w + 128 would overflow (255 * 127 * 2): int8 tiles are read back
- * as signed (u ^ 0x80), w's sign moved onto x (|w| <= 128, |x| <= 127: the sums fit), and
- * their dot products start at 0 (x quantised with offset 0). int4's q <= 15 fits as it is:
- * its pair sums add up in 16 bits over a whole block (8 * 2 * 15 * 127 < 2^15). */
+ * each run over K on its own, 6 rows at a time. The weights are the same unsigned bytes u =
+ * w + offset. With VNNI, vpdpbusd as above. Without it, vpmaddubsw multiplies them by x's
+ * signed bytes into 16-bit pair sums, which saturate unless u is small: u up to 31 (int4's q,
+ * and int8 whose values fit in 5 bits, GGUF Q5_0's, stored as w + 16) adds 4 steps in 16 bits
+ * (4 * 2 * 31 * 128 < 2^15; int4's q <= 15 a whole block) before one vpmaddwd widens them; u up
+ * to 255 (int8 as w + 128) is multiplied as its two nibbles, 16 * high + low, each adding a
+ * whole block in 16 bits (8 * 2 * 15 * 128 < 2^15). So one vpmaddubsw per 32 products for
+ * int4 and 5-bit int8 (1.6x as fast as before on Zen 4), two for other int8, where moving w's
+ * sign onto x took three multiply-port instructions (vpsignb, vpmaddubsw, vpmaddwd; as fast as
+ * the nibbles on Zen 4, whose 6-wide front end limits both). */
 #if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
-#define INT8_SIGNED 0
+#define HAS_DPBUSD 1
 #else
-#define INT8_SIGNED 1
+#define HAS_DPBUSD 0
 #endif
+#define SMALL_STEPS 4 /* steps of u <= 31 that 16 bits hold */
+/* GCC takes these intrinsics for plain vector arithmetic and reassociates a block's running sums
+ * into trees of partial products spilled to the stack (0.6x as fast); an empty asm on each sum
+ * after each step keeps it in its register. */
+#define KEEP(v) __asm__("" : "+x"(v))
 
-/* Column h (channels 8h .. 8h + 7) of the tile at wt for mr rows: out[r * ldo + c]. q8: int8
- * weights, else int4 with zero points wz. Constants where inlined, like tile_kernel's. */
+static inline __m256i x_four(const int8_t *x) /* 4 bytes of x in every lane */
+{
+    int32_t four;
+    memcpy(&four, x, 4);
+    return _mm256_set1_epi32(four);
+}
+
+static inline __m256i widen(__m256i pairs, short by) /* 16-bit pair sums * by, as int32 */
+{
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(by));
+}
+
+/* Column h (channels 8h .. 8h + 7) of the tile at wt for mr rows: out[r * ldo + c]. wide: the
+ * weights are int8 as w + 128, else at most 31. Constants where inlined, like tile_kernel's. */
 INLINE void column_kernel(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
                           int64_t k, const uint8_t *wt, const float *ws, const float *wz, int h,
-                          float *out, int64_t ldo, int mr, int q8)
+                          float *out, int64_t ldo, int mr, int wide)
 {
     const int64_t blocks = k / BLOCK;
-    (void)q8; /* the same arithmetic for both where VNNI takes w + 128 */
+    (void)wide; /* one vpdpbusd takes any u */
     __m256 acc[TILE_ROWS];
     for (int r = 0; r < mr; r++)
         acc[r] = _mm256_setzero_ps();
@@ -911,38 +934,61 @@ INLINE void column_kernel(const int8_t *xq, const float *xd, const int32_t *xo, 
         const int8_t *xb = xq + b * TILE_ROWS * BLOCK;
         const uint8_t *wb = wt + b * BLOCK * TILE + h * 32;
         __m256i dot[TILE_ROWS];
-        for (int r = 0; r < mr; r++) /* without VNNI int4's offset is added at the end */
-            dot[r] = INT8_SIGNED ? _mm256_setzero_si256() : _mm256_set1_epi32(xo[b * TILE_ROWS + r]);
+        for (int r = 0; r < mr; r++)
+            dot[r] = _mm256_set1_epi32(xo[b * TILE_ROWS + r]);
+#if HAS_DPBUSD
         for (int step = 0; step < BLOCK / 4; step++) {
             const __m256i w = _mm256_loadu_si256((const __m256i *)(wb + step * 4 * TILE));
-#if INT8_SIGNED
-            const __m256i ws8 = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
-            const __m256i wabs = _mm256_abs_epi8(ws8);
-#endif
             for (int r = 0; r < mr; r++) {
-                int32_t four;
-                memcpy(&four, xb + r * BLOCK + step * 4, 4);
-                const __m256i x4 = _mm256_set1_epi32(four);
-#if INT8_SIGNED
-                const __m256i pairs = q8 ? _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x4, ws8))
-                                         : _mm256_maddubs_epi16(w, x4);
-                dot[r] = q8 ? _mm256_add_epi32(dot[r], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-                            : _mm256_add_epi16(dot[r], pairs);
-#else
-                dot[r] = _mm256_dpbusd_epi32(dot[r], w, x4);
-#endif
+                dot[r] = _mm256_dpbusd_epi32(dot[r], w, x_four(xb + r * BLOCK + step * 4));
+                KEEP(dot[r]);
             }
         }
+#else
+        if (wide) {
+            const __m256i nibble = _mm256_set1_epi8(0x0F);
+            __m256i lo[TILE_ROWS], hi[TILE_ROWS];
+            for (int r = 0; r < mr; r++)
+                lo[r] = hi[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int step = 0; step < BLOCK / 4; step++) {
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(wb + step * 4 * TILE));
+                const __m256i wl = _mm256_and_si256(w, nibble);
+                const __m256i wh = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
+                for (int r = 0; r < mr; r++) {
+                    const __m256i x4 = x_four(xb + r * BLOCK + step * 4);
+                    lo[r] = _mm256_add_epi16(lo[r], _mm256_maddubs_epi16(wl, x4));
+                    hi[r] = _mm256_add_epi16(hi[r], _mm256_maddubs_epi16(wh, x4));
+                    KEEP(lo[r]);
+                    KEEP(hi[r]);
+                }
+            }
+            for (int r = 0; r < mr; r++)
+                dot[r] = _mm256_add_epi32(dot[r], _mm256_add_epi32(widen(hi[r], 16), widen(lo[r], 1)));
+        } else {
+            const int steps = wz ? BLOCK / 4 : SMALL_STEPS; /* int4's q <= 15: a whole block */
+            for (int part = 0; part < BLOCK / 4; part += steps) {
+                __m256i pairs[TILE_ROWS];
+                for (int r = 0; r < mr; r++)
+                    pairs[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                for (int step = part; step < part + steps; step++) {
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(wb + step * 4 * TILE));
+                    for (int r = 0; r < mr; r++) {
+                        pairs[r] = _mm256_add_epi16(
+                            pairs[r], _mm256_maddubs_epi16(w, x_four(xb + r * BLOCK + step * 4)));
+                        KEEP(pairs[r]);
+                    }
+                }
+                for (int r = 0; r < mr; r++)
+                    dot[r] = _mm256_add_epi32(dot[r], widen(pairs[r], 1));
+            }
+        }
+#endif
         const __m256 s = _mm256_loadu_ps(ws + b * TILE + h * 8);
         for (int r = 0; r < mr; r++) {
-            __m256i sums = dot[r];
-#if INT8_SIGNED
-            if (!q8) /* the block's 16-bit pair sums, then int4's -offset * sum of x */
-                sums = _mm256_add_epi32(_mm256_madd_epi16(sums, _mm256_set1_epi16(1)),
-                                        _mm256_set1_epi32(xo[b * TILE_ROWS + r]));
-#endif
             const __m256 scale = _mm256_mul_ps(s, _mm256_set1_ps(xd[b * TILE_ROWS + r]));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), scale, acc[r]);
             if (wz)
                 acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(wz + b * TILE + h * 8),
                                          _mm256_set1_ps(xs[b * TILE_ROWS + r]), acc[r]);
@@ -952,30 +998,31 @@ INLINE void column_kernel(const int8_t *xq, const float *xd, const int32_t *xo, 
         _mm256_storeu_ps(out + r * ldo, acc[r]);
 }
 
-/* tile_kernel's contract (below, for AVX-512) column by column; int8 exactly where wz is NULL
- * (Int8Tiles gives int4 its zero points). */
+/* tile_kernel's contract (above, for AVX-512) column by column. */
 INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
                         int64_t k, const uint8_t *wt, const float *ws, const float *wz,
-                        int64_t gap, float *y, int64_t ldy, int mr, int nt, int swiglu)
+                        int64_t gap, float *y, int64_t ldy, int mr, int nt, int swiglu, int wide)
 {
     const int64_t tile_bytes = gap * k * TILE, tile_blocks = gap * (k / BLOCK) * TILE;
-    const int q8 = wz == NULL;
-    if (swiglu) { /* nt == 2: each column of the gate tile, then the same of its up tile */
-        float gate[TILE_ROWS * 8], up[TILE_ROWS * 8];
-        for (int h = 0; h < 2; h++) {
-            column_kernel(xq, xd, xo, xs, k, wt, ws, wz, h, gate, 8, mr, q8);
+    if (swiglu) { /* nt == 2: the gate tile's two columns, then its up tile's (a tile's two
+                     columns share cache lines: gate and up alternating ran 0.75x as fast) */
+        float gate[TILE_ROWS * TILE], up[TILE_ROWS * TILE];
+        for (int h = 0; h < 2; h++)
+            column_kernel(xq, xd, xo, xs, k, wt, ws, wz, h, gate + h * 8, TILE, mr, wide);
+        for (int h = 0; h < 2; h++)
             column_kernel(xq, xd, xo, xs, k, wt + tile_bytes, ws + tile_blocks,
-                          wz ? wz + tile_blocks : NULL, h, up, 8, mr, q8);
-            for (int r = 0; r < mr; r++)
-                _mm256_storeu_ps(y + r * ldy + h * 8, silu_mul8(_mm256_loadu_ps(gate + r * 8),
-                                                                _mm256_loadu_ps(up + r * 8)));
-        }
+                          wz ? wz + tile_blocks : NULL, h, up + h * 8, TILE, mr, wide);
+        for (int r = 0; r < mr; r++)
+            for (int h = 0; h < 2; h++)
+                _mm256_storeu_ps(y + r * ldy + h * 8,
+                                 silu_mul8(_mm256_loadu_ps(gate + r * TILE + h * 8),
+                                           _mm256_loadu_ps(up + r * TILE + h * 8)));
         return;
     }
     for (int j = 0; j < nt; j++)
         for (int h = 0; h < 2; h++)
             column_kernel(xq, xd, xo, xs, k, wt + j * tile_bytes, ws + j * tile_blocks,
-                          wz ? wz + j * tile_blocks : NULL, h, y + j * TILE + h * 8, ldy, mr, q8);
+                          wz ? wz + j * tile_blocks : NULL, h, y + j * TILE + h * 8, ldy, mr, wide);
 }
 #endif
 
@@ -1007,22 +1054,27 @@ static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t 
     }
 }
 
-/* One call per (rows, tiles, zeros or not), so each is compiled with its loops unrolled. */
+/* One call per (rows, tiles, weight kind), so each is compiled with its loops unrolled: int4
+ * (zeros given), int8 as w + 128 (wide), int8 as w + 16. */
+#define TILE_CALL(MR, WZ, WIDE)                                                                  \
+    if (nt == 2)                                                                                 \
+        tile_kernel(xq, xd, xo, xs, k, wt, ws, WZ, gap, y, ldy, MR, 2, swiglu, WIDE);            \
+    else                                                                                         \
+        tile_kernel(xq, xd, xo, xs, k, wt, ws, WZ, gap, y, ldy, MR, 1, 0, WIDE);
 #define TILE_CASE(MR)                                                                            \
     case MR:                                                                                     \
-        if (nt == 2 && wz)                                                                       \
-            tile_kernel(xq, xd, xo, xs, k, wt, ws, wz, gap, y, ldy, MR, 2, swiglu);              \
-        else if (nt == 2)                                                                        \
-            tile_kernel(xq, xd, xo, xs, k, wt, ws, NULL, gap, y, ldy, MR, 2, swiglu);            \
-        else if (wz)                                                                             \
-            tile_kernel(xq, xd, xo, xs, k, wt, ws, wz, gap, y, ldy, MR, 1, 0);                   \
-        else                                                                                     \
-            tile_kernel(xq, xd, xo, xs, k, wt, ws, NULL, gap, y, ldy, MR, 1, 0);                 \
+        if (wz) {                                                                                \
+            TILE_CALL(MR, wz, 0)                                                                 \
+        } else if (wide) {                                                                       \
+            TILE_CALL(MR, NULL, 1)                                                               \
+        } else {                                                                                 \
+            TILE_CALL(MR, NULL, 0)                                                               \
+        }                                                                                        \
         return;
 
 static void tile_rows(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
                       int64_t k, const uint8_t *wt, const float *ws, const float *wz, int64_t gap,
-                      float *y, int64_t ldy, int mr, int nt, int swiglu)
+                      float *y, int64_t ldy, int mr, int nt, int swiglu, int wide)
 {
     switch (mr) {
         TILE_CASE(1)
@@ -1034,6 +1086,7 @@ static void tile_rows(const int8_t *xq, const float *xd, const int32_t *xo, cons
     }
 }
 #undef TILE_CASE
+#undef TILE_CALL
 
 /* The first of `count` items starting at base, base + len, ... whose start is at or after
  * `bound` (count where none is) */
@@ -1051,7 +1104,9 @@ static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, i
                       const float *ws, const float *wz, int64_t n, float *y, int swiglu,
                       int nthreads)
 {
-    if (k % BLOCK != 0 || n % (swiglu ? 2 * TILE : TILE) != 0 || nthreads < 1)
+    const int wide = offset == 128; /* else u <= 31: int4's q (offset 8) or int8 as w + 16 */
+    if (k % BLOCK != 0 || n % (swiglu ? 2 * TILE : TILE) != 0 || nthreads < 1 ||
+        (wz ? offset != 8 : !wide && offset != 16))
         return -1;
     const int64_t blocks = k / BLOCK, tiles = n / TILE;
     const int64_t rows = (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS; /* whole groups */
@@ -1066,8 +1121,7 @@ static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, i
         free(xs);
         return -1;
     }
-    quantize_tile_rows(x, m, k, INT8_SIGNED && offset == 128 ? 0 : offset, xq, xd, xo, xs,
-                       nthreads);
+    quantize_tile_rows(x, m, k, offset, xq, xd, xo, xs, nthreads);
     /* a pair: tiles t and t + gap, written at column c of y's rows of ldy floats */
     const int64_t pairs = swiglu ? tiles / 2 : (tiles + 1) / 2, gap = swiglu ? tiles / 2 : 1;
     const int64_t ldy = swiglu ? n / 2 : n;
@@ -1090,7 +1144,8 @@ static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, i
                     const int mr = end - i < TILE_ROWS ? (int)(end - i) : TILE_ROWS;
                     tile_rows(xq + i * k, xd + i * blocks, xo + i * blocks,
                               xs ? xs + i * blocks : NULL, k, wt + t * k * TILE, ws + at,
-                              wz ? wz + at : NULL, gap, y + i * ldy + c, ldy, mr, (int)nt, swiglu);
+                              wz ? wz + at : NULL, gap, y + i * ldy + c, ldy, mr, (int)nt, swiglu,
+                              wide);
                 }
             }
         }
@@ -1103,8 +1158,9 @@ static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, i
 }
 
 /* y [m, n] = x [m, k] @ w.T from a tiled copy (see above): wt [n / 16][k / 32][8][16][4]
- * bytes holding w + offset, ws / wz [n / 16][k / 32][16] float scales and zeros (int4 only, or
- * NULL). Returns 0, or -1 for a shape that does not tile or short memory. */
+ * bytes holding w + offset (int4: q and 8; int8: w + 128, or w + 16 where every w is in
+ * -16 .. 15), ws / wz [n / 16][k / 32][16] float scales and zeros (int4 only, or NULL).
+ * Returns 0, or -1 for a shape that does not tile, another offset, or short memory. */
 int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t *wt, int32_t offset,
                         const float *ws, const float *wz, int64_t n, float *y, int nthreads)
 {

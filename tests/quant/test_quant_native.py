@@ -114,6 +114,24 @@ def test_native_int4_kernel_matches_reference_when_offset_weights(gen, group_siz
     assert ((y - matmul(x, qw)).abs() <= int4_blocks_bound(x, qw)).all()
 
 
+def five_bit(qw: Int8Weight) -> Int8Weight:
+    """qw with its values rounded into -16 .. 15, as GGUF Q5_0 blocks hold them."""
+    data = torch.clamp(torch.round(qw.data.float() / 8), -16, 15).to(torch.int8)
+    return Int8Weight(data=data, scales=qw.scales * 8, group_size=qw.group_size)
+
+
+@needs_native
+@pytest.mark.parametrize("five", [False, True])
+def test_tiles_store_int8_that_fits_5_bits_as_w_plus_16(gen, five):
+    # Where every value is in -16 .. 15 the tiles hold w + 16 (the AVX2 code then multiplies
+    # each byte once); the numbers are the same either way.
+    qw, _ = quantize_int8(weight(gen, 48, 896), group_size=32)
+    qw = five_bit(qw) if five else qw
+    tiles, x = Int8Tiles(qw), torch.randn(7, 896, generator=gen)
+    assert tiles.offset == (16 if five else 128)
+    assert ((tiles(x) - matmul(x, qw)).abs() <= int8_blocks_bound(x, dequantize(qw))).all()
+
+
 @needs_native
 @pytest.mark.parametrize("rows", [5, 100, 203])  # 203: 3 whole spans of rows and 5 more
 def test_tiles_outputs_are_the_same_whatever_the_threads(gen, rows):
@@ -169,7 +187,7 @@ def test_native_says_why_when_build_dir_cannot_be_made(tmp_path, monkeypatch):
 
 
 # The 256-bit tile kernels that CPUs without AVX-512 run, built here for subsets of this CPU:
-# AVX2 alone (maddubs, int8 read back as signed) and AVX2 with 256-bit VNNI.
+# AVX2 alone (maddubs: int8 as two nibbles, 5-bit int8 and int4 once) and AVX2 with 256-bit VNNI.
 AVX2_BUILDS = {
     "avx2": (("-march=haswell",), ("avx2", "fma", "f16c")),
     "avx2-vnni": (
@@ -202,7 +220,7 @@ def avx2_tiles(request, tmp_path_factory, monkeypatch):
     return build
 
 
-@pytest.mark.parametrize("case", ["int8", "int8-g32", "int4"])
+@pytest.mark.parametrize("case", ["int8", "int8-g32", "int8-5bit", "int4"])
 @pytest.mark.parametrize("rows", [1, 6, 70])  # 70: a second span of rows, a partial group
 def test_avx2_tiles_match_reference_and_the_avx512_tiles(avx2_tiles, gen, case, rows):
     # Exact int32 dot products a block, summed into float in the same order as the AVX-512
@@ -212,8 +230,9 @@ def test_avx2_tiles_match_reference_and_the_avx512_tiles(avx2_tiles, gen, case, 
     qw = (
         quantize_int4(w, 64)[0]
         if case == "int4"
-        else quantize_int8(w, 32 if "g32" in case else None)[0]
+        else quantize_int8(w, None if case == "int8" else 32)[0]
     )
+    qw = five_bit(qw) if case == "int8-5bit" else qw
     x = torch.randn(rows, 896, generator=gen)
     x[0, 32:64] = 0.0
     y = avx2_tiles(qw)(x)
@@ -224,14 +243,19 @@ def test_avx2_tiles_match_reference_and_the_avx512_tiles(avx2_tiles, gen, case, 
         torch.testing.assert_close(y, Int8Tiles(qw)(x), rtol=1e-5, atol=1e-5)
 
 
-def test_avx2_tiles_take_int8_at_both_ends_without_overflow(avx2_tiles, gen):
-    # -128 and 127 weights against x at +-127 after quantisation: maddubs's 16-bit pair sums
-    # must not saturate (w's sign moves onto x: |w| <= 128, |x| <= 127).
-    data = torch.tensor([-128, 127, -128, -127], dtype=torch.int8).repeat(32, 64)
+@pytest.mark.parametrize(
+    "values, offset", [([-128, 127, -128, -127], 128), ([127], 128), ([-16, 15], 16), ([15], 16)]
+)
+def test_avx2_tiles_take_int8_at_both_ends_without_overflow(avx2_tiles, values, offset):
+    # Weights at the ends of their range against x at +-127 after quantisation: maddubs's
+    # 16-bit pair sums hold a block of int8's nibbles (w + 128 <= 255: 8 x 2 x 15 x 127) and 4
+    # steps of 5-bit weights (w + 16 <= 31: 4 x 2 x 31 x 127) without saturating.
+    data = torch.tensor(values, dtype=torch.int8).repeat(32, 256 // len(values))
     qw = Int8Weight(data=data, scales=torch.full((32, 1), 0.01), group_size=256)
-    x = torch.tensor([1.0, -1.0]).repeat(3, 128)
-    y = avx2_tiles(qw)(x)
-    torch.testing.assert_close(y, matmul(x, qw), rtol=1e-3, atol=0)
+    tiles = avx2_tiles(qw)
+    assert tiles.offset == offset
+    for x in (torch.ones(3, 256), torch.tensor([1.0, -1.0]).repeat(3, 128)):
+        torch.testing.assert_close(tiles(x), matmul(x, qw), rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
