@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 VSCODE := editors/vscode
 
-.PHONY: install install-dev start stop test lint bench bench-peers clean vsix test-editors
+.PHONY: install install-dev start stop test lint bench bench-peers bench-peers-avx2 clean vsix
+.PHONY: test-editors
 
 # The everyday model (Qwen2.5-Coder-0.5B, 491 MB) and the test suite's (SmolLM2-135M, 98 MB).
 install: $(STAMP)
@@ -68,18 +69,31 @@ bench: install-dev
 # vendored in llama-cpp-python's sdist (10-40 minutes on 2 cores; never part of `make test`).
 PEERS := .peers
 LLAMA_CPP_PY := 0.3.36
+LLAMA_SRC := $(PEERS)/src/llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp
+LLAMA_CMAKE := -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF
 bench-peers: $(PEERS)/bin/llama-server
 
-$(PEERS)/bin/llama-server:
+$(LLAMA_SRC):
 	mkdir -p $(PEERS)/src
 	$(PYTHON) -m pip download --no-deps --no-binary :all: -d $(PEERS)/src llama-cpp-python==$(LLAMA_CPP_PY)
 	tar xzf $(PEERS)/src/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C $(PEERS)/src
-	cmake -S $(PEERS)/src/llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp -B $(PEERS)/build \
-		-DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-		-DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=ON
+
+$(PEERS)/bin/llama-server: | $(LLAMA_SRC)
+	cmake -S $(LLAMA_SRC) -B $(PEERS)/build $(LLAMA_CMAKE) -DGGML_NATIVE=ON
 	cmake --build $(PEERS)/build --target llama-server -j$$(nproc)
 	mkdir -p $(PEERS)/bin
 	cp $(PEERS)/build/bin/llama-server $(PEERS)/bin/
+
+# The same llama-server built for AVX2 alone, the peer of `benchmarks/decode.py --isa avx2`.
+bench-peers-avx2: $(PEERS)/avx2/bin/llama-server
+
+$(PEERS)/avx2/bin/llama-server: | $(LLAMA_SRC)
+	cmake -S $(LLAMA_SRC) -B $(PEERS)/build-avx2 $(LLAMA_CMAKE) -DGGML_NATIVE=OFF \
+		-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF
+	cmake --build $(PEERS)/build-avx2 --target llama-server -j$$(nproc)
+	mkdir -p $(PEERS)/avx2/bin
+	cp $(PEERS)/build-avx2/bin/llama-server $(PEERS)/avx2/bin/
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,14 +10,22 @@ llama-server gets the same prompt text with `cache_prompt: false`, `n_predict: 6
 `ignore_eos`; its own timings (prompt_per_second, predicted_per_second) are reported, its bytes
 per token being the GGUF's weight tensors. Warm-up runs are excluded; medians of --repeats.
 
+`--isa avx2` measures, on a CPU with more, what an AVX2-only CPU gets: codelm's processes run
+with torch, oneDNN and MKL held to AVX2 and codelm's kernels and dispatcher limited to it
+(quant.dispatch.limit_to_avx2); the peer is llama-server built for AVX2 alone (`make
+bench-peers-avx2`). fbgemm keeps its own choice, so `dense_fp16` may be faster than there.
+
     .venv/bin/python benchmarks/decode.py [--model default] [--quant auto int4 int8 fp32]
-        [--prompt-tokens 512] [--decode-tokens 64] [--repeats 3] [--no-peers] [--json PATH]
+        [--prompt-tokens 512] [--decode-tokens 64] [--repeats 3] [--isa native|avx2]
+        [--no-peers] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import os
 import sys
 import sysconfig
 import time
@@ -38,6 +46,12 @@ from common import (  # noqa: E402
 )
 
 GIB = 1 << 30
+# What torch, oneDNN and MKL read when a process loads them (--isa avx2).
+AVX2_ENVIRONMENT = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
 
 
 def memory_bandwidth(nbytes: int = GIB, repeats: int = 3) -> dict[str, float]:
@@ -115,13 +129,20 @@ def measure_codelm(
     device: str = "auto",
     prompt_ids=source_tokens,
     cuda_graphs: bool = True,
+    isa: str = "native",
 ) -> dict:
     """Load `model` with `quant` and time prefill of `prompt_ids(tokenizer, n_prompt)` and
     n_decode greedy tokens after it, as the daemon runs a request. Run it in a fresh process
     (common.in_fresh_process): `peak_rss_load_MB` is the process's peak RSS when the load
     ends, `rss_before_load_MB` what Python and torch held before it. `cuda_graphs`: the
-    engine setting of that name."""
+    engine setting of that name; `isa` "avx2": codelm's kernels and dispatcher as on an
+    AVX2-only CPU (the process started with AVX2_ENVIRONMENT for torch's)."""
     import torch
+
+    if isa == "avx2":
+        from codelm.quant.dispatch import limit_to_avx2
+
+        limit_to_avx2()
 
     from codelm.daemon.engine import EngineConfig, load_engine
     from codelm.daemon.engine.generate import StopRules, generate
@@ -167,8 +188,10 @@ def measure_codelm(
     return row
 
 
-def measure_peer(model_path: Path, text: str, n_decode: int, repeats: int) -> dict:
-    with peers.LlamaServer(model_path) as server:
+def measure_peer(
+    model_path: Path, text: str, n_decode: int, repeats: int, binary: Path = peers.BINARY
+) -> dict:
+    with peers.LlamaServer(model_path, binary=binary) as server:
         peak_rss_load = server.peak_rss_mb()
         server.complete(text[:400], n_predict=4, cache_prompt=False, stream=False)  # warm-up
         prefill, decode, n_prompt = [], [], []
@@ -201,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--isa",
+        choices=["native", "avx2"],
+        default="native",
+        help="avx2: run both systems as on an AVX2-only CPU (see above)",
+    )
     parser.add_argument("--no-peers", action="store_true", help="codelm only")
     parser.add_argument(
         "--user-cache",
@@ -218,6 +247,21 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, model_path)
     with temporary_home("codelm-decode-"):
         return _run(args, model_path)
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """os.environ with `values` set, for the processes started inside (restored after)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def add_peer_ratios(rows: list[dict]) -> None:
@@ -238,27 +282,32 @@ def _run(args: argparse.Namespace, model_path: Path) -> int:
     print(
         f"model: {model_path.name}; memory bandwidth, 1 GiB, read + write, best of 3: "
         f"copy into a reused tensor {measured['copy']:.1f} GB/s (the reference below), "
-        f"clone {measured['clone']:.1f} GB/s",
+        f"clone {measured['clone']:.1f} GB/s"
+        + ("; both systems as on an AVX2-only CPU (--isa avx2)" if args.isa == "avx2" else ""),
         flush=True,
     )
     rows = []
+    avx2 = args.isa == "avx2"
     for quant in args.quant:
-        rows.append(
-            in_fresh_process(
-                measure_codelm,
-                str(model_path),
-                quant,
-                args.prompt_tokens,
-                args.decode_tokens,
-                args.repeats,
+        with environment(AVX2_ENVIRONMENT if avx2 else {}):
+            rows.append(
+                in_fresh_process(
+                    measure_codelm,
+                    str(model_path),
+                    quant,
+                    args.prompt_tokens,
+                    args.decode_tokens,
+                    args.repeats,
+                    isa=args.isa,
+                )
             )
-        )
         print(f"  {quant}: done", flush=True)
     peer_note = ""
+    binary = peers.AVX2_BINARY if avx2 else peers.BINARY
     if args.no_peers:
         peer_note = "skipped (--no-peers)"
-    elif not peers.available():
-        peer_note = peers.NOT_BUILT
+    elif not peers.available(binary):
+        peer_note = peers.AVX2_NOT_BUILT if avx2 else peers.NOT_BUILT
     elif model_path.suffix != ".gguf":
         peer_note = "skipped: llama-server needs a .gguf model"
     else:
@@ -269,7 +318,7 @@ def _run(args: argparse.Namespace, model_path: Path) -> int:
         meta = read_gguf(model_path, lambda arch: architecture(arch).GGUF_NAMES).meta
         tokenizer = tokenizer_from_gguf(meta)
         text = tokenizer.decode(source_tokens(tokenizer, args.prompt_tokens))
-        rows.append(measure_peer(model_path, text, args.decode_tokens, args.repeats))
+        rows.append(measure_peer(model_path, text, args.decode_tokens, args.repeats, binary))
     for row in rows:
         row["GB_s"] = row["decode_tok_s"] * row["weights_MB"] / 1e3
         row["bw_share"] = row["GB_s"] / bandwidth
@@ -308,7 +357,7 @@ def _run(args: argparse.Namespace, model_path: Path) -> int:
         "memory_bandwidth_GB_s": measured,
         "settings": vars(args),
         "kernel_cache": "user" if args.user_cache else "fresh (temporary CODELM_HOME)",
-        "peer": peer_note or peers.version(),
+        "peer": peer_note or peers.version(binary),
         "rows": rows,
     }
     out = write_json("decode", payload, args.json)

@@ -1,8 +1,9 @@
 """llama.cpp's `llama-server` as a peer for the benchmarks: start it on a free loopback port,
 wait for /health, call /completion, always stop it.
 
-Built by `make bench-peers` into .peers/bin/llama-server. When it is absent, `available()` is
-False and `NOT_BUILT` is the row text the benchmarks print instead of numbers.
+Built by `make bench-peers` into .peers/bin/llama-server (`make bench-peers-avx2`: a build for
+AVX2 alone in .peers/avx2/bin). When it is absent, `available()` is False and `NOT_BUILT` is the
+row text the benchmarks print instead of numbers.
 
     with LlamaServer(model_path, cache_reuse=256) as server:
         result = server.complete(prompt_text, n_predict=16)   # stream: time to first token
@@ -31,6 +32,9 @@ import common
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = ROOT / ".peers" / "bin" / "llama-server"
 NOT_BUILT = "not built: run make bench-peers"
+# The same llama.cpp built for AVX2 alone (decode.py --isa avx2).
+AVX2_BINARY = ROOT / ".peers" / "avx2" / "bin" / "llama-server"
+AVX2_NOT_BUILT = "not built: run make bench-peers-avx2"
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 600.0

@@ -491,8 +491,27 @@ def _device(qw: QuantizedWeight) -> torch.device:
     return qw.data.device
 
 
+# Instructions past AVX2 that the kernels or the dispatcher's orders look for (AVX-512 and its
+# VNNI / BF16, AVX-VNNI, AMX): hidden by limit_to_avx2.
+_PAST_AVX2 = ("avx512", "avx_vnni", "amx")
+_avx2_only = False
+
+
+def limit_to_avx2() -> None:
+    """Run codelm's CPU code in this process as on an AVX2-only CPU (no AVX-512, VNNI, bf16
+    hardware or AMX): the native kernels are built for AVX2 alone and read_cpu_info hides the
+    wider flags (the model name says so, keeping its rankings apart). torch's own kernels are
+    not affected: start the process with ATEN_CPU_CAPABILITY=avx2 (and oneDNN's and MKL's
+    limits) for those. So a bigger CPU measures what the issue's AVX2 machines get
+    (benchmarks/decode.py --isa avx2). Call before the first kernel is built."""
+    global _avx2_only
+    native.limit_to_avx2()
+    _avx2_only = True
+
+
 def read_cpu_info(path: str | Path = "/proc/cpuinfo") -> CpuInfo:
-    """CPU model name and feature flags from /proc/cpuinfo (empty flags where it is absent)."""
+    """CPU model name and feature flags from /proc/cpuinfo (empty flags where it is absent),
+    past AVX2's hidden after limit_to_avx2."""
     model, flags = "", ""
     try:
         text = Path(path).read_text()
@@ -507,7 +526,11 @@ def read_cpu_info(path: str | Path = "/proc/cpuinfo") -> CpuInfo:
             flags = value
     if not model:
         model = platform.processor() or platform.machine() or "unknown cpu"
-    return CpuInfo(model_name=model, flags=frozenset(flags.split()))
+    names = frozenset(flags.split())
+    if _avx2_only:
+        model += " (as AVX2 only)"
+        names = frozenset(f for f in names if not f.startswith(_PAST_AVX2))
+    return CpuInfo(model_name=model, flags=names)
 
 
 def physical_cores(cpuinfo_path: str | Path = "/proc/cpuinfo") -> int:

@@ -26,6 +26,7 @@ _ARCH = ("-march=native",)
 _COMPILE_TIMEOUT_S = 120
 
 _loaded: ctypes.CDLL | str | None = None
+_arch = _ARCH  # what library() builds for (limit_to_avx2 narrows it)
 
 
 def library(build_dir: Path | None = None) -> ctypes.CDLL | str:
@@ -34,10 +35,20 @@ def library(build_dir: Path | None = None) -> ctypes.CDLL | str:
     calls return the same result wherever they ask."""
     global _loaded
     if _loaded is None:
-        _loaded = _load(build_dir)
+        _loaded = _load(build_dir, _arch)
         if isinstance(_loaded, str):
             logger.info("native int8/int4 kernels unavailable: %s", _loaded)
     return _loaded
+
+
+def limit_to_avx2() -> None:
+    """Build the kernels for AVX2 alone (-march=haswell) instead of this CPU, so this process
+    runs codelm's own code as an AVX2-only CPU would (dispatch.limit_to_avx2 says why). Before
+    the first library() call only: a loaded build cannot be swapped under its kernels."""
+    global _arch
+    if _loaded is not None:
+        raise RuntimeError("the native kernels are already loaded")
+    _arch = ("-march=haswell",)
 
 
 def build_key() -> str:

@@ -8,7 +8,14 @@ import pytest
 import torch
 from quant_helpers import weight
 
-from codelm.quant import DispatchConfig, Dispatcher, physical_cores, quantize_int4, quantize_int8
+from codelm.quant import (
+    DispatchConfig,
+    Dispatcher,
+    native,
+    physical_cores,
+    quantize_int4,
+    quantize_int8,
+)
 from codelm.quant import dispatch as dispatch_module
 
 CPUINFO = """processor\t: 0
@@ -47,6 +54,21 @@ def test_read_cpu_info_parses_model_and_flags(cpuinfo):
     assert info.model_name == "Test CPU 9000"
     assert info.has_avx2 and info.has_avx512f and info.has_avx512_bf16 and info.has_amx
     assert info.has_bf16_hardware
+
+
+def test_limit_to_avx2_hides_wider_flags_and_builds_for_avx2(cpuinfo, monkeypatch):
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "_arch", native._ARCH)
+    monkeypatch.setattr(dispatch_module, "_avx2_only", False)
+    dispatch_module.limit_to_avx2()
+    info = dispatch_module.read_cpu_info(cpuinfo)
+    assert info.model_name == "Test CPU 9000 (as AVX2 only)"  # its own rankings
+    assert info.has_avx2 and "fma" in info.flags
+    assert not (info.has_avx512f or info.has_avx512_bf16 or info.has_amx)
+    assert native._arch == ("-march=haswell",)
+    monkeypatch.setattr(native, "_loaded", "built already")
+    with pytest.raises(RuntimeError, match="already loaded"):
+        dispatch_module.limit_to_avx2()
 
 
 def test_physical_cores_counts_smt_siblings_once(cpuinfo, monkeypatch):
