@@ -303,7 +303,7 @@ class LinearFactory:
                 # types (Q5_0 q, Q8_0 v): requantised here, once; the weight cache keeps it.
                 parts = [requantize_int8_per_channel(p)[0] for p in parts]
             qweight = concat_formats(parts) if len(parts) > 1 else parts[0]
-            if self.cache is not None:
+            if costly and self.cache is not None:  # the others are never read back
                 self.cache.put(name, qweight, asked=asked)
         return qweight.to(self.device) if self.device.type != "cpu" else qweight
 

@@ -69,7 +69,12 @@ def test_requantised_weights_come_from_the_disk_cache_on_the_second_load(
     monkeypatch.setenv("CODELM_HOME", str(tmp_path))
     first = load_engine(EngineConfig(model=str(default_model_path), quant="int8"))
     assert first.info["weight_cache"].startswith("written")
+    file = Path(first.info["weight_cache"].split(": ", 1)[1])
+    written = file.stat().st_mtime_ns
     second = load_engine(EngineConfig(model=str(default_model_path), quant="int8"))
+    # Nothing new to keep: the file is read, not written again (it was rewritten at every load
+    # while layers taken as they are went into it too, never to be read back).
+    assert file.stat().st_mtime_ns == written
     # The 120 Q4_1 matrices were requantised to int8. The Q8_0 head is repacked as it is
     # where the native kernel takes blocks of 32, else requantised per channel and cached.
     grouped = isinstance(native.library(), ctypes.CDLL)
