@@ -264,7 +264,7 @@ class Int8Tiles:
         for t0 in range(0, tiles, step):
             t1 = min(t0 + step, tiles)
             rows = qw.data[t0 * 16 : t1 * 16]
-            u = unpack_int4(rows) if int4 else (rows.to(torch.int16) + self.offset).to(torch.uint8)
+            u = unpack_int4(rows) if int4 else rows.view(torch.uint8) + self.offset  # mod 256
             u = F.pad(u, (0, 0, 0, (t1 - t0) * 16 - u.shape[0]), value=self.offset)
             self.data[t0:t1] = u.view(t1 - t0, 16, blocks, 8, 4).permute(0, 2, 3, 1, 4)
         self.scales = tiled(_per_block(qw.scales, blocks).float()).contiguous()

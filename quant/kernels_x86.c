@@ -827,14 +827,14 @@ static inline __m256 upper8(__m512 v) /* lanes 8..15, in AVX512F alone */
 
 /* y[mr rows, 16 * nt] from one group of TILE_ROWS quantised rows (of which mr are real) and nt
  * weight tiles, the second `gap` tiles after the first; with `swiglu` (nt == 2) y[mr rows, 16]
- * = silu(first) * second. `wide`: int8 stored as w + 128 (else u <= 31), which only the 256-bit
- * code without VNNI tells apart. mr, nt, wide and whether wz is given are constants where
- * inlined. */
+ * = silu(first) * second. `nibbles`: int8 stored as w + 128, multiplied as two nibbles by the
+ * 256-bit code without VNNI (0 everywhere else). mr, nt, nibbles and whether wz is given are
+ * constants where inlined. */
 INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
                         int64_t k, const uint8_t *wt, const float *ws, const float *wz,
-                        int64_t gap, float *y, int64_t ldy, int mr, int nt, int swiglu, int wide)
+                        int64_t gap, float *y, int64_t ldy, int mr, int nt, int swiglu, int nibbles)
 {
-    (void)wide;
+    (void)nibbles;
     const int64_t blocks = k / BLOCK, tile_bytes = gap * k * TILE, tile_blocks = gap * blocks * TILE;
     __m512 acc[TILE_ROWS][2];
     for (int r = 0; r < mr; r++)
@@ -920,14 +920,15 @@ static inline __m256i widen(__m256i pairs, short by) /* 16-bit pair sums * by, a
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(by));
 }
 
-/* Column h (channels 8h .. 8h + 7) of the tile at wt for mr rows: out[r * ldo + c]. wide: the
- * weights are int8 as w + 128, else at most 31. Constants where inlined, like tile_kernel's. */
+/* Column h (channels 8h .. 8h + 7) of the tile at wt for mr rows: out[r * ldo + c]. nibbles:
+ * the weights are int8 as w + 128, else at most 31. Constants where inlined, like
+ * tile_kernel's. */
 INLINE void column_kernel(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
                           int64_t k, const uint8_t *wt, const float *ws, const float *wz, int h,
-                          float *out, int64_t ldo, int mr, int wide)
+                          float *out, int64_t ldo, int mr, int nibbles)
 {
     const int64_t blocks = k / BLOCK;
-    (void)wide; /* one vpdpbusd takes any u */
+    (void)nibbles; /* one vpdpbusd takes any u */
     __m256 acc[TILE_ROWS];
     for (int r = 0; r < mr; r++)
         acc[r] = _mm256_setzero_ps();
@@ -946,7 +947,7 @@ INLINE void column_kernel(const int8_t *xq, const float *xd, const int32_t *xo, 
             }
         }
 #else
-        if (wide) {
+        if (nibbles) {
             const __m256i nibble = _mm256_set1_epi8(0x0F);
             __m256i lo[TILE_ROWS], hi[TILE_ROWS];
             for (int r = 0; r < mr; r++)
@@ -1002,17 +1003,17 @@ INLINE void column_kernel(const int8_t *xq, const float *xd, const int32_t *xo, 
 /* tile_kernel's contract (above, for AVX-512) column by column. */
 INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
                         int64_t k, const uint8_t *wt, const float *ws, const float *wz,
-                        int64_t gap, float *y, int64_t ldy, int mr, int nt, int swiglu, int wide)
+                        int64_t gap, float *y, int64_t ldy, int mr, int nt, int swiglu, int nibbles)
 {
     const int64_t tile_bytes = gap * k * TILE, tile_blocks = gap * (k / BLOCK) * TILE;
     if (swiglu) { /* nt == 2: the gate tile's two columns, then its up tile's (a tile's two
                      columns share cache lines: gate and up alternating ran 0.75x as fast) */
         float gate[TILE_ROWS * TILE], up[TILE_ROWS * TILE];
         for (int h = 0; h < 2; h++)
-            column_kernel(xq, xd, xo, xs, k, wt, ws, wz, h, gate + h * 8, TILE, mr, wide);
+            column_kernel(xq, xd, xo, xs, k, wt, ws, wz, h, gate + h * 8, TILE, mr, nibbles);
         for (int h = 0; h < 2; h++)
             column_kernel(xq, xd, xo, xs, k, wt + tile_bytes, ws + tile_blocks,
-                          wz ? wz + tile_blocks : NULL, h, up + h * 8, TILE, mr, wide);
+                          wz ? wz + tile_blocks : NULL, h, up + h * 8, TILE, mr, nibbles);
         for (int r = 0; r < mr; r++)
             for (int h = 0; h < 2; h++)
                 _mm256_storeu_ps(y + r * ldy + h * 8,
@@ -1023,7 +1024,7 @@ INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, co
     for (int j = 0; j < nt; j++)
         for (int h = 0; h < 2; h++)
             column_kernel(xq, xd, xo, xs, k, wt + j * tile_bytes, ws + j * tile_blocks,
-                          wz ? wz + j * tile_blocks : NULL, h, y + j * TILE + h * 8, ldy, mr, wide);
+                          wz ? wz + j * tile_blocks : NULL, h, y + j * TILE + h * 8, ldy, mr, nibbles);
 }
 #endif
 
@@ -1056,7 +1057,7 @@ static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t 
 }
 
 /* One call per (rows, tiles, weight kind), so each is compiled with its loops unrolled: int4
- * (zeros given), int8 as w + 128 (wide), int8 as w + 16. */
+ * (zeros given), int8 as w + 128 in nibbles (256-bit code without VNNI), other int8. */
 #define TILE_CALL(MR, WZ, WIDE)                                                                  \
     if (nt == 2)                                                                                 \
         tile_kernel(xq, xd, xo, xs, k, wt, ws, WZ, gap, y, ldy, MR, 2, swiglu, WIDE);            \
@@ -1066,7 +1067,7 @@ static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t 
     case MR:                                                                                     \
         if (wz) {                                                                                \
             TILE_CALL(MR, wz, 0)                                                                 \
-        } else if (wide) {                                                                       \
+        } else if (nibbles && !HAS_DPBUSD) {                                                     \
             TILE_CALL(MR, NULL, 1)                                                               \
         } else {                                                                                 \
             TILE_CALL(MR, NULL, 0)                                                               \
@@ -1075,7 +1076,7 @@ static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t 
 
 static void tile_rows(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
                       int64_t k, const uint8_t *wt, const float *ws, const float *wz, int64_t gap,
-                      float *y, int64_t ldy, int mr, int nt, int swiglu, int wide)
+                      float *y, int64_t ldy, int mr, int nt, int swiglu, int nibbles)
 {
     switch (mr) {
         TILE_CASE(1)
@@ -1105,9 +1106,10 @@ static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, i
                       const float *ws, const float *wz, int64_t n, float *y, int swiglu,
                       int nthreads)
 {
-    const int wide = offset == 128; /* else u <= 31: int4's q (offset 8) or int8 as w + 16 */
+    /* offset 128: int8 as w + 128; else u <= 31, int4's q (offset 8) or int8 as w + 16 */
+    const int nibbles = offset == 128 && !HAS_DPBUSD;
     if (k % BLOCK != 0 || n % (swiglu ? 2 * TILE : TILE) != 0 || nthreads < 1 ||
-        (wz ? offset != 8 : !wide && offset != 16))
+        (wz ? offset != 8 : offset != 128 && offset != 16))
         return -1;
     const int64_t blocks = k / BLOCK, tiles = n / TILE;
     const int64_t rows = (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS; /* whole groups */
@@ -1127,7 +1129,7 @@ static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, i
      * y's rows of ldy floats. Two where AVX-512 holds both tiles' sums in registers; the
      * 256-bit code runs a column at a time, where int8's nibbles ran 1.13x as fast with one
      * tile an item and the others 1.07x with two (Zen 4). */
-    const int64_t per = swiglu || !(wide && !HAS_DPBUSD) ? 2 : 1;
+    const int64_t per = swiglu || !nibbles ? 2 : 1;
     const int64_t pairs = swiglu ? tiles / 2 : (tiles + per - 1) / per;
     const int64_t gap = swiglu ? tiles / 2 : 1;
     const int64_t ldy = swiglu ? n / 2 : n;
@@ -1151,7 +1153,7 @@ static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, i
                     tile_rows(xq + i * k, xd + i * blocks, xo + i * blocks,
                               xs ? xs + i * blocks : NULL, k, wt + t * k * TILE, ws + at,
                               wz ? wz + at : NULL, gap, y + i * ldy + c, ldy, mr, (int)nt, swiglu,
-                              wide);
+                              nibbles);
                 }
             }
         }
