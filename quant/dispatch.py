@@ -502,8 +502,8 @@ def limit_to_avx2() -> None:
     hardware or AMX): the native kernels are built for AVX2 alone and read_cpu_info hides the
     wider flags (the model name says so, keeping its rankings apart). torch's own kernels are
     not affected: start the process with ATEN_CPU_CAPABILITY=avx2 (and oneDNN's and MKL's
-    limits) for those. So a bigger CPU measures what the issue's AVX2 machines get
-    (benchmarks/decode.py --isa avx2). Call before the first kernel is built."""
+    limits) for those. So a bigger CPU measures what AVX2-only machines get (benchmarks/
+    decode.py --isa avx2). Call before the first kernel is built."""
     global _avx2_only
     native.limit_to_avx2()
     _avx2_only = True
