@@ -1058,11 +1058,11 @@ static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t 
 
 /* One call per (rows, tiles, weight kind), so each is compiled with its loops unrolled: int4
  * (zeros given), int8 as w + 128 in nibbles (256-bit code without VNNI), other int8. */
-#define TILE_CALL(MR, WZ, WIDE)                                                                  \
+#define TILE_CALL(MR, WZ, NIBBLES)                                                               \
     if (nt == 2)                                                                                 \
-        tile_kernel(xq, xd, xo, xs, k, wt, ws, WZ, gap, y, ldy, MR, 2, swiglu, WIDE);            \
+        tile_kernel(xq, xd, xo, xs, k, wt, ws, WZ, gap, y, ldy, MR, 2, swiglu, NIBBLES);         \
     else                                                                                         \
-        tile_kernel(xq, xd, xo, xs, k, wt, ws, WZ, gap, y, ldy, MR, 1, 0, WIDE);
+        tile_kernel(xq, xd, xo, xs, k, wt, ws, WZ, gap, y, ldy, MR, 1, 0, NIBBLES);
 #define TILE_CASE(MR)                                                                            \
     case MR:                                                                                     \
         if (wz) {                                                                                \
