@@ -66,19 +66,30 @@ def _commit() -> str:
 
 
 @contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set inside the block (for the processes started there too);
+    the previous values, or their absence, come back afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
 def temporary_home(prefix: str, parent: str | None = None) -> Iterator[Path]:
     """A new folder as CODELM_HOME inside the block (kernel rankings calibrated afresh, no
     weight cache kept), removed afterwards; the previous CODELM_HOME comes back."""
     home = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    previous = os.environ.get("CODELM_HOME")
-    os.environ["CODELM_HOME"] = str(home)
     try:
-        yield home
+        with environment({"CODELM_HOME": str(home)}):
+            yield home
     finally:
-        if previous is None:
-            os.environ.pop("CODELM_HOME", None)
-        else:
-            os.environ["CODELM_HOME"] = previous
         shutil.rmtree(home, ignore_errors=True)
 
 

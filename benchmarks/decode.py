@@ -23,9 +23,7 @@ bench-peers-avx2`). fbgemm keeps its own choice, so `dense_fp16` may be faster t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import os
 import sys
 import sysconfig
 import time
@@ -35,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
 from common import (  # noqa: E402
+    environment,
     in_fresh_process,
     median,
     peak_rss_mb,
@@ -247,21 +246,6 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, model_path)
     with temporary_home("codelm-decode-"):
         return _run(args, model_path)
-
-
-@contextlib.contextmanager
-def environment(values: dict[str, str]):
-    """os.environ with `values` set, for the processes started inside (restored after)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def add_peer_ratios(rows: list[dict]) -> None:
