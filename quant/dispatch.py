@@ -433,10 +433,10 @@ def _heuristic_times(
         orders = cuda.HEURISTIC_ORDER
     elif cpu.has_bf16_hardware:
         # Measured on an AVX512-BF16 EPYC: bf16 GEMMs beat fp32 for prefill, and int8_tiles
-        # (with AVX-512 VNNI there) beats both (docs/quant.md).
+        # (with AVX-512 VNNI there) beats both, int4 weights fastest as int8 (docs/quant.md).
         orders = {
             "decode": _PACKED + _NATIVE + ("dequant_fp32",),
-            "prefill": ("int8_tiles", "dense_bf16")
+            "prefill": ("int4_as_int8_tiles", "int8_tiles", "dense_bf16")
             + _PACKED
             + ("dense_fp16", "dense_fp32", "dequant_fp32")
             + _NATIVE,

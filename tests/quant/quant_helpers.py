@@ -46,6 +46,17 @@ def int8_blocks_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return half_step @ w.abs().t() + 2.0**-11 * (xa @ w.abs().t()) + fp32_bound(x, w)
 
 
+def requantized_blocks_bound(x: torch.Tensor, qw) -> torch.Tensor:
+    """int8_blocks_bound where each weight was first rounded again to int8 in blocks of 32
+    (Int4AsInt8Tiles): it moves by up to half a step, its block's absmax / 127."""
+    from codelm.quant import dequantize
+
+    w = dequantize(qw)
+    steps = w.abs().view(w.shape[0], -1, 32).amax(dim=-1) / 127
+    moved = steps.repeat_interleave(32, dim=1) / 2
+    return int8_blocks_bound(x, w.abs() + moved) + x.abs().float() @ moved.t()
+
+
 def int4_blocks_bound(x: torch.Tensor, qw) -> torch.Tensor:
     """int8_blocks_bound for the native int4 kernel: x's rounding meets (q - 8) * scale, at most
     |w| + |zero|; fp16 scales and zeros move each weight by <= 2^-11 * (|w| + 2 |zero|)."""

@@ -12,6 +12,7 @@ from quant_helpers import (
     int4_bf16_bound,
     int4_blocks_bound,
     int8_blocks_bound,
+    requantized_blocks_bound,
     weight,
 )
 
@@ -38,6 +39,7 @@ CASES = [
     ("int4_native", "int4", "int4_blocks"),
     ("int8_tiles", "int8", "int8_blocks"),
     ("int8_tiles", "int4", "int4_blocks"),
+    ("int4_as_int8_tiles", "int4", "requantized_blocks"),
 ]
 SHAPES = {"decode": 1, "prefill": 33}
 
@@ -60,6 +62,8 @@ def _bound(kind: str, x: torch.Tensor, qw) -> torch.Tensor:
         return int8_blocks_bound(x, w)
     if kind == "int4_blocks":
         return int4_blocks_bound(x, qw)
+    if kind == "requantized_blocks":
+        return requantized_blocks_bound(x, qw)
     # One activation step per element (range / 127 with reduce_range), summed over |w|.
     step = (x.max(dim=-1, keepdim=True).values - x.min(dim=-1, keepdim=True).values) / 127
     return step * w.abs().sum(dim=1) + bf16_bound(x, w)

@@ -8,11 +8,11 @@ import ctypes
 
 import pytest
 import torch
-from quant_helpers import int4_blocks_bound, int8_blocks_bound, weight
+from quant_helpers import int4_blocks_bound, int8_blocks_bound, requantized_blocks_bound, weight
 
 from codelm.daemon.engine.layers import silu_and_mul
 from codelm.quant import dequantize, matmul, native, quantize_int4, quantize_int8
-from codelm.quant.cpu import CPU_KERNELS, Int4Native, Int8Native, Int8Tiles
+from codelm.quant.cpu import CPU_KERNELS, Int4AsInt8Tiles, Int4Native, Int8Native, Int8Tiles
 from codelm.quant.dispatch import read_cpu_info
 from codelm.quant.formats import Int8Weight
 
@@ -101,17 +101,38 @@ def test_native_kernel_matches_reference_when_group_wise(gen, group_size, kernel
 
 
 @needs_native
-@pytest.mark.parametrize("kernel", [Int4Native, Int8Tiles])
+@pytest.mark.parametrize(
+    ("kernel", "bound"),
+    [
+        (Int4Native, int4_blocks_bound),
+        (Int8Tiles, int4_blocks_bound),
+        (Int4AsInt8Tiles, requantized_blocks_bound),
+    ],
+)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("rows", [1, 17])
-def test_native_int4_kernel_matches_reference_when_offset_weights(gen, group_size, rows, kernel):
+def test_native_int4_kernel_matches_reference_when_offset_weights(
+    gen, group_size, rows, kernel, bound
+):
     # Weights centred away from 0, as Q4_1's minimums make them: the zero points carry weight.
     qw, _ = quantize_int4(weight(gen, 136, 896) + 0.03, group_size)
     x = torch.randn(rows, 896, generator=gen)
     x[0, 32:64] = 0.0
     y = kernel(qw)(x)
     assert y.shape == (rows, 136)
-    assert ((y - matmul(x, qw)).abs() <= int4_blocks_bound(x, qw)).all()
+    assert ((y - matmul(x, qw)).abs() <= bound(x, qw)).all()
+
+
+@needs_native
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int4_as_int8_tiles_are_the_int8_tiles_of_the_requantised_weight(gen, group_size):
+    # 100 rows: the last tile is padded. Its numbers are those of int8 tiles built from the
+    # int4 weight's values quantised again to int8 blocks, to the bit; and no zeros are left.
+    qw, _ = quantize_int4(weight(gen, 100, 896) + 0.03, group_size)
+    requantised, _ = quantize_int8(dequantize(qw), group_size=32)
+    tiles, x = Int4AsInt8Tiles(qw), torch.randn(9, 896, generator=gen)
+    assert (tiles.offset, tiles.zeros) == (128, None)
+    assert torch.equal(tiles(x), Int8Tiles(requantised)(x))
 
 
 def five_bit(qw: Int8Weight) -> Int8Weight:
