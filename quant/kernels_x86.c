@@ -110,19 +110,36 @@ static void quantize_blocks(const float *x, int64_t blocks, int8_t *xq, float *x
     }
 }
 
+/* vpdpbusd on 256-bit registers: AVX-VNNI, or AVX-512 VNNI with VL */
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+#define HAS_DPBUSD_256 1
+#else
+#define HAS_DPBUSD_256 0
+#endif
+
+static inline __m256i widen(__m256i pairs, short by) /* 16-bit pair sums * by, as int32 */
+{
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(by));
+}
+
+/* Per int32 lane, the sum of its 4 products of unsigned bytes u and signed bytes s; without
+ * VNNI through 16-bit pair sums, so each pair of products must fit in int16. */
+static inline __m256i dot4(__m256i u, __m256i s)
+{
+#if HAS_DPBUSD_256
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return widen(_mm256_maddubs_epi16(u, s), 1);
+#endif
+}
+
 /* 32 int8 products summed in 8 int32 lanes. maddubs takes unsigned x signed bytes, so w's sign
  * moves onto x: |w| <= 128 and |x| <= 127 keep each pair sum within int16. */
 static inline __m256i dot32(const int8_t *w, const int8_t *x)
 {
     const __m256i wv = _mm256_loadu_si256((const __m256i *)w);
     const __m256i xv = _mm256_loadu_si256((const __m256i *)x);
-    const __m256i wabs = _mm256_sign_epi8(wv, wv);
-    const __m256i xs = _mm256_sign_epi8(xv, wv);
-#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), wabs, xs);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), _mm256_set1_epi16(1));
-#endif
+    return dot4(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
 }
 
 /* 32 int4 weights (16 bytes: element j in the low nibble of byte j, element j + 16 in its
@@ -133,12 +150,7 @@ static inline __m256i dot32_q4(const uint8_t *w, const int8_t *x)
     const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w));
     const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(both, shift), _mm256_set1_epi8(0x0F));
-    const __m256i xv = _mm256_loadu_si256((const __m256i *)x);
-#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), _mm256_set1_epi16(1));
-#endif
+    return dot4(q, _mm256_loadu_si256((const __m256i *)x));
 }
 
 #define INLINE static inline __attribute__((always_inline))
@@ -897,11 +909,7 @@ INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, co
  * int4 and 5-bit int8 (1.6x as fast as before on Zen 4), two for other int8, where moving w's
  * sign onto x took three multiply-port instructions (vpsignb, vpmaddubsw, vpmaddwd; as fast as
  * the nibbles on Zen 4, whose 6-wide front end limits both). */
-#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
-#define HAS_DPBUSD 1
-#else
-#define HAS_DPBUSD 0
-#endif
+#define HAS_DPBUSD HAS_DPBUSD_256
 #define SMALL_STEPS 4 /* steps of u <= 31 that 16 bits hold */
 /* GCC takes these intrinsics for plain vector arithmetic and reassociates a block's running sums
  * into trees of partial products spilled to the stack (0.6x as fast); an empty asm on each sum
@@ -913,11 +921,6 @@ static inline __m256i x_four(const int8_t *x) /* 4 bytes of x in every lane */
     int32_t four;
     memcpy(&four, x, 4);
     return _mm256_set1_epi32(four);
-}
-
-static inline __m256i widen(__m256i pairs, short by) /* 16-bit pair sums * by, as int32 */
-{
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(by));
 }
 
 /* Column h (channels 8h .. 8h + 7) of the tile at wt for mr rows: out[r * ldo + c]. nibbles:
