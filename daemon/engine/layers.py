@@ -195,6 +195,10 @@ def attend(
         if q.device.type == "cpu" and end > _SDPA_DECODE_MAX_KEYS:
             return _attend_one_query(q, keys, values)
         mask = None
+    elif n_queries == end:
+        # A prompt from position 0: torch's own causal masking, which lets CUDA take its flash
+        # kernel (an explicit mask rules it out).
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
     else:
         # Query i (absolute position end - n_queries + i) sees the keys up to its own.
         rows = torch.arange(end - n_queries, end, device=q.device).unsqueeze(1)
