@@ -89,6 +89,11 @@ class DispatchConfig:
     # its prefill kernel there (`KernelPlan.decode_max_rows`): one-layer timing loops keep the
     # weights in cache, which flatters a dense copy's extra bytes.
     handover_slack: float = 1.25
+    # Prefill kernels timed within this factor of the fastest are taken as tied, and the one
+    # holding the fewest bytes beside the format wins: the VM's run-to-run noise had put
+    # Qwen2.5-Coder's head on a 272 MB bf16 copy instead of its 170 MB int8 tiles (83 and 90
+    # ms at 128 rows in one calibration, the other order in the next).
+    prefill_tie: float = 1.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,10 +283,20 @@ class Dispatcher:
             # Dense copies never decode (see _DECODE_NO_DENSE), whatever a ranking says.
             if n in specs and not (phase == "decode" and specs[n].dense_bytes_per_weight)
         )
-        for _, name in order:
-            if name == free or _dense_bytes(specs[name], qw) <= left:
-                return name
-        raise ValueError(f"no affordable {phase} kernel for {qw.scheme} {qw.shape} among {order}")
+        held = {n: 0 if n == free else _dense_bytes(specs[n], qw) for _, n in order}
+        affordable = [(t, n) for t, n in order if held[n] <= left]
+        if not affordable:
+            raise ValueError(
+                f"no affordable {phase} kernel for {qw.scheme} {qw.shape} among {order}"
+            )
+        if phase == "decode":
+            return affordable[0][1]
+        tied = [
+            (held[n], t, n)
+            for t, n in affordable
+            if t <= affordable[0][0] * self.config.prefill_tie
+        ]
+        return min(tied)[2]
 
     def _load_disk(self) -> dict[str, dict[str, dict[str, float]]]:
         if self._disk is None:
