@@ -90,9 +90,9 @@ class DispatchConfig:
     # weights in cache, which flatters a dense copy's extra bytes.
     handover_slack: float = 1.25
     # Prefill kernels timed within this factor of the fastest are taken as tied, and the one
-    # holding the fewest bytes beside the format wins: the VM's run-to-run noise had put
-    # Qwen2.5-Coder's head on a 272 MB bf16 copy instead of its 170 MB int8 tiles (83 and 90
-    # ms at 128 rows in one calibration, the other order in the next).
+    # holding the fewest bytes beside the format wins: near timings swap between runs (one put
+    # Qwen2.5-Coder's int4 head on a 272 MB bf16 copy, the next timed its 170 MB int8 tiles
+    # 8% faster), and memory held is not noise.
     prefill_tie: float = 1.05
 
 
