@@ -23,7 +23,7 @@ from codelm.quant.formats import (
     select_rows,
     unpack_int4,
 )
-from codelm.quant.reference import dequantize, quantize_int8
+from codelm.quant.reference import dequantize, round_int8
 
 # ~2 MiB dequantised tiles stay in cache while the GEMM reads them (measured 2-3x on the head).
 _TILE_BYTES = 2 << 20
@@ -269,12 +269,13 @@ class Int8Tiles:
         step = max(1, (_REQUANTIZE_BYTES if requantize else _PACK_BYTES) // (16 * k))
         for t0 in range(0, tiles, step):
             t1 = min(t0 + step, tiles)
-            rows = qw.data[t0 * 16 : t1 * 16]
             if requantize:
                 index = torch.arange(t0 * 16, min(t1 * 16, n))
-                part = quantize_int8(dequantize(select_rows(qw, index)), 32)[0]
+                part = round_int8(dequantize(select_rows(qw, index)), 32)
                 rows = part.data
                 scales.append(part.scales)
+            else:
+                rows = qw.data[t0 * 16 : t1 * 16]
             u = unpack_int4(rows) if int4 else rows.view(torch.uint8) + self.offset  # mod 256
             u = F.pad(u, (0, 0, 0, (t1 - t0) * 16 - u.shape[0]), value=self.offset)
             self.data[t0:t1] = u.view(t1 - t0, 16, blocks, 8, 4).permute(0, 2, 3, 1, 4)

@@ -28,6 +28,16 @@ def quantize_int8(
     Returns the weight and the max abs reconstruction error (float32 units of w).
     """
     w = _as_matrix(w, name)
+    qw = round_int8(w, group_size, name=name)
+    return qw, _max_abs_err(qw, w)
+
+
+def round_int8(
+    w: torch.Tensor, group_size: int | None = None, *, name: str = "weight"
+) -> Int8Weight:
+    """quantize_int8's weight without its error (a pass of dequantising and comparing), for
+    callers that keep none: Int4AsInt8Tiles rounding a model's int4 layers at each load."""
+    w = _as_matrix(w, name)
     n, k = w.shape
     group = k if group_size is None else group_size
     if group <= 0 or k % group:
@@ -37,8 +47,7 @@ def quantize_int8(
     # An all-zero group keeps scale 0 (dequantises to 0) but must not divide by it.
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     q = (groups / safe[..., None]).round_().clamp_(-127, 127).to(torch.int8)
-    qw = Int8Weight(data=q.reshape(n, k), scales=scales.contiguous(), group_size=group)
-    return qw, _max_abs_err(qw, w)
+    return Int8Weight(data=q.reshape(n, k), scales=scales.contiguous(), group_size=group)
 
 
 def quantize_int4(
