@@ -61,6 +61,7 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
     # Activations and KV: fp32 on CPUs (bf16 matmuls are slow without bf16 hardware; the
     # quantised kernels convert at their boundary), bf16 on CUDA.
     dtype = torch.bfloat16 if device.type == "cuda" or config.quant == "bf16" else torch.float32
+    n_params = weights.n_params()  # before fill_model takes them
     make_linear = LinearFactory(config.quant, dtype, device, path)
     report(0.2, "building the model")
     model = module.Model(args)
@@ -76,7 +77,6 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
     make_linear.finish()
     model.eval()
     decode_step = attach_fused_decode(model, device, dtype, config.cuda_graphs)
-    n_params = sum(p.numel() for p in model.parameters())
     from codelm.quant import kernel_summary
 
     info = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +87,11 @@ class WeightSet:
     meta: dict[str, Any]  # GGUF metadata or the HF config.json
     kind: str  # "gguf" | "hf"
     path: Path
+
+    def n_params(self) -> int:
+        """Elements in the checkpoint's tensors not yet taken: the parameter count a model
+        card gives (a quantised model holds its layers as packed buffers, not parameters)."""
+        return sum(math.prod(t.shape) for t in self.tensors.values())
 
     def take(self, name: str) -> TensorSource:
         try:

@@ -39,10 +39,8 @@ DEVICES = [
 ]
 
 
-def _save_llama(folder: Path, intermediate_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random 2-block llama saved by transformers in `folder`, with a word-level tokenizer;
-    returns a token sequence and transformers' fp32 logits for it."""
-    config = transformers.LlamaConfig(
+def _config(intermediate_size: int) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=256,
         intermediate_size=intermediate_size,
@@ -51,8 +49,13 @@ def _save_llama(folder: Path, intermediate_size: int) -> tuple[torch.Tensor, tor
         num_key_value_heads=2,
         max_position_embeddings=256,
     )
+
+
+def _save_llama(folder: Path, intermediate_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random 2-block llama saved by transformers in `folder`, with a word-level tokenizer;
+    returns a token sequence and transformers' fp32 logits for it."""
     torch.manual_seed(0)
-    ref = transformers.LlamaForCausalLM(config).eval()
+    ref = transformers.LlamaForCausalLM(_config(intermediate_size)).eval()
     randomise_norms(ref)
     ref.save_pretrained(folder)
     write_word_tokenizer(folder, VOCAB)
@@ -98,6 +101,8 @@ def test_checkpoint_runs_close_to_fp32_on_each_device(checkpoint, device, quant)
     loaded = load_model(EngineConfig(model=str(folder), quant=quant), torch.device(device))
     for name, tensor in [*loaded.model.named_parameters(), *loaded.model.named_buffers()]:
         assert tensor.device.type == device, f"{name} is on {tensor.device}"
+    # What `status` reports: the checkpoint's count, though quantised layers hold no parameters.
+    assert loaded.info["n_params"] == transformers.LlamaForCausalLM(_config(512)).num_parameters()
     _check_close(loaded, tokens, expected, quant)
 
 
