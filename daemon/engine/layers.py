@@ -338,6 +338,12 @@ def meta_linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
     return nn.Linear(n_in, n_out, bias=bias, device="meta")
 
 
+def meta_embedding(n: int, dim: int) -> nn.Embedding:
+    """Placeholder replaced at load, given its (meta) weight: nn.Embedding's own init draws
+    normal_ even on the meta device, through a path that imports torch._dynamo (1.1 s)."""
+    return nn.Embedding(n, dim, _weight=torch.empty(n, dim, device="meta"))
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with weight and bias, computed in fp32 (the checkpoint fills both)."""
 

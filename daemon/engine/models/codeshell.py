@@ -23,6 +23,7 @@ from ..layers import (
     RopeScaling,
     SelfAttention,
     gelu_approximate,
+    meta_embedding,
     meta_linear,
 )
 
@@ -147,7 +148,7 @@ class Block(PreNormBlock):
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.wte = nn.Embedding(args.vocab_size, args.dim, device="meta")
+        self.wte = meta_embedding(args.vocab_size, args.dim)
         self.h = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.ln_f = LayerNorm(args.dim, args.norm_eps)
 

@@ -19,6 +19,7 @@ from ..layers import (
     RopeScaling,
     SelfAttention,
     gate_up_silu,
+    meta_embedding,
     meta_linear,
 )
 from ..weights import hf_sizes
@@ -141,7 +142,7 @@ class Block(PreNormBlock):
 class Inner(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, device="meta")
+        self.embed_tokens = meta_embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
 

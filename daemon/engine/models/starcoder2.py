@@ -24,6 +24,7 @@ from ..layers import (
     attend,
     attend_at,
     gelu_approximate,
+    meta_embedding,
     meta_linear,
 )
 from ..weights import hf_sizes
@@ -166,7 +167,7 @@ class Block(PreNormBlock):
 class Inner(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, device="meta")
+        self.embed_tokens = meta_embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = LayerNorm(args.dim, args.norm_eps)
 
