@@ -157,7 +157,7 @@ def _repack_q5_0(blocks: np.ndarray, name: str) -> Int8Weight:
     n, nb, _ = blocks.shape
     data = torch.empty(n, nb * QK, dtype=torch.int8)
     for rows, q in _q5_quants(blocks, qh_at=_Q5_FIELDS[_T.Q5_0][0]):
-        data[rows] = q.sub_(16).to(torch.int8).reshape(-1, nb * QK)  # ggml: w = (q - 16) d
+        data[rows] = (q.view(torch.int8) - 16).reshape(-1, nb * QK)  # ggml: w = (q - 16) d
     return Int8Weight(data=data, scales=torch.from_numpy(_fp16_field(blocks, 0)), group_size=QK)
 
 
@@ -212,7 +212,7 @@ def dequantize_gguf(
 # Q5 block: fp16 d, (Q5_1: fp16 min m), 32 fifth bits (uint32 qh), 16 bytes of low nibbles.
 # (qh offset, min offset or None); ggml: Q5_0 w = (q - 16) d, Q5_1 w = q d + m.
 _Q5_FIELDS = {_T.Q5_0: (2, None), _T.Q5_1: (4, 2)}
-_Q5_CHUNK = 1 << 22  # elements unpacked at a time: int32 bit planes stay ~16 MB
+_Q5_CHUNK = 1 << 22  # elements unpacked at a time: a few 4 MB byte planes
 # Unpacked here (bit for bit gguf's values) rather than by gguf's numpy. Not Q4_K: its zero
 # points round once more than gguf's arithmetic does.
 _FAST_DEQUANTIZE = {_T.Q4_0, _T.Q4_1, _T.Q8_0, *_Q5_FIELDS}
@@ -233,19 +233,19 @@ def _dequantize_q5(blocks: np.ndarray, qh_at: int, m_at: int | None) -> torch.Te
 
 
 def _q5_quants(blocks: np.ndarray, qh_at: int):
-    """(row slice, int32 q [rows, K / 32, 32] in 0..31) over a Q5 tensor's rows, _Q5_CHUNK
-    elements at a time."""
+    """(row slice, uint8 q [rows, K / 32, 32] in 0..31) over a Q5 tensor's rows, _Q5_CHUNK
+    elements at a time. In bytes throughout: 0.18 s for Qwen2.5-Coder's 136M-value Q5_0
+    embedding where int32 bit planes in torch took 0.47 s (2 Zen 4 cores)."""
     n, nb, _ = blocks.shape
-    # Read as int32: an arithmetic shift still brings bit j down to bit 0 for any j < 32.
-    qh = torch.from_numpy(np.ascontiguousarray(blocks[..., qh_at : qh_at + 4]).view("<i4"))
-    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., qh_at + 4 :]))
-    bit = torch.arange(QK, dtype=torch.int32)
     rows = max(1, _Q5_CHUNK // (nb * QK))
     for r in range(0, n, rows):
-        sl = slice(r, r + rows)
-        # Element j of a block: low nibble j (j < 16) or high nibble j - 16, fifth bit j of qh.
-        low = torch.cat([qs[sl] & 0x0F, qs[sl] >> 4], dim=-1)
-        yield sl, ((qh[sl] >> bit) & 1) * 16 + low
+        part = blocks[r : r + rows]
+        # Element j of a block: fifth bit j of the little-endian qh, then low nibble j (j < 16)
+        # or high nibble j - 16.
+        high = np.unpackbits(part[..., qh_at : qh_at + 4], axis=-1, bitorder="little")
+        qs = part[..., qh_at + 4 :]
+        low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+        yield slice(r, r + rows), torch.from_numpy((high << 4) | low)
 
 
 def _blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int], name: str):
