@@ -189,6 +189,27 @@ class StreamDecoder:
         return ""
 
 
+def _byte_table() -> dict[int, str]:
+    """str.translate's table from byte-level BPE text to latin-1 text of the same bytes: each
+    stand-in character to the character of its byte's code, and the other characters below
+    256 to a space (as _byte_piece takes those from 256 up)."""
+    decoder = _byte_decoder()
+    table = {ord(c): chr(b) for c, b in decoder.items()}
+    table.update({i: " " for i in range(256) if chr(i) not in decoder})
+    return table
+
+
+def _byte_piece(token: str, to_latin1: dict[int, str]) -> bytes:
+    """A byte-level BPE token's bytes, a space for each character that stands for no byte:
+    one translate per token (0.05 s for a 151k vocabulary, against 0.46 s a character at a
+    time)."""
+    text = token.translate(to_latin1)
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:  # characters from 256 up that stand for no byte
+        return bytes(ord(c) if ord(c) < 256 else 32 for c in text)
+
+
 def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
@@ -215,9 +236,10 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
     )
     pairs = enumerate(zip(tokens, types, strict=True))
     special = {tok: i for i, (tok, kind) in pairs if kind in _SPECIAL_TYPES}
-    decoder = _byte_decoder()
+    special_ids = set(special.values())
+    to_latin1 = _byte_table()
     pieces = [
-        tok.encode() if i in special.values() else bytes(decoder.get(c, 32) for c in tok)
+        tok.encode() if i in special_ids else _byte_piece(tok, to_latin1)
         for i, tok in enumerate(tokens)
     ]
     eos = meta.get("tokenizer.ggml.eos_token_id")
@@ -278,7 +300,7 @@ def _hf_tokenizer(file: Path, settings: dict, config: dict) -> Tokenizer:
 
 
 def _hf_pieces(backend: Any, vocab_size: int, special: dict[str, int]) -> list[bytes]:
-    decoder = _byte_decoder()
+    to_latin1 = _byte_table()
     special_ids = set(special.values())
     byte_level = "ByteLevel" in json.dumps(backend.decoder.__getstate__(), default=str)
     pieces = []
@@ -287,7 +309,7 @@ def _hf_pieces(backend: Any, vocab_size: int, special: dict[str, int]) -> list[b
         if i in special_ids or not byte_level:
             pieces.append(_sentencepiece_piece_bytes(tok) if not byte_level else tok.encode())
         else:
-            pieces.append(bytes(decoder.get(c, 32) for c in tok))
+            pieces.append(_byte_piece(tok, to_latin1))
     return pieces
 
 

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from codelm.daemon.engine.tokenizer import StreamDecoder, Tokenizer
+from codelm.daemon.engine.tokenizer import (
+    StreamDecoder,
+    Tokenizer,
+    _byte_decoder,
+    _byte_piece,
+    _byte_table,
+)
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -109,3 +115,12 @@ def test_consistent_tokens_equal_a_pass_over_the_vocabulary_when_real(default_en
     for required in (b" ", b"        ", b"ret", b"return", b"\n", "é".encode(), b"self.assert"):
         got = tokenizer.consistent_tokens(required).tolist()
         assert got == _brute_force_consistent(tokenizer, required), required
+
+
+def test_byte_level_pieces_map_each_stand_in_to_its_byte_and_others_to_a_space():
+    stand_ins = {b: c for c, b in _byte_decoder().items()}
+    table = _byte_table()
+    every_byte = "".join(stand_ins[b] for b in range(256))
+    assert _byte_piece(every_byte, table) == bytes(range(256))
+    # Characters that stand for no byte, below 256 (a real space, a soft hyphen) and above.
+    assert _byte_piece("a b\u00ad€😀" + stand_ins[0], table) == b"a b   \x00"
