@@ -258,7 +258,7 @@ class Dispatcher:
         prior = _heuristic_times(qw, specs, self.cpu)["prefill"]
         ordered = dict(sorted(specs.items(), key=lambda kv: prior.get(kv[0], math.inf)))
         busy_load = _busy_load()
-        ranking = _calibrate(qw, ordered, self.config.calibration_rows)
+        ranking = _calibrate(qw, ordered, self.config.calibration_rows, self.config.prefill_tie)
         if busy_load is not None:
             # Timings on a loaded machine are noise; do not make them permanent.
             return ranking, f"calibrated on a busy machine (load {busy_load:.1f}), not cached"
@@ -320,12 +320,17 @@ class Dispatcher:
 
 
 def _calibrate(
-    qw: QuantizedWeight, specs: dict[str, KernelSpec], rows: tuple[int, int]
+    qw: QuantizedWeight, specs: dict[str, KernelSpec], rows: tuple[int, int], tie: float = 1.0
 ) -> _Ranking:
+    """Times of each candidate per phase. A copy that prefills slower (beyond `tie`, as _pick
+    reads it) than one holding no more bytes is never picked, whatever the budget, and never
+    decodes: its crossover rows go untimed (the default model's head: ~1 s of a first load)."""
     device, k = _device(qw), qw.shape[1]
+    held = {name: _dense_bytes(spec, qw) for name, spec in specs.items()}
     xs = {phase: torch.randn(m, k, device=device) for phase, m in zip(_PHASES, rows, strict=True)}
     xs |= {f"rows{m}": torch.randn(m, k, device=device) for m in _CROSSOVER_ROWS}
     times: dict[str, dict[str, float]] = {phase: {} for phase in xs}
+    prefilled = times["prefill"]
     for name, spec in specs.items():
         # One candidate alive at a time: a head's dense fp32, bf16 and fp16 copies held
         # together were 1.1 GB of Qwen2.5-Coder's load peak. plan() builds the winners again.
@@ -334,6 +339,8 @@ def _calibrate(
             for phase, x in xs.items():
                 if phase == "decode" and spec.dense_bytes_per_weight:
                     continue  # see _DECODE_NO_DENSE
+                if phase.startswith("rows") and _outclassed(name, spec, prefilled, held, tie):
+                    break
                 best = min(times[phase].values(), default=math.inf)
                 times[phase][name] = _time_ms(kernel, x, best_ms=best)
         except (RuntimeError, NotImplementedError) as exc:
@@ -343,6 +350,17 @@ def _calibrate(
                 phase_times.pop(name, None)
         kernel = None  # freed before the next candidate is built
     return _Ranking(times)
+
+
+def _outclassed(
+    name: str, spec: KernelSpec, prefill: dict[str, float], held: dict[str, int], tie: float
+) -> bool:
+    if not spec.dense_bytes_per_weight or name not in prefill:
+        return False
+    return any(
+        other != name and held[other] <= held[name] and ms * tie < prefill[name]
+        for other, ms in prefill.items()
+    )
 
 
 _STREAM_BYTES = 256 << 20  # weights faster_scheme streams through: several times any LLC

@@ -17,6 +17,7 @@ from codelm.quant import (
     quantize_int8,
 )
 from codelm.quant import dispatch as dispatch_module
+from codelm.quant.cpu import KernelSpec
 
 CPUINFO = """processor\t: 0
 model name\t: Test CPU 9000
@@ -280,3 +281,24 @@ def test_timing_takes_a_long_call_at_most_twice_and_a_short_one_more_often():
     loser = _Clocked(120.0)
     assert dispatch_module._time_ms(loser, x, best_ms=50.0) >= 120.0
     assert loser.calls == 1
+
+
+def test_calibration_skips_the_crossover_rows_of_an_outclassed_copy(gen):
+    # A prefill copy slower than one holding no more bytes is never picked (nor ever
+    # decodes), so its timings at 2-16 rows would go unread; every other candidate gets them.
+    qw, _ = quantize_int8(weight(gen, 32, 64))
+
+    def spec(name: str, ms: float, bytes_per_weight: float) -> KernelSpec:
+        return KernelSpec(name, ("int8",), lambda qw: _Clocked(ms), bytes_per_weight)
+
+    specs = {
+        "small_fast_copy": spec("small_fast_copy", 1.0, 1.0),
+        "big_slow_copy": spec("big_slow_copy", 4.0, 2.0),
+        "smaller_slow_copy": spec("smaller_slow_copy", 4.0, 0.5),
+        "no_copy": spec("no_copy", 4.0, 0.0),
+    }
+    times = dispatch_module._calibrate(qw, specs, (1, 8), tie=1.05).times_ms
+    crossover = [f"rows{m}" for m in dispatch_module._CROSSOVER_ROWS]
+    assert set(times["prefill"]) == set(specs)
+    for phase in crossover:
+        assert set(times[phase]) == set(specs) - {"big_slow_copy"}, phase
