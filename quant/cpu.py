@@ -197,9 +197,14 @@ class Int8Native:
         # under int8's own rounding (2^-8 of the group's largest).
         self.scales = qw.scales.to(torch.float16).contiguous()
         self.nbytes = _nbytes(self.data, self.scales)
+        # Many rows of x go through the tile kernel, which takes w unsigned (see Int8Tiles).
+        self.offset = 16 if _fits_5_bits(self.data) else 128
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _run_native(self, x, self.data, self.scales)
+        return _call_native(
+            self, x, self.n, self.data.data_ptr(), self.scales.data_ptr(), self.group_size,
+            self.n, self.offset,
+        )  # fmt: skip
 
     def descriptor(self, bias: torch.Tensor | None) -> native.Linear:
         """This weight (and a float32 bias) for kernels_x86.c's fused decode step; the

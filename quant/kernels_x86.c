@@ -30,7 +30,7 @@
  * prefetcher not running far enough ahead of short rows (docs/quant.md, "Native kernels"). */
 #define PREFETCH_BYTES 2048
 
-int codelm_kernels_abi(void) { return 17; }
+int codelm_kernels_abi(void) { return 18; }
 
 static inline float hsum(__m256 v)
 {
@@ -288,14 +288,25 @@ INLINE void weight_row(const void *wr, const uint16_t *ws, const uint16_t *wz, i
 /* Floats rounded up to whole 64-byte lines, so threads' scratch never shares a line. */
 static int64_t padded(int64_t floats) { return (floats + 15) / 16 * 16; }
 
+static int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const uint16_t *ws,
+                      const uint16_t *wz, int64_t group, int64_t n, float *y, int32_t offset,
+                      int nthreads);
+#define TILED_MIN_ROWS 4 /* rows of x from which rows_tiled runs a layer (below: row by row) */
+
 /* y [m, n] = x [m, k] @ w.T for int8 w [n, k] (wz NULL) or repacked int4 w [n, k / 2] with
- * zeros wz; fp16 scales (and zeros) [n, k / group]. Returns 0, or -1 when the shape does not
- * fit blocks of 32 or memory for scratch is short. */
+ * zeros wz; fp16 scales (and zeros) [n, k / group]. `offset`: what int8 w takes to be unsigned
+ * in the tile kernel (16 where every w is in -16 .. 15, else 128; int4: 8). From
+ * TILED_MIN_ROWS rows of x the tile kernel runs it (rows_tiled), where the channels come in
+ * whole tiles of 16. Returns 0, or -1 when the shape does not fit blocks of 32 or memory for
+ * scratch is short. */
 static int linear(const float *x, int64_t m, int64_t k, const void *w, const uint16_t *ws,
-                  const uint16_t *wz, int64_t group, int64_t n, float *y, int nthreads)
+                  const uint16_t *wz, int64_t group, int64_t n, float *y, int32_t offset,
+                  int nthreads)
 {
     if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || nthreads < 1)
         return -1;
+    if (m >= TILED_MIN_ROWS && n % 16 == 0)
+        return rows_tiled(x, m, k, w, ws, wz, group, n, y, wz ? 8 : offset, nthreads);
     const int q4 = wz != NULL;
     const int64_t blocks = k / BLOCK, groups = k / group, per_group = group / BLOCK;
     const int64_t row_bytes = q4 ? k / 2 : k, per_thread = padded(blocks + groups);
@@ -342,18 +353,21 @@ static int linear(const float *x, int64_t m, int64_t k, const void *w, const uin
     return 0;
 }
 
-/* int8 w [n, k], scaled per output channel (group k) or per group of 32 or more. */
+/* int8 w [n, k], scaled per output channel (group k) or per group of 32 or more; offset as
+ * for linear. */
 int codelm_q8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const uint16_t *ws,
-                     int64_t group, int64_t n, float *y, int nthreads)
+                     int64_t group, int64_t n, int32_t offset, float *y, int nthreads)
 {
-    return linear(x, m, k, w, ws, NULL, group, n, y, nthreads);
+    return offset == 16 || offset == 128 ? linear(x, m, k, w, ws, NULL, group, n, y, offset,
+                                                  nthreads)
+                                         : -1;
 }
 
 /* int4 w [n, k / 2] (see dot32_q4): w = (q - 8) * scale + zero per group. */
 int codelm_q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, const uint16_t *ws,
                      const uint16_t *wz, int64_t group, int64_t n, float *y, int nthreads)
 {
-    return wz ? linear(x, m, k, w, ws, wz, group, n, y, nthreads) : -1;
+    return wz ? linear(x, m, k, w, ws, wz, group, n, y, 8, nthreads) : -1;
 }
 
 /* ---- SwiGLU: silu(gate) * up, for the decode step and for prefill (layers.silu_and_mul) ---- */
@@ -1101,33 +1115,17 @@ static inline int64_t item_at(int64_t bound, int64_t base, int64_t len, int64_t 
     return item < count ? item : count;
 }
 
-/* The GEMM of codelm_tiles_linear, or with `swiglu` that of a fused gate / up projection (gate
- * tiles first, then as many up tiles) whose output is silu(gate) * up [m, n / 2] straight from
- * the registers: gate tile c pairs with up tile c + n / 32, and the n floats a row never reach
- * memory. */
-static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, int32_t offset,
-                      const float *ws, const float *wz, int64_t n, float *y, int swiglu,
-                      int nthreads)
+/* The tile GEMM of `tiles` weight tiles at wt (scales ws, int4 zeros wz) over m rows of x
+ * quantised by quantize_tile_rows, into y's rows of ldy floats from column 0; with `swiglu`
+ * the tiles are a fused gate / up projection (gate tiles first, then as many up tiles) and y
+ * gets silu(gate) * up straight from the registers: gate tile c pairs with up tile
+ * c + tiles / 2, and the gate and up floats of a row never reach memory. */
+static void tile_gemm_rows(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
+                           int64_t m, int64_t k, const uint8_t *wt, const float *ws,
+                           const float *wz, int64_t tiles, float *y, int64_t ldy, int swiglu,
+                           int nibbles, int nthreads)
 {
-    /* offset 128: int8 as w + 128; else u <= 31, int4's q (offset 8) or int8 as w + 16 */
-    const int nibbles = offset == 128 && !HAS_DPBUSD;
-    if (k % BLOCK != 0 || n % (swiglu ? 2 * TILE : TILE) != 0 || nthreads < 1 ||
-        (wz ? offset != 8 : offset != 128 && offset != 16))
-        return -1;
-    const int64_t blocks = k / BLOCK, tiles = n / TILE;
-    const int64_t rows = (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS; /* whole groups */
-    int8_t *xq = malloc((size_t)(rows * k));
-    float *xd = malloc((size_t)(rows * blocks) * sizeof(float));
-    int32_t *xo = malloc((size_t)(rows * blocks) * sizeof(int32_t));
-    float *xs = wz ? malloc((size_t)(rows * blocks) * sizeof(float)) : NULL;
-    if (!xq || !xd || !xo || (wz && !xs)) {
-        free(xq);
-        free(xd);
-        free(xo);
-        free(xs);
-        return -1;
-    }
-    quantize_tile_rows(x, m, k, offset, xq, xd, xo, xs, nthreads);
+    const int64_t blocks = k / BLOCK;
     /* A work item's tiles ("pair" below, one or two): t and t + gap, written at column c of
      * y's rows of ldy floats. Two where AVX-512 holds both tiles' sums in registers; the
      * 256-bit code runs a column at a time, where int8's nibbles ran 1.13x as fast with one
@@ -1135,7 +1133,6 @@ static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, i
     const int64_t per = swiglu || !nibbles ? 2 : 1;
     const int64_t pairs = swiglu ? tiles / 2 : (tiles + per - 1) / per;
     const int64_t gap = swiglu ? tiles / 2 : 1;
-    const int64_t ldy = swiglu ? n / 2 : n;
     /* Each thread takes an equal share of the work counted in rows x pairs, in span order:
      * item (span, pair) covers [its first row * pairs + pair * its rows, + its rows) and runs
      * on the thread whose share holds its start. Whole spans per thread left one a span's
@@ -1161,11 +1158,170 @@ static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, i
             }
         }
     }
-    free(xq);
-    free(xd);
-    free(xo);
-    free(xs);
+}
+
+/* x's quantised rows in the order the tile kernel reads them (quantize_tile_rows): NULL where
+ * memory is short. xs only where `sums` (int4's zero points). */
+typedef struct {
+    int8_t *xq;
+    float *xd;
+    int32_t *xo;
+    float *xs;
+} tile_rows_x;
+
+static void free_tile_x(tile_rows_x *t)
+{
+    free(t->xq);
+    free(t->xd);
+    free(t->xo);
+    free(t->xs);
+}
+
+static int quantize_tile_x(const float *x, int64_t m, int64_t k, int32_t offset, int sums,
+                           tile_rows_x *t, int nthreads)
+{
+    const int64_t blocks = k / BLOCK;
+    const int64_t rows = (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS; /* whole groups */
+    t->xq = malloc((size_t)(rows * k));
+    t->xd = malloc((size_t)(rows * blocks) * sizeof(float));
+    t->xo = malloc((size_t)(rows * blocks) * sizeof(int32_t));
+    t->xs = sums ? malloc((size_t)(rows * blocks) * sizeof(float)) : NULL;
+    if (!t->xq || !t->xd || !t->xo || (sums && !t->xs)) {
+        free_tile_x(t);
+        return -1;
+    }
+    quantize_tile_rows(x, m, k, offset, t->xq, t->xd, t->xo, t->xs, nthreads);
     return 0;
+}
+
+/* The GEMM of codelm_tiles_linear, or with `swiglu` that of codelm_tiles_swiglu. */
+static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, int32_t offset,
+                      const float *ws, const float *wz, int64_t n, float *y, int swiglu,
+                      int nthreads)
+{
+    /* offset 128: int8 as w + 128; else u <= 31, int4's q (offset 8) or int8 as w + 16 */
+    if (k % BLOCK != 0 || n % (swiglu ? 2 * TILE : TILE) != 0 || nthreads < 1 ||
+        (wz ? offset != 8 : offset != 128 && offset != 16))
+        return -1;
+    tile_rows_x t;
+    if (quantize_tile_x(x, m, k, offset, wz != NULL, &t, nthreads) != 0)
+        return -1;
+    tile_gemm_rows(t.xq, t.xd, t.xo, t.xs, m, k, wt, ws, wz, n / TILE, y, swiglu ? n / 2 : n,
+                   swiglu, offset == 128 && !HAS_DPBUSD, nthreads);
+    free_tile_x(&t);
+    return 0;
+}
+
+/* Transposes 8 rows of 8 dwords in place: v[i] dword j <-> v[j] dword i. */
+static inline void transpose8(__m256i v[8])
+{
+    __m256i a[8], b[8];
+    for (int i = 0; i < 8; i += 2) {
+        a[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+        a[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4)
+        for (int j = 0; j < 2; j++) {
+            b[i + 2 * j] = _mm256_unpacklo_epi64(a[i + j], a[i + j + 2]);
+            b[i + 2 * j + 1] = _mm256_unpackhi_epi64(a[i + j], a[i + j + 2]);
+        }
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x20);
+        v[i + 4] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x31);
+    }
+}
+
+/* Channels [r0, r0 + 16) of a row-major weight (Int8Native's int8 [n, k]; with zeros wz
+ * Int4Native's nibbles [n, k / 2], byte j of a block holding element j low and j + 16 high)
+ * as one tile of the layout above at wt: bytes u = w + offset (int4: q), and the scales (and
+ * zeros) of each block as float at wts (wtz). A block of 8 channels is 8 rows of 8 dwords
+ * (4 k each) that the layout wants by dword: one transpose. */
+static void tile_from_rows(const void *w, const uint16_t *ws, const uint16_t *wz, int64_t group,
+                           int64_t k, int64_t r0, int32_t offset, uint8_t *wt, float *wts,
+                           float *wtz)
+{
+    const int64_t blocks = k / BLOCK, groups = k / group, per_group = group / BLOCK;
+    const __m256i add = _mm256_set1_epi8((char)offset), nibble = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < blocks; b++) {
+        for (int half = 0; half < 2; half++) { /* channels 8 half .. 8 half + 7 */
+            __m256i v[8];
+            for (int c = 0; c < 8; c++) {
+                const int64_t r = r0 + half * 8 + c;
+                if (wz) {
+                    const uint8_t *src = (const uint8_t *)w + r * (k / 2) + b * 16;
+                    const __m128i q = _mm_loadu_si128((const __m128i *)src);
+                    v[c] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), nibble);
+                } else {
+                    const int8_t *src = (const int8_t *)w + r * k + b * BLOCK;
+                    v[c] = _mm256_add_epi8(_mm256_loadu_si256((const __m256i *)src), add);
+                }
+            }
+            transpose8(v); /* v[step]: dword c = channel c's 4 bytes of that step */
+            for (int step = 0; step < BLOCK / 4; step++)
+                _mm256_storeu_si256(
+                    (__m256i *)(wt + (b * BLOCK / 4 + step) * TILE * 4 + half * 32), v[step]);
+        }
+        for (int c = 0; c < TILE; c++) {
+            const int64_t g = (r0 + c) * groups + b / per_group;
+            wts[b * TILE + c] = _cvtsh_ss(ws[g]);
+            if (wz)
+                wtz[b * TILE + c] = _cvtsh_ss(wz[g]);
+        }
+    }
+}
+
+#define ROWS_CHUNK_BYTES (256 << 10) /* weight bytes a thread lays out at a time (L2) */
+
+/* linear() for many rows of x: each thread takes an equal run of the weight's tiles, lays
+ * them out ROWS_CHUNK_BYTES at a time in its own scratch (tile_from_rows) and runs the tile
+ * kernel over all rows of x for them, x quantised once: no thread waits on another's layout.
+ * The numbers of an Int8Tiles copy of the same weight (fp16 scales aside), without holding
+ * one: the prefill kernel where the memory budget leaves a layer no copy. n % 16 == 0. */
+static int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const uint16_t *ws,
+                      const uint16_t *wz, int64_t group, int64_t n, float *y, int32_t offset,
+                      int nthreads)
+{
+    const int64_t blocks = k / BLOCK, tiles = n / TILE;
+    const int nibbles = offset == 128 && !HAS_DPBUSD, per = nibbles ? 1 : 2; /* as tile_gemm_rows */
+    const int64_t chunk = ROWS_CHUNK_BYTES / (k * TILE) > per ? ROWS_CHUNK_BYTES / (k * TILE) : per;
+    tile_rows_x t;
+    if (quantize_tile_x(x, m, k, offset, wz != NULL, &t, nthreads) != 0)
+        return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t units = (tiles + per - 1) / per; /* split in whole work items */
+        const int64_t lo = units * me / team * per, hi_unit = units * (me + 1) / team * per;
+        const int64_t hi = hi_unit < tiles ? hi_unit : tiles;
+        uint8_t *wt = malloc((size_t)(chunk * TILE * k));
+        float *wts = malloc((size_t)(chunk * TILE * blocks) * sizeof(float));
+        float *wtz = wz ? malloc((size_t)(chunk * TILE * blocks) * sizeof(float)) : NULL;
+        failed = !wt || !wts || (wz && !wtz);
+        for (int64_t c0 = lo; !failed && c0 < hi; c0 += chunk) {
+            const int64_t count = hi - c0 < chunk ? hi - c0 : chunk;
+            for (int64_t i = 0; i < count; i++)
+                tile_from_rows(w, ws, wz, group, k, (c0 + i) * TILE, offset, wt + i * k * TILE,
+                               wts + i * blocks * TILE, wz ? wtz + i * blocks * TILE : NULL);
+            for (int64_t first = 0; first < m; first += TILE_SPAN) {
+                const int64_t end = first + TILE_SPAN < m ? first + TILE_SPAN : m;
+                for (int64_t i = 0; i < count; i += per) {
+                    const int nt = count - i < per ? (int)(count - i) : per;
+                    for (int64_t r = first; r < end; r += TILE_ROWS)
+                        tile_rows(t.xq + r * k, t.xd + r * blocks, t.xo + r * blocks,
+                                  t.xs ? t.xs + r * blocks : NULL, k, wt + i * k * TILE,
+                                  wts + i * blocks * TILE, wz ? wtz + i * blocks * TILE : NULL, 1,
+                                  y + r * n + (c0 + i) * TILE, n,
+                                  end - r < TILE_ROWS ? (int)(end - r) : TILE_ROWS, nt, 0, nibbles);
+                }
+            }
+        }
+        free(wt);
+        free(wts);
+        free(wtz);
+    }
+    free_tile_x(&t);
+    return failed ? -1 : 0;
 }
 
 /* y [m, n] = x [m, k] @ w.T from a tiled copy (see above): wt [n / 16][k / 32][8][16][4]
@@ -1209,7 +1365,7 @@ typedef struct {
 
 static int apply(const codelm_linear *l, const float *x, float *y, int nthreads)
 {
-    if (linear(x, 1, l->k, l->w, l->scales, l->zeros, l->group, l->n, y, nthreads) != 0)
+    if (linear(x, 1, l->k, l->w, l->scales, l->zeros, l->group, l->n, y, 128, nthreads) != 0)
         return -1;
     for (int64_t i = 0; l->bias && i < l->n; i++)
         y[i] += l->bias[i];

@@ -5,6 +5,7 @@ test_quant_cpu_kernels.py checks it against reference.matmul with the other kern
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 
 import pytest
 import torch
@@ -220,8 +221,9 @@ _AVX2_LIBS: dict[str, ctypes.CDLL | str] = {}
 
 
 @pytest.fixture(params=sorted(AVX2_BUILDS))
-def avx2_tiles(request, tmp_path_factory, monkeypatch):
-    """Int8Tiles built against a 256-bit variant of the kernels (a factory: qw -> kernel)."""
+def avx2_build(request, tmp_path_factory, monkeypatch):
+    """Kernels built against a 256-bit variant of the native library (a factory: qw, kernel
+    class (Int8Tiles unless given) -> kernel)."""
     flags, needs = AVX2_BUILDS[request.param]
     if missing := set(needs) - read_cpu_info().flags:
         pytest.skip(f"this CPU lacks {sorted(missing)}")
@@ -233,17 +235,17 @@ def avx2_tiles(request, tmp_path_factory, monkeypatch):
     if isinstance(lib, str):
         pytest.skip(lib)
 
-    def build(qw):
+    def build(qw, kernel=Int8Tiles):
         with monkeypatch.context() as patch:
             patch.setattr(native, "_loaded", lib)
-            return Int8Tiles(qw)
+            return kernel(qw)
 
     return build
 
 
 @pytest.mark.parametrize("case", ["int8", "int8-g32", "int8-5bit", "int4"])
 @pytest.mark.parametrize("rows", [1, 6, 70])  # 70: a second span of rows, a partial group
-def test_avx2_tiles_match_reference_and_the_avx512_tiles(avx2_tiles, gen, case, rows):
+def test_avx2_tiles_match_reference_and_the_avx512_tiles(avx2_build, gen, case, rows):
     # Exact int32 dot products a block, summed into float in the same order as the AVX-512
     # kernel's: where this machine has that build too, equal but for int4's float sums of x,
     # which an AVX2-only build adds in another order.
@@ -256,7 +258,7 @@ def test_avx2_tiles_match_reference_and_the_avx512_tiles(avx2_tiles, gen, case, 
     qw = five_bit(qw) if case == "int8-5bit" else qw
     x = torch.randn(rows, 896, generator=gen)
     x[0, 32:64] = 0.0
-    y = avx2_tiles(qw)(x)
+    y = avx2_build(qw)(x)
     assert y.shape == (rows, 136)
     bound = int4_blocks_bound(x, qw) if case == "int4" else int8_blocks_bound(x, dequantize(qw))
     assert ((y - matmul(x, qw)).abs() <= bound).all()
@@ -267,22 +269,70 @@ def test_avx2_tiles_match_reference_and_the_avx512_tiles(avx2_tiles, gen, case, 
 @pytest.mark.parametrize(
     "values, offset", [([-128, 127, -128, -127], 128), ([127], 128), ([-16, 15], 16), ([15], 16)]
 )
-def test_avx2_tiles_take_int8_at_both_ends_without_overflow(avx2_tiles, values, offset):
+def test_avx2_tiles_take_int8_at_both_ends_without_overflow(avx2_build, values, offset):
     # Weights at the ends of their range against x at +-127 after quantisation: maddubs's
     # 16-bit pair sums hold a block of int8's nibbles (w + 128 <= 255: 8 x 2 x 15 x 127) and 4
     # steps of 5-bit weights (w + 16 <= 31: 4 x 2 x 31 x 127) without saturating.
     data = torch.tensor(values, dtype=torch.int8).repeat(32, 256 // len(values))
     qw = Int8Weight(data=data, scales=torch.full((32, 1), 0.01), group_size=256)
-    tiles = avx2_tiles(qw)
+    tiles = avx2_build(qw)
     assert tiles.offset == offset
     for x in (torch.ones(3, 256), torch.tensor([1.0, -1.0]).repeat(3, 128)):
         torch.testing.assert_close(tiles(x), matmul(x, qw), rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_avx2_tiles_swiglu_epilogue_equals_swiglu_of_output(avx2_tiles, gen, scheme):
+def test_avx2_tiles_swiglu_epilogue_equals_swiglu_of_output(avx2_build, gen, scheme):
     w = weight(gen, 96, 256)
     qw, _ = quantize_int8(w) if scheme == "int8" else quantize_int4(w, 32)
-    tiles = avx2_tiles(qw)
+    tiles = avx2_build(qw)
     x = torch.randn(9, 256, generator=gen) * 3
     assert torch.equal(tiles.silu_and_mul(x), silu_and_mul(tiles(x), 48))
+
+
+def _fp16_scales(qw):
+    """qw with scales (and zeros) rounded to fp16, as the native kernels hold them, so a copy
+    in tiles (float32 scales) holds the same numbers."""
+    exact = {"scales": qw.scales.half().float()}
+    if qw.scheme == "int4":
+        exact["zeros"] = qw.zeros.half().float()
+    return dataclasses.replace(qw, **exact)
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["int8", "int8-g64", "int8-5bit", "int4"])
+@pytest.mark.parametrize(("rows", "threads"), [(4, 2), (70, 2), (203, 1), (203, 3)])
+def test_native_kernels_run_many_rows_as_the_tiles_would(gen, case, rows, threads):
+    # From a few rows of x the native kernels lay their weight out as tiles a part at a time
+    # and run the tile kernel: the numbers of a tiles copy of the same weight, to the bit,
+    # whatever the threads (each takes whole tiles; y starts as torch.empty, so a tile missed
+    # is garbage). 144 channels: 9 tiles, the last pair of one.
+    w = weight(gen, 144, 896) + (0.03 if case == "int4" else 0.0)
+    if case == "int4":
+        qw = quantize_int4(w, 32)[0]
+    else:
+        qw = quantize_int8(w, 64 if case == "int8-g64" else None)[0]
+        qw = five_bit(qw) if case == "int8-5bit" else qw
+    qw = _fp16_scales(qw)
+    kernel = (Int4Native if case == "int4" else Int8Native)(qw)
+    x = torch.randn(rows, 896, generator=gen)
+    x[0, 32:64] = 0.0
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y = kernel(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y, Int8Tiles(qw)(x))
+
+
+def test_avx2_native_kernels_run_many_rows_as_the_avx2_tiles_would(avx2_build, gen):
+    for qw in (
+        quantize_int8(weight(gen, 96, 512), 32)[0],
+        five_bit(quantize_int8(weight(gen, 96, 512), 32)[0]),
+        quantize_int4(weight(gen, 96, 512) + 0.03, 32)[0],
+    ):
+        qw = _fp16_scales(qw)
+        native_kernel = Int4Native if qw.scheme == "int4" else Int8Native
+        x = torch.randn(40, 512, generator=gen)
+        assert torch.equal(avx2_build(qw, native_kernel)(x), avx2_build(qw)(x))
