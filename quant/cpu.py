@@ -189,7 +189,8 @@ class Int8Native:
     name = "int8_native"
 
     def __init__(self, qw: Int8Weight) -> None:
-        self._fn = _native_library(self.name).codelm_q8_linear
+        lib = _native_library(self.name)
+        self._fn, self._swiglu = lib.codelm_q8_linear, lib.codelm_q8_swiglu
         self.n, self.k = qw.shape
         self.group_size = qw.group_size
         self.data = qw.data.contiguous()
@@ -201,10 +202,16 @@ class Int8Native:
         self.offset = 16 if _fits_5_bits(self.data) else 128
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _call_native(
-            self, x, self.n, self.data.data_ptr(), self.scales.data_ptr(), self.group_size,
-            self.n, self.offset,
-        )  # fmt: skip
+        return _call_native(self, x, self.n, *self._weight())
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Int8Tiles.silu_and_mul's numbers from this format (codelm_q8_swiglu)."""
+        if self.n % 32:
+            return None
+        return _call_native(self, x, self.n // 2, *self._weight(), fn=self._swiglu)
+
+    def _weight(self) -> tuple:
+        return self.data.data_ptr(), self.scales.data_ptr(), self.group_size, self.n, self.offset
 
     def descriptor(self, bias: torch.Tensor | None) -> native.Linear:
         """This weight (and a float32 bias) for kernels_x86.c's fused decode step; the
@@ -220,7 +227,8 @@ class Int4Native:
     name = "int4_native"
 
     def __init__(self, qw: Int4Weight) -> None:
-        self._fn = _native_library(self.name).codelm_q4_linear
+        lib = _native_library(self.name)
+        self._fn, self._swiglu = lib.codelm_q4_linear, lib.codelm_q4_swiglu
         self.n, self.k = n, k = qw.shape
         self.group_size = qw.group_size
         # Per block of 32: element j in the low nibble of byte j, element j + 16 in the high
@@ -232,7 +240,17 @@ class Int4Native:
         self.nbytes = _nbytes(self.data, self.scales, self.zeros)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _run_native(self, x, self.data, self.scales, self.zeros)
+        return _call_native(self, x, self.n, *self._weight())
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """See Int8Native.silu_and_mul (codelm_q4_swiglu)."""
+        if self.n % 32:
+            return None
+        return _call_native(self, x, self.n // 2, *self._weight(), fn=self._swiglu)
+
+    def _weight(self) -> tuple:
+        pointers = (t.data_ptr() for t in (self.data, self.scales, self.zeros))
+        return *pointers, self.group_size, self.n
 
     def descriptor(self, bias: torch.Tensor | None) -> native.Linear:
         """See Int8Native.descriptor."""
@@ -334,11 +352,6 @@ def _native_library(kernel: str):
     if isinstance(lib, str):
         raise RuntimeError(f"{kernel}: {lib}")
     return lib
-
-
-def _run_native(kernel: Int8Native | Int4Native, x: torch.Tensor, *weight) -> torch.Tensor:
-    pointers = (t.data_ptr() for t in weight)
-    return _call_native(kernel, x, kernel.n, *pointers, kernel.group_size, kernel.n)
 
 
 def _call_native(kernel, x: torch.Tensor, n_out: int, *args, fn=None) -> torch.Tensor:

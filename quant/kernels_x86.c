@@ -30,7 +30,7 @@
  * prefetcher not running far enough ahead of short rows (docs/quant.md, "Native kernels"). */
 #define PREFETCH_BYTES 2048
 
-int codelm_kernels_abi(void) { return 18; }
+int codelm_kernels_abi(void) { return 19; }
 
 static inline float hsum(__m256 v)
 {
@@ -290,7 +290,7 @@ static int64_t padded(int64_t floats) { return (floats + 15) / 16 * 16; }
 
 static int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const uint16_t *ws,
                       const uint16_t *wz, int64_t group, int64_t n, float *y, int32_t offset,
-                      int nthreads);
+                      int swiglu, int nthreads);
 #define TILED_MIN_ROWS 4 /* rows of x from which rows_tiled runs a layer (below: row by row) */
 
 /* y [m, n] = x [m, k] @ w.T for int8 w [n, k] (wz NULL) or repacked int4 w [n, k / 2] with
@@ -306,7 +306,7 @@ static int linear(const float *x, int64_t m, int64_t k, const void *w, const uin
     if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || nthreads < 1)
         return -1;
     if (m >= TILED_MIN_ROWS && n % 16 == 0)
-        return rows_tiled(x, m, k, w, ws, wz, group, n, y, wz ? 8 : offset, nthreads);
+        return rows_tiled(x, m, k, w, ws, wz, group, n, y, wz ? 8 : offset, 0, nthreads);
     const int q4 = wz != NULL;
     const int64_t blocks = k / BLOCK, groups = k / group, per_group = group / BLOCK;
     const int64_t row_bytes = q4 ? k / 2 : k, per_thread = padded(blocks + groups);
@@ -1276,14 +1276,20 @@ static void tile_from_rows(const void *w, const uint16_t *ws, const uint16_t *wz
  * them out ROWS_CHUNK_BYTES at a time in its own scratch (tile_from_rows) and runs the tile
  * kernel over all rows of x for them, x quantised once: no thread waits on another's layout.
  * The numbers of an Int8Tiles copy of the same weight (fp16 scales aside), without holding
- * one: the prefill kernel where the memory budget leaves a layer no copy. n % 16 == 0. */
+ * one: the prefill kernel where the memory budget leaves a layer no copy. n % 16 == 0. With
+ * `swiglu` w is a fused gate / up projection (n % 32 == 0) and y [m, n / 2] gets silu(gate) *
+ * up: a thread's run is of gate tiles, each laid out with its up tile (n / 32 tiles on). */
 static int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const uint16_t *ws,
                       const uint16_t *wz, int64_t group, int64_t n, float *y, int32_t offset,
-                      int nthreads)
+                      int swiglu, int nthreads)
 {
-    const int64_t blocks = k / BLOCK, tiles = n / TILE;
-    const int nibbles = offset == 128 && !HAS_DPBUSD, per = nibbles ? 1 : 2; /* as tile_gemm_rows */
-    const int64_t chunk = ROWS_CHUNK_BYTES / (k * TILE) > per ? ROWS_CHUNK_BYTES / (k * TILE) : per;
+    const int64_t blocks = k / BLOCK, tiles = swiglu ? n / (2 * TILE) : n / TILE;
+    const int64_t up = swiglu ? tiles * TILE : 0, ldy = swiglu ? n / 2 : n; /* up's first row */
+    const int nibbles = offset == 128 && !HAS_DPBUSD; /* items as tile_gemm_rows makes them: */
+    const int per = swiglu || nibbles ? 1 : 2;       /* tiles of y (swiglu: gate tiles) */
+    const int64_t layers = swiglu ? 2 : 1;           /* tiles laid out for each */
+    const int64_t fit = ROWS_CHUNK_BYTES / (k * TILE * layers) / per * per;
+    const int64_t chunk = fit > per ? fit : per;
     tile_rows_x t;
     if (quantize_tile_x(x, m, k, offset, wz != NULL, &t, nthreads) != 0)
         return -1;
@@ -1294,25 +1300,29 @@ static int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const
         const int64_t units = (tiles + per - 1) / per; /* split in whole work items */
         const int64_t lo = units * me / team * per, hi_unit = units * (me + 1) / team * per;
         const int64_t hi = hi_unit < tiles ? hi_unit : tiles;
-        uint8_t *wt = malloc((size_t)(chunk * TILE * k));
-        float *wts = malloc((size_t)(chunk * TILE * blocks) * sizeof(float));
-        float *wtz = wz ? malloc((size_t)(chunk * TILE * blocks) * sizeof(float)) : NULL;
+        const int64_t room = chunk * layers; /* tiles of scratch */
+        uint8_t *wt = malloc((size_t)(room * TILE * k));
+        float *wts = malloc((size_t)(room * TILE * blocks) * sizeof(float));
+        float *wtz = wz ? malloc((size_t)(room * TILE * blocks) * sizeof(float)) : NULL;
         failed = !wt || !wts || (wz && !wtz);
         for (int64_t c0 = lo; !failed && c0 < hi; c0 += chunk) {
             const int64_t count = hi - c0 < chunk ? hi - c0 : chunk;
-            for (int64_t i = 0; i < count; i++)
-                tile_from_rows(w, ws, wz, group, k, (c0 + i) * TILE, offset, wt + i * k * TILE,
+            for (int64_t i = 0; i < count * layers; i++) { /* swiglu: the up tiles after */
+                const int64_t row = i < count ? (c0 + i) * TILE : up + (c0 + i - count) * TILE;
+                tile_from_rows(w, ws, wz, group, k, row, offset, wt + i * k * TILE,
                                wts + i * blocks * TILE, wz ? wtz + i * blocks * TILE : NULL);
+            }
             for (int64_t first = 0; first < m; first += TILE_SPAN) {
                 const int64_t end = first + TILE_SPAN < m ? first + TILE_SPAN : m;
                 for (int64_t i = 0; i < count; i += per) {
-                    const int nt = count - i < per ? (int)(count - i) : per;
+                    const int nt = swiglu ? 2 : count - i < per ? (int)(count - i) : per;
                     for (int64_t r = first; r < end; r += TILE_ROWS)
                         tile_rows(t.xq + r * k, t.xd + r * blocks, t.xo + r * blocks,
                                   t.xs ? t.xs + r * blocks : NULL, k, wt + i * k * TILE,
-                                  wts + i * blocks * TILE, wz ? wtz + i * blocks * TILE : NULL, 1,
-                                  y + r * n + (c0 + i) * TILE, n,
-                                  end - r < TILE_ROWS ? (int)(end - r) : TILE_ROWS, nt, 0, nibbles);
+                                  wts + i * blocks * TILE, wz ? wtz + i * blocks * TILE : NULL,
+                                  swiglu ? count : 1, y + r * ldy + (c0 + i) * TILE, ldy,
+                                  end - r < TILE_ROWS ? (int)(end - r) : TILE_ROWS, nt, swiglu,
+                                  nibbles);
                 }
             }
         }
@@ -1322,6 +1332,26 @@ static int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const
     }
     free_tile_x(&t);
     return failed ? -1 : 0;
+}
+
+/* silu(gate) * up [m, n / 2] of a fused gate / up projection held as codelm_q8_linear's /
+ * codelm_q4_linear's weight (gate rows first; n % 32 == 0), through rows_tiled. */
+int codelm_q8_swiglu(const float *x, int64_t m, int64_t k, const int8_t *w, const uint16_t *ws,
+                     int64_t group, int64_t n, int32_t offset, float *y, int nthreads)
+{
+    if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || n % (2 * TILE) != 0 ||
+        nthreads < 1 || (offset != 16 && offset != 128))
+        return -1;
+    return rows_tiled(x, m, k, w, ws, NULL, group, n, y, offset, 1, nthreads);
+}
+
+int codelm_q4_swiglu(const float *x, int64_t m, int64_t k, const uint8_t *w, const uint16_t *ws,
+                     const uint16_t *wz, int64_t group, int64_t n, float *y, int nthreads)
+{
+    if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || n % (2 * TILE) != 0 ||
+        nthreads < 1 || !wz)
+        return -1;
+    return rows_tiled(x, m, k, w, ws, wz, group, n, y, 8, 1, nthreads);
 }
 
 /* y [m, n] = x [m, k] @ w.T from a tiled copy (see above): wt [n / 16][k / 32][8][16][4]

@@ -15,7 +15,7 @@ from codelm.daemon.engine.layers import silu_and_mul
 from codelm.quant import dequantize, matmul, native, quantize_int4, quantize_int8
 from codelm.quant.cpu import CPU_KERNELS, Int4AsInt8Tiles, Int4Native, Int8Native, Int8Tiles
 from codelm.quant.dispatch import read_cpu_info
-from codelm.quant.formats import Int8Weight
+from codelm.quant.formats import Int8Weight, select_rows
 
 _LIB = native.library()
 needs_native = pytest.mark.skipif(isinstance(_LIB, str), reason=f"no native kernel: {_LIB}")
@@ -306,24 +306,27 @@ def test_native_kernels_run_many_rows_as_the_tiles_would(gen, case, rows, thread
     # From a few rows of x the native kernels lay their weight out as tiles a part at a time
     # and run the tile kernel: the numbers of a tiles copy of the same weight, to the bit,
     # whatever the threads (each takes whole tiles; y starts as torch.empty, so a tile missed
-    # is garbage). 144 channels: 9 tiles, the last pair of one.
-    w = weight(gen, 144, 896) + (0.03 if case == "int4" else 0.0)
+    # is garbage). 144 channels: 9 tiles, the last pair of one; as a gate / up projection 160.
+    w = weight(gen, 160, 896) + (0.03 if case == "int4" else 0.0)
     if case == "int4":
         qw = quantize_int4(w, 32)[0]
     else:
         qw = quantize_int8(w, 64 if case == "int8-g64" else None)[0]
         qw = five_bit(qw) if case == "int8-5bit" else qw
-    qw = _fp16_scales(qw)
-    kernel = (Int4Native if case == "int4" else Int8Native)(qw)
+    gate_up = _fp16_scales(qw)
+    qw = select_rows(gate_up, torch.arange(144))
+    native_kernel = Int4Native if case == "int4" else Int8Native
     x = torch.randn(rows, 896, generator=gen)
     x[0, 32:64] = 0.0
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        y = kernel(x)
+        y, swiglu = native_kernel(qw)(x), native_kernel(gate_up).silu_and_mul(x)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(y, Int8Tiles(qw)(x))
+    # A fused gate / up projection (gate rows first): the tiles' SwiGLU epilogue too.
+    assert torch.equal(swiglu, Int8Tiles(gate_up).silu_and_mul(x))
 
 
 def test_avx2_native_kernels_run_many_rows_as_the_avx2_tiles_would(avx2_build, gen):
@@ -333,6 +336,7 @@ def test_avx2_native_kernels_run_many_rows_as_the_avx2_tiles_would(avx2_build, g
         quantize_int4(weight(gen, 96, 512) + 0.03, 32)[0],
     ):
         qw = _fp16_scales(qw)
-        native_kernel = Int4Native if qw.scheme == "int4" else Int8Native
-        x = torch.randn(40, 512, generator=gen)
-        assert torch.equal(avx2_build(qw, native_kernel)(x), avx2_build(qw)(x))
+        rows_kernel = avx2_build(qw, Int4Native if qw.scheme == "int4" else Int8Native)
+        tiles, x = avx2_build(qw), torch.randn(40, 512, generator=gen)
+        assert torch.equal(rows_kernel(x), tiles(x))
+        assert torch.equal(rows_kernel.silu_and_mul(x), tiles.silu_and_mul(x))
