@@ -125,8 +125,13 @@ class Dispatcher:
         self._disk: dict[str, dict[str, dict[str, float]]] | None = None
         self.dense_bytes_used = 0
 
-    def plan(self, qw: QuantizedWeight, *, name: str = "linear") -> KernelPlan:
-        """Pick and build the decode and prefill kernels for qw (on qw's device)."""
+    def plan(
+        self, qw: QuantizedWeight, *, name: str = "linear", prefill_rows: int | None = None
+    ) -> KernelPlan:
+        """Pick and build the decode and prefill kernels for qw (on qw's device).
+        `prefill_rows`: the most rows of x a call brings this layer beyond decode, where that
+        is fewer than a prompt's chunk (a head checks drafts only); its prefill candidates are
+        timed there instead of at DispatchConfig.calibration_rows[1]."""
         if is_grouped_int8(qw) and not self.int8_group_size(_device(qw), qw.shape[1]):
             # No kernel here takes int8 groups (GGUF Q8_0's blocks of 32): requantise per channel.
             qw, err = requantize_int8_per_channel(qw)
@@ -134,8 +139,9 @@ class Dispatcher:
         specs = self._candidates(qw)
         if not specs:
             raise ValueError(f"{name}: no {qw.scheme} kernel for shape {qw.shape} on {_device(qw)}")
-        key = self._key(qw, specs)
-        ranking = self._ranking(key, qw, specs)
+        rows = (self.config.calibration_rows[0], prefill_rows or self.config.calibration_rows[1])
+        key = self._key(qw, specs, rows)
+        ranking = self._ranking(key, qw, specs, rows)
         left = self.config.dense_budget_bytes - self.dense_bytes_used
         decode = self._pick(ranking, specs, "decode", qw, left=left)
         # A dense copy already paid for by decode costs prefill nothing more.
@@ -178,8 +184,8 @@ class Dispatcher:
         times = {}
         for scheme, qw in weights.items():
             specs = self._candidates(qw)
-            key = self._key(qw, specs)
-            ranking = self._ranking(key, qw, specs)
+            key = self._key(qw, specs, self.config.calibration_rows)
+            ranking = self._ranking(key, qw, specs, self.config.calibration_rows)
             left = self.config.dense_budget_bytes - self.dense_bytes_used
             name = self._pick(ranking, specs, "decode", qw, left=left)
             streamed = ranking.times_ms.setdefault("streamed", {})
@@ -224,19 +230,20 @@ class Dispatcher:
             specs[spec.name] = spec
         return specs
 
-    def _key(self, qw: QuantizedWeight, specs: dict[str, KernelSpec]) -> str:
+    def _key(self, qw: QuantizedWeight, specs: dict[str, KernelSpec], rows: tuple[int, int]) -> str:
         device = _device(qw)
         hw = torch.cuda.get_device_name(device) if device.type == "cuda" else self.cpu.model_name
         n, k = qw.shape
         group = "ch" if qw.group_size == k else qw.group_size
         built = [f"{s} {native.build_key()}" if s.endswith("_native") else s for s in specs]
-        rows = self.config.calibration_rows[1]  # the prefill timings' rows
         return (
             f"{hw}|torch {torch.__version__}|threads {torch.get_num_threads()}|{qw.scheme} "
-            f"g{group}|{n}x{k}|rows {rows}|{','.join(sorted(built))}"
+            f"g{group}|{n}x{k}|rows {rows[1]}|{','.join(sorted(built))}"
         )
 
-    def _ranking(self, key: str, qw: QuantizedWeight, specs: dict[str, KernelSpec]) -> _Ranking:
+    def _ranking(
+        self, key: str, qw: QuantizedWeight, specs: dict[str, KernelSpec], rows: tuple[int, int]
+    ) -> _Ranking:
         if key in self._rankings:
             return self._rankings[key]
         source = "heuristic"
@@ -244,7 +251,7 @@ class Dispatcher:
         if times is not None:
             ranking, source = _Ranking(times), "disk cache"
         elif self.config.calibrate:
-            ranking, source = self._calibrate_and_store(key, qw, specs)
+            ranking, source = self._calibrate_and_store(key, qw, specs, rows)
         else:
             ranking = _Ranking(_heuristic_times(qw, specs, self.cpu))
         self._rankings[key] = ranking
@@ -252,13 +259,13 @@ class Dispatcher:
         return ranking
 
     def _calibrate_and_store(
-        self, key: str, qw: QuantizedWeight, specs: dict[str, KernelSpec]
+        self, key: str, qw: QuantizedWeight, specs: dict[str, KernelSpec], rows: tuple[int, int]
     ) -> tuple[_Ranking, str]:
         # Likely winners first, so clearly slower candidates are dropped after one call.
         prior = _heuristic_times(qw, specs, self.cpu)["prefill"]
         ordered = dict(sorted(specs.items(), key=lambda kv: prior.get(kv[0], math.inf)))
         busy_load = _busy_load()
-        ranking = _calibrate(qw, ordered, self.config.calibration_rows, self.config.prefill_tie)
+        ranking = _calibrate(qw, ordered, rows, self.config.prefill_tie)
         if busy_load is not None:
             # Timings on a loaded machine are noise; do not make them permanent.
             return ranking, f"calibrated on a busy machine (load {busy_load:.1f}), not cached"

@@ -72,11 +72,13 @@ class QuantizedLinear(nn.Module):
         *,
         dispatcher: Dispatcher | None = None,
         name: str = "linear",
+        prefill_rows: int | None = None,
     ) -> QuantizedLinear:
-        """Wrap an already quantised weight (e.g. from repack_gguf or concat_formats)."""
+        """Wrap an already quantised weight (e.g. from repack_gguf or concat_formats);
+        `prefill_rows`: see Dispatcher.plan."""
         # Without a dispatcher: a fixed, calibration-free choice (tests, one-off tools).
         dispatcher = dispatcher or Dispatcher(DispatchConfig(calibrate=False))
-        plan = dispatcher.plan(qweight, name=name)
+        plan = dispatcher.plan(qweight, name=name, prefill_rows=prefill_rows)
         return cls(plan, qweight.shape, qweight.scheme, bias, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

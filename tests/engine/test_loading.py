@@ -68,3 +68,20 @@ def test_prefill_is_calibrated_at_a_whole_chunk_on_a_gpu(monkeypatch, tmp_path, 
     monkeypatch.setenv("CODELM_HOME", str(tmp_path))
     dispatcher = LinearFactory("int4", torch.bfloat16, torch.device(device))._dispatcher()
     assert dispatcher.config.calibration_rows == (1, rows)
+
+
+def test_the_head_is_planned_at_the_rows_it_checks_drafts_with(default_model_path, monkeypatch):
+    from codelm.daemon.engine.loader import HEAD_PREFILL_ROWS
+    from codelm.quant import Dispatcher
+
+    seen: dict[str, int | None] = {}
+    plan = Dispatcher.plan
+
+    def spy(self, qw, *, name="linear", prefill_rows=None):
+        seen[name] = prefill_rows
+        return plan(self, qw, name=name, prefill_rows=prefill_rows)
+
+    monkeypatch.setattr(Dispatcher, "plan", spy)
+    load_engine(EngineConfig(model=str(default_model_path), quant="int8"))
+    assert seen.pop("lm_head") == HEAD_PREFILL_ROWS
+    assert seen and all(rows is None for rows in seen.values())  # prompt chunks' rows

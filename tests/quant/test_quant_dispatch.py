@@ -302,3 +302,25 @@ def test_calibration_skips_the_crossover_rows_of_an_outclassed_copy(gen):
     assert set(times["prefill"]) == set(specs)
     for phase in crossover:
         assert set(times[phase]) == set(specs) - {"big_slow_copy"}, phase
+
+
+def test_a_layer_with_fewer_prefill_rows_is_calibrated_and_keyed_at_them(gen, monkeypatch):
+    # A head only ever checks drafts: its prefill candidates are timed at the rows it takes,
+    # and that ranking is kept apart from one timed at a prompt chunk's rows.
+    qw, _ = quantize_int8(weight(gen, 32, 64))
+    asked = []
+
+    def calibrate(qw, specs, rows, tie):
+        asked.append(rows)
+        return dispatch_module._Ranking(
+            {"decode": {"dequant_fp32": 1.0}, "prefill": {"dequant_fp32": 1.0}}
+        )
+
+    monkeypatch.setattr(dispatch_module, "_calibrate", calibrate)
+    monkeypatch.setattr(dispatch_module, "_busy_load", lambda: None)
+    dispatcher = Dispatcher(DispatchConfig(calibration_rows=(1, 128)))
+    dispatcher.plan(qw, name="lm_head", prefill_rows=16)
+    dispatcher.plan(qw, name="o_proj")
+    dispatcher.plan(qw, name="lm_head", prefill_rows=16)  # the ranking made for it above
+    assert asked == [(1, 16), (1, 128)]
+    assert {key.split("|rows ")[1].split("|")[0] for key in dispatcher._rankings} == {"16", "128"}
