@@ -22,17 +22,14 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def native_decode(monkeypatch):
-    """Decode on the native kernels wherever they serve, whatever this machine's calibration
-    of these tiny shapes says: the fused step needs them, and these tests check its numbers."""
+    """Decode (and prefill) on the native kernels wherever they serve, whatever this machine's
+    calibration of these tiny shapes says: the fused step needs them, these tests check its
+    numbers, and a prefill kernel chosen by timing would change the state they start from."""
     pick = Dispatcher._pick
 
     def native_first(self, ranking, specs, phase, qw, **kwargs):
         native = [n for n in ("int8_native", "int4_native") if n in specs]
-        return (
-            native[0]
-            if phase == "decode" and native
-            else pick(self, ranking, specs, phase, qw, **kwargs)
-        )
+        return native[0] if native else pick(self, ranking, specs, phase, qw, **kwargs)
 
     monkeypatch.setattr(Dispatcher, "_pick", native_first)
 
@@ -103,8 +100,10 @@ def test_fused_decode_step_matches_module_path(
             model.decode_step = None
             expected = model(tokens[i : i + 1], kv_module)
             # Same kernels and formulas, other summation orders: an activation rounded to the
-            # other int8 step in a kernel moves a logit by ~1e-3 at these sizes.
-            torch.testing.assert_close(got, expected, atol=5e-3, rtol=1e-3)
+            # other int8 step in a kernel moves a logit by ~1e-3 at these sizes, and a few
+            # such steps over 3 blocks by up to 1e-2 (llama int8, head size 40: each path
+            # ~2.2e-2 from the fp32 model's logits). A wrong formula moves them by far more.
+            torch.testing.assert_close(got, expected, atol=2e-2, rtol=1e-3)
     assert kv_fused.length == kv_module.length == 40
     # Most rows agree to ~1e-7; one activation on the other int8 step moves a key or value by
     # up to ~6e-3 (measured on an AVX-512 machine, qwen2 int8).
