@@ -181,7 +181,29 @@ class DynamicInt8:
         )
 
 
-class Int8Native:
+class _RowMajorNative:
+    """What Int8Native and Int4Native share: their C entry points (self._fn and self._swiglu)
+    take x and the weight's arguments (self._weight())."""
+
+    name: str
+    n: int
+    k: int
+
+    def _weight(self) -> tuple:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _call_native(self, x, self.n, *self._weight())
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Int8Tiles.silu_and_mul's numbers from this format (codelm_q8_swiglu /
+        codelm_q4_swiglu lay the tiles out per call); None where n is no multiple of 32."""
+        if self.n % 32:
+            return None
+        return _call_native(self, x, self.n // 2, *self._weight(), fn=self._swiglu)
+
+
+class Int8Native(_RowMajorNative):
     """codelm's own AVX2 kernel (kernels_x86.c): int8 weights, per channel or in groups of 32
     (GGUF Q8_0 as it is), times activations quantised per call in blocks of 32 (llama.cpp's
     Q8_0 x Q8_0 arithmetic): 1 byte per weight read, integer dot products."""
@@ -201,15 +223,6 @@ class Int8Native:
         # Many rows of x go through the tile kernel, which takes w unsigned (see Int8Tiles).
         self.offset = 16 if _fits_5_bits(self.data) else 128
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _call_native(self, x, self.n, *self._weight())
-
-    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Int8Tiles.silu_and_mul's numbers from this format (codelm_q8_swiglu)."""
-        if self.n % 32:
-            return None
-        return _call_native(self, x, self.n // 2, *self._weight(), fn=self._swiglu)
-
     def _weight(self) -> tuple:
         return self.data.data_ptr(), self.scales.data_ptr(), self.group_size, self.n, self.offset
 
@@ -219,7 +232,7 @@ class Int8Native:
         return _descriptor(self, bias, self.data, self.scales)
 
 
-class Int4Native:
+class Int4Native(_RowMajorNative):
     """The int4 sibling of Int8Native (GGUF Q4_0 / Q4_1 x Q8_0 arithmetic): 0.625 bytes per
     weight with fp16 scales and zeros, the -8 offset and zero points applied per group from
     sums of x."""
@@ -238,15 +251,6 @@ class Int4Native:
         self.scales = qw.scales.to(torch.float16).contiguous()
         self.zeros = qw.zeros.to(torch.float16).contiguous()
         self.nbytes = _nbytes(self.data, self.scales, self.zeros)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _call_native(self, x, self.n, *self._weight())
-
-    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """See Int8Native.silu_and_mul (codelm_q4_swiglu)."""
-        if self.n % 32:
-            return None
-        return _call_native(self, x, self.n // 2, *self._weight(), fn=self._swiglu)
 
     def _weight(self) -> tuple:
         pointers = (t.data_ptr() for t in (self.data, self.scales, self.zeros))
