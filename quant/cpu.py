@@ -188,12 +188,15 @@ class _RowMajorNative:
     name: str
     n: int
     k: int
+    # Rows of x from which a call lays the weight out as tiles and runs the tile kernel (below:
+    # weight row by weight row); calibration sets it where it measures the crossover.
+    tiled_from: int = 4
 
     def _weight(self) -> tuple:
         raise NotImplementedError
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _call_native(self, x, self.n, *self._weight())
+        return _call_native(self, x, self.n, *self._weight(), self.tiled_from)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """Int8Tiles.silu_and_mul's numbers from this format (codelm_q8_swiglu /

@@ -149,6 +149,9 @@ class Dispatcher:
         prefill = self._pick(ranking, specs, "prefill", qw, left=left, free=decode)
         chosen = {"decode": decode, "prefill": prefill}
         kernels = {n: specs[n].build(qw) for n in set(chosen.values())}
+        for n, tiled_from in ranking.times_ms.get("tiled_from", {}).items():
+            if n in kernels:
+                kernels[n].tiled_from = int(tiled_from)
         for n in kernels:
             self.dense_bytes_used += _dense_bytes(specs[n], qw)
         logger.debug(
@@ -350,6 +353,8 @@ def _calibrate(
                     break
                 best = min(times[phase].values(), default=math.inf)
                 times[phase][name] = _time_ms(kernel, x, best_ms=best)
+            if hasattr(kernel, "tiled_from"):
+                _calibrate_tiled_from(name, kernel, xs, times)
         except (RuntimeError, NotImplementedError) as exc:
             # A kernel this torch build or device rejects is no candidate; the rest still are.
             logger.warning("kernel %s failed on %s %s: %s", name, qw.scheme, qw.shape, exc)
@@ -357,6 +362,31 @@ def _calibrate(
                 phase_times.pop(name, None)
         kernel = None  # freed before the next candidate is built
     return _Ranking(times)
+
+
+_NEVER = 1 << 30  # a tiled_from no call reaches
+
+
+def _calibrate_tiled_from(
+    name: str, kernel: Kernel, xs: dict[str, torch.Tensor], times: dict[str, dict[str, float]]
+) -> None:
+    """Where a native kernel's calls should switch from weight rows to laying tiles out
+    (cpu._RowMajorNative.tiled_from): the fewest crossover rows up to 8 at which tiles time no
+    slower, else 16 (where tiles won on every shape measured). The layout is paid per call: a
+    cache-sized layer gains from 3 rows of x, the default model's 136 MB head from 6-8. Its
+    rows timings become those of the path chosen."""
+    measured = [m for m in _CROSSOVER_ROWS if m <= 8]
+    paths: dict[str, dict[int, float]] = {"tiled": {}, "rows": {}}
+    for path, tiled_from in (("tiled", 1), ("rows", _NEVER)):
+        kernel.tiled_from = tiled_from
+        for m in measured:
+            paths[path][m] = _time_ms(kernel, xs[f"rows{m}"], best_ms=math.inf)
+    wins = [m for m in measured if paths["tiled"][m] <= paths["rows"][m]]
+    choice = wins[0] if wins else 16
+    kernel.tiled_from = choice
+    times.setdefault("tiled_from", {})[name] = float(choice)
+    for m in measured:
+        times[f"rows{m}"][name] = paths["tiled" if m >= choice else "rows"][m]
 
 
 def _outclassed(

@@ -30,7 +30,7 @@
  * prefetcher not running far enough ahead of short rows (docs/quant.md, "Native kernels"). */
 #define PREFETCH_BYTES 2048
 
-int codelm_kernels_abi(void) { return 19; }
+int codelm_kernels_abi(void) { return 20; }
 
 static inline float hsum(__m256 v)
 {
@@ -291,21 +291,19 @@ static int64_t padded(int64_t floats) { return (floats + 15) / 16 * 16; }
 static int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const uint16_t *ws,
                       const uint16_t *wz, int64_t group, int64_t n, float *y, int32_t offset,
                       int swiglu, int nthreads);
-#define TILED_MIN_ROWS 4 /* rows of x from which rows_tiled runs a layer (below: row by row) */
-
 /* y [m, n] = x [m, k] @ w.T for int8 w [n, k] (wz NULL) or repacked int4 w [n, k / 2] with
  * zeros wz; fp16 scales (and zeros) [n, k / group]. `offset`: what int8 w takes to be unsigned
- * in the tile kernel (16 where every w is in -16 .. 15, else 128; int4: 8). From
- * TILED_MIN_ROWS rows of x the tile kernel runs it (rows_tiled), where the channels come in
- * whole tiles of 16. Returns 0, or -1 when the shape does not fit blocks of 32 or memory for
- * scratch is short. */
+ * in the tile kernel (16 where every w is in -16 .. 15, else 128; int4: 8). From `tiled_from`
+ * rows of x the tile kernel runs it (rows_tiled), where the channels come in whole tiles of
+ * 16; below, weight row by weight row (calibration measures where one overtakes the other).
+ * Returns 0, or -1 when the shape does not fit blocks of 32 or memory for scratch is short. */
 static int linear(const float *x, int64_t m, int64_t k, const void *w, const uint16_t *ws,
                   const uint16_t *wz, int64_t group, int64_t n, float *y, int32_t offset,
-                  int nthreads)
+                  int64_t tiled_from, int nthreads)
 {
     if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || nthreads < 1)
         return -1;
-    if (m >= TILED_MIN_ROWS && n % 16 == 0)
+    if (m >= tiled_from && n % 16 == 0)
         return rows_tiled(x, m, k, w, ws, wz, group, n, y, wz ? 8 : offset, 0, nthreads);
     const int q4 = wz != NULL;
     const int64_t blocks = k / BLOCK, groups = k / group, per_group = group / BLOCK;
@@ -356,18 +354,20 @@ static int linear(const float *x, int64_t m, int64_t k, const void *w, const uin
 /* int8 w [n, k], scaled per output channel (group k) or per group of 32 or more; offset as
  * for linear. */
 int codelm_q8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const uint16_t *ws,
-                     int64_t group, int64_t n, int32_t offset, float *y, int nthreads)
+                     int64_t group, int64_t n, int32_t offset, int64_t tiled_from, float *y,
+                     int nthreads)
 {
-    return offset == 16 || offset == 128 ? linear(x, m, k, w, ws, NULL, group, n, y, offset,
-                                                  nthreads)
-                                         : -1;
+    return offset == 16 || offset == 128
+               ? linear(x, m, k, w, ws, NULL, group, n, y, offset, tiled_from, nthreads)
+               : -1;
 }
 
 /* int4 w [n, k / 2] (see dot32_q4): w = (q - 8) * scale + zero per group. */
 int codelm_q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, const uint16_t *ws,
-                     const uint16_t *wz, int64_t group, int64_t n, float *y, int nthreads)
+                     const uint16_t *wz, int64_t group, int64_t n, int64_t tiled_from, float *y,
+                     int nthreads)
 {
-    return wz ? linear(x, m, k, w, ws, wz, group, n, y, 8, nthreads) : -1;
+    return wz ? linear(x, m, k, w, ws, wz, group, n, y, 8, tiled_from, nthreads) : -1;
 }
 
 /* ---- SwiGLU: silu(gate) * up, for the decode step and for prefill (layers.silu_and_mul) ---- */
@@ -1401,7 +1401,7 @@ typedef struct {
 
 static int apply(const codelm_linear *l, const float *x, float *y, int nthreads)
 {
-    if (linear(x, 1, l->k, l->w, l->scales, l->zeros, l->group, l->n, y, 128, nthreads) != 0)
+    if (linear(x, 1, l->k, l->w, l->scales, l->zeros, l->group, l->n, y, 128, 2, nthreads) != 0)
         return -1;
     for (int64_t i = 0; l->bias && i < l->n; i++)
         y[i] += l->bias[i];

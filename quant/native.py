@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels_x86.c")
-_ABI = 19
+_ABI = 20
 _FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _ARCH = ("-march=native",)
 _COMPILE_TIMEOUT_S = 120
@@ -104,11 +104,11 @@ def _build_and_open(
     if lib.codelm_kernels_abi() != _ABI:
         return f"{path} has another ABI version"
     p, i64, i32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int
-    lib.codelm_q8_linear.argtypes = (p, i64, i64, p, p, i64, i64, i32, p, c_int)
-    lib.codelm_q4_linear.argtypes = (p, i64, i64, p, p, p, i64, i64, p, c_int)
+    lib.codelm_q8_linear.argtypes = (p, i64, i64, p, p, i64, i64, i32, i64, p, c_int)
+    lib.codelm_q4_linear.argtypes = (p, i64, i64, p, p, p, i64, i64, i64, p, c_int)
     lib.codelm_q8_linear.restype = lib.codelm_q4_linear.restype = c_int
-    lib.codelm_q8_swiglu.argtypes = lib.codelm_q8_linear.argtypes
-    lib.codelm_q4_swiglu.argtypes = lib.codelm_q4_linear.argtypes
+    lib.codelm_q8_swiglu.argtypes = (p, i64, i64, p, p, i64, i64, i32, p, c_int)
+    lib.codelm_q4_swiglu.argtypes = (p, i64, i64, p, p, p, i64, i64, p, c_int)
     lib.codelm_q8_swiglu.restype = lib.codelm_q4_swiglu.restype = c_int
     lib.codelm_decode_step.argtypes = (p, p, p, p, p, i64, i64, p, p, c_int, c_int)
     lib.codelm_decode_step.restype = c_int

@@ -17,7 +17,7 @@ from codelm.quant import (
     quantize_int8,
 )
 from codelm.quant import dispatch as dispatch_module
-from codelm.quant.cpu import KernelSpec
+from codelm.quant.cpu import CPU_KERNELS, KernelSpec
 
 CPUINFO = """processor\t: 0
 model name\t: Test CPU 9000
@@ -102,7 +102,10 @@ def test_dispatcher_calibrates_once_and_reuses_disk_cache(gen, tmp_path, monkeyp
     assert dispatch_module.read_cpu_info().model_name in key
     assert torch.__version__ in key and "int4 g32|64x128" in key
     crossover = {f"rows{m}" for m in dispatch_module._CROSSOVER_ROWS}
-    assert set(times) == {"decode", "prefill"} | crossover and "int4pack_bf16" in times["decode"]
+    assert set(times) - {"tiled_from"} == {"decode", "prefill"} | crossover
+    assert "int4pack_bf16" in times["decode"]
+    # Where the native kernel runs its calls through per-call tiles, measured (if it is built).
+    assert set(times.get("tiled_from", {})) == {"int4_native"} & set(times["decode"])
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("should have used the disk cache")
@@ -324,3 +327,49 @@ def test_a_layer_with_fewer_prefill_rows_is_calibrated_and_keyed_at_them(gen, mo
     dispatcher.plan(qw, name="lm_head", prefill_rows=16)  # the ranking made for it above
     assert asked == [(1, 16), (1, 128)]
     assert {key.split("|rows ")[1].split("|")[0] for key in dispatcher._rankings} == {"16", "128"}
+
+
+class _TwoPaths:
+    """A native-like kernel: a call of m rows takes `layout` ms plus 0.1 ms a row from
+    tiled_from rows on, else 1 ms a row."""
+
+    tiled_from = 4
+
+    def __init__(self, layout: float) -> None:
+        self.layout = layout
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        ms = self.layout + 0.1 * m if m >= self.tiled_from else 1.0 * m
+        dispatch_module.time.sleep(ms / 1e3)
+        return x
+
+
+@pytest.mark.parametrize(("layout", "expected"), [(1.0, 2), (5.0, 8), (50.0, 16)])
+def test_calibration_measures_where_a_native_kernel_should_lay_tiles_out(gen, layout, expected):
+    # The per-call layout pays off from the fewest rows where it times no slower than the
+    # weight-row path (a large weight's layout costs more); the plan's kernel gets that
+    # switch, and its crossover timings are those of the path it will take.
+    qw, _ = quantize_int8(weight(gen, 32, 64))
+    kernel = _TwoPaths(layout)
+    specs = {"int8_native": KernelSpec("int8_native", ("int8",), lambda qw: kernel)}
+    times = dispatch_module._calibrate(qw, specs, (1, 8)).times_ms
+    assert times["tiled_from"] == {"int8_native": float(expected)}
+    assert kernel.tiled_from == expected
+    for m in (2, 4, 8):
+        path_ms = layout + 0.1 * m if m >= expected else 1.0 * m
+        assert path_ms <= times[f"rows{m}"]["int8_native"] < path_ms + 2.0, m
+
+
+def test_a_planned_native_kernel_takes_the_measured_switch(gen, monkeypatch):
+    qw, _ = quantize_int8(weight(gen, 32, 64))
+    if CPU_KERNELS["int8_native"].unavailable(qw):
+        pytest.skip("no native kernels here")
+    times = {
+        "decode": {"int8_native": 1.0},
+        "prefill": {"int8_native": 1.0},
+        "tiled_from": {"int8_native": 8.0},
+    }
+    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    plan = Dispatcher(DispatchConfig()).plan(qw)
+    assert plan.decode.name == "int8_native" and plan.decode.tiled_from == 8
