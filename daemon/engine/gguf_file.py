@@ -44,10 +44,7 @@ class _Cursor:
         return value
 
     def string(self) -> str:
-        (n,) = _LENGTH.unpack_from(self.buf, self.pos)
-        start = self.pos + _LENGTH.size
-        self.pos = start + n
-        return str(self.buf[start : self.pos], "utf-8", "replace")
+        return self.strings(1)[0]
 
     def strings(self, count: int) -> list[str]:
         """`count` strings in a row (a vocabulary, its merges), read with locals: 0.2 s for
