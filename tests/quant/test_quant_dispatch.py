@@ -286,13 +286,30 @@ def test_timing_takes_a_long_call_at_most_twice_and_a_short_one_more_often():
     assert loser.calls == 1
 
 
-def test_calibration_skips_the_crossover_rows_of_an_outclassed_copy(gen):
+class _Modelled:
+    """A kernel whose time for x of m rows is ms(m), as _modelled_time reports it: the
+    calibration's choices then follow from the model, not from this machine's load."""
+
+    def __init__(self, ms) -> None:
+        self.ms = ms
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _modelled_time(kernel, x, *, best_ms, budget_ms=25.0):
+    kernel(x)
+    return kernel.ms(x.shape[0])
+
+
+def test_calibration_skips_the_crossover_rows_of_an_outclassed_copy(gen, monkeypatch):
     # A prefill copy slower than one holding no more bytes is never picked (nor ever
     # decodes), so its timings at 2-16 rows would go unread; every other candidate gets them.
+    monkeypatch.setattr(dispatch_module, "_time_ms", _modelled_time)
     qw, _ = quantize_int8(weight(gen, 32, 64))
 
     def spec(name: str, ms: float, bytes_per_weight: float) -> KernelSpec:
-        return KernelSpec(name, ("int8",), lambda qw: _Clocked(ms), bytes_per_weight)
+        return KernelSpec(name, ("int8",), lambda qw: _Modelled(lambda m: ms), bytes_per_weight)
 
     specs = {
         "small_fast_copy": spec("small_fast_copy", 1.0, 1.0),
@@ -329,27 +346,24 @@ def test_a_layer_with_fewer_prefill_rows_is_calibrated_and_keyed_at_them(gen, mo
     assert {key.split("|rows ")[1].split("|")[0] for key in dispatcher._rankings} == {"16", "128"}
 
 
-class _TwoPaths:
+class _TwoPaths(_Modelled):
     """A native-like kernel: a call of m rows takes `layout` ms plus 0.1 ms a row from
     tiled_from rows on, else 1 ms a row."""
 
     tiled_from = 4
 
     def __init__(self, layout: float) -> None:
-        self.layout = layout
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.shape[0]
-        ms = self.layout + 0.1 * m if m >= self.tiled_from else 1.0 * m
-        dispatch_module.time.sleep(ms / 1e3)
-        return x
+        super().__init__(lambda m: layout + 0.1 * m if m >= self.tiled_from else 1.0 * m)
 
 
 @pytest.mark.parametrize(("layout", "expected"), [(1.0, 2), (5.0, 8), (50.0, 16)])
-def test_calibration_measures_where_a_native_kernel_should_lay_tiles_out(gen, layout, expected):
+def test_calibration_measures_where_a_native_kernel_should_lay_tiles_out(
+    gen, monkeypatch, layout, expected
+):
     # The per-call layout pays off from the fewest rows where it times no slower than the
     # weight-row path (a large weight's layout costs more); the plan's kernel gets that
     # switch, and its crossover timings are those of the path it will take.
+    monkeypatch.setattr(dispatch_module, "_time_ms", _modelled_time)
     qw, _ = quantize_int8(weight(gen, 32, 64))
     kernel = _TwoPaths(layout)
     specs = {"int8_native": KernelSpec("int8_native", ("int8",), lambda qw: kernel)}
@@ -358,7 +372,7 @@ def test_calibration_measures_where_a_native_kernel_should_lay_tiles_out(gen, la
     assert kernel.tiled_from == expected
     for m in (2, 4, 8):
         path_ms = layout + 0.1 * m if m >= expected else 1.0 * m
-        assert path_ms <= times[f"rows{m}"]["int8_native"] < path_ms + 2.0, m
+        assert times[f"rows{m}"]["int8_native"] == pytest.approx(path_ms), m
 
 
 def test_a_planned_native_kernel_takes_the_measured_switch(gen, monkeypatch):
