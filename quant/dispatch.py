@@ -508,7 +508,7 @@ def _heuristic_times(
         # (with AVX-512 VNNI there) beats both, int4 weights fastest as int8 (docs/quant.md).
         orders = {
             "decode": _PACKED + _NATIVE + ("dequant_fp32",),
-            "prefill": ("int4_as_int8_tiles", "int8_tiles", "dense_bf16")
+            "prefill": ("int4_as_int8_tiles", "int8_tiles", "sub_scaled_tiles", "dense_bf16")
             + _PACKED
             + ("dense_fp16", "dense_fp32", "dequant_fp32")
             + _NATIVE,
@@ -518,7 +518,8 @@ def _heuristic_times(
         # fp16 GEMM (fp32 arithmetic) beats fp32 at half the bytes (AVX2 EPYC, docs/quant.md).
         orders = {
             "decode": _NATIVE + _PACKED + ("dequant_fp32",),
-            "prefill": ("int8_tiles", "dense_fp16", "dense_fp32", "dequant_fp32")
+            "prefill": ("sub_scaled_tiles", "int8_tiles")
+            + ("dense_fp16", "dense_fp32", "dequant_fp32")
             + _NATIVE
             + _PACKED,
         }

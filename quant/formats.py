@@ -70,6 +70,66 @@ class Int8Weight:
         return dataclasses.replace(self, data=self.data.to(device), scales=self.scales.to(device))
 
 
+# GGUF Q6_K: 6-bit values with an int8 scale per SUB_GROUP inputs and a float per SUPER_GROUP.
+SUB_GROUP = 16
+SUPER_GROUP = 256
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class SubScaledInt8Weight(Int8Weight):
+    """An Int8Weight requantised from a source whose own values are sub-scaled (GGUF Q6_K),
+    holding those too: w[n, k] = sub_data[n, k] * sub_scales[n, k // 16] * super_scales[n,
+    k // 256], exactly. data / scales are the same weights rounded to int8 blocks, which every
+    int8 kernel takes; a kernel that knows the sub-scales (cpu.SubScaledTiles) multiplies the
+    source's values as they are.
+
+    sub_data int8 [N, K] in -32 .. 31; sub_scales int8 [N, K / 16]; super_scales float32
+    [N, K / 256].
+    """
+
+    sub_data: torch.Tensor
+    sub_scales: torch.Tensor
+    super_scales: torch.Tensor
+
+    def __post_init__(self) -> None:
+        Int8Weight.__post_init__(self)
+        n, k = self.shape
+        if k % SUPER_GROUP:
+            raise ValueError(f"SubScaledInt8Weight: K={k} is no multiple of {SUPER_GROUP}")
+        for field, dtype, width in (
+            ("sub_data", torch.int8, k),
+            ("sub_scales", torch.int8, k // SUB_GROUP),
+            ("super_scales", torch.float32, k // SUPER_GROUP),
+        ):
+            t = getattr(self, field)
+            if t.dtype != dtype or tuple(t.shape) != (n, width):
+                raise ValueError(
+                    f"SubScaledInt8Weight: {field} must be {dtype} {[n, width]}, "
+                    f"got {t.dtype} {tuple(t.shape)}"
+                )
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.data, self.scales, self.sub_data, self.sub_scales, self.super_scales)
+
+    def to(self, device: torch.device | str) -> SubScaledInt8Weight:
+        return dataclasses.replace(self, **{f: getattr(self, f).to(device) for f in _fields(self)})
+
+    def exact(self) -> torch.Tensor:
+        """The source's values as float32 [N, K]."""
+        n, k = self.shape
+        w = (
+            self.sub_data.float().view(n, k // SUB_GROUP, SUB_GROUP)
+            * self.sub_scales.float()[..., None]
+        )
+        w = w.view(n, k // SUPER_GROUP, SUPER_GROUP) * self.super_scales[..., None]
+        return w.view(n, k)
+
+    def plain(self) -> Int8Weight:
+        """The int8 blocks alone."""
+        return Int8Weight(data=self.data, scales=self.scales, group_size=self.group_size)
+
+
 def is_grouped_int8(qw: QuantizedWeight) -> bool:
     """int8 scaled per group of inputs (GGUF Q8_0's 32), not once per output channel."""
     return isinstance(qw, Int8Weight) and not qw.is_per_channel
@@ -150,6 +210,8 @@ def concat_formats(qweights: Sequence[QuantizedWeight]) -> QuantizedWeight:
     """Concatenate same-scheme weights along N (output rows), e.g. q/k/v or gate/up fusion."""
     if not qweights:
         raise ValueError("concat_formats: need at least one weight")
+    if len({type(qw) for qw in qweights}) > 1:  # sub-scaled beside plain int8: int8 for all
+        qweights = [qw.plain() if isinstance(qw, SubScaledInt8Weight) else qw for qw in qweights]
     first = qweights[0]
     for i, qw in enumerate(qweights[1:], start=1):
         if type(qw) is not type(first) or qw.group_size != first.group_size:
@@ -205,6 +267,9 @@ def from_tensors(
     scheme, layout = meta.get(prefix + "scheme"), meta.get(prefix + "layout", "")
     common = {"data": tensors[prefix + "data"], "scales": tensors[prefix + "scales"]}
     group_size = int(meta[prefix + "group_size"])
+    if scheme == "int8" and prefix + "sub_data" in tensors:
+        sub = {f: tensors[prefix + f] for f in _SUB_FIELDS}
+        return SubScaledInt8Weight(**common, **sub, group_size=group_size, layout=layout)
     if scheme == "int8":
         return Int8Weight(**common, group_size=group_size, layout=layout)
     if scheme == "int4":
@@ -219,7 +284,13 @@ def _map_tensors(qweights: Sequence[QuantizedWeight], fn) -> QuantizedWeight:
     return dataclasses.replace(first, **new)
 
 
+_SUB_FIELDS = ("sub_data", "sub_scales", "super_scales")
+
+
 def _fields(qw: QuantizedWeight) -> tuple[str, ...]:
+    """The tensors of qw, each [N, ...]: what concatenating or selecting rows acts on."""
+    if isinstance(qw, SubScaledInt8Weight):
+        return ("data", "scales", *_SUB_FIELDS)
     return ("data", "scales") if isinstance(qw, Int8Weight) else ("data", "scales", "zeros")
 
 

@@ -1,5 +1,5 @@
 """GGUF tensor blocks -> our formats: Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 exactly, everything else
-via dequantise.
+via dequantise (Q6_K's own values kept beside: SubScaledInt8Weight).
 
 Block layouts follow ggml (ggml-common.h): a 32-element block starts with an fp16 scale d
 (Q4_1 then an fp16 min m); Q4 nibbles hold element j in the low and j + 16 in the high half.
@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from codelm.quant.formats import INT4_GROUP, Int4Weight, Int8Weight, QuantizedWeight
+from codelm.quant.formats import (
+    INT4_GROUP,
+    Int4Weight,
+    Int8Weight,
+    QuantizedWeight,
+    SubScaledInt8Weight,
+)
 from codelm.quant.reference import dequantize, quantize_rows
 
 logger = logging.getLogger(__name__)
@@ -76,6 +82,16 @@ def repack_gguf(
     group = int8_group_size if scheme == "int8" else group_size
     qw, err = quantize_rows(rows, n, scheme, group, name=name, search=search)
     logger.debug("%s: %s -> %s requantised, max abs err %.3g", name, qtype.name, scheme, err)
+    if qtype == _T.Q6_K and scheme == "int8":
+        q, sub_scales, d = _q6_k_parts(_blocks(data, qtype, (n, k), name))
+        return SubScaledInt8Weight(
+            data=qw.data,
+            scales=qw.scales,
+            group_size=qw.group_size,
+            sub_data=q,
+            sub_scales=sub_scales,
+            super_scales=d,
+        )
     return qw
 
 
@@ -151,6 +167,27 @@ def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sc = np.concatenate([low & 0x3F, (rest & 0x0F) | ((low >> 2) & 0x30)], axis=-1)
     m = np.concatenate([high & 0x3F, (rest >> 4) | ((high >> 2) & 0x30)], axis=-1)
     return sc.astype(np.float32), m.astype(np.float32)
+
+
+def _q6_k_parts(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q6_K [N, K / 256, 210] -> q int8 [N, K] (-32 .. 31), the int8 scales [N, K / 16] and d
+    float32 [N, K / 256]; ggml: w = d * scale[k / 16] * q. A super-block is 128 bytes of low
+    nibbles, 64 of high bit pairs, 16 scales and an fp16 d; each half of 128 values takes 64
+    low and 32 high bytes: value 32j + l (j < 4, l < 32) has the low (j < 2) or high nibble of
+    low byte l + 32 (j % 2), and bits 2j, 2j + 1 of high byte l."""
+    n, nb, _ = blocks.shape
+    low = blocks[..., :128].reshape(n, nb, 2, 2, 32)  # [half][j % 2][l]
+    high = blocks[..., 128:192].reshape(n, nb, 2, 1, 32)
+    nibbles = np.concatenate([low & 0x0F, low >> 4], axis=3)  # [half][j][l]
+    pairs = (high >> (2 * np.arange(4, dtype=np.uint8)).reshape(4, 1)) & 3
+    q = (nibbles | (pairs << 4)).astype(np.int8) - np.int8(32)
+    scales = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).reshape(n, nb * 16)
+    d = np.ascontiguousarray(blocks[..., 208:210]).view("<f2")[..., 0].astype(np.float32)
+    return (
+        torch.from_numpy(np.ascontiguousarray(q.reshape(n, nb * 256))),
+        torch.from_numpy(scales.copy()),
+        torch.from_numpy(d),
+    )
 
 
 def _repack_q5_0(blocks: np.ndarray, name: str) -> Int8Weight:

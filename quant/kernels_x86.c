@@ -30,7 +30,7 @@
  * prefetcher not running far enough ahead of short rows (docs/quant.md, "Native kernels"). */
 #define PREFETCH_BYTES 2048
 
-int codelm_kernels_abi(void) { return 20; }
+int codelm_kernels_abi(void) { return 21; }
 
 static inline float hsum(__m256 v)
 {
@@ -843,6 +843,18 @@ int codelm_attention(const float *q, int64_t q_pos, int64_t q_head, const void *
                         in 256-bit code) */
 #define TILE_SPAN 66 /* rows of x (in L2) a tile pair (in L1 / L2) is applied to in turn */
 _Static_assert(TILE_SPAN % TILE_ROWS == 0, "a span holds whole groups of rows");
+/* GCC takes these intrinsics for plain vector arithmetic and reassociates a block's running sums
+ * into trees of partial products spilled to the stack (0.6x as fast); an empty asm on each sum
+ * after each step keeps it in its register. */
+#define KEEP(v) __asm__("" : "+x"(v))
+
+static inline __m256i x_four(const int8_t *x) /* 4 bytes of x in every lane */
+{
+    int32_t four;
+    memcpy(&four, x, 4);
+    return _mm256_set1_epi32(four);
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HAS_DPBUSD 1
 
@@ -925,18 +937,6 @@ INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, co
  * the nibbles on Zen 4, whose 6-wide front end limits both). */
 #define HAS_DPBUSD HAS_DPBUSD_256
 #define SMALL_STEPS 4 /* steps of u <= 31 that 16 bits hold */
-/* GCC takes these intrinsics for plain vector arithmetic and reassociates a block's running sums
- * into trees of partial products spilled to the stack (0.6x as fast); an empty asm on each sum
- * after each step keeps it in its register. */
-#define KEEP(v) __asm__("" : "+x"(v))
-
-static inline __m256i x_four(const int8_t *x) /* 4 bytes of x in every lane */
-{
-    int32_t four;
-    memcpy(&four, x, 4);
-    return _mm256_set1_epi32(four);
-}
-
 /* Column h (channels 8h .. 8h + 7) of the tile at wt for mr rows: out[r * ldo + c]. nibbles:
  * the weights are int8 as w + 128, else at most 31. Constants where inlined, like
  * tile_kernel's. */
@@ -1045,6 +1045,59 @@ INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, co
 }
 #endif
 
+/* Sub-scaled int8 tiles (GGUF Q6_K as it is, Q6KTiles): w = d * sc * q per channel, q in -32 ..
+ * 31 stored signed in the tile layout, sc an int8 per 16 inputs, d a float per block (the
+ * super-block's, repeated). maddubs takes x as the unsigned side (x + 128, stored so by
+ * quantize_tile_rows with `flip`): two steps' pair sums stay within int16 (2 * 2 * 255 * 32 <
+ * 2^15) and one vpmaddwd widens them times sc, so a block takes 8 vpmaddubsw and 4 vpmaddwd
+ * per row and column, one float epilogue, and no nibbles. The 128 added to x is taken back by
+ * each block's sums starting at wo = -128 * sum(q * sc) of the channel, shared by all rows.
+ * 256-bit code on every build: with VNNI, int8 tiles of the requantised weight are the
+ * faster candidate where calibration times them. */
+typedef struct {
+    const int8_t *sub;  /* per tile and block: [group of 16][column][8 channels][sc, sc] */
+    const int32_t *wo;  /* per tile and block: [16 channels] */
+} sub_scales;
+
+INLINE void sub_column_kernel(const int8_t *xq, const float *xd, int64_t k, const uint8_t *wt,
+                              const float *ws, sub_scales sub, int h, float *out, int64_t ldo,
+                              int mr)
+{
+    const int64_t blocks = k / BLOCK;
+    __m256 acc[TILE_ROWS];
+    for (int r = 0; r < mr; r++)
+        acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const int8_t *xb = xq + b * TILE_ROWS * BLOCK;
+        const uint8_t *wb = wt + b * BLOCK * TILE + h * 32;
+        const __m256i start = _mm256_loadu_si256((const __m256i *)(sub.wo + b * TILE + h * 8));
+        __m256i dot[TILE_ROWS];
+        for (int r = 0; r < mr; r++)
+            dot[r] = start;
+#pragma GCC unroll 4
+        for (int step = 0; step < BLOCK / 4; step += 2) {
+            const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                (const __m128i *)(sub.sub + b * 4 * TILE + step / 4 * 2 * TILE + h * TILE)));
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wb + step * 4 * TILE));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wb + (step + 1) * 4 * TILE));
+            for (int r = 0; r < mr; r++) {
+                const int8_t *xr = xb + r * BLOCK + step * 4;
+                __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(x_four(xr), w0),
+                                                 _mm256_maddubs_epi16(x_four(xr + 4), w1));
+                dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(pairs, sc));
+                KEEP(dot[r]);
+            }
+        }
+        const __m256 s = _mm256_loadu_ps(ws + b * TILE + h * 8);
+        for (int r = 0; r < mr; r++) {
+            const __m256 scale = _mm256_mul_ps(s, _mm256_set1_ps(xd[b * TILE_ROWS + r]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), scale, acc[r]);
+        }
+    }
+    for (int r = 0; r < mr; r++)
+        _mm256_storeu_ps(out + r * ldo, acc[r]);
+}
+
 /* Whether weights stored as u = w + offset are multiplied as two nibbles: int8 as w + 128
  * without VNNI (see above). */
 static inline int in_nibbles(int32_t offset) { return offset == 128 && !HAS_DPBUSD; }
@@ -1054,7 +1107,7 @@ static inline int in_nibbles(int32_t offset) { return offset == 128 && !HAS_DPBU
  * of all its rows together, so the kernel finds everything at constant offsets from one
  * pointer. Per row and block: xq 32 int8, xd the scale, xo -offset * the sum of xq and, where
  * given, xs the float sum of x. */
-static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t offset,
+static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t offset, int flip,
                                int8_t *xq, float *xd, int32_t *xo, float *xs, int nthreads)
 {
     const int64_t blocks = k / BLOCK, padded = (rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
@@ -1074,6 +1127,9 @@ static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t 
         const float *src = x + i * k + b * BLOCK;
         xd[at] = quantize_block(src, xq + at * BLOCK, &qsum, xs ? xs + at : NULL);
         xo[at] = -offset * qsum;
+        if (flip) /* as unsigned bytes x + 128 (the sub-scaled kernel) */
+            for (int j = 0; j < BLOCK; j++)
+                xq[at * BLOCK + j] ^= (int8_t)0x80;
     }
 }
 
@@ -1095,10 +1151,33 @@ static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t 
         }                                                                                        \
         return;
 
+#define SUB_CASE(MR)                                                                             \
+    case MR:                                                                                     \
+        for (int j = 0; j < nt; j++)                                                             \
+            for (int h = 0; h < 2; h++)                                                          \
+                sub_column_kernel(xq, xd, k, wt + j * gap * k * TILE, ws + j * gap * tile_blocks,  \
+                                  (sub_scales){sub.sub + j * gap * tile_blocks * 4,              \
+                                               sub.wo + j * gap * tile_blocks},                  \
+                                  h, y + j * TILE + h * 8, ldy, MR);                             \
+        return;
+
+/* tile_kernel for mr rows and nt tiles; with sub.sub, the sub-scaled kernel (no swiglu) */
 static void tile_rows(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
-                      int64_t k, const uint8_t *wt, const float *ws, const float *wz, int64_t gap,
-                      float *y, int64_t ldy, int mr, int nt, int swiglu, int nibbles)
+                      int64_t k, const uint8_t *wt, const float *ws, const float *wz,
+                      sub_scales sub, int64_t gap, float *y, int64_t ldy, int mr, int nt,
+                      int swiglu, int nibbles)
 {
+    const int64_t tile_blocks = k / BLOCK * TILE;
+    if (sub.sub) {
+        switch (mr) {
+            SUB_CASE(1)
+            SUB_CASE(2)
+            SUB_CASE(3)
+            SUB_CASE(4)
+            SUB_CASE(5)
+            SUB_CASE(6)
+        }
+    }
     switch (mr) {
         TILE_CASE(1)
         TILE_CASE(2)
@@ -1110,6 +1189,7 @@ static void tile_rows(const int8_t *xq, const float *xd, const int32_t *xo, cons
 }
 #undef TILE_CASE
 #undef TILE_CALL
+#undef SUB_CASE
 
 /* The first of `count` items starting at base, base + len, ... whose start is at or after
  * `bound` (count where none is) */
@@ -1126,8 +1206,8 @@ static inline int64_t item_at(int64_t bound, int64_t base, int64_t len, int64_t 
  * c + tiles / 2, and the gate and up floats of a row never reach memory. */
 static void tile_gemm_rows(const int8_t *xq, const float *xd, const int32_t *xo, const float *xs,
                            int64_t m, int64_t k, const uint8_t *wt, const float *ws,
-                           const float *wz, int64_t tiles, float *y, int64_t ldy, int swiglu,
-                           int nibbles, int nthreads)
+                           const float *wz, sub_scales sub, int64_t tiles, float *y, int64_t ldy,
+                           int swiglu, int nibbles, int nthreads)
 {
     const int64_t blocks = k / BLOCK;
     /* A work item's tiles ("pair" below, one or two): t and t + gap, written at column c of
@@ -1156,8 +1236,9 @@ static void tile_gemm_rows(const int8_t *xq, const float *xd, const int32_t *xo,
                     const int mr = end - i < TILE_ROWS ? (int)(end - i) : TILE_ROWS;
                     tile_rows(xq + i * k, xd + i * blocks, xo + i * blocks,
                               xs ? xs + i * blocks : NULL, k, wt + t * k * TILE, ws + at,
-                              wz ? wz + at : NULL, gap, y + i * ldy + c, ldy, mr, (int)nt, swiglu,
-                              nibbles);
+                              wz ? wz + at : NULL,
+                              sub.sub ? (sub_scales){sub.sub + at * 4, sub.wo + at} : sub, gap,
+                              y + i * ldy + c, ldy, mr, (int)nt, swiglu, nibbles);
                 }
             }
         }
@@ -1181,8 +1262,8 @@ static void free_tile_x(tile_rows_x *t)
     free(t->xs);
 }
 
-static int quantize_tile_x(const float *x, int64_t m, int64_t k, int32_t offset, int sums,
-                           tile_rows_x *t, int nthreads)
+static int quantize_tile_x(const float *x, int64_t m, int64_t k, int32_t offset, int flip,
+                           int sums, tile_rows_x *t, int nthreads)
 {
     const int64_t blocks = k / BLOCK;
     const int64_t rows = (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS; /* whole groups */
@@ -1194,7 +1275,7 @@ static int quantize_tile_x(const float *x, int64_t m, int64_t k, int32_t offset,
         free_tile_x(t);
         return -1;
     }
-    quantize_tile_rows(x, m, k, offset, t->xq, t->xd, t->xo, t->xs, nthreads);
+    quantize_tile_rows(x, m, k, offset, flip, t->xq, t->xd, t->xo, t->xs, nthreads);
     return 0;
 }
 
@@ -1208,10 +1289,10 @@ static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, i
         (wz ? offset != 8 : offset != 128 && offset != 16))
         return -1;
     tile_rows_x t;
-    if (quantize_tile_x(x, m, k, offset, wz != NULL, &t, nthreads) != 0)
+    if (quantize_tile_x(x, m, k, offset, 0, wz != NULL, &t, nthreads) != 0)
         return -1;
-    tile_gemm_rows(t.xq, t.xd, t.xo, t.xs, m, k, wt, ws, wz, n / TILE, y, swiglu ? n / 2 : n,
-                   swiglu, in_nibbles(offset), nthreads);
+    tile_gemm_rows(t.xq, t.xd, t.xo, t.xs, m, k, wt, ws, wz, (sub_scales){NULL, NULL}, n / TILE,
+                   y, swiglu ? n / 2 : n, swiglu, in_nibbles(offset), nthreads);
     free_tile_x(&t);
     return 0;
 }
@@ -1301,7 +1382,7 @@ static int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const
     const int64_t fit = ROWS_CHUNK_BYTES / (k * TILE * layers) / per * per;
     const int64_t chunk = fit > per ? fit : per;
     tile_rows_x t;
-    if (quantize_tile_x(x, m, k, offset, wz != NULL, &t, nthreads) != 0)
+    if (quantize_tile_x(x, m, k, offset, 0, wz != NULL, &t, nthreads) != 0)
         return -1;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
@@ -1330,7 +1411,7 @@ static int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const
                         tile_rows(t.xq + r * k, t.xd + r * blocks, t.xo + r * blocks,
                                   t.xs ? t.xs + r * blocks : NULL, k, wt + i * k * TILE,
                                   wts + i * blocks * TILE, wz ? wtz + i * blocks * TILE : NULL,
-                                  swiglu ? count : 1, y + r * ldy + (c0 + i) * TILE, ldy,
+                                  (sub_scales){NULL, NULL}, swiglu ? count : 1, y + r * ldy + (c0 + i) * TILE, ldy,
                                   end - r < TILE_ROWS ? (int)(end - r) : TILE_ROWS, nt, swiglu,
                                   nibbles);
                 }
@@ -1372,6 +1453,24 @@ int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t *wt,
                         const float *ws, const float *wz, int64_t n, float *y, int nthreads)
 {
     return tiles_gemm(x, m, k, wt, offset, ws, wz, n, y, 0, nthreads);
+}
+
+/* y [m, n] = x w^T for sub-scaled int8 tiles (see sub_column_kernel): wt the tiles of q as
+ * signed bytes, sub and wo their sub-scales and offset sums, ws d per channel and block, all
+ * laid out per tile and block (Q6KTiles); n % 16 == 0. */
+int codelm_sub_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t *wt,
+                            const int8_t *sub, const int32_t *wo, const float *ws, int64_t n,
+                            float *y, int nthreads)
+{
+    if (k % BLOCK != 0 || n % TILE != 0 || nthreads < 1)
+        return -1;
+    tile_rows_x t;
+    if (quantize_tile_x(x, m, k, 0, 1, 0, &t, nthreads) != 0)
+        return -1;
+    tile_gemm_rows(t.xq, t.xd, t.xo, NULL, m, k, wt, ws, NULL, (sub_scales){sub, wo}, n / TILE,
+                   y, n, 0, 0, nthreads);
+    free_tile_x(&t);
+    return 0;
 }
 
 /* y [m, n / 2] = silu(gate) * up of the same GEMM where w is a fused gate / up projection

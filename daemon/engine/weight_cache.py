@@ -15,7 +15,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = "2"  # bump when a format's meaning changes
+CACHE_VERSION = "3"  # bump when a format's meaning changes
 
 
 def model_fingerprint(path: Path) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -69,3 +70,14 @@ def int4_blocks_bound(x: torch.Tensor, qw) -> torch.Tensor:
     xa = x.abs().float()
     rounding = half_step @ (w.abs() + zeros).t()
     return rounding + 2.0**-11 * (xa @ (w.abs() + 2 * zeros).t()) + fp32_bound(x, w)
+
+
+def q6_k_blocks(n: int, k: int, seed: int = 1) -> np.ndarray:
+    """Valid Q6_K data (gguf.quants cannot make it): per 256 values 192 bytes of low nibbles and
+    high bit pairs (any bytes are valid), 16 int8 scales, an fp16 d."""
+    rng = np.random.default_rng(seed)
+    n_blocks = n * k // 256
+    body = rng.integers(0, 256, (n_blocks, 192), dtype=np.uint8)
+    scales = rng.integers(-128, 128, (n_blocks, 16)).astype(np.int8).view(np.uint8)
+    d = rng.uniform(1e-4, 2e-3, (n_blocks, 1)).astype("<f2").view(np.uint8)
+    return np.concatenate([body, scales, d], axis=1).reshape(n, -1)

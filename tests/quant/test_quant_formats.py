@@ -2,17 +2,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_helpers import weight
+from quant_helpers import q6_k_blocks, weight
 
 from codelm.quant import (
     Int4Weight,
     Int8Weight,
+    SubScaledInt8Weight,
     concat_formats,
     dequantize,
     from_tensors,
     pack_int4,
     quantize_int4,
     quantize_int8,
+    repack_gguf,
     select_rows,
     to_tensors,
     unpack_int4,
@@ -105,16 +107,57 @@ def test_select_rows_permutes_dequantised_rows(gen):
     assert torch.equal(dequantize(select_rows(qw, index)), dequantize(qw)[index])
 
 
-@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def _sub_scaled(n: int, seed: int = 1) -> SubScaledInt8Weight:
+    return repack_gguf(q6_k_blocks(n, 512, seed), "Q6_K", (n, 512), int8_group_size=32)
+
+
+def test_sub_scaled_rows_move_with_their_int8_rows(gen):
+    a, b = _sub_scaled(16), _sub_scaled(8, seed=2)
+    both = concat_formats([a, b])
+    assert isinstance(both, SubScaledInt8Weight)
+    assert torch.equal(both.exact(), torch.cat([a.exact(), b.exact()]))
+    assert torch.equal(dequantize(both), torch.cat([dequantize(a), dequantize(b)]))
+    index = torch.randperm(24, generator=gen)
+    picked = select_rows(both, index)
+    assert torch.equal(picked.exact(), both.exact()[index])
+    assert torch.equal(dequantize(picked), dequantize(both)[index])
+
+
+def test_concat_formats_of_sub_scaled_and_plain_int8_is_plain_int8(gen):
+    a, plain = _sub_scaled(16), quantize_int8(weight(gen, 8, 512), 32)[0]
+    both = concat_formats([a, plain])
+    assert type(both) is Int8Weight
+    assert torch.equal(dequantize(both), torch.cat([dequantize(a), dequantize(plain)]))
+
+
+def test_sub_scaled_int8_weight_rejects_sub_scales_of_wrong_shape():
+    qw = _sub_scaled(16)
+    with pytest.raises(ValueError, match=r"sub_scales must be torch.int8 \[16, 32\]"):
+        SubScaledInt8Weight(
+            data=qw.data,
+            scales=qw.scales,
+            group_size=32,
+            sub_data=qw.sub_data,
+            sub_scales=qw.sub_scales[:, :16],
+            super_scales=qw.super_scales,
+        )
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8", "sub-scaled int8"])
 def test_to_tensors_round_trips_through_safetensors(gen, tmp_path, scheme):
     from safetensors.torch import load_file, save_file
 
-    qw = (quantize_int4 if scheme == "int4" else quantize_int8)(weight(gen, 16, 64))[0]
+    if scheme == "sub-scaled int8":
+        qw = _sub_scaled(16)
+    else:
+        qw = (quantize_int4 if scheme == "int4" else quantize_int8)(weight(gen, 16, 64))[0]
     tensors, meta = to_tensors(qw, prefix="layers.0.q_proj.")
     save_file(tensors, tmp_path / "w.safetensors", metadata=meta)
     back = from_tensors(load_file(tmp_path / "w.safetensors"), meta, prefix="layers.0.q_proj.")
     assert type(back) is type(qw) and back.group_size == qw.group_size
     assert torch.equal(dequantize(back), dequantize(qw))
+    if scheme == "sub-scaled int8":
+        assert torch.equal(back.exact(), qw.exact())
 
 
 def test_from_tensors_rejects_unknown_layout(gen):

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
+from quant_helpers import q6_k_blocks
 
 from codelm.quant import (
     Int4Weight,
     Int8Weight,
+    SubScaledInt8Weight,
     dequantize,
     dequantize_gguf,
     quantize_int4,
@@ -150,14 +152,36 @@ def test_gguf_repack_requantises_other_types_within_half_step(qtype, scheme):
     assert (err <= qw.scales.numpy() / 2 + 1e-7).all()
 
 
+def test_gguf_repack_keeps_q6_k_values_beside_its_int8_blocks():
+    data = q6_k_blocks(8, 512)
+    qw = repack_gguf(data, T.Q6_K, (8, 512), int8_group_size=32)
+    assert isinstance(qw, SubScaledInt8Weight) and qw.group_size == 32
+    source = quants.dequantize(data, T.Q6_K).reshape(8, 512)
+    # The file's own values, bit for bit (d sc q is exact in float32: 11 + 7 + 5 bits) ...
+    assert np.array_equal(qw.exact().numpy(), source)
+    assert qw.sub_data.min() >= -32 and qw.sub_data.max() <= 31
+    # ... and the int8 blocks every other kernel takes, within half a step of them.
+    err = np.abs(dequantize(qw).numpy() - source).reshape(8, 16, 32)
+    assert (err <= qw.scales.numpy()[..., None] / 2 + 1e-7).all()
+
+
+def test_gguf_repack_reads_q6_k_bits_in_ggml_order():
+    """One super-block: value 32j + l of each half is the low (j < 2) or high nibble of low
+    byte l + 32 (j % 2) with bits 2j, 2j + 1 of high byte l above it."""
+    low = np.array([0x21] * 32 + [0x43] * 32 + [0x65] * 32 + [0x87] * 32, dtype=np.uint8)
+    high = np.array([0b11100100] * 32 + [0b00011011] * 32, dtype=np.uint8)
+    scales = np.arange(1, 17, dtype=np.int8).view(np.uint8)
+    block = np.concatenate([low, high, scales, np.array([1.0], dtype="<f2").view(np.uint8)])
+    qw = repack_gguf(block[None, :], T.Q6_K, (1, 256), int8_group_size=32)
+    q = qw.sub_data[0].view(8, 32)[:, 0].tolist()
+    # half 0: nibbles 1, 3, 2, 4 with pairs 0, 1, 2, 3; half 1: 5, 7, 6, 8 with 3, 2, 1, 0.
+    assert q == [v - 32 for v in (1, 19, 34, 52, 53, 39, 22, 8)]
+    assert qw.sub_scales[0].tolist() == list(range(1, 17))
+    assert np.array_equal(qw.exact().numpy(), quants.dequantize(block[None, :], T.Q6_K))
+
+
 def test_gguf_repack_dequantises_k_quants_then_quantises_int4_when_asked():
-    # Q6_K cannot be produced by gguf.quants; build valid blocks: ql, qh, int8 scales, fp16 d.
-    rng = np.random.default_rng(1)
-    n_blocks = 8 * 2  # 8 rows x 512 columns of 256-element super-blocks
-    body = rng.integers(0, 256, (n_blocks, 192), dtype=np.uint8)
-    scales = rng.integers(-40, 40, (n_blocks, 16)).astype(np.int8).view(np.uint8)
-    d = np.full((n_blocks, 1), 1e-3, dtype="<f2").view(np.uint8)
-    data = np.concatenate([body, scales, d], axis=1).reshape(8, -1)
+    data = q6_k_blocks(8, 512)
     qw = repack_gguf(data, T.Q6_K, (8, 512), scheme="int4", group_size=64, search=True)
     assert qw.scheme == "int4" and qw.group_size == 64
     source = quants.dequantize(data, T.Q6_K)

@@ -9,13 +9,26 @@ import dataclasses
 
 import pytest
 import torch
-from quant_helpers import int4_blocks_bound, int8_blocks_bound, requantized_blocks_bound, weight
+from quant_helpers import (
+    int4_blocks_bound,
+    int8_blocks_bound,
+    q6_k_blocks,
+    requantized_blocks_bound,
+    weight,
+)
 
 from codelm.daemon.engine.layers import silu_and_mul
-from codelm.quant import dequantize, matmul, native, quantize_int4, quantize_int8
-from codelm.quant.cpu import CPU_KERNELS, Int4AsInt8Tiles, Int4Native, Int8Native, Int8Tiles
+from codelm.quant import dequantize, matmul, native, quantize_int4, quantize_int8, repack_gguf
+from codelm.quant.cpu import (
+    CPU_KERNELS,
+    Int4AsInt8Tiles,
+    Int4Native,
+    Int8Native,
+    Int8Tiles,
+    SubScaledTiles,
+)
 from codelm.quant.dispatch import read_cpu_info
-from codelm.quant.formats import Int8Weight, select_rows
+from codelm.quant.formats import Int8Weight, SubScaledInt8Weight, select_rows
 
 _LIB = native.library()
 needs_native = pytest.mark.skipif(isinstance(_LIB, str), reason=f"no native kernel: {_LIB}")
@@ -199,6 +212,30 @@ def test_tiles_swiglu_epilogue_declines_halves_that_are_not_whole_tiles(gen, n):
     assert Int8Tiles(qw).silu_and_mul(torch.randn(9, 256, generator=gen)) is None
 
 
+def _q6_k(n: int, k: int) -> SubScaledInt8Weight:
+    return repack_gguf(q6_k_blocks(n, k), "Q6_K", (n, k), int8_group_size=32)
+
+
+@needs_native
+@pytest.mark.parametrize("n", [48, 40])  # 40: a tile of padding channels
+@pytest.mark.parametrize("rows", [1, 6, 70])  # 70: a second span of rows, a partial group
+def test_sub_scaled_tiles_multiply_the_exact_q6_k_values(gen, n, rows):
+    qw = _q6_k(n, 768)
+    x = torch.randn(rows, 768, generator=gen)
+    x[0, 32:64] = 0.0
+    y = SubScaledTiles(qw)(x)
+    assert y.shape == (rows, n)
+    w = qw.exact()
+    assert ((y - x @ w.T).abs() <= int8_blocks_bound(x, w)).all()
+
+
+@needs_native
+def test_sub_scaled_tiles_are_a_candidate_for_sub_scaled_weights_alone(gen):
+    spec = CPU_KERNELS["sub_scaled_tiles"]
+    assert spec.unavailable(_q6_k(16, 256)) is None
+    assert spec.unavailable(quantize_int8(weight(gen, 16, 256), 32)[0]) == "not sub-scaled"
+
+
 def test_native_says_why_when_build_dir_cannot_be_made(tmp_path, monkeypatch):
     _with_real_compiler(monkeypatch)
     blocker = tmp_path / "file"
@@ -288,6 +325,36 @@ def test_avx2_tiles_swiglu_epilogue_equals_swiglu_of_output(avx2_build, gen, sch
     tiles = avx2_build(qw)
     x = torch.randn(9, 256, generator=gen) * 3
     assert torch.equal(tiles.silu_and_mul(x), silu_and_mul(tiles(x), 48))
+
+
+def test_avx2_sub_scaled_tiles_match_this_cpus_build(avx2_build, gen):
+    # 256-bit code in every build: the same numbers as the native build's.
+    qw = _q6_k(40, 512)
+    x = torch.randn(70, 512, generator=gen)
+    y = avx2_build(qw, SubScaledTiles)(x)
+    w = qw.exact()
+    assert ((y - x @ w.T).abs() <= int8_blocks_bound(x, w)).all()
+    if not isinstance(_LIB, str):
+        assert torch.equal(y, SubScaledTiles(qw)(x))
+
+
+@pytest.mark.parametrize("q, scale", [(-32, -128), (-32, 127), (31, -128), (31, 127)])
+def test_avx2_sub_scaled_tiles_take_both_ends_without_overflow(avx2_build, q, scale):
+    # x at +-127 after quantisation is 255 or 1 as the unsigned side: two steps of pair sums
+    # (2 x 2 x 255 x 32) stay within int16 before vpmaddwd widens them times the scale.
+    n, k = 16, 256
+    qw = SubScaledInt8Weight(
+        data=torch.zeros(n, k, dtype=torch.int8),
+        scales=torch.ones(n, k // 32),
+        group_size=32,
+        sub_data=torch.full((n, k), q, dtype=torch.int8),
+        sub_scales=torch.full((n, k // 16), scale, dtype=torch.int8),
+        super_scales=torch.full((n, 1), 1e-3),
+    )
+    tiles = avx2_build(qw, SubScaledTiles)
+    w = qw.exact()
+    for x in (torch.ones(3, k), -torch.ones(3, k), torch.tensor([1.0, -1.0]).repeat(3, k // 2)):
+        torch.testing.assert_close(tiles(x), x @ w.T, rtol=1e-5, atol=1e-5)
 
 
 def _fp16_scales(qw):
