@@ -112,7 +112,11 @@ class SubScaledInt8Weight(Int8Weight):
     def nbytes(self) -> int:
         return _nbytes(self.data, self.scales, self.sub_data, self.sub_scales, self.super_scales)
 
-    def to(self, device: torch.device | str) -> SubScaledInt8Weight:
+    def to(self, device: torch.device | str) -> Int8Weight:
+        """On the CPU, all of it; elsewhere the int8 blocks alone (no kernel there takes the
+        sub-scales, and they would double the weight's memory)."""
+        if torch.device(device).type != "cpu":
+            return self.plain().to(device)
         return dataclasses.replace(self, **{f: getattr(self, f).to(device) for f in _fields(self)})
 
     def exact(self) -> torch.Tensor:

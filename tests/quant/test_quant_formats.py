@@ -123,6 +123,13 @@ def test_sub_scaled_rows_move_with_their_int8_rows(gen):
     assert torch.equal(dequantize(picked), dequantize(both)[index])
 
 
+def test_sub_scaled_int8_weight_leaves_its_sub_scales_on_the_cpu():
+    qw = _sub_scaled(16)
+    assert isinstance(qw.to("cpu"), SubScaledInt8Weight)
+    moved = qw.to("meta")  # any other device: the int8 blocks alone
+    assert type(moved) is Int8Weight and moved.data.device.type == "meta"
+
+
 def test_concat_formats_of_sub_scaled_and_plain_int8_is_plain_int8(gen):
     a, plain = _sub_scaled(16), quantize_int8(weight(gen, 8, 512), 32)[0]
     both = concat_formats([a, plain])
