@@ -475,6 +475,12 @@ def _native_unavailable(qw: QuantizedWeight) -> str | None:
     return native_unavailable(qw.data.device, qw.shape[1], qw.group_size)
 
 
+def _sub_scaled_unavailable(qw: QuantizedWeight) -> str | None:
+    if not isinstance(qw, SubScaledInt8Weight):
+        return "not sub-scaled"
+    return _native_unavailable(qw)
+
+
 @dataclass(frozen=True, slots=True)
 class KernelSpec:
     """How to build one candidate, and what it costs beyond the int format (for the budget)."""
@@ -521,9 +527,7 @@ CPU_KERNELS: dict[str, KernelSpec] = {
             ("int8",),
             SubScaledTiles,
             1.375,
-            unavailable=lambda qw: (
-                _native_unavailable(qw) if isinstance(qw, SubScaledInt8Weight) else "not sub-scaled"
-            ),
+            unavailable=_sub_scaled_unavailable,
         ),
         KernelSpec(
             "int4_as_int8_tiles",
