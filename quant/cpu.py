@@ -292,9 +292,6 @@ class Int8Tiles:
         self.padded_n = n + pad
         tiles = self.padded_n // 16
 
-        def tiled(per_block: torch.Tensor) -> torch.Tensor:  # [N, B] -> [N / 16][B][16]
-            return F.pad(per_block, (0, 0, 0, pad)).view(tiles, 16, blocks).transpose(1, 2)
-
         # Laid out a part of tiles at a time: a head's temporaries stay a part's, not its size.
         # Each channel's 4 consecutive k move together: copied as int32, half the time bytes took.
         self.data = torch.empty(tiles, blocks, 8, 16, 4, dtype=torch.uint8)
@@ -313,8 +310,9 @@ class Int8Tiles:
             u = unpack_int4(rows) if int4 else rows.view(torch.uint8) + self.offset  # mod 256
             words[t0:t1] = _tile_words(u, t1 - t0, pad_value=self.offset)
         per_block = torch.cat(scales) if requantize else _per_block(qw.scales, blocks)
-        self.scales = tiled(per_block.float()).contiguous()
-        self.zeros = tiled(_per_block(qw.zeros, blocks).float()).contiguous() if int4 else None
+        self.scales = _tiled(per_block.float(), tiles).contiguous()
+        zeros = _tiled(_per_block(qw.zeros, blocks).float(), tiles) if int4 else None
+        self.zeros = None if zeros is None else zeros.contiguous()
         self.nbytes = _nbytes(self.data, self.scales, *([] if self.zeros is None else [self.zeros]))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -347,12 +345,13 @@ class Int4AsInt8Tiles(Int8Tiles):
 
 
 class SubScaledTiles:
-    """A prefill copy of a sub-scaled weight (GGUF Q6_K: SubScaledInt8Weight) in its own
-    values: q (-32 .. 31) as signed bytes in Int8Tiles' layout, the int8 scale of each 16 inputs
-    and d per block of 32 beside them (kernels_x86.c, sub_column_kernel). Without VNNI the tile
-    kernel multiplies the requantised int8 as two nibbles; this takes one vpmaddubsw per 32
-    products (a Qwen2.5-Coder down projection: 1.48x as fast on one Zen 4 core in 256-bit
-    code), and is exact where the int8 blocks round. ~1.375 bytes per weight."""
+    """A prefill copy of a sub-scaled weight (GGUF Q6_K and Q5_K: SubScaledInt8Weight) in its
+    own values: q as signed bytes in Int8Tiles' layout, and beside them the int8 scale of each
+    16 inputs, the float scale (and Q5_K's zero) of each block of 32 (kernels_x86.c,
+    sub_column_kernel). Without VNNI the tile kernel multiplies the requantised int8 as two
+    nibbles; this takes one vpmaddubsw per 32 products (a Qwen2.5-Coder down projection: 1.48x
+    as fast on one Zen 4 core in 256-bit code), and is exact where the int8 blocks round.
+    ~1.375 bytes per weight (1.5 with zeros)."""
 
     name = "sub_scaled_tiles"
 
@@ -370,27 +369,30 @@ class SubScaledTiles:
         self.sub = torch.empty(tiles, blocks, 2, 2, 8, 2, dtype=torch.int8)
         self.wo = torch.empty(tiles, blocks, 16, dtype=torch.int32)
         self.scales = torch.empty(tiles, blocks, 16, dtype=torch.float32)
+        self.zeros = None if qw.zeros is None else torch.empty_like(self.scales)
         step = max(1, _REQUANTIZE_BYTES // (16 * k))
         for t0 in range(0, tiles, step):
             t1 = min(t0 + step, tiles)
             rows = slice(t0 * 16, min(t1 * 16, n))
+
             q = qw.sub_data[rows]
             words[t0:t1] = _tile_words(q.view(torch.uint8), t1 - t0, pad_value=0)
-            sc = _pad_rows(qw.sub_scales[rows], (t1 - t0) * 16)  # [16 t, blocks * 2]
-            halves = sc.view(t1 - t0, 2, 8, blocks, 2).permute(0, 3, 4, 1, 2)
+            sc = qw.sub_scales[rows]  # [rows, B * 2]
+            halves = _pad_rows(sc, (t1 - t0) * 16).view(t1 - t0, 2, 8, blocks, 2)
+            halves = halves.permute(0, 3, 4, 1, 2)
             self.sub[t0:t1] = halves[..., None].expand(-1, -1, -1, -1, -1, 2)
-            scaled = q.view(-1, blocks * 2, SUB_GROUP).to(torch.int32).sum(-1) * qw.sub_scales[
-                rows
-            ].to(torch.int32)
-            wo = _pad_rows(-128 * scaled.view(-1, blocks, 2).sum(-1), (t1 - t0) * 16)
-            self.wo[t0:t1] = wo.view(t1 - t0, 16, blocks).transpose(1, 2)
-            d = _pad_rows(_per_block(qw.super_scales[rows], blocks), (t1 - t0) * 16)
-            self.scales[t0:t1] = d.view(t1 - t0, 16, blocks).transpose(1, 2)
-        self.nbytes = _nbytes(self.data, self.sub, self.wo, self.scales)
+            sums = q.view(-1, blocks * 2, SUB_GROUP).to(torch.int32).sum(-1) * sc.to(torch.int32)
+            self.wo[t0:t1] = _tiled(-128 * sums.view(-1, blocks, 2).sum(-1), t1 - t0)
+            self.scales[t0:t1] = _tiled(_per_block(qw.super_scales[rows], blocks), t1 - t0)
+            if self.zeros is not None:
+                self.zeros[t0:t1] = _tiled(qw.zeros[rows], t1 - t0)
+        parts = (self.data, self.sub, self.wo, self.scales)
+        self.nbytes = _nbytes(*parts, *([] if self.zeros is None else [self.zeros]))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        pointers = (t.data_ptr() for t in (self.data, self.sub, self.wo, self.scales))
-        y = _call_native(self, x, self.padded_n, *pointers, self.padded_n)
+        pointers = [t.data_ptr() for t in (self.data, self.sub, self.wo, self.scales)]
+        zeros = None if self.zeros is None else self.zeros.data_ptr()
+        y = _call_native(self, x, self.padded_n, *pointers, zeros, self.padded_n)
         return y if self.padded_n == self.n else y[:, : self.n]
 
 
@@ -404,6 +406,13 @@ def _tile_words(u: torch.Tensor, tiles: int, pad_value: int) -> torch.Tensor:
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, rows - t.shape[0]))
+
+
+def _tiled(per_block: torch.Tensor, tiles: int) -> torch.Tensor:
+    """[<= 16 tiles rows, B] (padded with zeros) -> [tiles][B][16]: per tile and block, its 16
+    channels' values together."""
+    blocks = per_block.shape[1]
+    return _pad_rows(per_block, tiles * 16).view(tiles, 16, blocks).transpose(1, 2)
 
 
 def _int8_offset(data: torch.Tensor) -> int:

@@ -70,47 +70,60 @@ class Int8Weight:
         return dataclasses.replace(self, data=self.data.to(device), scales=self.scales.to(device))
 
 
-# GGUF Q6_K: 6-bit values with an int8 scale per SUB_GROUP inputs and a float per SUPER_GROUP.
+# GGUF Q6_K: 6-bit values with an int8 scale per SUB_GROUP inputs (and a float per 256).
 SUB_GROUP = 16
-SUPER_GROUP = 256
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
 class SubScaledInt8Weight(Int8Weight):
-    """An Int8Weight requantised from a source whose own values are sub-scaled (GGUF Q6_K),
-    holding those too: w[n, k] = sub_data[n, k] * sub_scales[n, k // 16] * super_scales[n,
-    k // 256], exactly. data / scales are the same weights rounded to int8 blocks, which every
-    int8 kernel takes; a kernel that knows the sub-scales (cpu.SubScaledTiles) multiplies the
-    source's values as they are.
+    """An Int8Weight requantised from a source whose own values are small integers with an
+    int8 scale per 16 inputs and a float one per group (GGUF Q6_K: 6 bits, groups of 256) and
+    maybe a zero per 32 (Q5_K: 5 bits unsigned, groups of 32), holding those too:
+    w[n, k] = sub_data[n, k] * sub_scales[n, k // 16] * super_scales[n, k // super_group]
+    (+ zeros[n, k // 32]), exactly as the source has them. data / scales are the same weights
+    rounded to int8 blocks, which every int8 kernel takes; a kernel that knows the rest
+    (cpu.SubScaledTiles) multiplies the source's values as they are.
 
     sub_data int8 [N, K] in -32 .. 31; sub_scales int8 [N, K / 16]; super_scales float32
-    [N, K / 256].
+    [N, K / super_group] (super_group a multiple of 32); zeros float32 [N, K / 32] or None.
     """
 
     sub_data: torch.Tensor
     sub_scales: torch.Tensor
     super_scales: torch.Tensor
+    zeros: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         Int8Weight.__post_init__(self)
         n, k = self.shape
-        if k % SUPER_GROUP:
-            raise ValueError(f"SubScaledInt8Weight: K={k} is no multiple of {SUPER_GROUP}")
-        for field, dtype, width in (
+        width = self.super_scales.shape[-1] if self.super_scales.dim() == 2 else 0
+        if not width or k % width or (k // width) % 32:
+            raise ValueError(
+                f"SubScaledInt8Weight: super_scales [N, {width}] do not take K={k} in groups "
+                "of a multiple of 32"
+            )
+        fields = [
             ("sub_data", torch.int8, k),
             ("sub_scales", torch.int8, k // SUB_GROUP),
-            ("super_scales", torch.float32, k // SUPER_GROUP),
-        ):
+            ("super_scales", torch.float32, width),
+        ]
+        if self.zeros is not None:
+            fields.append(("zeros", torch.float32, k // 32))
+        for field, dtype, columns in fields:
             t = getattr(self, field)
-            if t.dtype != dtype or tuple(t.shape) != (n, width):
+            if t.dtype != dtype or tuple(t.shape) != (n, columns):
                 raise ValueError(
-                    f"SubScaledInt8Weight: {field} must be {dtype} {[n, width]}, "
+                    f"SubScaledInt8Weight: {field} must be {dtype} {[n, columns]}, "
                     f"got {t.dtype} {tuple(t.shape)}"
                 )
 
     @property
+    def super_group(self) -> int:
+        return self.shape[1] // self.super_scales.shape[1]
+
+    @property
     def nbytes(self) -> int:
-        return _nbytes(self.data, self.scales, self.sub_data, self.sub_scales, self.super_scales)
+        return _nbytes(*(getattr(self, f) for f in _fields(self)))
 
     def to(self, device: torch.device | str) -> Int8Weight:
         """On the CPU, all of it; elsewhere the int8 blocks alone (no kernel there takes the
@@ -120,14 +133,15 @@ class SubScaledInt8Weight(Int8Weight):
         return dataclasses.replace(self, **{f: getattr(self, f).to(device) for f in _fields(self)})
 
     def exact(self) -> torch.Tensor:
-        """The source's values as float32 [N, K]."""
+        """The source's values as float32 [N, K]: q * sc (exact), times the group's scale, plus
+        the zero (one rounding, as ggml's `d q - m`)."""
         n, k = self.shape
-        w = (
-            self.sub_data.float().view(n, k // SUB_GROUP, SUB_GROUP)
-            * self.sub_scales.float()[..., None]
-        )
-        w = w.view(n, k // SUPER_GROUP, SUPER_GROUP) * self.super_scales[..., None]
-        return w.view(n, k)
+        w = self.sub_data.float().view(n, k // SUB_GROUP, SUB_GROUP)
+        w = (w * self.sub_scales.float()[..., None]).view(n, -1, self.super_group)
+        w = (w * self.super_scales[..., None]).view(n, k // 32, 32)
+        if self.zeros is not None:
+            w = w + self.zeros[..., None]
+        return w.reshape(n, k)
 
     def plain(self) -> Int8Weight:
         """The int8 blocks alone."""
@@ -216,6 +230,8 @@ def concat_formats(qweights: Sequence[QuantizedWeight]) -> QuantizedWeight:
         raise ValueError("concat_formats: need at least one weight")
     if len({type(qw) for qw in qweights}) > 1:  # sub-scaled beside plain int8: int8 for all
         qweights = [qw.plain() if isinstance(qw, SubScaledInt8Weight) else qw for qw in qweights]
+    elif isinstance(qweights[0], SubScaledInt8Weight):
+        qweights = _alike(qweights)
     first = qweights[0]
     for i, qw in enumerate(qweights[1:], start=1):
         if type(qw) is not type(first) or qw.group_size != first.group_size:
@@ -229,6 +245,25 @@ def concat_formats(qweights: Sequence[QuantizedWeight]) -> QuantizedWeight:
                 f"like weight 0 {first.shape}"
             )
     return _map_tensors(qweights, lambda ts: torch.cat(ts, dim=0))
+
+
+def _alike(parts: Sequence[SubScaledInt8Weight]) -> list[SubScaledInt8Weight]:
+    """Sub-scaled weights with the same fields (a Q5_K q / k beside a Q6_K v): the finest
+    group's float scales for all, repeated where coarser, and zeros (0 where none): the same
+    values."""
+    group = min(qw.super_group for qw in parts)
+    zeros = any(qw.zeros is not None for qw in parts)
+    out = []
+    for qw in parts:
+        n, k = qw.shape
+        out.append(
+            dataclasses.replace(
+                qw,
+                super_scales=qw.super_scales.repeat_interleave(qw.super_group // group, dim=1),
+                zeros=qw.zeros if qw.zeros is not None or not zeros else torch.zeros(n, k // 32),
+            )
+        )
+    return out
 
 
 def stack_rows(parts: Iterable[QuantizedWeight], n_rows: int) -> QuantizedWeight:
@@ -272,7 +307,7 @@ def from_tensors(
     common = {"data": tensors[prefix + "data"], "scales": tensors[prefix + "scales"]}
     group_size = int(meta[prefix + "group_size"])
     if scheme == "int8" and prefix + "sub_data" in tensors:
-        sub = {f: tensors[prefix + f] for f in _SUB_FIELDS}
+        sub = {f: tensors[prefix + f] for f in _SUB_FIELDS if prefix + f in tensors}
         return SubScaledInt8Weight(**common, **sub, group_size=group_size, layout=layout)
     if scheme == "int8":
         return Int8Weight(**common, group_size=group_size, layout=layout)
@@ -288,13 +323,13 @@ def _map_tensors(qweights: Sequence[QuantizedWeight], fn) -> QuantizedWeight:
     return dataclasses.replace(first, **new)
 
 
-_SUB_FIELDS = ("sub_data", "sub_scales", "super_scales")
+_SUB_FIELDS = ("sub_data", "sub_scales", "super_scales", "zeros")
 
 
 def _fields(qw: QuantizedWeight) -> tuple[str, ...]:
     """The tensors of qw, each [N, ...]: what concatenating or selecting rows acts on."""
     if isinstance(qw, SubScaledInt8Weight):
-        return ("data", "scales", *_SUB_FIELDS)
+        return ("data", "scales", *(f for f in _SUB_FIELDS if getattr(qw, f) is not None))
     return ("data", "scales") if isinstance(qw, Int8Weight) else ("data", "scales", "zeros")
 
 

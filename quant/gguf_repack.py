@@ -1,5 +1,5 @@
 """GGUF tensor blocks -> our formats: Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 exactly, everything else
-via dequantise (Q6_K's own values kept beside: SubScaledInt8Weight).
+via dequantise (Q6_K's and Q5_K's own values kept beside: SubScaledInt8Weight).
 
 Block layouts follow ggml (ggml-common.h): a 32-element block starts with an fp16 scale d
 (Q4_1 then an fp16 min m); Q4 nibbles hold element j in the low and j + 16 in the high half.
@@ -82,15 +82,10 @@ def repack_gguf(
     group = int8_group_size if scheme == "int8" else group_size
     qw, err = quantize_rows(rows, n, scheme, group, name=name, search=search)
     logger.debug("%s: %s -> %s requantised, max abs err %.3g", name, qtype.name, scheme, err)
-    if qtype == _T.Q6_K and scheme == "int8":
-        q, sub_scales, d = _q6_k_parts(_blocks(data, qtype, (n, k), name))
+    if qtype in _SUB_SCALED and scheme == "int8":
+        parts = _SUB_SCALED[qtype](_blocks(data, qtype, (n, k), name))
         return SubScaledInt8Weight(
-            data=qw.data,
-            scales=qw.scales,
-            group_size=qw.group_size,
-            sub_data=q,
-            sub_scales=sub_scales,
-            super_scales=d,
+            data=qw.data, scales=qw.scales, group_size=qw.group_size, **parts
         )
     return qw
 
@@ -169,12 +164,12 @@ def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.astype(np.float32), m.astype(np.float32)
 
 
-def _q6_k_parts(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q6_K [N, K / 256, 210] -> q int8 [N, K] (-32 .. 31), the int8 scales [N, K / 16] and d
-    float32 [N, K / 256]; ggml: w = d * scale[k / 16] * q. A super-block is 128 bytes of low
-    nibbles, 64 of high bit pairs, 16 scales and an fp16 d; each half of 128 values takes 64
-    low and 32 high bytes: value 32j + l (j < 4, l < 32) has the low (j < 2) or high nibble of
-    low byte l + 32 (j % 2), and bits 2j, 2j + 1 of high byte l."""
+def _q6_k_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
+    """Q6_K [N, K / 256, 210] -> SubScaledInt8Weight's q int8 [N, K] (-32 .. 31), int8 scales
+    [N, K / 16] and d float32 [N, K / 256]; ggml: w = d * scale[k / 16] * q. A super-block is
+    128 bytes of low nibbles, 64 of high bit pairs, 16 scales and an fp16 d; each half of 128
+    values takes 64 low and 32 high bytes: value 32j + l (j < 4, l < 32) has the low (j < 2)
+    or high nibble of low byte l + 32 (j % 2), and bits 2j, 2j + 1 of high byte l."""
     n, nb, _ = blocks.shape
     low = blocks[..., :128].reshape(n, nb, 2, 2, 32)  # [half][j % 2][l]
     high = blocks[..., 128:192].reshape(n, nb, 2, 1, 32)
@@ -183,11 +178,38 @@ def _q6_k_parts(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.T
     q = (nibbles | (pairs << 4)).astype(np.int8) - np.int8(32)
     scales = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).reshape(n, nb * 16)
     d = np.ascontiguousarray(blocks[..., 208:210]).view("<f2")[..., 0].astype(np.float32)
-    return (
-        torch.from_numpy(np.ascontiguousarray(q.reshape(n, nb * 256))),
-        torch.from_numpy(scales.copy()),
-        torch.from_numpy(d),
-    )
+    return {
+        "sub_data": torch.from_numpy(np.ascontiguousarray(q.reshape(n, nb * 256))),
+        "sub_scales": torch.from_numpy(scales.copy()),
+        "super_scales": torch.from_numpy(d),
+    }
+
+
+def _q5_k_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
+    """Q5_K [N, K / 256, 176] -> SubScaledInt8Weight's q int8 [N, K] (0 .. 31), scales of 1,
+    d sc float32 [N, K / 32] and zeros -dmin m [N, K / 32]; ggml: w = d sc q - dmin m per group
+    of 32 (d sc and dmin m exact in float32: 11 x 6 bits). A super-block is fp16 d and dmin,
+    Q4_K's 12 bytes of 6-bit scales and mins, 32 bytes of fifth bits and 128 of nibbles: value
+    l of group g has the low (g even) or high nibble of byte 32 (g / 2) + l and bit g of fifth
+    byte l."""
+    n, nb, _ = blocks.shape
+    d, dmin = _fp16_field(blocks, 0)[..., None], _fp16_field(blocks, 2)[..., None]
+    sc, m = _k_scales_mins(blocks[..., 4:16])
+    fifth = blocks[..., 16:48].reshape(n, nb, 1, 32)
+    nibbles = blocks[..., 48:].reshape(n, nb, 4, 1, 32)
+    low = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=3).reshape(n, nb, 8, 32)
+    high = (fifth >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
+    q = (low | (high << 4)).astype(np.int8)
+    return {
+        "sub_data": torch.from_numpy(np.ascontiguousarray(q.reshape(n, nb * 256))),
+        "sub_scales": torch.ones(n, nb * 16, dtype=torch.int8),
+        "super_scales": torch.from_numpy((d * sc).reshape(n, nb * 8)),
+        "zeros": torch.from_numpy((-(dmin * m)).reshape(n, nb * 8)),
+    }
+
+
+# The types whose own values SubScaledInt8Weight holds beside their int8 blocks.
+_SUB_SCALED = {_T.Q6_K: _q6_k_parts, _T.Q5_K: _q5_k_parts}
 
 
 def _repack_q5_0(blocks: np.ndarray, name: str) -> Int8Weight:

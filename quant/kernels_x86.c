@@ -30,7 +30,7 @@
  * prefetcher not running far enough ahead of short rows (docs/quant.md, "Native kernels"). */
 #define PREFETCH_BYTES 2048
 
-int codelm_kernels_abi(void) { return 21; }
+int codelm_kernels_abi(void) { return 22; }
 
 static inline float hsum(__m256 v)
 {
@@ -1045,9 +1045,10 @@ INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, co
 }
 #endif
 
-/* Sub-scaled int8 tiles (GGUF Q6_K as it is, Q6KTiles): w = d * sc * q per channel, q in -32 ..
- * 31 stored signed in the tile layout, sc an int8 per 16 inputs, d a float per block (the
- * super-block's, repeated). maddubs takes x as the unsigned side (x + 128, stored so by
+/* Sub-scaled int8 tiles (GGUF Q6_K and Q5_K as they are, SubScaledTiles): w = d * sc * q (+ z)
+ * per channel, q in -32 .. 31 stored signed in the tile layout, sc an int8 per 16 inputs, d a
+ * float per block (Q6_K's super-block's, repeated), z (Q5_K's -dmin m) a float per block,
+ * applied with x's float sum like int4's zeros. maddubs takes x as the unsigned side (x + 128, stored so by
  * quantize_tile_rows with `flip`): two steps' pair sums stay within int16 (2 * 2 * 255 * 32 <
  * 2^15) and one vpmaddwd widens them times sc, so a block takes 8 vpmaddubsw and 4 vpmaddwd
  * per row and column, one float epilogue, and no nibbles. The 128 added to x is taken back by
@@ -1059,9 +1060,9 @@ typedef struct {
     const int32_t *wo;  /* per tile and block: [16 channels] */
 } sub_scales;
 
-INLINE void sub_column_kernel(const int8_t *xq, const float *xd, int64_t k, const uint8_t *wt,
-                              const float *ws, sub_scales sub, int h, float *out, int64_t ldo,
-                              int mr)
+INLINE void sub_column_kernel(const int8_t *xq, const float *xd, const float *xs, int64_t k,
+                              const uint8_t *wt, const float *ws, const float *wz, sub_scales sub,
+                              int h, float *out, int64_t ldo, int mr)
 {
     const int64_t blocks = k / BLOCK;
     __m256 acc[TILE_ROWS];
@@ -1092,6 +1093,9 @@ INLINE void sub_column_kernel(const int8_t *xq, const float *xd, int64_t k, cons
         for (int r = 0; r < mr; r++) {
             const __m256 scale = _mm256_mul_ps(s, _mm256_set1_ps(xd[b * TILE_ROWS + r]));
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), scale, acc[r]);
+            if (wz)
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(wz + b * TILE + h * 8),
+                                         _mm256_set1_ps(xs[b * TILE_ROWS + r]), acc[r]);
         }
     }
     for (int r = 0; r < mr; r++)
@@ -1151,14 +1155,21 @@ static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t 
         }                                                                                        \
         return;
 
+#define SUB_CALL(MR, WZ)                                                                         \
+    for (int j = 0; j < nt; j++)                                                                 \
+        for (int h = 0; h < 2; h++)                                                              \
+            sub_column_kernel(xq, xd, xs, k, wt + j * gap * k * TILE, ws + j * gap * tile_blocks,  \
+                              WZ ? WZ + j * gap * tile_blocks : NULL,                            \
+                              (sub_scales){sub.sub + j * gap * tile_blocks * 4,                  \
+                                           sub.wo + j * gap * tile_blocks},                      \
+                              h, y + j * TILE + h * 8, ldy, MR);
 #define SUB_CASE(MR)                                                                             \
     case MR:                                                                                     \
-        for (int j = 0; j < nt; j++)                                                             \
-            for (int h = 0; h < 2; h++)                                                          \
-                sub_column_kernel(xq, xd, k, wt + j * gap * k * TILE, ws + j * gap * tile_blocks,  \
-                                  (sub_scales){sub.sub + j * gap * tile_blocks * 4,              \
-                                               sub.wo + j * gap * tile_blocks},                  \
-                                  h, y + j * TILE + h * 8, ldy, MR);                             \
+        if (wz) {                                                                                \
+            SUB_CALL(MR, wz)                                                                     \
+        } else {                                                                                 \
+            SUB_CALL(MR, (const float *)NULL)                                                    \
+        }                                                                                        \
         return;
 
 /* tile_kernel for mr rows and nt tiles; with sub.sub, the sub-scaled kernel (no swiglu) */
@@ -1190,6 +1201,7 @@ static void tile_rows(const int8_t *xq, const float *xd, const int32_t *xo, cons
 #undef TILE_CASE
 #undef TILE_CALL
 #undef SUB_CASE
+#undef SUB_CALL
 
 /* The first of `count` items starting at base, base + len, ... whose start is at or after
  * `bound` (count where none is) */
@@ -1456,19 +1468,20 @@ int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t *wt,
 }
 
 /* y [m, n] = x w^T for sub-scaled int8 tiles (see sub_column_kernel): wt the tiles of q as
- * signed bytes, sub and wo their sub-scales and offset sums, ws d per channel and block, all
- * laid out per tile and block (Q6KTiles); n % 16 == 0. */
+ * signed bytes, sub and wo their sub-scales and offset sums, ws the float scale per channel
+ * and block and, where given, wz a zero per channel and block (w = q sc ws + wz), all laid
+ * out per tile and block (SubScaledTiles); n % 16 == 0. */
 int codelm_sub_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t *wt,
-                            const int8_t *sub, const int32_t *wo, const float *ws, int64_t n,
-                            float *y, int nthreads)
+                            const int8_t *sub, const int32_t *wo, const float *ws, const float *wz,
+                            int64_t n, float *y, int nthreads)
 {
     if (k % BLOCK != 0 || n % TILE != 0 || nthreads < 1)
         return -1;
     tile_rows_x t;
-    if (quantize_tile_x(x, m, k, 0, 1, 0, &t, nthreads) != 0)
+    if (quantize_tile_x(x, m, k, 0, 1, wz != NULL, &t, nthreads) != 0)
         return -1;
-    tile_gemm_rows(t.xq, t.xd, t.xo, NULL, m, k, wt, ws, NULL, (sub_scales){sub, wo}, n / TILE,
-                   y, n, 0, 0, nthreads);
+    tile_gemm_rows(t.xq, t.xd, t.xo, t.xs, m, k, wt, ws, wz, (sub_scales){sub, wo}, n / TILE, y,
+                   n, 0, 0, nthreads);
     free_tile_x(&t);
     return 0;
 }

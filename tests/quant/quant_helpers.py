@@ -81,3 +81,17 @@ def q6_k_blocks(n: int, k: int, seed: int = 1) -> np.ndarray:
     scales = rng.integers(-128, 128, (n_blocks, 16)).astype(np.int8).view(np.uint8)
     d = rng.uniform(1e-4, 2e-3, (n_blocks, 1)).astype("<f2").view(np.uint8)
     return np.concatenate([body, scales, d], axis=1).reshape(n, -1)
+
+
+def q5_k_blocks(n: int, k: int, seed: int = 1) -> np.ndarray:
+    """Valid Q5_K data (gguf.quants cannot make it): per 256 values fp16 d and dmin, then 12
+    bytes of 6-bit scales and mins, 32 of fifth bits and 128 of nibbles (any bytes are valid)."""
+    rng = np.random.default_rng(seed)
+    n_blocks = n * k // 256
+    d = rng.uniform(1e-4, 2e-3, (n_blocks, 1)).astype("<f2").view(np.uint8)
+    dmin = rng.uniform(1e-4, 4e-3, (n_blocks, 1)).astype("<f2").view(np.uint8)
+    body = rng.integers(0, 256, (n_blocks, 172), dtype=np.uint8)
+    return np.concatenate([d, dmin, body], axis=1).reshape(n, -1)
+
+
+SUB_SCALED_BLOCKS = {"Q6_K": q6_k_blocks, "Q5_K": q5_k_blocks}

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_helpers import q6_k_blocks, weight
+from quant_helpers import SUB_SCALED_BLOCKS, weight
 
 from codelm.quant import (
     Int4Weight,
@@ -107,8 +107,9 @@ def test_select_rows_permutes_dequantised_rows(gen):
     assert torch.equal(dequantize(select_rows(qw, index)), dequantize(qw)[index])
 
 
-def _sub_scaled(n: int, seed: int = 1) -> SubScaledInt8Weight:
-    return repack_gguf(q6_k_blocks(n, 512, seed), "Q6_K", (n, 512), int8_group_size=32)
+def _sub_scaled(n: int, seed: int = 1, qtype: str = "Q6_K") -> SubScaledInt8Weight:
+    data = SUB_SCALED_BLOCKS[qtype](n, 512, seed)
+    return repack_gguf(data, qtype, (n, 512), int8_group_size=32)
 
 
 def test_sub_scaled_rows_move_with_their_int8_rows(gen):
@@ -121,6 +122,14 @@ def test_sub_scaled_rows_move_with_their_int8_rows(gen):
     picked = select_rows(both, index)
     assert torch.equal(picked.exact(), both.exact()[index])
     assert torch.equal(dequantize(picked), dequantize(both)[index])
+
+
+def test_concat_formats_of_q5_k_and_q6_k_keeps_both_exact():
+    # A Q5_K_M file's q / k (groups of 32 with zeros) beside its Q6_K v (groups of 256).
+    a, b = _sub_scaled(16, qtype="Q5_K"), _sub_scaled(8, seed=2)
+    both = concat_formats([a, b])
+    assert isinstance(both, SubScaledInt8Weight) and both.super_group == 32
+    assert torch.equal(both.exact(), torch.cat([a.exact(), b.exact()]))
 
 
 def test_sub_scaled_int8_weight_leaves_its_sub_scales_on_the_cpu():
@@ -150,12 +159,12 @@ def test_sub_scaled_int8_weight_rejects_sub_scales_of_wrong_shape():
         )
 
 
-@pytest.mark.parametrize("scheme", ["int4", "int8", "sub-scaled int8"])
+@pytest.mark.parametrize("scheme", ["int4", "int8", "sub-scaled int8", "sub-scaled with zeros"])
 def test_to_tensors_round_trips_through_safetensors(gen, tmp_path, scheme):
     from safetensors.torch import load_file, save_file
 
-    if scheme == "sub-scaled int8":
-        qw = _sub_scaled(16)
+    if scheme.startswith("sub-scaled"):
+        qw = _sub_scaled(16, qtype="Q5_K" if scheme.endswith("zeros") else "Q6_K")
     else:
         qw = (quantize_int4 if scheme == "int4" else quantize_int8)(weight(gen, 16, 64))[0]
     tensors, meta = to_tensors(qw, prefix="layers.0.q_proj.")
@@ -163,7 +172,7 @@ def test_to_tensors_round_trips_through_safetensors(gen, tmp_path, scheme):
     back = from_tensors(load_file(tmp_path / "w.safetensors"), meta, prefix="layers.0.q_proj.")
     assert type(back) is type(qw) and back.group_size == qw.group_size
     assert torch.equal(dequantize(back), dequantize(qw))
-    if scheme == "sub-scaled int8":
+    if scheme.startswith("sub-scaled"):
         assert torch.equal(back.exact(), qw.exact())
 
 

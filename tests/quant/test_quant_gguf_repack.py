@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
-from quant_helpers import q6_k_blocks
+from quant_helpers import SUB_SCALED_BLOCKS, q6_k_blocks
 
 from codelm.quant import (
     Int4Weight,
@@ -152,12 +152,14 @@ def test_gguf_repack_requantises_other_types_within_half_step(qtype, scheme):
     assert (err <= qw.scales.numpy() / 2 + 1e-7).all()
 
 
-def test_gguf_repack_keeps_q6_k_values_beside_its_int8_blocks():
-    data = q6_k_blocks(8, 512)
-    qw = repack_gguf(data, T.Q6_K, (8, 512), int8_group_size=32)
+@pytest.mark.parametrize("qtype", sorted(SUB_SCALED_BLOCKS))
+def test_gguf_repack_keeps_k_quant_values_beside_their_int8_blocks(qtype):
+    data = SUB_SCALED_BLOCKS[qtype](8, 512)
+    qw = repack_gguf(data, qtype, (8, 512), int8_group_size=32)
     assert isinstance(qw, SubScaledInt8Weight) and qw.group_size == 32
-    source = quants.dequantize(data, T.Q6_K).reshape(8, 512)
-    # The file's own values, bit for bit (d sc q is exact in float32: 11 + 7 + 5 bits) ...
+    source = quants.dequantize(data, T[qtype]).reshape(8, 512)
+    # The file's own values, bit for bit (Q6_K's d sc q is exact in float32: 11 + 7 + 5 bits;
+    # Q5_K's d sc q - dmin m rounds once, at the subtraction, as gguf's does) ...
     assert np.array_equal(qw.exact().numpy(), source)
     assert qw.sub_data.min() >= -32 and qw.sub_data.max() <= 31
     # ... and the int8 blocks every other kernel takes, within half a step of them.
