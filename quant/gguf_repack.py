@@ -1,5 +1,5 @@
 """GGUF tensor blocks -> our formats: Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 exactly, everything else
-via dequantise (Q6_K's and Q5_K's own values kept beside: SubScaledInt8Weight).
+via dequantise (K-quants' own values kept beside where int8 is asked: SubScaledInt8Weight).
 
 Block layouts follow ggml (ggml-common.h): a 32-element block starts with an fp16 scale d
 (Q4_1 then an fp16 min m); Q4 nibbles hold element j in the low and j + 16 in the high half.
@@ -62,7 +62,8 @@ def repack_gguf(
     so a value may be an ulp off gguf's). Other types, or a `scheme` other than the native
     one, go through gguf.quants.dequantize and our quantize ("int4" with group_size, or "int8"
     with int8_group_size, None for per channel); scheme None picks int8 for sources of 5+
-    bits, int4 otherwise. `search`: int4 is requantised with searched ranges
+    bits, int4 otherwise. Q4_K, Q5_K and Q6_K requantised to int8 keep their own values beside
+    (SubScaledInt8Weight). `search`: int4 is requantised with searched ranges
     (reference.quantize_int4(search=True)).
     """
     qtype = GGMLQuantizationType[qtype] if isinstance(qtype, str) else GGMLQuantizationType(qtype)
@@ -192,14 +193,26 @@ def _q5_k_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
     Q4_K's 12 bytes of 6-bit scales and mins, 32 bytes of fifth bits and 128 of nibbles: value
     l of group g has the low (g even) or high nibble of byte 32 (g / 2) + l and bit g of fifth
     byte l."""
+    fifth = blocks[..., 16:48].reshape(*blocks.shape[:2], 1, 32)
+    high = (fifth >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
+    return _k_parts(blocks, blocks[..., 48:], high << 4)
+
+
+def _q4_k_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
+    """Q4_K [N, K / 256, 144] as _q5_k_parts gives Q5_K (q 0 .. 15: no fifth bits), for a
+    fused layer asked to be int8 (a Q4_K_M file's q / k beside its Q6_K v)."""
+    return _k_parts(blocks, blocks[..., 16:], 0)
+
+
+def _k_parts(blocks: np.ndarray, nibbles: np.ndarray, high) -> dict[str, torch.Tensor]:
+    """Q4_K / Q5_K's parts from their 128 bytes of nibbles (group g: the low (g even) or high
+    halves of bytes 32 (g / 2) ..) and the bits above them ([N, K / 256, 8, 32], or 0)."""
     n, nb, _ = blocks.shape
     d, dmin = _fp16_field(blocks, 0)[..., None], _fp16_field(blocks, 2)[..., None]
     sc, m = _k_scales_mins(blocks[..., 4:16])
-    fifth = blocks[..., 16:48].reshape(n, nb, 1, 32)
-    nibbles = blocks[..., 48:].reshape(n, nb, 4, 1, 32)
+    nibbles = nibbles.reshape(n, nb, 4, 1, 32)
     low = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=3).reshape(n, nb, 8, 32)
-    high = (fifth >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
-    q = (low | (high << 4)).astype(np.int8)
+    q = (low | high).astype(np.int8)
     return {
         "sub_data": torch.from_numpy(np.ascontiguousarray(q.reshape(n, nb * 256))),
         "sub_scales": torch.ones(n, nb * 16, dtype=torch.int8),
@@ -209,7 +222,7 @@ def _q5_k_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
 
 
 # The types whose own values SubScaledInt8Weight holds beside their int8 blocks.
-_SUB_SCALED = {_T.Q6_K: _q6_k_parts, _T.Q5_K: _q5_k_parts}
+_SUB_SCALED = {_T.Q6_K: _q6_k_parts, _T.Q5_K: _q5_k_parts, _T.Q4_K: _q4_k_parts}
 
 
 def _repack_q5_0(blocks: np.ndarray, name: str) -> Int8Weight:

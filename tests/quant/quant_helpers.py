@@ -94,4 +94,15 @@ def q5_k_blocks(n: int, k: int, seed: int = 1) -> np.ndarray:
     return np.concatenate([d, dmin, body], axis=1).reshape(n, -1)
 
 
-SUB_SCALED_BLOCKS = {"Q6_K": q6_k_blocks, "Q5_K": q5_k_blocks}
+def q4_k_blocks(n: int, k: int, seed: int = 2) -> np.ndarray:
+    """Valid Q4_K data (gguf.quants cannot make it): per 256 values fp16 d and dmin, 12 bytes of
+    packed 6-bit scales and mins (any bytes are valid), 128 bytes of nibbles."""
+    rng = np.random.default_rng(seed)
+    count = n * k // 256
+    d = rng.uniform(1e-4, 2e-3, (count, 1)).astype("<f2").view(np.uint8)
+    dmin = rng.uniform(1e-4, 4e-3, (count, 1)).astype("<f2").view(np.uint8)
+    body = rng.integers(0, 256, (count, 140), dtype=np.uint8)
+    return np.concatenate([d, dmin, body], axis=1).reshape(n, -1)
+
+
+SUB_SCALED_BLOCKS = {"Q6_K": q6_k_blocks, "Q5_K": q5_k_blocks, "Q4_K": q4_k_blocks}

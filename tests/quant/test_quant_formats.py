@@ -109,7 +109,7 @@ def test_select_rows_permutes_dequantised_rows(gen):
 
 def _sub_scaled(n: int, seed: int = 1, qtype: str = "Q6_K") -> SubScaledInt8Weight:
     data = SUB_SCALED_BLOCKS[qtype](n, 512, seed)
-    return repack_gguf(data, qtype, (n, 512), int8_group_size=32)
+    return repack_gguf(data, qtype, (n, 512), scheme="int8", int8_group_size=32)
 
 
 def test_sub_scaled_rows_move_with_their_int8_rows(gen):
@@ -124,9 +124,11 @@ def test_sub_scaled_rows_move_with_their_int8_rows(gen):
     assert torch.equal(dequantize(picked), dequantize(both)[index])
 
 
-def test_concat_formats_of_q5_k_and_q6_k_keeps_both_exact():
-    # A Q5_K_M file's q / k (groups of 32 with zeros) beside its Q6_K v (groups of 256).
-    a, b = _sub_scaled(16, qtype="Q5_K"), _sub_scaled(8, seed=2)
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K"])
+def test_concat_formats_of_k_quants_keeps_them_exact(qtype):
+    # A Q4_K_M / Q5_K_M file's q / k (groups of 32 with zeros) beside its Q6_K v (groups of
+    # 256), asked to be int8.
+    a, b = _sub_scaled(16, qtype=qtype), _sub_scaled(8, seed=2)
     both = concat_formats([a, b])
     assert isinstance(both, SubScaledInt8Weight) and both.super_group == 32
     assert torch.equal(both.exact(), torch.cat([a.exact(), b.exact()]))

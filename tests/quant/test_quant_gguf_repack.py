@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
-from quant_helpers import SUB_SCALED_BLOCKS, q6_k_blocks
+from quant_helpers import SUB_SCALED_BLOCKS, q4_k_blocks, q6_k_blocks
 
 from codelm.quant import (
     Int4Weight,
@@ -95,19 +95,8 @@ def test_gguf_repack_q4_1_warns_when_zero_not_exact_in_fp32(caplog):
     assert "odd: 1 of 1 Q4_1 blocks" in caplog.text
 
 
-def _q4_k_blocks(n: int, k: int, seed: int = 2) -> np.ndarray:
-    """Valid Q4_K data (gguf.quants cannot make it): per 256 values fp16 d and dmin, 12 bytes of
-    packed 6-bit scales and mins (any bytes are valid), 128 bytes of nibbles."""
-    rng = np.random.default_rng(seed)
-    count = n * k // 256
-    d = rng.uniform(1e-4, 2e-3, (count, 1)).astype("<f2").view(np.uint8)
-    dmin = rng.uniform(1e-4, 4e-3, (count, 1)).astype("<f2").view(np.uint8)
-    body = rng.integers(0, 256, (count, 140), dtype=np.uint8)
-    return np.concatenate([d, dmin, body], axis=1).reshape(n, -1)
-
-
 def test_gguf_repack_keeps_q4_k_values_as_int4_groups_of_32():
-    data = _q4_k_blocks(8, 512)
+    data = q4_k_blocks(8, 512)
     qw = repack_gguf(data, T.Q4_K, (8, 512), name="blk.0.ffn_down.weight")
     assert isinstance(qw, Int4Weight) and qw.group_size == 32
     expected = quants.dequantize(data, T.Q4_K).reshape(8, 512)
@@ -155,11 +144,11 @@ def test_gguf_repack_requantises_other_types_within_half_step(qtype, scheme):
 @pytest.mark.parametrize("qtype", sorted(SUB_SCALED_BLOCKS))
 def test_gguf_repack_keeps_k_quant_values_beside_their_int8_blocks(qtype):
     data = SUB_SCALED_BLOCKS[qtype](8, 512)
-    qw = repack_gguf(data, qtype, (8, 512), int8_group_size=32)
+    qw = repack_gguf(data, qtype, (8, 512), scheme="int8", int8_group_size=32)
     assert isinstance(qw, SubScaledInt8Weight) and qw.group_size == 32
     source = quants.dequantize(data, T[qtype]).reshape(8, 512)
     # The file's own values, bit for bit (Q6_K's d sc q is exact in float32: 11 + 7 + 5 bits;
-    # Q5_K's d sc q - dmin m rounds once, at the subtraction, as gguf's does) ...
+    # Q4_K's and Q5_K's d sc q - dmin m round once, at the subtraction, as gguf's do) ...
     assert np.array_equal(qw.exact().numpy(), source)
     assert qw.sub_data.min() >= -32 and qw.sub_data.max() <= 31
     # ... and the int8 blocks every other kernel takes, within half a step of them.

@@ -213,7 +213,9 @@ def test_tiles_swiglu_epilogue_declines_halves_that_are_not_whole_tiles(gen, n):
 
 
 def _sub_scaled(n: int, k: int, qtype: str = "Q6_K") -> SubScaledInt8Weight:
-    return repack_gguf(SUB_SCALED_BLOCKS[qtype](n, k), qtype, (n, k), int8_group_size=32)
+    return repack_gguf(
+        SUB_SCALED_BLOCKS[qtype](n, k), qtype, (n, k), scheme="int8", int8_group_size=32
+    )
 
 
 @needs_native
