@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -358,7 +359,11 @@ def test_codeshell_7b_config_gives_the_published_shape():
 # --- GGUF: tensors named by gguf's own HF -> GGUF map (what llama.cpp's converter uses) -------
 
 
-def _write_gguf(path: Path, arch: str, hparams: dict, state: dict[str, torch.Tensor]) -> None:
+def _write_gguf(
+    path: Path, arch: str, hparams: dict, state: dict[str, torch.Tensor], raw: dict | None = None
+) -> None:
+    """`raw`: HF names whose tensors are written as given ggml blocks instead, name ->
+    (uint8 blocks [rows, bytes], ggml type)."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -381,7 +386,11 @@ def _write_gguf(path: Path, arch: str, hparams: dict, state: dict[str, torch.Ten
     for name, tensor in state.items():
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, name
-        writer.add_tensor(gguf_name, tensor.float().contiguous().numpy())
+        if raw and name in raw:
+            blocks, kind = raw[name]
+            writer.add_tensor(gguf_name, blocks, raw_shape=blocks.shape, raw_dtype=kind)
+        else:
+            writer.add_tensor(gguf_name, tensor.float().contiguous().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -421,6 +430,101 @@ def test_tiny_starcoder2_gguf_matches_transformers(tmp_path):
     loaded = _load_gguf(path)
     assert loaded.args.arch == "starcoder2" and not loaded.args.tie_embeddings
     _check_against_oracle(loaded, *_transformers_oracle(ref))
+
+
+def _k_quant_blocks(kind, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Valid Q4_K / Q6_K blocks for an [n, k] weight (gguf.quants cannot make them): random
+    bytes, with fp16 scales of a weight's size."""
+    import gguf
+
+    count = n * k // 256
+    if kind == gguf.GGMLQuantizationType.Q4_K:  # d, dmin, 6-bit scales and mins, nibbles
+        d = rng.uniform(5e-5, 1.5e-4, (count, 2)).astype("<f2").view(np.uint8)
+        blocks = np.concatenate([d, rng.integers(0, 256, (count, 140), dtype=np.uint8)], axis=1)
+    else:  # Q6_K: nibbles, high bit pairs, int8 scales, d
+        body = rng.integers(0, 256, (count, 192), dtype=np.uint8)
+        scales = rng.integers(-64, 64, (count, 16)).astype(np.int8).view(np.uint8)
+        d = rng.uniform(1e-5, 3e-5, (count, 1)).astype("<f2").view(np.uint8)
+        blocks = np.concatenate([body, scales, d], axis=1)
+    return blocks.reshape(n, -1)
+
+
+def test_tiny_llama_gguf_in_k_quants_keeps_their_values(tmp_path, monkeypatch):
+    """A Q4_K_M-like file (q / k / o / gate / up Q4_K, v and down Q6_K; widths of whole
+    256-value super-blocks) in `auto`: the fused q / k / v and the downs keep the file's own
+    values beside their int8 blocks (SubScaledInt8Weight), the rest is int4, and the logits
+    are those of the same file dequantised to fp32, within int8's rounding."""
+    import gguf
+
+    from codelm.quant import Dispatcher, SubScaledInt8Weight, native
+    from codelm.quant.cpu import SubScaledTiles
+
+    monkeypatch.setenv("CODELM_HOME", str(tmp_path / "home"))
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    state = transformers.LlamaForCausalLM(config).state_dict()
+    q4k, q6k = gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K
+    kinds = {"q_proj": q4k, "k_proj": q4k, "v_proj": q6k, "o_proj": q4k}
+    kinds |= {"gate_proj": q4k, "up_proj": q4k, "down_proj": q6k}
+    rng = np.random.default_rng(0)
+    raw = {
+        name: (_k_quant_blocks(kinds[part], *tensor.shape, rng), kinds[part])
+        for name, tensor in state.items()
+        if (part := name.split(".")[-2]) in kinds
+    }
+    hparams = {"context": 256, "dim": 256, "ffn": 512, "layers": 2, "heads": 4, "kv_heads": 2}
+    path = tmp_path / "tiny-k-quants.gguf"
+    _write_gguf(path, "llama", {**hparams, "rope_base": 10000.0}, state, raw)
+
+    planned = {}
+    plan = Dispatcher.plan
+
+    def spy(self, qw, *, name="linear", prefill_rows=None):
+        planned[name] = qw
+        return plan(self, qw, name=name, prefill_rows=prefill_rows)
+
+    monkeypatch.setattr(Dispatcher, "plan", spy)
+    auto = load_model(EngineConfig(model=str(path), quant="auto"), torch.device("cpu"))
+    qkv, down, o, gate_up = (
+        planned[f"model.layers.1.{name}"]
+        for name in ("self_attn.qkv_proj", "mlp.down_proj", "self_attn.o_proj", "mlp.gate_up_proj")
+    )
+    assert isinstance(qkv, SubScaledInt8Weight) and qkv.zeros is not None  # Q4_K with Q6_K
+    assert isinstance(down, SubScaledInt8Weight) and down.zeros is None
+    assert o.scheme == gate_up.scheme == "int4"
+    exact = _load_gguf(path)
+    ours, theirs = dict(auto.model.named_modules()), dict(exact.model.named_modules())
+    generator = torch.Generator().manual_seed(1)
+    for name in ("self_attn.qkv_proj", "mlp.down_proj", "self_attn.o_proj", "mlp.gate_up_proj"):
+        layer, w = ours[f"model.layers.1.{name}"], theirs[f"model.layers.1.{name}"].weight
+        x = torch.randn(20, w.shape[1], generator=generator)  # 20 rows: the prefill kernel
+        # x is rounded per block of 32 (half a step of the block's largest) in the kernels,
+        # the weights are the file's values.
+        half_step = x.abs().view(20, -1, 32).amax(-1).repeat_interleave(32, dim=1) / 254
+        bound = half_step @ w.abs().T + 1e-5 * (x.abs() @ w.abs().T) + 1e-6
+        assert ((layer(x) - x @ w.T).abs() <= bound).all(), name
+        qw = planned[f"model.layers.1.{name}"]
+        if isinstance(qw, SubScaledInt8Weight):  # its own values, in the rows' order
+            assert torch.equal(qw.exact(), w)
+            if not isinstance(native.library(), str):
+                assert ((SubScaledTiles(qw)(x) - x @ w.T).abs() <= bound).all(), name
+    tokens = torch.randint(0, VOCAB, (40,), generator=generator)
+    with torch.inference_mode():
+        logits = auto.model(tokens, new_kv(auto.args), n_logits=None)
+        expected = exact.model(tokens, new_kv(exact.args), n_logits=None)
+    # Two random blocks amplify x's rounding; measured 0.975 of the positions' top-1 agree.
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
 
 
 def test_tiny_codeshell_gguf_without_token_embd_matches_reference(tmp_path):
