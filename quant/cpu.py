@@ -285,12 +285,21 @@ class Int8Tiles:
         self.n, self.k = n, k = qw.shape
         blocks = k // 32
         int4 = isinstance(qw, Int4Weight) and not requantize
-        # int4 as q, int8 as w + 128, or as w + 16 where it fits in 5 bits (GGUF Q5_0): the
-        # AVX2 code multiplies bytes up to 31 once, larger ones as two nibbles.
-        self.offset = 8 if int4 else 128 if requantize else _int8_offset(qw.data)
         pad = -n % 16  # whole tiles: padded channels are zero and sliced off the output
         self.padded_n = n + pad
         tiles = self.padded_n // 16
+        # int4 as q, int8 as w + 128, or as w + 16 where it fits in 5 bits (GGUF Q5_0): the
+        # AVX2 code multiplies bytes up to 31 once, larger ones as two nibbles. Runs of tiles
+        # (first, end, offset): a fused layer of both kinds (Qwen2.5-Coder's Q5_0 q / k with a
+        # Q8_0 v) runs each at its own.
+        if int4 or requantize:
+            self.runs = [(0, tiles, 8 if int4 else 128)]
+        else:
+            self.runs = _offset_runs(qw.data, tiles)
+        self.offset = self.runs[0][2]
+        offsets = torch.tensor(
+            [o for t0, t1, o in self.runs for _ in range(t0, t1)], dtype=torch.uint8
+        )
 
         # Laid out a part of tiles at a time: a head's temporaries stay a part's, not its size.
         # Each channel's 4 consecutive k move together: copied as int32, half the time bytes took.
@@ -307,7 +316,10 @@ class Int8Tiles:
                 scales.append(part.scales)
             else:
                 rows = qw.data[t0 * 16 : t1 * 16]
-            u = unpack_int4(rows) if int4 else rows.view(torch.uint8) + self.offset  # mod 256
+            if int4:
+                u = unpack_int4(rows)
+            else:  # w + its tile's offset, mod 256
+                u = rows.view(torch.uint8) + offsets[t0:t1].repeat_interleave(16)[: len(rows), None]
             words[t0:t1] = _tile_words(u, t1 - t0, pad_value=self.offset)
         per_block = torch.cat(scales) if requantize else _per_block(qw.scales, blocks)
         self.scales = _tiled(per_block.float(), tiles).contiguous()
@@ -316,20 +328,27 @@ class Int8Tiles:
         self.nbytes = _nbytes(self.data, self.scales, *([] if self.zeros is None else [self.zeros]))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = _call_native(self, x, self.padded_n, *self._weight(), self.padded_n)
+        y = torch.empty(x.shape[0], self.padded_n, dtype=torch.float32)
+        for t0, t1, offset in self.runs:
+            n = (t1 - t0) * 16
+            _call_native(self, x, n, *self._weight(t0, offset), n, self.padded_n, into=(y, t0 * 16))
         return y if self.padded_n == self.n else y[:, : self.n]
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up [m, n / 2] where this is a fused gate / up projection (gate rows
         first), computed in the GEMM's epilogue (codelm_tiles_swiglu: the n floats a row never
-        reach memory); None where the halves are not whole pairs of tiles."""
-        if self.padded_n != self.n or self.n % 32:
+        reach memory); None where the halves are not whole pairs of tiles or of one offset."""
+        if self.padded_n != self.n or self.n % 32 or len(self.runs) > 1:
             return None
-        return _call_native(self, x, self.n // 2, *self._weight(), self.n, fn=self._swiglu)
+        weight = self._weight(0, self.offset)
+        return _call_native(self, x, self.n // 2, *weight, self.n, fn=self._swiglu)
 
-    def _weight(self) -> tuple:
-        zeros = None if self.zeros is None else self.zeros.data_ptr()
-        return self.data.data_ptr(), self.offset, self.scales.data_ptr(), zeros
+    def _weight(self, tile: int, offset: int) -> tuple:
+        """The C arguments of the tiles from `tile` on."""
+        at = tile * (self.k // 32) * 16  # the tile's first scale
+        zeros = None if self.zeros is None else self.zeros[at:].data_ptr()
+        data = self.data[tile:].data_ptr()
+        return data, offset, self.scales.view(-1)[at:].data_ptr(), zeros
 
 
 class Int4AsInt8Tiles(Int8Tiles):
@@ -415,6 +434,27 @@ def _tiled(per_block: torch.Tensor, tiles: int) -> torch.Tensor:
     return _pad_rows(per_block, tiles * 16).view(tiles, 16, blocks).transpose(1, 2)
 
 
+_MAX_RUNS = 4  # more runs of offsets than this in one weight: all of it as w + 128
+
+
+def _offset_runs(data: torch.Tensor, tiles: int) -> list[tuple[int, int, int]]:
+    """Int8Tiles.runs of an int8 weight: _int8_offset's choice per tile of 16 rows, in runs."""
+    # Per row, then per tile (padding rows are 0): amin and amax took 10 ms for the default
+    # model's head, where aminmax over a dimension took 80.
+    pad = (0, tiles * 16 - data.shape[0])
+    low = F.pad(data.amin(dim=1), pad).view(tiles, 16).amin(dim=1)
+    high = F.pad(data.amax(dim=1), pad).view(tiles, 16).amax(dim=1)
+    five = ((low >= -16) & (high <= 15)).tolist()
+    runs: list[tuple[int, int, int]] = []
+    for t, fits in enumerate(five):
+        offset = 16 if fits else 128
+        if runs and runs[-1][2] == offset:
+            runs[-1] = (runs[-1][0], t + 1, offset)
+        else:
+            runs.append((t, t + 1, offset))
+    return runs if len(runs) <= _MAX_RUNS else [(0, tiles, 16 if all(five) else 128)]
+
+
 def _int8_offset(data: torch.Tensor) -> int:
     """What int8 weights add to be unsigned bytes in the tile kernel: 16 where every value is
     in -16 .. 15 (GGUF Q5_0's), which the AVX2 code multiplies once, else 128."""
@@ -435,16 +475,20 @@ def _native_library(kernel: str):
     return lib
 
 
-def _call_native(kernel, x: torch.Tensor, n_out: int, *args, fn=None) -> torch.Tensor:
+def _call_native(
+    kernel, x: torch.Tensor, n_out: int, *args, fn=None, into: tuple | None = None
+) -> torch.Tensor:
     """kernels_x86.c's linear entry points: fn(x, m, k, *args, y, threads) (kernel._fn unless
-    given) into a new float32 y [m, n_out]; a non-zero return is the kernel's scratch allocation
+    given) into a new float32 y [m, n_out], or `into` (y, column): y's columns from `column`
+    on (args give its row stride); a non-zero return is the kernel's scratch allocation
     failing."""
     if x.dtype != torch.float32 or not x.is_contiguous():  # a decode step's x already is
         x = x.to(torch.float32).contiguous()
     m = x.shape[0]
-    y = torch.empty(m, n_out, dtype=torch.float32)
+    y, column = into or (torch.empty(m, n_out, dtype=torch.float32), 0)
     fn = fn or kernel._fn
-    rc = fn(x.data_ptr(), m, kernel.k, *args, y.data_ptr(), torch.get_num_threads())
+    out = y.data_ptr() + column * y.element_size()
+    rc = fn(x.data_ptr(), m, kernel.k, *args, out, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"{kernel.name}: no memory for {m}x{kernel.k} scratch")
     return y

@@ -30,7 +30,7 @@
  * prefetcher not running far enough ahead of short rows (docs/quant.md, "Native kernels"). */
 #define PREFETCH_BYTES 2048
 
-int codelm_kernels_abi(void) { return 22; }
+int codelm_kernels_abi(void) { return 23; }
 
 static inline float hsum(__m256 v)
 {
@@ -1293,8 +1293,8 @@ static int quantize_tile_x(const float *x, int64_t m, int64_t k, int32_t offset,
 
 /* The GEMM of codelm_tiles_linear, or with `swiglu` that of codelm_tiles_swiglu. */
 static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, int32_t offset,
-                      const float *ws, const float *wz, int64_t n, float *y, int swiglu,
-                      int nthreads)
+                      const float *ws, const float *wz, int64_t n, float *y, int64_t ldy,
+                      int swiglu, int nthreads)
 {
     /* offset 128: int8 as w + 128; else u <= 31, int4's q (offset 8) or int8 as w + 16 */
     if (k % BLOCK != 0 || n % (swiglu ? 2 * TILE : TILE) != 0 || nthreads < 1 ||
@@ -1304,7 +1304,7 @@ static int tiles_gemm(const float *x, int64_t m, int64_t k, const uint8_t *wt, i
     if (quantize_tile_x(x, m, k, offset, 0, wz != NULL, &t, nthreads) != 0)
         return -1;
     tile_gemm_rows(t.xq, t.xd, t.xo, t.xs, m, k, wt, ws, wz, (sub_scales){NULL, NULL}, n / TILE,
-                   y, swiglu ? n / 2 : n, swiglu, in_nibbles(offset), nthreads);
+                   y, ldy, swiglu, in_nibbles(offset), nthreads);
     free_tile_x(&t);
     return 0;
 }
@@ -1457,14 +1457,17 @@ int codelm_q4_swiglu(const float *x, int64_t m, int64_t k, const uint8_t *w, con
     return rows_tiled(x, m, k, w, ws, wz, group, n, y, 8, 1, nthreads);
 }
 
-/* y [m, n] = x [m, k] @ w.T from a tiled copy (see above): wt [n / 16][k / 32][8][16][4]
- * bytes holding w + offset (int4: q and 8; int8: w + 128, or w + 16 where every w is in
- * -16 .. 15), ws / wz [n / 16][k / 32][16] float scales and zeros (int4 only, or NULL).
- * Returns 0, or -1 for a shape that does not tile, another offset, or short memory. */
+/* y [m, n] (rows ldy floats apart) = x [m, k] @ w.T from a tiled copy (see above): wt [n /
+ * 16][k / 32][8][16][4] bytes holding w + offset (int4: q and 8; int8: w + 128, or w + 16
+ * where every w is in -16 .. 15), ws / wz [n / 16][k / 32][16] float scales and zeros (int4
+ * only, or NULL). A copy whose tiles take different offsets is called once per run of them,
+ * each writing its columns of y. Returns 0, or -1 for a shape that does not tile, another
+ * offset, or short memory. */
 int codelm_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t *wt, int32_t offset,
-                        const float *ws, const float *wz, int64_t n, float *y, int nthreads)
+                        const float *ws, const float *wz, int64_t n, int64_t ldy, float *y,
+                        int nthreads)
 {
-    return tiles_gemm(x, m, k, wt, offset, ws, wz, n, y, 0, nthreads);
+    return tiles_gemm(x, m, k, wt, offset, ws, wz, n, y, ldy, 0, nthreads);
 }
 
 /* y [m, n] = x w^T for sub-scaled int8 tiles (see sub_column_kernel): wt the tiles of q as
@@ -1491,7 +1494,7 @@ int codelm_sub_tiles_linear(const float *x, int64_t m, int64_t k, const uint8_t 
 int codelm_tiles_swiglu(const float *x, int64_t m, int64_t k, const uint8_t *wt, int32_t offset,
                         const float *ws, const float *wz, int64_t n, float *y, int nthreads)
 {
-    return tiles_gemm(x, m, k, wt, offset, ws, wz, n, y, 1, nthreads);
+    return tiles_gemm(x, m, k, wt, offset, ws, wz, n, y, n / 2, 1, nthreads);
 }
 /* ---- One decode step of llama-family blocks, all in C (daemon/engine/fused_decode.py) ----
  * The same arithmetic as the torch modules (RMSNorm, q/k/v with bias, rotate-half RoPE, GQA

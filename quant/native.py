@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels_x86.c")
-_ABI = 22
+_ABI = 23
 _FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _ARCH = ("-march=native",)
 _COMPILE_TIMEOUT_S = 120
@@ -112,9 +112,9 @@ def _build_and_open(
     lib.codelm_q8_swiglu.restype = lib.codelm_q4_swiglu.restype = c_int
     lib.codelm_decode_step.argtypes = (p, p, p, p, p, i64, i64, p, p, c_int, c_int)
     lib.codelm_decode_step.restype = c_int
-    for tiles in (lib.codelm_tiles_linear, lib.codelm_tiles_swiglu):
-        tiles.argtypes = (p, i64, i64, p, i32, p, p, i64, p, c_int)
-        tiles.restype = c_int
+    lib.codelm_tiles_linear.argtypes = (p, i64, i64, p, i32, p, p, i64, i64, p, c_int)
+    lib.codelm_tiles_swiglu.argtypes = (p, i64, i64, p, i32, p, p, i64, p, c_int)
+    lib.codelm_tiles_linear.restype = lib.codelm_tiles_swiglu.restype = c_int
     lib.codelm_sub_tiles_linear.argtypes = (p, i64, i64, p, p, p, p, p, i64, p, c_int)
     lib.codelm_sub_tiles_linear.restype = c_int
     lib.codelm_swiglu.argtypes = (p, i64, i64, p, c_int)

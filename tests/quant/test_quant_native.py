@@ -18,7 +18,16 @@ from quant_helpers import (
 )
 
 from codelm.daemon.engine.layers import silu_and_mul
-from codelm.quant import dequantize, matmul, native, quantize_int4, quantize_int8, repack_gguf
+from codelm.quant import (
+    concat_formats,
+    cpu,
+    dequantize,
+    matmul,
+    native,
+    quantize_int4,
+    quantize_int8,
+    repack_gguf,
+)
 from codelm.quant.cpu import (
     CPU_KERNELS,
     Int4AsInt8Tiles,
@@ -165,6 +174,29 @@ def test_tiles_store_int8_that_fits_5_bits_as_w_plus_16(gen, five):
     tiles, x = Int8Tiles(qw), torch.randn(7, 896, generator=gen)
     assert tiles.offset == (16 if five else 128)
     assert ((tiles(x) - matmul(x, qw)).abs() <= int8_blocks_bound(x, dequantize(qw))).all()
+
+
+def _mixed(gen) -> Int8Weight:
+    """A fused q / k / v like Qwen2.5-Coder's: Q5_0-range q and k (64 rows), a full int8 v (24
+    rows: a tile and a half, the last padded)."""
+    qk = five_bit(quantize_int8(weight(gen, 64, 896), group_size=32)[0])
+    v = quantize_int8(weight(gen, 24, 896), group_size=32)[0]
+    return concat_formats([qk, v])
+
+
+@needs_native
+def test_tiles_of_a_fused_layer_take_each_runs_offset(gen, monkeypatch):
+    # The tiles of q and k hold w + 16, v's w + 128; each run is its own call writing its
+    # columns of y, with the numbers one offset for all gives.
+    qw = _mixed(gen)
+    tiles, x = Int8Tiles(qw), torch.randn(70, 896, generator=gen)
+    assert tiles.runs == [(0, 4, 16), (4, 6, 128)]
+    y = tiles(x)
+    assert ((y - matmul(x, qw)).abs() <= int8_blocks_bound(x, dequantize(qw))).all()
+    monkeypatch.setattr(cpu, "_MAX_RUNS", 1)
+    assert Int8Tiles(qw).runs == [(0, 6, 128)]
+    assert torch.equal(y, Int8Tiles(qw)(x))
+    assert tiles.silu_and_mul(x) is None  # a gate / up projection of two kinds: not fused
 
 
 @needs_native
@@ -328,6 +360,16 @@ def test_avx2_tiles_swiglu_epilogue_equals_swiglu_of_output(avx2_build, gen, sch
     tiles = avx2_build(qw)
     x = torch.randn(9, 256, generator=gen) * 3
     assert torch.equal(tiles.silu_and_mul(x), silu_and_mul(tiles(x), 48))
+
+
+def test_avx2_tiles_of_a_fused_layer_match_this_cpus_build(avx2_build, gen):
+    # Nibbles for v's tiles, one vpmaddubsw for q's and k's, in one layer.
+    qw = _mixed(gen)
+    x = torch.randn(70, 896, generator=gen)
+    y = avx2_build(qw)(x)
+    assert ((y - matmul(x, qw)).abs() <= int8_blocks_bound(x, dequantize(qw))).all()
+    if not isinstance(_LIB, str):
+        assert torch.equal(y, Int8Tiles(qw)(x))
 
 
 @pytest.mark.parametrize("qtype", sorted(SUB_SCALED_BLOCKS))
