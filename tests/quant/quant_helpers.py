@@ -84,24 +84,23 @@ def q6_k_blocks(n: int, k: int, seed: int = 1) -> np.ndarray:
 
 
 def q5_k_blocks(n: int, k: int, seed: int = 1) -> np.ndarray:
-    """Valid Q5_K data (gguf.quants cannot make it): per 256 values fp16 d and dmin, then 12
-    bytes of 6-bit scales and mins, 32 of fifth bits and 128 of nibbles (any bytes are valid)."""
-    rng = np.random.default_rng(seed)
-    n_blocks = n * k // 256
-    d = rng.uniform(1e-4, 2e-3, (n_blocks, 1)).astype("<f2").view(np.uint8)
-    dmin = rng.uniform(1e-4, 4e-3, (n_blocks, 1)).astype("<f2").view(np.uint8)
-    body = rng.integers(0, 256, (n_blocks, 172), dtype=np.uint8)
-    return np.concatenate([d, dmin, body], axis=1).reshape(n, -1)
+    """Valid Q5_K data: 12 bytes of 6-bit scales and mins, 32 of fifth bits, 128 of nibbles."""
+    return _d_dmin_blocks(n, k, 172, seed)
 
 
 def q4_k_blocks(n: int, k: int, seed: int = 2) -> np.ndarray:
-    """Valid Q4_K data (gguf.quants cannot make it): per 256 values fp16 d and dmin, 12 bytes of
-    packed 6-bit scales and mins (any bytes are valid), 128 bytes of nibbles."""
+    """Valid Q4_K data: 12 bytes of packed 6-bit scales and mins, 128 bytes of nibbles."""
+    return _d_dmin_blocks(n, k, 140, seed)
+
+
+def _d_dmin_blocks(n: int, k: int, body_bytes: int, seed: int) -> np.ndarray:
+    """Q4_K / Q5_K data (gguf.quants cannot make them): per 256 values fp16 d and dmin of a
+    weight's size, then `body_bytes` random bytes (any are valid)."""
     rng = np.random.default_rng(seed)
     count = n * k // 256
     d = rng.uniform(1e-4, 2e-3, (count, 1)).astype("<f2").view(np.uint8)
     dmin = rng.uniform(1e-4, 4e-3, (count, 1)).astype("<f2").view(np.uint8)
-    body = rng.integers(0, 256, (count, 140), dtype=np.uint8)
+    body = rng.integers(0, 256, (count, body_bytes), dtype=np.uint8)
     return np.concatenate([d, dmin, body], axis=1).reshape(n, -1)
 
 
