@@ -70,7 +70,7 @@ class Int8Weight:
         return dataclasses.replace(self, data=self.data.to(device), scales=self.scales.to(device))
 
 
-# GGUF Q6_K: 6-bit values with an int8 scale per SUB_GROUP inputs (and a float per 256).
+# GGUF K-quants as they are: an int8 scale per SUB_GROUP inputs (Q6_K's; 1 for Q4_K, Q5_K).
 SUB_GROUP = 16
 
 
