@@ -1045,13 +1045,14 @@ INLINE void tile_kernel(const int8_t *xq, const float *xd, const int32_t *xo, co
 }
 #endif
 
-/* Sub-scaled int8 tiles (GGUF Q6_K and Q5_K as they are, SubScaledTiles): w = d * sc * q (+ z)
- * per channel, q in -32 .. 31 stored signed in the tile layout, sc an int8 per 16 inputs, d a
- * float per block (Q6_K's super-block's, repeated), z (Q5_K's -dmin m) a float per block,
- * applied with x's float sum like int4's zeros. maddubs takes x as the unsigned side (x + 128, stored so by
- * quantize_tile_rows with `flip`): two steps' pair sums stay within int16 (2 * 2 * 255 * 32 <
- * 2^15) and one vpmaddwd widens them times sc, so a block takes 8 vpmaddubsw and 4 vpmaddwd
- * per row and column, one float epilogue, and no nibbles. The 128 added to x is taken back by
+/* Sub-scaled int8 tiles (GGUF K-quants as they are, SubScaledTiles): w = d * sc * q (+ z) per
+ * channel, q in -32 .. 31 stored signed in the tile layout, sc an int8 per 16 inputs (1 for
+ * Q4_K and Q5_K), d a float per block (Q6_K's super-block's, repeated), z (Q4_K's and Q5_K's
+ * -dmin m) a float per block, applied with x's float sum like int4's zeros. maddubs takes x
+ * as the unsigned side (x + 128, stored so by quantize_tile_rows with `flip`): two steps'
+ * pair sums stay within int16 (2 * 2 * 255 * 32 < 2^15) and one vpmaddwd widens them times
+ * sc, so a block takes 8 vpmaddubsw and 4 vpmaddwd per row and column, one float epilogue,
+ * and no nibbles. The 128 added to x is taken back by
  * each block's sums starting at wo = -128 * sum(q * sc) of the channel, shared by all rows.
  * 256-bit code on every build: with VNNI, int8 tiles of the requantised weight are the
  * faster candidate where calibration times them. */
