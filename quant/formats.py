@@ -133,19 +133,29 @@ class SubScaledInt8Weight(Int8Weight):
         return dataclasses.replace(self, **{f: getattr(self, f).to(device) for f in _fields(self)})
 
     def exact(self) -> torch.Tensor:
-        """The source's values as float32 [N, K]: q * sc (exact), times the group's scale, plus
-        the zero (one rounding, as ggml's `d q - m`)."""
-        n, k = self.shape
-        w = self.sub_data.float().view(n, k // SUB_GROUP, SUB_GROUP)
-        w = (w * self.sub_scales.float()[..., None]).view(n, -1, self.super_group)
-        w = (w * self.super_scales[..., None]).view(n, k // 32, 32)
-        if self.zeros is not None:
-            w = w + self.zeros[..., None]
-        return w.reshape(n, k)
+        """The source's values as float32 [N, K] (sub_scaled_values)."""
+        return sub_scaled_values(self.sub_data, self.sub_scales, self.super_scales, self.zeros)
 
     def plain(self) -> Int8Weight:
         """The int8 blocks alone."""
         return Int8Weight(data=self.data, scales=self.scales, group_size=self.group_size)
+
+
+def sub_scaled_values(
+    sub_data: torch.Tensor,
+    sub_scales: torch.Tensor,
+    super_scales: torch.Tensor,
+    zeros: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SubScaledInt8Weight's values from its parts (rows of them), as float32 [N, K]: q * sc
+    (exact), times the group's scale, plus the zero (one rounding, as ggml's `d q - m`)."""
+    n, k = sub_data.shape
+    w = sub_data.float().view(n, k // SUB_GROUP, SUB_GROUP)
+    w = (w * sub_scales.float()[..., None]).view(n, super_scales.shape[1], -1)
+    w = (w * super_scales[..., None]).view(n, k // 32, 32)
+    if zeros is not None:
+        w = w + zeros[..., None]
+    return w.reshape(n, k)
 
 
 def is_grouped_int8(qw: QuantizedWeight) -> bool:

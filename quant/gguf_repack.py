@@ -24,6 +24,7 @@ from codelm.quant.formats import (
     Int8Weight,
     QuantizedWeight,
     SubScaledInt8Weight,
+    sub_scaled_values,
 )
 from codelm.quant.reference import dequantize, quantize_rows
 
@@ -76,15 +77,21 @@ def repack_gguf(
     if scheme is None:
         scheme = "int8" if qtype in _FALLBACK_INT8 else "int4"
     by_row = np.asarray(data).reshape(n, -1)  # whole rows of blocks (or of floats)
+    # K-quants requantised to int8 keep their own values beside, and are requantised from them
+    # (the values gguf's dequantisation gives, bit for bit: tested), read once.
+    parts = None
+    if qtype in _SUB_SCALED and scheme == "int8":
+        parts = _SUB_SCALED[qtype](_blocks(data, qtype, (n, k), name))
 
     def rows(r0: int, r1: int) -> torch.Tensor:
+        if parts is not None:
+            return sub_scaled_values(**{field: t[r0:r1] for field, t in parts.items()})
         return dequantize_gguf(by_row[r0:r1], qtype, (r1 - r0, k), name=name)
 
     group = int8_group_size if scheme == "int8" else group_size
     qw, err = quantize_rows(rows, n, scheme, group, name=name, search=search)
     logger.debug("%s: %s -> %s requantised, max abs err %.3g", name, qtype.name, scheme, err)
-    if qtype in _SUB_SCALED and scheme == "int8":
-        parts = _SUB_SCALED[qtype](_blocks(data, qtype, (n, k), name))
+    if parts is not None:
         return SubScaledInt8Weight(
             data=qw.data, scales=qw.scales, group_size=qw.group_size, **parts
         )
