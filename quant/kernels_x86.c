@@ -30,7 +30,7 @@
  * prefetcher not running far enough ahead of short rows (docs/quant.md, "Native kernels"). */
 #define PREFETCH_BYTES 2048
 
-int codelm_kernels_abi(void) { return 23; }
+int codelm_kernels_abi(void) { return 24; }
 
 static inline float hsum(__m256 v)
 {
@@ -153,51 +153,91 @@ static inline __m256i dot32_q4(const uint8_t *w, const int8_t *x)
     return dot4(q, _mm256_loadu_si256((const __m256i *)x));
 }
 
+/* q (0 .. 31) of 32 int8 weights that fit in 5 bits (GGUF Q5_0's, w = q - 16), as
+ * codelm_pack_q5 packs a block in 20 bytes: the low 4 bits as dot32_q4's nibbles, then a word
+ * of fifth bits in the order that one shift per lane lifts to the sign bits of its bytes (bit
+ * 8r + i for byte r of lane i), where a blend adds them. */
+static inline __m256i unpack_q5(const uint8_t *w)
+{
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w));
+    const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    const __m256i low = _mm256_and_si256(_mm256_srlv_epi32(both, shift), _mm256_set1_epi8(0x0F));
+    int32_t bits;
+    memcpy(&bits, w + BLOCK / 2, sizeof bits);
+    const __m256i set = _mm256_sllv_epi32(_mm256_set1_epi32(bits),
+                                          _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0));
+    return _mm256_blendv_epi8(low, _mm256_or_si256(low, _mm256_set1_epi8(0x10)), set);
+}
+
+/* q . x for 32 int8 x as 8 int32 lanes (the caller subtracts 16 times the sum of x) */
+static inline __m256i dot32_q5(const uint8_t *w, const int8_t *x)
+{
+    return dot4(unpack_q5(w), _mm256_loadu_si256((const __m256i *)x));
+}
+
+/* The fifth bits of a block of q (bit 4 of each byte) in dot32_q5's order: q << 3 lifts them to
+ * the sign bits, whose mask has element j's bit at j; element j = 4 i + r goes to bit 8 r + i. */
+static inline uint32_t fifth_bits(__m256i q)
+{
+    const uint32_t plain = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(q, 3));
+    uint32_t out = 0;
+    for (int j = 0; j < BLOCK; j++)
+        out |= ((plain >> j) & 1u) << (8 * (j % 4) + j / 4);
+    return out;
+}
+
 #define INLINE static inline __attribute__((always_inline))
 
-/* Weight block b times x's block b scaled and added to acc; q4 is a constant at each call
- * site, so the compiler builds an int8 and an int4 copy of every loop below. */
+/* How a row-major weight holds its blocks of 32: int8 bytes, int4 nibbles (dot32_q4) with
+ * zeros, or int8 in 5 bits (dot32_q5: 20 bytes). */
+enum { FMT_Q8 = 0, FMT_Q4 = 1, FMT_Q5 = 2 };
+static inline int64_t block_bytes(int fmt) { return fmt == FMT_Q8 ? 32 : fmt == FMT_Q4 ? 16 : 20; }
+
+/* Weight block b times x's block b scaled and added to acc; fmt is a constant at each call
+ * site, so the compiler builds a copy of every loop below for each format. */
 INLINE __m256 fma_block(const void *w, int64_t b, const int8_t *x, float scale, __m256 acc,
-                        int q4)
+                        int fmt)
 {
-    const __m256i dot = q4 ? dot32_q4((const uint8_t *)w + b * (BLOCK / 2), x + b * BLOCK)
-                           : dot32((const int8_t *)w + b * BLOCK, x + b * BLOCK);
+    const uint8_t *wb = (const uint8_t *)w + b * block_bytes(fmt);
+    const __m256i dot = fmt == FMT_Q4   ? dot32_q4(wb, x + b * BLOCK)
+                        : fmt == FMT_Q5 ? dot32_q5(wb, x + b * BLOCK)
+                                        : dot32((const int8_t *)wb, x + b * BLOCK);
     return _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(dot), acc);
 }
 
 /* sum over blocks of c[b] * (w . x)_b, c holding each block's two scales multiplied. Four
  * independent accumulators keep blocks in flight (one chain waits on every fmadd). */
-INLINE float dot_scaled(const void *w, const float *c, const int8_t *xq, int64_t blocks, int q4)
+INLINE float dot_scaled(const void *w, const float *c, const int8_t *xq, int64_t blocks, int fmt)
 {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 4 <= blocks; b += 4) {
-        a0 = fma_block(w, b, xq, c[b], a0, q4);
-        a1 = fma_block(w, b + 1, xq, c[b + 1], a1, q4);
-        a2 = fma_block(w, b + 2, xq, c[b + 2], a2, q4);
-        a3 = fma_block(w, b + 3, xq, c[b + 3], a3, q4);
+        a0 = fma_block(w, b, xq, c[b], a0, fmt);
+        a1 = fma_block(w, b + 1, xq, c[b + 1], a1, fmt);
+        a2 = fma_block(w, b + 2, xq, c[b + 2], a2, fmt);
+        a3 = fma_block(w, b + 3, xq, c[b + 3], a3, fmt);
     }
     for (; b < blocks; b++)
-        a0 = fma_block(w, b, xq, c[b], a0, q4);
+        a0 = fma_block(w, b, xq, c[b], a0, fmt);
     return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
 /* sum over groups of ws[g] * sum over the group's blocks of xd[b] * (w . x)_b: groups of 64
  * and more, one per row included. */
 INLINE float dot_grouped(const void *w, const float *ws, int64_t per_group, const int8_t *xq,
-                         const float *xd, int64_t blocks, int q4)
+                         const float *xd, int64_t blocks, int fmt)
 {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t g = 0, b = 0; b < blocks; g++) {
         const int64_t end = b + per_group;
         __m256 g0 = _mm256_setzero_ps(), g1 = _mm256_setzero_ps();
         for (; b + 2 <= end; b += 2) {
-            g0 = fma_block(w, b, xq, xd[b], g0, q4);
-            g1 = fma_block(w, b + 1, xq, xd[b + 1], g1, q4);
+            g0 = fma_block(w, b, xq, xd[b], g0, fmt);
+            g1 = fma_block(w, b + 1, xq, xd[b + 1], g1, fmt);
         }
         if (b < end) {
-            g0 = fma_block(w, b, xq, xd[b], g0, q4);
+            g0 = fma_block(w, b, xq, xd[b], g0, fmt);
             b++;
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(ws[g]), _mm256_add_ps(g0, g1), acc);
@@ -205,9 +245,10 @@ INLINE float dot_grouped(const void *w, const float *ws, int64_t per_group, cons
     return hsum(acc);
 }
 
-/* Groups of 32: c[b] = scale[b] * xd[b] (scales fp16). For int4 (zeros given) also returns
- * the row's offset, the sum of zero[b] * sx[b] - 8 * scale[b] * sq[b]; 8 blocks a step. */
-static float block_scales(const uint16_t *ws, const uint16_t *wz, const float *xd,
+/* Groups of 32: c[b] = scale[b] * xd[b] (scales fp16). Where w = q - center (int4: 8, with
+ * zeros; 5-bit int8: 16) also returns the row's offset, the sum of zero[b] * sx[b] - center *
+ * scale[b] * sq[b]; 8 blocks a step. */
+static float block_scales(const uint16_t *ws, const uint16_t *wz, float center, const float *xd,
                           const float *sx, const float *sq, int64_t blocks, float *c)
 {
     __m256 off = _mm256_setzero_ps();
@@ -219,17 +260,20 @@ static float block_scales(const uint16_t *ws, const uint16_t *wz, const float *x
         if (wz) {
             const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wz + b)));
             off = _mm256_fmadd_ps(z, _mm256_loadu_ps(sx + b), off);
-            const __m256 s8 = _mm256_mul_ps(s, _mm256_set1_ps(8.0f));
-            off = _mm256_fnmadd_ps(s8, _mm256_loadu_ps(sq + b), off);
+        }
+        if (center != 0.0f) {
+            const __m256 sc = _mm256_mul_ps(s, _mm256_set1_ps(center));
+            off = _mm256_fnmadd_ps(sc, _mm256_loadu_ps(sq + b), off);
         }
     }
     for (; b < blocks; b++) {
         const float s = _cvtsh_ss(ws[b]);
         c[b] = s * xd[b];
         if (wz)
-            tail += _cvtsh_ss(wz[b]) * sx[b] - 8.0f * s * sq[b];
+            tail += _cvtsh_ss(wz[b]) * sx[b];
+        tail -= center * s * sq[b];
     }
-    return wz ? hsum(off) + tail : 0.0f;
+    return center != 0.0f ? hsum(off) + tail : 0.0f;
 }
 
 static void fp16_to_fp32(const uint16_t *src, float *dst, int64_t count)
@@ -258,16 +302,19 @@ static float dot_f32(const float *a, const float *b, int64_t count)
  * this thread's scratch. For int4, sx / sq are x's per-group sums (see linear). */
 INLINE void weight_row(const void *wr, const uint16_t *ws, const uint16_t *wz, int64_t groups,
                        int64_t blocks, int64_t m, int64_t n, const int8_t *xq, const float *xd,
-                       const float *sx, const float *sq, float *scratch, float *y, int q4)
+                       const float *sx, const float *sq, float *scratch, float *y, int fmt)
 {
     const int64_t k = blocks * BLOCK;
-    if (groups == blocks) { /* groups of 32: GGUF Q8_0 / Q4_0 / Q4_1 */
+    const int q4 = fmt == FMT_Q4;
+    const float center = q4 ? 8.0f : fmt == FMT_Q5 ? 16.0f : 0.0f;
+    if (groups == blocks) { /* groups of 32: GGUF Q8_0 / Q4_0 / Q4_1 / Q5_0 */
         for (int64_t i = 0; i < m; i++) {
             const float *xdi = xd + i * blocks;
-            const float off = q4 ? block_scales(ws, wz, xdi, sx + i * groups, sq + i * groups,
-                                                blocks, scratch)
-                                 : block_scales(ws, NULL, xdi, NULL, NULL, blocks, scratch);
-            y[i * n] = dot_scaled(wr, scratch, xq + i * k, blocks, q4) + off;
+            const float off = fmt == FMT_Q8
+                                  ? block_scales(ws, NULL, 0.0f, xdi, NULL, NULL, blocks, scratch)
+                                  : block_scales(ws, wz, center, xdi, sx + i * groups,
+                                                 sq + i * groups, blocks, scratch);
+            y[i * n] = dot_scaled(wr, scratch, xq + i * k, blocks, fmt) + off;
         }
         return;
     }
@@ -276,11 +323,10 @@ INLINE void weight_row(const void *wr, const uint16_t *ws, const uint16_t *wz, i
     if (q4)
         fp16_to_fp32(wz, zero, groups);
     for (int64_t i = 0; i < m; i++) {
-        const float off = q4 ? dot_f32(zero, sx + i * groups, groups) -
-                                   8.0f * dot_f32(scale, sq + i * groups, groups)
-                             : 0.0f;
+        const float off = (q4 ? dot_f32(zero, sx + i * groups, groups) : 0.0f) -
+                          (center != 0.0f ? center * dot_f32(scale, sq + i * groups, groups) : 0.0f);
         y[i * n] = dot_grouped(wr, scale, blocks / groups, xq + i * k, xd + i * blocks, blocks,
-                               q4) +
+                               fmt) +
                    off;
     }
 }
@@ -289,43 +335,47 @@ INLINE void weight_row(const void *wr, const uint16_t *ws, const uint16_t *wz, i
 static int64_t padded(int64_t floats) { return (floats + 15) / 16 * 16; }
 
 static int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const uint16_t *ws,
-                      const uint16_t *wz, int64_t group, int64_t n, float *y, int32_t offset,
-                      int swiglu, int nthreads);
-/* y [m, n] = x [m, k] @ w.T for int8 w [n, k] (wz NULL) or repacked int4 w [n, k / 2] with
- * zeros wz; fp16 scales (and zeros) [n, k / group]. `offset`: what int8 w takes to be unsigned
- * in the tile kernel (16 where every w is in -16 .. 15, else 128; int4: 8). From `tiled_from`
+                      const uint16_t *wz, int64_t group, int64_t n, int fmt, float *y,
+                      int32_t offset, int swiglu, int nthreads);
+/* y [m, n] = x [m, k] @ w.T for w [n, k] in `fmt`: int8 (FMT_Q8), repacked int4 [n, k / 2]
+ * with zeros wz (FMT_Q4) or int8 in 5 bits [n, k / 32 * 20] (FMT_Q5); fp16 scales (and zeros)
+ * [n, k / group]. `offset`: what int8 w takes to be unsigned in the tile kernel (16 where every
+ * w is in -16 .. 15, as always in 5 bits, else 128; int4: 8). From `tiled_from`
  * rows of x the tile kernel runs it (rows_tiled), where the channels come in whole tiles of
  * 16; below, weight row by weight row (calibration measures where one overtakes the other).
  * Returns 0, or -1 when the shape does not fit blocks of 32 or memory for scratch is short. */
 static int linear(const float *x, int64_t m, int64_t k, const void *w, const uint16_t *ws,
-                  const uint16_t *wz, int64_t group, int64_t n, float *y, int32_t offset,
-                  int64_t tiled_from, int nthreads)
+                  const uint16_t *wz, int64_t group, int64_t n, int fmt, float *y,
+                  int32_t offset, int64_t tiled_from, int nthreads)
 {
-    if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || nthreads < 1)
+    const int q4 = fmt == FMT_Q4;
+    if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || nthreads < 1 ||
+        q4 != (wz != NULL))
         return -1;
     if (m >= tiled_from && n % 16 == 0)
-        return rows_tiled(x, m, k, w, ws, wz, group, n, y, wz ? 8 : offset, 0, nthreads);
-    const int q4 = wz != NULL;
+        return rows_tiled(x, m, k, w, ws, wz, group, n, fmt, y,
+                          q4 ? 8 : fmt == FMT_Q5 ? 16 : offset, 0, nthreads);
     const int64_t blocks = k / BLOCK, groups = k / group, per_group = group / BLOCK;
-    const int64_t row_bytes = q4 ? k / 2 : k, per_thread = padded(blocks + groups);
+    const int64_t row_bytes = blocks * block_bytes(fmt), per_thread = padded(blocks + groups);
     int8_t *xq = malloc((size_t)(m * k));
     float *xd = malloc((size_t)(m * blocks) * sizeof(float));
-    /* int4 only: per block, then per group, the sum of x (meets the zero) and xd times the
-     * sum of xq (meets the -8). */
-    float *sums = q4 ? calloc((size_t)(m * (blocks + groups)) * 2, sizeof(float)) : NULL;
+    /* int4 and 5-bit int8: per block, then per group, the sum of x (meets int4's zero) and xd
+     * times the sum of xq (meets the -8 or -16). */
+    const int centred = fmt != FMT_Q8;
+    float *sums = centred ? calloc((size_t)(m * (blocks + groups)) * 2, sizeof(float)) : NULL;
     /* Heap, not stack: an array sized for the largest K would be probed page by page. */
     float *scratch = aligned_alloc(64, (size_t)(nthreads * per_thread) * sizeof(float));
-    if (!xq || !xd || (q4 && !sums) || !scratch) {
+    if (!xq || !xd || (centred && !sums) || !scratch) {
         free(xq);
         free(xd);
         free(sums);
         free(scratch);
         return -1;
     }
-    float *bx = sums, *bq = q4 ? sums + m * blocks : NULL;
-    float *sx = q4 ? sums + 2 * m * blocks : NULL, *sq = q4 ? sx + m * groups : NULL;
+    float *bx = sums, *bq = centred ? sums + m * blocks : NULL;
+    float *sx = centred ? sums + 2 * m * blocks : NULL, *sq = centred ? sx + m * groups : NULL;
     quantize_blocks(x, m * blocks, xq, xd, bx, bq);
-    for (int64_t b = 0; q4 && b < m * blocks; b++) {
+    for (int64_t b = 0; centred && b < m * blocks; b++) {
         sx[b / per_group] += bx[b]; /* a row of x has whole groups: b / per_group is global */
         sq[b / per_group] += bq[b];
     }
@@ -339,10 +389,13 @@ static int linear(const float *x, int64_t m, int64_t k, const void *w, const uin
                 _mm_prefetch(wr + PREFETCH_BYTES + off, _MM_HINT_T0);
         if (q4)
             weight_row(wr, ws + r * groups, wz + r * groups, groups, blocks, m, n, xq, xd, sx, sq,
-                       mine, y + r, 1);
+                       mine, y + r, FMT_Q4);
+        else if (fmt == FMT_Q5)
+            weight_row(wr, ws + r * groups, NULL, groups, blocks, m, n, xq, xd, sx, sq, mine,
+                       y + r, FMT_Q5);
         else
             weight_row(wr, ws + r * groups, NULL, groups, blocks, m, n, xq, xd, NULL, NULL,
-                       mine, y + r, 0);
+                       mine, y + r, FMT_Q8);
     }
     free(xq);
     free(xd);
@@ -358,7 +411,7 @@ int codelm_q8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, cons
                      int nthreads)
 {
     return offset == 16 || offset == 128
-               ? linear(x, m, k, w, ws, NULL, group, n, y, offset, tiled_from, nthreads)
+               ? linear(x, m, k, w, ws, NULL, group, n, FMT_Q8, y, offset, tiled_from, nthreads)
                : -1;
 }
 
@@ -367,7 +420,39 @@ int codelm_q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, con
                      const uint16_t *wz, int64_t group, int64_t n, int64_t tiled_from, float *y,
                      int nthreads)
 {
-    return wz ? linear(x, m, k, w, ws, wz, group, n, y, 8, tiled_from, nthreads) : -1;
+    return linear(x, m, k, w, ws, wz, group, n, FMT_Q4, y, 8, tiled_from, nthreads);
+}
+
+/* out [n, k / 32 * 20] = int8 w [n, k] in 5 bits, as codelm_q5_linear takes it: per block of
+ * 32, q = w + 16 as 16 bytes of nibbles (element j low in byte j, element j + 16 high), then
+ * its fifth bits (bit j for element j). Returns 0, or -1 where some w is not in -16 .. 15. */
+int codelm_pack_q5(const int8_t *w, int64_t n, int64_t k, uint8_t *out, int nthreads)
+{
+    if (k % BLOCK != 0 || nthreads < 1)
+        return -1;
+    const int64_t blocks = n * (k / BLOCK);
+    int bad = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad)
+    for (int64_t b = 0; b < blocks; b++) {
+        const __m256i q = _mm256_add_epi8(_mm256_loadu_si256((const __m256i *)(w + b * BLOCK)),
+                                          _mm256_set1_epi8(16));
+        bad |= !_mm256_testz_si256(q, _mm256_set1_epi8((char)0xE0));
+        const __m128i nibble = _mm_set1_epi8(0x0F);
+        const __m128i low = _mm_and_si128(_mm256_castsi256_si128(q), nibble);
+        const __m128i high = _mm_and_si128(_mm256_extracti128_si256(q, 1), nibble);
+        uint8_t *dst = out + b * 20;
+        _mm_storeu_si128((__m128i *)dst, _mm_or_si128(low, _mm_slli_epi16(high, 4)));
+        const uint32_t fifth = fifth_bits(q);
+        memcpy(dst + 16, &fifth, sizeof fifth);
+    }
+    return bad ? -1 : 0;
+}
+
+/* int8 w in 5 bits [n, k / 32 * 20] (codelm_pack_q5), fp16 scales per group. */
+int codelm_q5_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, const uint16_t *ws,
+                     int64_t group, int64_t n, int64_t tiled_from, float *y, int nthreads)
+{
+    return linear(x, m, k, w, ws, NULL, group, n, FMT_Q5, y, 16, tiled_from, nthreads);
 }
 
 /* ---- SwiGLU: silu(gate) * up, for the decode step and for prefill (layers.silu_and_mul) ---- */
@@ -1331,16 +1416,18 @@ static inline void transpose8(__m256i v[8])
 
 #define LAYOUT_PREFETCH 1024 /* bytes ahead in each int8 row tile_from_rows reads */
 
-/* Channels [r0, r0 + 16) of a row-major weight (Int8Native's int8 [n, k]; with zeros wz
- * Int4Native's nibbles [n, k / 2], byte j of a block holding element j low and j + 16 high)
- * as one tile of the layout above at wt: bytes u = w + offset (int4: q), and the scales (and
- * zeros) of each block as float at wts (wtz). A block of 8 channels is 8 rows of 8 dwords
- * (4 k each) that the layout wants by dword: one transpose. */
+/* Channels [r0, r0 + 16) of a row-major weight in `fmt` (Int8Native's int8 [n, k]; Int4Native's
+ * nibbles [n, k / 2], byte j of a block holding element j low and j + 16 high, with zeros wz;
+ * Int5Native's 20-byte blocks) as one tile of the layout above at wt: bytes u = w + offset
+ * (int4 and 5-bit int8: q, their offsets 8 and 16), and the scales (and zeros) of each block
+ * as float at wts (wtz). A block of 8 channels is 8 rows of 8 dwords (4 k each) that the
+ * layout wants by dword: one transpose. */
 static void tile_from_rows(const void *w, const uint16_t *ws, const uint16_t *wz, int64_t group,
-                           int64_t k, int64_t r0, int32_t offset, uint8_t *wt, float *wts,
-                           float *wtz)
+                           int64_t k, int fmt, int64_t r0, int32_t offset, uint8_t *wt,
+                           float *wts, float *wtz)
 {
     const int64_t blocks = k / BLOCK, groups = k / group, per_group = group / BLOCK;
+    const int64_t row_bytes = blocks * block_bytes(fmt);
     const __m256i add = _mm256_set1_epi8((char)offset), nibble = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < blocks; b++) {
         for (int half = 0; half < 2; half++) { /* channels 8 half .. 8 half + 7 */
@@ -1349,11 +1436,13 @@ static void tile_from_rows(const void *w, const uint16_t *ws, const uint16_t *wz
                 const int64_t r = r0 + half * 8 + c;
                 /* 16 rows are read side by side: prefetched a KB ahead, a layout of the
                  * default model's 136 MB head (4 rows of x) took 11.4 ms against 15.0 */
-                if (wz) {
-                    const uint8_t *src = (const uint8_t *)w + r * (k / 2) + b * 16;
+                if (fmt != FMT_Q8) {
+                    const uint8_t *src = (const uint8_t *)w + r * row_bytes + b * block_bytes(fmt);
                     _mm_prefetch((const char *)src + LAYOUT_PREFETCH / 2, _MM_HINT_T0);
                     const __m128i q = _mm_loadu_si128((const __m128i *)src);
-                    v[c] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), nibble);
+                    v[c] = fmt == FMT_Q5 ? unpack_q5(src)
+                                         : _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q),
+                                                            nibble);
                 } else {
                     const int8_t *src = (const int8_t *)w + r * k + b * BLOCK;
                     _mm_prefetch((const char *)src + LAYOUT_PREFETCH, _MM_HINT_T0);
@@ -1384,8 +1473,8 @@ static void tile_from_rows(const void *w, const uint16_t *ws, const uint16_t *wz
  * `swiglu` w is a fused gate / up projection (n % 32 == 0) and y [m, n / 2] gets silu(gate) *
  * up: a thread's run is of gate tiles, each laid out with its up tile (n / 32 tiles on). */
 static int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const uint16_t *ws,
-                      const uint16_t *wz, int64_t group, int64_t n, float *y, int32_t offset,
-                      int swiglu, int nthreads)
+                      const uint16_t *wz, int64_t group, int64_t n, int fmt, float *y,
+                      int32_t offset, int swiglu, int nthreads)
 {
     const int64_t blocks = k / BLOCK, tiles = swiglu ? n / (2 * TILE) : n / TILE;
     const int64_t up = swiglu ? tiles * TILE : 0, ldy = swiglu ? n / 2 : n; /* up's first row */
@@ -1413,7 +1502,7 @@ static int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const
             const int64_t count = hi - c0 < chunk ? hi - c0 : chunk;
             for (int64_t i = 0; i < count * layers; i++) { /* swiglu: the up tiles after */
                 const int64_t row = i < count ? (c0 + i) * TILE : up + (c0 + i - count) * TILE;
-                tile_from_rows(w, ws, wz, group, k, row, offset, wt + i * k * TILE,
+                tile_from_rows(w, ws, wz, group, k, fmt, row, offset, wt + i * k * TILE,
                                wts + i * blocks * TILE, wz ? wtz + i * blocks * TILE : NULL);
             }
             for (int64_t first = 0; first < m; first += TILE_SPAN) {
@@ -1438,15 +1527,16 @@ static int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const
     return failed ? -1 : 0;
 }
 
-/* silu(gate) * up [m, n / 2] of a fused gate / up projection held as codelm_q8_linear's /
- * codelm_q4_linear's weight (gate rows first; n % 32 == 0), through rows_tiled. */
+/* silu(gate) * up [m, n / 2] of a fused gate / up projection held as codelm_q8_linear's,
+ * codelm_q4_linear's or codelm_q5_linear's weight (gate rows first; n % 32 == 0), through
+ * rows_tiled. */
 int codelm_q8_swiglu(const float *x, int64_t m, int64_t k, const int8_t *w, const uint16_t *ws,
                      int64_t group, int64_t n, int32_t offset, float *y, int nthreads)
 {
     if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || n % (2 * TILE) != 0 ||
         nthreads < 1 || (offset != 16 && offset != 128))
         return -1;
-    return rows_tiled(x, m, k, w, ws, NULL, group, n, y, offset, 1, nthreads);
+    return rows_tiled(x, m, k, w, ws, NULL, group, n, FMT_Q8, y, offset, 1, nthreads);
 }
 
 int codelm_q4_swiglu(const float *x, int64_t m, int64_t k, const uint8_t *w, const uint16_t *ws,
@@ -1455,7 +1545,16 @@ int codelm_q4_swiglu(const float *x, int64_t m, int64_t k, const uint8_t *w, con
     if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || n % (2 * TILE) != 0 ||
         nthreads < 1 || !wz)
         return -1;
-    return rows_tiled(x, m, k, w, ws, wz, group, n, y, 8, 1, nthreads);
+    return rows_tiled(x, m, k, w, ws, wz, group, n, FMT_Q4, y, 8, 1, nthreads);
+}
+
+int codelm_q5_swiglu(const float *x, int64_t m, int64_t k, const uint8_t *w, const uint16_t *ws,
+                     int64_t group, int64_t n, float *y, int nthreads)
+{
+    if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || n % (2 * TILE) != 0 ||
+        nthreads < 1)
+        return -1;
+    return rows_tiled(x, m, k, w, ws, NULL, group, n, FMT_Q5, y, 16, 1, nthreads);
 }
 
 /* y [m, n] (rows ldy floats apart) = x [m, k] @ w.T from a tiled copy (see above): wt [n /
@@ -1504,9 +1603,9 @@ int codelm_tiles_swiglu(const float *x, int64_t m, int64_t k, const uint8_t *wt,
 
 typedef struct {
     const void *w;
-    const uint16_t *scales, *zeros; /* zeros NULL: int8 */
+    const uint16_t *scales, *zeros; /* zeros: int4's only */
     const float *bias;              /* NULL: none */
-    int64_t group, n, k;
+    int64_t group, n, k, format;    /* format: FMT_Q8, FMT_Q4 or FMT_Q5 */
 } codelm_linear;
 
 typedef struct {
@@ -1522,7 +1621,8 @@ typedef struct {
 static int apply(const codelm_linear *l, const float *x, float *y, int nthreads)
 {
     /* one row of x: weight row by weight row (tiled_from 2), so offset 128 goes unread */
-    if (linear(x, 1, l->k, l->w, l->scales, l->zeros, l->group, l->n, y, 128, 2, nthreads) != 0)
+    if (linear(x, 1, l->k, l->w, l->scales, l->zeros, l->group, l->n, (int)l->format, y, 128, 2,
+               nthreads) != 0)
         return -1;
     for (int64_t i = 0; l->bias && i < l->n; i++)
         y[i] += l->bias[i];

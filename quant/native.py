@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels_x86.c")
-_ABI = 23
+_ABI = 24
 _FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _ARCH = ("-march=native",)
 _COMPILE_TIMEOUT_S = 120
@@ -106,10 +106,15 @@ def _build_and_open(
     p, i64, i32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int
     lib.codelm_q8_linear.argtypes = (p, i64, i64, p, p, i64, i64, i32, i64, p, c_int)
     lib.codelm_q4_linear.argtypes = (p, i64, i64, p, p, p, i64, i64, i64, p, c_int)
+    lib.codelm_q5_linear.argtypes = (p, i64, i64, p, p, i64, i64, i64, p, c_int)
     lib.codelm_q8_linear.restype = lib.codelm_q4_linear.restype = c_int
+    lib.codelm_q5_linear.restype = lib.codelm_pack_q5.restype = c_int
+    lib.codelm_pack_q5.argtypes = (p, i64, i64, p, c_int)
     lib.codelm_q8_swiglu.argtypes = (p, i64, i64, p, p, i64, i64, i32, p, c_int)
     lib.codelm_q4_swiglu.argtypes = (p, i64, i64, p, p, p, i64, i64, p, c_int)
+    lib.codelm_q5_swiglu.argtypes = (p, i64, i64, p, p, i64, i64, p, c_int)
     lib.codelm_q8_swiglu.restype = lib.codelm_q4_swiglu.restype = c_int
+    lib.codelm_q5_swiglu.restype = c_int
     lib.codelm_decode_step.argtypes = (p, p, p, p, p, i64, i64, p, p, c_int, c_int)
     lib.codelm_decode_step.restype = c_int
     lib.codelm_tiles_linear.argtypes = (p, i64, i64, p, i32, p, p, i64, i64, p, c_int)
@@ -129,8 +134,13 @@ def _build_and_open(
     return lib
 
 
+# codelm_linear's formats: how a row-major weight holds its blocks of 32.
+FORMAT_Q8, FORMAT_Q4, FORMAT_Q5 = 0, 1, 2
+
+
 class Linear(ctypes.Structure):
-    """kernels_x86.c's codelm_linear: one native kernel's weight (zeros 0 for int8) and bias."""
+    """kernels_x86.c's codelm_linear: one native kernel's weight (zeros: int4's only), bias
+    and format."""
 
     _fields_ = [
         ("w", ctypes.c_void_p),
@@ -140,6 +150,7 @@ class Linear(ctypes.Structure):
         ("group", ctypes.c_int64),
         ("n", ctypes.c_int64),
         ("k", ctypes.c_int64),
+        ("format", ctypes.c_int64),
     ]
 
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 from engine_helpers import new_kv, randomise_norms
 
-from codelm.daemon.engine import fused_decode
+from codelm.daemon.engine import fused_decode, loader
 from codelm.daemon.engine.loader import LinearFactory, fill_model
 from codelm.daemon.engine.models import llama
 from codelm.daemon.engine.weights import read_hf_folder
-from codelm.quant import Dispatcher, native
+from codelm.quant import Dispatcher, Int8Weight, dispatch, native
+from codelm.quant.linear import kernel_summary
 
 transformers = pytest.importorskip("transformers")
 _LIB = native.library()
@@ -32,6 +33,24 @@ def native_decode(monkeypatch):
         return native[0] if native else pick(self, ranking, specs, phase, qw, **kwargs)
 
     monkeypatch.setattr(Dispatcher, "_pick", native_first)
+
+
+def _in_five_bits(monkeypatch) -> None:
+    """int8 weights rounded into -16 .. 15 (GGUF Q5_0's values), run by int5_native."""
+    quantize = loader._quantize
+
+    def five_bit(*args, **kwargs):
+        qw = quantize(*args, **kwargs)
+        if qw.scheme != "int8":
+            return qw
+        data = torch.clamp(torch.round(qw.data.float() / 8), -16, 15).to(torch.int8)
+        return Int8Weight(data=data, scales=qw.scales * 8, group_size=qw.group_size)
+
+    def five_wherever(decode, prefill, times, tie):
+        return {"decode": "int5_native", "prefill": "int5_native"}
+
+    monkeypatch.setattr(loader, "_quantize", five_bit)
+    monkeypatch.setattr(dispatch, "_in_five_bits", five_wherever)
 
 
 def _tiny(
@@ -80,13 +99,18 @@ def _tiny(
         # them in passes of 4 and 3, and in two work items where there are 2+ threads.
         ("qwen2", "int8", (7, 1, 64)),
         ("llama", "int8", (8, 2, 40)),  # a head size that is not a multiple of 16
+        ("qwen2", "int5", (7, 1, 64)),  # int8 in 5 bits (GGUF Q5_0's values)
     ],
 )
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 def test_fused_decode_step_matches_module_path(
-    tmp_path, native_decode, arch, quant, heads, cache_dtype
+    tmp_path, monkeypatch, native_decode, arch, quant, heads, cache_dtype
 ):
-    model = _tiny(tmp_path, arch, quant, heads)
+    if quant == "int5":
+        _in_five_bits(monkeypatch)
+    model = _tiny(tmp_path, arch, "int8" if quant == "int5" else quant, heads)
+    if quant == "int5":
+        assert kernel_summary(model) == "decode int5_native x13; prefill int5_native x13"
     assert fused_decode.attach(model, CPU, torch.float32) == "fused native"
     fused = model.decode_step
     tokens = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(1))

@@ -387,3 +387,56 @@ def test_a_planned_native_kernel_takes_the_measured_switch(gen, monkeypatch):
     monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
     plan = Dispatcher(DispatchConfig()).plan(qw)
     assert plan.decode.name == "int8_native" and plan.decode.tiled_from == 8
+
+
+def _five_bit_int8(gen):
+    qw, _ = quantize_int8(weight(gen, 32, 64), group_size=32)
+    return type(qw)(data=torch.clamp(qw.data // 8, -16, 15), scales=qw.scales * 8, group_size=32)
+
+
+# Decode streamed, prefill at a chunk: (int5_native, int8_native) ms.
+@pytest.mark.parametrize(
+    ("prefill", "streamed", "chunk", "expected"),
+    [
+        ("int8_tiles", (0.8, 1.0), (9.0, 1.0), ("int5_native", "int8_tiles")),
+        ("int8_tiles", (1.04, 1.0), (9.0, 1.0), ("int5_native", "int8_tiles")),  # a tie
+        ("int8_tiles", (1.2, 1.0), (1.0, 1.0), ("int8_native", "int8_tiles")),
+        ("int8_native", (0.8, 1.0), (1.04, 1.0), ("int5_native", "int5_native")),
+        ("int8_native", (0.8, 1.0), (1.2, 1.0), ("int8_native", "int8_native")),
+    ],
+)
+def test_int5_takes_over_from_int8_where_as_fast_from_memory_and_at_a_chunk(
+    gen, monkeypatch, prefill, streamed, chunk, expected
+):
+    # The same numbers in a third fewer bytes: int5_native replaces int8_native where a decode
+    # row streamed from memory, and (where prefill runs from the same bytes) a prompt's chunk,
+    # take it no longer beyond the 5% tie; never one phase on each (both held).
+    qw = _five_bit_int8(gen)
+    if CPU_KERNELS["int5_native"].unavailable(qw):
+        pytest.skip("no native kernels here")
+    names = ("int5_native", "int8_native")
+    times = {
+        # From cache, int5_native's unpacking shows: never picked on these numbers alone.
+        "decode": {"int5_native": 2.0, "int8_native": 1.0},
+        "prefill": {"int5_native": 2.0, "int8_native": 1.0, "int8_tiles": 1.0},
+        "streamed": dict(zip(names, streamed, strict=True)),
+        "chunk": dict(zip(names, chunk, strict=True)),
+    }
+    times["prefill"][prefill] = 0.5
+    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    plan = Dispatcher(DispatchConfig(dense_budget_bytes=1 << 30)).plan(qw)
+    assert (plan.decode.name, plan.prefill.name) == expected
+
+
+def test_calibration_streams_int5_and_int8_and_times_them_at_a_chunk(gen):
+    qw = _five_bit_int8(gen)
+    if CPU_KERNELS["int5_native"].unavailable(qw):
+        pytest.skip("no native kernels here")
+    specs = {n: CPU_KERNELS[n] for n in ("int5_native", "int8_native", "dequant_fp32")}
+    times = dispatch_module._calibrate(qw, specs, (1, 8)).times_ms
+    pair = {"int5_native", "int8_native"}
+    assert set(times["streamed"]) == set(times["chunk"]) == pair
+    assert all(times[kind][n] > 0 for kind in ("streamed", "chunk") for n in pair)
+    # Not where only one of them is a candidate (int8 that does not fit 5 bits).
+    del specs["int5_native"]
+    assert "streamed" not in dispatch_module._calibrate(qw, specs, (1, 8)).times_ms

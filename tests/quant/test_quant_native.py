@@ -32,6 +32,7 @@ from codelm.quant.cpu import (
     CPU_KERNELS,
     Int4AsInt8Tiles,
     Int4Native,
+    Int5Native,
     Int8Native,
     Int8Tiles,
     SubScaledTiles,
@@ -174,6 +175,44 @@ def test_tiles_store_int8_that_fits_5_bits_as_w_plus_16(gen, five):
     tiles, x = Int8Tiles(qw), torch.randn(7, 896, generator=gen)
     assert tiles.offset == (16 if five else 128)
     assert ((tiles(x) - matmul(x, qw)).abs() <= int8_blocks_bound(x, dequantize(qw))).all()
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int5_native_multiplies_what_int8_native_does_in_fewer_bytes(gen, rows):
+    # The same int32 products a block; the -16 of q = w + 16 is taken off with x's sums in
+    # float, so equal but for rounding. 0.6875 bytes a weight against 1.0625.
+    qw = five_bit(quantize_int8(weight(gen, 96, 896), group_size=32)[0])
+    five, eight = Int5Native(qw), Int8Native(qw)
+    x = torch.randn(rows, 896, generator=gen)
+    y = five(x)
+    torch.testing.assert_close(y, eight(x), rtol=1e-5, atol=1e-5 * y.abs().max().item())
+    assert ((y - matmul(x, qw)).abs() <= int8_blocks_bound(x, dequantize(qw))).all()
+    assert five.nbytes == 96 * 896 * 0.6875 and eight.nbytes == 96 * 896 * 1.0625
+
+
+@needs_native
+@pytest.mark.parametrize("element", [0, 5, 15, 16, 29, 31])
+def test_int5_native_packs_q_as_nibbles_and_shifted_fifth_bits(element):
+    # q = w + 16: element j's low 4 bits in byte j % 16 (high nibble from j = 16), its fifth
+    # bit at 8 (j % 4) + j / 4 of the word after them.
+    data = torch.full((1, 32), -16, dtype=torch.int8)
+    data[0, element] = 15  # q = 31: 0b11111
+    packed = Int5Native(Int8Weight(data=data, scales=torch.ones(1, 1), group_size=32)).data[0]
+    nibbles = [0] * 16
+    nibbles[element % 16] = 0x0F << (4 * (element // 16))
+    assert packed[:16].tolist() == nibbles
+    bits = int.from_bytes(bytes(packed[16:].tolist()), "little")
+    assert bits == 1 << (8 * (element % 4) + element // 4)
+
+
+@needs_native
+def test_int5_native_takes_int8_in_5_bits_alone(gen):
+    qw = quantize_int8(weight(gen, 16, 64), group_size=32)[0]
+    assert CPU_KERNELS["int5_native"].unavailable(qw) == "not int8 in -16 .. 15"
+    assert CPU_KERNELS["int5_native"].unavailable(five_bit(qw)) is None
+    with pytest.raises(ValueError, match="outside -16 .. 15"):
+        Int5Native(qw)
 
 
 def _mixed(gen) -> Int8Weight:
@@ -418,7 +457,7 @@ def _fp16_scales(qw):
 
 
 @needs_native
-@pytest.mark.parametrize("case", ["int8", "int8-g64", "int8-5bit", "int4"])
+@pytest.mark.parametrize("case", ["int8", "int8-g64", "int8-5bit", "int5", "int4"])
 @pytest.mark.parametrize(("rows", "threads"), [(4, 2), (70, 2), (203, 1), (203, 3)])
 def test_native_kernels_run_many_rows_as_the_tiles_would(gen, case, rows, threads):
     # From a few rows of x the native kernels lay their weight out as tiles a part at a time
@@ -430,10 +469,10 @@ def test_native_kernels_run_many_rows_as_the_tiles_would(gen, case, rows, thread
         qw = quantize_int4(w, 32)[0]
     else:
         qw = quantize_int8(w, 64 if case == "int8-g64" else None)[0]
-        qw = five_bit(qw) if case == "int8-5bit" else qw
+        qw = five_bit(qw) if case in ("int8-5bit", "int5") else qw
     gate_up = _fp16_scales(qw)
     qw = select_rows(gate_up, torch.arange(144))
-    native_kernel = Int4Native if case == "int4" else Int8Native
+    native_kernel = {"int4": Int4Native, "int5": Int5Native}.get(case, Int8Native)
     x = torch.randn(rows, 896, generator=gen)
     x[0, 32:64] = 0.0
     before = torch.get_num_threads()
@@ -458,3 +497,9 @@ def test_avx2_native_kernels_run_many_rows_as_the_avx2_tiles_would(avx2_build, g
         tiles, x = avx2_build(qw), torch.randn(40, 512, generator=gen)
         assert torch.equal(rows_kernel(x), tiles(x))
         assert torch.equal(rows_kernel.silu_and_mul(x), tiles.silu_and_mul(x))
+        if CPU_KERNELS["int5_native"].unavailable(qw) is None:  # the 5-bit one, as Int5Native
+            five = avx2_build(qw, Int5Native)
+            assert torch.equal(five(x), tiles(x))
+            assert torch.equal(five.silu_and_mul(x), tiles.silu_and_mul(x))
+            one = x[:1]
+            torch.testing.assert_close(five(one), rows_kernel(one), rtol=1e-5, atol=1e-4)
