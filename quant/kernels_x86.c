@@ -271,7 +271,8 @@ static float block_scales(const uint16_t *ws, const uint16_t *wz, float center, 
         c[b] = s * xd[b];
         if (wz)
             tail += _cvtsh_ss(wz[b]) * sx[b];
-        tail -= center * s * sq[b];
+        if (center != 0.0f)
+            tail -= center * s * sq[b];
     }
     return center != 0.0f ? hsum(off) + tail : 0.0f;
 }
@@ -323,8 +324,9 @@ INLINE void weight_row(const void *wr, const uint16_t *ws, const uint16_t *wz, i
     if (q4)
         fp16_to_fp32(wz, zero, groups);
     for (int64_t i = 0; i < m; i++) {
-        const float off = (q4 ? dot_f32(zero, sx + i * groups, groups) : 0.0f) -
-                          (center != 0.0f ? center * dot_f32(scale, sq + i * groups, groups) : 0.0f);
+        float off = q4 ? dot_f32(zero, sx + i * groups, groups) : 0.0f;
+        if (center != 0.0f)
+            off -= center * dot_f32(scale, sq + i * groups, groups);
         y[i * n] = dot_grouped(wr, scale, blocks / groups, xq + i * k, xd + i * blocks, blocks,
                                fmt) +
                    off;
@@ -425,7 +427,7 @@ int codelm_q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, con
 
 /* out [n, k / 32 * 20] = int8 w [n, k] in 5 bits, as codelm_q5_linear takes it: per block of
  * 32, q = w + 16 as 16 bytes of nibbles (element j low in byte j, element j + 16 high), then
- * its fifth bits (bit j for element j). Returns 0, or -1 where some w is not in -16 .. 15. */
+ * its fifth bits in a word (fifth_bits). Returns 0, or -1 where some w is not in -16 .. 15. */
 int codelm_pack_q5(const int8_t *w, int64_t n, int64_t k, uint8_t *out, int nthreads)
 {
     if (k % BLOCK != 0 || nthreads < 1)
@@ -1439,10 +1441,12 @@ static void tile_from_rows(const void *w, const uint16_t *ws, const uint16_t *wz
                 if (fmt != FMT_Q8) {
                     const uint8_t *src = (const uint8_t *)w + r * row_bytes + b * block_bytes(fmt);
                     _mm_prefetch((const char *)src + LAYOUT_PREFETCH / 2, _MM_HINT_T0);
-                    const __m128i q = _mm_loadu_si128((const __m128i *)src);
-                    v[c] = fmt == FMT_Q5 ? unpack_q5(src)
-                                         : _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q),
-                                                            nibble);
+                    if (fmt == FMT_Q5) {
+                        v[c] = unpack_q5(src);
+                    } else {
+                        const __m128i q = _mm_loadu_si128((const __m128i *)src);
+                        v[c] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), nibble);
+                    }
                 } else {
                     const int8_t *src = (const int8_t *)w + r * k + b * BLOCK;
                     _mm_prefetch((const char *)src + LAYOUT_PREFETCH, _MM_HINT_T0);
