@@ -604,7 +604,7 @@ def _heuristic_times(
 
 
 _PACKED = ("int4pack_bf16", "int8pack_bf16")
-_NATIVE = ("int4_native", "int5_native", "int8_native")
+_NATIVE = ("int4_native", "int8_native")
 
 
 def _dense_bytes(spec: KernelSpec, qw: QuantizedWeight) -> int:
