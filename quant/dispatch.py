@@ -416,8 +416,8 @@ def _in_five_bits(
     one-layer decode loops of _calibrate read the weights from cache, where the unpacking
     shows and the bytes saved do not, and 128 rows overweigh the tiles int5_native lays out
     per call (Qwen2.5-Coder-0.5B's gate / up on 2 Zen 4 cores: decode 0.17 against 0.15 ms
-    from cache, 0.19 against 0.27 streamed; prefill 4.5 against 4.0 ms at 128 rows, 14.2
-    against 13.8 at 512). Where prefill lays its tiles out from the decode bytes too
+    from cache, 0.19-0.21 against 0.21-0.28 streamed; prefill 4.5 against 4.0 ms at 128 rows,
+    14.2 against 13.8 at 512). Where prefill lays its tiles out from the decode bytes too
     (int8_native), int5_native takes both phases or neither."""
     chosen = {"decode": decode, "prefill": prefill}
     streamed, chunk = times.get("streamed", {}), times.get("chunk", {})
