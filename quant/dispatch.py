@@ -195,8 +195,10 @@ class Dispatcher:
             name = self._pick(ranking, specs, "decode", qw, left=left)
             streamed = ranking.times_ms.setdefault("streamed", {})
             if name not in streamed:
+                clock = CpuClock()
+                start = clock.sample()
                 streamed[name] = _streamed_decode_ms(specs[name], qw)
-                if _busy_load() is None:
+                if _busy(clock, start) is None:
                     self._save_disk(key, ranking.times_ms)
             times[scheme] = streamed[name]
         return dict(sorted(times.items(), key=lambda item: item[1]))
@@ -269,11 +271,13 @@ class Dispatcher:
         # Likely winners first, so clearly slower candidates are dropped after one call.
         prior = _heuristic_times(qw, specs, self.cpu)["prefill"]
         ordered = dict(sorted(specs.items(), key=lambda kv: prior.get(kv[0], math.inf)))
-        busy_load = _busy_load()
+        clock = CpuClock()
+        start = clock.sample()
         ranking = _calibrate(qw, ordered, rows, self.config.prefill_tie)
-        if busy_load is not None:
+        busy = _busy(clock, start)
+        if busy is not None:
             # Timings on a loaded machine are noise; do not make them permanent.
-            return ranking, f"calibrated on a busy machine (load {busy_load:.1f}), not cached"
+            return ranking, f"calibrated while {busy}, not cached"
         self._save_disk(key, ranking.times_ms)
         return ranking, "calibrated"
 
@@ -562,13 +566,25 @@ def _timed_call(kernel: Kernel, x: torch.Tensor) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _busy_load() -> float | None:
-    """The 1-minute load average when it exceeds 1.5x the logical CPUs, else None."""
+# Other processes keeping more of our CPUs busy than this, on average while a shape was timed,
+# make its timings noise: one `while True: pass` beside a 2-core calibration timed an int8
+# decode of 9728x896 at 7.9 ms (0.14-0.21 alone), and the 1-minute load average stayed under
+# 1.5x the CPUs.
+BUSY_CPUS = 0.5
+
+
+def _busy(clock: CpuClock, since: tuple[float, float, float] | None) -> str | None:
+    """Why timings taken since the sample `since` are noise, or None: other processes kept
+    more than BUSY_CPUS of our CPUs busy meanwhile, or, where /proc/stat cannot be read, the
+    1-minute load average exceeds 1.5x the logical CPUs."""
+    others = clock.others(since)
+    if others is not None:
+        return f"other processes kept {others:.1f} CPUs busy" if others > BUSY_CPUS else None
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # not Unix: no load average to consult
         return None
-    return load if load > 1.5 * (os.cpu_count() or 1) else None
+    return f"the load average was {load:.1f}" if load > 1.5 * (os.cpu_count() or 1) else None
 
 
 def _heuristic_times(
@@ -688,6 +704,53 @@ def physical_cores(cpuinfo_path: str | Path = "/proc/cpuinfo") -> int:
         cores = len(allowed) if allowed else os.cpu_count() or 1
     quota = _cgroup_cpu_quota()
     return max(1, min(cores, quota) if quota else cores)
+
+
+class CpuClock:
+    """How busy the CPUs this process may run on are, from /proc/stat: `sample()` gives (monotonic
+    s, CPU-seconds all processes were busy on them, this process's CPU-seconds, its spinning
+    threads included), or None where /proc/stat cannot be read (not Linux); `others(since)` the
+    CPUs other processes kept busy on average since such a sample (a VM host's steal counts)."""
+
+    def __init__(self, stat_path: str | Path = "/proc/stat") -> None:
+        self.stat_path = Path(stat_path)
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        self.cpus = sorted(cpus) if cpus else None
+        self.n_cpus = len(self.cpus) if self.cpus else os.cpu_count() or 1
+        # The /proc/stat lines of those CPUs (None: all of them).
+        self._cpu_lines = None if self.cpus is None else {f"cpu{i}" for i in self.cpus}
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def sample(self) -> tuple[float, float, float] | None:
+        try:
+            lines = self.stat_path.read_text().splitlines()
+        except OSError:
+            return None
+        busy = 0
+        for line in lines:
+            name, _, rest = line.partition(" ")
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            if self._cpu_lines is not None and name not in self._cpu_lines:
+                continue
+            # user nice system idle iowait irq softirq steal ...; idle and iowait are not busy.
+            # (guest time is counted in user already, so only the first eight fields add up.)
+            fields = [int(v) for v in rest.split()[:8]]
+            busy += sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+        own = os.times()
+        return time.monotonic(), busy / self._tick, own.user + own.system
+
+    def others(self, since: tuple[float, float, float] | None) -> float | None:
+        now = self.sample()
+        if since is None or now is None or now[0] <= since[0]:
+            return None
+        return self.between(since, now)
+
+    @staticmethod
+    def between(since: tuple[float, float, float], now: tuple[float, float, float]) -> float:
+        """The CPUs other processes kept busy on average from one sample to a later one."""
+        busy, ours = now[1] - since[1], now[2] - since[2]
+        return max(0.0, (busy - ours) / (now[0] - since[0]))
 
 
 def _cores_from_cpuinfo(path: str | Path, allowed: set[int] | None) -> int:

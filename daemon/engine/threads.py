@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from pathlib import Path
+
+from codelm.quant.dispatch import CpuClock
 
 logger = logging.getLogger(__name__)
 
@@ -37,30 +38,22 @@ class CpuShare:
 
     def __init__(self, cores: int, stat_path: str | Path = "/proc/stat") -> None:
         self.cores = max(1, cores)
-        self.stat_path = Path(stat_path)
-        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-        self.cpus = sorted(cpus) if cpus else None
-        self.n_cpus = len(self.cpus) if self.cpus else os.cpu_count() or 1
-        # The /proc/stat lines of those CPUs (None: all of them).
-        self._cpu_lines = None if self.cpus is None else {f"cpu{i}" for i in self.cpus}
-        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.clock = CpuClock(stat_path)
+        self.n_cpus = self.clock.n_cpus
         self.others = 0.0  # CPUs the other processes kept busy: the lesser of the last two spans
         self._previous = 0.0  # the span before the last one
         self.current = self.cores
-        self._last = self._sample()
+        self._last = self.clock.sample()
 
     def threads(self) -> int:
         if self._last is None:
             return self.cores
         if time.monotonic() - self._last[0] < WINDOW_S:
             return self.current  # a span too short to judge: /proc/stat is not read
-        now = self._sample()
+        now = self.clock.sample()
         if now is None:
             return self.cores
-        wall = now[0] - self._last[0]
-        busy, ours = now[1] - self._last[1], now[2] - self._last[2]
-        self._last = now
-        span = max(0.0, (busy - ours) / wall)
+        span, self._last = self.clock.between(self._last, now), now
         self.others, self._previous = min(span, self._previous), span
         free = self.n_cpus - self.others
         threads = max(1, min(self.cores, math.floor(free + SLACK_CPUS)))
@@ -71,23 +64,3 @@ class CpuShare:
             )  # fmt: skip
             self.current = threads
         return threads
-
-    def _sample(self) -> tuple[float, float, float] | None:
-        """(monotonic s, CPU-seconds all processes were busy on our CPUs, our CPU-seconds)."""
-        try:
-            lines = self.stat_path.read_text().splitlines()
-        except OSError:
-            return None
-        busy = 0
-        for line in lines:
-            name, _, rest = line.partition(" ")
-            if not name.startswith("cpu") or name == "cpu":
-                continue
-            if self._cpu_lines is not None and name not in self._cpu_lines:
-                continue
-            # user nice system idle iowait irq softirq steal ...; idle and iowait are not busy.
-            # (guest time is counted in user already, so only the first eight fields add up.)
-            fields = [int(v) for v in rest.split()[:8]]
-            busy += sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
-        own = os.times()
-        return time.monotonic(), busy / self._tick, own.user + own.system

@@ -208,7 +208,7 @@ def test_auto_runs_float_weights_in_the_scheme_that_decodes_faster_here(
 
     monkeypatch.setattr(dispatch, "_streamed_decode_ms", slowed)
     monkeypatch.setattr(dispatch, "_STREAM_BYTES", 8 << 20)
-    monkeypatch.setattr(dispatch, "_busy_load", lambda: None)
+    monkeypatch.setattr(dispatch, "_busy", lambda *a: None)
     monkeypatch.setenv("CODELM_HOME", str(tmp_path / "home"))
     folder = tmp_path / "llama"
     tokens, expected = _save_llama(folder, 512)

@@ -24,9 +24,9 @@ class Machine:
         self.now = 100.0
         self.busy = {0: 0.0, 1: 0.0, 2: 0.0}  # CPU-seconds busy per CPU
         self.ours = 0.0
-        monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
         monkeypatch.setattr(threads.time, "monotonic", lambda: self.now)
-        monkeypatch.setattr(threads.os, "times", lambda: SimpleNamespace(user=self.ours, system=0))
+        monkeypatch.setattr(os, "times", lambda: SimpleNamespace(user=self.ours, system=0))
         self.write()
 
     def write(self) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -92,7 +93,7 @@ def test_physical_cores_is_positive_on_this_machine():
 
 
 def test_dispatcher_calibrates_once_and_reuses_disk_cache(gen, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(dispatch_module, "_busy_load", lambda: None)
+    monkeypatch.setattr(dispatch_module, "_busy", lambda *a: None)
     qw, _ = quantize_int4(weight(gen, 64, 128))
     with caplog.at_level(logging.INFO, logger="codelm.quant.dispatch"):
         plan = Dispatcher(DispatchConfig(cache_dir=tmp_path)).plan(qw, name="q_proj")
@@ -177,7 +178,7 @@ def test_decode_max_rows_falls_back_to_the_config_without_crossover_timings(gen,
 
 
 def test_dispatcher_keeps_busy_machine_timings_out_of_the_disk_cache(gen, tmp_path, monkeypatch):
-    monkeypatch.setattr(dispatch_module, "_busy_load", lambda: 7.5)
+    monkeypatch.setattr(dispatch_module, "_busy", lambda *a: "the load average was 7.5")
     times = {"decode": {"int4pack_bf16": 1.0}, "prefill": {"int4pack_bf16": 1.0}}
     monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
     dispatcher = Dispatcher(DispatchConfig(cache_dir=tmp_path))
@@ -185,8 +186,54 @@ def test_dispatcher_keeps_busy_machine_timings_out_of_the_disk_cache(gen, tmp_pa
     assert not (tmp_path / dispatch_module.CACHE_FILE).exists()
 
 
+def test_timings_are_noise_while_other_processes_keep_our_cpus_busy(tmp_path, monkeypatch):
+    # /proc/stat's busy time on our CPUs less our own, over the span: a process spinning on one
+    # of two CPUs is 1.0 CPU (a VM host's steal counts the same); 0.3 is background.
+    stat = tmp_path / "stat"
+    tick = os.sysconf("SC_CLK_TCK")
+    now, ours = [100.0], [0.0]
+    monkeypatch.setattr(dispatch_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(os, "times", lambda: SimpleNamespace(user=ours[0], system=0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+
+    def write(busy: float) -> None:  # CPU-seconds busy on cpu0 and cpu1 together
+        user = round(busy * tick)
+        stat.write_text(f"cpu  1 2 3 4\ncpu0 {user} 0 0 1000000 0 0 0 0\ncpu1 0 0 0 1000000\n")
+
+    clock = dispatch_module.CpuClock(stat)
+    for others, expected in ((1.0, "other processes kept 1.0 CPUs busy"), (0.3, None)):
+        write(0.0)
+        ours[0] = 0.0
+        start = clock.sample()
+        now[0] += 2.0
+        ours[0] = 2.0 * 1.5  # our two threads, 1.5 CPUs of the span
+        write(2.0 * (1.5 + others))
+        assert dispatch_module._busy(clock, start) == expected
+    # Without /proc/stat (not Linux): the 1-minute load average against 1.5x the CPUs.
+    blind = dispatch_module.CpuClock(tmp_path / "absent")
+    assert dispatch_module._busy(blind, blind.sample()) is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 1.0, 1.0))
+    assert dispatch_module._busy(blind, blind.sample()) == "the load average was 99.0"
+
+
+def test_a_calibration_beside_busy_neighbours_is_used_but_not_cached(
+    gen, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(dispatch_module.CpuClock, "others", lambda self, since: 1.2)
+    times = {"decode": {"int4pack_bf16": 1.0}, "prefill": {"int4pack_bf16": 1.0}}
+    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    with caplog.at_level(logging.INFO, logger="codelm.quant.dispatch"):
+        plan = Dispatcher(DispatchConfig(cache_dir=tmp_path)).plan(
+            quantize_int4(weight(gen, 32, 64))[0]
+        )
+    assert plan.decode.name == "int4pack_bf16"
+    assert "calibrated while other processes kept 1.2 CPUs busy, not cached" in caplog.text
+    assert not (tmp_path / dispatch_module.CACHE_FILE).exists()
+
+
 def test_dispatcher_ignores_corrupt_cache_with_a_warning(gen, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(dispatch_module, "_busy_load", lambda: None)
+    monkeypatch.setattr(dispatch_module, "_busy", lambda *a: None)
     (tmp_path / dispatch_module.CACHE_FILE).write_text("{not json")
     qw, _ = quantize_int8(weight(gen, 32, 64))
     times = {"decode": {"int8pack_bf16": 1.0}, "prefill": {"int8pack_bf16": 1.0}}
@@ -225,7 +272,7 @@ def test_dispatcher_offers_dense_copies_only_with_a_budget(gen):
 
 
 def test_dispatcher_never_uses_dense_copies_for_decode(gen, monkeypatch):
-    monkeypatch.setattr(dispatch_module, "_busy_load", lambda: None)
+    monkeypatch.setattr(dispatch_module, "_busy", lambda *a: None)
     qw, _ = quantize_int4(weight(gen, 64, 128))
     dispatcher = Dispatcher(DispatchConfig(dense_budget_bytes=1 << 30))
     plan = dispatcher.plan(qw)
@@ -236,7 +283,7 @@ def test_dispatcher_never_uses_dense_copies_for_decode(gen, monkeypatch):
 
 
 def test_faster_scheme_streams_each_scheme_once_and_keeps_the_time(tmp_path, monkeypatch):
-    monkeypatch.setattr(dispatch_module, "_busy_load", lambda: None)
+    monkeypatch.setattr(dispatch_module, "_busy", lambda *a: None)
     monkeypatch.setattr(dispatch_module, "_STREAM_BYTES", 4 << 20)  # small, for speed
     streamed = []
     stream = dispatch_module._streamed_decode_ms
@@ -337,7 +384,7 @@ def test_a_layer_with_fewer_prefill_rows_is_calibrated_and_keyed_at_them(gen, mo
         )
 
     monkeypatch.setattr(dispatch_module, "_calibrate", calibrate)
-    monkeypatch.setattr(dispatch_module, "_busy_load", lambda: None)
+    monkeypatch.setattr(dispatch_module, "_busy", lambda *a: None)
     dispatcher = Dispatcher(DispatchConfig(calibration_rows=(1, 128)))
     dispatcher.plan(qw, name="lm_head", prefill_rows=16)
     dispatcher.plan(qw, name="o_proj")
