@@ -276,19 +276,23 @@ class Codelm:
         return status
 
     def decode_kernels(self) -> dict[str, str]:
-        """Layer shape -> the decode kernel the daemon's dispatcher ranked first, and how it
-        ranked (calibrated or cached), from the daemon log's `quant kernels for` lines."""
+        """Layer shape -> the decode kernel the daemon's dispatcher picked, and how the shape
+        was ranked (calibrated or cached), from the daemon log's `quant kernels for` (the
+        ranking) and `quant plan for` (the pick) lines."""
         log = self.home / "log" / "daemon.log"
         if not log.exists():
             return {}
-        chosen = {}
+        sources, chosen = {}, {}
         for line in log.read_text(errors="replace").splitlines():
-            found = re.search(r"quant kernels for (.*?) \((.*?)\): decode: (\S+)", line)
-            if found:
-                key, source, kernel = found.groups()
+            ranked = re.search(r"quant kernels for (.*?) \((.*?)\): decode:", line)
+            if ranked:
+                sources[ranked.group(1)] = ranked.group(2)
+            picked = re.search(r"quant plan for (.*?): decode (\S+),", line)
+            if picked:
+                key, kernel = picked.groups()
                 fields = key.split("|")  # ...|scheme group|NxK|... (Dispatcher._key)
                 shape = next((f for f in fields if re.fullmatch(r"\d+x\d+", f)), "?")
-                chosen[f"{fields[3]} {shape}"] = f"{kernel} ({source})"
+                chosen[f"{fields[3]} {shape}"] = f"{kernel} ({sources.get(key, '?')})"
         return chosen
 
     def complete(self, step: Step) -> Sample:

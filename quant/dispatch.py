@@ -122,6 +122,7 @@ class Dispatcher:
         self.config = config or DispatchConfig()
         self.cpu = read_cpu_info()
         self._rankings: dict[str, _Ranking] = {}
+        self._planned: set[tuple[str, str, str]] = set()  # (key, decode, prefill) logged
         self._disk: dict[str, dict[str, dict[str, float]]] | None = None
         self.dense_bytes_used = 0
 
@@ -159,6 +160,12 @@ class Dispatcher:
         logger.debug(
             "%s %s: decode=%s prefill=%s", name, qw.shape, chosen["decode"], chosen["prefill"]
         )
+        if (key, chosen["decode"], chosen["prefill"]) not in self._planned:
+            # The ranking's first is not always the pick (the budget, ties, _in_five_bits).
+            self._planned.add((key, chosen["decode"], chosen["prefill"]))
+            logger.info(
+                "quant plan for %s: decode %s, prefill %s", key, chosen["decode"], chosen["prefill"]
+            )
         rows = _decode_max_rows(ranking.times_ms, chosen["decode"], chosen["prefill"], self.config)
         return KernelPlan(
             decode=kernels[chosen["decode"]],
