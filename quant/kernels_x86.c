@@ -142,26 +142,30 @@ static inline __m256i dot32(const int8_t *w, const int8_t *x)
     return dot4(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
 }
 
-/* 32 int4 weights (16 bytes: element j in the low nibble of byte j, element j + 16 in its
- * high nibble, as Int4Native repacks them) times 32 int8 x, as 8 int32 lanes; q is 0..15 so
- * maddubs takes it as it is. Both lanes load the 16 bytes; the upper one shifts a nibble. */
-static inline __m256i dot32_q4(const uint8_t *w, const int8_t *x)
+/* The 32 nibbles of 16 bytes (element j in the low nibble of byte j, element j + 16 in its
+ * high nibble, as Int4Native repacks int4) as 32 bytes 0..15. Both lanes load the 16 bytes;
+ * the upper one shifts a nibble. */
+static inline __m256i unpack_q4(const uint8_t *w)
 {
     const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w));
     const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-    const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(both, shift), _mm256_set1_epi8(0x0F));
-    return dot4(q, _mm256_loadu_si256((const __m256i *)x));
+    return _mm256_and_si256(_mm256_srlv_epi32(both, shift), _mm256_set1_epi8(0x0F));
+}
+
+/* 32 int4 weights times 32 int8 x, as 8 int32 lanes; q is 0..15 so maddubs takes it as it
+ * is. */
+static inline __m256i dot32_q4(const uint8_t *w, const int8_t *x)
+{
+    return dot4(unpack_q4(w), _mm256_loadu_si256((const __m256i *)x));
 }
 
 /* q (0 .. 31) of 32 int8 weights that fit in 5 bits (GGUF Q5_0's, w = q - 16), as
- * codelm_pack_q5 packs a block in 20 bytes: the low 4 bits as dot32_q4's nibbles, then a word
+ * codelm_pack_q5 packs a block in 20 bytes: the low 4 bits as unpack_q4's nibbles, then a word
  * of fifth bits in the order that one shift per lane lifts to the sign bits of its bytes (bit
  * 8r + i for byte r of lane i), where a blend adds them. */
 static inline __m256i unpack_q5(const uint8_t *w)
 {
-    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w));
-    const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-    const __m256i low = _mm256_and_si256(_mm256_srlv_epi32(both, shift), _mm256_set1_epi8(0x0F));
+    const __m256i low = unpack_q4(w);
     int32_t bits;
     memcpy(&bits, w + BLOCK / 2, sizeof bits);
     const __m256i set = _mm256_sllv_epi32(_mm256_set1_epi32(bits),
@@ -1430,7 +1434,7 @@ static void tile_from_rows(const void *w, const uint16_t *ws, const uint16_t *wz
 {
     const int64_t blocks = k / BLOCK, groups = k / group, per_group = group / BLOCK;
     const int64_t row_bytes = blocks * block_bytes(fmt);
-    const __m256i add = _mm256_set1_epi8((char)offset), nibble = _mm256_set1_epi8(0x0F);
+    const __m256i add = _mm256_set1_epi8((char)offset);
     for (int64_t b = 0; b < blocks; b++) {
         for (int half = 0; half < 2; half++) { /* channels 8 half .. 8 half + 7 */
             __m256i v[8];
@@ -1441,12 +1445,7 @@ static void tile_from_rows(const void *w, const uint16_t *ws, const uint16_t *wz
                 if (fmt != FMT_Q8) {
                     const uint8_t *src = (const uint8_t *)w + r * row_bytes + b * block_bytes(fmt);
                     _mm_prefetch((const char *)src + LAYOUT_PREFETCH / 2, _MM_HINT_T0);
-                    if (fmt == FMT_Q5) {
-                        v[c] = unpack_q5(src);
-                    } else {
-                        const __m128i q = _mm_loadu_si128((const __m128i *)src);
-                        v[c] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), nibble);
-                    }
+                    v[c] = fmt == FMT_Q5 ? unpack_q5(src) : unpack_q4(src);
                 } else {
                     const int8_t *src = (const int8_t *)w + r * k + b * BLOCK;
                     _mm_prefetch((const char *)src + LAYOUT_PREFETCH, _MM_HINT_T0);
