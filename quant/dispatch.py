@@ -395,27 +395,15 @@ def _time_pair(
     through one, the two kernels in turn _PAIR_ROUNDS times, the best of each. Their
     difference is a few percent, less than a busy machine moves one kernel's time from one
     second to the next: taken in turn, both run beside the same neighbours."""
-    one = {name: spec.build(qw) for name, spec in specs.items()}
-    copies = {
-        name: [kernel]
-        + [
-            specs[name].build(_clone(qw))
-            for _ in range(min(_MAX_COPIES, math.ceil(_PAIR_STREAM_BYTES / kernel.nbytes)) - 1)
-        ]
-        for name, kernel in one.items()
-    }
+    copies = {name: _copies(spec, qw, _PAIR_STREAM_BYTES) for name, spec in specs.items()}
     x = torch.randn(1, qw.shape[1], device=_device(qw))
     chunk = torch.randn(_CHUNK_ROWS, qw.shape[1], device=_device(qw))
     streamed = times.setdefault("streamed", {})
     chunks = times.setdefault("chunk", {})
     for _ in range(_PAIR_ROUNDS):
         for name, kernels in copies.items():
-            start = time.perf_counter()
-            for kernel in kernels:
-                kernel(x)
-            ms = (time.perf_counter() - start) * 1e3 / len(kernels)
-            streamed[name] = min(streamed.get(name, math.inf), ms)
-            chunks[name] = min(chunks.get(name, math.inf), _timed_call(one[name], chunk))
+            streamed[name] = min(streamed.get(name, math.inf), _row_through(kernels, x))
+            chunks[name] = min(chunks.get(name, math.inf), _timed_call(kernels[0], chunk))
 
 
 def _in_five_bits(
@@ -488,22 +476,28 @@ _MAX_COPIES = 256
 
 def _streamed_decode_ms(spec: KernelSpec, qw: QuantizedWeight, repeats: int = 3) -> float:
     """ms of one decode row through one layer when its weights come from memory: one row
-    through distinct copies of the layer totalling _STREAM_BYTES (at most _MAX_COPIES of
-    them), best of `repeats`."""
-    first = spec.build(qw)
-    # A layer small enough to need more copies fits a cache many times over anyway.
-    copies = min(_MAX_COPIES, max(2, math.ceil(_STREAM_BYTES / max(1, first.nbytes))))
-    kernels = [first] + [spec.build(_clone(qw)) for _ in range(copies - 1)]
+    through distinct copies of the layer totalling _STREAM_BYTES, best of `repeats`."""
+    kernels = _copies(spec, qw, _STREAM_BYTES)
     x = torch.randn(1, qw.shape[1], device=_device(qw))
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for kernel in kernels:
-            kernel(x)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3 / copies
+    return min(_row_through(kernels, x) for _ in range(repeats))
+
+
+def _copies(spec: KernelSpec, qw: QuantizedWeight, total_bytes: int) -> list[Kernel]:
+    """spec's kernel of qw and of clones of it, totalling `total_bytes`: 2 to _MAX_COPIES of
+    them (a layer small enough to need more fits a cache many times over anyway)."""
+    first = spec.build(qw)
+    copies = min(_MAX_COPIES, max(2, math.ceil(total_bytes / max(1, first.nbytes))))
+    return [first] + [spec.build(_clone(qw)) for _ in range(copies - 1)]
+
+
+def _row_through(kernels: list[Kernel], x: torch.Tensor) -> float:
+    """ms per kernel of one call each on x, in turn: one decode row streamed through them."""
+    start = time.perf_counter()
+    for kernel in kernels:
+        kernel(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return (time.perf_counter() - start) * 1e3 / len(kernels)
 
 
 def _clone(qw: QuantizedWeight) -> QuantizedWeight:
