@@ -80,6 +80,9 @@ class DispatchConfig:
     use_bitsandbytes: bool = False
     decode_max_rows: int = 16  # where calibration has no crossover timings
     calibration_rows: tuple[int, int] = (1, 128)
+    # The rows of a prompt's chunk (EngineConfig.prefill_chunk): where prefill kernels that
+    # lay their weights out per call are compared (_in_five_bits).
+    chunk_rows: int = 512
     # Decode takes a native kernel measured up to this factor slower than the fastest: a
     # llama-family model whose block linears all decode natively runs its decode step as one
     # native call (daemon/engine/fused_decode.py: 22 against 39 ms a token for
@@ -141,8 +144,9 @@ class Dispatcher:
         if not specs:
             raise ValueError(f"{name}: no {qw.scheme} kernel for shape {qw.shape} on {_device(qw)}")
         rows = (self.config.calibration_rows[0], prefill_rows or self.config.calibration_rows[1])
-        key = self._key(qw, specs, rows)
-        ranking = self._ranking(key, qw, specs, rows)
+        chunk = prefill_rows or self.config.chunk_rows
+        key = self._key(qw, specs, rows, chunk)
+        ranking = self._ranking(key, qw, specs, rows, chunk)
         left = self.config.dense_budget_bytes - self.dense_bytes_used
         # int5_native is int8_native's weight in fewer bytes: it takes over from it or not at all.
         picks = {n: spec for n, spec in specs.items() if n != "int5_native"}
@@ -196,8 +200,9 @@ class Dispatcher:
         times = {}
         for scheme, qw in weights.items():
             specs = self._candidates(qw)
-            key = self._key(qw, specs, self.config.calibration_rows)
-            ranking = self._ranking(key, qw, specs, self.config.calibration_rows)
+            rows, chunk = self.config.calibration_rows, self.config.chunk_rows
+            key = self._key(qw, specs, rows, chunk)
+            ranking = self._ranking(key, qw, specs, rows, chunk)
             left = self.config.dense_budget_bytes - self.dense_bytes_used
             name = self._pick(ranking, specs, "decode", qw, left=left)
             streamed = ranking.times_ms.setdefault("streamed", {})
@@ -244,7 +249,9 @@ class Dispatcher:
             specs[spec.name] = spec
         return specs
 
-    def _key(self, qw: QuantizedWeight, specs: dict[str, KernelSpec], rows: tuple[int, int]) -> str:
+    def _key(
+        self, qw: QuantizedWeight, specs: dict[str, KernelSpec], rows: tuple[int, int], chunk: int
+    ) -> str:
         device = _device(qw)
         hw = torch.cuda.get_device_name(device) if device.type == "cuda" else self.cpu.model_name
         n, k = qw.shape
@@ -252,11 +259,16 @@ class Dispatcher:
         built = [f"{s} {native.build_key()}" if s.endswith("_native") else s for s in specs]
         return (
             f"{hw}|torch {torch.__version__}|threads {torch.get_num_threads()}|{qw.scheme} "
-            f"g{group}|{n}x{k}|rows {rows[1]}|{','.join(sorted(built))}"
+            f"g{group}|{n}x{k}|rows {rows[1]}|chunk {chunk}|{','.join(sorted(built))}"
         )
 
     def _ranking(
-        self, key: str, qw: QuantizedWeight, specs: dict[str, KernelSpec], rows: tuple[int, int]
+        self,
+        key: str,
+        qw: QuantizedWeight,
+        specs: dict[str, KernelSpec],
+        rows: tuple[int, int],
+        chunk: int,
     ) -> _Ranking:
         if key in self._rankings:
             return self._rankings[key]
@@ -265,7 +277,7 @@ class Dispatcher:
         if times is not None:
             ranking, source = _Ranking(times), "disk cache"
         elif self.config.calibrate:
-            ranking, source = self._calibrate_and_store(key, qw, specs, rows)
+            ranking, source = self._calibrate_and_store(key, qw, specs, rows, chunk)
         else:
             ranking = _Ranking(_heuristic_times(qw, specs, self.cpu))
         self._rankings[key] = ranking
@@ -273,14 +285,19 @@ class Dispatcher:
         return ranking
 
     def _calibrate_and_store(
-        self, key: str, qw: QuantizedWeight, specs: dict[str, KernelSpec], rows: tuple[int, int]
+        self,
+        key: str,
+        qw: QuantizedWeight,
+        specs: dict[str, KernelSpec],
+        rows: tuple[int, int],
+        chunk: int,
     ) -> tuple[_Ranking, str]:
         # Likely winners first, so clearly slower candidates are dropped after one call.
         prior = _heuristic_times(qw, specs, self.cpu)["prefill"]
         ordered = dict(sorted(specs.items(), key=lambda kv: prior.get(kv[0], math.inf)))
         clock = CpuClock()
         start = clock.sample()
-        ranking = _calibrate(qw, ordered, rows, self.config.prefill_tie)
+        ranking = _calibrate(qw, ordered, rows, self.config.prefill_tie, chunk)
         busy = _busy(clock, start)
         if busy is not None:
             # Timings on a loaded machine are noise; do not make them permanent.
@@ -343,7 +360,11 @@ class Dispatcher:
 
 
 def _calibrate(
-    qw: QuantizedWeight, specs: dict[str, KernelSpec], rows: tuple[int, int], tie: float = 1.0
+    qw: QuantizedWeight,
+    specs: dict[str, KernelSpec],
+    rows: tuple[int, int],
+    tie: float = 1.0,
+    chunk: int = 512,
 ) -> _Ranking:
     """Times of each candidate per phase. A copy that prefills slower (beyond `tie`, as _pick
     reads it) than one holding no more bytes is never picked, whatever the budget, and never
@@ -375,7 +396,7 @@ def _calibrate(
                 phase_times.pop(name, None)
         kernel = None  # freed before the next candidate is built
     if all(n in times["decode"] for n in _SAME_NUMBERS):
-        _time_pair(qw, {n: specs[n] for n in _SAME_NUMBERS}, times)
+        _time_pair(qw, {n: specs[n] for n in _SAME_NUMBERS}, times, chunk)
     return _Ranking(times)
 
 
@@ -384,20 +405,22 @@ _NEVER = 1 << 30  # a tiled_from no call reaches
 # int8 weights in -16 .. 15 (GGUF Q5_0's) as int8_native holds them and as int5_native does, in
 # two thirds of the bytes: the same products, so the same numbers.
 _SAME_NUMBERS = ("int5_native", "int8_native")
-_CHUNK_ROWS = 512  # the rows of a prompt's chunk (daemon/engine: prompts run in chunks of 512)
 
 
 def _time_pair(
-    qw: QuantizedWeight, specs: dict[str, KernelSpec], times: dict[str, dict[str, float]]
+    qw: QuantizedWeight,
+    specs: dict[str, KernelSpec],
+    times: dict[str, dict[str, float]],
+    chunk_rows: int,
 ) -> None:
     """times["streamed"] and times["chunk"] of _SAME_NUMBERS, for _in_five_bits: one decode
-    row through copies of the layer totalling _PAIR_STREAM_BYTES each, and a chunk's rows
+    row through copies of the layer totalling _PAIR_STREAM_BYTES each, and `chunk_rows` rows
     through one, the two kernels in turn _PAIR_ROUNDS times, the best of each. Their
     difference is a few percent, less than a busy machine moves one kernel's time from one
     second to the next: taken in turn, both run beside the same neighbours."""
     copies = {name: _copies(spec, qw, _PAIR_STREAM_BYTES) for name, spec in specs.items()}
     x = torch.randn(1, qw.shape[1], device=_device(qw))
-    chunk = torch.randn(_CHUNK_ROWS, qw.shape[1], device=_device(qw))
+    chunk = torch.randn(chunk_rows, qw.shape[1], device=_device(qw))
     streamed = times.setdefault("streamed", {})
     chunks = times.setdefault("chunk", {})
     for _ in range(_PAIR_ROUNDS):

@@ -62,7 +62,7 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
     # quantised kernels convert at their boundary), bf16 on CUDA.
     dtype = torch.bfloat16 if device.type == "cuda" or config.quant == "bf16" else torch.float32
     n_params = weights.n_params()  # before fill_model takes them
-    make_linear = LinearFactory(config.quant, dtype, device, path)
+    make_linear = LinearFactory(config.quant, dtype, device, path, config.prefill_chunk)
     report(0.2, "building the model")
     model = module.Model(args)
     fill_model(
@@ -162,12 +162,18 @@ class LinearFactory:
     """Builds each linear layer from its checkpoint tensors, in float or through quant/."""
 
     def __init__(
-        self, mode: str, dtype: torch.dtype, device: torch.device, model_path: Path | None = None
+        self,
+        mode: str,
+        dtype: torch.dtype,
+        device: torch.device,
+        model_path: Path | None = None,
+        prefill_chunk: int = 512,
     ) -> None:
         if mode not in QUANT_MODES:
             raise ModelLoadError(f"unknown quantisation {mode!r}; choose one of {QUANT_MODES}")
         self.mode, self.dtype, self.device = mode, dtype, device
         self.model_path = model_path
+        self.prefill_chunk = prefill_chunk  # the rows a prompt's forward brings each layer
         self.dispatcher = None
         self.float_scheme: str | None = None  # auto's choice for float weights, made once
         self.cache = None
@@ -239,9 +245,12 @@ class LinearFactory:
             # On a GPU prefill is timed at a whole chunk's rows: tinygemm won int4's prefill at
             # 128 rows on an H200 and then ran 512-row chunks at 1590 tokens/s, where
             # dequantising a layer once per chunk for cuBLAS costs a quarter as much per row.
-            rows = (1, 512) if self.device.type == "cuda" else (1, 128)
+            chunk = self.prefill_chunk
             config = DispatchConfig(
-                cache_dir=cache_dir, dense_budget_bytes=_dense_budget(), calibration_rows=rows
+                cache_dir=cache_dir,
+                dense_budget_bytes=_dense_budget(),
+                calibration_rows=(1, chunk) if self.device.type == "cuda" else (1, 128),
+                chunk_rows=chunk,
             )
             self.dispatcher = Dispatcher(config)
         return self.dispatcher

@@ -62,12 +62,18 @@ def test_int4_keeps_attention_inputs_wider_than_4_bits_at_int8(
     assert factory.scheme_for(sources, attention_input) == scheme
 
 
-@pytest.mark.parametrize(("device", "rows"), [("cpu", 128), ("cuda", 512)])
-def test_prefill_is_calibrated_at_a_whole_chunk_on_a_gpu(monkeypatch, tmp_path, device, rows):
+@pytest.mark.parametrize(
+    ("device", "chunk", "rows"), [("cpu", 512, 128), ("cuda", 512, 512), ("cuda", 256, 256)]
+)
+def test_prefill_is_calibrated_at_a_whole_chunk_on_a_gpu(
+    monkeypatch, tmp_path, device, chunk, rows
+):
     # Building the dispatcher touches no GPU; its prefill timings' row count is in their key.
     monkeypatch.setenv("CODELM_HOME", str(tmp_path))
-    dispatcher = LinearFactory("int4", torch.bfloat16, torch.device(device))._dispatcher()
+    factory = LinearFactory("int4", torch.bfloat16, torch.device(device), prefill_chunk=chunk)
+    dispatcher = factory._dispatcher()
     assert dispatcher.config.calibration_rows == (1, rows)
+    assert dispatcher.config.chunk_rows == chunk  # where int5 / int8 prefill are compared
 
 
 def test_the_head_is_planned_at_the_rows_it_checks_drafts_with(default_model_path, monkeypatch):

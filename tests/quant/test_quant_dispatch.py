@@ -377,8 +377,8 @@ def test_a_layer_with_fewer_prefill_rows_is_calibrated_and_keyed_at_them(gen, mo
     qw, _ = quantize_int8(weight(gen, 32, 64))
     asked = []
 
-    def calibrate(qw, specs, rows, tie):
-        asked.append(rows)
+    def calibrate(qw, specs, rows, tie, chunk):
+        asked.append((*rows, chunk))
         return dispatch_module._Ranking(
             {"decode": {"dequant_fp32": 1.0}, "prefill": {"dequant_fp32": 1.0}}
         )
@@ -389,7 +389,8 @@ def test_a_layer_with_fewer_prefill_rows_is_calibrated_and_keyed_at_them(gen, mo
     dispatcher.plan(qw, name="lm_head", prefill_rows=16)
     dispatcher.plan(qw, name="o_proj")
     dispatcher.plan(qw, name="lm_head", prefill_rows=16)  # the ranking made for it above
-    assert asked == [(1, 16), (1, 128)]
+    # The int5 / int8 chunk comparison runs at the rows it brings as well (_time_pair).
+    assert asked == [(1, 16, 16), (1, 128, 512)]
     assert {key.split("|rows ")[1].split("|")[0] for key in dispatcher._rankings} == {"16", "128"}
 
 
@@ -475,12 +476,21 @@ def test_int5_takes_over_from_int8_where_as_fast_from_memory_and_at_a_chunk(
     assert (plan.decode.name, plan.prefill.name) == expected
 
 
-def test_calibration_streams_int5_and_int8_and_times_them_at_a_chunk(gen):
+def test_calibration_streams_int5_and_int8_and_times_them_at_a_chunk(gen, monkeypatch):
     qw = _five_bit_int8(gen)
     if CPU_KERNELS["int5_native"].unavailable(qw):
         pytest.skip("no native kernels here")
     specs = {n: CPU_KERNELS[n] for n in ("int5_native", "int8_native", "dequant_fp32")}
-    times = dispatch_module._calibrate(qw, specs, (1, 8)).times_ms
+    timed_rows = set()
+    timed_call = dispatch_module._timed_call
+
+    def spy(kernel, x, *args, **kwargs):
+        timed_rows.add(x.shape[0])
+        return timed_call(kernel, x, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch_module, "_timed_call", spy)
+    times = dispatch_module._calibrate(qw, specs, (1, 8), chunk=24).times_ms
+    assert 24 in timed_rows  # the engine's chunk (EngineConfig.prefill_chunk), not a constant
     pair = {"int5_native", "int8_native"}
     assert set(times["streamed"]) == set(times["chunk"]) == pair
     assert all(times[kind][n] > 0 for kind in ("streamed", "chunk") for n in pair)
