@@ -161,8 +161,21 @@ static inline __m256i dot32_q4(const uint8_t *w, const int8_t *x)
 
 /* q (0 .. 31) of 32 int8 weights that fit in 5 bits (GGUF Q5_0's, w = q - 16), as
  * codelm_pack_q5 packs a block in 20 bytes: the low 4 bits as unpack_q4's nibbles, then a word
- * of fifth bits in the order that one shift per lane lifts to the sign bits of its bytes (bit
- * 8r + i for byte r of lane i), where a blend adds them. */
+ * of fifth bits. With AVX-512 (BW, VL) bit j is element j's and the word is a mask under
+ * which one add puts 16 on those bytes; on AVX2 the bits are in the order that one shift per
+ * lane lifts to the sign bits of its bytes (bit 8r + i for byte r of lane i), where a blend
+ * adds them. */
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+#define FIFTH_BITS_IN_ORDER 1
+static inline __m256i unpack_q5(const uint8_t *w)
+{
+    const __m256i low = unpack_q4(w);
+    __mmask32 fifth;
+    memcpy(&fifth, w + BLOCK / 2, sizeof fifth);
+    return _mm256_mask_add_epi8(low, fifth, low, _mm256_set1_epi8(0x10));
+}
+#else
+#define FIFTH_BITS_IN_ORDER 0
 static inline __m256i unpack_q5(const uint8_t *w)
 {
     const __m256i low = unpack_q4(w);
@@ -172,6 +185,7 @@ static inline __m256i unpack_q5(const uint8_t *w)
                                           _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0));
     return _mm256_blendv_epi8(low, _mm256_or_si256(low, _mm256_set1_epi8(0x10)), set);
 }
+#endif
 
 /* q . x for 32 int8 x as 8 int32 lanes (the caller subtracts 16 times the sum of x) */
 static inline __m256i dot32_q5(const uint8_t *w, const int8_t *x)
@@ -179,11 +193,14 @@ static inline __m256i dot32_q5(const uint8_t *w, const int8_t *x)
     return dot4(unpack_q5(w), _mm256_loadu_si256((const __m256i *)x));
 }
 
-/* The fifth bits of a block of q (bit 4 of each byte) in dot32_q5's order: q << 3 lifts them to
- * the sign bits, whose mask has element j's bit at j; element j = 4 i + r goes to bit 8 r + i. */
+/* The fifth bits of a block of q (bit 4 of each byte) in unpack_q5's order: q << 3 lifts them
+ * to the sign bits, whose mask has element j's bit at j; without AVX-512 element j = 4 i + r
+ * goes to bit 8 r + i. */
 static inline uint32_t fifth_bits(__m256i q)
 {
     const uint32_t plain = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(q, 3));
+    if (FIFTH_BITS_IN_ORDER)
+        return plain;
     uint32_t out = 0;
     for (int j = 0; j < BLOCK; j++)
         out |= ((plain >> j) & 1u) << (8 * (j % 4) + j / 4);
