@@ -279,14 +279,27 @@ class Int5Native(_RowMajorNative):
 
     def __init__(self, qw: Int8Weight) -> None:
         lib = _native_library(self.name)
-        self._fn, self._swiglu = lib.codelm_q5_linear, lib.codelm_q5_swiglu
-        self.n, self.k = n, k = qw.shape
-        self.group_size = qw.group_size
+        n, k = qw.shape
         data = qw.data.contiguous()
-        self.data = torch.empty(n, k // 32 * 20, dtype=torch.uint8)
-        if lib.codelm_pack_q5(data.data_ptr(), n, k, self.data.data_ptr(), torch.get_num_threads()):
+        packed = torch.empty(n, k // 32 * 20, dtype=torch.uint8)
+        if lib.codelm_pack_q5(data.data_ptr(), n, k, packed.data_ptr(), torch.get_num_threads()):
             raise ValueError(f"{self.name}: weights outside -16 .. 15")
-        self.scales = qw.scales.to(torch.float16).contiguous()
+        self._hold(packed, qw.scales.to(torch.float16).contiguous(), qw.group_size)
+
+    @classmethod
+    def packed(cls, data: torch.Tensor, scales: torch.Tensor, group_size: int) -> Int5Native:
+        """The kernel over weights already in its bytes: data uint8 [N, K / 32 * 20] as
+        codelm_pack_q5 packs them, scales fp16 [N, K / group_size]."""
+        kernel = cls.__new__(cls)
+        kernel._hold(data, scales, group_size)
+        return kernel
+
+    def _hold(self, data: torch.Tensor, scales: torch.Tensor, group_size: int) -> None:
+        lib = _native_library(self.name)
+        self._fn, self._swiglu = lib.codelm_q5_linear, lib.codelm_q5_swiglu
+        self.n, self.k = data.shape[0], data.shape[1] // 20 * 32
+        self.group_size = group_size
+        self.data, self.scales = data, scales
         self.nbytes = _nbytes(self.data, self.scales)
 
     def _weight(self) -> tuple:
@@ -295,6 +308,56 @@ class Int5Native(_RowMajorNative):
     def descriptor(self, bias: torch.Tensor | None) -> native.Linear:
         """See Int8Native.descriptor."""
         return _descriptor(self, bias, self.data, self.scales)
+
+
+class Int8Shortlist:
+    """An int8 head's logits for a pick that reads only the largest two (greedy, or greedy
+    with one token ruled out), in two thirds of the bytes: every row's logit from the top 5
+    bits of its weights (int5_native over round(q / 8), times 8), and the exact int8 logit
+    (`exact`'s numbers) of each row whose bound on what the 3 low bits add reaches the top
+    two (codelm_pack_shortlist, codelm_shortlist). The other rows hold that bound, below two
+    exact logits, so the argmax and the runner-up are `exact`'s. Qwen2.5-Coder-0.5B's head:
+    94 against 145 MB read a token, ~800 exact rows of 151936 (docs/quant.md, "The head's
+    shortlist")."""
+
+    name = "int8_shortlist"
+
+    def __init__(self, exact: Int8Native) -> None:
+        self.exact = exact
+        lib = self._lib = _native_library(self.name)
+        n, k = exact.n, exact.k
+        high = torch.empty(n, k // 32 * 20, dtype=torch.uint8)
+        self.bound = torch.empty(n, dtype=torch.float32)
+        weight = (exact.data.data_ptr(), exact.scales.data_ptr(), n, k, exact.group_size)
+        outputs = (high.data_ptr(), self.bound.data_ptr(), torch.get_num_threads())
+        if lib.codelm_pack_shortlist(*weight, _rounding(k), *outputs):
+            raise ValueError(f"{self.name}: K={k} or group {exact.group_size} does not fit")
+        # The 5-bit kernel over the weights' high bits, on exact's own fp16 scales.
+        self.top = Int5Native.packed(high, exact.scales, exact.group_size)
+        self.nbytes = _nbytes(high, self.bound)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [1, K] -> [1, N]: see the class."""
+        x = x.to(torch.float32).contiguous()
+        y = self.top(x)
+        n, k = self.exact.n, self.exact.k
+        listed = torch.empty(n, dtype=torch.int32)
+        ptrs = (self.bound.data_ptr(), x.data_ptr(), k, n, listed.data_ptr())
+        count = self._lib.codelm_shortlist(y.data_ptr(), 8.0, *ptrs)
+        if count < 2:  # NaN or inf in x: no bound holds
+            return self.exact(x)
+        rows = listed[:count].long()
+        data, scales = self.exact.data[rows], self.exact.scales[rows]
+        weight = (data.data_ptr(), scales.data_ptr(), self.exact.group_size, count)
+        y[0, rows] = _call_native(self.exact, x, count, *weight, self.exact.offset, 1 << 30)[0]
+        return y
+
+
+def _rounding(k: int) -> float:
+    """Room in each shortlist bound for float rounding, per unit of the magnitudes the
+    kernels sum: they add K / 32 block terms (and a few more) in float32, each rounded a few
+    times; four times that many float32 roundings."""
+    return 4 * (k // 32 + 16) * 2.0**-24
 
 
 class Int8Tiles:

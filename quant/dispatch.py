@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 
 from codelm.quant import cuda, native
-from codelm.quant.cpu import CPU_KERNELS, Kernel, KernelSpec, native_unavailable
+from codelm.quant.cpu import (
+    CPU_KERNELS,
+    Int8Native,
+    Int8Shortlist,
+    Kernel,
+    KernelSpec,
+    native_unavailable,
+)
 from codelm.quant.formats import INT4_GROUP, QuantizedWeight, is_grouped_int8
 from codelm.quant.reference import requantize_int8_per_channel
 
@@ -214,6 +221,46 @@ class Dispatcher:
                     self._save_disk(key, ranking.times_ms)
             times[scheme] = streamed[name]
         return dict(sorted(times.items(), key=lambda item: item[1]))
+
+    def shortlist(self, exact: Kernel, name: str = "lm_head") -> Int8Shortlist | None:
+        """An Int8Shortlist over an int8 head's decode kernel, for picks that read only the
+        two largest logits (daemon/engine/layers.py, `top_two`), where it fits the memory
+        left for copies and a row through it, timed in turn with `exact` on a peaked x (one
+        of the head's own rows, as a model's last hidden state points at its next token), is
+        faster beyond the tie. None elsewhere, and the log says why."""
+        if not isinstance(exact, Int8Native) or not self.config.calibrate:
+            return None
+        shortlist = Int8Shortlist(exact)
+        left = self.config.dense_budget_bytes - self.dense_bytes_used
+        if shortlist.nbytes > left:
+            logger.info(
+                "%s: no shortlist: its %.0f MB exceed the %.0f MB left for copies",
+                name,
+                shortlist.nbytes / 1e6,
+                max(0, left) / 1e6,
+            )
+            return None
+        x = exact.data[:1].float() * exact.scales[:1].float().repeat_interleave(
+            exact.group_size, dim=1
+        )
+        times = {"shortlist": math.inf, exact.name: math.inf}
+        for _ in range(_PAIR_ROUNDS):
+            for label, kernel in ((exact.name, exact), ("shortlist", shortlist)):
+                times[label] = min(times[label], _timed_call(kernel, x))
+        taken = times["shortlist"] * self.config.prefill_tie < times[exact.name]
+        logger.info(
+            "%s: a decode row %.2f ms through its shortlist (%.0f MB more), %.2f ms through %s: %s",
+            name,
+            times["shortlist"],
+            shortlist.nbytes / 1e6,
+            times[exact.name],
+            exact.name,
+            "shortlist taken" if taken else f"{exact.name} kept",
+        )
+        if not taken:
+            return None
+        self.dense_bytes_used += shortlist.nbytes
+        return shortlist
 
     def int8_group_size(self, device: torch.device, k: int) -> int | None:
         """The int8 group size for a weight of K inputs on `device`: 32 where the native

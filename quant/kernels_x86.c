@@ -30,7 +30,7 @@
  * prefetcher not running far enough ahead of short rows (docs/quant.md, "Native kernels"). */
 #define PREFETCH_BYTES 2048
 
-int codelm_kernels_abi(void) { return 24; }
+int codelm_kernels_abi(void) { return 25; }
 
 static inline float hsum(__m256 v)
 {
@@ -449,6 +449,19 @@ int codelm_q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, con
 /* out [n, k / 32 * 20] = int8 w [n, k] in 5 bits, as codelm_q5_linear takes it: per block of
  * 32, q = w + 16 as 16 bytes of nibbles (element j low in byte j, element j + 16 high), then
  * its fifth bits in a word (fifth_bits). Returns 0, or -1 where some w is not in -16 .. 15. */
+static int pack_q5_block(const int8_t *w, uint8_t *dst)
+{
+    const __m256i q =
+        _mm256_add_epi8(_mm256_loadu_si256((const __m256i *)w), _mm256_set1_epi8(16));
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    const __m128i low = _mm_and_si128(_mm256_castsi256_si128(q), nibble);
+    const __m128i high = _mm_and_si128(_mm256_extracti128_si256(q, 1), nibble);
+    _mm_storeu_si128((__m128i *)dst, _mm_or_si128(low, _mm_slli_epi16(high, 4)));
+    const uint32_t fifth = fifth_bits(q);
+    memcpy(dst + 16, &fifth, sizeof fifth);
+    return !_mm256_testz_si256(q, _mm256_set1_epi8((char)0xE0));
+}
+
 int codelm_pack_q5(const int8_t *w, int64_t n, int64_t k, uint8_t *out, int nthreads)
 {
     if (k % BLOCK != 0 || nthreads < 1)
@@ -456,18 +469,8 @@ int codelm_pack_q5(const int8_t *w, int64_t n, int64_t k, uint8_t *out, int nthr
     const int64_t blocks = n * (k / BLOCK);
     int bad = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad)
-    for (int64_t b = 0; b < blocks; b++) {
-        const __m256i q = _mm256_add_epi8(_mm256_loadu_si256((const __m256i *)(w + b * BLOCK)),
-                                          _mm256_set1_epi8(16));
-        bad |= !_mm256_testz_si256(q, _mm256_set1_epi8((char)0xE0));
-        const __m128i nibble = _mm_set1_epi8(0x0F);
-        const __m128i low = _mm_and_si128(_mm256_castsi256_si128(q), nibble);
-        const __m128i high = _mm_and_si128(_mm256_extracti128_si256(q, 1), nibble);
-        uint8_t *dst = out + b * 20;
-        _mm_storeu_si128((__m128i *)dst, _mm_or_si128(low, _mm_slli_epi16(high, 4)));
-        const uint32_t fifth = fifth_bits(q);
-        memcpy(dst + 16, &fifth, sizeof fifth);
-    }
+    for (int64_t b = 0; b < blocks; b++)
+        bad |= pack_q5_block(w + b * BLOCK, out + b * 20);
     return bad ? -1 : 0;
 }
 
@@ -476,6 +479,105 @@ int codelm_q5_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, con
                      int64_t group, int64_t n, int64_t tiled_from, float *y, int nthreads)
 {
     return linear(x, m, k, w, ws, NULL, group, n, FMT_Q5, y, 16, tiled_from, nthreads);
+}
+
+/* ---- A head's shortlist: the rows that can hold one of the two largest logits ----
+ * (quant/cpu.py, Int8Shortlist) From int8 w [n, k] with fp16 scales ws per group: out, as
+ * codelm_pack_q5 packs it, holds high = round(w / 8) (halves up, at most 15), so w = 8 high
+ * + low with low in -4 .. 3 (to 7 where w > 123). bound[r] bounds, per unit of |x|, how far
+ * row r's int8 logit (codelm_q8_linear) can be from 8 times its logit from high
+ * (codelm_q5_linear), x quantised as both quantise it: |low . x| <= |low| |x| (scaled), plus
+ * `rounding` times the magnitudes each kernel's float sums can reach: |w| |x| for int8's,
+ * and for int5's 8 (|high + 16| + 16 |block sums of x| <= 16 sqrt(group) |scales|) |x|. */
+int codelm_pack_shortlist(const int8_t *w, const uint16_t *ws, int64_t n, int64_t k,
+                          int64_t group, float rounding, uint8_t *out, float *bound, int nthreads)
+{
+    if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || nthreads < 1)
+        return -1;
+    const int64_t groups = k / group;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        double low2 = 0.0, w2 = 0.0, high2 = 0.0, scale2 = 0.0;
+        for (int64_t g = 0; g < groups; g++) {
+            const double s = _cvtsh_ss(ws[r * groups + g]);
+            int64_t l = 0, q = 0, h = 0;
+            for (int64_t b = g * group; b < (g + 1) * group; b += BLOCK) {
+                const int8_t *src = w + r * k + b;
+                int8_t high[BLOCK];
+                for (int j = 0; j < BLOCK; j++) {
+                    const int v = src[j], hv = (v + 132) / 8 - 16; /* floor((v + 4) / 8) */
+                    high[j] = (int8_t)(hv > 15 ? 15 : hv);
+                    l += (v - 8 * high[j]) * (v - 8 * high[j]);
+                    q += v * v;
+                    h += (high[j] + 16) * (high[j] + 16);
+                }
+                pack_q5_block(high, out + (r * k + b) / BLOCK * 20);
+            }
+            low2 += s * s * (double)l;
+            w2 += s * s * (double)q;
+            high2 += s * s * (double)h;
+            scale2 += s * s;
+        }
+        const double magnitude =
+            sqrt(w2) + 8.0 * (sqrt(high2) + 16.0 * sqrt((double)group * scale2));
+        bound[r] = (float)((sqrt(low2) + rounding * magnitude) * (1.0 + 1e-6));
+    }
+    return 0;
+}
+
+/* a [n]: codelm_q5_linear's logits from high, times `times` (8) here. Rewrites a as upper
+ * bounds of the int8 logits (a + bound * |x|, |x| taken to cover its quantised blocks) and
+ * writes to idx, in order, the rows whose bound reaches the second largest lower bound (a -
+ * bound * |x|): any row left out is below two others. Returns how many; fewer than 2 where
+ * x holds NaN or inf. */
+int64_t codelm_shortlist(float *a, float times, const float *bound, const float *x, int64_t k,
+                         int64_t n, int32_t *idx)
+{
+    double x2 = 0.0;
+    for (int64_t i = 0; i < k; i++)
+        x2 += (double)x[i] * x[i];
+    /* Quantised per block of 32, each value moves by at most half a step, absmax / 254 (and
+     * a rounding of 1 / d): |x quantised| <= (1 + sqrt(32) / 254) |x|, with room to spare. */
+    const float reach = (float)(sqrt(x2) * (1.0 + sqrt(32.0) / 254.0) * (1.0 + 1e-5));
+    const __m256 t = _mm256_set1_ps(times), rx = _mm256_set1_ps(reach);
+    __m256 first = _mm256_set1_ps(-INFINITY), second = first;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(a + i), t);
+        const __m256 low = _mm256_fnmadd_ps(_mm256_loadu_ps(bound + i), rx, v);
+        second = _mm256_max_ps(second, _mm256_min_ps(first, low));
+        first = _mm256_max_ps(first, low);
+        _mm256_storeu_ps(a + i, v);
+    }
+    float top[16];
+    _mm256_storeu_ps(top, first);
+    _mm256_storeu_ps(top + 8, second);
+    float one = -INFINITY, two = -INFINITY;
+    for (int j = 0; j < 16; j++) {
+        two = fmaxf(two, fminf(one, top[j]));
+        one = fmaxf(one, top[j]);
+    }
+    for (; i < n; i++) {
+        a[i] *= times;
+        const float low = a[i] - bound[i] * reach;
+        two = fmaxf(two, fminf(one, low));
+        one = fmaxf(one, low);
+    }
+    const __m256 cut = _mm256_set1_ps(two);
+    int64_t count = 0;
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(bound + i), rx, _mm256_loadu_ps(a + i));
+        _mm256_storeu_ps(a + i, v);
+        unsigned reach_top = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, cut, _CMP_GE_OQ));
+        for (; reach_top; reach_top &= reach_top - 1)
+            idx[count++] = (int32_t)(i + __builtin_ctz(reach_top));
+    }
+    for (; i < n; i++) {
+        a[i] += bound[i] * reach;
+        if (a[i] >= two)
+            idx[count++] = (int32_t)i;
+    }
+    return count;
 }
 
 /* ---- SwiGLU: silu(gate) * up, for the decode step and for prefill (layers.silu_and_mul) ---- */

@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels_x86.c")
-_ABI = 24
+_ABI = 25
 _FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _ARCH = ("-march=native",)
 _COMPILE_TIMEOUT_S = 120
@@ -115,6 +115,10 @@ def _build_and_open(
     lib.codelm_q5_swiglu.argtypes = (p, i64, i64, p, p, i64, i64, p, c_int)
     lib.codelm_q8_swiglu.restype = lib.codelm_q4_swiglu.restype = c_int
     lib.codelm_q5_swiglu.restype = c_int
+    lib.codelm_pack_shortlist.argtypes = (p, p, i64, i64, i64, ctypes.c_float, p, p, c_int)
+    lib.codelm_pack_shortlist.restype = c_int
+    lib.codelm_shortlist.argtypes = (p, ctypes.c_float, p, p, i64, i64, p)
+    lib.codelm_shortlist.restype = i64
     lib.codelm_decode_step.argtypes = (p, p, p, p, p, i64, i64, p, p, c_int, c_int)
     lib.codelm_decode_step.restype = c_int
     lib.codelm_tiles_linear.argtypes = (p, i64, i64, p, i32, p, p, i64, i64, p, c_int)

@@ -150,7 +150,8 @@ def decode_steps(
                     # own K/V only; what kv holds after it stays.
                     held = kv.length
                     kv.trim_to(at)
-                    row = model(torch.tensor([tokens[at]], dtype=torch.long), kv)
+                    ids = torch.tensor([tokens[at]], dtype=torch.long)
+                    row = model(ids, kv, top_two=pick.top_two(step))
                     kv.length = held
                 known[at] = greedy(row)
                 token = pick(row, step)
@@ -169,7 +170,8 @@ def decode_steps(
                 del known[stale]
             if kv.length >= kv.max_len:
                 return
-            rows = {len(tokens) - 1: model(torch.tensor([token], dtype=torch.long), kv)}
+            ids = torch.tensor([token], dtype=torch.long)
+            rows = {len(tokens) - 1: model(ids, kv, top_two=pick.top_two(step))}
     finally:
         # The last yielded token is never in kv; everything yielded before it is.
         kv.trim_to(min(kv.length, n_prompt + max(step - 1, 0)))

@@ -429,6 +429,9 @@ class Decoder(nn.Module):
         # One-token forwards in one call where fused_decode.attach can build one for the loaded
         # layers (not a module): native on the CPU, a replayed CUDA graph on a GPU.
         self.decode_step: Any = None
+        # The head for a pick that reads only the two largest logits, where the loader built
+        # one (quant.cpu.Int8Shortlist: an int8 head in fewer bytes); else lm_head.
+        self.head_shortlist: Any = None
 
     def parts(self) -> tuple[nn.Embedding, nn.ModuleList, nn.Module]:
         raise NotImplementedError
@@ -439,10 +442,15 @@ class Decoder(nn.Module):
         kv: KVCache,
         n_logits: int | None = 1,
         cancel: CancelToken | None = None,
+        top_two: bool = False,
     ) -> torch.Tensor:
         """Runs `tokens` ([T] ids) at positions [kv.length, kv.length + T) and advances
         kv.length. Returns fp32 logits [n, vocab] of the last n = n_logits positions (None:
         all T). The ids may sit on the CPU whatever the device: they move to kv's.
+
+        `top_two`: the caller reads only the two largest logits of one row (sampling.Picker's
+        `top_two`). They and their tokens are exact; the others may hold an upper bound of
+        theirs, below those two.
 
         `cancel`: checked before each block; once set, raises Cancelled with kv.length as it
         was (rows the earlier blocks wrote past it are dead, overwritten by the next run)."""
@@ -466,5 +474,7 @@ class Decoder(nn.Module):
                 rows = last_rows if i == len(blocks) - 1 else None
                 x = block(x, cos, sin, kv.k[i], kv.v[i], start, rows)
         kv.length = start + n_tokens
-        x = x[0] if n_logits is None else x[0, -n_logits:]
-        return self.lm_head(final_norm(x)).float()
+        x = final_norm(x[0] if n_logits is None else x[0, -n_logits:])
+        if top_two and x.shape[0] == 1 and self.head_shortlist is not None:
+            return self.head_shortlist(x)
+        return self.lm_head(x).float()

@@ -77,6 +77,9 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
     make_linear.finish()
     model.eval()
     decode_step = attach_fused_decode(model, device, dtype, config.cuda_graphs)
+    model.head_shortlist = make_linear.shortlist(model.lm_head)
+    if model.head_shortlist is not None:
+        decode_step += ", head shortlist"
     from codelm.quant import kernel_summary
 
     info = {
@@ -231,6 +234,14 @@ class LinearFactory:
         self.reason += f"; float weights -> {why}"
         logger.info("quantisation: %s", self.reason)
         return scheme
+
+    def shortlist(self, head: torch.nn.Module):
+        """The head's quant.cpu.Int8Shortlist where the dispatcher takes one (an int8 head
+        on native kernels, measured faster), else None."""
+        plan = getattr(head, "plan", None)
+        if plan is None or self.dispatcher is None:
+            return None
+        return self.dispatcher.shortlist(plan.decode, getattr(head, "name", "lm_head"))
 
     def _dispatcher(self):
         if self.dispatcher is None:

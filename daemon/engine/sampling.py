@@ -32,6 +32,11 @@ class Greedy:
     def known(self, token: int, step: int) -> int | None:
         return token
 
+    def top_two(self, step: int) -> bool:
+        """Whether the pick at `step` reads no more than the two largest logits (and which
+        tokens hold them): the model may then bound the others (layers.Model.forward)."""
+        return True
+
 
 class HealingPicker:
     """Greedy, but the first tokens must spell `heal`: the bytes of the prompt's last token,
@@ -55,6 +60,9 @@ class HealingPicker:
         self._spelled(token)
         return token
 
+    def top_two(self, step: int) -> bool:
+        return not self.remaining  # the argmax over the tokens that fit reads them all
+
     def _spelled(self, token: int) -> None:
         piece = self.tokenizer.pieces[token]
         self.remaining = self.remaining[len(piece) :] if self.remaining.startswith(piece) else b""
@@ -75,6 +83,9 @@ class Banning:
 
     def known(self, token: int, step: int) -> int | None:
         return None if step == self.step else self.pick.known(token, step)
+
+    def top_two(self, step: int) -> bool:
+        return self.pick.top_two(step)  # with one token ruled out: the runner-up at most
 
 
 Picker = Greedy | HealingPicker | Banning

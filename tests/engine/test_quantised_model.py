@@ -11,7 +11,9 @@ import torch
 
 from codelm.daemon import catalog
 from codelm.daemon.engine import EngineConfig, load_engine
+from codelm.daemon.engine.generate import StopRules, generate
 from codelm.quant import QuantizedEmbedding, native
+from codelm.quant.cpu import Int8Native, Int8Shortlist
 
 # Teacher-forced next-token agreement over 256 positions of real code.
 MIN_AGREEMENT = {"int8": 0.97, "int4": 0.90}
@@ -99,3 +101,72 @@ def test_the_weight_cache_serves_a_layer_only_for_the_scheme_it_was_made_for(tmp
     # After `auto` changes its choice for this layer, the old result is not served.
     assert reopened.get("blk.qkv", asked="int8") is None
     assert reopened.get("blk.other", asked="int4") is None
+
+
+@pytest.fixture(scope="module")
+def shortlisted(default_model_path):
+    """SmolLM2 as `auto` loads it, its Q8_0 head (int8 in blocks of 32) with a shortlist
+    (quant.cpu.Int8Shortlist) whether or not this machine timed one faster."""
+    engine = load_engine(EngineConfig(model=str(default_model_path), quant="auto"))
+    head = engine.model.lm_head.plan.decode
+    if not isinstance(head, Int8Native):
+        pytest.skip(f"the head decodes on {head.name}")
+    shortlist = engine.model.head_shortlist or Int8Shortlist(head)
+    return engine, shortlist
+
+
+def test_the_head_shortlist_gives_the_heads_two_largest_logits_on_real_states(shortlisted):
+    engine, shortlist = shortlisted
+    states = []
+    hook = engine.model.lm_head.register_forward_pre_hook(lambda m, args: states.append(args[0]))
+    text = Path(sysconfig.get_paths()["stdlib"], "json", "decoder.py").read_text()
+    with torch.inference_mode():
+        engine.model(torch.tensor(engine.tokenizer.encode(text)[:256]), engine.new_kv(), None)
+    hook.remove()
+    for x in states[0].split(1):
+        want, got = engine.model.lm_head(x)[0], shortlist(x)[0]
+        assert torch.equal(got.topk(2).indices, want.topk(2).indices)
+        assert torch.equal(got.topk(2).values, want.topk(2).values)
+
+
+@pytest.mark.parametrize(
+    ("text", "options"),
+    [
+        ("def fib(n):\n    if n < 2:\n        return n\n    return", {}),
+        # The first picks must spell the healed bytes: those steps read every logit.
+        ("import os\n\ndef ls(root):\n    return os.", {"heal": b"listdir(root)"}),
+        ("class Point:\n    def __init__(self, x, y):\n        self.", {"ban": (2, None)}),
+    ],
+)
+def test_greedy_picks_are_the_same_with_the_head_shortlist(shortlisted, text, options):
+    engine, shortlist = shortlisted
+    model, tokenizer = engine.model, engine.tokenizer
+    ids = tokenizer.encode(text)
+    asked = []
+
+    def runs(shortlist_or_none, ban=None):
+        model.head_shortlist = shortlist_or_none
+        hook = model.register_forward_pre_hook(
+            lambda m, args, kwargs: asked.append(kwargs.get("top_two")), with_kwargs=True
+        )
+        try:
+            extra = {"heal": options["heal"]} if "heal" in options else {}
+            rules = StopRules(max_tokens=24)
+            kv = engine.new_kv()
+            return generate(model, tokenizer, kv, ids, rules, ban=ban, **extra).token_ids
+        finally:
+            hook.remove()
+
+    saved = model.head_shortlist
+    try:
+        plain = runs(None)
+        ban = (options["ban"][0], plain[options["ban"][0]]) if "ban" in options else None
+        if ban:
+            plain = runs(None, ban)
+        asked.clear()
+        assert runs(shortlist, ban) == plain
+    finally:
+        model.head_shortlist = saved
+    # Decode steps ask for the two largest only once no healed bytes are left to spell.
+    assert asked[0] is None and len(asked) > 2  # the prompt, then decode steps
+    assert asked[1:] == sorted(asked[1:]) and (False in asked) == ("heal" in options)
