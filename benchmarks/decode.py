@@ -104,6 +104,11 @@ def weight_bytes(model) -> tuple[int, int]:
         elif isinstance(module, nn.Linear):
             read += module.weight.nbytes
             held += module.weight.nbytes
+    if (shortlist := getattr(model, "head_shortlist", None)) is not None:
+        # Greedy steps read the head's top bits and bounds instead of its int8 rows (and a
+        # few hundred of those: under 1 MB, not counted).
+        read += shortlist.top.nbytes + shortlist.bound.nbytes - model.lm_head.plan.decode.nbytes
+        held += shortlist.nbytes
     return read, held
 
 
