@@ -227,7 +227,9 @@ class Dispatcher:
         two largest logits (daemon/engine/layers.py, `top_two`), where it fits the memory
         left for copies and a row through it, timed in turn with `exact` on a peaked x (one
         of the head's own rows, as a model's last hidden state points at its next token), is
-        faster beyond the tie. None elsewhere, and the log says why."""
+        faster beyond the tie: the memory is spent where it measured a gain. (After that the
+        shortlist runs whichever of its path and `exact` times faster, call by call.) None
+        elsewhere, and the log says why."""
         if not isinstance(exact, Int8Native) or not self.config.calibrate:
             return None
         shortlist = Int8Shortlist(exact)
@@ -245,7 +247,7 @@ class Dispatcher:
         )
         times = {"shortlist": math.inf, exact.name: math.inf}
         for _ in range(_PAIR_ROUNDS):
-            for label, kernel in ((exact.name, exact), ("shortlist", shortlist)):
+            for label, kernel in ((exact.name, exact), ("shortlist", shortlist.shortlisted)):
                 times[label] = min(times[label], _timed_call(kernel, x))
         taken = times["shortlist"] * self.config.prefill_tie < times[exact.name]
         logger.info(

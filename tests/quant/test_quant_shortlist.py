@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from codelm.quant import native, quantize_int8
+from codelm.quant import cpu, native, quantize_int8
 from codelm.quant.cpu import Int5Native, Int8Native, Int8Shortlist
 from codelm.quant.dispatch import DispatchConfig, Dispatcher
 from codelm.quant.formats import Int8Weight
@@ -56,7 +56,7 @@ def test_the_two_largest_logits_and_their_rows_are_int8_natives(gen, group):
     exact_rows = []
     for row in range(0, 4096, 97):
         x = _peaked(qw, row, gen)
-        want, got = exact(x)[0], shortlist(x)[0]
+        want, got = exact(x)[0], shortlist.shortlisted(x)[0]
         assert torch.equal(got.topk(2).indices, want.topk(2).indices)
         assert torch.equal(got.topk(2).values, want.topk(2).values)
         # Every other row holds a bound of its own logit, below the runner-up.
@@ -76,7 +76,7 @@ def test_rows_tied_for_the_top_are_both_kept(gen):
     qw = Int8Weight(data=data, scales=scales, group_size=32)
     exact = Int8Native(qw)
     x = _peaked(qw, 3000, gen)
-    got = Int8Shortlist(exact)(x)[0]
+    got = Int8Shortlist(exact).shortlisted(x)[0]
     assert got[10] == got[3000] == exact(x)[0].max()
     assert int(got.argmax()) == int(exact(x)[0].argmax()) == 10  # the first, as argmax takes
 
@@ -85,7 +85,36 @@ def test_x_with_nan_gets_the_int8_logits(gen):
     exact = Int8Native(_head(gen))
     x = torch.randn(1, 256, generator=gen)
     x[0, 5] = math.nan
-    assert torch.equal(Int8Shortlist(exact)(x).isnan(), exact(x).isnan())
+    assert torch.equal(Int8Shortlist(exact).shortlisted(x).isnan(), exact(x).isnan())
+
+
+def test_a_call_runs_the_path_that_has_timed_faster_and_now_and_then_the_other(gen, monkeypatch):
+    shortlist = Int8Shortlist(Int8Native(_head(gen)))
+    clock = [0.0]
+    cost = {"shortlist": 3.0, "exact": 4.0}  # ms a call
+    ran = []
+
+    def path(name):
+        def run(x):
+            clock[0] += cost[name] / 1e3
+            ran.append(name)
+            return name
+
+        return run
+
+    monkeypatch.setattr(shortlist, "shortlisted", path("shortlist"))
+    monkeypatch.setattr(shortlist, "exact", path("exact"))
+    monkeypatch.setattr(cpu.time, "perf_counter", lambda: clock[0])
+    x = torch.zeros(1, 256)
+    assert [shortlist(x) for _ in range(16)] == ran
+    # Each path once to time it, then the faster, and the other every EXPLORE-th call.
+    assert ran[:2] == ["shortlist", "exact"]
+    assert ran[2:] == ["exact" if (i + 3) % 8 == 0 else "shortlist" for i in range(14)]
+    cost["shortlist"] = 9.0  # memory got quiet: the whole int8 head is faster now
+    ran.clear()
+    for _ in range(16):
+        shortlist(x)
+    assert ran[-8:].count("shortlist") == 1  # the exploring call alone
 
 
 def test_the_dispatcher_takes_a_shortlist_only_for_int8_native_and_within_budget(gen, caplog):
