@@ -278,12 +278,16 @@ class Codelm:
     def decode_kernels(self) -> dict[str, str]:
         """Layer shape -> the decode kernel the daemon's dispatcher picked, and how the shape
         was ranked (calibrated or cached), from the daemon log's `quant kernels for` (the
-        ranking) and `quant plan for` (the pick) lines."""
+        ranking) and `quant plan for` (the pick) lines; "head" says whether the head decodes
+        through its shortlist (`lm_head: ... shortlist taken`)."""
         log = self.home / "log" / "daemon.log"
         if not log.exists():
             return {}
         sources, chosen = {}, {}
         for line in log.read_text(errors="replace").splitlines():
+            head = re.search(r"lm_head: a decode row .*: (shortlist taken|\S+ kept)", line)
+            if head:
+                chosen["head"] = head.group(1)
             ranked = re.search(r"quant kernels for (.*?) \((.*?)\): decode:", line)
             if ranked:
                 sources[ranked.group(1)] = ranked.group(2)
