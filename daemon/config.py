@@ -30,6 +30,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "quant": ("auto", "int4", "int8", "bf16", "fp32"),
+    "prefill_copies": ("auto", "none"),
     "log_level": LOG_LEVELS,
 }
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")

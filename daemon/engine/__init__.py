@@ -16,6 +16,10 @@ class EngineConfig:
     threads: int = 0  # 0: per request, the physical cores other processes leave free
     fim: str = "auto"  # auto | none | a FIM format name (prompt.FIM_FORMATS)
     prefill_chunk: int = 512  # tokens per forward of a prompt (a cancel stops between blocks)
+    # Copies of the quantised weights that prompts run faster on (int8 tiles, dense), and the
+    # head's shortlist: "auto" within an eighth of free memory (at most 1.5 GiB), "none" for
+    # the smallest footprint.
+    prefill_copies: str = "auto"
     prefix_chars: int = 8000  # the prefix window: about 2.3k tokens of code before the cursor
     suffix_chars: int = 1000  # text after the cursor in invoked mode (a third of it when automatic)
     cache_budget_bytes: int = 0  # per-file KV cache budget; 0: derived from free memory

@@ -62,7 +62,14 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
     # quantised kernels convert at their boundary), bf16 on CUDA.
     dtype = torch.bfloat16 if device.type == "cuda" or config.quant == "bf16" else torch.float32
     n_params = weights.n_params()  # before fill_model takes them
-    make_linear = LinearFactory(config.quant, dtype, device, path, config.prefill_chunk)
+    if config.prefill_copies not in ("auto", "none"):
+        raise ModelLoadError(
+            f"unknown prefill_copies {config.prefill_copies!r}; choose 'auto' or 'none'"
+        )
+    copies = None if config.prefill_copies == "auto" else 0
+    make_linear = LinearFactory(
+        config.quant, dtype, device, path, config.prefill_chunk, copies_budget=copies
+    )
     report(0.2, "building the model")
     model = module.Model(args)
     fill_model(
@@ -171,12 +178,15 @@ class LinearFactory:
         device: torch.device,
         model_path: Path | None = None,
         prefill_chunk: int = 512,
+        copies_budget: int | None = None,
     ) -> None:
         if mode not in QUANT_MODES:
             raise ModelLoadError(f"unknown quantisation {mode!r}; choose one of {QUANT_MODES}")
         self.mode, self.dtype, self.device = mode, dtype, device
         self.model_path = model_path
         self.prefill_chunk = prefill_chunk  # the rows a prompt's forward brings each layer
+        # Bytes the copies beside the quantised weights may take; None: _dense_budget().
+        self.copies_budget = copies_budget
         self.dispatcher = None
         self.float_scheme: str | None = None  # auto's choice for float weights, made once
         self.cache = None
@@ -259,7 +269,9 @@ class LinearFactory:
             chunk = self.prefill_chunk
             config = DispatchConfig(
                 cache_dir=cache_dir,
-                dense_budget_bytes=_dense_budget(),
+                dense_budget_bytes=(
+                    _dense_budget() if self.copies_budget is None else self.copies_budget
+                ),
                 calibration_rows=(1, chunk) if self.device.type == "cuda" else (1, 128),
                 chunk_rows=chunk,
             )

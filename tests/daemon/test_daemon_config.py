@@ -39,9 +39,10 @@ def test_config_flags_beat_env_beat_file(tmp_path):
 
 
 def test_config_reads_engine_settings_flat_or_in_table(tmp_path):
-    _write_config(tmp_path, 'device = "cpu"\n[engine]\nthreads = 3\n')
+    _write_config(tmp_path, 'device = "cpu"\n[engine]\nthreads = 3\nprefill_copies = "none"\n')
     config = resolve_config({}, {"CODELM_HOME": str(tmp_path)})
     assert (config.engine.device, config.engine.threads) == ("cpu", 3)
+    assert config.engine.prefill_copies == "none"
 
 
 @pytest.mark.parametrize(
@@ -52,6 +53,7 @@ def test_config_reads_engine_settings_flat_or_in_table(tmp_path):
         ({"CODELM_DEVICE": "tpu"}, "must be one of auto, cpu, cuda"),
         ({"CODELM_HOST": "0.0.0.0"}, "only listens on loopback"),
         ({"CODELM_IDLE_UNLOAD_S": "-1"}, "must be >= 0"),
+        ({"CODELM_PREFILL_COPIES": "some"}, "must be one of auto, none"),
     ],
 )
 def test_config_rejects_bad_env_values_naming_the_source(tmp_path, env, message):

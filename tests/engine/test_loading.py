@@ -91,3 +91,27 @@ def test_the_head_is_planned_at_the_rows_it_checks_drafts_with(default_model_pat
     load_engine(EngineConfig(model=str(default_model_path), quant="int8"))
     assert seen.pop("lm_head") == HEAD_PREFILL_ROWS
     assert seen and all(rows is None for rows in seen.values())  # prompt chunks' rows
+
+
+def test_prefill_copies_none_holds_the_quantised_weights_alone(default_model_path):
+    from codelm.daemon.engine import EngineConfig, load_engine
+    from codelm.quant.linear import QuantizedLinear
+
+    engine = load_engine(EngineConfig(model=str(default_model_path), prefill_copies="none"))
+    linears = [m for m in engine.model.modules() if isinstance(m, QuantizedLinear)]
+    # Nothing beside what decode reads: prompts run on the decode formats (per-call tiles).
+    assert linears and all(m.nbytes == m.plan.decode.nbytes for m in linears)
+    assert engine.model.head_shortlist is None
+    ids = engine.tokenizer.encode("def add(a, b):\n    return")
+    from codelm.daemon.engine.generate import StopRules, generate
+
+    result = generate(engine.model, engine.tokenizer, engine.new_kv(), ids, StopRules(max_tokens=4))
+    assert len(result.token_ids) == 4
+
+
+def test_an_unknown_prefill_copies_value_is_refused(default_model_path):
+    from codelm.daemon.engine import EngineConfig, load_engine
+    from codelm.daemon.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="choose 'auto' or 'none'"):
+        load_engine(EngineConfig(model=str(default_model_path), prefill_copies="some"))
