@@ -360,7 +360,7 @@ class Int8Shortlist:
         return y
 
     def shortlisted(self, x: torch.Tensor) -> torch.Tensor:
-        """x [1, K] -> [1, N] through the shortlist, whatever has timed faster."""
+        """x [1, K] -> [1, N] through the shortlist itself (a call picks it or `exact`)."""
         x = x.to(torch.float32).contiguous()
         y = self.top(x)
         n, k = self.exact.n, self.exact.k
