@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -380,14 +381,10 @@ class Dispatcher:
             )
         if phase == "decode":
             return affordable[0][1]
-        fastest, best = affordable[0]
-        tied = [
-            (held[n], t, n)
-            for t, n in affordable
-            if t <= fastest * self.config.prefill_tie
-            and _keeps_up_at_few_rows(ranking.times_ms, n, best, self.config.handover_slack)
-        ]
-        return min(tied)[2]
+        tied = {n: t for t, n in affordable if t <= affordable[0][0] * self.config.prefill_tie}
+        slack = self.config.handover_slack
+        keep_up = [n for n in tied if _keeps_up_at_few_rows(ranking.times_ms, n, tied, slack)]
+        return min((held[n], tied[n], n) for n in keep_up or tied)[2]
 
     def _load_disk(self) -> dict[str, dict[str, dict[str, float]]]:
         if self._disk is None:
@@ -586,17 +583,18 @@ def _clone(qw: QuantizedWeight) -> QuantizedWeight:
 
 
 def _keeps_up_at_few_rows(
-    times: dict[str, dict[str, float]], name: str, best: str, slack: float
+    times: dict[str, dict[str, float]], name: str, tied: Iterable[str], slack: float
 ) -> bool:
-    """Whether prefill kernel `name` is within `slack` of `best` at every crossover row count
-    both were timed at. A prompt's few-row forwards (an edit, a draft check) run the prefill
-    kernel as well as its chunks do, and a kernel that lays its weights out per call ties a
-    held copy at a chunk's rows only: Qwen2.5-Coder's gate / up, int8_native against
-    int8_tiles, 4.0 against 3.7 ms at 128 rows, 0.37 against 0.12 at 4; a 4-row forward of
-    the model, 71 against 35 ms."""
+    """Whether prefill kernel `name` is within `slack` of the fastest of `tied` at every
+    crossover row count it was timed at. A prompt's few-row forwards (an edit, a draft check)
+    run the prefill kernel as well as its chunks do, and a kernel that lays its weights out
+    per call ties a held copy at a chunk's rows only: Qwen2.5-Coder's gate / up, int8_native
+    against int8_tiles, 4.3 against 4.3 ms at 128 rows, 0.54 against 0.14 at 4; a 4-row
+    forward of the model, 71 against 35 ms."""
     for m in _CROSSOVER_ROWS:
         at = times.get(f"rows{m}", {})
-        if name in at and best in at and at[name] > slack * at[best]:
+        fastest = min((at[n] for n in tied if n in at), default=math.inf)
+        if name in at and at[name] > slack * fastest:
             return False
     return True
 

@@ -146,18 +146,24 @@ def test_dispatcher_prefills_on_the_smaller_copy_when_timings_tie(
 
 
 @pytest.mark.parametrize(
-    ("dequant_at_4_ms", "expected"), [(1.2, "dequant_fp32"), (3.0, "dense_fp32")]
+    ("dequant_ms", "dequant_at_4_ms", "expected"),
+    [
+        (1.04, 1.2, "dequant_fp32"),
+        (1.04, 3.0, "dense_fp32"),
+        (0.98, 3.0, "dense_fp32"),  # the fastest at a chunk, by noise: not at few rows
+        (1.2, 0.5, "dense_fp32"),  # no tie at a chunk: few rows do not enter into it
+    ],
 )
 def test_a_tie_at_a_chunk_goes_to_the_smaller_copy_only_if_it_keeps_up_at_few_rows(
-    gen, monkeypatch, dequant_at_4_ms, expected
+    gen, monkeypatch, dequant_ms, dequant_at_4_ms, expected
 ):
     # A few-row forward (an edit, a draft check) runs the prefill kernel too: one that lays
     # its weights out per call ties a held copy at a chunk's rows, not at 4.
     qw, _ = quantize_int8(weight(gen, 32, 64))
     times = {
         "decode": {"int8pack_bf16": 1.0},
-        "prefill": {"dense_fp32": 1.0, "dequant_fp32": 1.04},
-        "rows4": {"dense_fp32": 1.0, "dequant_fp32": dequant_at_4_ms, "int8pack_bf16": 9.0},
+        "prefill": {"dense_fp32": 1.0, "dequant_fp32": dequant_ms},
+        "rows4": {"dense_fp32": 1.0, "dequant_fp32": dequant_at_4_ms, "int8pack_bf16": 0.1},
     }
     monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
     plan = Dispatcher(DispatchConfig(dense_budget_bytes=1 << 30)).plan(qw)
