@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine import EngineConfig
+from .engine import PREFILL_COPIES, EngineConfig
 from .errors import ConfigError
 from .runtime import RuntimePaths
 
@@ -30,7 +30,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "quant": ("auto", "int4", "int8", "bf16", "fp32"),
-    "prefill_copies": ("auto", "none"),
+    "prefill_copies": PREFILL_COPIES,
     "log_level": LOG_LEVELS,
 }
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")

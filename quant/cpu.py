@@ -184,6 +184,10 @@ class DynamicInt8:
         )
 
 
+# A tiled_from no call reaches: weight row by weight row, whatever the rows of x.
+NEVER_TILED = 1 << 30
+
+
 class _RowMajorNative:
     """What Int8Native and Int4Native share: their C entry points (self._fn and self._swiglu)
     take x and the weight's arguments (self._weight())."""
@@ -372,7 +376,7 @@ class Int8Shortlist:
         rows = listed[:count].long()
         data, scales = self.exact.data[rows], self.exact.scales[rows]
         weight = (data.data_ptr(), scales.data_ptr(), self.exact.group_size, count)
-        y[0, rows] = _call_native(self.exact, x, count, *weight, self.exact.offset, 1 << 30)[0]
+        y[0, rows] = _call_native(self.exact, x, count, *weight, self.exact.offset, NEVER_TILED)[0]
         return y
 
 

@@ -22,6 +22,7 @@ import torch
 from codelm.quant import cuda, native
 from codelm.quant.cpu import (
     CPU_KERNELS,
+    NEVER_TILED,
     Int8Native,
     Int8Shortlist,
     Kernel,
@@ -448,8 +449,6 @@ def _calibrate(
     return _Ranking(times)
 
 
-_NEVER = 1 << 30  # a tiled_from no call reaches
-
 # int8 weights in -16 .. 15 (GGUF Q5_0's) as int8_native holds them and as int5_native does, in
 # two thirds of the bytes: the same products, so the same numbers.
 _SAME_NUMBERS = ("int5_native", "int8_native")
@@ -513,7 +512,7 @@ def _calibrate_tiled_from(
     rows timings become those of the path chosen."""
     measured = [m for m in _CROSSOVER_ROWS if m <= 8]
     paths: dict[str, dict[int, float]] = {"tiled": {}, "rows": {}}
-    for path, tiled_from in (("tiled", 1), ("rows", _NEVER)):
+    for path, tiled_from in (("tiled", 1), ("rows", NEVER_TILED)):
         kernel.tiled_from = tiled_from
         for m in measured:
             paths[path][m] = _time_ms(kernel, xs[f"rows{m}"], best_ms=math.inf)

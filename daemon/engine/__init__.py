@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+PREFILL_COPIES = ("auto", "none")
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EngineConfig:
@@ -19,7 +21,7 @@ class EngineConfig:
     # Copies of the quantised weights that prompts run faster on (int8 tiles, dense), and the
     # head's shortlist: "auto" within an eighth of free memory (at most 1.5 GiB), "none" for
     # the smallest footprint.
-    prefill_copies: str = "auto"
+    prefill_copies: str = "auto"  # one of PREFILL_COPIES
     prefix_chars: int = 8000  # the prefix window: about 2.3k tokens of code before the cursor
     suffix_chars: int = 1000  # text after the cursor in invoked mode (a third of it when automatic)
     cache_budget_bytes: int = 0  # per-file KV cache budget; 0: derived from free memory

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..catalog import resolve_model_path
 from ..errors import ModelLoadError
-from . import EngineConfig
+from . import PREFILL_COPIES, EngineConfig
 from .fused_decode import attach as attach_fused_decode
 from .layers import SelfAttention
 from .models import HF_ARCHITECTURES, architecture
@@ -62,9 +62,10 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
     # quantised kernels convert at their boundary), bf16 on CUDA.
     dtype = torch.bfloat16 if device.type == "cuda" or config.quant == "bf16" else torch.float32
     n_params = weights.n_params()  # before fill_model takes them
-    if config.prefill_copies not in ("auto", "none"):
+    if config.prefill_copies not in PREFILL_COPIES:
         raise ModelLoadError(
-            f"unknown prefill_copies {config.prefill_copies!r}; choose 'auto' or 'none'"
+            f"unknown prefill_copies {config.prefill_copies!r}; "
+            f"choose {' or '.join(map(repr, PREFILL_COPIES))}"
         )
     copies = None if config.prefill_copies == "auto" else 0
     make_linear = LinearFactory(
