@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import DaemonConfig, resolve_config, resolve_paths
+from .config import CHOICES, DaemonConfig, resolve_config, resolve_paths
 from .errors import CodelmError, DaemonUnavailable
 from .runtime import RuntimePaths, cleanup_stale, read_daemon_info, read_pid
 
@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="count", default=0, dest="sub_verbose")
     engine = argparse.ArgumentParser(add_help=False)
     engine.add_argument("--model", help="default, a catalogue name, a .gguf file or an HF folder")
-    engine.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    engine.add_argument("--quant", choices=("auto", "int4", "int8", "bf16", "fp32"))
+    engine.add_argument("--device", choices=CHOICES["device"])
+    engine.add_argument("--quant", choices=CHOICES["quant"])
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     start = sub.add_parser("start", parents=[common, engine], help="start the daemon")

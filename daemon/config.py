@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine import PREFILL_COPIES, EngineConfig
+from .engine import PREFILL_COPIES, QUANT_MODES, EngineConfig
 from .errors import ConfigError
 from .runtime import RuntimePaths
 
@@ -29,7 +29,7 @@ HOME_ENV = "CODELM_HOME"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
-    "quant": ("auto", "int4", "int8", "bf16", "fp32"),
+    "quant": QUANT_MODES,
     "prefill_copies": PREFILL_COPIES,
     "log_level": LOG_LEVELS,
 }

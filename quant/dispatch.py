@@ -264,6 +264,7 @@ class Dispatcher:
         if not taken:
             return None
         self.dense_bytes_used += shortlist.nbytes
+        shortlist.ms = {"shortlist": times["shortlist"], "exact": times[exact.name]}  # to start
         return shortlist
 
     def int8_group_size(self, device: torch.device, k: int) -> int | None:

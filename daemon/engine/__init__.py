@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+QUANT_MODES = ("auto", "int4", "int8", "bf16", "fp32")
 PREFILL_COPIES = ("auto", "none")
 
 
@@ -14,7 +15,7 @@ PREFILL_COPIES = ("auto", "none")
 class EngineConfig:
     model: str = "default"  # "default", a catalogue name, a .gguf path or an HF folder
     device: str = "auto"  # auto | cpu | cuda
-    quant: str = "auto"  # auto | int4 | int8 | bf16 | fp32
+    quant: str = "auto"  # one of QUANT_MODES
     threads: int = 0  # 0: per request, the physical cores other processes leave free
     fim: str = "auto"  # auto | none | a FIM format name (prompt.FIM_FORMATS)
     prefill_chunk: int = 512  # tokens per forward of a prompt (a cancel stops between blocks)

@@ -139,6 +139,10 @@ def decode_steps(
     tokens = sequence[:n_prompt]  # the prompt and what was yielded
     ahead = sequence[n_prompt:]  # draft tokens in kv after `tokens`
     step = 0
+
+    def forward(token: int) -> torch.Tensor:  # one token's logits, as far as this pick reads
+        return model(torch.tensor([token], dtype=torch.long), kv, top_two=pick.top_two(step))
+
     try:
         while True:
             at = len(tokens) - 1
@@ -150,8 +154,7 @@ def decode_steps(
                     # own K/V only; what kv holds after it stays.
                     held = kv.length
                     kv.trim_to(at)
-                    ids = torch.tensor([tokens[at]], dtype=torch.long)
-                    row = model(ids, kv, top_two=pick.top_two(step))
+                    row = forward(tokens[at])
                     kv.length = held
                 known[at] = greedy(row)
                 token = pick(row, step)
@@ -170,8 +173,7 @@ def decode_steps(
                 del known[stale]
             if kv.length >= kv.max_len:
                 return
-            ids = torch.tensor([token], dtype=torch.long)
-            rows = {len(tokens) - 1: model(ids, kv, top_two=pick.top_two(step))}
+            rows = {len(tokens) - 1: forward(token)}
     finally:
         # The last yielded token is never in kv; everything yielded before it is.
         kv.trim_to(min(kv.length, n_prompt + max(step - 1, 0)))

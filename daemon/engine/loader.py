@@ -20,7 +20,7 @@ from torch import nn
 
 from ..catalog import resolve_model_path
 from ..errors import ModelLoadError
-from . import PREFILL_COPIES, EngineConfig
+from . import PREFILL_COPIES, QUANT_MODES, EngineConfig
 from .fused_decode import attach as attach_fused_decode
 from .layers import SelfAttention
 from .models import HF_ARCHITECTURES, architecture
@@ -143,7 +143,6 @@ def _unpermute_qk(weights: WeightSet, args: Any) -> None:
                     )
 
 
-QUANT_MODES = ("auto", "int4", "int8", "bf16", "fp32")
 # GGUF types run as int4; the rest keep 5 bits or more and become int8. Q5 is int8: int4
 # requantised from Qwen2.5-Coder's Q5_0 lost 1.4-1.8 points of HumanEval infill against fp32
 # and top-1 agreement 0.93 (int8: 72.3% against fp32's 71.8%, agreement 0.99), while with the
@@ -193,6 +192,7 @@ class LinearFactory:
         self.cache = None
         self.cache_hits = 0
         self.counts: dict[str, int] = {}
+        self.head_weight = None  # lm_head's quantised weight: a tied embedding may share it
         self.reason = {
             "auto": "auto: a GGUF keeps its precision class (Q4 and below -> int4, Q5+ -> int8)",
             "int4": "asked for int4",
@@ -305,6 +305,8 @@ class LinearFactory:
         # on CUDA), else per channel.
         int8_group = dispatcher.int8_group_size(self.device, sources[0].shape[-1])
         qweight = self._quantized(name, sources, scheme, int8_group, search=name != "lm_head")
+        if name == "lm_head":
+            self.head_weight = qweight
         self._count(qweight.scheme)  # mixed GGUF types make int8 where int4 was asked for
         bias_value = torch.cat([b.to_float() for b in bias]).to(self.device) if bias else None
         rows = HEAD_PREFILL_ROWS if name == "lm_head" else None
@@ -312,13 +314,20 @@ class LinearFactory:
             qweight, bias_value, dispatcher=dispatcher, name=name, prefill_rows=rows
         )
 
-    def embedding(self, name: str, source: TensorSource):
+    def embedding(self, name: str, source: TensorSource, tied: bool = False):
         """A quantised model's embedding table, int8 in groups of 32 (per row where the width
         is no multiple of 32): only looked up, a row per token, so no kernel needs it wider,
-        and it holds about half of bf16's bytes."""
+        and it holds about half of bf16's bytes. `tied`: the head was built from the same
+        tensor; where it came out as this table would, the table is the head's own weight."""
         from codelm.quant import QuantizedEmbedding
 
-        group = 32 if source.shape[-1] % 32 == 0 else None
+        k = source.shape[-1]
+        group = 32 if k % 32 == 0 else None
+        head = self.head_weight if tied else None
+        if head is not None and (head.scheme, head.group_size) == ("int8", group or k):
+            # The same bytes held once: the head's native decode kernel reads this data
+            # tensor in place (Qwen2.5-Coder's table is 153 MB).
+            return QuantizedEmbedding(head)
         return QuantizedEmbedding(self._quantized(name, [source], "int8", group, search=False))
 
     def _quantized(
@@ -478,7 +487,7 @@ def fill_model(
             source = weights.take(name)
             _check_shape(name, source, tuple(param.shape))
             if name == embedding and make_linear.mode not in ("fp32", "bf16"):
-                table = make_linear.embedding(name, source)  # looked up, not multiplied
+                table = make_linear.embedding(name, source, tied)  # looked up, not multiplied
                 _set_parent(model, name.removesuffix(".weight"), table)
                 continue
             kind = dtype if param.is_meta else torch.float32  # norms stay fp32

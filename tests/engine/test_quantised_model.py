@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGUFReader
 
 from codelm.daemon import catalog
 from codelm.daemon.engine import EngineConfig, load_engine
 from codelm.daemon.engine.generate import StopRules, generate
-from codelm.quant import QuantizedEmbedding, native
+from codelm.quant import QuantizedEmbedding, dequantize, native, repack_reader_tensor
 from codelm.quant.cpu import Int8Native, Int8Shortlist
 
 # Teacher-forced next-token agreement over 256 positions of real code.
@@ -59,6 +60,15 @@ def test_auto_keeps_the_gguf_precision_class(default_model_path):
     table = engine.model.parts()[0]
     assert isinstance(table, QuantizedEmbedding)
     assert (table.qweight.scheme, table.qweight.group_size) == ("int8", 32)
+    # The head is tied to it and came out the same: one copy of the bytes, which the head's
+    # native decode kernel reads in place.
+    head = engine.model.lm_head.plan.decode
+    if isinstance(head, Int8Native):
+        assert table.qweight.data.data_ptr() == head.data.data_ptr()
+    ids = torch.tensor([0, 17, 49151])
+    tensors = GGUFReader(default_model_path).tensors
+    expected = repack_reader_tensor(next(t for t in tensors if t.name == "token_embd.weight"))
+    assert torch.equal(table(ids), dequantize(expected)[ids])
     # Which kernels run, as `codelm-daemon status` shows it: every layer in both phases.
     for phase in engine.info["kernels"].split("; "):
         name, counts = phase.split(" ", 1)

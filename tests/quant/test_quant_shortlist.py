@@ -132,3 +132,6 @@ def test_the_dispatcher_takes_a_shortlist_only_for_int8_native_and_within_budget
     # Taken or not as timed here; either way the log says which and why.
     assert ("shortlist taken" if taken else "int8_native kept") in caplog.text
     assert roomy.dense_bytes_used == (taken.nbytes if taken else 0)
+    if taken:  # its first calls start from the times the dispatcher measured
+        assert set(taken.ms) == {"shortlist", "exact"}
+        assert taken.ms["shortlist"] * roomy.config.prefill_tie < taken.ms["exact"]
