@@ -30,7 +30,7 @@
  * prefetcher not running far enough ahead of short rows (docs/quant.md, "Native kernels"). */
 #define PREFETCH_BYTES 2048
 
-int codelm_kernels_abi(void) { return 25; }
+int codelm_kernels_abi(void) { return 26; }
 
 static inline float hsum(__m256 v)
 {
@@ -472,6 +472,50 @@ int codelm_pack_q5(const int8_t *w, int64_t n, int64_t k, uint8_t *out, int nthr
     for (int64_t b = 0; b < blocks; b++)
         bad |= pack_q5_block(w + b * BLOCK, out + b * 20);
     return bad ? -1 : 0;
+}
+
+/* 0x10 in byte j where bit j of `bits` is set, else 0 */
+static inline __m256i bits_as_16s(uint32_t bits)
+{
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(0x10));
+#else
+    const __m256i spread = _mm256_shuffle_epi8( /* byte j of the word in bytes 8j .. 8j + 7 */
+        _mm256_set1_epi32((int)bits),
+        _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+#endif
+}
+
+/* GGUF Q8_0 (kind 8: fp16 d, 32 int8) or Q5_0 (kind 5: fp16 d, a word whose bit j is element
+ * j's fifth bit, 16 bytes of nibbles as unpack_q4 takes them; w = (q - 16) d) blocks as int8
+ * q [blocks * 32] and float d [blocks] (quant/gguf_repack.py; numpy took ~1 s for the default
+ * model's tensors). Returns -1 for another kind. */
+int codelm_unpack_gguf_int8(const uint8_t *src, int64_t blocks, int kind, int8_t *q, float *d,
+                            int nthreads)
+{
+    if ((kind != 8 && kind != 5) || nthreads < 1)
+        return -1;
+    const int64_t size = kind == 8 ? 34 : 22;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *block = src + b * size;
+        uint16_t half;
+        memcpy(&half, block, sizeof half);
+        d[b] = _cvtsh_ss(half);
+        if (kind == 8) {
+            memcpy(q + b * BLOCK, block + 2, BLOCK);
+            continue;
+        }
+        uint32_t fifth;
+        memcpy(&fifth, block + 2, sizeof fifth);
+        const __m256i value = _mm256_or_si256(unpack_q4(block + 6), bits_as_16s(fifth));
+        _mm256_storeu_si256((__m256i *)(q + b * BLOCK),
+                            _mm256_sub_epi8(value, _mm256_set1_epi8(16)));
+    }
+    return 0;
 }
 
 /* int8 w in 5 bits [n, k / 32 * 20] (codelm_pack_q5), fp16 scales per group. */

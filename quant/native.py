@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels_x86.c")
-_ABI = 25
+_ABI = 26
 _FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _ARCH = ("-march=native",)
 _COMPILE_TIMEOUT_S = 120
@@ -39,6 +39,12 @@ def library(build_dir: Path | None = None) -> ctypes.CDLL | str:
         if isinstance(_loaded, str):
             logger.info("native int8/int4 kernels unavailable: %s", _loaded)
     return _loaded
+
+
+def loaded() -> ctypes.CDLL | None:
+    """The library where an earlier library() call loaded it, else None; for work that has a
+    plain fallback and should not decide where the library is built."""
+    return _loaded if isinstance(_loaded, ctypes.CDLL) else None
 
 
 def limit_to_avx2() -> None:
@@ -110,6 +116,8 @@ def _build_and_open(
     lib.codelm_q8_linear.restype = lib.codelm_q4_linear.restype = c_int
     lib.codelm_q5_linear.restype = lib.codelm_pack_q5.restype = c_int
     lib.codelm_pack_q5.argtypes = (p, i64, i64, p, c_int)
+    lib.codelm_unpack_gguf_int8.argtypes = (p, i64, c_int, p, p, c_int)
+    lib.codelm_unpack_gguf_int8.restype = c_int
     lib.codelm_q8_swiglu.argtypes = (p, i64, i64, p, p, i64, i64, i32, p, c_int)
     lib.codelm_q4_swiglu.argtypes = (p, i64, i64, p, p, p, i64, i64, p, c_int)
     lib.codelm_q5_swiglu.argtypes = (p, i64, i64, p, p, i64, i64, p, c_int)

@@ -30,6 +30,19 @@ def _weights(n: int = 64, k: int = 256, seed: int = 0) -> np.ndarray:
     return w
 
 
+@pytest.fixture(params=["numpy", "native"])
+def unpacker(request, monkeypatch):
+    """Q8_0 / Q5_0 blocks unpacked by numpy, or by the native kernels where they are loaded
+    (codelm_unpack_gguf_int8: the loader's path, since its dispatcher loads them first)."""
+    from codelm.quant import native
+
+    if request.param == "numpy":
+        monkeypatch.setattr(native, "_loaded", "off for this test")
+    elif isinstance(reason := native.library(), str):
+        pytest.skip(reason)
+    return request.param
+
+
 @pytest.mark.parametrize(
     ("qtype", "cls", "scheme"),
     [
@@ -39,7 +52,7 @@ def _weights(n: int = 64, k: int = 256, seed: int = 0) -> np.ndarray:
         (T.Q8_0, Int8Weight, "int8"),
     ],
 )
-def test_gguf_repack_dequantises_exactly_like_gguf_when_native_type(qtype, cls, scheme):
+def test_gguf_repack_dequantises_exactly_like_gguf_when_native_type(qtype, cls, scheme, unpacker):
     blocks = quants.quantize(_weights(), qtype)
     qw = repack_gguf(blocks, qtype, (64, 256), name="blk.0.ffn_up.weight")
     assert isinstance(qw, cls) and qw.scheme == scheme and qw.group_size == 32
@@ -48,7 +61,7 @@ def test_gguf_repack_dequantises_exactly_like_gguf_when_native_type(qtype, cls, 
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16])
-def test_dequantize_gguf_gives_gguf_values_bit_for_bit(qtype, monkeypatch):
+def test_dequantize_gguf_gives_gguf_values_bit_for_bit(qtype, monkeypatch, unpacker):
     from codelm.quant import gguf_repack
 
     monkeypatch.setattr(gguf_repack, "_Q5_CHUNK", 3 * 256)  # several row chunks, one ragged

@@ -7,8 +7,11 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
 from quant_helpers import (
     SUB_SCALED_BLOCKS,
     int4_blocks_bound,
@@ -379,6 +382,18 @@ def test_avx2_tiles_match_reference_and_the_avx512_tiles(avx2_build, gen, case, 
     assert ((y - matmul(x, qw)).abs() <= bound).all()
     if not isinstance(_LIB, str):  # this machine's own build
         torch.testing.assert_close(y, Int8Tiles(qw)(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q8_0"])
+def test_avx2_builds_unpack_gguf_blocks_to_gguf_values(avx2_build, qtype):
+    # codelm_unpack_gguf_int8 spreads Q5_0's fifth bits with a byte shuffle there (a mask
+    # register with AVX-512 BW / VL).
+    w = np.random.default_rng(0).standard_normal((10, 256)).astype(np.float32)
+    w[3, 40] = 2.5  # an outlier block
+    blocks = gguf_quants.quantize(w, GGMLQuantizationType[qtype])
+    qw = avx2_build(blocks, kernel=lambda b: repack_gguf(b, qtype, (10, 256)))
+    expected = gguf_quants.dequantize(blocks, GGMLQuantizationType[qtype])
+    assert np.array_equal(dequantize(qw).numpy(), expected)
 
 
 @pytest.mark.parametrize(
