@@ -85,33 +85,6 @@ def source_tokens(tokenizer, n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
-def weight_bytes(model) -> tuple[int, int]:
-    """(bytes one decode step reads, bytes the weights hold).
-
-    A decode step reads every linear layer's decode-kernel weight once (`plan.decode.nbytes`;
-    `QuantizedLinear.nbytes` also counts a dense prefill copy when the plan keeps one, which
-    decode does not read); embeddings are excluded (one row per token), norms are negligible.
-    """
-    from torch import nn
-
-    from codelm.quant.linear import QuantizedLinear
-
-    read = held = 0
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            read += module.plan.decode.nbytes
-            held += module.nbytes
-        elif isinstance(module, nn.Linear):
-            read += module.weight.nbytes
-            held += module.weight.nbytes
-    if (shortlist := getattr(model, "head_shortlist", None)) is not None:
-        # Greedy steps read the head's top bits and bounds instead of its int8 rows (and a
-        # few hundred of those: under 1 MB, not counted).
-        read += shortlist.top.nbytes + shortlist.bound.nbytes - model.lm_head.plan.decode.nbytes
-        held += shortlist.nbytes
-    return read, held
-
-
 def gguf_weight_bytes(path: Path) -> int:
     """The same for llama.cpp: every tensor of the file but the embedding table, which counts
     only when it doubles as the output matrix (tied embeddings)."""
@@ -150,6 +123,7 @@ def measure_codelm(
 
     from codelm.daemon.engine import EngineConfig, load_engine
     from codelm.daemon.engine.generate import StopRules, generate
+    from codelm.daemon.engine.loader import weight_bytes
 
     rss_before = rss_mb()
     t0 = time.perf_counter()

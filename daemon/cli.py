@@ -341,6 +341,8 @@ def _print_status(status: dict[str, Any], paths: RuntimePaths) -> None:
         print(f"            kernels {engine['kernels']}")
     if engine.get("decode_step"):
         print(f"            decode step {engine['decode_step']}  kv cache {engine.get('kv_cache')}")
+    if memory := _memory_line(status, engine):
+        print(f"  memory:   {memory}")
     print(
         f"  requests: {requests.get('requests', 0)} total, {requests.get('completed', 0)} done, "
         f"{requests.get('cancelled', 0)} cancelled, {requests.get('superseded', 0)} superseded, "
@@ -354,6 +356,19 @@ def _print_status(status: dict[str, Any], paths: RuntimePaths) -> None:
         print("  cache:    " + ", ".join(f"{k} {v}" for k, v in sorted(cache.items())))
     print(f"  token:    {status.get('token_file')}")
     print(f"  log:      {paths.log_file}")
+
+
+def _memory_line(status: dict[str, Any], engine: dict[str, Any]) -> str:
+    """Resident memory, and what the model's layers hold of it: "" where neither is known."""
+    parts = []
+    if status.get("resident_MB") is not None:
+        parts.append(f"resident {status['resident_MB']:.0f} MB")
+    if engine.get("weights_MB") is not None:
+        layers = f"layers {engine['weights_MB']:.0f} MB"
+        if engine.get("copies_MB"):
+            layers += f" ({engine['copies_MB']:.0f} MB of copies for prompts)"
+        parts.append(layers)
+    return ", ".join(parts)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

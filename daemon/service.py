@@ -235,7 +235,19 @@ async def handle_status(request: web.Request) -> web.Response:
         quant=engine.get("quant", config.engine.quant),
         config=config.to_json(),
     )
+    if (resident := _resident_mb()) is not None:
+        status["resident_MB"] = resident
     return web.json_response(status)
+
+
+def _resident_mb() -> float | None:
+    """This process's resident memory in MB, where /proc tells (Linux)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 1e6, 1)
 
 
 async def handle_models(request: web.Request) -> web.Response:

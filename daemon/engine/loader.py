@@ -100,6 +100,10 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
         "kernels": kernel_summary(model),
         "decode_step": decode_step,
         "weight_cache": make_linear.cache_report(),
+        # The linear layers' bytes (prefill copies and the head's shortlist included), and of
+        # those the copies: what `prefill_copies = "none"` would not hold.
+        "weights_MB": round(weight_bytes(model)[1] / 1e6, 1),
+        "copies_MB": round(make_linear.copies_bytes() / 1e6, 1),
         "n_params": n_params,
         "n_ctx": args.max_len,
     }
@@ -108,6 +112,32 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
     _trim_heap()
     report(1.0, "ready")
     return LoadedModel(model, tokenizer, args, device, dtype, info)
+
+
+def weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes one decode step reads, bytes the linear layers hold, prefill copies and the
+    head's shortlist included).
+
+    A decode step reads every linear layer's decode-kernel weight once (`plan.decode.nbytes`;
+    `QuantizedLinear.nbytes` also counts a prefill copy when the plan keeps one, which decode
+    does not read); embeddings are excluded (one row per token), norms are negligible.
+    """
+    from codelm.quant import QuantizedLinear
+
+    read = held = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            read += module.plan.decode.nbytes
+            held += module.nbytes
+        elif isinstance(module, nn.Linear):
+            read += module.weight.nbytes
+            held += module.weight.nbytes
+    if (shortlist := getattr(model, "head_shortlist", None)) is not None:
+        # Greedy steps read the head's top bits and bounds instead of its int8 rows (and a
+        # few hundred of those: under 1 MB, not counted).
+        read += shortlist.top.nbytes + shortlist.bound.nbytes - model.lm_head.plan.decode.nbytes
+        held += shortlist.nbytes
+    return read, held
 
 
 def _trim_heap() -> None:
@@ -245,6 +275,11 @@ class LinearFactory:
         self.reason += f"; float weights -> {why}"
         logger.info("quantisation: %s", self.reason)
         return scheme
+
+    def copies_bytes(self) -> int:
+        """Bytes held beside the quantised weights to run prompts faster (and the head's
+        shortlist): what the dispatcher has spent of its budget."""
+        return 0 if self.dispatcher is None else self.dispatcher.dense_bytes_used
 
     def shortlist(self, head: torch.nn.Module):
         """The head's quant.cpu.Int8Shortlist where the dispatcher takes one (an int8 head

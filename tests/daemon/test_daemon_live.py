@@ -5,6 +5,7 @@ supersede and the OpenAI endpoint, over real loopback HTTP.
 from __future__ import annotations
 
 import json
+import re
 import stat
 import threading
 import time
@@ -80,6 +81,18 @@ def test_live_status_json_has_contract_keys(live):
         assert key in status, key
     assert status["state"] == "ready" and status["device"] == "cpu"
     assert "requests" in status and "cache" in status
+    # What the model holds, and the process around it (Linux: /proc).
+    engine = status["engine"]
+    assert 0 <= engine["copies_MB"] < engine["weights_MB"] < status["resident_MB"]
+
+
+def test_live_status_says_what_memory_the_model_holds(live):
+    done = cli(live.home, "status", timeout=30)
+    assert done.returncode == 0
+    memory = next(line for line in done.stdout.splitlines() if line.startswith("  memory:"))
+    assert re.fullmatch(
+        r"  memory:   resident \d+ MB, layers \d+ MB( \(\d+ MB of copies for prompts\))?", memory
+    )
 
 
 def test_live_second_start_is_refused(live):
