@@ -363,8 +363,8 @@ def _memory_line(status: dict[str, Any], engine: dict[str, Any]) -> str:
     parts = []
     if status.get("resident_MB") is not None:
         parts.append(f"resident {status['resident_MB']:.0f} MB")
-    if engine.get("weights_MB") is not None:
-        layers = f"layers {engine['weights_MB']:.0f} MB"
+    if engine.get("layers_MB") is not None:
+        layers = f"layers {engine['layers_MB']:.0f} MB"
         if engine.get("copies_MB"):
             layers += f" ({engine['copies_MB']:.0f} MB of copies for prompts)"
         parts.append(layers)

@@ -102,7 +102,7 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
         "weight_cache": make_linear.cache_report(),
         # The linear layers' bytes (prefill copies and the head's shortlist included), and of
         # those the copies: what `prefill_copies = "none"` would not hold.
-        "weights_MB": round(weight_bytes(model)[1] / 1e6, 1),
+        "layers_MB": round(weight_bytes(model)[1] / 1e6, 1),
         "copies_MB": round(make_linear.copies_bytes() / 1e6, 1),
         "n_params": n_params,
         "n_ctx": args.max_len,
@@ -361,7 +361,7 @@ class LinearFactory:
         head = self.head_weight if tied else None
         if head is not None and (head.scheme, head.group_size) == ("int8", group or k):
             # The same bytes held once: the head's native decode kernel reads this data
-            # tensor in place (Qwen2.5-Coder's table is 153 MB).
+            # tensor in place (SmolLM2's table: 32 MB).
             return QuantizedEmbedding(head)
         return QuantizedEmbedding(self._quantized(name, [source], "int8", group, search=False))
 

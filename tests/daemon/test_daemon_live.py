@@ -83,7 +83,7 @@ def test_live_status_json_has_contract_keys(live):
     assert "requests" in status and "cache" in status
     # What the model holds, and the process around it (Linux: /proc).
     engine = status["engine"]
-    assert 0 <= engine["copies_MB"] < engine["weights_MB"] < status["resident_MB"]
+    assert 0 <= engine["copies_MB"] < engine["layers_MB"] < status["resident_MB"]
 
 
 def test_live_status_says_what_memory_the_model_holds(live):
