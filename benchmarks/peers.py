@@ -195,9 +195,11 @@ class LlamaServer:
         cache_prompt: bool = True,
         stream: bool = True,
         ignore_eos: bool = False,
+        stop: tuple[str, ...] = (),
         timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> PeerResult:
-        """POST /completion, greedy; `id_slot` is left to the server (automatic choice)."""
+        """POST /completion, greedy, ending at any of `stop` (not included in the text);
+        `id_slot` is left to the server (automatic choice)."""
         body = {
             "prompt": prompt,
             "n_predict": n_predict,
@@ -205,6 +207,7 @@ class LlamaServer:
             "temperature": 0,
             "stream": stream,
             "ignore_eos": ignore_eos,
+            "stop": list(stop),
         }
         conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout_s)
         try:
@@ -246,6 +249,17 @@ class LlamaServer:
             return resp.status, resp.read()
         finally:
             conn.close()
+
+
+def prompt_for_peer(tokenizer: Any, prompt: Any) -> tuple[str, int]:
+    """What llama-server gets for codelm's `prompt` (daemon/engine/prompt.Prompt): its text,
+    without a BOS token (the server adds its own), with the bytes codelm heals put back so both
+    continue from the cursor; and codelm's prompt length in tokens, the healed ones included."""
+    ids = prompt.token_ids
+    if tokenizer.add_bos and ids and ids[0] == tokenizer.bos_id:
+        ids = ids[1:]
+    healed = prompt.heal.decode("utf-8", errors="replace")
+    return tokenizer.decode(ids) + healed, len(prompt.token_ids) + len(tokenizer.encode(healed))
 
 
 def _fill(result: PeerResult, final: dict[str, Any], text: str) -> PeerResult:
