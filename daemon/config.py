@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine import PREFILL_COPIES, QUANT_MODES, EngineConfig
+from .engine import QUANT_MODES, EngineConfig, copies_budget
 from .errors import ConfigError
 from .runtime import RuntimePaths
 
@@ -30,7 +30,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "quant": QUANT_MODES,
-    "prefill_copies": PREFILL_COPIES,
     "log_level": LOG_LEVELS,
 }
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -172,6 +171,11 @@ def _check(name: str, value: Any, where: str) -> Any:
         value = value.upper()
     if name in CHOICES and value not in CHOICES[name]:
         raise ConfigError(f"{where}: must be one of {', '.join(CHOICES[name])}, got {value!r}")
+    if name == "prefill_copies":
+        try:
+            copies_budget(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     if name == "port" and not 0 <= value <= 65535:
         raise ConfigError(f"{where}: must be between 0 and 65535, got {value}")
     if name == "host" and value not in LOOPBACK_HOSTS:

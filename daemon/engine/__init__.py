@@ -8,7 +8,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 QUANT_MODES = ("auto", "int4", "int8", "bf16", "fp32")
-PREFILL_COPIES = ("auto", "none")
+PREFILL_COPIES = "auto, none or a size in MB such as 300MB"
+
+
+def copies_budget(prefill_copies: str) -> int | None:
+    """The bytes `prefill_copies` lets copies beside the quantised weights hold: None for
+    "auto" (the loader's share of free memory), 0 for "none", else the size given in MB
+    ("300" or "300MB"). ValueError, naming the choices, for anything else."""
+    value = prefill_copies.strip().lower()
+    if value in ("auto", "none"):
+        return None if value == "auto" else 0
+    number = value.removesuffix("mb").strip()
+    if not number.isdigit():
+        raise ValueError(f"prefill_copies must be {PREFILL_COPIES}, got {prefill_copies!r}")
+    return int(number) * 1_000_000
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -21,8 +34,8 @@ class EngineConfig:
     prefill_chunk: int = 512  # tokens per forward of a prompt (a cancel stops between blocks)
     # Copies of the quantised weights that prompts run faster on (int8 tiles, dense), and the
     # head's shortlist: "auto" within an eighth of free memory (at most 1.5 GiB), "none" for
-    # the smallest footprint.
-    prefill_copies: str = "auto"  # one of PREFILL_COPIES
+    # the smallest footprint, or at most a size in MB ("300MB"; the blocks' layers first).
+    prefill_copies: str = "auto"  # PREFILL_COPIES, read by copies_budget
     prefix_chars: int = 8000  # the prefix window: about 2.3k tokens of code before the cursor
     suffix_chars: int = 1000  # text after the cursor in invoked mode (a third of it when automatic)
     cache_budget_bytes: int = 0  # per-file KV cache budget; 0: derived from free memory

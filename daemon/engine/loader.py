@@ -20,7 +20,7 @@ from torch import nn
 
 from ..catalog import resolve_model_path
 from ..errors import ModelLoadError
-from . import PREFILL_COPIES, QUANT_MODES, EngineConfig
+from . import QUANT_MODES, EngineConfig, copies_budget
 from .fused_decode import attach as attach_fused_decode
 from .layers import SelfAttention
 from .models import HF_ARCHITECTURES, architecture
@@ -62,12 +62,10 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
     # quantised kernels convert at their boundary), bf16 on CUDA.
     dtype = torch.bfloat16 if device.type == "cuda" or config.quant == "bf16" else torch.float32
     n_params = weights.n_params()  # before fill_model takes them
-    if config.prefill_copies not in PREFILL_COPIES:
-        raise ModelLoadError(
-            f"unknown prefill_copies {config.prefill_copies!r}; "
-            f"choose {' or '.join(map(repr, PREFILL_COPIES))}"
-        )
-    copies = None if config.prefill_copies == "auto" else 0
+    try:
+        copies = copies_budget(config.prefill_copies)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
     make_linear = LinearFactory(
         config.quant, dtype, device, path, config.prefill_chunk, copies_budget=copies
     )
@@ -103,7 +101,7 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
         # The linear layers' bytes (prefill copies and the head's shortlist included), and of
         # those the copies: what `prefill_copies = "none"` would not hold.
         "layers_MB": round(weight_bytes(model)[1] / 1e6, 1),
-        "copies_MB": round(make_linear.copies_bytes() / 1e6, 1),
+        "copies_MB": round(copies_bytes(model) / 1e6, 1),
         "n_params": n_params,
         "n_ctx": args.max_len,
     }
@@ -138,6 +136,18 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
         read += shortlist.top.nbytes + shortlist.bound.nbytes - model.lm_head.plan.decode.nbytes
         held += shortlist.nbytes
     return read, held
+
+
+def copies_bytes(model: nn.Module) -> int:
+    """Bytes the linear layers hold beside what decode reads, to run prompts faster (prefill
+    copies), and the head's shortlist: what `prefill_copies` budgets."""
+    from codelm.quant import QuantizedLinear
+
+    held = sum(
+        m.nbytes - m.plan.decode.nbytes for m in model.modules() if isinstance(m, QuantizedLinear)
+    )
+    shortlist = getattr(model, "head_shortlist", None)
+    return held + (0 if shortlist is None else shortlist.nbytes)
 
 
 def _trim_heap() -> None:
@@ -275,11 +285,6 @@ class LinearFactory:
         self.reason += f"; float weights -> {why}"
         logger.info("quantisation: %s", self.reason)
         return scheme
-
-    def copies_bytes(self) -> int:
-        """Bytes held beside the quantised weights to run prompts faster (and the head's
-        shortlist): what the dispatcher has spent of its budget."""
-        return 0 if self.dispatcher is None else self.dispatcher.dense_bytes_used
 
     def shortlist(self, head: torch.nn.Module):
         """The head's quant.cpu.Int8Shortlist where the dispatcher takes one (an int8 head

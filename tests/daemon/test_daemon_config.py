@@ -43,6 +43,8 @@ def test_config_reads_engine_settings_flat_or_in_table(tmp_path):
     config = resolve_config({}, {"CODELM_HOME": str(tmp_path)})
     assert (config.engine.device, config.engine.threads) == ("cpu", 3)
     assert config.engine.prefill_copies == "none"
+    sized = resolve_config({}, {"CODELM_HOME": str(tmp_path), "CODELM_PREFILL_COPIES": "300MB"})
+    assert sized.engine.prefill_copies == "300MB"
 
 
 @pytest.mark.parametrize(
@@ -53,7 +55,7 @@ def test_config_reads_engine_settings_flat_or_in_table(tmp_path):
         ({"CODELM_DEVICE": "tpu"}, "must be one of auto, cpu, cuda"),
         ({"CODELM_HOST": "0.0.0.0"}, "only listens on loopback"),
         ({"CODELM_IDLE_UNLOAD_S": "-1"}, "must be >= 0"),
-        ({"CODELM_PREFILL_COPIES": "some"}, "must be one of auto, none"),
+        ({"CODELM_PREFILL_COPIES": "some"}, "must be auto, none or a size in MB"),
     ],
 )
 def test_config_rejects_bad_env_values_naming_the_source(tmp_path, env, message):

@@ -109,9 +109,23 @@ def test_prefill_copies_none_holds_the_quantised_weights_alone(default_model_pat
     assert len(result.token_ids) == 4
 
 
+@pytest.mark.parametrize("size", ["3MB", "12"])
+def test_prefill_copies_of_a_size_hold_no_more(default_model_path, size):
+    from codelm.daemon.engine import EngineConfig, copies_budget, load_engine
+    from codelm.daemon.engine.loader import copies_bytes
+    from codelm.quant.linear import QuantizedLinear
+
+    engine = load_engine(EngineConfig(model=str(default_model_path), prefill_copies=size))
+    linears = [m for m in engine.model.modules() if isinstance(m, QuantizedLinear)]
+    copies = copies_bytes(engine.model)
+    assert 0 < copies <= copies_budget(size)  # the first layers got copies, the rest none
+    assert engine.info["copies_MB"] == round(copies / 1e6, 1)
+    assert any(m.nbytes == m.plan.decode.nbytes for m in linears)
+
+
 def test_an_unknown_prefill_copies_value_is_refused(default_model_path):
     from codelm.daemon.engine import EngineConfig, load_engine
     from codelm.daemon.errors import ModelLoadError
 
-    with pytest.raises(ModelLoadError, match="choose 'auto' or 'none'"):
+    with pytest.raises(ModelLoadError, match="must be auto, none or a size in MB"):
         load_engine(EngineConfig(model=str(default_model_path), prefill_copies="some"))
