@@ -339,7 +339,7 @@ class Int8Shortlist:
         self.exact = exact
         lib = self._lib = _native_library(self.name)
         n, k = exact.n, exact.k
-        high = torch.empty(n, k // 32 * 20, dtype=torch.uint8)
+        high = torch.empty(n, k // 32 * 20, dtype=torch.uint8)  # int5_native's bytes
         self.bound = torch.empty(n, dtype=torch.float32)
         weight = (exact.data.data_ptr(), exact.scales.data_ptr(), n, k, exact.group_size)
         outputs = (high.data_ptr(), self.bound.data_ptr(), torch.get_num_threads())
@@ -347,9 +347,15 @@ class Int8Shortlist:
             raise ValueError(f"{self.name}: K={k} or group {exact.group_size} does not fit")
         # The 5-bit kernel over the weights' high bits, on exact's own fp16 scales.
         self.top = Int5Native.packed(high, exact.scales, exact.group_size)
-        self.nbytes = _nbytes(high, self.bound)
+        self.nbytes = self.bytes_for(exact)
         self.ms: dict[str, float] = {}  # running ms per path: "shortlist", "exact"
         self.calls = 0
+
+    @staticmethod
+    def bytes_for(exact: Int8Native) -> int:
+        """What a shortlist over `exact` holds: 20 bytes a block of 32 weights and a float32
+        bound a row."""
+        return exact.n * (exact.k // 32 * 20 + 4)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [1, K] -> [1, N]: see the class."""

@@ -234,16 +234,16 @@ class Dispatcher:
         elsewhere, and the log says why."""
         if not isinstance(exact, Int8Native) or not self.config.calibrate:
             return None
-        shortlist = Int8Shortlist(exact)
         left = self.config.dense_budget_bytes - self.dense_bytes_used
-        if shortlist.nbytes > left:
+        if (size := Int8Shortlist.bytes_for(exact)) > left:  # before packing one
             logger.info(
                 "%s: no shortlist: its %.0f MB exceed the %.0f MB left for copies",
                 name,
-                shortlist.nbytes / 1e6,
+                size / 1e6,
                 max(0, left) / 1e6,
             )
             return None
+        shortlist = Int8Shortlist(exact)
         x = exact.data[:1].float() * exact.scales[:1].float().repeat_interleave(
             exact.group_size, dim=1
         )
