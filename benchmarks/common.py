@@ -103,11 +103,10 @@ def in_fresh_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 def rss_mb() -> float:
     """This process's resident memory now, in MB (Linux; NaN elsewhere)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+    from codelm.daemon.runtime import resident_mb
+
+    resident = resident_mb()
+    return float("nan") if resident is None else resident
 
 
 def peak_rss_mb(pid: int | str = "self") -> float:

@@ -30,6 +30,7 @@ from .errors import (
     Unauthorized,
 )
 from .protocol import CompleteRequest, CompleteResponse, OpenAICompletionRequest, offset_at
+from .runtime import resident_mb
 from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -235,19 +236,9 @@ async def handle_status(request: web.Request) -> web.Response:
         quant=engine.get("quant", config.engine.quant),
         config=config.to_json(),
     )
-    if (resident := _resident_mb()) is not None:
-        status["resident_MB"] = resident
+    if (resident := resident_mb()) is not None:
+        status["resident_MB"] = round(resident, 1)
     return web.json_response(status)
-
-
-def _resident_mb() -> float | None:
-    """This process's resident memory in MB, where /proc tells (Linux)."""
-    try:
-        with open("/proc/self/statm", "rb") as statm:
-            pages = int(statm.read().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    return round(pages * os.sysconf("SC_PAGE_SIZE") / 1e6, 1)
 
 
 async def handle_models(request: web.Request) -> web.Response:
