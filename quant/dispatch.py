@@ -29,7 +29,7 @@ from codelm.quant.cpu import (
     KernelSpec,
     native_unavailable,
 )
-from codelm.quant.formats import INT4_GROUP, QuantizedWeight, is_grouped_int8
+from codelm.quant.formats import INT4_GROUP, QuantizedWeight, is_grouped_int8, select_rows
 from codelm.quant.reference import requantize_int8_per_channel
 
 logger = logging.getLogger(__name__)
@@ -421,6 +421,7 @@ def _calibrate(
     decodes: its crossover rows go untimed (the default model's head: ~1 s of a first load)."""
     device, k = _device(qw), qw.shape[1]
     held = {name: _dense_bytes(spec, qw) for name, spec in specs.items()}
+    specs = _screened(qw, specs, rows, held)
     xs = {phase: torch.randn(m, k, device=device) for phase, m in zip(_PHASES, rows, strict=True)}
     xs |= {f"rows{m}": torch.randn(m, k, device=device) for m in _CROSSOVER_ROWS}
     times: dict[str, dict[str, float]] = {phase: {} for phase in xs}
@@ -534,6 +535,64 @@ def _outclassed(
         other != name and held[other] <= held[name] and ms * tie < prefill[name]
         for other, ms in prefill.items()
     )
+
+
+# A layer holding more than _SCREEN_BYTES (a head: Qwen2.5-Coder-0.5B's 145 MB) first times its
+# candidates on a slice of its rows of about _SLICE_BYTES, and builds whole only those no
+# candidate holding no more bytes beats there by _SCREEN_MARGIN, in decode or in prefill: the
+# default model's head built dense fp32, bf16 and fp16 copies of 545, 272 and 272 MB to time
+# them, ~3 s and ~0.6 GB of peak memory of a first load. The margin is wide of what the slice
+# moves (from cache, where the whole streams from memory) and of native_decode_slack.
+_SCREEN_BYTES = 64 << 20
+_SLICE_BYTES = 16 << 20
+_SCREEN_MARGIN = 1.5
+
+
+def _screened(
+    qw: QuantizedWeight,
+    specs: dict[str, KernelSpec],
+    rows: tuple[int, int],
+    held: dict[str, int],
+) -> dict[str, KernelSpec]:
+    """specs less those _SCREEN_MARGIN slower on a slice of qw's rows, in every phase they
+    run, than one holding no more bytes (see _SCREEN_BYTES): those _pick would never take."""
+    n, k = qw.shape
+    if qw.nbytes <= _SCREEN_BYTES or len(specs) < 2:
+        return specs
+    part = select_rows(qw, torch.arange(max(16, n * _SLICE_BYTES // qw.nbytes // 16 * 16)))
+    xs = {p: torch.randn(m, k, device=_device(qw)) for p, m in zip(_PHASES, rows, strict=True)}
+    times: dict[str, dict[str, float]] = {phase: {} for phase in _PHASES}
+    for name, spec in specs.items():
+        try:
+            kernel = spec.build(part)
+            for phase, x in xs.items():
+                if not (phase == "decode" and spec.dense_bytes_per_weight):  # _DECODE_NO_DENSE
+                    best = min(times[phase].values(), default=math.inf)
+                    times[phase][name] = _time_ms(kernel, x, best_ms=best)
+        except (RuntimeError, NotImplementedError):
+            for phase_times in times.values():  # _calibrate tries it whole, and says why not
+                phase_times.pop(name, None)
+        kernel = None
+
+    def beaten(name: str, phase: str) -> bool:
+        at = times[phase]
+        return any(
+            held[other] <= held[name] and ms * _SCREEN_MARGIN < at[name]
+            for other, ms in at.items()
+            if other != name
+        )
+
+    timed = {name: [p for p in _PHASES if name in times[p]] for name in specs}
+    dropped = [n for n, phases in timed.items() if phases and all(beaten(n, p) for p in phases)]
+    if dropped:
+        logger.info(
+            "%s %s: %s outclassed on %d of its rows, not timed whole",
+            qw.scheme,
+            tuple(qw.shape),
+            ", ".join(dropped),
+            part.shape[0],
+        )
+    return {name: spec for name, spec in specs.items() if name not in dropped}
 
 
 _STREAM_BYTES = 256 << 20  # weights faster_scheme streams through: several times any LLC

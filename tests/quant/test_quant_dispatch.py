@@ -396,6 +396,46 @@ def test_calibration_skips_the_crossover_rows_of_an_outclassed_copy(gen, monkeyp
         assert set(times[phase]) == set(specs) - {"big_slow_copy"}, phase
 
 
+def test_a_big_layer_times_whole_only_candidates_a_slice_of_its_rows_cannot_rule_out(
+    gen, monkeypatch
+):
+    # A head's dense copies were built whole (545 MB for fp32) only to lose. Above
+    # _SCREEN_BYTES each candidate is first timed on a slice of rows; one slower beyond the
+    # margin than another holding no more bytes, in every phase it runs, is never built whole.
+    monkeypatch.setattr(dispatch_module, "_time_ms", _modelled_time)
+    qw, _ = quantize_int8(weight(gen, 256, 64))
+    monkeypatch.setattr(dispatch_module, "_SCREEN_BYTES", qw.nbytes - 1)
+    monkeypatch.setattr(dispatch_module, "_SLICE_BYTES", qw.nbytes // 8)
+    built: dict[str, list[int]] = {}
+
+    def spec(name: str, bytes_per_weight: float, decode: float, prefill: float) -> KernelSpec:
+        def build(w):
+            built.setdefault(name, []).append(w.shape[0])
+            return _Modelled(lambda m: decode if m == 1 else prefill)
+
+        return KernelSpec(name, ("int8",), build, bytes_per_weight)
+
+    specs = {
+        "tiles": spec("tiles", 1.2, 1.0, 1.0),
+        "slow_big_copy": spec("slow_big_copy", 4.0, 1.0, 2.0),  # beaten by tiles: dropped
+        "fast_bigger_copy": spec("fast_bigger_copy", 2.0, 1.0, 0.5),
+        "rows": spec("rows", 0.0, 1.0, 1.6),  # slower than tiles, but holds fewer bytes
+        "slow_rows": spec("slow_rows", 0.0, 2.0, 3.0),  # beaten by rows in both phases
+        "rows_fast_decode": spec("rows_fast_decode", 0.0, 0.5, 3.0),  # the best decode
+    }
+    times = dispatch_module._calibrate(qw, specs, (1, 8), tie=1.05).times_ms
+    kept = {"tiles", "fast_bigger_copy", "rows", "rows_fast_decode"}
+    assert set(times["prefill"]) == kept
+    slice_rows = 256 // 8 // 16 * 16
+    assert built["slow_big_copy"] == built["slow_rows"] == [slice_rows]
+    assert all(built[name] == [slice_rows, 256] for name in kept)
+
+    built.clear()  # a layer within _SCREEN_BYTES is timed whole at once
+    monkeypatch.setattr(dispatch_module, "_SCREEN_BYTES", qw.nbytes)
+    dispatch_module._calibrate(qw, specs, (1, 8), tie=1.05)
+    assert all(rows == [256] for rows in built.values()) and set(built) == set(specs)
+
+
 def test_a_layer_with_fewer_prefill_rows_is_calibrated_and_keyed_at_them(gen, monkeypatch):
     # A head only ever checks drafts: its prefill candidates are timed at the rows it takes,
     # and that ranking is kept apart from one timed at a prompt chunk's rows.
