@@ -302,6 +302,7 @@ class Int5Native(_RowMajorNative):
     def _hold(self, data: torch.Tensor, scales: torch.Tensor, group_size: int) -> None:
         lib = _native_library(self.name)
         self._fn, self._swiglu = lib.codelm_q5_linear, lib.codelm_q5_swiglu
+        self._rows = lib.codelm_q5_rows
         self.n, self.k = data.shape[0], data.shape[1] // 20 * 32
         self.group_size = group_size
         self.data, self.scales = data, scales
@@ -313,6 +314,31 @@ class Int5Native(_RowMajorNative):
     def descriptor(self, bias: torch.Tensor | None) -> native.Linear:
         """See Int8Native.descriptor."""
         return _descriptor(self, bias, self.data, self.scales)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (integers [count]) of the weight, dequantised: float32 [count, K], the
+        reference's numbers (an embedding table's lookup)."""
+        ids = ids.to(torch.int64).contiguous()
+        out = torch.empty(ids.shape[0], self.k, dtype=torch.float32)
+        weight = (self.data.data_ptr(), self.scales.data_ptr(), self.n, self.k, self.group_size)
+        looked_up = (ids.data_ptr(), ids.shape[0], out.data_ptr(), torch.get_num_threads())
+        if self._rows(*weight, *looked_up):
+            raise IndexError(f"{self.name}: a row id outside 0 .. {self.n - 1}")
+        return out
+
+
+def five_bit_table(qw: QuantizedWeight) -> Int5Native | None:
+    """qw as Int5Native where that holds it exactly (int8 on the CPU in groups of 32, every
+    value in -16 .. 15 and every scale a float16: GGUF Q5_0's) and the native kernels are
+    already loaded (this never decides where they are built), else None: an embedding table
+    in 0.69 bytes a value."""
+    if not (isinstance(qw, Int8Weight) and qw.data.device.type == "cpu" and native.loaded()):
+        return None
+    if qw.shape[1] % 32 or qw.group_size % 32 or _int8_offset(qw.data) != 16:
+        return None
+    if not torch.equal(qw.scales.to(torch.float16).to(qw.scales.dtype), qw.scales):
+        return None
+    return Int5Native(qw)
 
 
 class Int8Shortlist:

@@ -30,7 +30,7 @@
  * prefetcher not running far enough ahead of short rows (docs/quant.md, "Native kernels"). */
 #define PREFETCH_BYTES 2048
 
-int codelm_kernels_abi(void) { return 26; }
+int codelm_kernels_abi(void) { return 27; }
 
 static inline float hsum(__m256 v)
 {
@@ -472,6 +472,37 @@ int codelm_pack_q5(const int8_t *w, int64_t n, int64_t k, uint8_t *out, int nthr
     for (int64_t b = 0; b < blocks; b++)
         bad |= pack_q5_block(w + b * BLOCK, out + b * 20);
     return bad ? -1 : 0;
+}
+
+/* out [count, k] = rows ids of a table codelm_pack_q5 packed ([n, k / 32 * 20] bytes, fp16
+ * scales [n, k / group]), dequantised: (q - 16) * scale, GGUF Q5_0's values. An embedding
+ * lookup (QuantizedEmbedding), so rows go to threads only where there are many. Returns 0,
+ * or -1 for an id outside 0 .. n - 1 or a shape that does not fit. */
+int codelm_q5_rows(const uint8_t *w, const uint16_t *ws, int64_t n, int64_t k, int64_t group,
+                   const int64_t *ids, int64_t count, float *out, int nthreads)
+{
+    if (k % BLOCK != 0 || group % BLOCK != 0 || k % group != 0 || nthreads < 1)
+        return -1;
+    for (int64_t i = 0; i < count; i++)
+        if (ids[i] < 0 || ids[i] >= n)
+            return -1;
+    const int64_t blocks = k / BLOCK, groups = k / group;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (count >= 64)
+    for (int64_t i = 0; i < count; i++) {
+        const uint8_t *row = w + ids[i] * blocks * 20;
+        for (int64_t b = 0; b < blocks; b++) {
+            int8_t q[BLOCK];
+            _mm256_storeu_si256((__m256i *)q,
+                                _mm256_sub_epi8(unpack_q5(row + b * 20), _mm256_set1_epi8(16)));
+            const __m256 d = _mm256_set1_ps(_cvtsh_ss(ws[ids[i] * groups + b * BLOCK / group]));
+            float *dst = out + i * k + b * BLOCK;
+            for (int j = 0; j < BLOCK; j += 8) {
+                const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + j)));
+                _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_cvtepi32_ps(v), d));
+            }
+        }
+    }
+    return 0;
 }
 
 /* 0x10 in byte j where bit j of `bits` is set, else 0 */

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from codelm.quant import native
+from codelm.quant.cpu import five_bit_table
 from codelm.quant.dispatch import DispatchConfig, Dispatcher, KernelPlan
 from codelm.quant.formats import INT4_GROUP, QuantizedWeight, select_rows
 from codelm.quant.reference import dequantize, quantize_int4, quantize_int8
@@ -132,25 +133,34 @@ class QuantizedLinear(nn.Module):
 
 class QuantizedEmbedding(nn.Module):
     """An embedding table kept quantised: a lookup dequantises only the rows it takes
-    (quant/reference.py), so int8 holds ~1.06 bytes a value where bf16 holds 2. Returns float32
+    (quant/reference.py), so int8 holds ~1.06 bytes a value where bf16 holds 2. `compact`:
+    where its int8 values fit in 5 bits (a GGUF Q5_0 table), hold it as int5_native holds
+    weights, 0.69 bytes a value (cpu.five_bit_table; the same numbers). Returns float32
     [..., K] for token ids [...]."""
 
-    def __init__(self, qweight: QuantizedWeight) -> None:
+    def __init__(self, qweight: QuantizedWeight, *, compact: bool = False) -> None:
         super().__init__()
-        self.qweight = qweight
         self.num_embeddings, self.embedding_dim = qweight.shape
+        self.scheme, self.group_size = qweight.scheme, qweight.group_size
+        self.five_bits = five_bit_table(qweight) if compact else None
+        self.qweight = qweight if self.five_bits is None else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = dequantize(select_rows(self.qweight, ids.reshape(-1)))
+        flat = ids.reshape(-1)
+        if self.five_bits is not None:
+            rows = self.five_bits.rows(flat)
+        else:
+            rows = dequantize(select_rows(self.qweight, flat))
         return rows.reshape(*ids.shape, self.embedding_dim)
 
     @property
     def nbytes(self) -> int:
-        return self.qweight.nbytes
+        return self.five_bits.nbytes if self.five_bits is not None else self.qweight.nbytes
 
     def extra_repr(self) -> str:
-        qw = self.qweight
-        return f"{self.num_embeddings}, {self.embedding_dim}, {qw.scheme} g{qw.group_size}"
+        held = " in 5 bits" if self.five_bits is not None else ""
+        size = f"{self.num_embeddings}, {self.embedding_dim}"
+        return f"{size}, {self.scheme} g{self.group_size}{held}"
 
 
 def quantize_model(

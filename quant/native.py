@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels_x86.c")
-_ABI = 26
+_ABI = 27
 _FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _ARCH = ("-march=native",)
 _COMPILE_TIMEOUT_S = 120
@@ -117,6 +117,8 @@ def _build_and_open(
     lib.codelm_q5_linear.restype = lib.codelm_pack_q5.restype = c_int
     lib.codelm_pack_q5.argtypes = (p, i64, i64, p, c_int)
     lib.codelm_unpack_gguf_int8.argtypes = (p, i64, c_int, p, p, c_int)
+    lib.codelm_q5_rows.argtypes = (p, p, i64, i64, i64, p, i64, p, c_int)
+    lib.codelm_q5_rows.restype = c_int
     lib.codelm_unpack_gguf_int8.restype = c_int
     lib.codelm_q8_swiglu.argtypes = (p, i64, i64, p, p, i64, i64, i32, p, c_int)
     lib.codelm_q4_swiglu.argtypes = (p, i64, i64, p, p, p, i64, i64, p, c_int)

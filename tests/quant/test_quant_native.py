@@ -22,6 +22,7 @@ from quant_helpers import (
 
 from codelm.daemon.engine.layers import silu_and_mul
 from codelm.quant import (
+    QuantizedEmbedding,
     concat_formats,
     cpu,
     dequantize,
@@ -194,6 +195,41 @@ def test_int5_native_multiplies_what_int8_native_does_in_fewer_bytes(gen, rows, 
     assert ((y - matmul(x, qw)).abs() <= int8_blocks_bound(x, dequantize(qw))).all()
     if group_size == 32:
         assert five.nbytes == 96 * 896 * 0.6875 and eight.nbytes == 96 * 896 * 1.0625
+
+
+def fp16_scaled(qw: Int8Weight) -> Int8Weight:
+    """qw with its scales rounded to float16, as GGUF blocks hold them."""
+    return Int8Weight(data=qw.data, scales=qw.scales.half().float(), group_size=qw.group_size)
+
+
+@needs_native
+@pytest.mark.parametrize("group_size", [32, 64, None])
+def test_int5_native_rows_are_the_dequantised_rows(gen, group_size):
+    # An embedding table in 5 bits: a lookup is the reference's values exactly. 100 ids go to
+    # threads, a few are looked up on one.
+    qw = fp16_scaled(five_bit(quantize_int8(weight(gen, 96, 896), group_size=group_size)[0]))
+    table = Int5Native(qw)
+    for ids in (torch.tensor([5, 0, 95, 5]), torch.randint(0, 96, (100,), generator=gen)):
+        assert torch.equal(table.rows(ids), dequantize(qw)[ids])
+    with pytest.raises(IndexError, match="outside 0 .. 95"):
+        table.rows(torch.tensor([3, 96]))
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["q5_0", "int8", "fp32 scales"])
+def test_a_compact_embedding_is_held_in_5_bits_only_where_that_is_exact(gen, case):
+    # A GGUF Q5_0 table (values in -16 .. 15, float16 scales): 0.6875 bytes a value against
+    # int8's 1.0625 + float32 scales; anything else stays as it is, lookups equal either way.
+    qw = quantize_int8(weight(gen, 50, 64), group_size=32)[0]
+    qw = five_bit(qw) if case != "int8" else qw
+    qw = fp16_scaled(qw) if case != "fp32 scales" else qw
+    table = QuantizedEmbedding(qw, compact=True)
+    ids = torch.tensor([[3, 7, 3], [49, 0, 12]])
+    assert torch.equal(table(ids), dequantize(qw)[ids])
+    if case == "q5_0":
+        assert table.qweight is None and table.nbytes == 50 * 64 * 0.6875
+    else:
+        assert table.five_bits is None and table.nbytes == qw.nbytes
 
 
 @needs_native
@@ -382,6 +418,13 @@ def test_avx2_tiles_match_reference_and_the_avx512_tiles(avx2_build, gen, case, 
     assert ((y - matmul(x, qw)).abs() <= bound).all()
     if not isinstance(_LIB, str):  # this machine's own build
         torch.testing.assert_close(y, Int8Tiles(qw)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_avx2_builds_look_up_5_bit_rows(avx2_build, gen):
+    # Their fifth bits in another order than AVX-512's (test_int5_native_packs_q_...).
+    qw = fp16_scaled(five_bit(quantize_int8(weight(gen, 40, 256), group_size=32)[0]))
+    ids = torch.tensor([0, 39, 17, 17])
+    assert torch.equal(avx2_build(qw, kernel=Int5Native).rows(ids), dequantize(qw)[ids])
 
 
 @pytest.mark.parametrize("qtype", ["Q5_0", "Q8_0"])
