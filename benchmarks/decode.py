@@ -9,6 +9,9 @@ this machine's bandwidth, measured as the best of 3 clones of a 1 GiB tensor (re
 llama-server gets the same prompt text with `cache_prompt: false`, `n_predict: 64`,
 `ignore_eos`; its own timings (prompt_per_second, predicted_per_second) are reported, its bytes
 per token being the GGUF's weight tensors. Warm-up runs are excluded; medians of --repeats.
+The peer is measured before codelm's rows and again after them, and its row holds the median
+of both sets (each set's prefill and decode medians too): a shared machine whose speed moves
+during a run moves both systems' numbers, not only the ratio's one side.
 
 `--isa avx2` measures, on a CPU with more, what an AVX2-only CPU gets: codelm's processes run
 with torch, oneDNN and MKL held to AVX2 and codelm's kernels and dispatcher limited to it
@@ -188,11 +191,27 @@ def measure_peer(
             "prompt_tokens": int(median(n_prompt)),
             "prefill_tok_s": median(prefill),
             "decode_tok_s": median(decode),
+            "prefill_samples": prefill,
+            "decode_samples": decode,
             "weights_MB": gguf_weight_bytes(model_path) / 1e6,
             "held_MB": gguf_weight_bytes(model_path) / 1e6,
             "kernels": "ggml",
             "threads": 2,
         }
+
+
+def bracketed(before: dict, after: dict) -> dict:
+    """One peer row from its measurements before and after codelm's rows: medians over both
+    sets of samples, each set's medians kept (`*_before`, `*_after`) to show the drift."""
+    row = dict(after)
+    for key in ("prefill", "decode"):
+        samples = before[f"{key}_samples"] + after[f"{key}_samples"]
+        row[f"{key}_samples"] = samples
+        row[f"{key}_tok_s"] = median(samples)
+        row[f"{key}_tok_s_before"] = before[f"{key}_tok_s"]
+        row[f"{key}_tok_s_after"] = after[f"{key}_tok_s"]
+    row["load_s"] = median([before["load_s"], after["load_s"]])
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,6 +258,26 @@ def add_peer_ratios(rows: list[dict]) -> None:
             row["decode_x"] = row["decode_tok_s"] / peer["decode_tok_s"]
 
 
+def _peer(args: argparse.Namespace, model_path: Path):
+    """A call that measures llama-server on this run's prompt (measure_peer), or why there is
+    none (a note for its row)."""
+    binary = peers.AVX2_BINARY if args.isa == "avx2" else peers.BINARY
+    if args.no_peers:
+        return "skipped (--no-peers)"
+    if not peers.available(binary):
+        return peers.AVX2_NOT_BUILT if args.isa == "avx2" else peers.NOT_BUILT
+    if model_path.suffix != ".gguf":
+        return "skipped: llama-server needs a .gguf model"
+    from codelm.daemon.engine.models import architecture
+    from codelm.daemon.engine.tokenizer import tokenizer_from_gguf
+    from codelm.daemon.engine.weights import read_gguf
+
+    meta = read_gguf(model_path, lambda arch: architecture(arch).GGUF_NAMES).meta
+    tokenizer = tokenizer_from_gguf(meta)
+    text = tokenizer.decode(source_tokens(tokenizer, args.prompt_tokens))
+    return lambda: measure_peer(model_path, text, args.decode_tokens, args.repeats, binary)
+
+
 def _run(args: argparse.Namespace, model_path: Path) -> int:
     measured = memory_bandwidth()
     bandwidth = measured["copy"]
@@ -251,6 +290,8 @@ def _run(args: argparse.Namespace, model_path: Path) -> int:
     )
     rows = []
     avx2 = args.isa == "avx2"
+    peer = _peer(args, model_path)
+    before = peer() if callable(peer) else None
     for quant in args.quant:
         with environment(AVX2_ENVIRONMENT if avx2 else {}):
             rows.append(
@@ -265,23 +306,9 @@ def _run(args: argparse.Namespace, model_path: Path) -> int:
                 )
             )
         print(f"  {quant}: done", flush=True)
-    peer_note = ""
-    binary = peers.AVX2_BINARY if avx2 else peers.BINARY
-    if args.no_peers:
-        peer_note = "skipped (--no-peers)"
-    elif not peers.available(binary):
-        peer_note = peers.AVX2_NOT_BUILT if avx2 else peers.NOT_BUILT
-    elif model_path.suffix != ".gguf":
-        peer_note = "skipped: llama-server needs a .gguf model"
-    else:
-        from codelm.daemon.engine.models import architecture
-        from codelm.daemon.engine.tokenizer import tokenizer_from_gguf
-        from codelm.daemon.engine.weights import read_gguf
-
-        meta = read_gguf(model_path, lambda arch: architecture(arch).GGUF_NAMES).meta
-        tokenizer = tokenizer_from_gguf(meta)
-        text = tokenizer.decode(source_tokens(tokenizer, args.prompt_tokens))
-        rows.append(measure_peer(model_path, text, args.decode_tokens, args.repeats, binary))
+    peer_note = "" if callable(peer) else peer
+    if before is not None:
+        rows.append(bracketed(before, peer()))
     for row in rows:
         row["GB_s"] = row["decode_tok_s"] * row["weights_MB"] / 1e3
         row["bw_share"] = row["GB_s"] / bandwidth
@@ -314,13 +341,21 @@ def _run(args: argparse.Namespace, model_path: Path) -> int:
         "quant in a fresh process, Python and torch included; file pages of the model read "
         "count too)"
     )
+    if before is not None:
+        drift = rows[-1]
+        print(
+            "llama-server before / after codelm's rows: prefill "
+            f"{drift['prefill_tok_s_before']:.1f} / {drift['prefill_tok_s_after']:.1f}, decode "
+            f"{drift['decode_tok_s_before']:.1f} / {drift['decode_tok_s_after']:.1f} tokens/s "
+            "(its row: the median of both)"
+        )
     print_kernels(rows)
     payload = {
         "model": str(model_path),
         "memory_bandwidth_GB_s": measured,
         "settings": vars(args),
         "kernel_cache": "user" if args.user_cache else "fresh (temporary CODELM_HOME)",
-        "peer": peer_note or peers.version(binary),
+        "peer": peer_note or peers.version(peers.AVX2_BINARY if avx2 else peers.BINARY),
         "rows": rows,
     }
     out = write_json("decode", payload, args.json)

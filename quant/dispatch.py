@@ -559,7 +559,8 @@ def _screened(
     n, k = qw.shape
     if qw.nbytes <= _SCREEN_BYTES or len(specs) < 2:
         return specs
-    part = select_rows(qw, torch.arange(max(16, n * _SLICE_BYTES // qw.nbytes // 16 * 16)))
+    rows_kept = min(n, max(16, n * _SLICE_BYTES // qw.nbytes // 16 * 16))
+    part = select_rows(qw, torch.arange(rows_kept))
     xs = {p: torch.randn(m, k, device=_device(qw)) for p, m in zip(_PHASES, rows, strict=True)}
     times: dict[str, dict[str, float]] = {phase: {} for phase in _PHASES}
     for name, spec in specs.items():
