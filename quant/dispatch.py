@@ -541,7 +541,7 @@ def _outclassed(
 # candidates on a slice of its rows of about _SLICE_BYTES, and builds whole only those no
 # candidate holding no more bytes beats there by _SCREEN_MARGIN, in decode or in prefill: the
 # default model's head built dense fp32, bf16 and fp16 copies of 545, 272 and 272 MB to time
-# them, ~3 s and ~0.6 GB of peak memory of a first load. The margin is wide of what the slice
+# them, ~3 s and ~0.35 GB of peak memory of a first load. The margin is wide of what the slice
 # moves (from cache, where the whole streams from memory) and of native_decode_slack.
 _SCREEN_BYTES = 64 << 20
 _SLICE_BYTES = 16 << 20
@@ -584,7 +584,7 @@ def _screened(
         )
 
     timed = {name: [p for p in _PHASES if name in times[p]] for name in specs}
-    dropped = [n for n, phases in timed.items() if phases and all(beaten(n, p) for p in phases)]
+    dropped = [name for name, ps in timed.items() if ps and all(beaten(name, p) for p in ps)]
     if dropped:
         logger.info(
             "%s %s: %s outclassed on %d of its rows, not timed whole",
