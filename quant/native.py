@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -27,18 +28,35 @@ _COMPILE_TIMEOUT_S = 120
 
 _loaded: ctypes.CDLL | str | None = None
 _arch = _ARCH  # what library() builds for (limit_to_avx2 narrows it)
+_lock = threading.Lock()  # held while the library is built and loaded
 
 
 def library(build_dir: Path | None = None) -> ctypes.CDLL | str:
-    """The loaded kernel library, or why there is none. The first call builds (about a second)
-    or reuses a build under `build_dir` (None: a temporary folder, removed once loaded); later
-    calls return the same result wherever they ask."""
+    """The loaded kernel library, or why there is none. The first call builds (4-5 s on 2
+    cores) or reuses a build under `build_dir` (None: a temporary folder, removed once
+    loaded); later calls return the same result wherever they ask, waiting for a build that
+    prepare() started."""
     global _loaded
-    if _loaded is None:
-        _loaded = _load(build_dir, _arch)
-        if isinstance(_loaded, str):
-            logger.info("native int8/int4 kernels unavailable: %s", _loaded)
-    return _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _load(build_dir, _arch)
+            if isinstance(_loaded, str):
+                logger.info("native int8/int4 kernels unavailable: %s", _loaded)
+        return _loaded
+
+
+def prepare(build_dir: Path) -> threading.Thread | None:
+    """Start library(build_dir) in a background thread and return it (None where the library
+    is loaded or being loaded already): the engine calls this before it reads a model, so a
+    first build overlaps the reading (the compiler runs in its own process), and the build
+    lands in the cache even where only attention and norms use it (--quant fp32)."""
+    if _loaded is not None or _lock.locked():
+        return None
+    thread = threading.Thread(
+        target=library, args=(build_dir,), name="codelm-native-build", daemon=True
+    )
+    thread.start()
+    return thread
 
 
 def loaded() -> ctypes.CDLL | None:
@@ -52,9 +70,10 @@ def limit_to_avx2() -> None:
     runs codelm's own code as an AVX2-only CPU would (dispatch.limit_to_avx2 says why). Before
     the first library() call only: a loaded build cannot be swapped under its kernels."""
     global _arch
-    if _loaded is not None:
-        raise RuntimeError("the native kernels are already loaded")
-    _arch = ("-march=haswell",)
+    with _lock:
+        if _loaded is not None:
+            raise RuntimeError("the native kernels are already loaded")
+        _arch = ("-march=haswell",)
 
 
 def build_key() -> str:

@@ -43,6 +43,11 @@ class LoadedModel:
 
 def load_model(config: EngineConfig, device: torch.device, progress=None) -> LoadedModel:
     path = resolve_model_path(config.model)
+    if device.type == "cpu":
+        # A first build of the native kernels (~4.5 s) overlaps reading the model.
+        from codelm.quant import native
+
+        native.prepare(kernel_dir())
     report = progress or (lambda fraction, message: None)
     report(0.0, f"reading {path.name}")
     if path.is_dir():
@@ -111,6 +116,13 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
     _trim_heap()
     report(1.0, "ready")
     return LoadedModel(model, tokenizer, args, device, dtype, info)
+
+
+def kernel_dir() -> Path:
+    """Where the native kernels are built and their rankings kept: the cache dir's kernels/."""
+    from ..config import resolve_paths
+
+    return resolve_paths().cache_dir / "kernels"
 
 
 def weight_bytes(model: nn.Module) -> tuple[int, int]:
@@ -305,9 +317,7 @@ class LinearFactory:
         if self.dispatcher is None:
             from codelm.quant import DispatchConfig, Dispatcher
 
-            from ..config import resolve_paths
-
-            cache_dir = resolve_paths().cache_dir / "kernels"
+            cache_dir = kernel_dir()
             # Prefill may run on copies beside the packed weights where that measures faster
             # (int8 tiles: ~1.5x bf16 with AVX-512 VNNI; bf16 with bf16 hardware: ~3x; fp16 on
             # AVX2: ~2.3x); decode always reads the packed weights.

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -46,6 +48,27 @@ from codelm.quant.formats import Int8Weight, SubScaledInt8Weight, select_rows
 
 _LIB = native.library()
 needs_native = pytest.mark.skipif(isinstance(_LIB, str), reason=f"no native kernel: {_LIB}")
+
+
+def test_library_waits_for_the_build_prepare_started(tmp_path, monkeypatch):
+    # The engine starts the build before reading a model; the first kernel that needs the
+    # library then waits for that build instead of starting another elsewhere.
+    monkeypatch.setattr(native, "_loaded", None)
+    started, built_in = threading.Event(), []
+
+    def slow_load(build_dir, arch):
+        built_in.append(build_dir)
+        started.set()
+        time.sleep(0.2)
+        return "built by prepare"
+
+    monkeypatch.setattr(native, "_load", slow_load)
+    thread = native.prepare(tmp_path)
+    assert thread is not None and started.wait(5)
+    assert native.library(tmp_path / "elsewhere") == "built by prepare"
+    assert built_in == [tmp_path]
+    thread.join(5)
+    assert native.prepare(tmp_path) is None  # loaded: nothing more to start
 
 
 @needs_native
