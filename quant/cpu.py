@@ -424,10 +424,19 @@ class Int8Tiles:
     weights (as w + 128) or int4 ones (as q) laid out in tiles of 16 output channels, so with
     AVX-512 VNNI one vpdpbusd adds 64 products into 16 outputs (256-bit code elsewhere); x is
     quantised in blocks of 32 as for Int8Native, so the numbers are its numbers summed in
-    another order. ~1.2 bytes per weight, paid from the dense budget like a dequantised copy,
-    prefill only (docs/quant.md)."""
+    another order. 1.125 bytes per weight (1.25 for int4, with its zeros), paid from the dense
+    budget like a dequantised copy, prefill only (docs/quant.md)."""
 
     name = "int8_tiles"
+
+    @staticmethod
+    def bytes_for(qw: QuantizedWeight, *, requantize: bool = False) -> int:
+        """What the copy of qw holds: a byte per weight of whole tiles of 16 channels, and a
+        float32 scale (and int4's zero) per channel and block of 32."""
+        n, k = qw.shape
+        padded = n + (-n % 16)
+        per_block = 2 if isinstance(qw, Int4Weight) and not requantize else 1
+        return padded * k + padded * (k // 32) * 4 * per_block
 
     def __init__(self, qw: QuantizedWeight, *, requantize: bool = False) -> None:
         """`requantize`: hold an int4 weight as int8 blocks of 32 (its dequantised values rounded
@@ -515,6 +524,10 @@ class Int4AsInt8Tiles(Int8Tiles):
     def __init__(self, qw: QuantizedWeight) -> None:
         super().__init__(qw, requantize=True)
 
+    @staticmethod
+    def bytes_for(qw: QuantizedWeight, *, requantize: bool = True) -> int:
+        return Int8Tiles.bytes_for(qw, requantize=requantize)
+
 
 class SubScaledTiles:
     """A prefill copy of a sub-scaled weight (GGUF Q6_K and Q5_K: SubScaledInt8Weight) in its
@@ -526,6 +539,15 @@ class SubScaledTiles:
     ~1.375 bytes per weight (1.5 with zeros)."""
 
     name = "sub_scaled_tiles"
+
+    @staticmethod
+    def bytes_for(qw: QuantizedWeight) -> int:
+        """q a byte per weight of whole tiles; per channel and block of 32 its two int8
+        sub-scales twice, its int32 offset sum and float32 scale (and zero)."""
+        n, k = qw.shape
+        padded = n + (-n % 16)
+        zeros = getattr(qw, "zeros", None) is not None
+        return padded * k + padded * (k // 32) * (12 + 4 * zeros)
 
     def __init__(self, qw: SubScaledInt8Weight) -> None:
         lib = _native_library(self.name)
@@ -707,6 +729,9 @@ class KernelSpec:
     build: Callable[[QuantizedWeight], Kernel]
     # > 0: a copy beside the format, paid from DispatchConfig.dense_budget_bytes.
     dense_bytes_per_weight: float = 0
+    # The copy's exact bytes for a weight, where they are not dense_bytes_per_weight for each
+    # (the tiles' scales and padding): what the budget is charged.
+    copy_bytes: Callable[[QuantizedWeight], int] | None = None
     # A DispatchConfig flag that must be on, for kernels that change numerics beyond the
     # format (allow_lossy) or need an optional package (use_bitsandbytes).
     opt_in: str | None = None
@@ -738,20 +763,27 @@ CPU_KERNELS: dict[str, KernelSpec] = {
         KernelSpec("int4_native", ("int4",), Int4Native, unavailable=_native_unavailable),
         KernelSpec("int5_native", ("int8",), Int5Native, unavailable=_five_bit_unavailable),
         KernelSpec(
-            "int8_tiles", ("int4", "int8"), Int8Tiles, 1.25, unavailable=_native_unavailable
+            "int8_tiles",
+            ("int4", "int8"),
+            Int8Tiles,
+            1.125,
+            copy_bytes=Int8Tiles.bytes_for,
+            unavailable=_native_unavailable,
         ),
         KernelSpec(
             "sub_scaled_tiles",
             ("int8",),
             SubScaledTiles,
             1.375,
+            copy_bytes=SubScaledTiles.bytes_for,
             unavailable=_sub_scaled_unavailable,
         ),
         KernelSpec(
             "int4_as_int8_tiles",
             ("int4",),
             Int4AsInt8Tiles,
-            1.25,
+            1.125,
+            copy_bytes=Int4AsInt8Tiles.bytes_for,
             unavailable=_native_unavailable,
         ),
     )

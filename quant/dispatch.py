@@ -773,6 +773,8 @@ _NATIVE = ("int4_native", "int8_native")
 
 
 def _dense_bytes(spec: KernelSpec, qw: QuantizedWeight) -> int:
+    if spec.copy_bytes is not None:
+        return spec.copy_bytes(qw)
     n, k = qw.shape
     return int(spec.dense_bytes_per_weight * n * k)
 

@@ -28,6 +28,7 @@ from codelm.quant import (
     concat_formats,
     cpu,
     dequantize,
+    dispatch,
     matmul,
     native,
     quantize_int4,
@@ -367,6 +368,23 @@ def test_sub_scaled_tiles_multiply_the_exact_k_quant_values(gen, qtype, n, rows)
     assert y.shape == (rows, n)
     w = qw.exact()
     assert ((y - x @ w.T).abs() <= int8_blocks_bound(x, w)).all()
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["int8", "int8-5bit", "int4", "int4-as-int8", "Q6_K", "Q5_K"])
+def test_the_budget_is_charged_what_a_tiles_copy_holds(gen, case):
+    # The dispatcher charges a copy's bytes before building it (prefill_copies = "300MB"
+    # once held 270 MB: tiles were counted at 1.25 bytes a weight, int8 ones hold 1.125).
+    # 40 channels: the last tile padded.
+    if case in SUB_SCALED_BLOCKS:
+        name, qw = "sub_scaled_tiles", _sub_scaled(40, 768, case)
+    else:
+        w = weight(gen, 40, 768)
+        qw = quantize_int4(w, 64)[0] if case.startswith("int4") else quantize_int8(w, 32)[0]
+        qw = five_bit(qw) if case == "int8-5bit" else qw
+        name = "int4_as_int8_tiles" if case == "int4-as-int8" else "int8_tiles"
+    spec = CPU_KERNELS[name]
+    assert dispatch._dense_bytes(spec, qw) == spec.build(qw).nbytes
 
 
 @needs_native
