@@ -42,10 +42,14 @@ _PHASES = ("decode", "prefill")
 # kernel overtakes the decode one (KernelPlan.decode_max_rows): a short prefill after an
 # edit (a few tokens) or a draft check is neither a decode step nor a 128-row chunk.
 _CROSSOVER_ROWS = (2, 4, 8, 16)
-# _DECODE_NO_DENSE: dense copies serve prefill only. Decode is memory-bound and reads every
-# weight per token: over all SmolLM2 layers (cold caches, 1 thread) int4pack_bf16 took 5.6 ms
-# per token, dense_bf16 29 ms, dense_fp32 47 ms, while hot-cache calibration of one layer
-# flatters the dense copies.
+
+
+def _runs_in(spec: KernelSpec, phase: str) -> bool:
+    """Whether spec's kernel is a candidate in `phase`. Dense copies serve prefill only
+    (docs/quant.md): decode is memory-bound and reads every weight per token. Over all
+    SmolLM2 layers (cold caches, 1 thread) int4pack_bf16 took 5.6 ms per token, dense_bf16 29
+    ms, dense_fp32 47 ms, while hot-cache calibration of one layer flatters the dense copies."""
+    return not (phase == "decode" and spec.dense_bytes_per_weight)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -372,8 +376,8 @@ class Dispatcher:
         order = sorted(
             (t / slack if n in _NATIVE else t, n)
             for n, t in times.items()
-            # Dense copies never decode (see _DECODE_NO_DENSE), whatever a ranking says.
-            if n in specs and not (phase == "decode" and specs[n].dense_bytes_per_weight)
+            # Dense copies never decode (_runs_in), whatever a ranking says.
+            if n in specs and _runs_in(specs[n], phase)
         )
         held = {n: 0 if n == free else _dense_bytes(specs[n], qw) for _, n in order}
         affordable = [(t, n) for t, n in order if held[n] <= left]
@@ -432,9 +436,10 @@ def _calibrate(
         try:
             kernel = spec.build(qw)
             for phase, x in xs.items():
-                if phase == "decode" and spec.dense_bytes_per_weight:
-                    continue  # see _DECODE_NO_DENSE
-                if phase.startswith("rows") and _outclassed(name, spec, prefilled, held, tie):
+                if not _runs_in(spec, phase):
+                    continue
+                copy = spec.dense_bytes_per_weight
+                if phase.startswith("rows") and copy and _outclassed(name, prefilled, held, tie):
                     break
                 best = min(times[phase].values(), default=math.inf)
                 times[phase][name] = _time_ms(kernel, x, best_ms=best)
@@ -526,14 +531,14 @@ def _calibrate_tiled_from(
         times[f"rows{m}"][name] = paths["tiled" if m >= choice else "rows"][m]
 
 
-def _outclassed(
-    name: str, spec: KernelSpec, prefill: dict[str, float], held: dict[str, int], tie: float
-) -> bool:
-    if not spec.dense_bytes_per_weight or name not in prefill:
+def _outclassed(name: str, times: dict[str, float], held: dict[str, int], factor: float) -> bool:
+    """Whether another candidate holding no more bytes than `name` timed faster than it by more
+    than `factor` in `times` (one phase's); False where `name` has no time there."""
+    if name not in times:
         return False
     return any(
-        other != name and held[other] <= held[name] and ms * tie < prefill[name]
-        for other, ms in prefill.items()
+        other != name and held[other] <= held[name] and ms * factor < times[name]
+        for other, ms in times.items()
     )
 
 
@@ -567,7 +572,7 @@ def _screened(
         try:
             kernel = spec.build(part)
             for phase, x in xs.items():
-                if not (phase == "decode" and spec.dense_bytes_per_weight):  # _DECODE_NO_DENSE
+                if _runs_in(spec, phase):
                     best = min(times[phase].values(), default=math.inf)
                     times[phase][name] = _time_ms(kernel, x, best_ms=best)
         except (RuntimeError, NotImplementedError):
@@ -575,16 +580,11 @@ def _screened(
                 phase_times.pop(name, None)
         kernel = None
 
-    def beaten(name: str, phase: str) -> bool:
-        at = times[phase]
-        return any(
-            held[other] <= held[name] and ms * _SCREEN_MARGIN < at[name]
-            for other, ms in at.items()
-            if other != name
-        )
+    def beaten(name: str) -> bool:  # in every phase it was timed in
+        phases = [times[p] for p in _PHASES if name in times[p]]
+        return bool(phases) and all(_outclassed(name, t, held, _SCREEN_MARGIN) for t in phases)
 
-    timed = {name: [p for p in _PHASES if name in times[p]] for name in specs}
-    dropped = [name for name, ps in timed.items() if ps and all(beaten(name, p) for p in ps)]
+    dropped = [name for name in specs if beaten(name)]
     if dropped:
         logger.info(
             "%s %s: %s outclassed on %d of its rows, not timed whole",
