@@ -463,26 +463,24 @@ class Int8Tiles:
             [o for t0, t1, o in self.runs for _ in range(t0, t1)], dtype=torch.uint8
         )
 
-        # Laid out a part of tiles at a time: a head's temporaries stay a part's, not its size.
-        # Each channel's 4 consecutive k move together: copied as int32, half the time bytes took.
         self.data = torch.empty(tiles, blocks, 8, 16, 4, dtype=torch.uint8)
-        words = self.data.view(torch.int32).view(tiles, blocks, 8, 16)
         scales = []
-        step = max(1, (_REQUANTIZE_BYTES if requantize else _PACK_BYTES) // (16 * k))
-        for t0 in range(0, tiles, step):
-            t1 = min(t0 + step, tiles)
-            if requantize:
-                index = torch.arange(t0 * 16, min(t1 * 16, n))
-                part = round_int8(dequantize(select_rows(qw, index)), 32)
-                rows = part.data
-                scales.append(part.scales)
-            else:
-                rows = qw.data[t0 * 16 : t1 * 16]
-            if int4:
-                u = unpack_int4(rows)
-            else:  # w + its tile's offset, mod 256
-                u = rows.view(torch.uint8) + offsets[t0:t1].repeat_interleave(16)[: len(rows), None]
-            words[t0:t1] = _tile_words(u, t1 - t0, pad_value=int(offsets[t1 - 1]))
+        if int4 or requantize:
+            # A part of tiles at a time: the unpacked or requantised temporaries stay a part's.
+            step = max(1, (_REQUANTIZE_BYTES if requantize else _PACK_BYTES) // (16 * k))
+            for t0 in range(0, tiles, step):
+                t1 = min(t0 + step, tiles)
+                if requantize:
+                    index = torch.arange(t0 * 16, min(t1 * 16, n))
+                    part = round_int8(dequantize(select_rows(qw, index)), 32)
+                    rows = part.data
+                    scales.append(part.scales)
+                else:
+                    rows = unpack_int4(qw.data[t0 * 16 : t1 * 16])  # q, stored as it is
+                added = offsets[t0:t1] if requantize else torch.zeros_like(offsets[t0:t1])
+                _tile_bytes(lib, rows, added, self.data[t0:t1])
+        else:  # w + its tile's offset, mod 256
+            _tile_bytes(lib, qw.data, offsets, self.data)
         per_block = torch.cat(scales) if requantize else _per_block(qw.scales, blocks)
         self.scales = _tiled(per_block.float(), tiles).contiguous()
         zeros = _tiled(_per_block(qw.zeros, blocks).float(), tiles) if int4 else None
@@ -557,7 +555,7 @@ class SubScaledTiles:
         self.padded_n = n + (-n % 16)
         tiles = self.padded_n // 16
         self.data = torch.empty(tiles, blocks, 8, 16, 4, dtype=torch.uint8)
-        words = self.data.view(torch.int32).view(tiles, blocks, 8, 16)
+        _tile_bytes(lib, qw.sub_data, torch.zeros(tiles, dtype=torch.uint8), self.data)
         # Per tile and block: the scales of its two 16s for each column of 8 channels, each
         # twice (vpmaddwd's pairs); -128 * sum(q * scale) per channel (x goes in as x + 128).
         self.sub = torch.empty(tiles, blocks, 2, 2, 8, 2, dtype=torch.int8)
@@ -570,7 +568,6 @@ class SubScaledTiles:
             rows = slice(t0 * 16, min(t1 * 16, n))
 
             q = qw.sub_data[rows]
-            words[t0:t1] = _tile_words(q.view(torch.uint8), t1 - t0, pad_value=0)
             sc = qw.sub_scales[rows]  # [rows, B * 2]
             halves = _pad_rows(sc, (t1 - t0) * 16).view(t1 - t0, 2, 8, blocks, 2)
             halves = halves.permute(0, 3, 4, 1, 2)
@@ -590,12 +587,18 @@ class SubScaledTiles:
         return y if self.padded_n == self.n else y[:, : self.n]
 
 
-def _tile_words(u: torch.Tensor, tiles: int, pad_value: int) -> torch.Tensor:
-    """uint8 rows [<= 16 tiles, K] (padded with pad_value) in the tile layout as int32 words
-    [tiles, K / 32, 8, 16]: each channel's 4 consecutive k move together (copied as int32, half
-    the time bytes took)."""
-    u = F.pad(u, (0, 0, 0, tiles * 16 - u.shape[0]), value=pad_value)
-    return u.view(torch.int32).view(tiles, 16, u.shape[1] // 32, 8).permute(0, 2, 3, 1)
+def _tile_bytes(lib, rows: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor) -> None:
+    """out [tiles, K / 32, 8, 16, 4] = int8 (or uint8) rows [<= 16 tiles, K] in the tile layout,
+    tile t's bytes plus offsets[t] (uint8 [tiles], mod 256), rows past the last as zeros
+    (codelm_tile_bytes)."""
+    rows = rows.contiguous()
+    offsets = offsets.to(torch.uint8).contiguous()
+    n, k = rows.shape
+    rc = lib.codelm_tile_bytes(
+        rows.data_ptr(), n, k, offsets.data_ptr(), out.data_ptr(), torch.get_num_threads()
+    )
+    if rc != 0 or out.shape[0] != len(offsets) or -(-n // 16) != out.shape[0]:
+        raise ValueError(f"tile layout of {n}x{k} rows into {out.shape[0]} tiles failed")
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels_x86.c")
-_ABI = 27
+_ABI = 28
 _FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _ARCH = ("-march=native",)
 _COMPILE_TIMEOUT_S = 120
@@ -153,6 +153,8 @@ def _build_and_open(
     lib.codelm_tiles_linear.argtypes = (p, i64, i64, p, i32, p, p, i64, i64, p, c_int)
     lib.codelm_tiles_swiglu.argtypes = (p, i64, i64, p, i32, p, p, i64, p, c_int)
     lib.codelm_tiles_linear.restype = lib.codelm_tiles_swiglu.restype = c_int
+    lib.codelm_tile_bytes.argtypes = (p, i64, i64, p, p, c_int)
+    lib.codelm_tile_bytes.restype = c_int
     lib.codelm_sub_tiles_linear.argtypes = (p, i64, i64, p, p, p, p, p, i64, p, c_int)
     lib.codelm_sub_tiles_linear.restype = c_int
     lib.codelm_swiglu.argtypes = (p, i64, i64, p, c_int)

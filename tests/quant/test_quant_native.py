@@ -306,6 +306,31 @@ def test_tiles_of_a_fused_layer_take_each_runs_offset(gen, monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tile_bytes_are_the_layout_each_tile_at_its_offset(gen, threads):
+    # The layout by definition: tile t, block b, step s, channel c holds the 4 bytes k = 32 b +
+    # 4 s .. + 3 of row 16 t + c, plus the tile's offset (mod 256); rows past the last (40 is
+    # 2 tiles and a half) are zeros plus it.
+    n, k = 40, 96
+    rows = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    offsets = torch.tensor([128, 16, 7], dtype=torch.uint8)
+    out = torch.full((3, k // 32, 8, 16, 4), 99, dtype=torch.uint8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        cpu._tile_bytes(_LIB, rows, offsets, out)
+    finally:
+        torch.set_num_threads(before)
+    u = torch.zeros(48, k, dtype=torch.uint8)
+    u[:n] = rows.view(torch.uint8)
+    u += offsets.repeat_interleave(16)[:, None]
+    expected = u.view(3, 16, k // 32, 8, 4).permute(0, 2, 3, 1, 4)
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="tile layout"):
+        cpu._tile_bytes(_LIB, rows, offsets[:2], out[:2])  # 40 rows are 3 tiles
+
+
+@needs_native
 @pytest.mark.parametrize("rows", [5, 100, 203])  # 203: 3 whole spans of rows and 5 more
 def test_tiles_outputs_are_the_same_whatever_the_threads(gen, rows):
     # The threads split rows x tile pairs between them, a span cut anywhere along its pairs:
