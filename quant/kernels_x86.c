@@ -24,13 +24,25 @@
 #error "codelm's native kernel needs AVX2 and F16C"
 #endif
 
+/* PARTS: native.py compiles this file twice at once, as two objects of one library: with
+ * -DCODELM_PART=1 all but the prefill tiles, with -DCODELM_PART=2 those alone, each about half
+ * of the compile (the tile kernels are built for every kind of weight and every row count of a
+ * call's last group). Without CODELM_PART it is the whole. Both parts take what stands outside
+ * the #if blocks: static inline helpers, each part compiling its own copy of those it uses. */
+#ifndef CODELM_PART
+#define CODELM_PART 0
+#endif
+#define HIDDEN __attribute__((visibility("hidden"))) /* one part's function the other calls */
+
 #define BLOCK 32
 /* The row kernels ask for the weight bytes this far ahead where a row is shorter: int4 rows of
  * K = 896 (448 bytes) otherwise wait on memory at each row's first load, the hardware
  * prefetcher not running far enough ahead of short rows (docs/quant.md, "Native kernels"). */
 #define PREFETCH_BYTES 2048
 
+#if CODELM_PART != 2
 int codelm_kernels_abi(void) { return 28; }
+#endif
 
 static inline float hsum(__m256 v)
 {
@@ -357,9 +369,12 @@ INLINE void weight_row(const void *wr, const uint16_t *ws, const uint16_t *wz, i
 /* Floats rounded up to whole 64-byte lines, so threads' scratch never shares a line. */
 static int64_t padded(int64_t floats) { return (floats + 15) / 16 * 16; }
 
-static int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const uint16_t *ws,
+/* In the prefill part (PARTS), called by linear() below. */
+HIDDEN int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const uint16_t *ws,
                       const uint16_t *wz, int64_t group, int64_t n, int fmt, float *y,
                       int32_t offset, int swiglu, int nthreads);
+
+#if CODELM_PART != 2 /* (see PARTS above) */
 /* y [m, n] = x [m, k] @ w.T for w [n, k] in `fmt`: int8 (FMT_Q8), repacked int4 [n, k / 2]
  * with zeros wz (FMT_Q4) or int8 in 5 bits [n, k / 32 * 20] (FMT_Q5); fp16 scales (and zeros)
  * [n, k / group]. `offset`: what int8 w takes to be unsigned in the tile kernel (16 where every
@@ -655,6 +670,8 @@ int64_t codelm_shortlist(float *a, float times, const float *bound, const float 
     return count;
 }
 
+#endif
+
 /* ---- SwiGLU: silu(gate) * up, for the decode step and for prefill (layers.silu_and_mul) ---- */
 
 /* e^x in 8 lanes: 2^n * e^r with x = n ln 2 + r, |r| <= ln 2 / 2, e^r by Cephes' expf
@@ -686,6 +703,7 @@ static inline __m256 silu_mul8(__m256 g, __m256 u)
 }
 
 /* out[i] = gate[i] / (1 + e^-gate[i]) * up[i] for i < n */
+#if CODELM_PART != 2 /* (see PARTS above) */
 static void silu_mul(const float *gate, const float *up, int64_t n, float *out)
 {
     int64_t i = 0;
@@ -1112,6 +1130,9 @@ int codelm_attention(const float *q, int64_t q_pos, int64_t q_head, const void *
     return failed ? -1 : 0;
 }
 
+#endif
+
+#if CODELM_PART != 1 /* (see PARTS above) */
 /* ---- Prefill: weights in tiles of 16 output channels (AVX-512 VNNI; 256-bit below) ----
  * The row-at-a-time loop above sums each output with a horizontal add and reloads x for every
  * weight row: fine for a few rows (decode), far from what vpdpbusd can do for a prompt. Here a
@@ -1698,7 +1719,7 @@ int codelm_tile_bytes(const int8_t *w, int64_t n, int64_t k, const uint8_t *offs
  * one: the prefill kernel where the memory budget leaves a layer no copy. n % 16 == 0. With
  * `swiglu` w is a fused gate / up projection (n % 32 == 0) and y [m, n / 2] gets silu(gate) *
  * up: a thread's run is of gate tiles, each laid out with its up tile (n / 32 tiles on). */
-static int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const uint16_t *ws,
+HIDDEN int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const uint16_t *ws,
                       const uint16_t *wz, int64_t group, int64_t n, int fmt, float *y,
                       int32_t offset, int swiglu, int nthreads)
 {
@@ -1822,6 +1843,9 @@ int codelm_tiles_swiglu(const float *x, int64_t m, int64_t k, const uint8_t *wt,
 {
     return tiles_gemm(x, m, k, wt, offset, ws, wz, n, y, n / 2, 1, nthreads);
 }
+#endif
+
+#if CODELM_PART != 2 /* (see PARTS above) */
 /* ---- One decode step of llama-family blocks, all in C (daemon/engine/fused_decode.py) ----
  * The same arithmetic as the torch modules (RMSNorm, q/k/v with bias, rotate-half RoPE, GQA
  * attention, SwiGLU) around the linear above, without ~20 torch ops per block between the
@@ -1947,3 +1971,4 @@ int codelm_decode_step(const codelm_block *blocks, const codelm_shape *s, float 
     free(buf);
     return rc;
 }
+#endif
