@@ -594,11 +594,16 @@ def _tile_bytes(lib, rows: torch.Tensor, offsets: torch.Tensor, out: torch.Tenso
     rows = rows.contiguous()
     offsets = offsets.to(torch.uint8).contiguous()
     n, k = rows.shape
-    rc = lib.codelm_tile_bytes(
-        rows.data_ptr(), n, k, offsets.data_ptr(), out.data_ptr(), torch.get_num_threads()
-    )
-    if rc != 0 or out.shape[0] != len(offsets) or -(-n // 16) != out.shape[0]:
-        raise ValueError(f"tile layout of {n}x{k} rows into {out.shape[0]} tiles failed")
+    tiles = -(-n // 16)
+    # Checked before the call: the C writes every tile the rows make and reads their offsets.
+    if out.shape != (tiles, k // 32, 8, 16, 4) or not out.is_contiguous() or len(offsets) != tiles:
+        raise ValueError(
+            f"tile layout: {n}x{k} rows make {tiles} tiles, not {out.shape[0]} "
+            f"with {len(offsets)} offsets"
+        )
+    threads = torch.get_num_threads()
+    if lib.codelm_tile_bytes(rows.data_ptr(), n, k, offsets.data_ptr(), out.data_ptr(), threads):
+        raise ValueError(f"tile layout of {n}x{k} rows failed (K must be a multiple of 32)")
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
