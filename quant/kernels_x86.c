@@ -27,11 +27,11 @@
 /* PARTS: native.py compiles this file three times at once, as the objects of one library:
  * with -DCODELM_PART=1 all but the prefill tiles, with 2 the tiles' GEMMs, with 3 their
  * sub-scaled kernel; the tile kernels, built for every kind of weight and every row count of a
- * call's last group, are most of the compile. Without CODELM_PART it is the whole. What stands
- * outside the #if blocks every part takes (static inline helpers, each part compiling its own
- * copy of those it uses); HIDDEN functions are called across parts. */
-#ifndef CODELM_PART
-#define CODELM_PART 0
+ * call's last group, are most of the compile. What stands outside the #if blocks every part
+ * takes (static inline helpers, each part compiling its own copy of those it uses); HIDDEN
+ * functions are called across parts. */
+#if !defined(CODELM_PART) || CODELM_PART < 1 || CODELM_PART > 3
+#error "build kernels_x86.c as its parts: -DCODELM_PART=1, 2 and 3 (native.py does)"
 #endif
 #define HIDDEN __attribute__((visibility("hidden"))) /* one part's function the other calls */
 
@@ -41,7 +41,7 @@
  * prefetcher not running far enough ahead of short rows (docs/quant.md, "Native kernels"). */
 #define PREFETCH_BYTES 2048
 
-#if CODELM_PART == 0 || CODELM_PART == 1
+#if CODELM_PART == 1
 int codelm_kernels_abi(void) { return 28; }
 #endif
 
@@ -375,7 +375,7 @@ HIDDEN int rows_tiled(const float *x, int64_t m, int64_t k, const void *w, const
                       const uint16_t *wz, int64_t group, int64_t n, int fmt, float *y,
                       int32_t offset, int swiglu, int nthreads);
 
-#if CODELM_PART == 0 || CODELM_PART == 1 /* (see PARTS above) */
+#if CODELM_PART == 1 /* (see PARTS above) */
 /* y [m, n] = x [m, k] @ w.T for w [n, k] in `fmt`: int8 (FMT_Q8), repacked int4 [n, k / 2]
  * with zeros wz (FMT_Q4) or int8 in 5 bits [n, k / 32 * 20] (FMT_Q5); fp16 scales (and zeros)
  * [n, k / group]. `offset`: what int8 w takes to be unsigned in the tile kernel (16 where every
@@ -704,7 +704,7 @@ static inline __m256 silu_mul8(__m256 g, __m256 u)
 }
 
 /* out[i] = gate[i] / (1 + e^-gate[i]) * up[i] for i < n */
-#if CODELM_PART == 0 || CODELM_PART == 1 /* (see PARTS above) */
+#if CODELM_PART == 1 /* (see PARTS above) */
 static void silu_mul(const float *gate, const float *up, int64_t n, float *out)
 {
     int64_t i = 0;
@@ -1447,7 +1447,7 @@ static void quantize_tile_rows(const float *x, int64_t rows, int64_t k, int32_t 
 
 #endif
 
-#if CODELM_PART == 0 || CODELM_PART == 3 /* (see PARTS above) */
+#if CODELM_PART == 3 /* (see PARTS above) */
 /* One call per (rows, weight kind), so each is compiled with its loops unrolled. */
 #define SUB_CALL(MR, WZ)                                                                         \
     for (int j = 0; j < nt; j++)                                                                 \
@@ -1484,9 +1484,8 @@ HIDDEN void sub_tile_rows(const int8_t *xq, const float *xd, const float *xs, in
 #undef SUB_CALL
 #endif
 
-#if CODELM_PART == 0 || CODELM_PART == 2 /* (see PARTS above) */
-/* sub_column_kernel for mr rows and nt tiles, built once per mr: part 3 (above where the
- * file is built whole). */
+#if CODELM_PART == 2 /* (see PARTS above) */
+/* sub_column_kernel for mr rows and nt tiles, built once per mr: part 3. */
 HIDDEN void sub_tile_rows(const int8_t *xq, const float *xd, const float *xs, int64_t k,
                           const uint8_t *wt, const float *ws, const float *wz, sub_scales sub,
                           int64_t gap, float *y, int64_t ldy, int mr, int nt);
@@ -1866,7 +1865,7 @@ int codelm_tiles_swiglu(const float *x, int64_t m, int64_t k, const uint8_t *wt,
 }
 #endif
 
-#if CODELM_PART == 0 || CODELM_PART == 1 /* (see PARTS above) */
+#if CODELM_PART == 1 /* (see PARTS above) */
 /* ---- One decode step of llama-family blocks, all in C (daemon/engine/fused_decode.py) ----
  * The same arithmetic as the torch modules (RMSNorm, q/k/v with bias, rotate-half RoPE, GQA
  * attention, SwiGLU) around the linear above, without ~20 torch ops per block between the
