@@ -2,13 +2,17 @@
 or GGUF types without an exact int4/int8 mapping) loads fast the second time.
 
 One safetensors file per (model file, quantisation, torch version), in the user cache dir.
+A file that replaces another for the same model name and quantisation (the model file, torch
+or this format changed) removes the one it replaces, so upgrades leave no dead copies behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -16,6 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = "3"  # bump when a format's meaning changes
+_KEY_HEX = 24  # characters of the key's hash in a file name
 
 
 def model_fingerprint(path: Path) -> str:
@@ -44,7 +49,7 @@ class WeightCache:
     @classmethod
     def for_model(cls, model_path: Path, quant: str, cache_dir: Path) -> WeightCache:
         key = f"{model_fingerprint(model_path)}:{quant}:{torch.__version__}:{CACHE_VERSION}"
-        name = hashlib.sha256(key.encode()).hexdigest()[:24]
+        name = hashlib.sha256(key.encode()).hexdigest()[:_KEY_HEX]
         return cls(cache_dir / "weights" / f"{model_path.name}-{quant}-{name}.safetensors")
 
     def _load(self) -> None:
@@ -57,6 +62,8 @@ class WeightCache:
         except (OSError, ValueError, RuntimeError) as exc:
             logger.warning("ignoring unreadable weight cache %s: %s", self.file, exc)
             self.tensors, self.meta = {}, {}
+            return
+        self._drop_superseded()
 
     def get(self, name: str, asked: str):
         """The cached QuantizedWeight of layer `name` made when scheme `asked` was asked for, or
@@ -91,4 +98,24 @@ class WeightCache:
             logger.info("cached quantised weights in %s", self.file)
         except OSError as exc:
             logger.warning("could not write the weight cache %s: %s", self.file, exc)
+        else:
+            self._drop_superseded()
         self.is_dirty = False
+
+    def _drop_superseded(self) -> None:
+        """Remove this file's predecessors: the files of the same model name and quantisation
+        under another key, which no load of this version reads again."""
+        stem = self.file.name.removesuffix(".safetensors")
+        head = stem[:-_KEY_HEX]  # "{model name}-{quant}-", as for_model names it
+        if len(stem) <= _KEY_HEX or not head.endswith("-"):
+            return
+        pattern = re.compile(re.escape(head) + f"[0-9a-f]{{{_KEY_HEX}}}\\.safetensors")
+        removed = 0
+        for path in self.file.parent.iterdir():
+            if path != self.file and pattern.fullmatch(path.name):
+                with contextlib.suppress(OSError):  # removed by another process meanwhile
+                    size = path.stat().st_size
+                    path.unlink()
+                    removed += size
+        if removed:
+            logger.info("removed %.0f MB of superseded weight caches %s*", removed / 1e6, head)

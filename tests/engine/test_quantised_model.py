@@ -114,6 +114,37 @@ def test_the_weight_cache_serves_a_layer_only_for_the_scheme_it_was_made_for(tmp
     assert reopened.get("blk.other", asked="int4") is None
 
 
+def test_a_new_weight_cache_removes_the_one_it_supersedes(tmp_path):
+    # An upgrade (torch, the cache format) or a changed model file gives a new key: the old
+    # file of that model and quantisation is never read again, so writing the new one drops it.
+    from codelm.daemon.engine.weight_cache import WeightCache
+    from codelm.quant import quantize_int8
+
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")
+    folder = tmp_path / "cache" / "weights"
+    folder.mkdir(parents=True)
+    old = folder / f"model.gguf-int8-{'a' * 24}.safetensors"
+    kept = [
+        folder / f"model.gguf-int4-{'b' * 24}.safetensors",  # another quantisation
+        folder / f"other.gguf-int8-{'c' * 24}.safetensors",  # another model
+        folder / "model.gguf-int8-notes.safetensors",  # not a name the cache makes
+    ]
+    for file in [old, *kept]:
+        file.write_bytes(b"x")
+    cache = WeightCache.for_model(model, "int8", tmp_path / "cache")
+    assert cache.file.parent == folder and cache.file != old
+    assert old.exists()  # nothing is removed before the new file is there
+    cache.put("blk.0", quantize_int8(torch.randn(32, 64))[0], asked="int8")
+    cache.save()
+    assert cache.file.exists() and not old.exists()
+    assert all(file.exists() for file in kept)
+    # A load that finds its file (written by a version that kept old ones) tidies up too.
+    old.write_bytes(b"x")
+    assert WeightCache.for_model(model, "int8", tmp_path / "cache").get("blk.0", "int8") is not None
+    assert not old.exists() and all(file.exists() for file in kept)
+
+
 @pytest.fixture(scope="module")
 def shortlisted(default_model_path):
     """SmolLM2 as `auto` loads it, its Q8_0 head (int8 in blocks of 32) with a shortlist
