@@ -172,8 +172,10 @@ class Dispatcher:
         for n, tiled_from in ranking.times_ms.get("tiled_from", {}).items():
             if n in kernels:
                 kernels[n].tiled_from = int(tiled_from)
-        for n in kernels:
-            self.dense_bytes_used += _dense_bytes(specs[n], qw)
+        # What the layer holds beside its decode kernel (loader.copies_bytes counts the same).
+        self.dense_bytes_used += sum(
+            kernel.nbytes for n, kernel in kernels.items() if n != chosen["decode"]
+        )
         logger.debug(
             "%s %s: decode=%s prefill=%s", name, qw.shape, chosen["decode"], chosen["prefill"]
         )
@@ -379,7 +381,7 @@ class Dispatcher:
             # Dense copies never decode (_runs_in), whatever a ranking says.
             if n in specs and _runs_in(specs[n], phase)
         )
-        held = {n: 0 if n == free else _dense_bytes(specs[n], qw) for _, n in order}
+        held = {n: 0 if n == free else _held_bytes(specs[n], qw, phase) for _, n in order}
         affordable = [(t, n) for t, n in order if held[n] <= left]
         if not affordable:
             raise ValueError(
@@ -770,6 +772,14 @@ def _heuristic_times(
 
 _PACKED = ("int4pack_bf16", "int8pack_bf16")
 _NATIVE = ("int4_native", "int8_native")
+
+
+def _held_bytes(spec: KernelSpec, qw: QuantizedWeight, phase: str) -> int:
+    """What a prefill kernel other than the layer's decode kernel holds beside it: a copy's
+    bytes, or for a kernel of the weight's own format (another layout of the same numbers:
+    int4pack_bf16 beside int4_native) about the weight's. Decode kernels hold the weight."""
+    copy = _dense_bytes(spec, qw)
+    return copy if copy or phase == "decode" else qw.nbytes
 
 
 def _dense_bytes(spec: KernelSpec, qw: QuantizedWeight) -> int:

@@ -126,8 +126,26 @@ def test_dispatcher_picks_fastest_recorded_kernel(gen, tmp_path, monkeypatch):
         "prefill": {"int4pack_bf16": 1.0, "dequant_fp32": 2.0},
     }
     monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
-    plan = Dispatcher(DispatchConfig(cache_dir=None)).plan(qw)
+    plan = Dispatcher(DispatchConfig(cache_dir=None, dense_budget_bytes=1 << 30)).plan(qw)
     assert (plan.decode.name, plan.prefill.name) == ("dequant_fp32", "int4pack_bf16")
+
+
+@pytest.mark.parametrize(("budget", "expected"), [(0, "dequant_fp32"), (1 << 30, "int4pack_bf16")])
+def test_a_second_layout_of_the_weight_for_prefill_is_paid_from_the_budget(
+    gen, monkeypatch, budget, expected
+):
+    # int4pack_bf16 holds the weight in torch's own layout: beside another decode kernel that
+    # is a second copy, as loader.copies_bytes counts it, and `prefill_copies` bounds it.
+    qw, _ = quantize_int4(weight(gen, 64, 128))
+    times = {
+        "decode": {"int4pack_bf16": 5.0, "dequant_fp32": 1.0},
+        "prefill": {"int4pack_bf16": 1.0, "dequant_fp32": 2.0},
+    }
+    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    dispatcher = Dispatcher(DispatchConfig(dense_budget_bytes=budget))
+    plan = dispatcher.plan(qw)
+    assert (plan.decode.name, plan.prefill.name) == ("dequant_fp32", expected)
+    assert dispatcher.dense_bytes_used == plan.nbytes - plan.decode.nbytes
 
 
 @pytest.mark.parametrize(("dequant_ms", "expected"), [(1.04, "dequant_fp32"), (1.2, "dense_fp32")])
