@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from .config import DaemonConfig
 from .errors import (
@@ -96,7 +97,10 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
             exc.code,
             exc.message,
         )
-        return error_response(exc)
+        response = error_response(exc)
+        if isinstance(exc.__cause__, RequestPayloadError):
+            response.force_close()  # the rest of such a body cannot be read: a new connection
+        return response
     except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method, body too large
         if exc.status == 413:
             return error_response(PayloadTooLarge(_too_large(request.app)))
@@ -162,7 +166,8 @@ def check_token(authorization: str | None, token: str) -> None:
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise Unauthorized("a bearer token is required; it is in the daemon's token file")
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # aiohttp keeps header bytes that are not UTF-8 as surrogate escapes: compare them as sent.
+    if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode()):
         raise Unauthorized("wrong token; read it again from the daemon's token file")
 
 
@@ -175,8 +180,14 @@ def _too_large(app: web.Application) -> str:
 
 
 async def read_json(request: web.Request) -> Any:
-    """The body as JSON; BadRequest for invalid UTF-8, malformed JSON or lone surrogates."""
-    raw = await request.read()
+    """The body as JSON; BadRequest for a body that cannot be decompressed, invalid UTF-8,
+    malformed JSON, numbers too long to convert or lone surrogates."""
+    try:
+        raw = await request.read()
+    except web.HTTPException:
+        raise  # 413 for a body over max_body_bytes
+    except RequestPayloadError as exc:  # e.g. a Content-Encoding the body does not follow
+        raise BadRequest("", f"the body could not be read: {exc}") from exc
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -188,6 +199,8 @@ async def read_json(request: web.Request) -> Any:
         raise BadRequest("", f"malformed JSON: {exc.msg} ({where})") from exc
     except RecursionError as exc:
         raise BadRequest("", "the JSON body is nested too deeply") from exc
+    except ValueError as exc:  # an integer of more digits than int() converts
+        raise BadRequest("", f"malformed JSON: {exc}") from exc
     _check_strings(body)
     return body
 

@@ -118,7 +118,16 @@ def read_gguf(path: Path, name_table: Callable[[str], dict[str, str]]) -> Weight
     try:
         meta, gguf_tensors = read_gguf_file(path)
         arch = meta["general.architecture"]
-    except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
+    except (
+        ValueError,
+        OSError,
+        IndexError,
+        KeyError,
+        OverflowError,
+        MemoryError,
+        struct.error,
+    ) as exc:
+        # (OverflowError, MemoryError: a corrupt count or size field)
         raise ModelLoadError(
             f"{path} is not a readable GGUF file ({exc!r}); fetch it again (for a catalogue "
             "model: `codelm-daemon models fetch NAME --force`)"

@@ -39,7 +39,13 @@ async def test_health_answers_without_token(fake_daemon):
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": "Basic x"}],
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": TOKEN},
+        {"Authorization": "Basic x"},
+        {"Authorization": "Bearer \xe9\xe9"},  # sent as latin-1 bytes: not UTF-8
+    ],
 )
 async def test_api_refuses_missing_or_wrong_token_with_401(fake_daemon, headers):
     resp = await fake_daemon.client.post("/v1/complete", json=DOC, headers=headers)
@@ -83,6 +89,7 @@ BAD_BODIES = [
     (b'{"uri": "u", "text": "\\ud800", "line": 0, "character": 0}', "surrogate"),
     (b'{"uri": "u", "text": "x", "line": NaN, "character": 0}', "NaN"),
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"uri": "u", "text": "x", "line": ' + b"9" * 5000 + b', "character": 0}', "digits"),
 ]
 
 
@@ -92,6 +99,15 @@ async def test_complete_answers_400_to_undecodable_body_and_lives_on(fake_daemon
     assert resp.status == 400
     error = (await resp.json())["error"]
     assert error["code"] == "bad_request" and reason in error["message"]
+    await _good_request_succeeds(fake_daemon)
+
+
+async def test_complete_answers_400_to_a_body_that_does_not_decompress(fake_daemon):
+    headers = {**fake_daemon.auth, "Content-Encoding": "gzip"}
+    resp = await fake_daemon.client.post("/v1/complete", data=b"not gzip", headers=headers)
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["code"] == "bad_request" and "could not be read" in error["message"]
     await _good_request_succeeds(fake_daemon)
 
 

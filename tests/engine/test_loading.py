@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
 
@@ -19,6 +21,14 @@ def test_missing_model_path_names_the_known_models(tmp_path):
 def test_corrupt_gguf_says_to_fetch_it_again(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all" * 100)
+    with pytest.raises(ModelLoadError, match="not a readable GGUF file.*fetch it again"):
+        load_engine(EngineConfig(model=str(bad)))
+
+
+def test_gguf_with_an_impossible_length_is_reported(tmp_path):
+    bad = tmp_path / "huge.gguf"
+    # version 3, no tensors, one key whose name claims 2**63 bytes
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**63 + 5) + b"x" * 100)
     with pytest.raises(ModelLoadError, match="not a readable GGUF file.*fetch it again"):
         load_engine(EngineConfig(model=str(bad)))
 
