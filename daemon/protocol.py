@@ -11,6 +11,8 @@ from typing import Any
 from .errors import BadRequest
 
 MAX_TEXT_CHARS = 8_000_000
+MAX_URI_CHARS = 16_384  # a path (its name goes into the prompt) percent-encoded
+MAX_PATH_CHARS = 4_096
 MAX_TOKENS_LIMIT = 1024
 TRIGGERS = ("automatic", "invoked")
 
@@ -68,10 +70,10 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def _text(body: dict[str, Any], name: str, default: Any = ...) -> str:
+def _text(body: dict[str, Any], name: str, default: Any = ..., limit: int = MAX_TEXT_CHARS) -> str:
     value = _get(body, name, str, default)
-    if value is not None and len(value) > MAX_TEXT_CHARS:
-        raise BadRequest(name, f"longer than {MAX_TEXT_CHARS} characters")
+    if value is not None and len(value) > limit:
+        raise BadRequest(name, f"longer than {limit} characters")
     return value
 
 
@@ -98,7 +100,7 @@ class CompleteRequest:
         trigger = _get(body, "trigger", str, "automatic")
         if trigger not in TRIGGERS:
             raise BadRequest("trigger", f"must be one of {', '.join(TRIGGERS)}, got {trigger!r}")
-        uri = _get(body, "uri", str)
+        uri = _text(body, "uri", limit=MAX_URI_CHARS)
         if not uri:
             raise BadRequest("uri", "must not be empty")
         return cls(
@@ -106,7 +108,7 @@ class CompleteRequest:
             text=_text(body, "text"),
             line=_non_negative(body, "line"),
             character=_non_negative(body, "character"),
-            path=_get(body, "path", str, None),
+            path=_text(body, "path", None, limit=MAX_PATH_CHARS),
             language=_get(body, "language", str, None),
             trigger=trigger,
             max_tokens=_max_tokens(body, 64),

@@ -39,6 +39,9 @@ from .threads import CpuShare
 
 logger = logging.getLogger(__name__)
 
+_NARROWINGS = 4  # builds of a prompt whose windows hold too many tokens for the context
+_SUGGESTED_TAIL = 256  # characters before the cursor a document's last suggestion keeps
+
 
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, load_s: float) -> None:
@@ -55,8 +58,10 @@ class Engine:
         self.cache = FileCache(budget_bytes=budget, new_kv=self.new_kv)
         self.cpu: CpuShare | None = None  # threads per request, where the config sets none
         self.anchors: dict[str, str] = {}  # uri -> the text its prefix window starts with
-        # uri -> (the document's text before the cursor, the suggestion made there)
-        self.suggestions: dict[str, tuple[str, str]] = {}
+        # uri -> (the length of the text before the cursor, its last _SUGGESTED_TAIL
+        # characters, the suggestion made there): the whole text per document grew without
+        # bound for clients that never close their documents
+        self.suggestions: dict[str, tuple[int, str, str]] = {}
         self.info: dict[str, Any] = {
             **loaded.info,
             "fim": self.fim.name if self.fim else "none (prefix-only)",
@@ -125,17 +130,27 @@ class Engine:
         return self.config.suffix_chars // (3 if trigger == "automatic" else 1)
 
     def _build(self, request: CompleteRequest, cursor: int) -> Prompt:
-        """`cursor`: the request's position as an offset into its text."""
-        prompt = build_prompt(
-            self.tokenizer,
-            self.fim,
-            request.text,
-            cursor,
-            path=request.path or _path_from_uri(request.uri),
-            prefix_chars=self.config.prefix_chars,
-            suffix_chars=self.suffix_chars(request.trigger),
-            anchor=self.anchors.get(request.uri),
-        )
+        """`cursor`: the request's position as an offset into its text. The windows are
+        measured in characters; where the text takes several tokens a character (emoji, CJK)
+        and the model's context is short, they narrow until the prompt leaves room for
+        max_tokens."""
+        room = self.args.max_len - request.max_tokens
+        prefix_chars, suffix_chars = self.config.prefix_chars, self.suffix_chars(request.trigger)
+        for _ in range(_NARROWINGS):
+            prompt = build_prompt(
+                self.tokenizer,
+                self.fim,
+                request.text,
+                cursor,
+                path=request.path or _path_from_uri(request.uri),
+                prefix_chars=prefix_chars,
+                suffix_chars=suffix_chars,
+                anchor=self.anchors.get(request.uri),
+            )
+            if len(prompt.token_ids) <= room:
+                break
+            scale = 0.9 * room / len(prompt.token_ids)
+            prefix_chars, suffix_chars = int(prefix_chars * scale), int(suffix_chars * scale)
         self.anchors[request.uri] = window_anchor(request.text, prompt.prefix_start)
         return prompt
 
@@ -167,7 +182,8 @@ class Engine:
                 result = self._run(
                     request.uri, prompt.token_ids, rules, cancel, None, prompt.heal, ban=ban
                 )
-        self.suggestions[request.uri] = (before, result.text)
+        self.suggestions[request.uri] = (cursor, before[-_SUGGESTED_TAIL:], result.text)
+        self._forget_evicted()
         at = Position(line=request.line, character=request.character)
         item = CompletionItem(text=result.text, range=Range(start=at, end=at))
         return _response([item], result)
@@ -203,16 +219,29 @@ class Engine:
         decode step per token; a draft that is wrong costs its few extra rows in that forward.
         """
         last = self.suggestions.get(uri)
-        if last is None or not before.startswith(last[0]):
+        if last is None:
             return []
-        typed = before[len(last[0]) :]
-        if not last[1].startswith(typed) or len(typed) >= len(last[1]):
+        at, tail, suggested = last
+        # The text before the old cursor ends as it did (a wrong guess costs rows, not words).
+        if len(before) < at or before[at - len(tail) : at] != tail:
+            return []
+        typed = before[at:]
+        if not suggested.startswith(typed) or len(typed) >= len(suggested):
             return []
         try:
             healed = heal.decode("utf-8")
         except UnicodeDecodeError:
             return []
-        return self.tokenizer.encode(healed + last[1][len(typed) :])
+        return self.tokenizer.encode(healed + suggested[len(typed) :])
+
+    def _forget_evicted(self) -> None:
+        """Drop the window anchors and suggestions of documents whose KV cache was evicted:
+        without the KV they save little, and a client that never closes documents would
+        otherwise grow them forever."""
+        for uri in self.anchors.keys() - self.cache.entries.keys():
+            del self.anchors[uri]
+        for uri in self.suggestions.keys() - self.cache.entries.keys():
+            del self.suggestions[uri]
 
     def _run(
         self,
@@ -227,7 +256,9 @@ class Engine:
     ) -> GenerationResult:
         if len(ids) + rules.max_tokens > self.args.max_len:
             raise BadRequest(
-                "text", f"the prompt ({len(ids)} tokens) leaves no room in the context"
+                "text" if uri else "prompt",  # a document's, or /v1/completions' own
+                f"the prompt ({len(ids)} tokens) and max_tokens do not fit the model's "
+                f"context of {self.args.max_len} tokens",
             )
         # Cut as generate() will, so the cache is looked up with the tokens that will run.
         draft = usable_draft(draft, len(ids), rules.max_tokens, self.args.max_len)

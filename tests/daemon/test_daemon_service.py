@@ -127,6 +127,8 @@ BAD_FIELDS = [
     ({"max_tokens": 10**9}, "max_tokens: must be between"),
     ({"stream": "yes"}, "stream: must be a boolean"),
     ({"stop": [1]}, "stop: must be"),
+    ({"uri": "file:///" + "a" * 20_000}, "uri: longer than"),
+    ({"path": "/" + "a" * 5_000}, "path: longer than"),
 ]
 
 

@@ -208,3 +208,25 @@ def test_typing_along_the_suggestion_verifies_it_instead_of_decoding(engine, for
     other = SOURCE[:cursor] + "zq" + SOURCE[cursor:]
     engine.complete(_request(other, cursor + 2, max_tokens=12))
     assert engine.cache.stats.drafted_tokens == drafted
+
+
+def test_suggestions_and_window_anchors_leave_with_the_evicted_kv(engine):
+    # A client that never closes its documents: what the engine keeps per document beside its
+    # KV (the window's anchor, the last suggestion) goes when the cache evicts that KV.
+    engine.cache.budget_bytes = 1  # room for the latest entry only
+    for i in range(4):
+        engine.complete(_request(SOURCE[:600], 600, uri=f"file:///f{i}.py", max_tokens=2))
+    assert set(engine.cache.entries) == {"file:///f3.py"}
+    assert set(engine.anchors) == set(engine.suggestions) == {"file:///f3.py"}
+
+
+def test_windows_of_many_tokens_a_character_narrow_to_leave_room(engine, monkeypatch):
+    # The windows are counted in characters; emoji take several tokens each, so with a short
+    # context the prompt is cut to fit instead of being refused.
+    monkeypatch.setattr(engine, "args", dataclasses.replace(engine.args, max_len=512))
+    text = "# " + "\N{GRINNING FACE}" * 400 + "\nx = "
+    request = _request(text, len(text), max_tokens=8)
+    assert len(engine.tokenizer.encode(text)) > 512
+    response = engine.complete(request)
+    assert len(response.token_ids) > 0
+    assert 0 < response.timings.prefilled_tokens <= 512 - 8
