@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from .settings import LspSettings
 
 logger = logging.getLogger(__name__)
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, a surrogate is always alone
 
 FAST_TYPING_MS = 250.0  # median gap between edits below this counts as typing fast
 MAX_DEBOUNCE_FACTOR = 3.0
@@ -278,7 +281,9 @@ def build_request(
     pos = position_at(text, offset)  # the daemon speaks UTF-16, whatever the editor does
     return CompleteRequest(
         uri=doc.uri,
-        text=text,
+        # JSON cannot carry a lone surrogate to the daemon (it refuses the request); U+FFFD
+        # keeps every position, one UTF-16 unit for one.
+        text=_LONE_SURROGATE.sub("\ufffd", text),
         line=pos.line,
         character=pos.character,
         path=uri_to_path(doc.uri),

@@ -1,8 +1,10 @@
 """LSP positions (line, character in the negotiated encoding, UTF-16 by default) <-> str index.
 
 Lines end at \\n, \\r\\n or \\r, as the LSP spec says (str.splitlines also splits on form
-feed and U+2028, which would shift every line below them). Units are counted with pygls'
-position codec. Out-of-range positions are clamped and logged, never fatal.
+feed and U+2028, which would shift every line below them); the daemon counts lines and UTF-16
+units with the same code (daemon/protocol.py), which visits only the characters wider than a
+unit, so a long line costs a regex scan. Out-of-range positions are clamped and logged, never
+fatal.
 """
 
 from __future__ import annotations
@@ -11,46 +13,26 @@ import logging
 import re
 
 from lsprotocol import types
-from pygls.workspace.position_codec import PositionCodec
+
+from codelm.daemon.protocol import UTF16_WIDE, Width, index_of_units, line_bounds, units_of
 
 logger = logging.getLogger(__name__)
 
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
-_LINES_CHUNK = 1024
-# One regex match per 1024 lines keeps a 100k-line file at C speed; sre scans `[^\n]*`
-# much faster than `[^\r\n]*`, so the general pattern is kept for text with a lone \r.
-_LF_LINES = re.compile(rf"(?:[^\n]*\n){{{_LINES_CHUNK}}}")
-_ANY_LINES = re.compile(rf"(?:[^\r\n]*(?:\r\n|\r|\n)){{{_LINES_CHUNK}}}")
-_LF_LINE = re.compile(r"[^\n]*\n")
-_ANY_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)")
 _UTF16 = types.PositionEncodingKind.Utf16
+# Per encoding: the characters of more than one code unit, and their units (none in UTF-32).
+_WIDE: dict[str, tuple[re.Pattern[str], Width] | None] = {
+    types.PositionEncodingKind.Utf8: (
+        re.compile(r"[^\x00-\x7f]"),
+        lambda c: len(c.encode("utf-8", "surrogatepass")),
+    ),
+    _UTF16: (UTF16_WIDE, lambda c: 2),
+    types.PositionEncodingKind.Utf32: None,
+}
 
 
-def _codec(encoding: str | None) -> PositionCodec:
-    return PositionCodec(encoding or _UTF16)
-
-
-def line_start(text: str, line: int) -> int | None:
-    """str index where `line` starts; None if the text has fewer lines."""
-    lone_cr = "\r" in text and text.count("\r") != text.count("\r\n")
-    many, one = (_ANY_LINES, _ANY_LINE) if lone_cr else (_LF_LINES, _LF_LINE)
-    pos = 0
-    for pattern, steps in ((many, line // _LINES_CHUNK), (one, line % _LINES_CHUNK)):
-        for _ in range(steps):
-            match = pattern.match(text, pos)
-            if match is None:
-                return None
-            pos = match.end()
-    return pos
-
-
-def line_bounds(text: str, line: int) -> tuple[int, int] | None:
-    """(start, end) str indices of `line` without its line break; None if past the end."""
-    start = line_start(text, line)
-    if start is None:
-        return None
-    match = _LINE_BREAK.search(text, start)
-    return start, match.start() if match else len(text)
+def _units(encoding: str | None) -> tuple[re.Pattern[str] | None, Width]:
+    wide = _WIDE.get(encoding or _UTF16, _WIDE[_UTF16])
+    return wide if wide is not None else (None, lambda c: 1)
 
 
 def offset_at(text: str, line: int, character: int, encoding: str | None = None) -> int:
@@ -63,17 +45,10 @@ def offset_at(text: str, line: int, character: int, encoding: str | None = None)
         logger.warning("line %d is past the end of the document; clamped to its end", line)
         return len(text)
     start, end = bounds
-    unit = _codec(encoding).impl.code_units_for_char
-    units = 0
-    index = start
-    while index < end and units < character:
-        units += unit(text[index])
-        index += 1
-    if units < character:
+    # Inside a surrogate pair (or a multi-byte UTF-8 character): its start.
+    index, short = index_of_units(text, start, end, character, *_units(encoding))
+    if short and index == end:
         logger.warning("character %d is past the end of line %d; clamped", character, line)
-    elif units > character:
-        # Inside a surrogate pair (or a multi-byte UTF-8 char): step back to its start.
-        index -= 1
     return index
 
 
@@ -87,7 +62,7 @@ def position_at(text: str, offset: int, encoding: str | None = None) -> types.Po
     start = text.rfind("\n", 0, offset) + 1
     if n_cr:
         start = max(start, text.rfind("\r", 0, offset) + 1)
-    character = _codec(encoding).client_num_units(text[start:offset])
+    character = units_of(text[start:offset], *_units(encoding))
     return types.Position(line=line, character=character)
 
 

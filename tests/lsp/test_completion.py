@@ -213,3 +213,13 @@ async def test_completer_speaks_the_negotiated_utf8_encoding():
     request = link.requests[0]
     assert request.character == 6  # the daemon always gets UTF-16 units (1 + 2 + 3)
     assert items[0].range.start == _at(0, 9)
+
+
+async def test_completer_sends_a_lone_surrogate_as_a_replacement_character():
+    # The editor may hold one (a half-typed pair, a broken file); the daemon refuses JSON
+    # strings with one, so it goes as U+FFFD, which keeps the UTF-16 position.
+    link = FakeLink(lambda r: "1")
+    completer = _completer(link, "s = '\ud800' + \n")
+    await completer.inline_completion(URI, _at(0, 10), is_invoked=True)
+    request = link.requests[0]
+    assert request.text == "s = '\ufffd' + \n" and request.character == 10

@@ -84,3 +84,57 @@ def test_apply_change_incremental(text, start, end, new, expected):
 
 def test_apply_change_full_replaces_text():
     assert apply_change("old", types.TextDocumentContentChangeWholeDocument(text="new")) == "new"
+
+
+def _units_one_by_one(text: str, encoding: str) -> list[int]:
+    """Code units of each character, as the LSP spec defines them per encoding."""
+    if encoding == types.PositionEncodingKind.Utf8:
+        return [len(c.encode("utf-8", "surrogatepass")) for c in text]
+    if encoding == types.PositionEncodingKind.Utf16:
+        return [2 if ord(c) > 0xFFFF else 1 for c in text]
+    return [1] * len(text)
+
+
+@pytest.mark.parametrize(
+    "encoding",
+    [
+        types.PositionEncodingKind.Utf8,
+        types.PositionEncodingKind.Utf16,
+        types.PositionEncodingKind.Utf32,
+    ],
+)
+def test_positions_equal_counting_units_one_character_at_a_time(encoding):
+    # The positions skip from one wide character to the next; a character at a time is the
+    # definition. Every position of a line, with ASCII, 2-, 3- and 4-byte characters and a
+    # lone surrogate, and past the line's end.
+    line = "a\u00e9\u4e2d😀b\ud800😀😀c"
+    text = f"x\n{line}\ny"
+    widths = _units_one_by_one(line, encoding)
+    for character in range(sum(widths) + 3):
+        index, counted = 0, 0
+        while index < len(line) and counted + widths[index] <= character:
+            counted += widths[index]
+            index += 1
+        assert offset_at(text, 1, character, encoding) == 2 + index, character
+        if counted == character:  # on a character boundary: the way back
+            assert position_at(text, 2 + index, encoding) == types.Position(1, character)
+
+
+def test_the_daemon_resolves_the_positions_the_server_sends_to_the_same_offsets():
+    # A lone \r breaks a line for the editor; the daemon must count it too, or a request
+    # below it points at the wrong place (or past the end).
+    from codelm.daemon.errors import BadRequest
+    from codelm.daemon.protocol import offset_at as daemon_offset_at
+
+    text = "def f():\r    return '😀'\r\nx = 1\ny"
+    for offset in range(len(text) + 1):
+        pos = position_at(text, offset)  # between \r and \n: before the \r
+        assert daemon_offset_at(text, pos.line, pos.character) == offset_at(
+            text, pos.line, pos.character
+        )
+    with pytest.raises(BadRequest, match="past the end of the document"):
+        daemon_offset_at(text, 4, 0)
+    with pytest.raises(BadRequest, match="past the end of line 0"):
+        daemon_offset_at(text, 0, 9)
+    with pytest.raises(BadRequest, match="inside a surrogate pair"):
+        daemon_offset_at(text, 1, 13)  # "    return '" is 12 units, the emoji 2
