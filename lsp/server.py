@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 import uuid
-from typing import Any
+from typing import Any, BinaryIO
 
 from lsprotocol import types
+from pygls.io_ import StdinAsyncReader, StdoutWriter
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
@@ -21,6 +23,7 @@ from . import __version__
 from .completion import Completer, ResultItem
 from .daemon_link import DaemonLink, HttpDaemonLink
 from .documents import DocumentStore
+from .framing import serve
 from .settings import LspSettings, describe, runtime_home, settings_from_options
 
 logger = logging.getLogger(__name__)
@@ -105,6 +108,19 @@ class CodelmProtocol(LanguageServerProtocol):
         if (handler := self.fm.features.get(method)) is not None:
             yield handler, (params,), None
 
+    def handle_message(self, message: Any) -> None:
+        """After `shutdown` a request gets the error the spec asks for (pygls drops it, and
+        the client waits)."""
+        method = getattr(message, "method", None)
+        if self._shutdown and method not in (None, types.EXIT) and hasattr(message, "id"):
+            error = types.ResponseError(
+                code=types.ErrorCodes.InvalidRequest,
+                message=f"{method}: the server is shutting down",
+            )
+            self._send_response(message.id, error=error)
+            return
+        super().handle_message(message)
+
 
 class CodelmServer(LanguageServer):
     """pygls' server plus our Session (what the handlers share)."""
@@ -118,6 +134,21 @@ class CodelmServer(LanguageServer):
         )
         self.session = Session(self, settings, link)
         self.shutdown_requested = False
+
+    def start_io(self, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
+        """pygls' stdio server, reading with framing.serve: a bad frame costs that message,
+        not the session."""
+        self._stop_event = threading.Event()
+        self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
+        reader = StdinAsyncReader(stdin or sys.stdin.buffer, self.thread_pool)
+        try:
+            asyncio.run(serve(self._stop_event, reader, self.protocol))
+        except BrokenPipeError:
+            logger.error("the editor closed the connection")
+        except (KeyboardInterrupt, SystemExit):
+            pass
+        finally:
+            self.shutdown()
 
 
 class LogMessageHandler(logging.Handler):

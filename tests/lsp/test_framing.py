@@ -1,0 +1,152 @@
+"""framing.serve: the editor's messages off stdin, one bad frame costing that message only.
+
+In process: the server's real protocol, a FakeLink daemon, bytes in, the answers read back."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+
+import pytest
+from test_completion import FakeLink
+
+from codelm.lsp.framing import MAX_BODY_BYTES, serve
+from codelm.lsp.server import build_server
+
+
+class _Input:
+    """An async reader over bytes (what pygls' StdinAsyncReader gives serve)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.stream = io.BytesIO(data)
+
+    async def readline(self) -> bytes:
+        return self.stream.readline()
+
+    async def readexactly(self, n: int) -> bytes:
+        return self.stream.read(n)
+
+
+def _frame(
+    message: dict | bytes, length: int | None = None, header: str = "Content-Length: "
+) -> bytes:
+    body = message if isinstance(message, bytes) else json.dumps(message).encode()
+    return f"{header}{len(body) if length is None else length}\r\n\r\n".encode() + body
+
+
+def _stats(msg_id: int) -> dict:
+    """A request every server answers at once (a synchronous command)."""
+    params = {"command": "codelm.stats", "arguments": []}
+    return {"jsonrpc": "2.0", "id": msg_id, "method": "workspace/executeCommand", "params": params}
+
+
+async def _answers(*parts: bytes) -> dict:
+    """Feed `parts` in turn to a fresh server, letting it finish its work in between; its
+    answers by id (None: answers to no id)."""
+    server = build_server(link=_Link())
+    out = io.BytesIO()
+    server.protocol.set_writer(_Output(out))
+    for data in parts:
+        await serve(threading.Event(), _Input(data), server.protocol)
+        await asyncio.sleep(0.05)
+    answers: dict = {}
+    for chunk in out.getvalue().split(b"Content-Length: ")[1:]:
+        body = json.loads(chunk.split(b"\r\n\r\n", 1)[1])
+        if "method" not in body:  # not a notification of the server's own
+            answers.setdefault(body.get("id"), []).append(body)
+    return answers
+
+
+class _Link(FakeLink):
+    async def close(self) -> None:
+        pass
+
+
+class _Output:
+    def __init__(self, out: io.BytesIO) -> None:
+        self.out = out
+
+    def write(self, data: bytes) -> None:
+        self.out.write(data)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        _frame(_stats(1), length=10),  # counted short: the rest runs into the next header
+        _frame(_stats(1), length=-5),
+        _frame(_stats(1), length=10**12),  # not allocated, not waited for
+        _frame(_stats(1), length=10**40),
+        b"Content-Type: application/vscode-jsonrpc\r\n\r\n{}",  # no length at all
+        b"garbage that is no header\r\n",
+    ],
+    ids=["short", "negative", "huge", "huger", "no-length", "garbage"],
+)
+async def test_a_bad_frame_costs_that_message_only(bad):
+    answers = await _answers(bad + _frame(_stats(2)))
+    assert answers[2][0]["result"]["daemon_state"] == "ready"
+
+
+@pytest.mark.parametrize(
+    "good",
+    [
+        _frame(_stats(2), header="content-length: "),
+        _frame(_stats(2)).replace(b"\r\n", b"\n"),
+        _frame(_stats(2), header="Content-Length:"),
+    ],
+    ids=["lower-case", "lf-only", "no-space"],
+)
+async def test_headers_are_read_in_the_forms_clients_write(good):
+    answers = await _answers(good + _frame(_stats(3)))
+    assert 2 in answers and 3 in answers
+
+
+async def test_a_body_over_the_limit_is_skipped():
+    answers = await _answers(_frame(_stats(1), length=MAX_BODY_BYTES + 1) + _frame(_stats(2)))
+    assert 1 not in answers and 2 in answers
+
+
+@pytest.mark.parametrize(
+    ("body", "msg_id", "code"),
+    [
+        (b'{"jsonrpc": "2.0", "id": 5, "method"', None, -32700),  # not JSON
+        (b"[1, 2]", None, -32600),
+        (b'{"jsonrpc": "1.0", "id": 5, "method": "shutdown"}', 5, -32600),
+        (b'{"id": 5, "method": "shutdown"}', 5, -32600),
+    ],
+)
+async def test_a_message_that_is_not_json_rpc_gets_an_error_answer(body, msg_id, code):
+    answers = await _answers(_frame(body) + _frame(_stats(2)))
+    assert answers[msg_id][0]["error"]["code"] == code
+    assert 2 in answers
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"textDocument": {"uri": "file:///a.py"}, "position": {"line": -1, "character": 0}},
+        {"textDocument": {"uri": "file:///a.py"}, "position": {"line": "1", "character": 0}},
+        None,
+        [1, 2],
+    ],
+)
+async def test_a_request_with_params_that_do_not_fit_gets_invalid_params(params):
+    request = {"jsonrpc": "2.0", "id": 7, "method": "textDocument/inlineCompletion"}
+    answers = await _answers(_frame({**request, "params": params}) + _frame(_stats(2)))
+    error = answers[7][0]["error"]
+    assert error["code"] == -32602 and "textDocument/inlineCompletion" in error["message"]
+    assert 2 in answers
+
+
+async def test_requests_after_shutdown_are_refused():
+    shutdown = {"jsonrpc": "2.0", "id": 1, "method": "shutdown"}
+    # The client waits for shutdown's answer before it sends more.
+    answers = await _answers(_frame(shutdown), _frame(_stats(2)))
+    assert answers[1][0]["result"] is None
+    error = answers[2][0]["error"]
+    assert error["code"] == -32600 and "shutting down" in error["message"]
