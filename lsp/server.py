@@ -34,6 +34,7 @@ ACCEPT_COMMAND = "codelm.accept"
 DISMISS_COMMAND = "codelm.dismiss"
 STATS_COMMAND = "codelm.stats"
 PROGRESS_TIMEOUT_S = 2.0
+MAX_ACCEPTED_CHARS = 1 << 20  # what one accepted suggestion can plausibly hold
 
 
 class EditorStatus:
@@ -191,7 +192,8 @@ def _register_lifecycle(server: CodelmServer, session: Session) -> None:
         """Read initializationOptions; register the optional completion fallback."""
         _apply_options(ls, session, params.initialization_options)
         session.documents.encoding = ls.workspace.position_encoding
-        if session.settings.completion_fallback:
+        registered = types.TEXT_DOCUMENT_COMPLETION in ls.protocol.fm.features  # a 2nd initialize
+        if session.settings.completion_fallback and not registered:
             _register_fallback(ls, session)
 
     @server.feature(types.INITIALIZED)
@@ -305,7 +307,8 @@ def _register_commands(server: LanguageServer, session: Session) -> None:
         info = args[0] if args and isinstance(args[0], dict) else {}
         chars = info.get("acceptedChars", 0)
         session.completer.stats.accepted += 1
-        session.completer.stats.accepted_chars += chars if isinstance(chars, int) else 0
+        if type(chars) is int and 0 <= chars <= MAX_ACCEPTED_CHARS:  # not bool, not absurd
+            session.completer.stats.accepted_chars += chars
         logger.info("accepted %s (%s chars)", info.get("requestId", "?"), chars)
 
     @server.command(DISMISS_COMMAND)

@@ -63,6 +63,9 @@ class _Link(FakeLink):
     async def close(self) -> None:
         pass
 
+    def apply_settings(self, settings) -> None:
+        pass
+
 
 class _Output:
     def __init__(self, out: io.BytesIO) -> None:
@@ -150,3 +153,26 @@ async def test_requests_after_shutdown_are_refused():
     assert answers[1][0]["result"] is None
     error = answers[2][0]["error"]
     assert error["code"] == -32600 and "shutting down" in error["message"]
+
+
+def _request(msg_id: int, method: str, params: object) -> bytes:
+    return _frame({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
+
+
+async def test_a_second_initialize_with_the_fallback_is_answered():
+    params = {"capabilities": {}, "initializationOptions": {"completionFallback": True}}
+    answers = await _answers(_request(1, "initialize", params), _request(2, "initialize", params))
+    assert "result" in answers[1][0] and "result" in answers[2][0]
+
+
+async def test_accepted_characters_count_only_plausible_numbers():
+    accept = "codelm.accept"
+    parts = [
+        _request(
+            i, "workspace/executeCommand", {"command": accept, "arguments": [{"acceptedChars": n}]}
+        )
+        for i, n in ((1, 7), (2, -(10**30)), (3, True), (4, "9"))
+    ]
+    answers = await _answers(b"".join(parts) + _frame(_stats(5)))
+    stats = answers[5][0]["result"]
+    assert (stats["accepted"], stats["accepted_chars"]) == (4, 7)
