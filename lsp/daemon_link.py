@@ -87,6 +87,7 @@ class HttpDaemonLink:
             self.settings.daemon_url,
             self.settings.model,
         )
+        moved = settings.daemon_url != self.settings.daemon_url
         self.settings = settings
         if not self.state:
             # Before `initialized` no notification may be sent (LSP); start_in_background
@@ -96,6 +97,10 @@ class HttpDaemonLink:
             self._set_state("disabled", "codelm is disabled in the settings")
         elif self.state == "disabled" or changed:
             self._ready = False
+            if moved and self._starting is not None and not self._starting.done():
+                # It waits on the daemon the old url named, for up to LOAD_TIMEOUT_S.
+                self._starting.cancel()
+                self._starting = None
             self.start_in_background()
 
     def note_timeout(self) -> None:

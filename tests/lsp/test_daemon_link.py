@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -115,3 +116,16 @@ def test_link_disabled_by_settings_reports_disabled():
     link.apply_settings(LspSettings(enabled=False))
     link.start_in_background()
     assert sink.statuses == ["disabled"]
+
+
+async def test_a_new_daemon_url_replaces_a_start_still_waiting_on_the_old_one(monkeypatch):
+    clients = {"http://a": FakeClient(["loading"]), "http://b": FakeClient(["ready"])}
+    monkeypatch.setattr(daemon_client, "DaemonClient", lambda url, *a, **k: clients[url])
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(daemon_url="http://a"), sink, home=None)
+    link.start_in_background()
+    await asyncio.sleep(0.3)  # a's model is "loading", and stays so
+    assert sink.statuses[-1] == "loading"
+    link.apply_settings(LspSettings(daemon_url="http://b"))
+    await asyncio.wait_for(link.ensure_running(), timeout=5)
+    assert sink.statuses[-1] == "ready" and clients["http://a"].closed
