@@ -7,6 +7,7 @@ compiler, or on a CPU without AVX2, they are simply not candidates: the torch ke
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ _LINK_FLAGS = ("-shared", "-fopenmp")
 _PARTS = (1, 2, 3)
 _ARCH = ("-march=native",)
 _COMPILE_TIMEOUT_S = 120
+UNUSED_DAYS = 30  # a library no process opened for this long is removed at the next build
 
 _loaded: ctypes.CDLL | str | None = None
 _arch = _ARCH  # what library() builds for (limit_to_avx2 narrows it)
@@ -114,7 +117,10 @@ def _load(build_dir: Path | None, arch: tuple[str, ...] = _ARCH) -> ctypes.CDLL 
 def _build_and_open(
     compiler: str, flags: tuple[str, ...], path: Path, key: str
 ) -> ctypes.CDLL | str:
-    if not path.exists():
+    if path.exists():
+        with contextlib.suppress(OSError):  # in use: kept by _drop_unused
+            os.utime(path)
+    else:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +132,7 @@ def _build_and_open(
         except (OSError, subprocess.SubprocessError) as exc:  # e.g. a read-only cache dir
             return f"compiling {SOURCE.name} into {path.parent} failed: {exc}"
         logger.info("built native kernels %s", path)
+        _drop_unused(path.parent)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
@@ -171,6 +178,17 @@ def _build_and_open(
     lib.codelm_rms_norm.restype = lib.codelm_rotate_heads.restype = None
     lib.codelm_build_key = key
     return lib
+
+
+def _drop_unused(folder: Path, days: float = UNUSED_DAYS) -> None:
+    """Remove the libraries in `folder` no process has opened for `days`: each new version of
+    this file, compiler or CPU builds one, and an older one is never opened again."""
+    cutoff = time.time() - days * 86400
+    for old in folder.glob("kernels-*.so"):
+        with contextlib.suppress(OSError):  # removed by another process meanwhile
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+                logger.info("removed the unused native kernels %s", old)
 
 
 # codelm_linear's formats: how a row-major weight holds its blocks of 32.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import os
 import threading
 import time
 
@@ -74,14 +75,22 @@ def test_library_waits_for_the_build_prepare_started(tmp_path, monkeypatch):
 
 @needs_native
 def test_native_build_is_reused_when_loaded_again(tmp_path):
+    # Libraries of earlier versions: one unused for longer than UNUSED_DAYS, one lately used.
+    unused, recent = tmp_path / "kernels-unused.so", tmp_path / "kernels-recent.so"
+    for old in (unused, recent):
+        old.write_bytes(b"")
+    long_ago = time.time() - (native.UNUSED_DAYS + 1) * 86400
+    os.utime(unused, (long_ago, long_ago))
     first = native._load(tmp_path)
     assert isinstance(first, ctypes.CDLL)
-    (built,) = tmp_path.glob("kernels-*.so")
-    stamp = built.stat().st_mtime_ns
+    built = tmp_path / f"kernels-{first.codelm_build_key}.so"
+    assert sorted(tmp_path.iterdir()) == sorted([built, recent])  # the build removed `unused`
+    inode = built.stat().st_ino
+    os.utime(built, (long_ago, long_ago))
     assert isinstance(native._load(tmp_path), ctypes.CDLL)
-    assert built.stat().st_mtime_ns == stamp
-    assert list(tmp_path.iterdir()) == [built]  # no temporary files left behind
-    assert built.name == f"kernels-{first.codelm_build_key}.so"
+    assert built.stat().st_ino == inode  # opened again, not built again
+    assert built.stat().st_mtime > long_ago  # and marked as in use
+    assert sorted(tmp_path.iterdir()) == sorted([built, recent])  # no temporary files left
     assert native.build_key() == _LIB.codelm_build_key  # the process's own build, not this one
 
 
