@@ -146,10 +146,20 @@ class InstanceLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        remove_daemon_files(self.paths)
+        if self._holds_the_lock_file():
+            remove_daemon_files(self.paths)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
+
+    def _holds_the_lock_file(self) -> bool:
+        """Whether the lock file at its path is still ours: after the runtime folder was
+        deleted under a running daemon another may have started there, and its files are
+        not this one's to remove."""
+        try:
+            return os.stat(self.paths.lock_file).st_ino == os.fstat(self._fd).st_ino
+        except OSError:
+            return False
 
     def __enter__(self) -> InstanceLock:
         self.acquire()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 
 import pytest
@@ -42,6 +43,18 @@ def test_instance_lock_refuses_a_second_holder(paths):
     assert not is_lock_held(paths)
     with InstanceLock(paths):
         assert read_pid(paths) == os.getpid()
+
+
+def test_a_daemon_whose_runtime_folder_was_replaced_leaves_the_new_files_alone(paths):
+    # The folder deleted under a running daemon, another started there: when the first one
+    # stops it must not remove the second one's files (the second could not be found).
+    first = InstanceLock(paths)
+    first.acquire()
+    shutil.rmtree(paths.runtime_dir)
+    with InstanceLock(paths):
+        publish_endpoint(paths, "http://127.0.0.1:2", 2, "second")
+        first.release()
+        assert read_daemon_info(paths).token == "second"
 
 
 def test_stale_files_without_lock_are_detected_and_removed(paths):
