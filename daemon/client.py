@@ -120,7 +120,13 @@ class DaemonClient:
     def _send(self, method: str, path: str, body: Any) -> Any:
         session = self._get_session()
         headers = {"Authorization": f"Bearer {self._token}"}
-        return _Call(session.request(method, self._base + path, json=body, headers=headers), self)
+        timeout = aiohttp.ClientTimeout(
+            total=self.timeout_s
+        )  # as it is now (a caller may change it)
+        call = session.request(
+            method, self._base + path, json=body, headers=headers, timeout=timeout
+        )
+        return _Call(call, self)
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

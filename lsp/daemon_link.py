@@ -29,7 +29,9 @@ HEALTH_POLL_S = (0.05, 0.1, 0.2, 0.5)  # growing gaps between /health polls
 START_TIMEOUT_S = 60.0  # process start until /health answers
 LOAD_TIMEOUT_S = 300.0  # model load after that
 RETRY_AFTER_S = 30.0  # after a failed start, completions wait this long before trying again
-REQUEST_TIMEOUT_S = 30.0  # completion.py drops answers much sooner (settings.timeout_ms)
+# At least: completion.py drops answers sooner (settings.timeout_ms), unless the user set
+# more, which the client then waits for too (_request_timeout_s).
+REQUEST_TIMEOUT_S = 30.0
 DEAD_LOCK_WAIT_S = 10.0  # how long a killed daemon's lock may outlive it
 
 
@@ -89,6 +91,8 @@ class HttpDaemonLink:
         )
         moved = settings.daemon_url != self.settings.daemon_url
         self.settings = settings
+        if self._client is not None:
+            self._client.timeout_s = self._request_timeout_s()
         if not self.state:
             # Before `initialized` no notification may be sent (LSP); start_in_background
             # reports the state, "disabled" included.
@@ -102,6 +106,11 @@ class HttpDaemonLink:
                 self._starting.cancel()
                 self._starting = None
             self.start_in_background()
+
+    def _request_timeout_s(self) -> float:
+        """How long one call to the daemon may take: 30 s, or a little longer than the
+        settings' timeoutMs where that is more (it goes up to 10 minutes)."""
+        return max(REQUEST_TIMEOUT_S, self.settings.timeout_ms / 1000 + 5)
 
     def note_timeout(self) -> None:
         self._set_state("busy", "the daemon is slow to answer")
@@ -147,12 +156,12 @@ class HttpDaemonLink:
         self._client = None
         if self.settings.daemon_url:  # an explicit daemon: never started from here
             self._client = daemon_client.DaemonClient(
-                self.settings.daemon_url, self._token(), timeout_s=REQUEST_TIMEOUT_S
+                self.settings.daemon_url, self._token(), timeout_s=self._request_timeout_s()
             )
             return self._client
         paths = self._paths()
         try:
-            self._client = await _discover_live(paths)
+            self._client = await _discover_live(paths, self._request_timeout_s())
             return self._client
         except DaemonUnavailable:
             if not self.settings.auto_start:
@@ -160,7 +169,9 @@ class HttpDaemonLink:
         await self.sink.progress("report", "Starting the codelm daemon")
         args = ["--model", self.settings.model] if self.settings.model else []
         await daemon_client.start_daemon(self.home, args=args, timeout_s=START_TIMEOUT_S)
-        self._client = daemon_client.DaemonClient.discover(paths, timeout_s=REQUEST_TIMEOUT_S)
+        self._client = daemon_client.DaemonClient.discover(
+            paths, timeout_s=self._request_timeout_s()
+        )
         return self._client
 
     def _paths(self) -> RuntimePaths:
@@ -253,14 +264,14 @@ class HttpDaemonLink:
             await self._client.close()
 
 
-async def _discover_live(paths: RuntimePaths) -> DaemonClient:
+async def _discover_live(paths: RuntimePaths, timeout_s: float) -> DaemonClient:
     """The running daemon's client, checked with /health. A daemon that was just killed can
     leave its files and, for a moment, its lock behind: then wait for the lock to go and
     raise DaemonUnavailable, so the caller starts a new one instead of reusing a dead port."""
     from codelm.daemon import client as daemon_client
     from codelm.daemon.runtime import is_lock_held
 
-    client = daemon_client.DaemonClient.discover(paths, timeout_s=REQUEST_TIMEOUT_S)
+    client = daemon_client.DaemonClient.discover(paths, timeout_s=timeout_s)
     try:
         await client.health()
         return client

@@ -129,3 +129,14 @@ async def test_a_new_daemon_url_replaces_a_start_still_waiting_on_the_old_one(mo
     link.apply_settings(LspSettings(daemon_url="http://b"))
     await asyncio.wait_for(link.ensure_running(), timeout=5)
     assert sink.statuses[-1] == "ready" and clients["http://a"].closed
+
+
+async def test_a_timeout_over_30_s_in_the_settings_is_the_clients_too():
+    # The editor's timeoutMs goes up to 10 minutes; the HTTP client had cut every call at 30 s.
+    url = "http://127.0.0.1:9"
+    link = HttpDaemonLink(LspSettings(daemon_url=url, timeout_ms=60_000), Sink(), home=None)
+    client = await link._connect()
+    assert client.timeout_s == 65
+    link.apply_settings(LspSettings(daemon_url=url, timeout_ms=3_000))
+    assert client.timeout_s == 30
+    await client.close()
