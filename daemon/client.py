@@ -103,6 +103,11 @@ class DaemonClient:
         """GET /health: {"state": "loading"|"ready"|"error"|..., "progress"?, "message"?}."""
         return await self.request("GET", "/health")
 
+    async def load(self) -> dict[str, Any]:
+        """POST /v1/load: the model loads again if idle unload dropped it, or if its load
+        failed and its file has changed since; the health after."""
+        return await self.request("POST", "/v1/load", {})
+
     async def status(self) -> dict[str, Any]:
         return await self.request("GET", "/v1/status")
 

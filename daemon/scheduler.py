@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .catalog import resolve_model_path
 from .engine import EngineConfig, load_engine
 from .engine.cancel import CancelToken
 from .errors import (
@@ -112,6 +113,7 @@ class Scheduler:
         self._progress = 0.0
         self._message = "not started"
         self._load_requested = False
+        self._failed_stamp: tuple[str, int, int] | None = None  # the model file a load failed on
         self._stopping = False
         self._info: dict[str, Any] = {}
         self._cache_stats: dict[str, Any] = {}
@@ -165,6 +167,23 @@ class Scheduler:
         elif self._state is EngineState.ERROR:
             body["message"] = self._message
         return body
+
+    def wake(self) -> dict[str, Any]:
+        """Load the model where it is not loaded and a client waits for it: after an idle
+        unload, or after a failed load when the model's file has changed since (fixed, or
+        fetched again). The health after."""
+        with self._cond:
+            unloaded = self._state is EngineState.UNLOADED
+            changed = self._state is EngineState.ERROR and (
+                _model_stamp(self.config.model) != self._failed_stamp
+            )
+            if unloaded or changed:
+                logger.info(
+                    "loading the model again: %s", "asked" if unloaded else "its file changed"
+                )
+                self._request_load_locked()
+                self._cond.notify_all()
+        return self.health()
 
     def status(self) -> dict[str, Any]:
         """Engine info, cache and request statistics (for `status --json`)."""
@@ -356,9 +375,11 @@ class Scheduler:
                 logger.error("model load failed: %s", message)
             else:
                 logger.exception("model load failed")
+            stamp = _model_stamp(self.config.model)
             with self._cond:
                 self._state = EngineState.STOPPED if self._stopping else EngineState.ERROR
                 self._message = message
+                self._failed_stamp = stamp
             return
         info = dict(getattr(engine, "info", {}) or {})
         with self._cond:
@@ -427,6 +448,16 @@ class Scheduler:
             self._cache_stats = dict(engine.cache_stats())
         except Exception:  # stats must never take the worker down
             logger.exception("engine.cache_stats() failed")
+
+
+def _model_stamp(name: str) -> tuple[str, int, int] | None:
+    """The model's file (or folder) as path, size and mtime; None where there is none."""
+    try:
+        path = resolve_model_path(name)
+        stat = path.stat()
+    except (CodelmError, OSError):
+        return None
+    return str(path), stat.st_size, stat.st_mtime_ns
 
 
 def _key_of(request: CompleteRequest | OpenAICompletionRequest) -> str:

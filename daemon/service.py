@@ -68,6 +68,7 @@ def create_app(config: DaemonConfig, scheduler: Scheduler, *, token: str) -> web
     app.router.add_post("/v1/complete", handle_complete)
     app.router.add_post("/v1/completions", handle_openai_completions)
     app.router.add_post("/v1/documents/close", handle_close_document)
+    app.router.add_post("/v1/load", handle_load)
     app.router.add_post("/shutdown", handle_shutdown)
     return app
 
@@ -230,6 +231,14 @@ def _check_strings(value: Any, depth: int = 0) -> None:
 
 async def handle_health(request: web.Request) -> web.Response:
     body = request.app[SCHEDULER].health()
+    body["pid"] = request.app[INFO]["pid"]
+    return web.json_response(body)
+
+
+async def handle_load(request: web.Request) -> web.Response:
+    """A client waits for the model: load it if idle unload dropped it, or if it failed to
+    load and its file has changed since. Answers the health."""
+    body = request.app[SCHEDULER].wake()
     body["pid"] = request.app[INFO]["pid"]
     return web.json_response(body)
 

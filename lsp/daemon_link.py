@@ -191,8 +191,15 @@ class HttpDaemonLink:
         """Poll /health (progress while the model loads) until ready (its message) or failed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LOAD_TIMEOUT_S
+        woken = False
         for n in range(1_000_000):
-            state, message = health_state(await client.health())
+            body = await client.health()
+            if not woken and body.get("state") in ("unloaded", "error"):
+                # Nothing loads an unloaded model but a request for it (and a failed load is
+                # tried again once its file has changed): ask, once.
+                woken = True
+                body = await client.load()
+            state, message = health_state(body)
             if state == "ready":
                 return message
             self._set_state(state, message)

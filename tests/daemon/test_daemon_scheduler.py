@@ -235,3 +235,33 @@ async def test_scheduler_latency_percentiles_are_reported():
         assert latency["p50"] is not None and latency["p50"] <= latency["p99"]
     finally:
         await scheduler.stop()
+
+
+async def test_wake_loads_an_unloaded_model_and_retries_a_failed_one_whose_file_changed(
+    tmp_path,
+):
+    # A client that connects after an idle unload, or after a failed load, asks with wake()
+    # (POST /v1/load): nothing else loads the model before a completion request.
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"broken")
+    good = make_loader()
+
+    def loader(config, progress=None):
+        if model.read_bytes() == b"broken":
+            raise ModelLoadError(f"{model} is not a readable GGUF file")
+        return good(config, progress)
+
+    scheduler = Scheduler(EngineConfig(model=str(model)), loader=loader, idle_unload_s=0.05)
+    scheduler.start()
+    try:
+        await _wait_until(lambda: scheduler.state is EngineState.ERROR)
+        assert scheduler.wake()["state"] == "error"  # the same file: no new attempt
+        model.write_bytes(b"fixed!")
+        assert scheduler.wake()["state"] == "loading"
+        await _wait_until(lambda: scheduler.state is EngineState.READY)
+        await _wait_until(lambda: scheduler.state is EngineState.UNLOADED)
+        assert scheduler.wake()["state"] == "loading"
+        await _wait_until(lambda: scheduler.state is EngineState.READY)
+        assert scheduler.wake()["state"] == "ready"
+    finally:
+        await scheduler.stop()

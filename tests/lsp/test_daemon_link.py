@@ -40,6 +40,13 @@ class FakeClient:
     async def close(self) -> None:
         self.closed = True
 
+    async def load(self) -> dict[str, Any]:
+        """What the daemon does for POST /v1/load: an unloaded model starts loading."""
+        self.loads = getattr(self, "loads", 0) + 1
+        if self.health_states[0] == "unloaded":
+            self.health_states = ["loading", "ready"]
+        return await self.health()
+
 
 @pytest.mark.parametrize(
     ("body", "state"),
@@ -140,3 +147,13 @@ async def test_a_timeout_over_30_s_in_the_settings_is_the_clients_too():
     link.apply_settings(LspSettings(daemon_url=url, timeout_ms=3_000))
     assert client.timeout_s == 30
     await client.close()
+
+
+async def test_a_daemon_found_unloaded_is_asked_to_load(monkeypatch):
+    # An editor that connects after the daemon's idle unload: /health alone never loads it.
+    fake = FakeClient(["unloaded"])
+    monkeypatch.setattr(daemon_client.DaemonClient, "discover", lambda *a, **k: fake)
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(), sink, home=None)
+    await asyncio.wait_for(link.ensure_running(), timeout=5)
+    assert fake.loads == 1 and sink.statuses[-1] == "ready"
