@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 STATES = ("loading", "ready", "busy", "error", "disabled")
 HEALTH_POLL_S = (0.05, 0.1, 0.2, 0.5)  # growing gaps between /health polls
 START_TIMEOUT_S = 60.0  # process start until /health answers
+RESTART_WINDOW_S = 600.0  # a lost daemon is restarted at most once in this long
 LOAD_TIMEOUT_S = 300.0  # model load after that
 RETRY_AFTER_S = 30.0  # after a failed start, completions wait this long before trying again
 # At least: completion.py drops answers sooner (settings.timeout_ms), unless the user set
@@ -73,6 +74,7 @@ class HttpDaemonLink:
         self.home = home
         self.state = ""
         self.restarts = 0
+        self._restarted_at: float | None = None  # event loop time of the last restart
         self._client: DaemonClient | None = None
         self._ready = False
         self._starting: asyncio.Task[None] | None = None
@@ -249,13 +251,17 @@ class HttpDaemonLink:
         raise ModelLoading("the codelm daemon is starting")
 
     def _on_lost(self, exc: BaseException) -> None:
-        """The daemon went away: restart it once, then tell the user."""
+        """The daemon went away: restart it, at most once in RESTART_WINDOW_S (a daemon
+        that dies again at once is not restarted in a loop), else tell the user."""
         logger.warning("lost the daemon: %s", exc)
         self._ready = False
         if self._starting is not None and not self._starting.done():
             return
-        if self.settings.auto_start and not self.settings.daemon_url and self.restarts == 0:
+        now = asyncio.get_running_loop().time()
+        recent = self._restarted_at is not None and now - self._restarted_at < RESTART_WINDOW_S
+        if self.settings.auto_start and not self.settings.daemon_url and not recent:
             self.restarts += 1
+            self._restarted_at = now
             self.sink.show("The codelm daemon stopped unexpectedly; restarting it.", False)
             self.start_in_background()
             return

@@ -8,7 +8,7 @@ import pytest
 from codelm.daemon import client as daemon_client
 from codelm.daemon.errors import DaemonUnavailable, ModelLoading
 from codelm.daemon.protocol import CompleteRequest
-from codelm.lsp.daemon_link import HttpDaemonLink, health_state
+from codelm.lsp.daemon_link import RESTART_WINDOW_S, HttpDaemonLink, health_state
 from codelm.lsp.settings import LspSettings
 
 
@@ -115,6 +115,10 @@ async def test_lost_daemon_is_restarted_once_then_reported(monkeypatch):
     link._on_lost(ConnectionResetError("gone again"))
     assert restarts == [1]
     assert sink.statuses == ["error"] and sink.shown[-1][1] is True
+    # Lost again after a long run (the user stopped it, or it crashed a day later).
+    link._restarted_at -= RESTART_WINDOW_S
+    link._on_lost(ConnectionResetError("gone a day later"))
+    assert restarts == [1, 1]
 
 
 def test_link_disabled_by_settings_reports_disabled():
