@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -59,7 +60,7 @@ async def _serve(config: DaemonConfig, on_ready: Callable[[str], None] | None) -
         logger.info("shutting down")
     finally:
         await runner.cleanup()
-        if config.unix_socket:
+        if config.unix_socket and _is_socket(config.unix_socket):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(config.unix_socket)
     return 0
@@ -81,12 +82,20 @@ def _bind(config: DaemonConfig) -> tuple[socket.socket, str, int | None]:
     """Bind the listening socket ourselves so the OS-picked port is known before serving."""
     if config.unix_socket:
         path = config.unix_socket
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.exists(path):
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):  # never remove what the user wrote
+                raise BindError(
+                    f"unix_socket {path} exists and is not a socket; name a path that does not "
+                    "exist yet (or remove that file)"
+                )
             os.unlink(path)  # a stale socket: we hold the instance lock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o077)
         try:
             sock.bind(path)  # created owner-only under the umask: no window for other users
+        except OSError as exc:  # a missing folder, a path too long for a socket
+            sock.close()
+            raise BindError(f"cannot listen on unix socket {path} ({exc})") from exc
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)
@@ -106,6 +115,13 @@ def _bind(config: DaemonConfig) -> tuple[socket.socket, str, int | None]:
     port = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     return sock, f"http://{shown}:{port}", port
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _install_signal_handlers(shutdown: asyncio.Event) -> None:

@@ -77,3 +77,17 @@ def test_no_daemon_reads_as_unavailable(paths):
 def test_daemon_without_published_url_reads_as_starting(paths):
     with InstanceLock(paths), pytest.raises(DaemonUnavailable, match="starting"):
         read_daemon_info(paths)
+
+
+def test_a_unix_socket_path_that_holds_a_file_is_refused_and_the_file_kept(tmp_path):
+    # The daemon used to remove whatever stood at `unix_socket` (and again at exit).
+    from codelm.daemon.config import DaemonConfig
+    from codelm.daemon.server import BindError, _bind
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's own words\n")
+    with pytest.raises(BindError, match="exists and is not a socket"):
+        _bind(DaemonConfig(unix_socket=str(notes)))
+    assert notes.read_text() == "the user's own words\n"
+    with pytest.raises(BindError, match="cannot listen on unix socket"):
+        _bind(DaemonConfig(unix_socket=str(tmp_path / "no-such-folder" / "d.sock")))
