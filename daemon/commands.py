@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import catalog
 from .errors import BadRequest, CodelmError
-from .protocol import CompleteRequest
+from .protocol import MAX_TEXT_CHARS, CompleteRequest, line_bounds, line_count
+
+_NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII digits ("²".isdigit() is true, int() refuses it)
+MAX_FILE_BYTES = 4 * MAX_TEXT_CHARS  # the most the daemon takes, in UTF-8
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +30,7 @@ class Location:
     @classmethod
     def parse(cls, spec: str) -> Location:
         parts = spec.rsplit(":", 2)
-        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        if len(parts) != 3 or not all(_NUMBER.fullmatch(part) for part in parts[1:]):
             raise BadRequest(
                 "location", f"{spec!r} is not FILE:LINE:COL (1-based, e.g. app.py:12:5)"
             )
@@ -36,15 +41,24 @@ class Location:
 
 
 def build_request(location: Location, max_tokens: int, trigger: str = "invoked") -> CompleteRequest:
-    """The daemon request for a location; the column is converted to UTF-16 units."""
+    """The daemon request for a location; the column is converted to UTF-16 units. The text
+    is the file's as it is (its line endings kept, a UTF-8 byte order mark left out, as
+    editors show it)."""
+    path = location.path
     try:
-        text = location.path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):  # a pipe would never end, a device never stop
+            raise BadRequest("location", f"{path} is not a regular file")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise BadRequest("location", f"{path} is larger than {MAX_FILE_BYTES >> 20} MiB")
+        with path.open(encoding="utf-8-sig", newline="") as file:
+            text = file.read()
     except (OSError, UnicodeDecodeError) as exc:
-        raise BadRequest("location", f"cannot read {location.path}: {exc}") from exc
-    lines = text.split("\n")
-    if location.line > len(lines):
-        raise BadRequest("location", f"{location.path} has {len(lines)} lines, not {location.line}")
-    line_text = lines[location.line - 1].rstrip("\r")
+        raise BadRequest("location", f"cannot read {path}: {exc}") from exc
+    bounds = line_bounds(text, location.line - 1)
+    if bounds is None:
+        raise BadRequest("location", f"{path} has {line_count(text)} lines, not {location.line}")
+    line_text = text[slice(*bounds)]
     if location.column > len(line_text) + 1:
         raise BadRequest(
             "location",

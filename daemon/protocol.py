@@ -286,6 +286,10 @@ def line_start(text: str, line: int) -> int | None:
     return pos
 
 
+def line_count(text: str) -> int:
+    return len(_LINE_BREAK.findall(text)) + 1
+
+
 def line_bounds(text: str, line: int) -> tuple[int, int] | None:
     """(start, end) str indices of `line` without its line break; None if past the end."""
     start = line_start(text, line)
@@ -338,7 +342,7 @@ def offset_at(text: str, line: int, character: int) -> int:
     """String index of an LSP position (0-based line, UTF-16 code units); BadRequest if outside."""
     bounds = line_bounds(text, line)
     if bounds is None:
-        lines = len(_LINE_BREAK.findall(text)) + 1
+        lines = line_count(text)
         raise BadRequest("line", f"{line} is past the end of the document ({lines} lines)")
     start, end = bounds
     index, short = index_of_units(text, start, end, character)

@@ -60,3 +60,40 @@ def test_start_refuses_bad_config_with_message(home, capsys, monkeypatch):
     monkeypatch.setenv("CODELM_PORT", "http")
     assert main(["start", "--foreground"]) == 2
     assert "port (from environment)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "spec", ["a.py:\N{SUPERSCRIPT TWO}:1", "a.py:" + "9" * 5000 + ":1", "a.py:1"]
+)
+def test_a_location_takes_ascii_line_and_column_numbers_only(spec):
+    from codelm.daemon.commands import Location
+    from codelm.daemon.errors import BadRequest
+
+    with pytest.raises(BadRequest, match="is not FILE:LINE:COL"):
+        Location.parse(spec)
+
+
+def test_a_location_in_a_pipe_is_refused_not_read_forever(tmp_path):
+    import os
+
+    from codelm.daemon.commands import Location, build_request
+    from codelm.daemon.errors import BadRequest
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(BadRequest, match="not a regular file"):
+        build_request(Location.parse(f"{fifo}:1:1"), max_tokens=4)
+
+
+def test_a_location_counts_lines_as_the_editor_does_in_the_file_as_it_is(tmp_path):
+    # A byte order mark is not text; \r\n and a lone \r each end a line, and are sent as
+    # they are (positions are counted in the same text the daemon gets).
+    from codelm.daemon.commands import Location, build_request
+    from codelm.daemon.protocol import offset_at
+
+    source = tmp_path / "mac.py"
+    source.write_bytes(b"\xef\xbb\xbfa = 1\r\nb = 2\rc = \xf0\x9f\x98\x80 + \n")
+    request = build_request(Location.parse(f"{source}:3:9"), max_tokens=4)
+    assert request.text == "a = 1\r\nb = 2\rc = \U0001f600 + \n"
+    assert (request.line, request.character) == (2, 9)  # the emoji is two UTF-16 units
+    assert request.text[: offset_at(request.text, 2, 9)].endswith("\U0001f600 + ")
