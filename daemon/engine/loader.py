@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..catalog import resolve_model_path
-from ..errors import ModelLoadError
+from ..errors import CodelmError, ModelLoadError
 from . import QUANT_MODES, EngineConfig, copies_budget
 from .fused_decode import attach as attach_fused_decode
 from .layers import SelfAttention
@@ -43,6 +43,20 @@ class LoadedModel:
 
 def load_model(config: EngineConfig, device: torch.device, progress=None) -> LoadedModel:
     path = resolve_model_path(config.model)
+    try:
+        return _load_model(path, config, device, progress)
+    except CodelmError:
+        raise
+    except Exception as exc:  # a file that reads but does not describe a model we can build
+        logger.info("loading %s failed", path, exc_info=True)  # the traceback: log only
+        raise ModelLoadError(
+            f"{path} could not be loaded ({type(exc).__name__}: {exc}); a catalogue model may "
+            "be damaged: `codelm-daemon models fetch NAME --force`; other models must be of a "
+            "supported architecture, with their tokenizer (docs/models.md)"
+        ) from exc
+
+
+def _load_model(path: Path, config: EngineConfig, device: torch.device, progress) -> LoadedModel:
     if device.type == "cpu":
         # A first build of the native kernels (~4.5 s) overlaps reading the model.
         from codelm.quant import native

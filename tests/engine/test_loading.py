@@ -139,3 +139,25 @@ def test_an_unknown_prefill_copies_value_is_refused(default_model_path):
 
     with pytest.raises(ModelLoadError, match="must be auto, none or a size in MB"):
         load_engine(EngineConfig(model=str(default_model_path), prefill_copies="some"))
+
+
+def test_gguf_whose_tokenizer_is_damaged_says_so(tmp_path, default_model_path):
+    # The header reads, but a key the tokenizer needs is renamed: no KeyError traceback.
+    data = default_model_path.read_bytes()
+    at = data.index(b"tokenizer.ggml.tokens")
+    bad = tmp_path / "renamed.gguf"
+    bad.write_bytes(data[:at] + b"tokenizer.ggml.tokenz" + data[at + 21 :])
+    with pytest.raises(ModelLoadError, match="could not be loaded \\(KeyError.*models fetch"):
+        load_engine(EngineConfig(model=str(bad)))
+
+
+@pytest.mark.parametrize(
+    "config", ["[1, 2]", '{"model_type": "llama"}', '{"model_type": "llama", "hidden_size": "64"}']
+)
+def test_folder_with_a_config_that_describes_no_model_says_so(tmp_path, config):
+    from safetensors.torch import save_file
+
+    (tmp_path / "config.json").write_text(config)
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 4)}, tmp_path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="could not be loaded"):
+        load_engine(EngineConfig(model=str(tmp_path)))
