@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ CHOICES = {
     "log_level": LOG_LEVELS,
 }
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+AT_LEAST = {"prefill_chunk": 1, "max_body_bytes": 1, "max_pending": 1}
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -101,7 +104,7 @@ def _read_file(path: Path) -> dict[str, Any]:
             data = tomllib.load(f)
     except FileNotFoundError:
         return {}
-    except (tomllib.TOMLDecodeError, OSError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"{path}: {exc}; fix or remove the file") from exc
     engine = data.pop("engine", {})
     if not isinstance(engine, dict):
@@ -180,8 +183,16 @@ def _check(name: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: must be between 0 and 65535, got {value}")
     if name == "host" and value not in LOOPBACK_HOSTS:
         raise ConfigError(f"{where}: the daemon only listens on loopback ({LOOPBACK_HOSTS})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value}")
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
         raise ConfigError(f"{where}: must be >= 0, got {value}")
+    if name in AT_LEAST and value < AT_LEAST[name]:
+        raise ConfigError(f"{where}: must be at least {AT_LEAST[name]}, got {value}")
+    if name == "threads" and value > MAX_THREADS:
+        raise ConfigError(
+            f"{where}: must be at most {MAX_THREADS} (0: the free cores), got {value}"
+        )
     if name == "model":
         value = _absolute_model(value)
     if name == "unix_socket":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..errors import ModelLoadError
 from .tokenizer import Tokenizer
 
 
@@ -118,7 +119,8 @@ def detect_fim(tokenizer: Tokenizer, override: str = "auto") -> FimFormat | None
         return None
     if override != "auto":
         if override not in FIM_FORMATS:
-            raise ValueError(f"unknown FIM format {override!r}; known: {', '.join(FIM_FORMATS)}")
+            known = ", ".join(("auto", "none", *FIM_FORMATS))
+            raise ModelLoadError(f"fim: unknown FIM format {override!r}; known: {known}")
         return FIM_FORMATS[override]
     for fmt in FIM_FORMATS.values():
         if all(tokenizer.token_id(t) is not None for t in (fmt.prefix, fmt.suffix, fmt.middle)):

@@ -56,6 +56,10 @@ def test_config_reads_engine_settings_flat_or_in_table(tmp_path):
         ({"CODELM_HOST": "0.0.0.0"}, "only listens on loopback"),
         ({"CODELM_IDLE_UNLOAD_S": "-1"}, "must be >= 0"),
         ({"CODELM_PREFILL_COPIES": "some"}, "must be auto, none or a size in MB"),
+        ({"CODELM_IDLE_UNLOAD_S": "nan"}, "must be a finite number"),
+        ({"CODELM_START_TIMEOUT_S": "inf"}, "must be a finite number"),
+        ({"CODELM_PREFILL_CHUNK": "0"}, "must be at least 1"),
+        ({"CODELM_THREADS": "100000"}, "must be at most 1024"),
     ],
 )
 def test_config_rejects_bad_env_values_naming_the_source(tmp_path, env, message):
@@ -68,6 +72,9 @@ def test_config_rejects_bad_file_naming_the_file(tmp_path):
     with pytest.raises(ConfigError, match=str(path)):
         resolve_config({}, {"CODELM_HOME": str(tmp_path)})
     _write_config(tmp_path, "port = [1\n")
+    with pytest.raises(ConfigError, match="fix or remove the file"):
+        resolve_config({}, {"CODELM_HOME": str(tmp_path)})
+    (tmp_path / "config" / "config.toml").write_bytes(b"\xff\xfe=1\n")  # not UTF-8
     with pytest.raises(ConfigError, match="fix or remove the file"):
         resolve_config({}, {"CODELM_HOME": str(tmp_path)})
     _write_config(tmp_path, "port = true\n")

@@ -18,6 +18,7 @@ from codelm.daemon.engine.prompt import (
     detect_fim,
 )
 from codelm.daemon.engine.tokenizer import Tokenizer, tokenizer_from_folder
+from codelm.daemon.errors import ModelLoadError
 
 # Special tokens (as in each family's tokenizer.json), BOS, EOS, add_bos_token.
 FAMILIES = {
@@ -147,7 +148,7 @@ def test_detect_fim_without_fim_tokens_or_when_overridden(tokenizers):
     assert detect_fim(tokenizers["plain"]) is None
     assert detect_fim(tokenizers["qwen"], "none") is None
     assert detect_fim(tokenizers["plain"], "starcoder") is FIM_FORMATS["starcoder"]
-    with pytest.raises(ValueError, match="unknown FIM format"):
+    with pytest.raises(ModelLoadError, match="unknown FIM format .* known: auto, none, "):
         detect_fim(tokenizers["plain"], "fim-of-the-future")
 
 
