@@ -406,10 +406,13 @@ class Dispatcher:
         entries = _read_cache(path)  # merge: another process may have added shapes meanwhile
         entries[key] = times
         self._load_disk()[key] = times
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": _CACHE_VERSION, "entries": entries}, indent=1))
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"version": _CACHE_VERSION, "entries": entries}, indent=1))
+            os.replace(tmp, path)
+        except OSError as exc:  # a read-only or full cache dir: timed again at the next load
+            logger.warning("could not keep the kernel timings in %s: %s", path, exc)
 
     def _cache_path(self) -> Path | None:
         return Path(self.config.cache_dir) / CACHE_FILE if self.config.cache_dir else None

@@ -580,3 +580,17 @@ def test_calibration_streams_int5_and_int8_and_times_them_at_a_chunk(gen, monkey
     # Not where only one of them is a candidate (int8 that does not fit 5 bits).
     del specs["int5_native"]
     assert "streamed" not in dispatch_module._calibrate(qw, specs, (1, 8)).times_ms
+
+
+def test_timings_that_cannot_be_written_are_kept_in_memory(gen, tmp_path, monkeypatch):
+    # A read-only cache dir (here: a file where the folder should be) costs a new
+    # calibration at the next load, not this one.
+    monkeypatch.setattr(dispatch_module, "_busy", lambda *a: None)
+    times = {"decode": {"int4pack_bf16": 1.0}, "prefill": {"int4pack_bf16": 1.0}}
+    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    plan = Dispatcher(DispatchConfig(cache_dir=blocked / "kernels")).plan(
+        quantize_int4(weight(gen, 32, 64))[0]
+    )
+    assert plan.decode.name == "int4pack_bf16"
