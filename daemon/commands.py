@@ -72,7 +72,8 @@ def build_request(location: Location, max_tokens: int, trigger: str = "invoked")
         text=text,
         line=location.line - 1,
         character=character,
-        path=str(location.path),
+        # A name in bytes that are not UTF-8 (kept by Python as surrogates) as readable text.
+        path=str(location.path).encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
         trigger=trigger,
         max_tokens=max_tokens,
     )

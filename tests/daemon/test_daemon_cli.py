@@ -97,3 +97,15 @@ def test_a_location_counts_lines_as_the_editor_does_in_the_file_as_it_is(tmp_pat
     assert request.text == "a = 1\r\nb = 2\rc = \U0001f600 + \n"
     assert (request.line, request.character) == (2, 9)  # the emoji is two UTF-16 units
     assert request.text[: offset_at(request.text, 2, 9)].endswith("\U0001f600 + ")
+
+
+def test_a_file_name_that_is_not_utf8_goes_into_the_prompt_readably(tmp_path):
+    import os
+
+    from codelm.daemon.commands import Location, build_request
+
+    name = os.fsdecode(b"bad\xffname.py")  # the surrogate escape Python keeps for such bytes
+    (tmp_path / name).write_text("x = 1\n")
+    request = build_request(Location.parse(f"{tmp_path / name}:1:6"), max_tokens=4)
+    assert request.path.endswith("bad\ufffdname.py")
+    request.path.encode("utf-8")  # JSON and the tokenizer take it
