@@ -17,7 +17,7 @@ from pathlib import Path
 
 import platformdirs
 
-from .errors import Conflict, DaemonUnavailable
+from .errors import ConfigError, Conflict, DaemonUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +93,19 @@ class RuntimePaths:
         return self.config_dir / "config.toml"
 
     def ensure_dirs(self) -> None:
-        """Create the folders; the runtime folder is private (0700) since it holds the token."""
-        for path in (self.log_dir, self.data_dir, self.cache_dir):
-            path.mkdir(parents=True, exist_ok=True)
-        self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.runtime_dir, 0o700)
+        """Create the folders; the runtime folder is private (0700) since it holds the token.
+        ConfigError names a folder that cannot be made (a file in the way, read-only)."""
+        for path in (self.log_dir, self.data_dir, self.cache_dir, self.runtime_dir):
+            private = path == self.runtime_dir
+            try:
+                path.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o777)
+                if private:
+                    os.chmod(path, 0o700)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot create the folder {path} ({exc.strerror}); make it writable, or "
+                    "set CODELM_HOME to a writable folder"
+                ) from exc
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -173,7 +181,7 @@ def is_lock_held(paths: RuntimePaths) -> bool:
     """True when some process holds the instance lock (a daemon is alive)."""
     try:
         fd = os.open(paths.lock_file, os.O_RDWR)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no lock file there: no daemon
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

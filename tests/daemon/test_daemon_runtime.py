@@ -91,3 +91,15 @@ def test_a_unix_socket_path_that_holds_a_file_is_refused_and_the_file_kept(tmp_p
     assert notes.read_text() == "the user's own words\n"
     with pytest.raises(BindError, match="cannot listen on unix socket"):
         _bind(DaemonConfig(unix_socket=str(tmp_path / "no-such-folder" / "d.sock")))
+
+
+def test_a_codelm_home_that_is_a_file_says_so(tmp_path):
+    # `status` reads it as no daemon; `start` says which folder it cannot make, not a traceback.
+    from codelm.daemon.errors import ConfigError
+
+    home = tmp_path / "a-file"
+    home.write_text("")
+    paths = RuntimePaths.for_home(home)
+    assert is_lock_held(paths) is False
+    with pytest.raises(ConfigError, match=f"cannot create the folder {home}.*CODELM_HOME"):
+        paths.ensure_dirs()
