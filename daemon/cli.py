@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import CHOICES, DaemonConfig, resolve_config, resolve_paths
 from .errors import CodelmError, DaemonUnavailable
+from .protocol import MAX_TOKENS_LIMIT
 from .runtime import RuntimePaths, cleanup_stale, read_daemon_info, read_pid
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,9 @@ def _add_engine_commands(sub: Any, common: Any, engine: Any) -> None:
         cmd.add_argument("--json", action="store_true", help="machine-readable output")
         cmd.add_argument("--no-daemon", action="store_true", help="load the engine in-process")
         if name == "complete":
-            cmd.add_argument("--max-tokens", type=int, default=64, help="default 64")
+            cmd.add_argument(
+                "--max-tokens", type=_max_tokens, default=64, help="1 to 1024, default 64"
+            )
         cmd.set_defaults(func=_lead_command(f"run_{name}"))
 
     models = sub.add_parser("models", parents=[common], help="list or fetch catalogue models")
@@ -438,3 +441,10 @@ def _setup_client_logging(verbose: int) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _max_tokens(text: str) -> int:
+    """--max-tokens as the daemon takes it (in-process runs took any number)."""
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_TOKENS_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_TOKENS_LIMIT}, got {text!r}")
+    return int(text)

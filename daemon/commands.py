@@ -101,9 +101,7 @@ def _daemon_complete(request: CompleteRequest):
 
 def run_complete(args: argparse.Namespace) -> int:
     try:
-        request = build_request(
-            Location.parse(args.location), getattr(args, "max_tokens", None) or 64
-        )
+        request = build_request(Location.parse(args.location), getattr(args, "max_tokens", 64))
         response = None if args.no_daemon or _overrides_model(args) else _daemon_complete(request)
         if response is None:
             response = _load_engine(args).complete(request)

@@ -109,3 +109,10 @@ def test_a_file_name_that_is_not_utf8_goes_into_the_prompt_readably(tmp_path):
     request = build_request(Location.parse(f"{tmp_path / name}:1:6"), max_tokens=4)
     assert request.path.endswith("bad\ufffdname.py")
     request.path.encode("utf-8")  # JSON and the tokenizer take it
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "2000", "x"])
+def test_max_tokens_out_of_the_daemons_range_is_refused_in_process_too(value):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["complete", "a.py:1:1", "--no-daemon", "--max-tokens", value])
+    assert build_parser().parse_args(["complete", "a.py:1:1", "--max-tokens", "8"]).max_tokens == 8
