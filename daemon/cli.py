@@ -117,6 +117,13 @@ def _add_engine_commands(sub: Any, common: Any, engine: Any) -> None:
     models.set_defaults(func=_lead_command("run_models"))
 
 
+def _max_tokens(text: str) -> int:
+    """--max-tokens as the daemon takes it (in-process runs took any number)."""
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_TOKENS_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_TOKENS_LIMIT}, got {text!r}")
+    return int(text)
+
+
 def _lead_command(name: str) -> Any:
     def run(args: argparse.Namespace) -> int:
         from . import commands
@@ -441,10 +448,3 @@ def _setup_client_logging(verbose: int) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _max_tokens(text: str) -> int:
-    """--max-tokens as the daemon takes it (in-process runs took any number)."""
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_TOKENS_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_TOKENS_LIMIT}, got {text!r}")
-    return int(text)
