@@ -125,9 +125,8 @@ class DaemonClient:
     def _send(self, method: str, path: str, body: Any) -> Any:
         session = self._get_session()
         headers = {"Authorization": f"Bearer {self._token}"}
-        timeout = aiohttp.ClientTimeout(
-            total=self.timeout_s
-        )  # as it is now (a caller may change it)
+        # Per call: timeout_s as it is now (the language server follows its settings).
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         call = session.request(
             method, self._base + path, json=body, headers=headers, timeout=timeout
         )

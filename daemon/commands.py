@@ -46,10 +46,10 @@ def build_request(location: Location, max_tokens: int, trigger: str = "invoked")
     editors show it)."""
     path = location.path
     try:
-        mode = path.stat().st_mode
-        if not stat.S_ISREG(mode):  # a pipe would never end, a device never stop
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a pipe would never end, a device never stop
             raise BadRequest("location", f"{path} is not a regular file")
-        if path.stat().st_size > MAX_FILE_BYTES:
+        if info.st_size > MAX_FILE_BYTES:
             raise BadRequest("location", f"{path} is larger than {MAX_FILE_BYTES >> 20} MiB")
         with path.open(encoding="utf-8-sig", newline="") as file:
             text = file.read()

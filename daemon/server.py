@@ -83,7 +83,7 @@ def _bind(config: DaemonConfig) -> tuple[socket.socket, str, int | None]:
     if config.unix_socket:
         path = config.unix_socket
         if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):  # never remove what the user wrote
+            if not _is_socket(path):  # never remove what the user wrote
                 raise BindError(
                     f"unix_socket {path} exists and is not a socket; name a path that does not "
                     "exist yet (or remove that file)"

@@ -184,9 +184,7 @@ async def read_json(request: web.Request) -> Any:
     """The body as JSON; BadRequest for a body that cannot be decompressed, invalid UTF-8,
     malformed JSON, numbers too long to convert or lone surrogates."""
     try:
-        raw = await request.read()
-    except web.HTTPException:
-        raise  # 413 for a body over max_body_bytes
+        raw = await request.read()  # (413 for a body over max_body_bytes: error_middleware)
     except RequestPayloadError as exc:  # e.g. a Content-Encoding the body does not follow
         raise BadRequest("", f"the body could not be read: {exc}") from exc
     try:
@@ -230,15 +228,16 @@ def _check_strings(value: Any, depth: int = 0) -> None:
 
 
 async def handle_health(request: web.Request) -> web.Response:
-    body = request.app[SCHEDULER].health()
-    body["pid"] = request.app[INFO]["pid"]
-    return web.json_response(body)
+    return _health_response(request, request.app[SCHEDULER].health())
 
 
 async def handle_load(request: web.Request) -> web.Response:
     """A client waits for the model: load it if idle unload dropped it, or if it failed to
     load and its file has changed since. Answers the health."""
-    body = request.app[SCHEDULER].wake()
+    return _health_response(request, request.app[SCHEDULER].wake())
+
+
+def _health_response(request: web.Request, body: dict[str, Any]) -> web.Response:
     body["pid"] = request.app[INFO]["pid"]
     return web.json_response(body)
 

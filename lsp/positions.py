@@ -20,19 +20,18 @@ logger = logging.getLogger(__name__)
 
 _UTF16 = types.PositionEncodingKind.Utf16
 # Per encoding: the characters of more than one code unit, and their units (none in UTF-32).
-_WIDE: dict[str, tuple[re.Pattern[str], Width] | None] = {
+_WIDE: dict[str, tuple[re.Pattern[str] | None, Width]] = {
     types.PositionEncodingKind.Utf8: (
         re.compile(r"[^\x00-\x7f]"),
         lambda c: len(c.encode("utf-8", "surrogatepass")),
     ),
     _UTF16: (UTF16_WIDE, lambda c: 2),
-    types.PositionEncodingKind.Utf32: None,
+    types.PositionEncodingKind.Utf32: (None, lambda c: 1),
 }
 
 
 def _units(encoding: str | None) -> tuple[re.Pattern[str] | None, Width]:
-    wide = _WIDE.get(encoding or _UTF16, _WIDE[_UTF16])
-    return wide if wide is not None else (None, lambda c: 1)
+    return _WIDE.get(encoding or _UTF16, _WIDE[_UTF16])
 
 
 def offset_at(text: str, line: int, character: int, encoding: str | None = None) -> int:

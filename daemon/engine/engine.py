@@ -238,10 +238,9 @@ class Engine:
         """Drop the window anchors and suggestions of documents whose KV cache was evicted:
         without the KV they save little, and a client that never closes documents would
         otherwise grow them forever."""
-        for uri in self.anchors.keys() - self.cache.entries.keys():
-            del self.anchors[uri]
-        for uri in self.suggestions.keys() - self.cache.entries.keys():
-            del self.suggestions[uri]
+        for kept in (self.anchors, self.suggestions):
+            for uri in kept.keys() - self.cache.entries.keys():
+                del kept[uri]
 
     def _run(
         self,
