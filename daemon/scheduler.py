@@ -269,10 +269,12 @@ class Scheduler:
         return bool(await self._wait(job))
 
     def _submit(self, key: str, kind: str, run: Callable[[Any, CancelToken], Any]) -> _Job:
-        self.check_ready()
         loop = asyncio.get_running_loop()
         job = _Job(key=key, kind=kind, run=run, loop=loop, future=loop.create_future())
         with self._cond:
+            # Checked under the lock: the worker cannot unload between the check and the
+            # queueing, and does not unload while a job waits (_maybe_unload_locked).
+            self.check_ready()
             if self._current is not None and self._current.key == key:
                 self._current.token.cancel("superseded")
             old = self._pending.get(key)
@@ -352,8 +354,8 @@ class Scheduler:
         return max(0.01, self._last_active + self._idle_unload_s - time.monotonic())
 
     def _maybe_unload_locked(self) -> None:
-        if self._state is not EngineState.READY or self._idle_unload_s <= 0:
-            return
+        if self._state is not EngineState.READY or self._idle_unload_s <= 0 or self._pending:
+            return  # a job queued as the idle time ran out runs first, on the loaded model
         if time.monotonic() - self._last_active < self._idle_unload_s:
             return
         logger.info("unloading the model after %.0f s without requests", self._idle_unload_s)

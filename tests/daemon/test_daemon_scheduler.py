@@ -215,6 +215,28 @@ async def test_scheduler_unloads_when_idle_and_reloads_on_demand():
         await scheduler.stop()
 
 
+async def test_idle_unload_leaves_a_request_queued_as_the_idle_time_ran_out():
+    # The worker's timed wait can end with a request already queued (it arrived between the
+    # timeout and the worker taking the lock back): that request runs on the loaded model.
+    # Unloading first had run it with no engine: "internal error in the engine".
+    loader = make_loader()
+    scheduler = Scheduler(EngineConfig(model="fake.gguf"), loader=loader, idle_unload_s=30)
+    scheduler.start()
+    try:
+        await _wait_until(lambda: scheduler.state is EngineState.READY)
+        with scheduler._cond:  # the worker cannot take the job while this holds the lock
+            pending = asyncio.ensure_future(scheduler.complete(_request(max_tokens=2)))
+            await asyncio.sleep(0)  # complete() runs up to its await: the job is queued
+            assert len(scheduler._pending) == 1
+            scheduler._last_active -= 60  # the idle time has run out
+            scheduler._maybe_unload_locked()  # what the worker does when its wait times out
+            assert scheduler.state is EngineState.READY
+        response = await pending
+        assert response.timings.generated_tokens == 2
+    finally:
+        await scheduler.stop()
+
+
 async def test_scheduler_close_document_and_prompt_run_on_engine():
     scheduler, _ = await _ready_scheduler()
     try:
