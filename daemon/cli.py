@@ -386,9 +386,18 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if not log_file.exists():
         print(f"{PROG}: no log yet at {log_file}", file=sys.stderr)
         return 1
-    print(_tail(log_file, args.lines))
-    if not args.follow:
-        return 0
+    try:
+        print(_tail(log_file, args.lines))
+        if args.follow:
+            _follow(log_file)
+    except OSError as exc:  # FileNotFoundError: the log was removed as it was read
+        print(f"{PROG}: cannot read the log {log_file} ({exc.strerror})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _follow(log_file: Path) -> None:
+    """Print what is added to the log until Ctrl-C."""
     with log_file.open("rb") as f:
         f.seek(0, os.SEEK_END)
         try:
@@ -402,7 +411,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 else:
                     time.sleep(0.2)
         except KeyboardInterrupt:
-            return 0
+            pass
 
 
 def _size(path: Path) -> int:

@@ -94,7 +94,8 @@ class RuntimePaths:
 
     def ensure_dirs(self) -> None:
         """Create the folders; the runtime folder is private (0700) since it holds the token.
-        ConfigError names a folder that cannot be made (a file in the way, read-only)."""
+        ConfigError names a folder that cannot be made (a file in the way, read-only), or a
+        log file that cannot be appended to (a folder in its place, a read-only file)."""
         for path in (self.log_dir, self.data_dir, self.cache_dir, self.runtime_dir):
             private = path == self.runtime_dir
             try:
@@ -106,6 +107,14 @@ class RuntimePaths:
                     f"cannot create the folder {path} ({exc.strerror}); make it writable, or "
                     "set CODELM_HOME to a writable folder"
                 ) from exc
+        try:
+            with self.log_file.open("ab"):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the log file {self.log_file} ({exc.strerror}); move what is "
+                "there away, or set CODELM_HOME to a writable folder"
+            ) from exc
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

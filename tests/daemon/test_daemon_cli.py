@@ -56,6 +56,16 @@ def test_logs_without_log_file_fails_with_path(home, capsys):
     assert str(home) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["start"], ["start", "--foreground"], ["logs"]])
+def test_a_folder_where_the_log_file_goes_is_named_not_a_traceback(home, capsys, command):
+    # Before, start and logs ended in an IsADirectoryError traceback.
+    log = home / "log" / "daemon.log"
+    log.mkdir(parents=True)
+    assert main(command) in (1, 2)
+    err = capsys.readouterr().err
+    assert f"{log} (Is a directory)" in err and "Traceback" not in err
+
+
 def test_start_refuses_bad_config_with_message(home, capsys, monkeypatch):
     monkeypatch.setenv("CODELM_PORT", "http")
     assert main(["start", "--foreground"]) == 2
