@@ -20,7 +20,7 @@ from typing import Any
 from .config import CHOICES, DaemonConfig, resolve_config, resolve_paths
 from .errors import CodelmError, DaemonUnavailable
 from .protocol import MAX_TOKENS_LIMIT
-from .runtime import RuntimePaths, cleanup_stale, read_daemon_info, read_pid
+from .runtime import RuntimePaths, cleanup_stale, mark_stopped, read_daemon_info, read_pid
 
 logger = logging.getLogger(__name__)
 
@@ -275,12 +275,14 @@ def cmd_stop(args: argparse.Namespace) -> int:
     pid = read_pid(paths)
     if pid is None:
         stale = cleanup_stale(paths)
+        mark_stopped(paths)
         print("codelm daemon is not running" + (" (removed stale files)" if stale else ""))
         return 0
     _stop(paths)
     if read_pid(paths) is not None:
         print(f"{PROG}: the daemon (pid {pid}) did not stop", file=sys.stderr)
         return 1
+    mark_stopped(paths)  # open editors leave it stopped until `start`
     print(f"codelm daemon stopped (pid {pid})")
     return 0
 

@@ -85,6 +85,12 @@ class RuntimePaths:
         return self.runtime_dir / "daemon.sock"
 
     @property
+    def stopped_file(self) -> Path:
+        """Left by `codelm-daemon stop`, removed by the next daemon's start: while it is there,
+        editors do not start a daemon of their own (mark_stopped)."""
+        return self.runtime_dir / "daemon.stopped"
+
+    @property
     def log_file(self) -> Path:
         return self.log_dir / "daemon.log"
 
@@ -158,6 +164,8 @@ class InstanceLock:
                 time.sleep(LOCK_RETRY_S)
         self._fd = fd
         remove_daemon_files(self.paths)
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.stopped_file.unlink()  # started again: editors may start it too
         write_private(self.paths.pid_file, f"{os.getpid()}\n")
 
     def release(self) -> None:
@@ -238,6 +246,18 @@ def remove_daemon_files(paths: RuntimePaths) -> None:
     ):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def mark_stopped(paths: RuntimePaths) -> None:
+    """Record that the user stopped the daemon (`codelm-daemon stop`), so a connected editor
+    does not start it again behind their back; the next daemon's start removes the mark."""
+    with contextlib.suppress(OSError):  # no runtime folder: nothing ran, nothing to keep off
+        paths.stopped_file.write_text(f"{time.time():.0f}\n")
+
+
+def stopped_by_user(paths: RuntimePaths) -> bool:
+    """Whether the last daemon was stopped with `codelm-daemon stop` and none started since."""
+    return paths.stopped_file.is_file()
 
 
 def cleanup_stale(paths: RuntimePaths) -> bool:

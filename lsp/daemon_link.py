@@ -30,6 +30,10 @@ START_TIMEOUT_S = 60.0  # process start until /health answers
 RESTART_WINDOW_S = 600.0  # a lost daemon is restarted at most once in this long
 LOAD_TIMEOUT_S = 300.0  # model load after that
 RETRY_AFTER_S = 30.0  # after a failed start, completions wait this long before trying again
+STOPPED_MESSAGE = (
+    "the codelm daemon was stopped with `codelm-daemon stop`; `codelm-daemon start` resumes "
+    "suggestions"
+)
 # At least: completion.py drops answers sooner (settings.timeout_ms), unless the user set
 # more, which the client then waits for too (_request_timeout_s).
 REQUEST_TIMEOUT_S = 30.0
@@ -79,6 +83,7 @@ class HttpDaemonLink:
         self._ready = False
         self._starting: asyncio.Task[None] | None = None
         self._failed_at: float | None = None
+        self._stopped = False  # the user stopped the daemon (`codelm-daemon stop`)
 
     def _set_state(self, state: str, message: str) -> None:
         if state != self.state:
@@ -137,6 +142,9 @@ class HttpDaemonLink:
         try:
             client = await self._connect()
             ready_message = await self._wait_until_ready(client)
+        except StoppedByUser as exc:
+            self._left_stopped(exc.message)
+            raise
         except CodelmError as exc:
             if self._failed_at is None:
                 self.sink.show(f"codelm: {exc.message}", True)
@@ -168,6 +176,8 @@ class HttpDaemonLink:
         except DaemonUnavailable:
             if not self.settings.auto_start:
                 raise
+            if _stopped_by_user(paths):
+                raise StoppedByUser(STOPPED_MESSAGE) from None
         await self.sink.progress("report", "Starting the codelm daemon")
         args = ["--model", self.settings.model] if self.settings.model else []
         await daemon_client.start_daemon(self.home, args=args, timeout_s=START_TIMEOUT_S)
@@ -244,7 +254,12 @@ class HttpDaemonLink:
             return self._client
         starting = self._starting is not None and not self._starting.done()
         since_failure = asyncio.get_running_loop().time() - (self._failed_at or float("-inf"))
-        if not starting and since_failure < RETRY_AFTER_S:
+        if self._stopped:
+            # Left stopped by the user: one stat a request notices `codelm-daemon start`.
+            if _stopped_by_user(self._paths()):
+                raise DaemonUnavailable(STOPPED_MESSAGE)
+            self._stopped = False
+        elif not starting and since_failure < RETRY_AFTER_S:
             raise DaemonUnavailable("the codelm daemon is not available")
         # Not up yet: bring it up in the background and answer this request with nothing.
         self.start_in_background()
@@ -256,6 +271,9 @@ class HttpDaemonLink:
         logger.warning("lost the daemon: %s", exc)
         self._ready = False
         if self._starting is not None and not self._starting.done():
+            return
+        if not self.settings.daemon_url and _stopped_by_user(self._paths()):
+            self._left_stopped(STOPPED_MESSAGE)
             return
         now = asyncio.get_running_loop().time()
         recent = self._restarted_at is not None and now - self._restarted_at < RESTART_WINDOW_S
@@ -269,6 +287,13 @@ class HttpDaemonLink:
         self._failed_at = asyncio.get_running_loop().time()
         self._set_state("error", message)
         self.sink.show(message, True)
+
+    def _left_stopped(self, message: str) -> None:
+        """The user stopped the daemon: say so once, start nothing until they start it."""
+        if not self._stopped:
+            self.sink.show(f"codelm: {message}", False)
+        self._stopped = True
+        self._set_state("disabled", message)
 
     async def close(self) -> None:
         if self._starting is not None and not self._starting.done():
@@ -295,6 +320,16 @@ async def _discover_live(paths: RuntimePaths, timeout_s: float) -> DaemonClient:
         while is_lock_held(paths) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         raise
+
+
+class StoppedByUser(DaemonUnavailable):
+    """No daemon runs because the user stopped it: not started from here."""
+
+
+def _stopped_by_user(paths: RuntimePaths) -> bool:
+    from codelm.daemon.runtime import stopped_by_user as marked
+
+    return marked(paths)
 
 
 def _is_connection_error(exc: BaseException) -> bool:

@@ -14,9 +14,11 @@ from codelm.daemon.runtime import (
     RuntimePaths,
     cleanup_stale,
     is_lock_held,
+    mark_stopped,
     publish_endpoint,
     read_daemon_info,
     read_pid,
+    stopped_by_user,
 )
 
 
@@ -103,3 +105,22 @@ def test_a_codelm_home_that_is_a_file_says_so(tmp_path):
     assert is_lock_held(paths) is False
     with pytest.raises(ConfigError, match=f"cannot create the folder {home}.*CODELM_HOME"):
         paths.ensure_dirs()
+
+
+def test_stop_marks_the_home_stopped_until_a_daemon_starts(home):
+    # The mark keeps connected editors from starting the daemon again (lsp/daemon_link.py).
+    from codelm.daemon.cli import main
+
+    paths = RuntimePaths.for_home(home)
+    with InstanceLock(paths):  # a daemon ran here
+        pass
+    assert main(["stop"]) == 0
+    assert stopped_by_user(paths)
+    with InstanceLock(paths):
+        assert not stopped_by_user(paths)
+
+
+def test_mark_stopped_without_a_runtime_folder_is_harmless(tmp_path):
+    paths = RuntimePaths.for_home(tmp_path / "never-ran")
+    mark_stopped(paths)
+    assert not stopped_by_user(paths)

@@ -8,7 +8,14 @@ import pytest
 from codelm.daemon import client as daemon_client
 from codelm.daemon.errors import DaemonUnavailable, ModelLoading
 from codelm.daemon.protocol import CompleteRequest
-from codelm.lsp.daemon_link import RESTART_WINDOW_S, HttpDaemonLink, health_state
+from codelm.daemon.runtime import RuntimePaths, mark_stopped
+from codelm.lsp.daemon_link import (
+    RESTART_WINDOW_S,
+    STOPPED_MESSAGE,
+    HttpDaemonLink,
+    StoppedByUser,
+    health_state,
+)
 from codelm.lsp.settings import LspSettings
 
 
@@ -103,9 +110,9 @@ async def test_link_complete_before_ready_starts_in_background(monkeypatch):
     assert sink.statuses == ["loading", "ready"]
 
 
-async def test_lost_daemon_is_restarted_once_then_reported(monkeypatch):
+async def test_lost_daemon_is_restarted_once_then_reported(monkeypatch, tmp_path):
     sink = Sink()
-    link = HttpDaemonLink(LspSettings(), sink, home=None)
+    link = HttpDaemonLink(LspSettings(), sink, home=str(tmp_path))
     restarts: list[int] = []
     monkeypatch.setattr(link, "start_in_background", lambda: restarts.append(1))
     link._on_lost(ConnectionResetError("gone"))
@@ -119,6 +126,51 @@ async def test_lost_daemon_is_restarted_once_then_reported(monkeypatch):
     link._restarted_at -= RESTART_WINDOW_S
     link._on_lost(ConnectionResetError("gone a day later"))
     assert restarts == [1, 1]
+
+
+def _stopped_home(tmp_path) -> RuntimePaths:
+    """A CODELM_HOME whose last daemon was stopped with `codelm-daemon stop`."""
+    paths = RuntimePaths.for_home(tmp_path)
+    paths.ensure_dirs()
+    mark_stopped(paths)
+    return paths
+
+
+async def test_a_daemon_the_user_stopped_stays_stopped_until_they_start_it(monkeypatch, tmp_path):
+    # Before, the editor restarted it on the next keystroke and called the stop "unexpected".
+    paths = _stopped_home(tmp_path)
+    started: list[Any] = []
+    monkeypatch.setattr(daemon_client, "start_daemon", lambda *a, **k: started.append(a))
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(), sink, home=str(tmp_path))
+    link._on_lost(ConnectionResetError("stopped"))
+    assert sink.statuses == ["disabled"] and sink.shown == [(f"codelm: {STOPPED_MESSAGE}", False)]
+    request = CompleteRequest(uri="file:///a.py", text="x", line=0, character=1)
+    for _ in range(3):
+        with pytest.raises(DaemonUnavailable):
+            await link.complete(request)
+    assert started == [] and len(sink.shown) == 1
+    # `codelm-daemon start`: the daemon's start removes the mark; the next request connects.
+    paths.stopped_file.unlink()
+    monkeypatch.setattr(
+        daemon_client.DaemonClient, "discover", lambda *a, **k: FakeClient(["ready"])
+    )
+    with pytest.raises(ModelLoading):
+        await link.complete(request)
+    await link.ensure_running()
+    assert sink.statuses[-1] == "ready" and started == []
+
+
+async def test_an_editor_opened_after_a_stop_does_not_start_the_daemon(monkeypatch, tmp_path):
+    _stopped_home(tmp_path)
+    started: list[Any] = []
+    monkeypatch.setattr(daemon_client, "start_daemon", lambda *a, **k: started.append(a))
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(), sink, home=str(tmp_path))
+    with pytest.raises(StoppedByUser):
+        await link.ensure_running()
+    assert started == [] and sink.statuses[-1] == "disabled"
+    assert sink.shown == [(f"codelm: {STOPPED_MESSAGE}", False)]
 
 
 def test_link_disabled_by_settings_reports_disabled():

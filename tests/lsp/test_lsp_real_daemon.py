@@ -127,3 +127,28 @@ async def test_real_daemon_killed_is_restarted_once(real_editor: Editor, home: P
     assert _daemon_pid(home) != first_pid
     result = await editor.inline(uri, len('"""Greetings'), invoked=True)
     assert isinstance(result, types.InlineCompletionList)
+
+
+async def test_real_daemon_stopped_by_the_user_stays_stopped_until_started(
+    real_editor: Editor, home: Path
+):
+    # `codelm-daemon stop` with an editor open: the editor says so and starts nothing (it had
+    # restarted the daemon on the next keystroke, calling the stop "unexpected").
+    editor = real_editor
+    uri = (DATA / "greetings.py").as_uri()
+    editor.open(uri, (DATA / "greetings.py").read_text(encoding="utf-8"))
+    assert _daemon(home, "stop").returncode == 0
+    editor.statuses.clear()
+    for _ in range(2):
+        assert not (await editor.inline(uri, 0, invoked=True)).items
+    status = await editor.wait_status("disabled")
+    assert "codelm-daemon start" in status["message"]
+    assert _daemon(home, "status").returncode == 3  # still stopped
+    assert not any("restarting" in m.message for m in editor.client.messages)
+    started = _daemon(home, "start", "--model", TEST_MODEL, "--wait", "0")
+    assert started.returncode == 0, started.stderr
+    editor.statuses.clear()
+    await editor.inline(uri, 0, invoked=True)  # the editor notices the start at once
+    await editor.wait_status("ready", READY_TIMEOUT_S)
+    result = await editor.inline(uri, len('"""Greetings'), invoked=True)
+    assert isinstance(result, types.InlineCompletionList)
