@@ -83,7 +83,9 @@ class HttpDaemonLink:
         self._ready = False
         self._starting: asyncio.Task[None] | None = None
         self._failed_at: float | None = None
-        self._stopped = False  # the user stopped the daemon (`codelm-daemon stop`)
+        # The user stopped the daemon this session was using (`codelm-daemon stop`): start
+        # none until a daemon starts elsewhere (D10).
+        self._stopped = False
 
     def _set_state(self, state: str, message: str) -> None:
         if state != self.state:
@@ -176,7 +178,7 @@ class HttpDaemonLink:
         except DaemonUnavailable:
             if not self.settings.auto_start:
                 raise
-            if _stopped_by_user(paths):
+            if self._stopped and _stopped_by_user(paths):  # this session saw the stop
                 raise StoppedByUser(STOPPED_MESSAGE) from None
         await self.sink.progress("report", "Starting the codelm daemon")
         args = ["--model", self.settings.model] if self.settings.model else []

@@ -13,7 +13,6 @@ from codelm.lsp.daemon_link import (
     RESTART_WINDOW_S,
     STOPPED_MESSAGE,
     HttpDaemonLink,
-    StoppedByUser,
     health_state,
 )
 from codelm.lsp.settings import LspSettings
@@ -161,16 +160,27 @@ async def test_a_daemon_the_user_stopped_stays_stopped_until_they_start_it(monke
     assert sink.statuses[-1] == "ready" and started == []
 
 
-async def test_an_editor_opened_after_a_stop_does_not_start_the_daemon(monkeypatch, tmp_path):
+async def test_a_stop_keeps_the_daemon_off_in_open_editors_only(monkeypatch, tmp_path):
+    # An editor opened (or its server restarted) after the stop starts one, as on any start.
     _stopped_home(tmp_path)
     started: list[Any] = []
-    monkeypatch.setattr(daemon_client, "start_daemon", lambda *a, **k: started.append(a))
+
+    async def start_daemon(*args, **kwargs):
+        started.append(args)
+
+    monkeypatch.setattr(daemon_client, "start_daemon", start_daemon)
+    monkeypatch.setattr(
+        daemon_client.DaemonClient, "discover", lambda *a, **k: FakeClient(["ready"])
+    )
+    monkeypatch.setattr("codelm.lsp.daemon_link._discover_live", _nothing_runs)
     sink = Sink()
     link = HttpDaemonLink(LspSettings(), sink, home=str(tmp_path))
-    with pytest.raises(StoppedByUser):
-        await link.ensure_running()
-    assert started == [] and sink.statuses[-1] == "disabled"
-    assert sink.shown == [(f"codelm: {STOPPED_MESSAGE}", False)]
+    await link.ensure_running()
+    assert len(started) == 1 and sink.statuses[-1] == "ready" and sink.shown == []
+
+
+async def _nothing_runs(paths, timeout_s):
+    raise DaemonUnavailable("the codelm daemon is not running")
 
 
 def test_link_disabled_by_settings_reports_disabled():
