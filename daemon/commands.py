@@ -15,7 +15,14 @@ from pathlib import Path
 
 from . import catalog
 from .errors import BadRequest, CodelmError
-from .protocol import MAX_TEXT_CHARS, CompleteRequest, line_bounds, line_count
+from .protocol import (
+    MAX_TEXT_CHARS,
+    CompleteRequest,
+    line_bounds,
+    line_count,
+    position_of,
+    text_window,
+)
 
 _NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII digits ("²".isdigit() is true, int() refuses it)
 MAX_FILE_BYTES = 4 * MAX_TEXT_CHARS  # the most the daemon takes, in UTF-8
@@ -65,12 +72,14 @@ def build_request(location: Location, max_tokens: int, trigger: str = "invoked")
             f"line {location.line} has {len(line_text)} characters; COL is at most "
             f"{len(line_text) + 1}",
         )
-    before = line_text[: location.column - 1]
-    character = len(before.encode("utf-16-le")) // 2
+    # Of a large file the text around the location (the daemon takes at most 8M characters).
+    offset = bounds[0] + location.column - 1
+    start, end = text_window(text, offset)
+    line, character = position_of(text[start:end], offset - start)
     return CompleteRequest(
         uri=location.path.resolve().as_uri(),
-        text=text,
-        line=location.line - 1,
+        text=text[start:end],
+        line=line,
         character=character,
         # A name in bytes that are not UTF-8 (kept by Python as surrogates) as readable text.
         path=str(location.path).encode("utf-8", "surrogateescape").decode("utf-8", "replace"),

@@ -272,6 +272,37 @@ UTF16_WIDE = re.compile("[\U00010000-\U0010ffff]")
 Width = Callable[[str], int]  # code units of one character
 
 
+# What a client sends of a large document: the daemon's prompt reads at most its prefix window
+# (8000 characters, whose start may stay put up to 2048 further back) before the cursor and
+# its suffix window (1000) after it. The slice's ends move in steps, so while the user types
+# the daemon sees the same text, and its window anchors and KV cache hold; a step is a
+# multiple of the prefix window's (2048), so the windows are the whole document's.
+SEND_MARGIN_CHARS = 32_768
+SEND_STEP_CHARS = 65_536
+
+
+def text_window(text: str, offset: int) -> tuple[int, int]:
+    """[start, end) of `text` to send for the cursor at str index `offset`: all of a text of
+    up to 2 * SEND_STEP_CHARS, else from a multiple of SEND_STEP_CHARS at least
+    SEND_MARGIN_CHARS before the cursor to one at least as far after it (a \r\n there kept
+    whole). The ends may cut a line: positions are counted in what was sent."""
+    if len(text) <= 2 * SEND_STEP_CHARS:
+        return 0, len(text)
+    start = max(0, (offset - SEND_MARGIN_CHARS) // SEND_STEP_CHARS * SEND_STEP_CHARS)
+    end = min(len(text), -(-(offset + SEND_MARGIN_CHARS) // SEND_STEP_CHARS) * SEND_STEP_CHARS)
+    if start and text.startswith("\r\n", start - 1):
+        start -= 1
+    if text.startswith("\r\n", end - 1):
+        end += 1
+    return start, end
+
+
+def position_of(text: str, offset: int) -> tuple[int, int]:
+    """(line, UTF-16 character) of str index `offset`, which is not inside a \r\n."""
+    line_begins = max(text.rfind("\n", 0, offset), text.rfind("\r", 0, offset)) + 1
+    return line_count(text[:offset]) - 1, units_of(text[line_begins:offset])
+
+
 def line_start(text: str, line: int) -> int | None:
     """str index where `line` starts; None if the text has fewer lines."""
     lone_cr = "\r" in text and text.count("\r") != text.count("\r\n")

@@ -24,7 +24,12 @@ from urllib.parse import unquote, urlparse
 from lsprotocol import types
 
 from codelm.daemon.errors import CodelmError
-from codelm.daemon.protocol import CompleteRequest, CompleteResponse, CompletionItem
+from codelm.daemon.protocol import (
+    CompleteRequest,
+    CompleteResponse,
+    CompletionItem,
+    text_window,
+)
 
 from .cache import DocState, TypingCache
 from .positions import offset_at, position_at, to_range
@@ -233,7 +238,10 @@ class Completer:
         is_invoked: bool,
     ) -> list[ResultItem]:
         settings = self.settings
-        request = build_request(doc, text, offset, ctx, is_invoked, settings)
+        # Of a large file only the lines around the cursor (all the daemon's prompt can use).
+        start, end = text_window(text, offset)
+        sent, at = text[start:end], offset - start
+        request = build_request(doc, sent, at, ctx, is_invoked, settings)
         request_id = uuid.uuid4().hex[:12]
         self.stats.daemon_calls += 1
         started = self.clock()
@@ -252,7 +260,7 @@ class Completer:
             return []
         suggestions = [
             p
-            for s in suggestions_from_response(response, text, offset)
+            for s in suggestions_from_response(response, sent, at)
             if (p := postprocess(s, ctx)) is not None
         ]
         _log_completion(

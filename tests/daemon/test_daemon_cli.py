@@ -109,6 +109,19 @@ def test_a_location_counts_lines_as_the_editor_does_in_the_file_as_it_is(tmp_pat
     assert request.text[: offset_at(request.text, 2, 9)].endswith("\U0001f600 + ")
 
 
+def test_a_location_in_a_file_over_the_daemons_limit_sends_the_lines_around_it(tmp_path):
+    # A 9M-character source (sqlite3.c is one) was refused whole by the daemon.
+    from codelm.daemon.commands import Location, build_request
+    from codelm.daemon.protocol import MAX_TEXT_CHARS, offset_at
+
+    source = tmp_path / "big.c"
+    source.write_text("".join(f"int v{i:07d} = {i};\r\n" for i in range(500_000)), newline="")
+    request = build_request(Location.parse(f"{source}:400001:16"), max_tokens=4)
+    assert source.stat().st_size > MAX_TEXT_CHARS > 50 * len(request.text)
+    cursor = offset_at(request.text, request.line, request.character)
+    assert request.text[:cursor].endswith("\r\nint v0400000 = ")
+
+
 def test_a_file_name_that_is_not_utf8_goes_into_the_prompt_readably(tmp_path):
     import os
 

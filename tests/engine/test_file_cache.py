@@ -230,3 +230,26 @@ def test_windows_of_many_tokens_a_character_narrow_to_leave_room(engine, monkeyp
     response = engine.complete(request)
     assert len(response.token_ids) > 0
     assert 0 < response.timings.prefilled_tokens <= 512 - 8
+
+
+def test_the_lines_a_client_sends_of_a_large_file_prompt_as_the_whole_file(default_engine):
+    # Clients send text_window's slice of a large file (daemon/protocol.py): wherever the
+    # cursor walks, the engine's windows (its default sizes) lie inside it, anchors included.
+    from codelm.daemon.engine.prompt import WINDOW_STEP_CHARS
+    from codelm.daemon.protocol import SEND_MARGIN_CHARS, SEND_STEP_CHARS, text_window
+
+    config = default_engine.config
+    assert config.prefix_chars + WINDOW_STEP_CHARS + config.suffix_chars <= SEND_MARGIN_CHARS
+    assert SEND_STEP_CHARS % WINDOW_STEP_CHARS == 0  # the windows' steps fall where they would
+
+    text = "".join(f"def f{i}(x):\n    return x * {i}  # {'.' * (i % 97)}\n\n" for i in range(9000))
+    assert len(text) > 8 * SEND_STEP_CHARS
+    for cursor in range(1000, len(text), 7919):  # forward, across many of the slice's steps
+        cursor = _line_end(text, cursor)
+        start, end = text_window(text, cursor)
+        whole = _request(text, cursor, uri="file:///work/whole.py")
+        part = _request(text[start:end], cursor - start, uri="file:///work/part.py")
+        prompts = [
+            default_engine.prompt(dataclasses.replace(r, path="big.py")) for r in (whole, part)
+        ]
+        assert prompts[0].token_ids == prompts[1].token_ids

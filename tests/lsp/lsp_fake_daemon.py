@@ -1,9 +1,10 @@
 """An in-test stand-in for codelm-daemon: /health, /v1/complete, /v1/documents/close.
 
 It "predicts" like a perfect model that has read `truth` (the file the test is typing): when
-the document before the cursor is a prefix of `truth`, it answers with what comes next (the
-rest of the line, or a few lines), optionally with the line's closers repeated the way small
-models do. Every request's document text is recorded, so tests can check the LSP's sync.
+the document before the cursor is a prefix of `truth` (or, for a large file, sent in part, a
+part of it), it answers with what comes next (the rest of the line, or a few lines),
+optionally with the line's closers repeated the way small models do. Every request's
+document text is recorded, so tests can check the LSP's sync.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ class FakeDaemon:
     def predict(self, request: CompleteRequest) -> str:
         offset = offset_at(request.text, request.line, request.character)
         prefix = request.text[:offset]
-        if not self.truth.startswith(prefix) or offset >= len(self.truth):
+        # A large file comes as the text around the cursor (protocol.text_window).
+        start = 0 if self.truth.startswith(prefix) else self.truth.find(prefix)
+        if start < 0 or start + offset >= len(self.truth):
             return self.fallback_text
-        rest = self.truth[offset:]
+        rest = self.truth[start + offset :]
         n_lines = 1 if request.single_line else 3
         text = "\n".join(rest.split("\n")[:n_lines])
         if self.repeat_closers:

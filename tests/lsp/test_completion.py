@@ -7,12 +7,15 @@ from lsprotocol import types
 
 from codelm.daemon.errors import DaemonUnavailable
 from codelm.daemon.protocol import (
+    MAX_TEXT_CHARS,
+    SEND_STEP_CHARS,
     CompleteRequest,
     CompleteResponse,
     CompletionItem,
     Position,
     Range,
     Timings,
+    offset_at,
 )
 from codelm.lsp.completion import Completer, debounce_ms, is_single_line, skip_reason
 from codelm.lsp.documents import DocumentStore
@@ -223,3 +226,20 @@ async def test_completer_sends_a_lone_surrogate_as_a_replacement_character():
     await completer.inline_completion(URI, _at(0, 10), is_invoked=True)
     request = link.requests[0]
     assert request.text == "s = '\ufffd' + \n" and request.character == 10
+
+
+async def test_completer_sends_the_lines_around_the_cursor_of_a_large_file():
+    # A 9M-character file (sqlite3.c is one) had every request refused by the daemon (8M at
+    # most), and any large file cost a multi-MB JSON body a keystroke.
+    text = "".join(f"int value_{i:07d} = compute({i});\n" for i in range(300_000))
+    assert len(text) > MAX_TEXT_CHARS
+    link = FakeLink(lambda r: " + 1")
+    completer = _completer(link, text)
+    line, column = 200_000, len("int value_0200000 = compute(200000)")
+    items = await completer.inline_completion(URI, _at(line, column), is_invoked=True)
+    request = link.requests[0]
+    assert len(request.text) < 4 * SEND_STEP_CHARS
+    start = text.index(request.text)
+    cursor = start + offset_at(request.text, request.line, request.character)
+    assert text[:cursor].endswith("int value_0200000 = compute(200000)")
+    assert [(i.text, i.range.start) for i in items] == [(" + 1", _at(line, column))]

@@ -138,3 +138,40 @@ def test_the_daemon_resolves_the_positions_the_server_sends_to_the_same_offsets(
         daemon_offset_at(text, 0, 9)
     with pytest.raises(BadRequest, match="inside a surrogate pair"):
         daemon_offset_at(text, 1, 13)  # "    return '" is 12 units, the emoji 2
+
+
+def _lines(n: int, ending: str) -> str:
+    return "".join(f"line {i} of text{ending}" for i in range(n))
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
+def test_text_window_covers_the_cursor_in_steps_and_keeps_crlf_whole(ending):
+    from codelm.daemon.protocol import (
+        SEND_MARGIN_CHARS,
+        SEND_STEP_CHARS,
+        offset_at,
+        position_of,
+        text_window,
+    )
+
+    text = _lines(40_000, ending)
+    windows = set()
+    for offset in range(0, len(text) + 1, 997):
+        if text[offset - 1 : offset + 1] == "\r\n":
+            continue  # not a position
+        start, end = text_window(text, offset)
+        windows.add((start, end))
+        assert start <= max(0, offset - SEND_MARGIN_CHARS)
+        assert end >= min(len(text), offset + SEND_MARGIN_CHARS)
+        for cut in (start, end):
+            assert text[cut - 1 : cut + 1] != "\r\n"
+        sent = text[start:end]
+        assert offset_at(sent, *position_of(sent, offset - start)) == offset - start
+    # A few windows for the whole walk: the ends move in steps.
+    assert len(windows) <= len(text) // SEND_STEP_CHARS + 2
+
+
+def test_text_window_keeps_small_texts_whole():
+    from codelm.daemon.protocol import text_window
+
+    assert text_window("x = 1\n" * 1000, 3000) == (0, 6000)
