@@ -93,6 +93,8 @@ class CodelmProtocol(LanguageServerProtocol):
     100k-line file) and splits lines where LSP does not; our handlers keep the documents.
     """
 
+    _initialize_seen = False
+
     @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
     def lsp_text_document__did_open(self, params: types.DidOpenTextDocumentParams) -> Any:
         yield from self._user_handler(types.TEXT_DOCUMENT_DID_OPEN, params)
@@ -110,17 +112,27 @@ class CodelmProtocol(LanguageServerProtocol):
             yield handler, (params,), None
 
     def handle_message(self, message: Any) -> None:
-        """After `shutdown` a request gets the error the spec asks for (pygls drops it, and
-        the client waits)."""
+        """Before `initialize` and after `shutdown`, a request gets the error the spec asks
+        for (pygls served the first, which could start a daemon before the client's settings
+        arrived, and dropped the second, leaving the client waiting); a notification before
+        `initialize` is dropped."""
         method = getattr(message, "method", None)
-        if self._shutdown and method not in (None, types.EXIT) and hasattr(message, "id"):
-            error = types.ResponseError(
-                code=types.ErrorCodes.InvalidRequest,
-                message=f"{method}: the server is shutting down",
-            )
-            self._send_response(message.id, error=error)
+        if method == types.INITIALIZE:
+            self._initialize_seen = True
+        elif not self._initialize_seen and method not in (None, types.EXIT):
+            if hasattr(message, "id"):
+                self._refuse(
+                    message, types.ErrorCodes.ServerNotInitialized, "send initialize first"
+                )
+            return
+        elif self._shutdown and method not in (None, types.EXIT) and hasattr(message, "id"):
+            self._refuse(message, types.ErrorCodes.InvalidRequest, "the server is shutting down")
             return
         super().handle_message(message)
+
+    def _refuse(self, message: Any, code: int, why: str) -> None:
+        error = types.ResponseError(code=code, message=f"{message.method}: {why}")
+        self._send_response(message.id, error=error)
 
 
 class CodelmServer(LanguageServer):

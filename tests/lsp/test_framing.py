@@ -42,20 +42,22 @@ def _stats(msg_id: int) -> dict:
     return {"jsonrpc": "2.0", "id": msg_id, "method": "workspace/executeCommand", "params": params}
 
 
-async def _answers(*parts: bytes) -> dict:
+async def _answers(*parts: bytes, initialize: bool = True) -> dict:
     """Feed `parts` in turn to a fresh server, letting it finish its work in between; its
     answers by id (None: answers to no id)."""
     server = build_server(link=_Link())
     out = io.BytesIO()
     server.protocol.set_writer(_Output(out))
+    if initialize:  # as every client does first (its answer is left out)
+        parts = (_request(0, "initialize", {"capabilities": {}}), *parts)
     for data in parts:
         await serve(threading.Event(), _Input(data), server.protocol)
         await asyncio.sleep(0.05)
     answers: dict = {}
     for chunk in out.getvalue().split(b"Content-Length: ")[1:]:
         body = json.loads(chunk.split(b"\r\n\r\n", 1)[1])
-        if "method" not in body:  # not a notification of the server's own
-            answers.setdefault(body.get("id"), []).append(body)
+        if "method" not in body and (body.get("id") != 0 or not initialize):
+            answers.setdefault(body.get("id"), []).append(body)  # not the server's own
     return answers
 
 
@@ -176,3 +178,25 @@ async def test_accepted_characters_count_only_plausible_numbers():
     answers = await _answers(b"".join(parts) + _frame(_stats(5)))
     stats = answers[5][0]["result"]
     assert (stats["accepted"], stats["accepted_chars"]) == (4, 7)
+
+
+async def test_requests_before_initialize_are_refused_and_notifications_dropped():
+    uri = "file:///a.py"
+    opened = {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": "x = "}}
+    did_open = {"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": opened}
+    inline = {
+        "textDocument": {"uri": uri},
+        "position": {"line": 0, "character": 4},
+        "context": {"triggerKind": 1},
+    }
+    answers = await _answers(
+        _frame(did_open) + _request(1, "textDocument/inlineCompletion", inline),
+        _request(2, "initialize", {"capabilities": {}}),
+        _request(3, "textDocument/inlineCompletion", inline),
+        initialize=False,
+    )
+    error = answers[1][0]["error"]
+    assert error["code"] == -32002 and "initialize" in error["message"]
+    assert "result" in answers[2][0]
+    # The didOpen before initialize was dropped: the document is unknown, nothing is asked.
+    assert answers[3][0]["result"] in (None, [], {"items": []})
