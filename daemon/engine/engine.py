@@ -375,7 +375,10 @@ def _path_from_uri(uri: str) -> str | None:
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailable("--device cuda was asked for, but no CUDA GPU is available")
+        raise DeviceUnavailable(
+            "device cuda was asked for (--device, CODELM_DEVICE or `device` in config.toml), "
+            "but no CUDA GPU is available; use auto or cpu"
+        )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda"):

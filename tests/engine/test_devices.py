@@ -217,3 +217,13 @@ def test_auto_runs_float_weights_in_the_scheme_that_decodes_faster_here(
     assert loaded.info["quant"] == {"int4": "int4 x7, int8 x2", "int8": "int8 x9"}[faster]
     assert f"float weights -> {faster}, the faster here" in loaded.info["quant_reason"]
     _check_close(loaded, tokens, expected, faster)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_asked_for_without_a_gpu_says_where_it_can_be_asked_for():
+    # It named --device alone, also where CODELM_DEVICE or config.toml had set it.
+    from codelm.daemon.engine.engine import resolve_device
+    from codelm.daemon.errors import DeviceUnavailable
+
+    with pytest.raises(DeviceUnavailable, match="CODELM_DEVICE.*config.toml.*auto or cpu"):
+        resolve_device("cuda")
