@@ -117,6 +117,7 @@ def fetch(name: str, force: bool = False, log=print) -> Path:
     target = models_dir() / entry.filename
     if target.exists() and not force:
         if target.stat().st_size == entry.size_bytes:
+            log(f"{entry.name}: {target} (already fetched; --force fetches it again)")
             return target
         log(f"{target} has the wrong size; fetching it again")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -158,9 +158,8 @@ def run_prompt(args: argparse.Namespace) -> int:
 def run_models(args: argparse.Namespace) -> int:
     try:
         if args.action == "fetch":
-            catalog.fetch(
-                getattr(args, "name", None) or "default", force=getattr(args, "force", False)
-            )
+            name = getattr(args, "name", None)  # "" is no model's name (catalog says so)
+            catalog.fetch("default" if name is None else name, force=getattr(args, "force", False))
             return 0
     except CodelmError as exc:
         print(f"codelm-daemon models: {exc.message}", file=sys.stderr)

@@ -66,6 +66,21 @@ def test_a_folder_where_the_log_file_goes_is_named_not_a_traceback(home, capsys,
     assert f"{log} (Is a directory)" in err and "Traceback" not in err
 
 
+def test_models_fetch_names_a_model_already_there_and_refuses_an_empty_name(home, capsys):
+    # A fetched model was fetched again in silence, and '' fetched the default one.
+    from codelm.daemon import catalog
+
+    entry = catalog.CATALOG["smollm2-135m"]
+    target = catalog.models_dir() / entry.filename
+    target.parent.mkdir(parents=True)
+    with target.open("wb") as file:
+        file.truncate(entry.size_bytes)  # the right size: taken as fetched
+    assert main(["models", "fetch", "smollm2-135m"]) == 0
+    assert f"{target} (already fetched" in capsys.readouterr().out
+    assert main(["models", "fetch", ""]) == 2
+    assert "'' is not a catalogue model" in capsys.readouterr().err
+
+
 def test_start_refuses_bad_config_with_message(home, capsys, monkeypatch):
     monkeypatch.setenv("CODELM_PORT", "http")
     assert main(["start", "--foreground"]) == 2
