@@ -458,8 +458,18 @@ class LinearFactory:
         return ", ".join(f"{k} x{v}" for k, v in sorted(self.counts.items()))
 
 
-def available_memory_bytes() -> int | None:
-    """Memory available to allocate now, or None where the system does not say."""
+def available_memory_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+    """Memory available to allocate now without swapping: Linux's MemAvailable, which counts
+    the page cache the kernel gives back on demand, else free memory; None where the system
+    says neither. Free memory alone is small on a machine that has read many files (after a
+    build, 2 GiB of 24 with 23 available), which shrank every budget taken from it."""
+    try:
+        with open(meminfo, "rb") as file:
+            for line in file:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):

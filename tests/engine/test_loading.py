@@ -161,3 +161,19 @@ def test_folder_with_a_config_that_describes_no_model_says_so(tmp_path, config):
     save_file({"model.embed_tokens.weight": torch.zeros(4, 4)}, tmp_path / "model.safetensors")
     with pytest.raises(ModelLoadError, match="could not be loaded"):
         load_engine(EngineConfig(model=str(tmp_path)))
+
+
+def test_available_memory_counts_the_page_cache_the_kernel_gives_back(tmp_path):
+    # Free memory alone (sysconf's) was 2.1 GiB of 24 after a 20 GB file was read here, with
+    # 23 GiB available: the prefill copies' budget fell from 1.5 GiB to 287 MB and the KV
+    # cache's from 4 GiB to its 256 MiB floor.
+    from codelm.daemon.engine.loader import available_memory_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(
+        "MemTotal:       24683784 kB\nMemFree:         2245396 kB\n"
+        "MemAvailable:   24193280 kB\nCached:         21755808 kB\n"
+    )
+    assert available_memory_bytes(str(meminfo)) == 24193280 * 1024
+    free = available_memory_bytes(str(tmp_path / "absent"))  # not Linux: free memory
+    assert free is None or free > 0
