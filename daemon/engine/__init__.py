@@ -33,12 +33,12 @@ class EngineConfig:
     fim: str = "auto"  # auto | none | a FIM format name (prompt.FIM_FORMATS)
     prefill_chunk: int = 512  # tokens per forward of a prompt (a cancel stops between blocks)
     # Copies of the quantised weights that prompts run faster on (int8 tiles, dense), and the
-    # head's shortlist: "auto" within an eighth of free memory (at most 1.5 GiB), "none" for
+    # head's shortlist: "auto" within an eighth of available memory (at most 1.5 GiB), "none" for
     # the smallest footprint, or at most a size in MB ("300MB"; the blocks' layers first).
     prefill_copies: str = "auto"  # PREFILL_COPIES, read by copies_budget
     prefix_chars: int = 8000  # the prefix window: about 2.3k tokens of code before the cursor
     suffix_chars: int = 1000  # text after the cursor in invoked mode (a third of it when automatic)
-    cache_budget_bytes: int = 0  # per-file KV cache budget; 0: derived from free memory
+    cache_budget_bytes: int = 0  # per-file KV cache budget; 0: from available memory
     # After an edit, reuse a run of at least this many cached tokens that follows it, moved to
     # its new positions (like llama.cpp's --cache-reuse; approximate: that run's K/V saw the
     # old text before it; no loss measured, docs/engine.md). 0: off, every token after an

@@ -54,7 +54,7 @@ class Engine:
         self.cache_dtype = kv_cache_dtype(self.device, self.dtype, config.quant)
         self.fim = detect_fim(self.tokenizer, config.fim)
         self.stop_ids = frozenset(self.tokenizer.eos_ids) | self._fim_stop_ids()
-        budget = config.cache_budget_bytes or default_cache_budget()
+        budget = config.cache_budget_bytes or default_cache_budget(self.device)
         self.cache = FileCache(budget_bytes=budget, new_kv=self.new_kv)
         self.cpu: CpuShare | None = None  # threads per request, where the config sets none
         self.anchors: dict[str, str] = {}  # uri -> the text its prefix window starts with
@@ -396,9 +396,13 @@ def kv_cache_dtype(device: torch.device, dtype: torch.dtype, quant: str) -> torc
     return torch.float16 if not isinstance(native.library(), str) else dtype
 
 
-def default_cache_budget() -> int:
-    """A quarter of available memory, between 256 MiB and 4 GiB."""
-    available = available_memory_bytes()
+def default_cache_budget(device: torch.device) -> int:
+    """A quarter of the memory the cache will live in that is available now (the weights
+    loaded: the GPU's free memory, or the host's), between 256 MiB and 4 GiB."""
+    if device.type == "cuda":
+        available: int | None = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = available_memory_bytes()
     if available is None:
         available = 4 << 30
     return int(min(4 << 30, max(256 << 20, available // 4)))

@@ -227,3 +227,15 @@ def test_cuda_asked_for_without_a_gpu_says_where_it_can_be_asked_for():
 
     with pytest.raises(DeviceUnavailable, match="CODELM_DEVICE.*config.toml.*auto or cpu"):
         resolve_device("cuda")
+
+
+def test_the_kv_cache_budget_on_a_gpu_is_taken_from_the_gpus_free_memory(monkeypatch):
+    # It was a quarter of the host's memory, up to 4 GiB, whatever the GPU had left beside the
+    # weights (an 8 GB card holding a 7B model has about 4 GB).
+    from codelm.daemon.engine.engine import default_cache_budget
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 << 30, 8 << 30))
+    assert default_cache_budget(torch.device("cuda")) == 512 << 20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 << 30, 80 << 30))
+    assert default_cache_budget(torch.device("cuda")) == 4 << 30
+    assert 256 << 20 <= default_cache_budget(torch.device("cpu")) <= 4 << 30
