@@ -13,6 +13,12 @@ from daemon_live import cli, ensure_default_model, make_home, read_live, require
 from codelm.daemon.runtime import RuntimePaths, is_lock_held
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+REQUEST = {
+    "uri": "file:///live/a.py",
+    "text": "def add(a, b):\n    return ",
+    "line": 1,
+    "character": 11,
+}
 
 
 @pytest.fixture
@@ -114,3 +120,19 @@ async def test_client_connect_starts_the_daemon_when_none_runs(home):
     while is_lock_held(paths):
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_an_idle_unload_gives_the_models_memory_back(home):
+    # glibc kept what the dropped model had freed: 469 of 546 MB stayed resident (here, for
+    # the test model in-process), so `idle_unload_s` freed little of what it promised.
+    started = cli(home, "start", env={"CODELM_IDLE_UNLOAD_S": "3"})
+    assert started.returncode == 0, started.stderr
+    live = read_live(home)
+    status, body = live.call("POST", "/v1/complete", {**REQUEST, "max_tokens": 4})
+    assert status == 200, body
+    loaded = live.call("GET", "/v1/status")[1]["resident_MB"]
+    deadline = time.monotonic() + 60
+    while (state := live.call("GET", "/v1/status")[1])["state"] != "unloaded":
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert state["resident_MB"] < 0.65 * loaded, (state["resident_MB"], loaded)
