@@ -15,6 +15,7 @@ import enum
 import gc
 import itertools
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -465,9 +466,13 @@ def _model_stamp(name: str) -> tuple[str, int, int] | None:
 
 
 def _give_back_freed_memory() -> None:
-    """Return the heap's free pages to the system (glibc's malloc_trim): glibc keeps what was
-    freed for later allocations, and the default model's idle unload had left 900 of its
-    1458 MB resident (270 after this). Nothing where the C library has no malloc_trim."""
+    """Return what a dropped model freed to the system: torch keeps freed GPU memory cached
+    for its next tensors (nvidia-smi would still show the model's), and glibc freed heap
+    pages (the default model's idle unload had left 900 of its 1458 MB resident; 270 after
+    malloc_trim). Nothing where the C library has no malloc_trim."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc (musl, macOS)

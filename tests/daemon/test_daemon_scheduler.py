@@ -237,6 +237,23 @@ async def test_idle_unload_leaves_a_request_queued_as_the_idle_time_ran_out():
         await scheduler.stop()
 
 
+async def test_an_idle_unload_on_a_gpu_empties_torchs_cache(monkeypatch):
+    # torch keeps freed GPU memory for its next tensors: without empty_cache the unloaded
+    # model's memory stayed taken on the card. (Stand-ins: no GPU here.)
+    import torch
+
+    emptied: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    scheduler = Scheduler(EngineConfig(model="fake.gguf"), loader=make_loader(), idle_unload_s=0.05)
+    scheduler.start()
+    try:
+        await _wait_until(lambda: emptied == [1])  # once the model is dropped
+        assert scheduler.state is EngineState.UNLOADED
+    finally:
+        await scheduler.stop()
+
+
 async def test_scheduler_close_document_and_prompt_run_on_engine():
     scheduler, _ = await _ready_scheduler()
     try:
