@@ -20,7 +20,14 @@ from typing import Any
 from .config import CHOICES, DaemonConfig, resolve_config, resolve_paths
 from .errors import CodelmError, DaemonUnavailable
 from .protocol import MAX_TOKENS_LIMIT
-from .runtime import RuntimePaths, cleanup_stale, mark_stopped, read_daemon_info, read_pid
+from .runtime import (
+    RuntimePaths,
+    cleanup_stale,
+    mark_stopped,
+    read_daemon_info,
+    read_pid,
+    stopped_by_user,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +334,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     except DaemonUnavailable as exc:
         pid = read_pid(paths)
         state = "starting" if pid is not None else "stopped"
-        status = {"state": state, "pid": pid, "message": exc.message}
+        message = exc.message
+        if pid is None and stopped_by_user(paths):
+            message = (
+                "stopped with `codelm-daemon stop`; the editors that were using it leave it "
+                "stopped until `codelm-daemon start`"
+            )
+        status = {"state": state, "pid": pid, "message": message}
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:

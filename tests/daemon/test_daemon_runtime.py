@@ -107,15 +107,18 @@ def test_a_codelm_home_that_is_a_file_says_so(tmp_path):
         paths.ensure_dirs()
 
 
-def test_stop_marks_the_home_stopped_until_a_daemon_starts(home):
+def test_stop_marks_the_home_stopped_until_a_daemon_starts(home, capsys):
     # The mark keeps connected editors from starting the daemon again (lsp/daemon_link.py).
-    from codelm.daemon.cli import main
+    from codelm.daemon.cli import EXIT_NOT_RUNNING, main
 
     paths = RuntimePaths.for_home(home)
     with InstanceLock(paths):  # a daemon ran here
         pass
     assert main(["stop"]) == 0
     assert stopped_by_user(paths)
+    capsys.readouterr()
+    assert main(["status"]) == EXIT_NOT_RUNNING
+    assert "stopped with `codelm-daemon stop`" in capsys.readouterr().out
     with InstanceLock(paths):
         assert not stopped_by_user(paths)
 
