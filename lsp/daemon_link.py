@@ -31,8 +31,8 @@ RESTART_WINDOW_S = 600.0  # a lost daemon is restarted at most once in this long
 LOAD_TIMEOUT_S = 300.0  # model load after that
 RETRY_AFTER_S = 30.0  # after a failed start, completions wait this long before trying again
 STOPPED_MESSAGE = (
-    "the codelm daemon was stopped with `codelm-daemon stop`; `codelm-daemon start` resumes "
-    "suggestions"
+    "the codelm daemon was stopped with `codelm-daemon stop`; `codelm-daemon start`, or a "
+    "restart of the language server, resumes suggestions"
 )
 # At least: completion.py drops answers sooner (settings.timeout_ms), unless the user set
 # more, which the client then waits for too (_request_timeout_s).
