@@ -86,6 +86,7 @@ class HttpDaemonLink:
         # The user stopped the daemon this session was using (`codelm-daemon stop`): start
         # none until a daemon starts elsewhere (D10).
         self._stopped = False
+        self._noted_models: tuple[str, str] | None = None  # (served, wanted) said once
 
     def _set_state(self, state: str, message: str) -> None:
         if state != self.state:
@@ -215,6 +216,7 @@ class HttpDaemonLink:
                 body = await client.load()
             state, message = health_state(body)
             if state == "ready":
+                self._note_other_model(body.get("model"))
                 return message
             self._set_state(state, message)
             if state == "error":
@@ -290,6 +292,23 @@ class HttpDaemonLink:
         self._set_state("error", message)
         self.sink.show(message, True)
 
+    def _note_other_model(self, served: Any) -> None:
+        """Say once when the daemon found running serves another model than the `model`
+        setting, which applies only to a daemon codelm starts (the setting went unheeded in
+        silence)."""
+        wanted = self.settings.model
+        if not wanted or self.settings.daemon_url or not isinstance(served, str):
+            return
+        if self._noted_models == (served, wanted) or _same_model(served, wanted):
+            return
+        self._noted_models = (served, wanted)
+        self.sink.show(
+            f"codelm: the running daemon serves {served}, not the `model` setting ({wanted}), "
+            "which applies to a daemon codelm starts: `codelm-daemon stop`, then restart the "
+            "language server",
+            False,
+        )
+
     def _left_stopped(self, message: str) -> None:
         """The user stopped the daemon: say so once, start nothing until they start it."""
         if not self._stopped:
@@ -326,6 +345,16 @@ async def _discover_live(paths: RuntimePaths, timeout_s: float) -> DaemonClient:
 
 class StoppedByUser(DaemonUnavailable):
     """No daemon runs because the user stopped it: not started from here."""
+
+
+def _same_model(served: str, wanted: str) -> bool:
+    """Whether two `--model` values name one file ("default" and the default's name do)."""
+    from codelm.daemon.catalog import resolve_model_path
+
+    try:
+        return resolve_model_path(served).resolve() == resolve_model_path(wanted).resolve()
+    except (CodelmError, OSError):  # not fetched, not there: only the names can tell
+        return served == wanted
 
 
 def _stopped_by_user(paths: RuntimePaths) -> bool:

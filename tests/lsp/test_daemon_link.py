@@ -183,6 +183,36 @@ async def _nothing_runs(paths, timeout_s):
     raise DaemonUnavailable("the codelm daemon is not running")
 
 
+@pytest.mark.parametrize(
+    ("served", "wanted", "said"),
+    [
+        ("tiny", "other", True),
+        ("tiny", "tiny", False),
+        ("default", "qwen2.5-coder-0.5b", False),  # one file by two names
+        ("smollm2-135m", "qwen2.5-coder-0.5b", True),
+    ],
+)
+async def test_a_running_daemon_with_another_model_is_said_once(monkeypatch, served, wanted, said):
+    # The `model` setting applies to a daemon codelm starts; one found running with another
+    # model was used in silence.
+    fake = FakeClient(["ready"])
+    health = fake.health
+
+    async def health_with_model():
+        return {**(await health()), "model": served}
+
+    fake.health = health_with_model
+    monkeypatch.setattr(daemon_client.DaemonClient, "discover", lambda *a, **k: fake)
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(model=wanted), sink, home=None)
+    for _ in range(2):
+        link._ready = False
+        await link.ensure_running()
+    assert sink.statuses[-1] == "ready"
+    notes = [m for m, _ in sink.shown if "not the `model` setting" in m]
+    assert len(notes) == (1 if said else 0)
+
+
 def test_link_disabled_by_settings_reports_disabled():
     sink = Sink()
     link = HttpDaemonLink(LspSettings(), sink, home=None)
