@@ -284,7 +284,7 @@ SEND_STEP_CHARS = 65_536
 def text_window(text: str, offset: int) -> tuple[int, int]:
     """[start, end) of `text` to send for the cursor at str index `offset`: all of a text of
     up to 2 * SEND_STEP_CHARS, else from a multiple of SEND_STEP_CHARS at least
-    SEND_MARGIN_CHARS before the cursor to one at least as far after it (a \r\n there kept
+    SEND_MARGIN_CHARS before the cursor to one at least as far after it (a \\r\\n there kept
     whole). The ends may cut a line: positions are counted in what was sent."""
     if len(text) <= 2 * SEND_STEP_CHARS:
         return 0, len(text)
@@ -295,12 +295,6 @@ def text_window(text: str, offset: int) -> tuple[int, int]:
     if text.startswith("\r\n", end - 1):
         end += 1
     return start, end
-
-
-def position_of(text: str, offset: int) -> tuple[int, int]:
-    """(line, UTF-16 character) of str index `offset`, which is not inside a \r\n."""
-    line_begins = max(text.rfind("\n", 0, offset), text.rfind("\r", 0, offset)) + 1
-    return line_count(text[:offset]) - 1, units_of(text[line_begins:offset])
 
 
 def line_start(text: str, line: int) -> int | None:
@@ -341,6 +335,22 @@ def units_of(
     if wide is None:
         return len(text)
     return len(text) + sum(width(m.group()) - 1 for m in wide.finditer(text))
+
+
+def position_of(
+    text: str, offset: int, wide: re.Pattern[str] | None = UTF16_WIDE, width: Width = _utf16_width
+) -> tuple[int, int]:
+    """(line, character in code units as units_of counts them) of str index `offset`,
+    clamped to the text; between \\r and \\n means before \\r."""
+    offset = min(max(offset, 0), len(text))
+    if 0 < offset < len(text) and text[offset - 1] == "\r" and text[offset] == "\n":
+        offset -= 1
+    n_cr = text.count("\r", 0, offset)
+    line = text.count("\n", 0, offset) + n_cr - (text.count("\r\n", 0, offset) if n_cr else 0)
+    start = text.rfind("\n", 0, offset) + 1
+    if n_cr:
+        start = max(start, text.rfind("\r", 0, offset) + 1)
+    return line, units_of(text[start:offset], wide, width)
 
 
 def index_of_units(

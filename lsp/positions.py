@@ -14,7 +14,7 @@ import re
 
 from lsprotocol import types
 
-from codelm.daemon.protocol import UTF16_WIDE, Width, index_of_units, line_bounds, units_of
+from codelm.daemon.protocol import UTF16_WIDE, Width, index_of_units, line_bounds, position_of
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +53,7 @@ def offset_at(text: str, line: int, character: int, encoding: str | None = None)
 
 def position_at(text: str, offset: int, encoding: str | None = None) -> types.Position:
     """LSP position of a str index (clamped to the text; between \\r and \\n means before \\r)."""
-    offset = min(max(offset, 0), len(text))
-    if 0 < offset < len(text) and text[offset - 1] == "\r" and text[offset] == "\n":
-        offset -= 1
-    n_cr = text.count("\r", 0, offset)
-    line = text.count("\n", 0, offset) + n_cr - (text.count("\r\n", 0, offset) if n_cr else 0)
-    start = text.rfind("\n", 0, offset) + 1
-    if n_cr:
-        start = max(start, text.rfind("\r", 0, offset) + 1)
-    character = units_of(text[start:offset], *_units(encoding))
+    line, character = position_of(text, offset, *_units(encoding))
     return types.Position(line=line, character=character)
 
 
