@@ -114,11 +114,23 @@ class DaemonClient:
     async def shutdown(self) -> None:
         await self.request("POST", "/shutdown", {})
 
-    async def request(self, method: str, path: str, body: Any = None) -> Any:
-        """One JSON call; the decoded answer, or the daemon's error raised as CodelmError."""
+    async def request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        """One JSON call; the decoded answer, or the daemon's error raised as CodelmError.
+        An answer that is not a JSON object comes from some other program (a stale runtime
+        file or a `daemon.url` naming another server's port): DaemonUnavailable."""
         async with self._send(method, path, body) as resp:
             await _raise_for_error(resp)
-            return await resp.json()
+            try:
+                answer = await resp.json(content_type=None)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                answer = None
+        if not isinstance(answer, dict):
+            raise DaemonUnavailable(
+                f"{self.url} answered {path} with something other than the codelm daemon's "
+                "JSON: another program may use that port; check `codelm-daemon status` "
+                "(and the language server's daemon.url setting)"
+            )
+        return answer
 
     # -- internals --
 

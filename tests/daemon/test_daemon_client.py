@@ -88,6 +88,32 @@ async def test_client_reports_unreachable_daemon():
             await client.health()
 
 
+@pytest.mark.parametrize(
+    "body, content_type",
+    [("<html>hello</html>", "text/html"), ('["ok"]', "application/json"), ("", "text/plain")],
+)
+async def test_another_program_on_the_port_is_not_taken_for_the_daemon(body, content_type):
+    # A stale runtime file or a wrong daemon.url can name a port another server now holds.
+    from aiohttp import web
+
+    async def health(_request):
+        return web.Response(text=body, content_type=content_type)
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        async with DaemonClient(f"http://127.0.0.1:{port}", "t", timeout_s=5) as client:
+            with pytest.raises(DaemonUnavailable, match="another program may use that port"):
+                await client.health()
+    finally:
+        await runner.cleanup()
+
+
 async def test_connect_discovers_daemon_from_runtime_files(fake_daemon, tmp_path):
     home = str(tmp_path / "home")
     paths = RuntimePaths.for_home(home)
