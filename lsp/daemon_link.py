@@ -87,6 +87,7 @@ class HttpDaemonLink:
         # none until a daemon starts elsewhere (D10).
         self._stopped = False
         self._noted_models: tuple[str, str] | None = None  # (served, wanted) said once
+        self._closed = False  # after `shutdown`: nothing is started, restarted or said
 
     def _set_state(self, state: str, message: str) -> None:
         if state != self.state:
@@ -132,6 +133,8 @@ class HttpDaemonLink:
         await asyncio.shield(self._starting)
 
     def start_in_background(self) -> None:
+        if self._closed:
+            return
         if not self.settings.enabled:
             self._set_state("disabled", "codelm is disabled in the settings")
             return
@@ -272,8 +275,10 @@ class HttpDaemonLink:
     def _on_lost(self, exc: BaseException) -> None:
         """The daemon went away: restart it, at most once in RESTART_WINDOW_S (a daemon
         that dies again at once is not restarted in a loop), else tell the user."""
-        logger.warning("lost the daemon: %s", exc)
         self._ready = False
+        if self._closed:  # our own close cut the call short: the daemon is fine
+            return
+        logger.warning("lost the daemon: %s", exc)
         if self._starting is not None and not self._starting.done():
             return
         if not self.settings.daemon_url and _stopped_by_user(self._paths()):
@@ -317,6 +322,7 @@ class HttpDaemonLink:
         self._set_state("disabled", message)
 
     async def close(self) -> None:
+        self._closed = True
         if self._starting is not None and not self._starting.done():
             self._starting.cancel()
         if self._client is not None:

@@ -253,3 +253,40 @@ async def test_a_daemon_found_unloaded_is_asked_to_load(monkeypatch):
     link = HttpDaemonLink(LspSettings(), sink, home=None)
     await asyncio.wait_for(link.ensure_running(), timeout=5)
     assert fake.loads == 1 and sink.statuses[-1] == "ready"
+
+
+async def test_a_shutdown_during_a_request_is_not_a_lost_daemon():
+    # The editor closes while the user types: closing our HTTP session cuts the call in
+    # flight, which had read as the daemon gone (a message, a restart, after `shutdown`).
+    from aiohttp import web
+
+    async def health(_request):
+        return web.json_response({"state": "ready", "model": "tiny"})
+
+    async def complete(_request):
+        await asyncio.sleep(30)
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_post("/v1/complete", complete)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(daemon_url=url), sink, home=None)
+    try:
+        await link.ensure_running()
+        call = asyncio.create_task(
+            link.complete(CompleteRequest(uri="file:///a.py", text="x", line=0, character=1))
+        )
+        await asyncio.sleep(0.2)
+        await link.close()
+        with pytest.raises(DaemonUnavailable):
+            await call
+        link.start_in_background()  # as a request that arrives after the close would
+        assert link._starting is None or link._starting.done()
+        assert sink.shown == [] and sink.statuses == ["loading", "ready"]
+    finally:
+        await runner.cleanup()
