@@ -259,9 +259,12 @@ class Scheduler:
             self._abandon(job, "client went away")
 
     async def close_document(self, uri: str) -> bool:
-        """Drop the document's cached KV; False when nothing was cached (or no model loaded)."""
+        """Cancel the document's request, queued or running, and drop its cached KV; False
+        when nothing was cached (or no model loaded)."""
         with self._cond:
             pending = self._pending.pop(uri, None)
+            if self._current is not None and self._current.key == uri:
+                self._current.token.cancel("document closed")
         if pending is not None:
             pending.token.cancel("document closed")
             _resolve(pending.future, exc=Cancelled("the document was closed"))

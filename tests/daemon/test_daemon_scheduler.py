@@ -95,6 +95,20 @@ async def test_scheduler_supersedes_in_flight_request_for_same_uri():
         await scheduler.stop()
 
 
+async def test_closing_a_document_cancels_its_running_request():
+    # The close had waited for the whole completion (and kept the one worker busy).
+    scheduler, loader = await _ready_scheduler(step_s=0.01)
+    try:
+        running = asyncio.create_task(scheduler.complete(_request(max_tokens=500)))
+        await _wait_until(loader.engine.running.is_set)
+        await asyncio.wait_for(scheduler.close_document("file:///a.py"), 2.0)
+        with pytest.raises(Cancelled):
+            await running
+        assert ("file:///a.py", "cancelled:document closed") in loader.engine.calls
+    finally:
+        await scheduler.stop()
+
+
 async def test_scheduler_supersedes_pending_request_in_its_queue_slot():
     scheduler, loader = await _ready_scheduler(step_s=0.01)
     try:
