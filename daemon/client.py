@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 60.0
+LOADING_POLL_S = 0.2  # complete_sync asks again this often while the model loads
 _ERRORS_BY_CODE: dict[str, type[CodelmError]] = {
     cls.code: cls
     for cls in vars(errors).values()
@@ -292,32 +293,29 @@ def call_sync(
     return asyncio.run(run())
 
 
-async def wait_healthy(client: DaemonClient, timeout_s: float) -> dict[str, Any]:
-    """Poll /health until it answers; the last answer. DaemonUnavailable after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return await client.health()
-        except DaemonUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
 def complete_sync(
     request: CompleteRequest,
     paths: RuntimePaths | None = None,
     *,
     timeout_s: float = 120.0,
 ) -> CompleteResponse | None:
-    """For the CLI: the running daemon's answer, or None when no daemon runs."""
+    """For the CLI: the running daemon's answer, or None when no daemon runs. A model that
+    is loading (the daemon just started, or loads again after an idle unload) is waited for,
+    up to `timeout_s`, as `codelm-daemon start` waits."""
     try:
         client = DaemonClient.discover(paths, timeout_s=timeout_s)
     except DaemonUnavailable:
         return None
 
     async def run() -> CompleteResponse:
+        deadline = time.monotonic() + timeout_s
         async with client:
-            return await client.complete(request)
+            while True:
+                try:
+                    return await client.complete(request)
+                except errors.ModelLoading:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(LOADING_POLL_S)
 
     return asyncio.run(run())

@@ -79,6 +79,25 @@ async def test_client_raises_model_loading_while_loading(tmp_path):
         await daemon.client.close()
 
 
+async def test_the_cli_call_waits_for_a_model_that_is_loading(tmp_path):
+    # `codelm-daemon complete` right after an idle unload (or a start) had failed at once.
+    import asyncio
+
+    from fake_daemon import start_fake_daemon
+
+    from codelm.daemon.client import complete_sync
+
+    daemon = await start_fake_daemon(tmp_path, wait_ready=False, load_s=0.5)
+    paths = RuntimePaths.for_home(tmp_path / "home")
+    try:
+        with InstanceLock(paths):
+            publish_endpoint(paths, str(daemon.client.make_url("/")).rstrip("/"), None, TOKEN)
+            response = await asyncio.to_thread(complete_sync, REQUEST, paths, timeout_s=10)
+        assert response is not None and response.timings.generated_tokens == 3
+    finally:
+        await daemon.client.close()
+
+
 async def test_client_reports_unreachable_daemon():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
