@@ -194,6 +194,9 @@ def _check(name: str, value: Any, where: str) -> Any:
             f"{where}: must be at most {MAX_THREADS} (0: the free cores), got {value}"
         )
     if name == "model":
+        if not value.strip():
+            # Path("") is the working folder: the load failed on some folder's config.json.
+            raise ConfigError(f"{where}: must name a model (`default`, a .gguf file or a folder)")
         value = _absolute_model(value)
     if name == "unix_socket":
         value = str(Path(value).expanduser().absolute()) if value else None

@@ -96,6 +96,14 @@ def test_config_makes_model_paths_absolute(tmp_path, monkeypatch):
     assert resolve_config({"model": "default"}, {}).engine.model == "default"
 
 
+def test_an_empty_model_is_refused_not_taken_for_the_working_folder(tmp_path):
+    with pytest.raises(ConfigError, match="model .from command line.: must name a model"):
+        resolve_config({"model": ""}, {"CODELM_HOME": str(tmp_path)})
+    path = _write_config(tmp_path, 'model = " "\n')
+    with pytest.raises(ConfigError, match=str(path)):
+        resolve_config({}, {"CODELM_HOME": str(tmp_path)})
+
+
 def test_codelm_home_puts_every_path_under_it(tmp_path):
     paths = resolve_config({}, {"CODELM_HOME": str(tmp_path)}).paths
     for path in (paths.runtime_dir, paths.log_dir, paths.data_dir, paths.cache_dir):
