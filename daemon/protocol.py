@@ -155,6 +155,14 @@ class OpenAICompletionRequest:
         temperature = _get(body, "temperature", (int, float), 0)
         if temperature != 0:
             raise BadRequest("temperature", "only 0 (greedy decoding) is supported")
+        # What one greedy completion cannot give is refused, not answered wrongly.
+        for name in ("n", "best_of"):
+            if _get(body, name, int, 1) != 1:
+                raise BadRequest(name, "only 1 is supported (one greedy completion)")
+        if _get(body, "echo", bool, False):
+            raise BadRequest("echo", "is not supported: the answer holds the completion alone")
+        if body.get("logprobs") is not None:
+            raise BadRequest("logprobs", "is not supported")
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]

@@ -142,9 +142,14 @@ async def test_complete_answers_400_to_wrong_fields_and_lives_on(fake_daemon, ch
 
 async def test_openai_answers_400_to_wrong_fields(fake_daemon):
     wrong = ({"prompt": 3}, {"prompt": "x", "temperature": 0.7}, {"prompt": "x", "stop": 5})
-    for body in ({"suffix": "", **b} for b in wrong):
+    # One greedy completion, without the prompt or log probabilities: asked for more, the
+    # answer was a 200 without them.
+    more = ({"n": 3}, {"best_of": 2}, {"echo": True}, {"logprobs": 5}, {"logprobs": 0})
+    for body in [{"suffix": "", **b} for b in wrong] + [{"prompt": "x", **b} for b in more]:
         resp = await fake_daemon.post("/v1/completions", body)
         assert resp.status == 400, body
+    plain = {"prompt": "x", "n": 1, "best_of": 1, "echo": False, "logprobs": None}
+    assert (await fake_daemon.post("/v1/completions", plain)).status == 200
 
 
 async def test_close_document_answers_400_without_uri(fake_daemon):
