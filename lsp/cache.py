@@ -83,6 +83,9 @@ class TypingCache:
                     CacheHit([rest], request_id, k),
                 )
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def forget(self, uri: str) -> None:
         for key in [k for k in self._entries if k[0] == uri]:
             del self._entries[key]

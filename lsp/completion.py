@@ -191,6 +191,13 @@ class Completer:
             return []
         return task.result()
 
+    def apply_settings(self, settings: LspSettings) -> None:
+        """New settings; the suggestions kept for typing through were shaped by the old ones
+        (singleLine, maxTokens, the model), so they go."""
+        if settings != self.settings:
+            self.cache.clear()
+        self.settings = settings
+
     def cancel(self, uri: str) -> None:
         """Cancel the in-flight request for `uri` (the document closed)."""
         task = self._tasks.pop(uri, None)

@@ -82,7 +82,8 @@ class Session:
         self.completer = Completer(self.link, self.documents, settings)
 
     def update(self, settings: LspSettings) -> None:
-        self.settings = self.completer.settings = settings
+        self.settings = settings
+        self.completer.apply_settings(settings)
         self.link.apply_settings(settings)
 
 

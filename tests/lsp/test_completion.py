@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from lsprotocol import types
@@ -184,6 +185,20 @@ async def test_completer_typing_through_answers_from_cache():
     items = await completer.inline_completion(URI, _at(0, 7), is_invoked=False)
     assert [i.text for i in items] == ["pute(a, b)"]
     assert len(link.requests) == 1 and completer.stats.cache_hits == 1
+
+
+async def test_completer_asks_again_once_the_settings_change():
+    # A three-line suggestion kept for typing through was still shown after singleLine
+    # became "always".
+    link = FakeLink(lambda r: "compute(a, b)")
+    completer = _completer(link, "x = \n")
+    await completer.inline_completion(URI, _at(0, 4), is_invoked=False)
+    completer.apply_settings(dataclasses.replace(completer.settings, single_line="always"))
+    await completer.inline_completion(URI, _at(0, 4), is_invoked=False)
+    assert len(link.requests) == 2 and completer.stats.cache_hits == 0
+    completer.apply_settings(completer.settings)  # unchanged: what is kept stays
+    await completer.inline_completion(URI, _at(0, 4), is_invoked=False)
+    assert len(link.requests) == 2 and completer.stats.cache_hits == 1
 
 
 async def test_completer_answers_empty_list_when_daemon_is_slow():
