@@ -55,8 +55,12 @@ class Context:
 
     @cached_property
     def eol(self) -> str:
+        """The document's line ending near the cursor: the most common of \r\n, \n and a
+        lone \r (classic Mac OS files)."""
         text = self.prefix[-20_000:] + self.suffix[:20_000]
-        return "\r\n" if text.count("\r\n") * 2 > text.count("\n") else "\n"
+        crlf = text.count("\r\n")
+        counts = {"\r\n": crlf, "\n": text.count("\n") - crlf, "\r": text.count("\r") - crlf}
+        return max(counts, key=lambda eol: (counts[eol], eol == "\n"))
 
     @cached_property
     def suffix_lines(self) -> list[str]:
@@ -341,8 +345,8 @@ def replace_line_rest(s: Suggestion, ctx: Context) -> Suggestion | None:
 def restore_line_endings(s: Suggestion, ctx: Context) -> Suggestion | None:
     if ctx.eol == "\n" or "\n" not in s.text:
         return s
-    logger.debug("restore_line_endings: \\n -> \\r\\n")
-    return replace(s, text=s.text.replace("\n", "\r\n"))
+    logger.debug("restore_line_endings: \\n -> %r", ctx.eol)
+    return replace(s, text=s.text.replace("\n", ctx.eol))
 
 
 FILTERS: tuple[Filter, ...] = (

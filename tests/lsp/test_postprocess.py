@@ -33,7 +33,7 @@ def _cases() -> list[Path]:
 @pytest.mark.parametrize("path", _cases(), ids=lambda p: p.stem)
 def test_postprocess_golden(path: Path):
     case = tomllib.loads(path.read_text(encoding="utf-8"))
-    eol = "\r\n" if case.get("crlf") else "\n"
+    eol = "\r\n" if case.get("crlf") else "\r" if case.get("cr") else "\n"
     prefix, raw, suffix = _split(case["text"].replace("\n", eol))
     ctx = Context(prefix=prefix, suffix=suffix, is_single_line=False, language=case.get("language"))
     mode = {"single": "always", "multi": "never"}.get(case.get("mode", ""), "auto")
