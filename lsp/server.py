@@ -116,9 +116,13 @@ class CodelmProtocol(LanguageServerProtocol):
         """Before `initialize` and after `shutdown`, a request gets the error the spec asks
         for (pygls served the first, which could start a daemon before the client's settings
         arrived, and dropped the second, leaving the client waiting); a notification before
-        `initialize` is dropped."""
+        `initialize` is dropped. A second `initialize` is refused: the spec allows one, and
+        pygls reset the settings to the new one's."""
         method = getattr(message, "method", None)
         if method == types.INITIALIZE:
+            if self._initialize_seen:
+                self._refuse(message, types.ErrorCodes.InvalidRequest, "sent once already")
+                return
             self._initialize_seen = True
         elif not self._initialize_seen and method not in (None, types.EXIT):
             if hasattr(message, "id"):
@@ -205,8 +209,7 @@ def _register_lifecycle(server: CodelmServer, session: Session) -> None:
         """Read initializationOptions; register the optional completion fallback."""
         _apply_options(ls, session, params.initialization_options)
         session.documents.encoding = ls.workspace.position_encoding
-        registered = types.TEXT_DOCUMENT_COMPLETION in ls.protocol.fm.features  # a 2nd initialize
-        if session.settings.completion_fallback and not registered:
+        if session.settings.completion_fallback:
             _register_fallback(ls, session)
 
     @server.feature(types.INITIALIZED)

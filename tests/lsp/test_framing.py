@@ -161,12 +161,6 @@ def _request(msg_id: int, method: str, params: object) -> bytes:
     return _frame({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
 
 
-async def test_a_second_initialize_with_the_fallback_is_answered():
-    params = {"capabilities": {}, "initializationOptions": {"completionFallback": True}}
-    answers = await _answers(_request(1, "initialize", params), _request(2, "initialize", params))
-    assert "result" in answers[1][0] and "result" in answers[2][0]
-
-
 async def test_accepted_characters_count_only_plausible_numbers():
     accept = "codelm.accept"
     parts = [
@@ -200,3 +194,19 @@ async def test_requests_before_initialize_are_refused_and_notifications_dropped(
     assert "result" in answers[2][0]
     # The didOpen before initialize was dropped: the document is unknown, nothing is asked.
     assert answers[3][0]["result"] in (None, [], {"items": []})
+
+
+async def test_a_second_initialize_is_refused():
+    # pygls had answered it, resetting the settings (and, with the completion fallback,
+    # failed to register the fallback twice).
+    options = {"capabilities": {}, "initializationOptions": {"completionFallback": True}}
+    answers = await _answers(
+        _request(1, "initialize", options),
+        _request(2, "initialize", options),
+        _frame(_stats(3)),
+        initialize=False,
+    )
+    assert "result" in answers[1][0]
+    error = answers[2][0]["error"]
+    assert error["code"] == -32600 and "once" in error["message"]
+    assert "result" in answers[3][0]
