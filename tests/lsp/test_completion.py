@@ -258,3 +258,21 @@ async def test_completer_sends_the_lines_around_the_cursor_of_a_large_file():
     cursor = start + offset_at(request.text, request.line, request.character)
     assert text[:cursor].endswith("int value_0200000 = compute(200000)")
     assert [(i.text, i.range.start) for i in items] == [(" + 1", _at(line, column))]
+
+
+async def test_completer_types_through_a_suggestion_in_a_large_file():
+    # The cache key hashes the text sent, not the whole file; typing along still hits, and
+    # an edit inside the window is a new state.
+    text = "".join(f"int value_{i:07d} = compute({i});\n" for i in range(300_000))
+    link = FakeLink(lambda r: " + offset")
+    completer = _completer(link, text)
+    line, column = 200_000, len("int value_0200000 = compute(200000)")
+    await completer.inline_completion(URI, _at(line, column), is_invoked=True)
+    offset = text.index("int value_0200000 = compute(200000)") + column
+    doc = completer.documents.get(URI)
+    doc.text = text[:offset] + " + of" + text[offset:]
+    items = await completer.inline_completion(URI, _at(line, column + 5), is_invoked=False)
+    assert [i.text for i in items] == ["fset"] and len(link.requests) == 1
+    doc.text = doc.text.replace("value_0199990", "value_x", 1)  # 10 lines above the cursor
+    await completer.inline_completion(URI, _at(line, column + 5), is_invoked=False)
+    assert len(link.requests) == 2
