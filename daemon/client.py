@@ -21,7 +21,7 @@ import aiohttp
 from . import errors
 from .config import resolve_paths
 from .errors import BadRequest, CodelmError, DaemonUnavailable
-from .protocol import CompleteRequest, CompleteResponse
+from .protocol import CompleteRequest, CompleteResponse, PromptResponse
 from .runtime import DaemonInfo, RuntimePaths, read_daemon_info
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 60.0
-LOADING_POLL_S = 0.2  # complete_sync asks again this often while the model loads
+LOADING_POLL_S = 0.2  # ask_sync asks again this often while the model loads
 _ERRORS_BY_CODE: dict[str, type[CodelmError]] = {
     cls.code: cls
     for cls in vars(errors).values()
@@ -81,6 +81,10 @@ class DaemonClient:
         body = request.to_json()
         body["stream"] = False
         return CompleteResponse.from_json(await self.request("POST", "/v1/complete", body))
+
+    async def prompt(self, request: CompleteRequest) -> PromptResponse:
+        """POST /v1/prompt: the prompt a completion of `request` would run."""
+        return PromptResponse.from_json(await self.request("POST", "/v1/prompt", request.to_json()))
 
     async def stream(self, request: CompleteRequest) -> AsyncIterator[str | CompleteResponse]:
         """POST /v1/complete with stream: yields text pieces, then the final CompleteResponse."""
@@ -293,26 +297,26 @@ def call_sync(
     return asyncio.run(run())
 
 
-def complete_sync(
-    request: CompleteRequest,
+def ask_sync(
+    fn: Callable[[DaemonClient], Awaitable[T]],
     paths: RuntimePaths | None = None,
     *,
     timeout_s: float = 120.0,
-) -> CompleteResponse | None:
-    """For the CLI: the running daemon's answer, or None when no daemon runs. A model that
-    is loading (the daemon just started, or loads again after an idle unload) is waited for,
-    up to `timeout_s`, as `codelm-daemon start` waits."""
+) -> T | None:
+    """For the CLI: `fn`'s answer from the running daemon, or None when no daemon runs. A
+    model that is loading (the daemon just started, or loads again after an idle unload) is
+    waited for, up to `timeout_s`, as `codelm-daemon start` waits."""
     try:
         client = DaemonClient.discover(paths, timeout_s=timeout_s)
     except DaemonUnavailable:
         return None
 
-    async def run() -> CompleteResponse:
+    async def run() -> T:
         deadline = time.monotonic() + timeout_s
         async with client:
             while True:
                 try:
-                    return await client.complete(request)
+                    return await fn(client)
                 except errors.ModelLoading:
                     if time.monotonic() > deadline:
                         raise

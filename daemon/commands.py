@@ -101,17 +101,20 @@ def _load_engine(args: argparse.Namespace):
     return load_engine(_engine_config(args))
 
 
-def _daemon_complete(request: CompleteRequest):
-    """The response from the running daemon, or None when no daemon runs."""
-    from . import client
+def _ask_daemon(args: argparse.Namespace, fn):
+    """`fn(client)` answered by the running daemon; None when none runs, or when the command
+    asks for its own engine (--no-daemon, or a model, device or quant of its own)."""
+    if args.no_daemon or _overrides_model(args):
+        return None
+    from .client import ask_sync
 
-    return client.complete_sync(request)
+    return ask_sync(fn)
 
 
 def run_complete(args: argparse.Namespace) -> int:
     try:
         request = build_request(Location.parse(args.location), getattr(args, "max_tokens", 64))
-        response = None if args.no_daemon or _overrides_model(args) else _daemon_complete(request)
+        response = _ask_daemon(args, lambda client: client.complete(request))
         if response is None:
             response = _load_engine(args).complete(request)
     except CodelmError as exc:
@@ -138,20 +141,20 @@ def _overrides_model(args: argparse.Namespace) -> bool:
 def run_prompt(args: argparse.Namespace) -> int:
     try:
         request = build_request(Location.parse(args.location), 1)
-        engine = _load_engine(args)
-        prompt = engine.prompt(request)
+        # The running daemon's: its model, and the window it keeps for this file.
+        shown = _ask_daemon(args, lambda client: client.prompt(request))
+        if shown is None:
+            shown = _load_engine(args).show_prompt(request)
     except CodelmError as exc:
         print(f"codelm-daemon prompt: {exc.message}", file=sys.stderr)
         return 2
-    text, ids = engine.prompt_text(prompt), prompt.token_ids
-    healed = prompt.heal.decode("utf-8", errors="replace")
     if args.json:
-        body = {"prompt": text, "token_ids": ids, "healed": healed}
-        print(json.dumps(body, ensure_ascii=False))
+        print(json.dumps(shown.to_json(), ensure_ascii=False))
     else:
-        print(text)
+        print(shown.prompt)
+        healed = shown.healed
         note = f" (healed: {healed!r}, which the suggestion starts by retyping)" if healed else ""
-        print(f"--- {len(ids)} tokens{note}", file=sys.stderr)
+        print(f"--- {len(shown.token_ids)} tokens{note}", file=sys.stderr)
     return 0
 
 

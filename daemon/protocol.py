@@ -265,6 +265,27 @@ class CompleteResponse:
         )
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PromptResponse:
+    """What `POST /v1/prompt` answers: the prompt a completion there would run, as text and
+    token ids, and the text token healing took back (the suggestion starts by retyping it)."""
+
+    prompt: str
+    token_ids: list[int]
+    healed: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "token_ids": self.token_ids, "healed": self.healed}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> PromptResponse:
+        return cls(
+            prompt=body["prompt"],
+            token_ids=list(body["token_ids"]),
+            healed=body.get("healed", ""),
+        )
+
+
 # -- positions: lines end at \n, \r\n or \r (as LSP says); columns count code units --
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")

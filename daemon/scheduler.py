@@ -34,7 +34,12 @@ from .errors import (
     ModelLoading,
     Overloaded,
 )
-from .protocol import CompleteRequest, CompleteResponse, OpenAICompletionRequest
+from .protocol import (
+    CompleteRequest,
+    CompleteResponse,
+    OpenAICompletionRequest,
+    PromptResponse,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +262,13 @@ class Scheduler:
             yield job.future.result()
         finally:
             self._abandon(job, "client went away")
+
+    async def prompt(self, request: CompleteRequest) -> PromptResponse:
+        """The prompt a completion at this point would run, with this daemon's model and the
+        document's window anchor (left as it was)."""
+        key = f"prompt:{next(self._ids)}"
+        job = self._submit(key, "prompt", lambda e, _: e.show_prompt(request))
+        return await self._wait(job)
 
     async def close_document(self, uri: str) -> bool:
         """Cancel the document's request, queued or running, and drop its cached KV; False

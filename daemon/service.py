@@ -67,6 +67,7 @@ def create_app(config: DaemonConfig, scheduler: Scheduler, *, token: str) -> web
     app.router.add_get("/v1/models", handle_models)
     app.router.add_post("/v1/complete", handle_complete)
     app.router.add_post("/v1/completions", handle_openai_completions)
+    app.router.add_post("/v1/prompt", handle_prompt)
     app.router.add_post("/v1/documents/close", handle_close_document)
     app.router.add_post("/v1/load", handle_load)
     app.router.add_post("/shutdown", handle_shutdown)
@@ -280,6 +281,15 @@ async def handle_complete(request: web.Request) -> web.StreamResponse:
     response = await scheduler.complete(complete)
     _log_completion(rid, complete, response)
     return web.json_response(response.to_json(), headers={"X-Request-Id": str(rid)})
+
+
+async def handle_prompt(request: web.Request) -> web.Response:
+    """The prompt a /v1/complete with this body would run (`codelm-daemon prompt`)."""
+    body = await read_json(request)
+    complete = CompleteRequest.from_json(body)
+    offset_at(complete.text, complete.line, complete.character)  # range errors are 400s
+    response = await request.app[SCHEDULER].prompt(complete)
+    return web.json_response(response.to_json())
 
 
 async def handle_openai_completions(request: web.Request) -> web.StreamResponse:

@@ -25,6 +25,7 @@ from ..protocol import (
     CompletionItem,
     OpenAICompletionRequest,
     Position,
+    PromptResponse,
     Range,
     Timings,
     offset_at,
@@ -117,8 +118,18 @@ class Engine:
         )
 
     def prompt(self, request: CompleteRequest) -> Prompt:
-        """The prompt a completion at this point would run (its text: `prompt_text`)."""
-        return self._build(request, offset_at(request.text, request.line, request.character))
+        """The prompt a completion at this point would run (its text: `prompt_text`); the
+        document's window anchor stays as it was."""
+        cursor = offset_at(request.text, request.line, request.character)
+        return self._build(request, cursor, remember=False)
+
+    def show_prompt(self, request: CompleteRequest) -> PromptResponse:
+        """prompt() as `codelm-daemon prompt` and `POST /v1/prompt` show it."""
+        prompt = self.prompt(request)
+        healed = prompt.heal.decode("utf-8", errors="replace")
+        return PromptResponse(
+            prompt=self.prompt_text(prompt), token_ids=list(prompt.token_ids), healed=healed
+        )
 
     def prompt_text(self, prompt: Prompt) -> str:
         return self.tokenizer.decode(prompt.token_ids)
@@ -129,11 +140,11 @@ class Engine:
         on every move of the cursor."""
         return self.config.suffix_chars // (3 if trigger == "automatic" else 1)
 
-    def _build(self, request: CompleteRequest, cursor: int) -> Prompt:
+    def _build(self, request: CompleteRequest, cursor: int, *, remember: bool = True) -> Prompt:
         """`cursor`: the request's position as an offset into its text. The windows are
         measured in characters; where the text takes several tokens a character (emoji, CJK)
         and the model's context is short, they narrow until the prompt leaves room for
-        max_tokens."""
+        max_tokens. `remember`: the prefix window's start becomes the document's anchor."""
         room = self.args.max_len - request.max_tokens
         prefix_chars, suffix_chars = self.config.prefix_chars, self.suffix_chars(request.trigger)
         for _ in range(_NARROWINGS):
@@ -151,7 +162,8 @@ class Engine:
                 break
             scale = 0.9 * room / len(prompt.token_ids)
             prefix_chars, suffix_chars = int(prefix_chars * scale), int(suffix_chars * scale)
-        self.anchors[request.uri] = window_anchor(request.text, prompt.prefix_start)
+        if remember:
+            self.anchors[request.uri] = window_anchor(request.text, prompt.prefix_start)
         return prompt
 
     def complete(

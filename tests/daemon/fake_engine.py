@@ -22,6 +22,7 @@ from codelm.daemon.protocol import (
     CompletionItem,
     OpenAICompletionRequest,
     Position,
+    PromptResponse,
     Range,
     Timings,
     offset_at,
@@ -101,6 +102,12 @@ class FakeEngine:
         here = Position(line=0, character=0)
         item = CompletionItem(text=text, range=Range(start=here, end=here))
         return CompleteResponse(items=[item], timings=timings, stop_reason="max_tokens")
+
+    def show_prompt(self, request: CompleteRequest) -> PromptResponse:
+        """The real engine's prompt layout (SPM) over characters, one id a character."""
+        offset = offset_at(request.text, request.line, request.character)
+        prompt = f"<suffix>{request.text[offset:]}<prefix>{request.text[:offset]}<middle>"
+        return PromptResponse(prompt=prompt, token_ids=[ord(c) for c in prompt])
 
     def close_document(self, uri: str) -> bool:
         if uri in self.cached:

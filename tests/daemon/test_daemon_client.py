@@ -85,14 +85,17 @@ async def test_the_cli_call_waits_for_a_model_that_is_loading(tmp_path):
 
     from fake_daemon import start_fake_daemon
 
-    from codelm.daemon.client import complete_sync
+    from codelm.daemon.client import ask_sync
 
     daemon = await start_fake_daemon(tmp_path, wait_ready=False, load_s=0.5)
     paths = RuntimePaths.for_home(tmp_path / "home")
     try:
         with InstanceLock(paths):
             publish_endpoint(paths, str(daemon.client.make_url("/")).rstrip("/"), None, TOKEN)
-            response = await asyncio.to_thread(complete_sync, REQUEST, paths, timeout_s=10)
+            call = DaemonClient.complete
+            response = await asyncio.to_thread(
+                ask_sync, lambda c: call(c, REQUEST), paths, timeout_s=10
+            )
         assert response is not None and response.timings.generated_tokens == 3
     finally:
         await daemon.client.close()

@@ -238,3 +238,25 @@ def test_live_typing_along_the_suggestion_reuses_it(live):
     # That the tokens equal a run without the cache is checked in fp32 by the engine tests:
     # with this daemon's int4 kernels a batched and a one-row forward round differently, so a
     # near tie can go either way, as after a chunked prefill.
+
+
+def test_live_prompt_is_the_one_the_running_daemon_runs(live, tmp_path):
+    # `prompt` loaded an engine of its own from the settings: seconds, and the prompt of
+    # another model where the daemon was started with --model, as this one was.
+    source = tmp_path / "demo.py"
+    source.write_text("import os\n\ndef read_file(path):\n    with open(path) as f:\n        \n")
+    shown = cli(live.home, "prompt", f"{source}:4:26", "--json", env={"CODELM_MODEL": "default"})
+    assert shown.returncode == 0, shown.stderr
+    body = json.loads(shown.stdout)
+    assert "<|fim_" not in body["prompt"]  # SmolLM2's prefix-only prompt, not Qwen's FIM
+    assert (body["prompt"] + body["healed"]).endswith("with open(path) as f:")
+    request = {
+        "uri": source.resolve().as_uri(),
+        "text": source.read_text(),
+        "line": 3,
+        "character": 25,
+        "path": str(source),
+        "max_tokens": 1,
+    }
+    status, direct = live.call("POST", "/v1/prompt", request)
+    assert status == 200 and direct == body

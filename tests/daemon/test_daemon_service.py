@@ -152,6 +152,17 @@ async def test_openai_answers_400_to_wrong_fields(fake_daemon):
     assert (await fake_daemon.post("/v1/completions", plain)).status == 200
 
 
+async def test_prompt_shows_what_a_completion_there_would_run(fake_daemon):
+    body = {"uri": "file:///p.py", "text": "x = 1\ny = ", "line": 1, "character": 4}
+    resp = await fake_daemon.post("/v1/prompt", body)
+    assert resp.status == 200
+    answer = await resp.json()
+    assert answer["prompt"] == "<suffix><prefix>x = 1\ny = <middle>"
+    assert len(answer["token_ids"]) == len(answer["prompt"]) and answer["healed"] == ""
+    resp = await fake_daemon.post("/v1/prompt", {**body, "line": 5})
+    assert resp.status == 400 and "past the end" in (await resp.json())["error"]["message"]
+
+
 async def test_close_document_answers_400_without_uri(fake_daemon):
     resp = await fake_daemon.post("/v1/documents/close", {"url": "x"})
     assert resp.status == 400

@@ -220,6 +220,15 @@ def test_suggestions_and_window_anchors_leave_with_the_evicted_kv(engine):
     assert set(engine.anchors) == set(engine.suggestions) == {"file:///f3.py"}
 
 
+def test_showing_a_prompt_leaves_the_window_where_completions_put_it(engine):
+    # `codelm-daemon prompt` asks the running daemon: a look must not move the window a
+    # later completion of the file starts from.
+    engine.complete(_request(SOURCE, _line_end(SOURCE, 5000)))
+    anchors = dict(engine.anchors)
+    engine.prompt(_request(SOURCE, _line_end(SOURCE, 8500)))
+    assert engine.anchors == anchors
+
+
 def test_windows_of_many_tokens_a_character_narrow_to_leave_room(engine, monkeypatch):
     # The windows are counted in characters; emoji take several tokens each, so with a short
     # context the prompt is cut to fit instead of being refused.
