@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--port", type=int, help="TCP port on 127.0.0.1 (0: any free port)")
     start.add_argument(
         "--wait",
-        type=float,
+        type=_seconds,
         default=300.0,
         metavar="S",
         help="wait up to S seconds for the model to load (0: return once the socket answers)",
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     logs = sub.add_parser("logs", parents=[common], help="print the daemon's log")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    logs.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
+    logs.add_argument("-n", "--lines", type=_count, default=50, help="lines to show (default 50)")
     logs.set_defaults(func=cmd_logs)
 
     _add_engine_commands(sub, common, engine)
@@ -128,6 +129,24 @@ def _max_tokens(text: str) -> int:
     """--max-tokens as the daemon takes it (in-process runs took any number)."""
     if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_TOKENS_LIMIT:
         raise argparse.ArgumentTypeError(f"must be 1 to {MAX_TOKENS_LIMIT}, got {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    """--wait: a finite number of seconds, 0 or more (nan returned at once, inf never)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """--lines: 0 or more (a negative count printed nothing, and said nothing)."""
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
     return int(text)
 
 

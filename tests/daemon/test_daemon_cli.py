@@ -154,3 +154,20 @@ def test_max_tokens_out_of_the_daemons_range_is_refused_in_process_too(value):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["complete", "a.py:1:1", "--no-daemon", "--max-tokens", value])
     assert build_parser().parse_args(["complete", "a.py:1:1", "--max-tokens", "8"]).max_tokens == 8
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["logs", "-n", "-5"],  # printed nothing and exited 0
+        ["logs", "-n", "x"],
+        ["start", "--wait", "nan"],  # returned at once
+        ["start", "--wait", "inf"],
+        ["start", "--wait", "-1"],
+    ],
+)
+def test_counts_and_waits_out_of_range_are_refused(argv):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert build_parser().parse_args(["logs", "-n", "0"]).lines == 0
+    assert build_parser().parse_args(["start", "--wait", "0.5"]).wait == 0.5
