@@ -21,8 +21,13 @@ import threading
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
-from lsprotocol.types import ResponseError
-from pygls.exceptions import JsonRpcException, JsonRpcInvalidRequest, JsonRpcParseError
+from lsprotocol.types import METHOD_TO_TYPES, ResponseError
+from pygls.exceptions import (
+    JsonRpcException,
+    JsonRpcInvalidRequest,
+    JsonRpcMethodNotFound,
+    JsonRpcParseError,
+)
 from pygls.protocol import JsonRPCProtocol
 
 logger = logging.getLogger(__name__)
@@ -81,18 +86,35 @@ def handle(protocol: JsonRPCProtocol, body: bytes) -> None:
         logger.error("a message that is not a JSON-RPC 2.0 object: %.200r", data)
         _answer(protocol, _id(data), JsonRpcInvalidRequest("Invalid request: not JSON-RPC 2.0"))
         return
+    if isinstance(data.get("id"), (bool, dict, list)):  # pygls failed on it, with a traceback
+        logger.error("a message whose id is not a string or a number: %.200r", data.get("id"))
+        _answer(
+            protocol,
+            None,
+            JsonRpcInvalidRequest("Invalid request: id must be a string or a number"),
+        )
+        return
     try:
         message = protocol.structure_message(data)
     except JsonRpcException as exc:  # params that do not fit the method (logged by pygls)
         method = data.get("method")
         if "method" in data and "id" in data:  # a request: its sender waits for an answer
-            exc.message = f"{exc.message} for {method}"
-            _answer(protocol, _id(data), exc)
+            if _is_known(protocol, method):
+                exc.message = f"{exc.message} for {method}"
+                _answer(protocol, _id(data), exc)
+            else:  # pygls answered -32603 where it had no params
+                _answer(protocol, _id(data), JsonRpcMethodNotFound(f"Method Not Found: {method}"))
         return
     try:
         protocol.handle_message(message)
     except Exception:  # boundary: a handler's bug must not end the session
         logger.exception("could not handle %s", data.get("method", "a response"))
+
+
+def _is_known(protocol: JsonRPCProtocol, method: Any) -> bool:
+    """A method of the LSP spec, or one this server registered."""
+    features = getattr(getattr(protocol, "fm", None), "features", {})
+    return method in METHOD_TO_TYPES or method in features
 
 
 def _id(data: Any) -> int | str | None:

@@ -123,6 +123,11 @@ async def test_a_body_over_the_limit_is_skipped():
         (b"[1, 2]", None, -32600),
         (b'{"jsonrpc": "1.0", "id": 5, "method": "shutdown"}', 5, -32600),
         (b'{"id": 5, "method": "shutdown"}', 5, -32600),
+        # pygls answered these -32603, the id ones with a Python traceback
+        (b'{"jsonrpc": "2.0", "id": {"a": 1}, "method": "shutdown"}', None, -32600),
+        (b'{"jsonrpc": "2.0", "id": [1], "method": "shutdown"}', None, -32600),
+        (b'{"jsonrpc": "2.0", "id": 5, "method": "codelm/unknown"}', 5, -32601),
+        (b'{"jsonrpc": "2.0", "id": 5, "method": "$/unknownRequest"}', 5, -32601),
     ],
 )
 async def test_a_message_that_is_not_json_rpc_gets_an_error_answer(body, msg_id, code):
