@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, a surrogate is always alone
 
+# A daemon answer slower than this puts the status at busy; it is waited for up to timeoutMs.
+SLOW_S = 3.0
 FAST_TYPING_MS = 250.0  # median gap between edits below this counts as typing fast
 MAX_DEBOUNCE_FACTOR = 3.0
 
@@ -259,13 +261,10 @@ class Completer:
         self.stats.daemon_calls += 1
         started = self.clock()
         try:
-            response = await asyncio.wait_for(
-                self.link.complete(request), settings.timeout_ms / 1000
-            )
+            response = await self._answer(request, settings.timeout_ms / 1000)
         except asyncio.TimeoutError:
             logger.info("request %s: no answer within %d ms", request_id, settings.timeout_ms)
             self.stats.timeouts += 1
-            self.link.note_timeout()
             return []
         except CodelmError as exc:
             logger.info("request %s: %s", request_id, exc.message)
@@ -281,6 +280,23 @@ class Completer:
         )
         self.cache.store(state, suggestions, request_id)
         return self._results(suggestions, text, offset, request_id)
+
+    async def _answer(self, request: CompleteRequest, timeout_s: float) -> CompleteResponse:
+        """The daemon's answer within `timeout_s` (else TimeoutError). One slower than
+        SLOW_S is still waited for (the first request on a large file prefills all of it,
+        seconds on a laptop's CPU, and an editor asks again only when the user types), and
+        the status says the daemon is slow meanwhile."""
+        call = asyncio.ensure_future(self.link.complete(request))
+        try:
+            done, _ = await asyncio.wait({call}, timeout=min(SLOW_S, timeout_s))
+            if not done:
+                self.link.note_slow()
+                done, _ = await asyncio.wait({call}, timeout=max(0.0, timeout_s - SLOW_S))
+            if not done:
+                raise asyncio.TimeoutError
+            return call.result()
+        finally:
+            call.cancel()  # (done: no effect) superseded, cancelled or too slow
 
     def _results(
         self, suggestions: list[Suggestion], text: str, offset: int, request_id: str

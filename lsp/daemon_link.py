@@ -52,7 +52,7 @@ class DaemonLink(Protocol):
     state: str  # one of STATES, or "" before the first check
 
     def apply_settings(self, settings: LspSettings) -> None: ...
-    def note_timeout(self) -> None: ...
+    def note_slow(self) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -123,7 +123,7 @@ class HttpDaemonLink:
         settings' timeoutMs where that is more (it goes up to 10 minutes)."""
         return max(REQUEST_TIMEOUT_S, self.settings.timeout_ms / 1000 + 5)
 
-    def note_timeout(self) -> None:
+    def note_slow(self) -> None:
         self._set_state("busy", "the daemon is slow to answer")
 
     async def ensure_running(self) -> None:

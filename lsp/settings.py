@@ -28,7 +28,7 @@ class LspSettings:
     max_tokens: int = 64
     single_line: str = "auto"  # auto | always | never
     debounce_ms: int = 75
-    timeout_ms: int = 3000  # a daemon answer later than this is dropped (empty list)
+    timeout_ms: int = 10_000  # a daemon answer later than this is dropped (empty list)
     enabled_languages: tuple[str, ...] = ()  # empty: every language not disabled
     disabled_languages: tuple[str, ...] = ()
     completion_fallback: bool = False  # also serve textDocument/completion

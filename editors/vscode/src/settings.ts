@@ -33,7 +33,7 @@ export function serverOptions(config: ConfigReader): ServerOptions {
     maxTokens: config.get<number>('maxTokens') ?? 64,
     singleLine: config.get<string>('singleLine') ?? 'auto',
     debounceMs: config.get<number>('debounceMs') ?? 75,
-    timeoutMs: config.get<number>('timeoutMs') ?? 3000,
+    timeoutMs: config.get<number>('timeoutMs') ?? 10000,
     enabledLanguages: config.get<string[]>('enabledLanguages') ?? [],
     disabledLanguages: config.get<string[]>('disabledLanguages') ?? [],
     daemon: {

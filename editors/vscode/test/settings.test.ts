@@ -42,7 +42,7 @@ test('serverOptions uses the server defaults and sends empty strings as null', (
     maxTokens: 64,
     singleLine: 'auto',
     debounceMs: 75,
-    timeoutMs: 3000,
+    timeoutMs: 10000,
     enabledLanguages: [],
     disabledLanguages: [],
     daemon: { url: null, autoStart: true },
