@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import threading
 import uuid
@@ -140,6 +141,19 @@ class CodelmProtocol(LanguageServerProtocol):
         self._send_response(message.id, error=error)
 
 
+class EditorWriter(StdoutWriter):
+    """stdout to the editor. Once the editor has closed its end nothing more can be said, and
+    with stdin still open the server would live on, writing into nothing: it ends."""
+
+    def write(self, data: bytes) -> None:
+        try:
+            super().write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            logger.error("the editor closed its end of stdout: exiting")
+            logging.shutdown()
+            os._exit(1)
+
+
 class CodelmServer(LanguageServer):
     """pygls' server plus our Session (what the handlers share)."""
 
@@ -157,7 +171,7 @@ class CodelmServer(LanguageServer):
         """pygls' stdio server, reading with framing.serve: a bad frame costs that message,
         not the session."""
         self._stop_event = threading.Event()
-        self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
+        self.protocol.set_writer(EditorWriter(stdout or sys.stdout.buffer))
         reader = StdinAsyncReader(stdin or sys.stdin.buffer, self.thread_pool)
         try:
             asyncio.run(serve(self._stop_event, reader, self.protocol))

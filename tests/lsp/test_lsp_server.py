@@ -270,3 +270,41 @@ async def test_form_feed_and_line_separator_do_not_shift_lines(
     assert fake_daemon.requests[-1].text == editor.texts[URI]
     assert [i.insert_text for i in result.items] == [" + 1"]
     assert result.items[0].range.start == types.Position(line=3, character=5)
+
+
+def test_the_server_ends_when_the_editor_closes_its_stdout(tmp_path):
+    # It lived on while stdin stayed open, logging a BrokenPipeError for every answer.
+    import json
+    import os
+    import subprocess
+
+    from lsp_editor import lsp_command
+
+    def frame(message: dict) -> bytes:
+        body = json.dumps(message).encode()
+        return b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+    read_end, write_end = os.pipe()
+    env = {**os.environ, "CODELM_HOME": str(tmp_path)}
+    server = subprocess.Popen(
+        lsp_command(), stdin=subprocess.PIPE, stdout=write_end, stderr=subprocess.DEVNULL, env=env
+    )
+    os.close(write_end)
+    try:
+        options = {"daemon": {"url": "http://127.0.0.1:9"}}  # nothing to start
+        params = {"processId": None, "capabilities": {}, "initializationOptions": options}
+        server.stdin.write(
+            frame({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params})
+        )
+        server.stdin.flush()
+        assert b"capabilities" in os.read(read_end, 65536)
+        os.close(read_end)
+        stats = {"command": "codelm.stats", "arguments": []}
+        request = {"jsonrpc": "2.0", "id": 2, "method": "workspace/executeCommand", "params": stats}
+        server.stdin.write(frame(request))
+        server.stdin.flush()
+        assert server.wait(timeout=20) == 1  # stdin still open
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.stdin.close()
