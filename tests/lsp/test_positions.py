@@ -82,6 +82,29 @@ def test_apply_change_incremental(text, start, end, new, expected):
     assert apply_change(text, change) == expected
 
 
+def _edit(text: str, start: int, end: int, new: str, encoding: str | None = None) -> str:
+    change = types.TextDocumentContentChangePartial(
+        range=types.Range(
+            start=types.Position(line=0, character=start),
+            end=types.Position(line=0, character=end),
+        ),
+        text=new,
+    )
+    return apply_change(text, change, encoding)
+
+
+def test_utf16_edits_may_split_a_surrogate_pair():
+    # A client diffing in UTF-16 units turns 😀 (d83d de00) into 😁 (d83d de01) by replacing
+    # the low half alone: both ends had snapped to the emoji's start, the whole emoji went
+    # and the copy held one unit less than the client's from there on.
+    assert _edit("a😀b = (", 2, 3, "\ude01") == "a😁b = ("
+    assert _edit("a😀b = (", 1, 2, "\ud83d") == "a😀b = ("
+    halves = _edit(_edit("ab", 1, 1, "\ud83d"), 2, 2, "\ude00")  # one half at a time
+    assert halves == "a😀b"
+    assert _edit("a😀b", 1, 3, "") == "ab"
+    assert _edit("a😀b", 2, 5, "", "utf-8") == "ab"  # inside a UTF-8 character: its start
+
+
 def test_apply_change_full_replaces_text():
     assert apply_change("old", types.TextDocumentContentChangeWholeDocument(text="new")) == "new"
 
