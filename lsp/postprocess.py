@@ -245,18 +245,6 @@ def _same_line(a: tuple[int, str], b: tuple[int, str]) -> bool:
     return a[1] == b[1] and (a[0] == b[0] or b[0] < 0)
 
 
-def trim_retyped_line_rest(s: Suggestion, ctx: Context) -> Suggestion | None:
-    """A one-line suggestion that ends by retyping all the rest of the cursor's line (`sum +
-    |, 0);` suggested `item.price, 0);`) keeps what comes before it: the rest is there
-    already. A rest of closers alone is trim_closing_overlap's (`foo(bar(x|)` may well be
-    suggested `x)`)."""
-    rest, text = ctx.line_after.strip(), s.text.rstrip()
-    if "\n" in text or s.replace_after or LINE_REST_OK.match(rest) or not text.endswith(rest):
-        return s
-    logger.debug("trim_retyped_line_rest: %r is already after the cursor", rest)
-    return replace(s, text=text[: len(text) - len(rest)].rstrip())
-
-
 def trim_closing_overlap(s: Suggestion, ctx: Context) -> Suggestion | None:
     """Trim closing brackets/quotes at the end that the text after the cursor already has.
 
@@ -344,9 +332,17 @@ def drop_blank(s: Suggestion, ctx: Context) -> Suggestion | None:
 
 
 def replace_line_rest(s: Suggestion, ctx: Context) -> Suggestion | None:
-    """Replace the closers after the cursor when the suggestion retypes them (fewer errors)."""
+    """Replace the rest of the cursor's line when the suggestion retypes it: all of it (`sum
+    + |, 0);` suggested `item.price, 0);`), or its closers where that leaves fewer errors
+    (`foo(bar(x|)` may well be suggested `x)`: there it does not)."""
     rest = ctx.line_after
-    if not rest.strip() or not LINE_REST_OK.match(rest) or s.replace_after:
+    if not rest.strip() or s.replace_after:
+        return s
+    if not LINE_REST_OK.match(rest):
+        retyped = "\n" not in s.text and s.text.rstrip().endswith(rest.strip())
+        if retyped and _errors_with(ctx, s.text, len(rest)) <= _errors_with(ctx, s.text, 0):
+            logger.debug("replace_line_rest: the suggestion ends by retyping %r", rest)
+            return replace(s, replace_after=len(rest))
         return s
     if _errors_with(ctx, s.text, len(rest)) < _errors_with(ctx, s.text, 0):
         logger.debug("replace_line_rest: the suggestion retypes %r", rest)
@@ -369,7 +365,6 @@ FILTERS: tuple[Filter, ...] = (
     stop_at_block_end,
     fix_indentation,
     trim_repeated_suffix_lines,
-    trim_retyped_line_rest,
     trim_closing_overlap,
     trim_space,
     drop_repeated_line,
