@@ -5,6 +5,7 @@ single-instance lock, pid, url/port and token files that clients read to find it
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -308,6 +309,13 @@ def _read_int(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
+
+
+def trim_heap() -> None:
+    """Give the system back the heap pages glibc keeps after frees (malloc_trim); nothing
+    where the C library has none (musl, macOS)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def resident_mb() -> float | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import enum
 import gc
@@ -40,6 +39,7 @@ from .protocol import (
     OpenAICompletionRequest,
     PromptResponse,
 )
+from .runtime import trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -484,15 +484,11 @@ def _give_back_freed_memory() -> None:
     """Return what a dropped model freed to the system: torch keeps freed GPU memory cached
     for its next tensors (nvidia-smi would still show the model's), and glibc freed heap
     pages (the default model's idle unload had left 900 of its 1458 MB resident; 270 after
-    malloc_trim). Nothing where the C library has no malloc_trim."""
+    malloc_trim)."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
-        return
-    trim(0)
+    trim_heap()
 
 
 def _key_of(request: CompleteRequest | OpenAICompletionRequest) -> str:

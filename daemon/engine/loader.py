@@ -6,8 +6,6 @@ through quant/), so the model is never held twice in memory.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import logging
 import math
@@ -21,6 +19,7 @@ from torch import nn
 
 from ..catalog import resolve_model_path
 from ..errors import CodelmError, ModelLoadError
+from ..runtime import trim_heap
 from . import QUANT_MODES, EngineConfig, copies_budget
 from .fused_decode import attach as attach_fused_decode
 from .layers import SelfAttention
@@ -127,7 +126,7 @@ def _load_model(path: Path, config: EngineConfig, device: torch.device, progress
     }
     del make_linear, weights  # the weight cache's and the checkpoint's references
     gc.collect()
-    _trim_heap()
+    trim_heap()
     report(1.0, "ready")
     return LoadedModel(model, tokenizer, args, device, dtype, info)
 
@@ -177,18 +176,13 @@ def copies_bytes(model: nn.Module) -> int:
     return held + (0 if shortlist is None else shortlist.nbytes)
 
 
-# Weights built between trims of the heap: a 7B model's layers each, the default model's about
-# once a block. A trim after every layer took 0.19 s of its 2.5 s warm load (SmolLM2's: 0.21
-# of 1.67) for the same peak.
+# Layers are built one at a time from transient float copies, and glibc keeps much of what
+# they free in its heap, so resident memory grew with every layer (Qwen2.5-Coder's load
+# peaked at 3.5 GB and ended at 2.7 GB resident without trimming). Weights built between
+# trims of the heap: a 7B model's layers each, the default model's about once a block. A
+# trim after every layer took 0.19 s of its 2.5 s warm load (SmolLM2's: 0.21 of 1.67) for
+# the same peak.
 _TRIM_AFTER_WEIGHTS = 16_000_000
-
-
-def _trim_heap() -> None:
-    """Layers are built one at a time from transient float copies, and glibc keeps much of
-    what they free in its heap, so resident memory grew with every layer: Qwen2.5-Coder's
-    load peaked at 3.5 GB and ended at 2.7 GB resident without trimming."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _hf_arch(config: dict) -> str:
@@ -566,7 +560,7 @@ def fill_model(
         _set_parent(model, name, linear)
         untrimmed += sum(math.prod(source.shape) for source in sources)
         if untrimmed >= _TRIM_AFTER_WEIGHTS:  # their temporaries, before the next layers'
-            _trim_heap()
+            trim_heap()
             untrimmed = 0
         progress(done / len(linears))
     for name, param in list(model.named_parameters()):
