@@ -269,10 +269,15 @@ async def handle_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [entry]})
 
 
+async def read_complete_request(request: web.Request) -> CompleteRequest:
+    """The body of /v1/complete (and /v1/prompt); a position outside the text is a 400."""
+    complete = CompleteRequest.from_json(await read_json(request))
+    offset_at(complete.text, complete.line, complete.character)
+    return complete
+
+
 async def handle_complete(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
-    complete = CompleteRequest.from_json(body)
-    offset_at(complete.text, complete.line, complete.character)  # range errors are 400s
+    complete = await read_complete_request(request)
     rid = next(request.app[REQUEST_IDS])
     scheduler = request.app[SCHEDULER]
     if complete.stream:
@@ -285,9 +290,7 @@ async def handle_complete(request: web.Request) -> web.StreamResponse:
 
 async def handle_prompt(request: web.Request) -> web.Response:
     """The prompt a /v1/complete with this body would run (`codelm-daemon prompt`)."""
-    body = await read_json(request)
-    complete = CompleteRequest.from_json(body)
-    offset_at(complete.text, complete.line, complete.character)  # range errors are 400s
+    complete = await read_complete_request(request)
     response = await request.app[SCHEDULER].prompt(complete)
     return web.json_response(response.to_json())
 
