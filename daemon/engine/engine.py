@@ -35,7 +35,7 @@ from .cancel import CancelToken
 from .generate import GenerationResult, StopRules, generate, prefill, usable_draft
 from .kv import KVCache
 from .loader import LoadedModel, available_memory_bytes, load_model
-from .prompt import Prompt, build_prompt, detect_fim, window_anchor
+from .prompt import Prompt, build_prompt, detect_fim, raw_prompt, window_anchor
 from .threads import CpuShare
 
 logger = logging.getLogger(__name__)
@@ -203,17 +203,23 @@ class Engine:
     def complete_openai(
         self, request: OpenAICompletionRequest, cancel: CancelToken | None = None, on_text=None
     ) -> CompleteResponse:
-        """A raw prompt continued (or filled, with a suffix and a FIM model), token-healed."""
+        """A raw prompt continued (or filled, with a suffix and a FIM model), token-healed.
+
+        Without a suffix, special-token texts in the prompt are those tokens (a client's own FIM
+        template, as llama.cpp's server reads it); with one, the text is literal."""
         text = request.prompt + (request.suffix or "")
-        prompt = build_prompt(
-            self.tokenizer,
-            self.fim if request.suffix is not None else None,
-            text,
-            len(request.prompt),
-            path=None,
-            prefix_chars=len(text) + 1,
-            suffix_chars=len(text) + 1,
-        )
+        if request.suffix is None and any(t in text for t in self.tokenizer.special):
+            prompt = raw_prompt(self.tokenizer, text)
+        else:
+            prompt = build_prompt(
+                self.tokenizer,
+                self.fim if request.suffix is not None else None,
+                text,
+                len(request.prompt),
+                path=None,
+                prefix_chars=len(text) + 1,
+                suffix_chars=len(text) + 1,
+            )
         if not prompt.token_ids and not prompt.heal:
             raise BadRequest("prompt", "must not be empty")
         rules = StopRules(

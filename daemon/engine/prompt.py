@@ -279,3 +279,18 @@ def build_prompt(
     healed = _heal(tokenizer, prefix_ids) if heal and inside_word else b""
     ids = bos + [pre] + prefix_ids + [suf] + tokenizer.encode(suffix) + [mid]
     return Prompt(token_ids=ids, prefix_start=start, fim=fim, heal=healed)
+
+
+def raw_prompt(tokenizer: Tokenizer, text: str) -> Prompt:
+    """Token ids for continuing `text` as a client laid it out (Tabby's and Continue's own FIM
+    templates): its special-token texts are those tokens, as llama.cpp's server reads them.
+
+    BOS and token healing as build_prompt's prefix-only prompt; healing stops at a special last
+    token (`<fim_middle>`), and a BOS the text already starts with is not doubled.
+    """
+    ids = tokenizer.encode_special(text)
+    healed = _heal(tokenizer, ids)
+    bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+    if ids[:1] == bos:
+        bos = []
+    return Prompt(token_ids=bos + ids, prefix_start=0, fim=None, heal=healed)

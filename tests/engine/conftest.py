@@ -22,6 +22,16 @@ def default_engine(default_model_path):
     return load_engine(EngineConfig(model=str(default_model_path), quant="fp32"))
 
 
+@pytest.fixture(scope="session")
+def fim_engine():
+    """Qwen2.5-Coder (the project's default model, fetched by `make install`): SmolLM2 has no
+    FIM tokens. Quantised as the daemon loads it, on one thread so that reruns sum alike."""
+    from codelm.daemon.engine import EngineConfig, load_engine
+
+    path = catalog.fetch("default", log=lambda message: None)
+    return load_engine(EngineConfig(model=str(path), quant="auto", threads=1))
+
+
 @pytest.fixture
 def forwards(default_engine):
     """The number of forwards of the default engine's model since the test (or its last reset

@@ -11,14 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from codelm.daemon.cache import FileCache
+from codelm.daemon.engine.engine import Engine
 from codelm.daemon.engine.prompt import (
     FIM_FORMATS,
     aixcoder_header,
     build_prompt,
     detect_fim,
+    raw_prompt,
 )
 from codelm.daemon.engine.tokenizer import Tokenizer, tokenizer_from_folder
 from codelm.daemon.errors import ModelLoadError
+from codelm.daemon.protocol import OpenAICompletionRequest
 
 # Special tokens (as in each family's tokenizer.json), BOS, EOS, add_bos_token.
 FAMILIES = {
@@ -209,3 +213,34 @@ def test_healing_takes_back_a_partial_word_split_over_tokens(default_engine):
         )
         assert prompt.heal == healed, text
         assert tokenizer.decode(prompt.token_ids).endswith(text[: len(text) - len(healed)])
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_raw_prompt_of_the_documented_string_is_the_fim_prompt(tokenizers, name):
+    # What a client that lays out the FIM template itself sends: the same ids (BOS not doubled).
+    # Both heal only where the prompt ends in the prefix's text (SPM), not after a FIM token.
+    tokenizer = tokenizers[name]
+    built = _prompt(tokenizer, name, heal=FIM_FORMATS[name].order == "spm")
+    raw = raw_prompt(tokenizer, EXPECTED[name])
+    assert (raw.token_ids, raw.heal) == (built.token_ids, built.heal)
+
+
+def _cold_completion(engine: Engine, request: OpenAICompletionRequest) -> str:
+    """The completion from an empty KV cache: no reused rows to differ at a near-tie."""
+    engine.cache = FileCache(budget_bytes=1 << 30, new_kv=engine.new_kv)
+    return engine.complete_openai(request).items[0].text
+
+
+def test_openai_prompt_laid_out_as_fim_completes_as_prompt_with_suffix(fim_engine):
+    # A client's own FIM template (Tabby, Continue) in the layout codelm uses for Qwen (SPM),
+    # sent without a suffix: the same ids as codelm's prompt, so the same text.
+    before, after = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
+    fim = fim_engine.fim
+    assert fim is FIM_FORMATS["qwen"]
+    laid_out = f"{fim.prefix}{fim.suffix}{after}{fim.middle}{before}"
+    ours = _cold_completion(
+        fim_engine, OpenAICompletionRequest(prompt=before, suffix=after, max_tokens=8)
+    )
+    theirs = _cold_completion(fim_engine, OpenAICompletionRequest(prompt=laid_out, max_tokens=8))
+    assert ours.startswith("return a + b")
+    assert theirs == ours

@@ -63,6 +63,16 @@ def test_special_token_text_in_a_document_is_encoded_as_plain_text(default_engin
     assert tok.decode(ids) == "x = '<|endoftext|>'"
 
 
+def test_encode_special_reads_special_texts_as_their_ids(default_engine):
+    tok = default_engine.tokenizer
+    eos, sep = tok.token_id("<|endoftext|>"), tok.token_id("<file_sep>")
+    first, second = "def f(x):\n    return x\n", "x = '<|endof' + 'text|>'\n"
+    ids = tok.encode_special(f"<file_sep>{first}<|endoftext|><file_sep>{second}")
+    assert ids == [sep, *tok.encode(first), eos, sep, *tok.encode(second)]
+    # Text without special-token text is encoded as `encode` does.
+    assert tok.encode_special(ODD_TEXT) == tok.encode(ODD_TEXT)
+
+
 def test_stream_decoder_never_splits_a_utf8_character(default_engine):
     tok = default_engine.tokenizer
     ids = tok.encode(ODD_TEXT)
