@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -35,7 +34,15 @@ from .cancel import CancelToken
 from .generate import GenerationResult, StopRules, generate, prefill, usable_draft
 from .kv import KVCache
 from .loader import LoadedModel, available_memory_bytes, load_model
-from .prompt import Prompt, build_prompt, detect_fim, raw_prompt, window_anchor
+from .prompt import (
+    Prompt,
+    build_prompt,
+    detect_fim,
+    path_from_uri,
+    raw_prompt,
+    suffix_chars,
+    window_anchor,
+)
 from .threads import CpuShare
 
 logger = logging.getLogger(__name__)
@@ -135,10 +142,7 @@ class Engine:
         return self.tokenizer.decode(prompt.token_ids)
 
     def suffix_chars(self, trigger: str) -> int:
-        """Characters after the cursor a prompt holds. While typing (`automatic`) a third: a
-        PSM prompt runs the suffix again on every key that changes the prefix, an SPM prompt
-        on every move of the cursor."""
-        return self.config.suffix_chars // (3 if trigger == "automatic" else 1)
+        return suffix_chars(self.config.suffix_chars, trigger)
 
     def _build(self, request: CompleteRequest, cursor: int, *, remember: bool = True) -> Prompt:
         """`cursor`: the request's position as an offset into its text. The windows are
@@ -153,7 +157,7 @@ class Engine:
                 self.fim,
                 request.text,
                 cursor,
-                path=request.path or _path_from_uri(request.uri),
+                path=request.path or path_from_uri(request.uri),
                 prefix_chars=prefix_chars,
                 suffix_chars=suffix_chars,
                 anchor=self.anchors.get(request.uri),
@@ -383,12 +387,6 @@ def _response(items: list[CompletionItem], result: GenerationResult) -> Complete
         stop_reason=result.stop_reason.value,
         token_ids=result.token_ids,
     )
-
-
-def _path_from_uri(uri: str) -> str | None:
-    if uri.startswith("file://"):
-        return os.path.basename(uri[len("file://") :])
-    return None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,59 +14,8 @@ from ..errors import Cancelled
 from .cancel import CancelToken
 from .kv import KVCache
 from .sampling import Banning, Greedy, HealingPicker, Picker, greedy
+from .stops import StopReason, StopRules
 from .tokenizer import Tokenizer
-
-_FIRST_LINE = re.compile(r"\S[^\n]*\n")
-
-
-class StopReason(str, enum.Enum):
-    EOS = "eos"
-    STOP_TEXT = "stop_text"
-    MAX_TOKENS = "max_tokens"
-    SINGLE_LINE = "single_line"
-    CANCELLED = "cancelled"
-    CONTEXT = "context"
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StopRules:
-    """When to stop: stop token ids, stop strings, max tokens, end of line."""
-
-    stop_ids: frozenset[int] = frozenset()
-    stop_texts: tuple[str, ...] = ()
-    max_tokens: int = 64
-    single_line: bool = False
-
-    def scan(self, text: str) -> tuple[int, StopReason | None]:
-        """Given all generated text so far: (how much of it may be shown, stop reason or None).
-
-        Text that could still become a stop string is held back until it cannot.
-        """
-        cut, reason = len(text), None
-        if self.single_line:
-            # Stop at the first line break that follows visible text (a leading break is kept:
-            # the suggestion then fills the next line).
-            line = _FIRST_LINE.search(text)
-            if line is not None:
-                cut, reason = line.end() - 1, StopReason.SINGLE_LINE
-        for stop in self.stop_texts:
-            index = text.find(stop)
-            if 0 <= index < cut:
-                cut, reason = index, StopReason.STOP_TEXT
-        if reason is None:
-            cut = min(cut, len(text) - _partial_stop(text, self.stop_texts))
-        return cut, reason
-
-
-def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
 
 
 @dataclass(kw_only=True, slots=True)

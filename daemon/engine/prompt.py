@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import ModelLoadError
-from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the engine that asks an inference server imports this module without torch
+    from .tokenizer import Tokenizer
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -184,6 +187,20 @@ def window_start(text: str, cursor: int, max_chars: int, anchor: str | None = No
     if line_start < lowest:
         line_start = text.find("\n", target, cursor) + 1 or target
     return line_start
+
+
+def suffix_chars(setting: int, trigger: str) -> int:
+    """Characters after the cursor a prompt holds (`setting`: the suffix_chars setting). While
+    typing (`automatic`) a third: a PSM prompt runs the suffix again on every key that changes
+    the prefix, an SPM prompt on every move of the cursor."""
+    return setting // (3 if trigger == "automatic" else 1)
+
+
+def path_from_uri(uri: str) -> str | None:
+    """The file name a `file://` URI ends with, for the prompt's file-path header."""
+    if uri.startswith("file://"):
+        return os.path.basename(uri[len("file://") :])
+    return None
 
 
 def suffix_window(text: str, cursor: int, max_chars: int) -> str:
