@@ -379,6 +379,8 @@ def _print_status(status: dict[str, Any], paths: RuntimePaths) -> None:
     print(f"  model:    {status.get('model')}  device {status.get('device')}")
     print(f"            quant {status.get('quant')}  up {status.get('uptime_s', 0):.0f} s")
     engine = status.get("engine", {})
+    if engine.get("server_model"):
+        print(f"            serves {engine['server_model']}  fim {engine.get('fim')}")
     if engine.get("quant_reason"):
         print(f"            why {engine['quant_reason']}")
     if engine.get("kernels"):

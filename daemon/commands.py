@@ -154,7 +154,9 @@ def run_prompt(args: argparse.Namespace) -> int:
         print(shown.prompt)
         healed = shown.healed
         note = f" (healed: {healed!r}, which the suggestion starts by retyping)" if healed else ""
-        print(f"--- {len(shown.token_ids)} tokens{note}", file=sys.stderr)
+        # An inference server as the model tokenizes the prompt itself: no ids to count.
+        count = f"{len(shown.token_ids)} tokens" if shown.token_ids else "tokens: the server's"
+        print(f"--- {count}{note}", file=sys.stderr)
     return 0
 
 

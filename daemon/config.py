@@ -9,12 +9,13 @@ import dataclasses
 import logging
 import math
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine import QUANT_MODES, EngineConfig, copies_budget
+from .engine import QUANT_MODES, EngineConfig, copies_budget, is_server_url
 from .errors import ConfigError
 from .runtime import RuntimePaths
 
@@ -54,6 +55,8 @@ class DaemonConfig:
     def to_json(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
         body["paths"] = {k: str(v) for k, v in body["paths"].items()}
+        if body["engine"]["server_api_key"]:
+            body["engine"]["server_api_key"] = "(set)"  # status shows the config: not the key
         return body
 
 
@@ -196,11 +199,28 @@ def _check(name: str, value: Any, where: str) -> Any:
     if name == "model":
         if not value.strip():
             # Path("") is the working folder: the load failed on some folder's config.json.
-            raise ConfigError(f"{where}: must name a model (`default`, a .gguf file or a folder)")
-        value = _absolute_model(value)
+            raise ConfigError(
+                f"{where}: must name a model (`default`, a .gguf file, a folder or a server URL)"
+            )
+        value = _server_url(value, where) if is_server_url(value) else _absolute_model(value)
     if name == "unix_socket":
         value = str(Path(value).expanduser().absolute()) if value else None
     return value
+
+
+def _server_url(url: str, where: str) -> str:
+    """An inference server's URL, checked now rather than at the first request."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {url!r} is not a valid URL ({exc})") from None
+    if not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(
+            f"{where}: an inference server is named by its URL, such as http://127.0.0.1:8080, "
+            f"got {url!r}"
+        )
+    return url
 
 
 def _absolute_model(model: str) -> str:

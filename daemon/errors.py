@@ -89,6 +89,13 @@ class DaemonUnavailable(CodelmError):
     status = 503
 
 
+class ServerError(CodelmError):
+    """The inference server that `model` names could not be reached or refused a request."""
+
+    code = "server_error"
+    status = 502
+
+
 class Cancelled(CodelmError):
     """The request was superseded by a newer one or its client went away."""
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .catalog import resolve_model_path
-from .engine import EngineConfig, load_engine
+from .engine import EngineConfig, is_server_url, load_engine
 from .engine.cancel import CancelToken
 from .errors import (
     Cancelled,
@@ -178,15 +178,17 @@ class Scheduler:
     def wake(self) -> dict[str, Any]:
         """Load the model where it is not loaded and a client waits for it: after an idle
         unload, or after a failed load when the model's file has changed since (fixed, or
-        fetched again). The health after."""
+        fetched again) or the model is an inference server (which may have started since).
+        The health after."""
         with self._cond:
             unloaded = self._state is EngineState.UNLOADED
             changed = self._state is EngineState.ERROR and (
-                _model_stamp(self.config.model) != self._failed_stamp
+                is_server_url(self.config.model)
+                or _model_stamp(self.config.model) != self._failed_stamp
             )
             if unloaded or changed:
                 logger.info(
-                    "loading the model again: %s", "asked" if unloaded else "its file changed"
+                    "loading the model again: %s", "asked" if unloaded else "it may load now"
                 )
                 self._request_load_locked()
                 self._cond.notify_all()

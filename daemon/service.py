@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from .catalog import DEFAULT_MODEL
 from .config import DaemonConfig
 from .errors import (
     BadRequest,
@@ -264,8 +265,11 @@ async def handle_status(request: web.Request) -> web.Response:
 
 
 async def handle_models(request: web.Request) -> web.Response:
+    """The model by its catalogue name ("default" says nothing of what it is: a client such
+    as another codelm picks its FIM layout by this name), its path, or its server's URL."""
     model = request.app[CONFIG].engine.model
-    entry = {"id": model, "object": "model", "owned_by": "codelm"}
+    entry = {"id": DEFAULT_MODEL if model == "default" else model, "object": "model"}
+    entry["owned_by"] = "codelm"
     return web.json_response({"object": "list", "data": [entry]})
 
 

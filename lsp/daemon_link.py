@@ -13,7 +13,13 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
-from codelm.daemon.errors import CodelmError, DaemonUnavailable, ModelLoading, Unauthorized
+from codelm.daemon.errors import (
+    CodelmError,
+    DaemonUnavailable,
+    ModelLoading,
+    ServerError,
+    Unauthorized,
+)
 from codelm.daemon.protocol import CompleteRequest, CompleteResponse
 
 if TYPE_CHECKING:
@@ -246,7 +252,11 @@ class HttpDaemonLink:
             if _is_connection_error(exc):
                 self._on_lost(exc)
             raise
-        if self.state == "busy":
+        except ServerError as exc:
+            # The inference server `model` names is down or refused: say so until it answers.
+            self._set_state("error", exc.message)
+            raise
+        if self.state in ("busy", "error"):
             self._set_state("ready", "codelm is ready")
         return response
 

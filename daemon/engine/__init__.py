@@ -1,4 +1,5 @@
-"""The model engine: load a model (GGUF or HF folder) and complete code with it.
+"""The model engine: load a model (GGUF or HF folder) and complete code with it, or ask an
+inference server (remote.py) where the model is its URL.
 
 `load_engine(EngineConfig) -> Engine`. Everything torch lives below this package and quant/.
 """
@@ -26,7 +27,8 @@ def copies_budget(prefill_copies: str) -> int | None:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EngineConfig:
-    model: str = "default"  # "default", a catalogue name, a .gguf path or an HF folder
+    # "default", a catalogue name, a .gguf path, an HF folder, or an inference server's URL
+    model: str = "default"
     device: str = "auto"  # auto | cpu | cuda
     quant: str = "auto"  # one of QUANT_MODES
     threads: int = 0  # 0: per request, the physical cores other processes leave free
@@ -47,6 +49,15 @@ class EngineConfig:
     # On CUDA, replay a decode step as one captured graph (fused_decode.GraphedDecode); False
     # launches the step's kernels one by one from Python.
     cuda_graphs: bool = True
+    # With `model` an inference server's URL: the model to ask it for ("": the first it lists)
+    # and the bearer token it wants ("": none).
+    server_model: str = ""
+    server_api_key: str = ""
+
+
+def is_server_url(model: str) -> bool:
+    """Whether `model` names an inference server (http:// or https://) rather than a file."""
+    return model.startswith(("http://", "https://"))
 
 
 def load_engine(config: EngineConfig, progress=None):  # -> Engine
@@ -54,6 +65,10 @@ def load_engine(config: EngineConfig, progress=None):  # -> Engine
 
     Raises ModelLoadError with a message that says how to fix it.
     """
+    if is_server_url(config.model):
+        from .remote import RemoteEngine
+
+        return RemoteEngine.load(config, progress=progress)
     from .engine import Engine
 
     return Engine.load(config, progress=progress)

@@ -250,6 +250,15 @@ async def test_models_lists_the_loaded_model(fake_daemon):
     assert (await resp.json())["data"][0]["id"] == "fake.gguf"
 
 
+async def test_models_names_the_default_model_by_its_catalogue_name(tmp_path):
+    daemon = await start_fake_daemon(tmp_path, model="default")
+    try:
+        resp = await daemon.client.get("/v1/models", headers=daemon.auth)
+        assert (await resp.json())["data"][0]["id"] == "qwen2.5-coder-0.5b"
+    finally:
+        await daemon.client.close()
+
+
 async def test_close_document_reports_whether_cached(fake_daemon):
     resp = await fake_daemon.post("/v1/documents/close", {"uri": DOC["uri"]})
     assert (await resp.json()) == {"closed": False}

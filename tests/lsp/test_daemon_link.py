@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from codelm.daemon import client as daemon_client
-from codelm.daemon.errors import DaemonUnavailable, ModelLoading
+from codelm.daemon.errors import DaemonUnavailable, ModelLoading, ServerError
 from codelm.daemon.protocol import CompleteRequest
 from codelm.daemon.runtime import RuntimePaths, mark_stopped
 from codelm.lsp.daemon_link import (
@@ -289,4 +289,45 @@ async def test_a_shutdown_during_a_request_is_not_a_lost_daemon():
         assert link._starting is None or link._starting.done()
         assert sink.shown == [] and sink.statuses == ["loading", "ready"]
     finally:
+        await runner.cleanup()
+
+
+async def test_an_inference_server_that_fails_is_said_until_it_answers_again():
+    # With `model` a server's URL the daemon answers 502 while that server is down: the
+    # status says so (it had been logged only), and the next answer clears it.
+    from aiohttp import web
+
+    answers = [502, 200]
+
+    async def health(_request):
+        return web.json_response({"state": "ready", "model": "http://127.0.0.1:8080"})
+
+    async def complete(_request):
+        if answers.pop(0) == 502:
+            message = "the inference server at http://127.0.0.1:8080 could not be reached"
+            error = {"code": "server_error", "message": message}
+            return web.json_response({"error": error}, status=502)
+        timings = {"prefill_ms": 1.0, "decode_ms": 1.0}
+        return web.json_response({"items": [], "timings": timings})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_post("/v1/complete", complete)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(daemon_url=url), sink, home=None)
+    request = CompleteRequest(uri="file:///a.py", text="x", line=0, character=1)
+    try:
+        await link.ensure_running()
+        with pytest.raises(ServerError, match="could not be reached"):
+            await link.complete(request)
+        assert link.state == "error"
+        await link.complete(request)
+        assert sink.statuses == ["loading", "ready", "error", "ready"] and sink.shown == []
+    finally:
+        await link.close()
         await runner.cleanup()

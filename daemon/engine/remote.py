@@ -1,0 +1,393 @@
+"""An engine that asks an inference server for its completions: llama.cpp's llama-server,
+vLLM, TGI, Ollama or another codelm, through their OpenAI-compatible `/v1/completions`. For
+a user whose model is too large for this machine, or who already runs such a server.
+
+What makes suggestions good and cheap stays on this side: the prompt windows (the prefix
+window anchored per document, so that the server's own prompt cache matches all but the last
+keystrokes), the model's FIM layout, and the stop rules (single line, stop strings). The
+server owns the tokens and the K/V: no token healing, no drafts, no per-file cache here.
+No torch either: the daemon stays small (docs/daemon.md, "An inference server as the model").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from ..errors import BadRequest, Cancelled, ModelLoadError, ServerError
+from ..protocol import (
+    CompleteRequest,
+    CompleteResponse,
+    CompletionItem,
+    OpenAICompletionRequest,
+    Position,
+    PromptResponse,
+    Range,
+    Timings,
+    offset_at,
+)
+from . import EngineConfig
+from .cancel import CancelToken
+from .prompt import (
+    FIM_FORMATS,
+    FimFormat,
+    aixcoder_header,
+    comment_header,
+    path_from_uri,
+    suffix_chars,
+    suffix_window,
+    window_anchor,
+    window_start,
+)
+from .stops import StopReason, StopRules
+
+logger = logging.getLogger(__name__)
+
+CONNECT_S = 5.0  # the server must accept the connection within this
+READ_S = 120.0  # and send each next piece of an answer within this (a cold prompt may be long)
+_CANCEL_POLL_S = 0.02  # how often a running request looks at its cancel token
+_ANCHORED_DOCUMENTS = 512  # window anchors kept, most recently used first
+
+# Name fragments of models whose FIM format `fim = "auto"` picks, checked in this order.
+_FIM_BY_NAME = (
+    (("qwen", "coder"), "qwen"),
+    (("deepseek", "coder"), "deepseek"),
+    (("codellama",), "codellama"),
+    (("code-llama",), "codellama"),
+    (("starcoder",), "starcoder"),
+    (("codeshell",), "starcoder"),
+    (("aixcoder",), "aixcoder"),
+)
+# `fim = "server"`: send the prefix as `prompt` and the suffix as `suffix`; the server lays
+# out the FIM prompt (Ollama and codelm do; others may drop the suffix).
+SERVER_FIM = "server"
+
+
+def server_base(model: str) -> str:
+    """`http://host:port`, `http://host:port/` or `http://host:port/v1` as the base that
+    `/v1/...` paths follow."""
+    return model.rstrip("/").removesuffix("/v1")
+
+
+def guess_fim(setting: str, model_name: str) -> FimFormat | str | None:
+    """The layout of prompts for `model_name`: a FimFormat, SERVER_FIM, or None (prefix only).
+    `setting` is the `fim` setting; "auto" guesses from the model's name and, for a name it
+    does not know, lets the server lay out the prompt."""
+    if setting == "none":
+        return None
+    if setting == SERVER_FIM:
+        return SERVER_FIM
+    if setting != "auto":
+        if setting not in FIM_FORMATS:
+            known = ", ".join(("auto", "none", SERVER_FIM, *FIM_FORMATS))
+            raise ModelLoadError(f"fim: unknown FIM format {setting!r}; known: {known}")
+        return FIM_FORMATS[setting]
+    name = model_name.lower()
+    for fragments, fim in _FIM_BY_NAME:
+        if all(f in name for f in fragments):
+            return FIM_FORMATS[fim]
+    return SERVER_FIM
+
+
+class RemoteEngine:
+    """Engine's interface (complete, complete_openai, show_prompt, close_document,
+    cache_stats, info) over an inference server's HTTP API."""
+
+    def __init__(self, config: EngineConfig, base: str, model: str, load_s: float) -> None:
+        self.config = config
+        self.base = base
+        self.model = model
+        self.fim = guess_fim(config.fim, model)
+        self.anchors: OrderedDict[str, str] = OrderedDict()  # uri -> its window's first text
+        if isinstance(self.fim, FimFormat):
+            fim_info = self.fim.name
+        elif self.fim == SERVER_FIM:
+            fim_info = "laid out by the server (prompt and suffix)"
+        else:
+            fim_info = "none (prefix-only)"
+        self.info: dict[str, Any] = {
+            "server": base,
+            "server_model": model,
+            "fim": fim_info,
+            "device": "server",
+            "quant": "the server's",
+            "load_s": round(load_s, 3),
+        }
+
+    @classmethod
+    def load(cls, config: EngineConfig, progress=None) -> RemoteEngine:
+        """Asks the server for its models: it must answer, and serve the one named by
+        `server_model` (or any, where that is empty: the first it lists is used)."""
+        t0 = time.perf_counter()
+        base = server_base(config.model)
+        if progress is not None:
+            progress(0.0, f"asking the inference server at {base} for its models")
+        try:
+            listed = asyncio.run(_get_json(base + "/v1/models", config.server_api_key))
+        except ServerError as exc:
+            raise ModelLoadError(exc.message) from exc
+        names = [m.get("id") for m in listed.get("data", []) if isinstance(m, dict)]
+        names = [n for n in names if isinstance(n, str) and n]
+        model = config.server_model
+        if not model:
+            if not names:
+                raise ModelLoadError(
+                    f"the inference server at {base} lists no model (GET /v1/models); "
+                    "set `server_model` to the name it serves"
+                )
+            model = names[0]
+        elif names and model not in names:
+            raise ModelLoadError(
+                f"the inference server at {base} does not serve {model!r} "
+                f"(it lists {', '.join(names)}); fix `server_model`"
+            )
+        engine = cls(config, base, model, time.perf_counter() - t0)
+        logger.info("engine ready: %s", engine.info)
+        return engine
+
+    # -- the engine's interface --
+
+    def complete(
+        self, request: CompleteRequest, cancel: CancelToken | None = None, on_text=None
+    ) -> CompleteResponse:
+        cursor = offset_at(request.text, request.line, request.character)
+        body = self._body(request, cursor, remember=True)
+        rules = StopRules(
+            stop_texts=request.stop,
+            max_tokens=request.max_tokens,
+            single_line=bool(request.single_line),
+        )
+        at = Position(line=request.line, character=request.character)
+        return self._ask(body, rules, cancel, on_text, at)
+
+    def complete_openai(
+        self, request: OpenAICompletionRequest, cancel: CancelToken | None = None, on_text=None
+    ) -> CompleteResponse:
+        """Passed on as it came (prompt, suffix, stop), for the server's model."""
+        if not request.prompt and not request.suffix:
+            raise BadRequest("prompt", "must not be empty")
+        body: dict[str, Any] = {"prompt": request.prompt}
+        if request.suffix is not None:
+            body["suffix"] = request.suffix
+        rules = StopRules(stop_texts=request.stop, max_tokens=request.max_tokens)
+        return self._ask(body, rules, cancel, on_text, Position(line=0, character=0))
+
+    def show_prompt(self, request: CompleteRequest) -> PromptResponse:
+        """The prompt text sent to the server (its tokens are the server's: none here)."""
+        cursor = offset_at(request.text, request.line, request.character)
+        body = self._body(request, cursor, remember=False)
+        shown = body["prompt"]
+        if "suffix" in body:
+            shown = f"{shown}<suffix, laid out by the server>{body['suffix']}"
+        return PromptResponse(prompt=shown, token_ids=[], healed="")
+
+    def close_document(self, uri: str) -> bool:
+        return self.anchors.pop(uri, None) is not None
+
+    def cache_stats(self) -> dict[str, Any]:
+        """The K/V is the server's to keep: here, only the documents' window anchors."""
+        return {"anchored_documents": len(self.anchors)}
+
+    # -- prompts --
+
+    def _body(self, request: CompleteRequest, cursor: int, *, remember: bool) -> dict[str, Any]:
+        """The /v1/completions body's prompt (and suffix) for a completion at `cursor`: the
+        same windows as the local engine's (prompt.build_prompt), as text."""
+        text = request.text
+        suffix_max = suffix_chars(self.config.suffix_chars, request.trigger)
+        start = window_start(text, cursor, self.config.prefix_chars, self.anchors.get(request.uri))
+        if remember:
+            self.anchors[request.uri] = window_anchor(text, start)
+            self.anchors.move_to_end(request.uri)
+            while len(self.anchors) > _ANCHORED_DOCUMENTS:
+                self.anchors.popitem(last=False)
+        prefix = text[start:cursor]
+        path = request.path or path_from_uri(request.uri)
+        fim = self.fim
+        if fim is None:
+            return {"prompt": comment_header(path) + prefix}
+        suffix = suffix_window(text, cursor, suffix_max)
+        if fim == SERVER_FIM:
+            return {"prompt": prefix, "suffix": suffix}
+        assert isinstance(fim, FimFormat)
+        if fim.order == "spm":
+            header = aixcoder_header(path) if fim.file_header else ""
+            return {"prompt": fim.prefix + fim.suffix + suffix + fim.middle + header + prefix}
+        return {"prompt": fim.prefix + prefix + fim.suffix + suffix + fim.middle}
+
+    # -- the request --
+
+    def _ask(
+        self,
+        body: dict[str, Any],
+        rules: StopRules,
+        cancel: CancelToken | None,
+        on_text: Callable[[str], None] | None,
+        at: Position,
+    ) -> CompleteResponse:
+        fim_stops = self.fim.stop if isinstance(self.fim, FimFormat) else ()
+        body = {
+            **body,
+            "model": self.model,
+            "max_tokens": rules.max_tokens,
+            "temperature": 0,
+            "stream": True,
+        }
+        stops = list(dict.fromkeys((*rules.stop_texts, *fim_stops)))
+        if stops:
+            body["stop"] = stops
+        answer = _Answer(rules, on_text)
+        asyncio.run(self._stream(body, answer, cancel))
+        item = CompletionItem(text=answer.text, range=Range(start=at, end=at))
+        timings = Timings(
+            generated_tokens=answer.pieces,
+            prefill_ms=answer.first_ms,
+            decode_ms=answer.done_ms - answer.first_ms,
+        )
+        return CompleteResponse(items=[item], timings=timings, stop_reason=answer.reason.value)
+
+    async def _stream(self, body: dict[str, Any], answer: _Answer, cancel: CancelToken | None):
+        """Runs the request, stopping it (closing the connection, which ends the server's work
+        too) when `cancel` is set or the stop rules end the answer."""
+        key = self.config.server_api_key
+        task = asyncio.ensure_future(_post_stream(self.base, key, body, answer))
+        while not task.done():
+            await asyncio.wait({task}, timeout=_CANCEL_POLL_S)
+            if cancel is not None and cancel.is_cancelled and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ServerError):
+                    await task
+                raise Cancelled(f"cancelled while the inference server answered ({cancel.reason})")
+        task.result()
+
+
+class _Answer:
+    """The streamed text as the stop rules let it through."""
+
+    def __init__(self, rules: StopRules, on_text: Callable[[str], None] | None) -> None:
+        self.rules = rules
+        self.on_text = on_text
+        self.raw = ""
+        self.shown = 0
+        self.text = ""
+        self.pieces = 0
+        self.reason = StopReason.MAX_TOKENS
+        self.started = time.perf_counter()
+        self.first_ms = 0.0
+        self.done_ms = 0.0
+
+    def add(self, piece: str) -> bool:
+        """Takes the next piece; True when the answer is complete."""
+        if not self.pieces:
+            self.first_ms = (time.perf_counter() - self.started) * 1000
+        self.pieces += 1
+        self.raw += piece
+        cut, reason = self.rules.scan(self.raw)
+        if cut > self.shown and self.on_text is not None:
+            self.on_text(self.raw[self.shown : cut])
+        self.shown = max(self.shown, cut)
+        if reason is not None:
+            self.finish(reason, self.raw[:cut])
+            return True
+        return False
+
+    def finish(self, reason: StopReason, text: str | None = None) -> None:
+        self.reason = reason
+        self.text = self.raw if text is None else text
+        if text is None and self.on_text is not None and len(self.raw) > self.shown:
+            self.on_text(self.raw[self.shown :])  # nothing can complete a held-back stop now
+        self.done_ms = (time.perf_counter() - self.started) * 1000
+
+
+def _session(api_key: str) -> aiohttp.ClientSession:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_S, sock_read=READ_S)
+    return aiohttp.ClientSession(headers=headers, timeout=timeout)
+
+
+async def _get_json(url: str, api_key: str) -> dict[str, Any]:
+    async with _session(api_key) as session:
+        try:
+            async with session.get(url) as response:
+                await _check(response, url)
+                body = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
+            raise ServerError(_failure(url, exc)) from exc
+    if not isinstance(body, dict):
+        raise ServerError(f"the inference server's answer to GET {url} is not a JSON object")
+    return body
+
+
+async def _post_stream(base: str, api_key: str, body: dict[str, Any], answer: _Answer) -> None:
+    url = base + "/v1/completions"
+    async with _session(api_key) as session:
+        try:
+            async with session.post(url, json=body) as response:
+                await _check(response, url)
+                await _read_events(response, answer, url)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ServerError(_failure(url, exc)) from exc
+
+
+async def _read_events(response: aiohttp.ClientResponse, answer: _Answer, url: str) -> None:
+    """Server-sent events: `data: {text_completion chunk}` lines, then `data: [DONE]`."""
+    async for raw in response.content:
+        line = raw.decode("utf-8", errors="replace").strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[len("data:") :].strip()
+        if data == "[DONE]":
+            break
+        try:
+            chunk = json.loads(data)
+            choice = chunk["choices"][0]
+            piece, finish = choice.get("text") or "", choice.get("finish_reason")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise ServerError(
+                f"the inference server sent an event that is not a completion "
+                f"chunk (POST {url}): {data[:200]!r}"
+            ) from exc
+        if piece and answer.add(piece):
+            return
+        if finish:
+            answer.finish(StopReason.MAX_TOKENS if finish == "length" else StopReason.EOS)
+            return
+    answer.finish(StopReason.EOS)
+
+
+async def _check(response: aiohttp.ClientResponse, url: str) -> None:
+    if response.status < 400:
+        return
+    text = (await response.text(errors="replace"))[:500]
+    try:
+        error = json.loads(text).get("error")
+        detail = error.get("message") if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        detail = None
+    detail = detail if isinstance(detail, str) and detail else text.strip() or response.reason
+    hint = "; check `server_api_key`" if response.status in (401, 403) else ""
+    raise ServerError(
+        f"the inference server answered {response.method} {url} with {response.status}: "
+        f"{detail}{hint}"
+    )
+
+
+def _failure(url: str, exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        what = "did not answer in time"
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        what = (
+            f"could not be reached ({exc.os_error or exc}); start it, or set `model` to a "
+            "local model"
+        )
+    else:
+        what = f"failed ({type(exc).__name__}: {exc})"
+    return f"the inference server at {url} {what}"

@@ -1,0 +1,283 @@
+"""`model` as an inference server's URL: the daemon asks that server (here another real codelm
+daemon with the test model, through its OpenAI-compatible API) instead of loading a model."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+
+import pytest
+from daemon_live import (
+    Live,
+    cli,
+    make_home,
+    read_live,
+    require_engine,
+)
+
+from codelm.daemon import catalog
+from codelm.daemon.config import resolve_config
+from codelm.daemon.engine import EngineConfig
+from codelm.daemon.engine.prompt import FIM_FORMATS
+from codelm.daemon.engine.remote import SERVER_FIM, RemoteEngine, guess_fim, server_base
+from codelm.daemon.errors import ConfigError, ModelLoadError
+from codelm.daemon.protocol import CompleteRequest
+
+# -- without a server --
+
+
+@pytest.mark.parametrize(
+    ("name", "fim"),
+    [
+        ("Qwen/Qwen2.5-Coder-7B", "qwen"),
+        ("qwen2.5-coder:1.5b-base", "qwen"),
+        ("deepseek-coder-6.7b-base.Q4_K_M.gguf", "deepseek"),
+        ("codellama/CodeLlama-7b-hf", "codellama"),
+        ("bigcode/starcoder2-3b", "starcoder"),
+        ("aiXcoder-7b", "aixcoder"),
+    ],
+)
+def test_auto_fim_follows_the_served_models_name(name, fim):
+    assert guess_fim("auto", name) is FIM_FORMATS[fim]
+
+
+def test_a_model_name_without_a_known_fim_lets_the_server_lay_out_the_prompt():
+    assert guess_fim("auto", "llama-3.1-8b-instruct") == SERVER_FIM
+    assert guess_fim("auto", "smollm2-135m") == SERVER_FIM  # no FIM (the local engine agrees)
+    assert guess_fim("none", "qwen2.5-coder") is None
+    assert guess_fim("qwen", "anything") is FIM_FORMATS["qwen"]
+    with pytest.raises(ModelLoadError, match="known: auto, none, server"):
+        guess_fim("fimless", "anything")
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8080", "http://127.0.0.1:8080/", "http://127.0.0.1:8080/v1/"]
+)
+def test_the_server_url_may_end_in_v1(url):
+    assert server_base(url) == "http://127.0.0.1:8080"
+
+
+def test_a_server_url_is_kept_and_a_bad_one_refused_with_the_form_expected():
+    config = resolve_config({"model": "http://127.0.0.1:8080/v1"}, environ={})
+    assert config.engine.model == "http://127.0.0.1:8080/v1"  # not made a path
+    for bad in ("http://:8080", "http://host:port", "http://host:1/?model=x"):
+        with pytest.raises(ConfigError, match="URL"):
+            resolve_config({"model": bad}, environ={})
+
+
+def test_status_never_shows_the_servers_api_key():
+    environ = {"CODELM_MODEL": "http://127.0.0.1:1", "CODELM_SERVER_API_KEY": "s3cret"}
+    config = resolve_config(environ=environ)
+    assert config.engine.server_api_key == "s3cret"
+    assert "s3cret" not in json.dumps(config.to_json())
+
+
+def _engine(fim: str, **settings) -> RemoteEngine:
+    config = EngineConfig(model="http://127.0.0.1:1", fim=fim, **settings)
+    return RemoteEngine(config, "http://127.0.0.1:1", "m", load_s=0.0)
+
+
+def _request(text: str, cursor: int, **fields) -> CompleteRequest:
+    before = text[:cursor].split("\n")
+    line, character = len(before) - 1, len(before[-1])
+    return CompleteRequest(
+        uri="file:///src/a.py", text=text, line=line, character=character, **fields
+    )
+
+
+def test_prompts_are_laid_out_as_the_local_engine_lays_them_out():
+    text = "def f(x):\n    return \n\nprint(f(2))\n"
+    request = _request(text, text.index("\n\nprint"), trigger="invoked")
+    prefix, suffix = "def f(x):\n    return ", "\n\nprint(f(2))\n"
+    assert _engine("starcoder").show_prompt(request).prompt == (
+        f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
+    )
+    assert _engine("qwen").show_prompt(request).prompt == (
+        f"<|fim_prefix|><|fim_suffix|>{suffix}<|fim_middle|>{prefix}"
+    )
+    assert _engine("none").show_prompt(request).prompt == f"# a.py\n{prefix}"
+    assert _engine("server")._body(request, len(prefix), remember=False) == {
+        "prompt": prefix,
+        "suffix": suffix,
+    }
+
+
+def test_the_prefix_window_stays_anchored_while_the_user_types():
+    # The server's prompt cache matches a prompt's unchanged start: the window must not move
+    # with each keystroke (prompt.window_start, as for the local engine).
+    engine = _engine("starcoder", prefix_chars=3000)
+    lines = "".join(f"value_{i} = {i}\n" for i in range(400))
+    first = engine._body(_request(lines + "x", len(lines) + 1), len(lines) + 1, remember=True)
+    typed = lines + "x = val"
+    second = engine._body(_request(typed, len(typed)), len(typed), remember=True)
+    start = first["prompt"][: first["prompt"].index("x")]
+    assert second["prompt"].startswith(start) and len(start) < len(lines)
+    assert engine.close_document("file:///src/a.py") and engine.anchors == {}
+
+
+def test_a_server_that_is_not_there_fails_the_load_with_what_to_do():
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = EngineConfig(model=f"http://127.0.0.1:{port}")
+    with pytest.raises(ModelLoadError, match="could not be reached.*start it, or set `model`"):
+        RemoteEngine.load(config)
+
+
+# -- a real daemon behind a real daemon --
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Live:
+    """The inference server: a codelm daemon with the everyday model (a FIM model: the
+    front lays out its FIM prompt as text, which the server reads as those tokens)."""
+    require_engine()
+    catalog.fetch("default", log=lambda message: None)  # (make install fetched it)
+    home = make_home(tmp_path_factory.mktemp("server"))
+    env = {"CODELM_THREADS": "1"}  # one summation order for every request
+    started = cli(home, "start", "--model", "default", "--device", "cpu", env=env)
+    assert started.returncode == 0, started.stderr
+    yield read_live(home)
+    cli(home, "stop", timeout=60)
+
+
+@pytest.fixture(scope="module")
+def front(server, tmp_path_factory) -> Live:
+    """The daemon the editor talks to, with the server as its model."""
+    home = make_home(tmp_path_factory.mktemp("front"))
+    env = {"CODELM_SERVER_API_KEY": server.token}
+    started = cli(home, "start", "--model", server.url + "/v1", env=env, timeout=60)
+    assert started.returncode == 0, started.stderr
+    yield read_live(home)
+    cli(home, "stop", timeout=60)
+
+
+ASK = {
+    "uri": "file:///remote/add.py",
+    "text": "def add(a, b):\n    return \n\n\nprint(add(1, 2))\n",
+    "line": 1,
+    "character": 11,
+    "max_tokens": 8,
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_the_servers_model_answers_as_it_does_for_its_own_clients(server, front):
+    status, via_front = front.call("POST", "/v1/complete", ASK)
+    assert status == 200, via_front
+    status, direct = server.call("POST", "/v1/complete", ASK | {"uri": "file:///direct/add.py"})
+    assert status == 200, direct
+    assert via_front["items"][0]["text"] == direct["items"][0]["text"]
+    assert via_front["items"][0]["text"].strip()
+    assert via_front["timings"]["generated_tokens"] > 0
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_the_front_says_it_asks_a_server_and_uses_no_torch(server, front):
+    status, body = front.call("GET", "/v1/status")
+    assert status == 200
+    assert body["device"] == "server" and body["model"] == server.url + "/v1"
+    assert body["engine"]["server_model"] == "qwen2.5-coder-0.5b"
+    assert body["engine"]["fim"] == "qwen"
+    assert server.token not in json.dumps(body)
+    # No model here: the front holds a small fraction of what the server does.
+    _, held = server.call("GET", "/v1/status")
+    assert body["resident_MB"] < held["resident_MB"] / 2
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_suggestion_from_the_server_keeps_to_one_line_where_asked(front):
+    ask = ASK | {"uri": "file:///remote/one.py", "max_tokens": 48, "single_line": True}
+    ask["text"] = "import os\n\n\ndef list_python_files(folder):\n    "
+    ask["line"], ask["character"] = 4, 4
+    status, body = front.call("POST", "/v1/complete", ask)
+    assert status == 200, body
+    text = body["items"][0]["text"]
+    assert "\n" not in text.strip("\n") and body["stop_reason"] in ("single_line", "eos")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_closed_request_stops_the_servers_work_too(server, front):
+    before = server.call("GET", "/v1/status")[1]["requests"]["cancelled"]
+    long = ASK | {
+        "uri": "file:///remote/long.py",
+        "text": "numbers = [\n    1,\n    2,\n    3,\n",
+        "line": 4,
+        "character": 0,
+        "max_tokens": 1024,
+        "stream": True,
+    }
+    conn = front.connection()
+    conn.request(
+        "POST",
+        "/v1/complete",
+        body=json.dumps(long),
+        headers={"Authorization": f"Bearer {front.token}", "Content-Type": "application/json"},
+    )
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.fp.readline()  # the first event: the server is generating
+    conn.close()
+    deadline = time.monotonic() + 30
+    while server.call("GET", "/v1/status")[1]["requests"]["cancelled"] == before:
+        assert time.monotonic() < deadline, "the server went on generating"
+        time.sleep(0.05)
+    status, _ = front.call("POST", "/v1/complete", ASK)
+    assert status == 200
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_wrong_api_key_is_said_when_the_daemon_starts(server, tmp_path):
+    home = make_home(tmp_path / "wrong-key")
+    env = {"CODELM_SERVER_API_KEY": "not-the-token"}
+    started = cli(home, "start", "--model", server.url, env=env, timeout=60)
+    assert started.returncode == 1
+    assert re.search(
+        f"answered GET {server.url}/v1/models with 401.*check `server_api_key`", started.stderr
+    ), started.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_server_that_stops_answering_gets_a_502_naming_it(server, tmp_path):
+    # A stand-in server that lists a model, then drops every completion's connection.
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"data": [{"id": "starcoder2-3b"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+        def log_message(self, *args):
+            pass
+
+    stand_in = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=stand_in.serve_forever, daemon=True).start()
+    home = make_home(tmp_path / "dropped")
+    url = f"http://127.0.0.1:{stand_in.server_address[1]}"
+    try:
+        started = cli(home, "start", "--model", url, timeout=60)
+        assert started.returncode == 0, started.stderr
+        live = read_live(home)
+        status, body = live.call("POST", "/v1/complete", ASK)
+        assert status == 502 and body["error"]["code"] == "server_error"
+        assert url in body["error"]["message"]
+        assert live.call("GET", "/health", auth=False)[1]["state"] == "ready"
+    finally:
+        cli(home, "stop", timeout=60)
+        stand_in.shutdown()
