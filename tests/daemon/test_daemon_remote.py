@@ -281,3 +281,15 @@ def test_a_server_that_stops_answering_gets_a_502_naming_it(server, tmp_path):
     finally:
         cli(home, "stop", timeout=60)
         stand_in.shutdown()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_openai_requests_pass_through_to_the_server(server, front):
+    ask = {"prompt": "def add(a, b):\n    ", "suffix": "\n\nprint(add(1, 2))\n", "max_tokens": 8}
+    status, via_front = front.call("POST", "/v1/completions", ask)
+    assert status == 200, via_front
+    status, direct = server.call("POST", "/v1/completions", ask)
+    assert status == 200, direct
+    assert via_front["choices"][0]["text"] == direct["choices"][0]["text"]
+    assert via_front["choices"][0]["text"].strip()
