@@ -266,14 +266,7 @@ async def test_a_shutdown_during_a_request_is_not_a_lost_daemon():
     async def complete(_request):
         await asyncio.sleep(30)
 
-    app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_post("/v1/complete", complete)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    runner, url = await _serve(health, complete)
     sink = Sink()
     link = HttpDaemonLink(LspSettings(daemon_url=url), sink, home=None)
     try:
@@ -310,14 +303,7 @@ async def test_an_inference_server_that_fails_is_said_until_it_answers_again():
         timings = {"prefill_ms": 1.0, "decode_ms": 1.0}
         return web.json_response({"items": [], "timings": timings})
 
-    app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_post("/v1/complete", complete)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    runner, url = await _serve(health, complete)
     sink = Sink()
     link = HttpDaemonLink(LspSettings(daemon_url=url), sink, home=None)
     request = CompleteRequest(uri="file:///a.py", text="x", line=0, character=1)
@@ -331,3 +317,17 @@ async def test_an_inference_server_that_fails_is_said_until_it_answers_again():
     finally:
         await link.close()
         await runner.cleanup()
+
+
+async def _serve(health, complete):
+    """A stand-in daemon on loopback answering /health and /v1/complete: (runner, its url)."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_post("/v1/complete", complete)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
