@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -55,6 +56,11 @@ CONNECT_S = 5.0  # the server must accept the connection within this
 READ_S = 120.0  # and send each next piece of an answer within this (a cold prompt may be long)
 _CANCEL_POLL_S = 0.02  # how often a running request looks at its cancel token
 _ANCHORED_DOCUMENTS = 512  # window anchors kept, most recently used first
+# The end of the text before the cursor that the answer is to start by retyping: the word
+# being typed and the spaces or tabs before it (in the tokens a model was trained on, a
+# word's space and the word are one: " return"). Looked for in the last few characters.
+_HEALED = re.compile(r"[ \t]*\w*\Z")
+_HEAL_TAIL_CHARS = 256
 
 # Name fragments of models whose FIM format `fim = "auto"` picks, checked in this order.
 _FIM_BY_NAME = (
@@ -159,14 +165,14 @@ class RemoteEngine:
         self, request: CompleteRequest, cancel: CancelToken | None = None, on_text=None
     ) -> CompleteResponse:
         cursor = offset_at(request.text, request.line, request.character)
-        body = self._body(request, cursor, remember=True)
+        body, heal = self._body(request, cursor, remember=True)
         rules = StopRules(
             stop_texts=request.stop,
             max_tokens=request.max_tokens,
             single_line=bool(request.single_line),
         )
         at = Position(line=request.line, character=request.character)
-        return self._ask(body, rules, cancel, on_text, at)
+        return self._ask(body, rules, cancel, on_text, at, heal)
 
     def complete_openai(
         self, request: OpenAICompletionRequest, cancel: CancelToken | None = None, on_text=None
@@ -183,11 +189,11 @@ class RemoteEngine:
     def show_prompt(self, request: CompleteRequest) -> PromptResponse:
         """The prompt text sent to the server (its tokens are the server's: none here)."""
         cursor = offset_at(request.text, request.line, request.character)
-        body = self._body(request, cursor, remember=False)
+        body, heal = self._body(request, cursor, remember=False)
         shown = body["prompt"]
         if "suffix" in body:
             shown = f"{shown}<suffix, laid out by the server>{body['suffix']}"
-        return PromptResponse(prompt=shown, token_ids=[], healed="")
+        return PromptResponse(prompt=shown, token_ids=[], healed=heal)
 
     def close_document(self, uri: str) -> bool:
         return self.anchors.pop(uri, None) is not None
@@ -198,9 +204,14 @@ class RemoteEngine:
 
     # -- prompts --
 
-    def _body(self, request: CompleteRequest, cursor: int, *, remember: bool) -> dict[str, Any]:
+    def _body(
+        self, request: CompleteRequest, cursor: int, *, remember: bool
+    ) -> tuple[dict[str, Any], str]:
         """The /v1/completions body's prompt (and suffix) for a completion at `cursor`: the
-        same windows as the local engine's (prompt.build_prompt), as text."""
+        same windows as the local engine's (prompt.build_prompt), as text. And the text taken
+        off the prefix's end (_HEALED) for the answer to start with, as prompt._heal does
+        with tokens: after indentation a model wrote " return" on top of it, and inside a
+        word went on with a word of its own."""
         text = request.text
         suffix_max = suffix_chars(self.config.suffix_chars, request.trigger)
         start = window_start(text, cursor, self.config.prefix_chars, self.anchors.get(request.uri))
@@ -210,18 +221,22 @@ class RemoteEngine:
             while len(self.anchors) > _ANCHORED_DOCUMENTS:
                 self.anchors.popitem(last=False)
         prefix = text[start:cursor]
+        heal = _HEALED.search(prefix[-_HEAL_TAIL_CHARS:]).group()  # type: ignore[union-attr]
+        prefix = prefix[: len(prefix) - len(heal)]
         path = request.path or path_from_uri(request.uri)
         fim = self.fim
         if fim is None:
-            return {"prompt": comment_header(path) + prefix}
+            return {"prompt": comment_header(path) + prefix}, heal
         suffix = suffix_window(text, cursor, suffix_max)
         if fim == SERVER_FIM:
-            return {"prompt": prefix, "suffix": suffix}
+            return {"prompt": prefix, "suffix": suffix}, heal
         assert isinstance(fim, FimFormat)
         if fim.order == "spm":
             header = aixcoder_header(path) if fim.file_header else ""
-            return {"prompt": fim.prefix + fim.suffix + suffix + fim.middle + header + prefix}
-        return {"prompt": fim.prefix + prefix + fim.suffix + suffix + fim.middle}
+            prompt = fim.prefix + fim.suffix + suffix + fim.middle + header + prefix
+        else:
+            prompt = fim.prefix + prefix + fim.suffix + suffix + fim.middle
+        return {"prompt": prompt}, heal
 
     # -- the request --
 
@@ -232,6 +247,7 @@ class RemoteEngine:
         cancel: CancelToken | None,
         on_text: Callable[[str], None] | None,
         at: Position,
+        heal: str = "",
     ) -> CompleteResponse:
         fim_stops = self.fim.stop if isinstance(self.fim, FimFormat) else ()
         body = {
@@ -244,7 +260,7 @@ class RemoteEngine:
         stops = list(dict.fromkeys((*rules.stop_texts, *fim_stops)))
         if stops:
             body["stop"] = stops
-        answer = _Answer(rules, on_text)
+        answer = _Answer(rules, on_text, heal)
         asyncio.run(self._stream(body, answer, cancel))
         item = CompletionItem(text=answer.text, range=Range(start=at, end=at))
         timings = Timings(
@@ -270,11 +286,15 @@ class RemoteEngine:
 
 
 class _Answer:
-    """The streamed text as the stop rules let it through."""
+    """The streamed text as the stop rules let it through, less the healed whitespace."""
 
-    def __init__(self, rules: StopRules, on_text: Callable[[str], None] | None) -> None:
+    def __init__(
+        self, rules: StopRules, on_text: Callable[[str], None] | None, heal: str = ""
+    ) -> None:
         self.rules = rules
         self.on_text = on_text
+        self.heal: str | None = heal or None  # None once the answer's start is settled
+        self.pending = ""  # the answer's start while it may still be the healed whitespace
         self.raw = ""
         self.shown = 0
         self.text = ""
@@ -289,6 +309,15 @@ class _Answer:
         if not self.pieces:
             self.first_ms = (time.perf_counter() - self.started) * 1000
         self.pieces += 1
+        if self.heal is not None:
+            self.pending += piece
+            unhealed = self._unheal()
+            if unhealed is None:  # another word than the user's: nothing to suggest
+                self.finish(StopReason.STOP_TEXT, "")
+                return True
+            if self.heal is not None:
+                return False
+            piece = unhealed
         self.raw += piece
         cut, reason = self.rules.scan(self.raw)
         if cut > self.shown and self.on_text is not None:
@@ -298,6 +327,25 @@ class _Answer:
             self.finish(reason, self.raw[:cut])
             return True
         return False
+
+    def _unheal(self) -> str | None:
+        """The answer without the text taken off the prompt's end, once its start is known
+        ("" while it is not; None where the answer does not go on with the user's word). The
+        model writes the indentation it wants; where that is not the user's (which stays in
+        the document), its own is dropped."""
+        heal, pending = self.heal or "", self.pending
+        word = heal.lstrip(" \t")
+        text = pending.lstrip(" \t")
+        indent = pending[: len(pending) - len(text)]
+        if not word:
+            if not text and heal.startswith(indent) and len(indent) < len(heal):
+                return ""  # all whitespace, and still short of the healed run: wait
+            self.heal = None
+            return pending[len(heal) :] if indent.startswith(heal) else text
+        if len(text) < len(word) and word.startswith(text):
+            return ""  # the word so far: wait
+        self.heal = None
+        return text[len(word) :] if text.startswith(word) else None
 
     def finish(self, reason: StopReason, text: str | None = None) -> None:
         self.reason = reason

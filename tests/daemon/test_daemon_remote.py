@@ -22,7 +22,14 @@ from codelm.daemon import catalog
 from codelm.daemon.config import resolve_config
 from codelm.daemon.engine import EngineConfig
 from codelm.daemon.engine.prompt import FIM_FORMATS
-from codelm.daemon.engine.remote import SERVER_FIM, RemoteEngine, guess_fim, server_base
+from codelm.daemon.engine.remote import (
+    SERVER_FIM,
+    RemoteEngine,
+    _Answer,
+    guess_fim,
+    server_base,
+)
+from codelm.daemon.engine.stops import StopReason, StopRules
 from codelm.daemon.errors import ConfigError, ModelLoadError
 from codelm.daemon.protocol import CompleteRequest
 
@@ -91,18 +98,63 @@ def _request(text: str, cursor: int, **fields) -> CompleteRequest:
 def test_prompts_are_laid_out_as_the_local_engine_lays_them_out():
     text = "def f(x):\n    return \n\nprint(f(2))\n"
     request = _request(text, text.index("\n\nprint"), trigger="invoked")
-    prefix, suffix = "def f(x):\n    return ", "\n\nprint(f(2))\n"
-    assert _engine("starcoder").show_prompt(request).prompt == (
-        f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
-    )
+    # The space before the cursor leaves the prompt: the answer is to start with it.
+    prefix, suffix = "def f(x):\n    return", "\n\nprint(f(2))\n"
+    shown = _engine("starcoder").show_prompt(request)
+    assert shown.prompt == f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
+    assert shown.healed == " "
     assert _engine("qwen").show_prompt(request).prompt == (
         f"<|fim_prefix|><|fim_suffix|>{suffix}<|fim_middle|>{prefix}"
     )
     assert _engine("none").show_prompt(request).prompt == f"# a.py\n{prefix}"
-    assert _engine("server")._body(request, len(prefix), remember=False) == {
-        "prompt": prefix,
-        "suffix": suffix,
-    }
+    body, heal = _engine("server")._body(request, len(prefix) + 1, remember=False)
+    assert body == {"prompt": prefix, "suffix": suffix} and heal == " "
+
+
+@pytest.mark.parametrize(
+    ("heal", "pieces", "text"),
+    [
+        ("        ", ["   ", "     ", "return", " f.read()"], "return f.read()"),
+        ("        ", ["        return x"], "return x"),
+        ("    ", ["          deeper"], "      deeper"),  # more: the model's indentation stays
+        ("    ", ["  ", "shallower"], "shallower"),  # other: the user's indentation stays
+        ("    ", ["\n    next_line()"], "\n    next_line()"),
+        (" ", [" 1"], "1"),  # after "x = "
+        ("", [" 1"], " 1"),
+        ("    ret", ["    re", "turn x"], "urn x"),  # the word being typed, retyped
+        ("    ret", ["        return x"], "urn x"),
+        (" fo", [" f", "oo(1)"], "o(1)"),
+    ],
+)
+def test_the_answer_starts_after_the_whitespace_the_prompt_left_out(heal, pieces, text):
+    shown = []
+    answer = _Answer(StopRules(max_tokens=64), shown.append, heal)
+    for piece in pieces:
+        assert not answer.add(piece)
+    answer.finish(StopReason.EOS)
+    assert answer.text == text and "".join(shown) == text
+
+
+def test_an_answer_that_does_not_go_on_with_the_users_word_is_no_suggestion():
+    shown = []
+    answer = _Answer(StopRules(max_tokens=64), shown.append, "    ret")
+    assert not answer.add("    r")
+    assert answer.add("aise ValueError")  # done: the server's stream is closed
+    assert answer.text == "" and shown == []
+
+
+def test_a_word_at_the_cursor_leaves_the_prompt_with_its_indentation():
+    text = "def f(x):\n    ret\n"
+    shown = _engine("starcoder").show_prompt(_request(text, text.index("\n", 10)))
+    assert shown.prompt.startswith("<fim_prefix>def f(x):\n<fim_suffix>")
+    assert shown.healed == "    ret"
+
+
+def test_a_single_line_answer_stops_after_the_healed_whitespace_too():
+    answer = _Answer(StopRules(max_tokens=64, single_line=True), None, "    ")
+    assert not answer.add("    ")
+    assert answer.add("return x\n    y = 1")
+    assert answer.text == "return x" and answer.reason is StopReason.SINGLE_LINE
 
 
 def test_the_prefix_window_stays_anchored_while_the_user_types():
@@ -110,9 +162,9 @@ def test_the_prefix_window_stays_anchored_while_the_user_types():
     # with each keystroke (prompt.window_start, as for the local engine).
     engine = _engine("starcoder", prefix_chars=3000)
     lines = "".join(f"value_{i} = {i}\n" for i in range(400))
-    first = engine._body(_request(lines + "x", len(lines) + 1), len(lines) + 1, remember=True)
+    first, _ = engine._body(_request(lines + "x", len(lines) + 1), len(lines) + 1, remember=True)
     typed = lines + "x = val"
-    second = engine._body(_request(typed, len(typed)), len(typed), remember=True)
+    second, _ = engine._body(_request(typed, len(typed)), len(typed), remember=True)
     start = first["prompt"][: first["prompt"].index("x")]
     assert second["prompt"].startswith(start) and len(start) < len(lines)
     assert engine.close_document("file:///src/a.py") and engine.anchors == {}
@@ -157,9 +209,9 @@ def front(server, tmp_path_factory) -> Live:
 
 ASK = {
     "uri": "file:///remote/add.py",
-    "text": "def add(a, b):\n    return \n\n\nprint(add(1, 2))\n",
+    "text": "def add(a, b):\n    return a\n\n\nprint(add(1, 2))\n",
     "line": 1,
-    "character": 11,
+    "character": 12,
     "max_tokens": 8,
 }
 
@@ -167,9 +219,12 @@ ASK = {
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_the_servers_model_answers_as_it_does_for_its_own_clients(server, front):
-    status, via_front = front.call("POST", "/v1/complete", ASK)
+    # The front leaves the word at the cursor (" a") out of the prompt and the server retypes
+    # it, one token more of max_tokens than its own client's request: compare whole lines.
+    ask = ASK | {"max_tokens": 16, "single_line": True}
+    status, via_front = front.call("POST", "/v1/complete", ask)
     assert status == 200, via_front
-    status, direct = server.call("POST", "/v1/complete", ASK | {"uri": "file:///direct/add.py"})
+    status, direct = server.call("POST", "/v1/complete", ask | {"uri": "file:///direct/add.py"})
     assert status == 200, direct
     assert via_front["items"][0]["text"] == direct["items"][0]["text"]
     assert via_front["items"][0]["text"].strip()
