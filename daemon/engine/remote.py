@@ -5,7 +5,8 @@ a user whose model is too large for this machine, or who already runs such a ser
 What makes suggestions good and cheap stays on this side: the prompt windows (the prefix
 window anchored per document, so that the server's own prompt cache matches all but the last
 keystrokes), the model's FIM layout, and the stop rules (single line, stop strings). The
-server owns the tokens and the K/V: no token healing, no drafts, no per-file cache here.
+server owns the tokens and the K/V: healing is done on text (the word at the cursor leaves
+the prompt and the answer must retype it), and there are no drafts and no per-file cache.
 No torch either: the daemon stays small (docs/daemon.md, "An inference server as the model").
 """
 
@@ -386,7 +387,12 @@ async def _post_stream(base: str, api_key: str, body: dict[str, Any], answer: _A
 
 
 async def _read_events(response: aiohttp.ClientResponse, answer: _Answer, url: str) -> None:
-    """Server-sent events: `data: {text_completion chunk}` lines, then `data: [DONE]`."""
+    """Server-sent events: `data: {text_completion chunk}` lines, then `data: [DONE]`; or,
+    from a server that does not stream, one text_completion object."""
+    if response.content_type == "application/json":
+        if not _take(await response.text(), answer, url):
+            answer.finish(StopReason.EOS)
+        return
     async for raw in response.content:
         line = raw.decode("utf-8", errors="replace").strip()
         if not line.startswith("data:"):
@@ -394,21 +400,26 @@ async def _read_events(response: aiohttp.ClientResponse, answer: _Answer, url: s
         data = line[len("data:") :].strip()
         if data == "[DONE]":
             break
-        try:
-            chunk = json.loads(data)
-            choice = chunk["choices"][0]
-            piece, finish = choice.get("text") or "", choice.get("finish_reason")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise ServerError(
-                f"the inference server sent an event that is not a completion "
-                f"chunk (POST {url}): {data[:200]!r}"
-            ) from exc
-        if piece and answer.add(piece):
-            return
-        if finish:
-            answer.finish(StopReason.MAX_TOKENS if finish == "length" else StopReason.EOS)
+        if _take(data, answer, url):
             return
     answer.finish(StopReason.EOS)
+
+
+def _take(data: str, answer: _Answer, url: str) -> bool:
+    """Passes one text_completion chunk (JSON text) to `answer`; True when it is complete."""
+    try:
+        choice = json.loads(data)["choices"][0]
+        piece, finish = choice.get("text") or "", choice.get("finish_reason")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ServerError(
+            f"the inference server sent what is not a completion (POST {url}): {data[:200]!r}"
+        ) from exc
+    if piece and answer.add(piece):
+        return True
+    if finish:
+        answer.finish(StopReason.MAX_TOKENS if finish == "length" else StopReason.EOS)
+        return True
+    return False
 
 
 async def _check(response: aiohttp.ClientResponse, url: str) -> None:

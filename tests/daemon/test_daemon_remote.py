@@ -3,6 +3,8 @@ daemon with the test model, through its OpenAI-compatible API) instead of loadin
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import re
 import socket
@@ -300,42 +302,67 @@ def test_a_wrong_api_key_is_said_when_the_daemon_starts(server, tmp_path):
     ), started.stderr
 
 
-@pytest.mark.e2e
-@pytest.mark.slow
-def test_a_server_that_stops_answering_gets_a_502_naming_it(server, tmp_path):
-    # A stand-in server that lists a model, then drops every completion's connection.
-    import http.server
+@contextlib.contextmanager
+def _front_of_a_stand_in(tmp_path, answer_post):
+    """A daemon whose model is a stand-in server: it lists one model, and `answer_post(handler)`
+    answers each POST. Yields (the daemon, the stand-in's url)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            body = json.dumps({"data": [{"id": "starcoder2-3b"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.send(200, {"data": [{"id": "starcoder2-3b"}]})
 
         def do_POST(self):
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            answer_post(self)
+
+        def send(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
         def log_message(self, *args):
             pass
 
     stand_in = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=stand_in.serve_forever, daemon=True).start()
-    home = make_home(tmp_path / "dropped")
+    home = make_home(tmp_path / "front")
     url = f"http://127.0.0.1:{stand_in.server_address[1]}"
     try:
         started = cli(home, "start", "--model", url, timeout=60)
         assert started.returncode == 0, started.stderr
-        live = read_live(home)
+        yield read_live(home), url
+    finally:
+        cli(home, "stop", timeout=60)
+        stand_in.shutdown()
+
+
+def _drop_the_connection(handler):
+    handler.close_connection = True
+    handler.connection.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_server_that_stops_answering_gets_a_502_naming_it(tmp_path):
+    with _front_of_a_stand_in(tmp_path, _drop_the_connection) as (live, url):
         status, body = live.call("POST", "/v1/complete", ASK)
         assert status == 502 and body["error"]["code"] == "server_error"
         assert url in body["error"]["message"]
         assert live.call("GET", "/health", auth=False)[1]["state"] == "ready"
-    finally:
-        cli(home, "stop", timeout=60)
-        stand_in.shutdown()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_server_that_does_not_stream_is_read_whole(tmp_path):
+    # ASK's cursor follows "return a": the answer retypes " a", which the suggestion drops.
+    whole = {"choices": [{"text": " a + b\n", "finish_reason": "stop"}]}
+    with _front_of_a_stand_in(tmp_path, lambda handler: handler.send(200, whole)) as (live, _):
+        status, body = live.call("POST", "/v1/complete", ASK)
+        assert status == 200, body
+        assert body["items"][0]["text"] == " + b\n" and body["stop_reason"] == "eos"
 
 
 @pytest.mark.e2e
