@@ -375,3 +375,24 @@ def test_openai_requests_pass_through_to_the_server(server, front):
     assert status == 200, direct
     assert via_front["choices"][0]["text"] == direct["choices"][0]["text"]
     assert via_front["choices"][0]["text"].strip()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_server_that_lays_out_the_prompt_itself_answers_alike(server, tmp_path):
+    # fim = server: the prefix goes as `prompt` and the rest as `suffix` (as for Ollama).
+    home = make_home(tmp_path / "suffix")
+    env = {"CODELM_SERVER_API_KEY": server.token, "CODELM_FIM": "server"}
+    started = cli(home, "start", "--model", server.url, env=env, timeout=60)
+    assert started.returncode == 0, started.stderr
+    try:
+        live = read_live(home)
+        assert live.call("GET", "/v1/status")[1]["engine"]["fim"].startswith("laid out by")
+        ask = ASK | {"max_tokens": 16, "single_line": True}
+        status, via_front = live.call("POST", "/v1/complete", ask)
+        assert status == 200, via_front
+        status, direct = server.call("POST", "/v1/complete", ask | {"uri": "file:///d/s.py"})
+        assert via_front["items"][0]["text"] == direct["items"][0]["text"]
+        assert via_front["items"][0]["text"].strip()
+    finally:
+        cli(home, "stop", timeout=60)
