@@ -94,6 +94,7 @@ class ServerError(CodelmError):
 
     code = "server_error"
     status = 502
+    upstream_status: int | None = None  # the HTTP status the server answered, if it did
 
 
 class Cancelled(CodelmError):

@@ -57,6 +57,7 @@ CONNECT_S = 5.0  # the server must accept the connection within this
 READ_S = 120.0  # and send each next piece of an answer within this (a cold prompt may be long)
 _CANCEL_POLL_S = 0.02  # how often a running request looks at its cancel token
 _ANCHORED_DOCUMENTS = 512  # window anchors kept, most recently used first
+_NARROWINGS = 4  # halvings of the windows a prompt too long for the server's context gets
 # The end of the text before the cursor that the answer is to start by retyping: the word
 # being typed and the spaces or tabs before it (in the tokens a model was trained on, a
 # word's space and the word are one: " return"). Looked for in the last few characters.
@@ -114,6 +115,7 @@ class RemoteEngine:
         self.model = model
         self.fim = guess_fim(config.fim, model)
         self.anchors: OrderedDict[str, str] = OrderedDict()  # uri -> its window's first text
+        self.window_scale = 1.0  # of prefix_chars and suffix_chars: less for a short context
         if isinstance(self.fim, FimFormat):
             fim_info = self.fim.name
         elif self.fim == SERVER_FIM:
@@ -166,14 +168,26 @@ class RemoteEngine:
         self, request: CompleteRequest, cancel: CancelToken | None = None, on_text=None
     ) -> CompleteResponse:
         cursor = offset_at(request.text, request.line, request.character)
-        body, heal = self._body(request, cursor, remember=True)
         rules = StopRules(
             stop_texts=request.stop,
             max_tokens=request.max_tokens,
             single_line=bool(request.single_line),
         )
         at = Position(line=request.line, character=request.character)
-        return self._ask(body, rules, cancel, on_text, at, heal)
+        for narrowed in range(_NARROWINGS + 1):
+            body, heal = self._body(request, cursor, remember=True)
+            try:
+                return self._ask(body, rules, cancel, on_text, at, heal)
+            except ServerError as exc:
+                if narrowed == _NARROWINGS or not _too_long(exc):
+                    raise
+                # The server's context is shorter than the windows: halve them, for this
+                # request and the next (llama-server splits its -c among its slots). The
+                # anchors held wider windows in place.
+                self.window_scale /= 2
+                self.anchors.clear()
+                logger.info("%s; windows narrowed to %s", exc.message, self._windows_info())
+        raise AssertionError("unreachable")
 
     def complete_openai(
         self, request: OpenAICompletionRequest, cancel: CancelToken | None = None, on_text=None
@@ -200,10 +214,17 @@ class RemoteEngine:
         return self.anchors.pop(uri, None) is not None
 
     def cache_stats(self) -> dict[str, Any]:
-        """The K/V is the server's to keep: here, only the documents' window anchors."""
-        return {"anchored_documents": len(self.anchors)}
+        """The K/V is the server's to keep: here, only the documents' window anchors, and the
+        windows' size (status shows both)."""
+        return {"anchored_documents": len(self.anchors), "windows": self._windows_info()}
 
     # -- prompts --
+
+    def _windows_info(self) -> str:
+        prefix = int(self.config.prefix_chars * self.window_scale)
+        suffix = int(self.config.suffix_chars * self.window_scale)
+        narrowed = "" if self.window_scale == 1 else ", narrowed to fit the server's context"
+        return f"{prefix} characters before the cursor, {suffix} after{narrowed}"
 
     def _body(
         self, request: CompleteRequest, cursor: int, *, remember: bool
@@ -214,8 +235,10 @@ class RemoteEngine:
         with tokens: after indentation a model wrote " return" on top of it, and inside a
         word went on with a word of its own."""
         text = request.text
-        suffix_max = suffix_chars(self.config.suffix_chars, request.trigger)
-        start = window_start(text, cursor, self.config.prefix_chars, self.anchors.get(request.uri))
+        scale = self.window_scale
+        prefix_max = int(self.config.prefix_chars * scale)
+        suffix_max = int(suffix_chars(self.config.suffix_chars, request.trigger) * scale)
+        start = window_start(text, cursor, prefix_max, self.anchors.get(request.uri))
         if remember:
             self.anchors[request.uri] = window_anchor(text, start)
             self.anchors.move_to_end(request.uri)
@@ -433,10 +456,18 @@ async def _check(response: aiohttp.ClientResponse, url: str) -> None:
         detail = None
     detail = detail if isinstance(detail, str) and detail else text.strip() or response.reason
     hint = "; check `server_api_key`" if response.status in (401, 403) else ""
-    raise ServerError(
+    error = ServerError(
         f"the inference server answered {response.method} {url} with {response.status}: "
         f"{detail}{hint}"
     )
+    error.upstream_status = response.status
+    raise error
+
+
+def _too_long(error: ServerError) -> bool:
+    """Whether the server refused the prompt as longer than its context (llama-server: "the
+    request exceeds the available context size"; vLLM: "maximum context length")."""
+    return error.upstream_status == 400 and "context" in error.message.lower()
 
 
 def _failure(url: str, exc: BaseException) -> str:

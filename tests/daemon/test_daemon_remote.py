@@ -312,7 +312,7 @@ def _front_of_a_stand_in(tmp_path, answer_post):
             self.send(200, {"data": [{"id": "starcoder2-3b"}]})
 
         def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
+            self.body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             answer_post(self)
 
         def send(self, status, body):
@@ -396,3 +396,45 @@ def test_a_server_that_lays_out_the_prompt_itself_answers_alike(server, tmp_path
         assert via_front["items"][0]["text"].strip()
     finally:
         cli(home, "stop", timeout=60)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_prompt_longer_than_the_servers_context_is_narrowed_to_fit(tmp_path):
+    prompts = []
+
+    def short_context(handler):
+        prompts.append(handler.body["prompt"])
+        if len(handler.body["prompt"]) > 3000:
+            message = "request (2500 tokens) exceeds the available context size (1024 tokens)"
+            handler.send(400, {"error": {"code": 400, "message": message}})
+        else:
+            answer = {"text": "last = 1\n", "finish_reason": "stop"}  # retypes "last"
+            handler.send(200, {"choices": [answer]})
+
+    text = "".join(f"value_{i} = {i}\n" for i in range(1000)) + "last"
+    ask = {"uri": "file:///big.py", "text": text, "line": 1000, "character": 4}
+    with _front_of_a_stand_in(tmp_path, short_context) as (live, _):
+        status, body = live.call("POST", "/v1/complete", ask)
+        assert status == 200, body
+        assert body["items"][0]["text"] == " = 1\n"
+        assert [len(p) > 3000 for p in prompts] == [True, True, False]  # 8000, 4000, 2000
+        windows = live.call("GET", "/v1/status")[1]["cache"]["windows"]
+        assert windows.startswith("2000 characters before") and "narrowed" in windows
+        live.call("POST", "/v1/complete", ask)
+        assert len(prompts) == 4 and len(prompts[-1]) <= 3000  # the next fits at once
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_other_refusals_are_not_asked_again(tmp_path):
+    posts = []
+
+    def refuse(handler):
+        posts.append(1)
+        handler.send(400, {"error": {"message": "temperature must be positive"}})
+
+    with _front_of_a_stand_in(tmp_path, refuse) as (live, url):
+        status, body = live.call("POST", "/v1/complete", ASK)
+        assert status == 502 and "temperature must be positive" in body["error"]["message"]
+        assert len(posts) == 1
