@@ -394,10 +394,11 @@ def _print_status(status: dict[str, Any], paths: RuntimePaths) -> None:
         f"{requests.get('cancelled', 0)} cancelled, {requests.get('superseded', 0)} superseded, "
         f"{requests.get('errors', 0)} errors"
     )
-    print(
-        f"  latency:  p50 {latency.get('p50')} ms, p90 {latency.get('p90')} ms, "
-        f"p99 {latency.get('p99')} ms"
-    )
+    if latency.get("p50") is not None:  # none before the first completion
+        print(
+            f"  latency:  p50 {latency['p50']} ms, p90 {latency.get('p90')} ms, "
+            f"p99 {latency.get('p99')} ms"
+        )
     if cache:
         print("  cache:    " + ", ".join(f"{k} {v}" for k, v in sorted(cache.items())))
     print(f"  token:    {status.get('token_file')}")

@@ -215,6 +215,11 @@ def _server_url(url: str, where: str) -> str:
         parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
     except ValueError as exc:
         raise ConfigError(f"{where}: {url!r} is not a valid URL ({exc})") from None
+    if parts.username or parts.password:
+        raise ConfigError(
+            f"{where}: put the server's key in `server_api_key`, not in the URL (the URL is "
+            "shown by /health and status, and logged)"
+        )
     if not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(
             f"{where}: an inference server is named by its URL, such as http://127.0.0.1:8080, "

@@ -110,7 +110,8 @@ class Scheduler:
     ) -> None:
         self.config = config
         self._loader = loader
-        self._idle_unload_s = idle_unload_s
+        # An inference server as the model holds nothing here to give back: never unloaded.
+        self._idle_unload_s = 0.0 if is_server_url(config.model) else idle_unload_s
         self._max_pending = max_pending
         self._cond = threading.Condition()
         self._pending: OrderedDict[str, _Job] = OrderedDict()
@@ -215,7 +216,13 @@ class Scheduler:
         if self._stopping or state is EngineState.STOPPED:
             raise DaemonUnavailable("the daemon is shutting down")
         if state is EngineState.ERROR:
-            raise ModelLoadError(self._message)
+            message = self._message
+            if is_server_url(self.config.model):
+                # The inference server may be back: the next request finds out.
+                with self._cond:
+                    self._request_load_locked()
+                    self._cond.notify_all()
+            raise ModelLoadError(message)
         if state is EngineState.UNLOADED:
             with self._cond:
                 self._request_load_locked()

@@ -57,7 +57,7 @@ class EngineConfig:
 
 def is_server_url(model: str) -> bool:
     """Whether `model` names an inference server (http:// or https://) rather than a file."""
-    return model.startswith(("http://", "https://"))
+    return model[:8].lower().startswith(("http://", "https://"))
 
 
 def load_engine(config: EngineConfig, progress=None):  # -> Engine

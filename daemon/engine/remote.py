@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -54,15 +55,25 @@ from .stops import StopReason, StopRules
 logger = logging.getLogger(__name__)
 
 CONNECT_S = 5.0  # the server must accept the connection within this
-READ_S = 120.0  # and send each next piece of an answer within this (a cold prompt may be long)
+READ_S = 60.0  # and send each next piece of an answer within this (a cold prompt may be long)
+LIST_S = 10.0  # the whole answer to GET /v1/models, at load
+_SERVER_STOPS = 4  # stop strings sent at most (TGI's default --max-stop-sequences)
 _CANCEL_POLL_S = 0.02  # how often a running request looks at its cancel token
 _ANCHORED_DOCUMENTS = 512  # window anchors kept, most recently used first
 _NARROWINGS = 4  # halvings of the windows a prompt too long for the server's context gets
 # The end of the text before the cursor that the answer is to start by retyping: the word
 # being typed and the spaces or tabs before it (in the tokens a model was trained on, a
 # word's space and the word are one: " return"). Looked for in the last few characters.
-_HEALED = re.compile(r"[ \t]*\w*\Z")
+# A longer word, or one in another script (\w would take a whole CJK sentence), stays.
+_HEALED = re.compile(r"[ \t]*(?<![A-Za-z0-9_])[A-Za-z0-9_]{0,24}\Z")
 _HEAL_TAIL_CHARS = 256
+# Special-token text in a document, which servers would read as those tokens (an
+# `<|endoftext|>` in a string ended every suggestion): a zero-width space after its `<` keeps
+# it text. `<|...|>` (Qwen, GPT), `<｜...｜>` (DeepSeek), StarCoder's and llama's.
+_SPECIAL_TEXT = re.compile(
+    r"<(?=[|｜])|<(?=(?:fim_\w+|file_sep|filename|repo_name|reponame|gh_stars|issue_\w+"
+    r"|jupyter_\w+|empty_output|commit_\w+|/?s|unk|PRE|SUF|MID|EOT)>)"
+)
 
 # Name fragments of models whose FIM format `fim = "auto"` picks, checked in this order.
 _FIM_BY_NAME = (
@@ -114,8 +125,9 @@ class RemoteEngine:
         self.base = base
         self.model = model
         self.fim = guess_fim(config.fim, model)
-        self.anchors: OrderedDict[str, str] = OrderedDict()  # uri -> its window's first text
-        self.window_scale = 1.0  # of prefix_chars and suffix_chars: less for a short context
+        # uri -> (the text its prefix window starts with, the share of prefix_chars and
+        # suffix_chars its windows hold: less where its prompt was too long for the server)
+        self.documents: OrderedDict[str, tuple[str, float]] = OrderedDict()
         if isinstance(self.fim, FimFormat):
             fim_info = self.fim.name
         elif self.fim == SERVER_FIM:
@@ -142,7 +154,9 @@ class RemoteEngine:
         try:
             listed = asyncio.run(_get_json(base + "/v1/models", config.server_api_key))
         except ServerError as exc:
-            raise ModelLoadError(exc.message) from exc
+            if not (exc.upstream_status == 404 and config.server_model):
+                raise ModelLoadError(exc.message) from exc
+            listed = {}  # a server without the list: the named model is taken on trust
         names = [m.get("id") for m in listed.get("data", []) if isinstance(m, dict)]
         names = [n for n in names if isinstance(n, str) and n]
         model = config.server_model
@@ -181,23 +195,27 @@ class RemoteEngine:
             except ServerError as exc:
                 if narrowed == _NARROWINGS or not _too_long(exc):
                     raise
-                # The server's context is shorter than the windows: halve them, for this
-                # request and the next (llama-server splits its -c among its slots). The
-                # anchors held wider windows in place.
-                self.window_scale /= 2
-                self.anchors.clear()
-                logger.info("%s; windows narrowed to %s", exc.message, self._windows_info())
+                # The server's context is shorter than this document's windows (llama-server
+                # splits its -c among its slots; dense text takes more tokens a character):
+                # halve them, for its later requests too, from a new start.
+                scale = self.documents[request.uri][1] / 2
+                self.documents[request.uri] = ("", scale)
+                logger.info(
+                    "%s; %s's windows narrowed to %.0f%%", exc.message, request.uri, 100 * scale
+                )
         raise AssertionError("unreachable")
 
     def complete_openai(
         self, request: OpenAICompletionRequest, cancel: CancelToken | None = None, on_text=None
     ) -> CompleteResponse:
-        """Passed on as it came (prompt, suffix, stop), for the server's model."""
+        """A prompt without suffix is passed on as it came (a client's own template); with a
+        suffix, its text is literal and laid out in the model's FIM format, as the local
+        engine does (servers such as llama-server drop `suffix`)."""
         if not request.prompt and not request.suffix:
             raise BadRequest("prompt", "must not be empty")
         body: dict[str, Any] = {"prompt": request.prompt}
         if request.suffix is not None:
-            body["suffix"] = request.suffix
+            body = self._layout(_literal(request.prompt), _literal(request.suffix), "")
         rules = StopRules(stop_texts=request.stop, max_tokens=request.max_tokens)
         return self._ask(body, rules, cancel, on_text, Position(line=0, character=0))
 
@@ -211,20 +229,14 @@ class RemoteEngine:
         return PromptResponse(prompt=shown, token_ids=[], healed=heal)
 
     def close_document(self, uri: str) -> bool:
-        return self.anchors.pop(uri, None) is not None
+        return self.documents.pop(uri, None) is not None
 
     def cache_stats(self) -> dict[str, Any]:
-        """The K/V is the server's to keep: here, only the documents' window anchors, and the
-        windows' size (status shows both)."""
-        return {"anchored_documents": len(self.anchors), "windows": self._windows_info()}
+        """The K/V is the server's to keep: here, only the documents' windows."""
+        narrowed = sum(scale < 1 for _, scale in self.documents.values())
+        return {"documents": len(self.documents), "narrowed_to_fit": narrowed}
 
     # -- prompts --
-
-    def _windows_info(self) -> str:
-        prefix = int(self.config.prefix_chars * self.window_scale)
-        suffix = int(self.config.suffix_chars * self.window_scale)
-        narrowed = "" if self.window_scale == 1 else ", narrowed to fit the server's context"
-        return f"{prefix} characters before the cursor, {suffix} after{narrowed}"
 
     def _body(
         self, request: CompleteRequest, cursor: int, *, remember: bool
@@ -235,32 +247,34 @@ class RemoteEngine:
         with tokens: after indentation a model wrote " return" on top of it, and inside a
         word went on with a word of its own."""
         text = request.text
-        scale = self.window_scale
+        anchor, scale = self.documents.get(request.uri, ("", 1.0))
         prefix_max = int(self.config.prefix_chars * scale)
         suffix_max = int(suffix_chars(self.config.suffix_chars, request.trigger) * scale)
-        start = window_start(text, cursor, prefix_max, self.anchors.get(request.uri))
+        start = window_start(text, cursor, prefix_max, anchor or None)
         if remember:
-            self.anchors[request.uri] = window_anchor(text, start)
-            self.anchors.move_to_end(request.uri)
-            while len(self.anchors) > _ANCHORED_DOCUMENTS:
-                self.anchors.popitem(last=False)
+            self.documents[request.uri] = (window_anchor(text, start), scale)
+            self.documents.move_to_end(request.uri)
+            while len(self.documents) > _ANCHORED_DOCUMENTS:
+                self.documents.popitem(last=False)
         prefix = text[start:cursor]
-        heal = _HEALED.search(prefix[-_HEAL_TAIL_CHARS:]).group()  # type: ignore[union-attr]
+        found = _HEALED.search(prefix[-_HEAL_TAIL_CHARS:])
+        heal = found.group() if found else ""
         prefix = prefix[: len(prefix) - len(heal)]
         path = request.path or path_from_uri(request.uri)
-        fim = self.fim
-        if fim is None:
-            return {"prompt": comment_header(path) + prefix}, heal
+        if self.fim is None:
+            return {"prompt": comment_header(path) + _literal(prefix)}, heal
         suffix = suffix_window(text, cursor, suffix_max)
-        if fim == SERVER_FIM:
-            return {"prompt": prefix, "suffix": suffix}, heal
-        assert isinstance(fim, FimFormat)
+        return self._layout(_literal(prefix), _literal(suffix), path), heal
+
+    def _layout(self, prefix: str, suffix: str, path: str | None) -> dict[str, Any]:
+        """The prompt (and suffix) fields for filling between `prefix` and `suffix`."""
+        fim = self.fim
+        if not isinstance(fim, FimFormat):
+            return {"prompt": prefix, "suffix": suffix}  # SERVER_FIM: the server lays it out
         if fim.order == "spm":
             header = aixcoder_header(path) if fim.file_header else ""
-            prompt = fim.prefix + fim.suffix + suffix + fim.middle + header + prefix
-        else:
-            prompt = fim.prefix + prefix + fim.suffix + suffix + fim.middle
-        return {"prompt": prompt}, heal
+            return {"prompt": fim.prefix + fim.suffix + suffix + fim.middle + header + prefix}
+        return {"prompt": fim.prefix + prefix + fim.suffix + suffix + fim.middle}
 
     # -- the request --
 
@@ -273,17 +287,20 @@ class RemoteEngine:
         at: Position,
         heal: str = "",
     ) -> CompleteResponse:
+        # The server stops at the FIM format's end tokens; the request's stop strings apply
+        # here, after the healed text (the server would stop inside the word it retypes).
+        # Its max_tokens count the retyped text too: about a token per 3 characters.
         fim_stops = self.fim.stop if isinstance(self.fim, FimFormat) else ()
         body = {
             **body,
             "model": self.model,
-            "max_tokens": rules.max_tokens,
+            "max_tokens": rules.max_tokens + -(-len(heal.strip()) // 3) + (heal != heal.lstrip()),
             "temperature": 0,
             "stream": True,
         }
-        stops = list(dict.fromkeys((*rules.stop_texts, *fim_stops)))
-        if stops:
-            body["stop"] = stops
+        if fim_stops:
+            body["stop"] = list(fim_stops[:_SERVER_STOPS])
+        rules = dataclasses.replace(rules, stop_texts=(*rules.stop_texts, *fim_stops))
         answer = _Answer(rules, on_text, heal)
         asyncio.run(self._stream(body, answer, cancel))
         item = CompletionItem(text=answer.text, range=Range(start=at, end=at))
@@ -323,6 +340,7 @@ class _Answer:
         self.shown = 0
         self.text = ""
         self.pieces = 0
+        self.kept = 0  # pieces after the healed text: what max_tokens counts
         self.reason = StopReason.MAX_TOKENS
         self.started = time.perf_counter()
         self.first_ms = 0.0
@@ -343,7 +361,10 @@ class _Answer:
                 return False
             piece = unhealed
         self.raw += piece
+        self.kept += 1
         cut, reason = self.rules.scan(self.raw)
+        if reason is None and self.kept >= self.rules.max_tokens:
+            cut, reason = len(self.raw), StopReason.MAX_TOKENS
         if cut > self.shown and self.on_text is not None:
             self.on_text(self.raw[self.shown : cut])
         self.shown = max(self.shown, cut)
@@ -388,7 +409,7 @@ def _session(api_key: str) -> aiohttp.ClientSession:
 async def _get_json(url: str, api_key: str) -> dict[str, Any]:
     async with _session(api_key) as session:
         try:
-            async with session.get(url) as response:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=LIST_S)) as response:
                 await _check(response, url)
                 body = await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
@@ -416,8 +437,15 @@ async def _read_events(response: aiohttp.ClientResponse, answer: _Answer, url: s
         if not _take(await response.text(), answer, url):
             answer.finish(StopReason.EOS)
         return
+    if response.content_type != "text/event-stream":
+        raise ServerError(
+            f"the inference server answered POST {url} with {response.content_type}, not a "
+            "completion: is `model` the URL of an OpenAI-compatible server?"
+        )
     async for raw in response.content:
         line = raw.decode("utf-8", errors="replace").strip()
+        if line.startswith("error:"):  # llama-server's way of failing mid-stream
+            raise ServerError(f"the inference server failed (POST {url}): {line[6:].strip()}")
         if not line.startswith("data:"):
             continue
         data = line[len("data:") :].strip()
@@ -431,8 +459,13 @@ async def _read_events(response: aiohttp.ClientResponse, answer: _Answer, url: s
 def _take(data: str, answer: _Answer, url: str) -> bool:
     """Passes one text_completion chunk (JSON text) to `answer`; True when it is complete."""
     try:
-        choice = json.loads(data)["choices"][0]
-        piece, finish = choice.get("text") or "", choice.get("finish_reason")
+        chunk = json.loads(data)
+        if isinstance(chunk, dict) and "error" in chunk:
+            raise ServerError(f"the inference server failed (POST {url}): {chunk['error']}")
+        choices = chunk["choices"]
+        if not choices:
+            return False  # a chunk of other news (Azure's content filters)
+        piece, finish = choices[0].get("text") or "", choices[0].get("finish_reason")
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise ServerError(
             f"the inference server sent what is not a completion (POST {url}): {data[:200]!r}"
@@ -454,7 +487,9 @@ async def _check(response: aiohttp.ClientResponse, url: str) -> None:
         detail = error.get("message") if isinstance(error, dict) else error
     except (ValueError, AttributeError):
         detail = None
-    detail = detail if isinstance(detail, str) and detail else text.strip() or response.reason
+    if not isinstance(detail, str) or not detail:
+        html = response.content_type == "text/html" or text.lstrip().startswith("<")
+        detail = (response.reason if html else text.strip()) or response.reason
     hint = "; check `server_api_key`" if response.status in (401, 403) else ""
     error = ServerError(
         f"the inference server answered {response.method} {url} with {response.status}: "
@@ -464,10 +499,19 @@ async def _check(response: aiohttp.ClientResponse, url: str) -> None:
     raise error
 
 
+_TOO_LONG = re.compile(r"context|too long|exceed|must be <=", re.IGNORECASE)
+
+
 def _too_long(error: ServerError) -> bool:
     """Whether the server refused the prompt as longer than its context (llama-server: "the
-    request exceeds the available context size"; vLLM: "maximum context length")."""
-    return error.upstream_status == 400 and "context" in error.message.lower()
+    request exceeds the available context size"; vLLM: "maximum context length"; TGI, 422:
+    "`inputs` tokens + `max_new_tokens` must be <= 2048")."""
+    return error.upstream_status in (400, 413, 422) and bool(_TOO_LONG.search(error.message))
+
+
+def _literal(text: str) -> str:
+    """Document text as text: special-token text broken by a zero-width space."""
+    return _SPECIAL_TEXT.sub("<\u200b", text)
 
 
 def _failure(url: str, exc: BaseException) -> str:

@@ -75,6 +75,9 @@ def test_a_server_url_is_kept_and_a_bad_one_refused_with_the_form_expected():
     for bad in ("http://:8080", "http://host:port", "http://host:1/?model=x"):
         with pytest.raises(ConfigError, match="URL"):
             resolve_config({"model": bad}, environ={})
+    assert resolve_config({"model": "HTTP://h:1"}, environ={}).engine.model == "HTTP://h:1"
+    with pytest.raises(ConfigError, match="server_api_key"):  # /health would show it
+        resolve_config({"model": "http://user:secret@127.0.0.1:8080"}, environ={})
 
 
 def test_status_never_shows_the_servers_api_key():
@@ -145,11 +148,46 @@ def test_an_answer_that_does_not_go_on_with_the_users_word_is_no_suggestion():
     assert answer.text == "" and shown == []
 
 
+def test_special_token_text_in_a_document_stays_text():
+    # llama-server reads `<|endoftext|>` in a prompt as the token: a string holding it ended
+    # every suggestion in the file.
+    text = 's = "<|endoftext|>"\nt = "<fim_middle>"\nx = len('
+    shown = _engine("qwen").show_prompt(_request(text, len(text))).prompt
+    assert shown.count("<|") == 3 and "<\u200b|endoftext|>" in shown  # the format's own 3
+    assert "<\u200bfim_middle>" in shown and "x = len(" in shown
+
+
+@pytest.mark.parametrize(
+    ("before", "healed"),
+    [
+        ("    ret", "    ret"),
+        ("foo(bar", "bar"),
+        ("x = ", " "),
+        ("x = " + "a" * 40, ""),  # a long run (base64, a hash): left as it is
+        ("# 这个函数计算两个整数的和", ""),  # \w would take the whole sentence
+    ],
+)
+def test_what_the_answer_must_retype(before, healed):
+    assert _engine("starcoder").show_prompt(_request(before, len(before))).healed == healed
+
+
 def test_a_word_at_the_cursor_leaves_the_prompt_with_its_indentation():
     text = "def f(x):\n    ret\n"
     shown = _engine("starcoder").show_prompt(_request(text, text.index("\n", 10)))
     assert shown.prompt.startswith("<fim_prefix>def f(x):\n<fim_suffix>")
     assert shown.healed == "    ret"
+
+
+def test_stop_strings_and_max_tokens_count_after_the_healed_word():
+    # With the server applying `stop: ["fi"]`, "return fi" stopped inside the retyped "fib".
+    answer = _Answer(StopRules(max_tokens=64, stop_texts=("fi",)), None, " fi")
+    assert not answer.add(" fib(n - 1) + ")
+    assert answer.add("fib(n - 2)")
+    assert answer.text == "b(n - 1) + " and answer.reason is StopReason.STOP_TEXT
+    answer = _Answer(StopRules(max_tokens=2), None, "        ")
+    for piece in ("        ", "return", " x"):
+        done = answer.add(piece)
+    assert done and answer.text == "return x" and answer.reason is StopReason.MAX_TOKENS
 
 
 def test_a_single_line_answer_stops_after_the_healed_whitespace_too():
@@ -169,7 +207,7 @@ def test_the_prefix_window_stays_anchored_while_the_user_types():
     second, _ = engine._body(_request(typed, len(typed)), len(typed), remember=True)
     start = first["prompt"][: first["prompt"].index("x")]
     assert second["prompt"].startswith(start) and len(start) < len(lines)
-    assert engine.close_document("file:///src/a.py") and engine.anchors == {}
+    assert engine.close_document("file:///src/a.py") and not engine.documents
 
 
 def test_a_server_that_is_not_there_fails_the_load_with_what_to_do():
@@ -367,6 +405,22 @@ def test_a_server_that_does_not_stream_is_read_whole(tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.slow
+def test_a_page_that_is_not_a_completion_is_a_502(tmp_path):
+    def page(handler):
+        data = b"<html><body>Hello</body></html>"
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    with _front_of_a_stand_in(tmp_path, page) as (live, _):
+        status, body = live.call("POST", "/v1/complete", ASK)
+        assert status == 502 and "text/html, not a completion" in body["error"]["message"]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_openai_requests_pass_through_to_the_server(server, front):
     ask = {"prompt": "def add(a, b):\n    ", "suffix": "\n\nprint(add(1, 2))\n", "max_tokens": 8}
     status, via_front = front.call("POST", "/v1/completions", ask)
@@ -419,10 +473,12 @@ def test_a_prompt_longer_than_the_servers_context_is_narrowed_to_fit(tmp_path):
         assert status == 200, body
         assert body["items"][0]["text"] == " = 1\n"
         assert [len(p) > 3000 for p in prompts] == [True, True, False]  # 8000, 4000, 2000
-        windows = live.call("GET", "/v1/status")[1]["cache"]["windows"]
-        assert windows.startswith("2000 characters before") and "narrowed" in windows
+        assert live.call("GET", "/v1/status")[1]["cache"]["narrowed_to_fit"] == 1
         live.call("POST", "/v1/complete", ask)
         assert len(prompts) == 4 and len(prompts[-1]) <= 3000  # the next fits at once
+        # Another document starts from the whole windows: only the dense one is narrowed.
+        live.call("POST", "/v1/complete", ask | {"uri": "file:///other.py"})
+        assert len(prompts) == 7 and len(prompts[4]) > 3000
 
 
 @pytest.mark.e2e

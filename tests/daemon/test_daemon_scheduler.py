@@ -318,3 +318,30 @@ async def test_wake_loads_an_unloaded_model_and_retries_a_failed_one_whose_file_
         assert scheduler.wake()["state"] == "ready"
     finally:
         await scheduler.stop()
+
+
+async def test_an_inference_server_that_was_down_is_asked_again_by_the_next_request():
+    # A server down at a load: the request after it has come back works, without restarting
+    # the daemon (only a client's /v1/load had tried again).
+    fake = make_loader()
+    up = threading.Event()
+
+    def loader(config, progress=None):
+        if not up.is_set():
+            raise ModelLoadError("the inference server at http://127.0.0.1:9 could not be reached")
+        return fake(config, progress)
+
+    config = EngineConfig(model="http://127.0.0.1:9")
+    scheduler = Scheduler(config, loader=loader, idle_unload_s=0.05)
+    scheduler.start()
+    try:
+        await _wait_until(lambda: scheduler.state is EngineState.ERROR)
+        up.set()
+        with pytest.raises(ModelLoadError, match="could not be reached"):
+            await scheduler.complete(_request())
+        await _wait_until(lambda: scheduler.state is EngineState.READY)
+        await asyncio.sleep(0.2)  # idle unload frees nothing of a server: it is off
+        assert scheduler.state is EngineState.READY
+        assert (await scheduler.complete(_request(max_tokens=2))).timings.generated_tokens == 2
+    finally:
+        await scheduler.stop()
