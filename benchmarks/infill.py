@@ -170,14 +170,21 @@ def run(
     cache_reuse: int = 0,
     trigger: str = "invoked",
     suffix_chars: int = 1000,
+    server_url: str | None = None,
 ) -> tuple[dict, list, list[str]]:
     """codelm's row and per-line records, and for each task the prompt llama-server gets
-    (peers.prompt_for_peer of the prompt the engine ran)."""
+    (peers.prompt_for_peer of the prompt the engine ran). `server_url`: codelm asks that
+    inference server (the model's GGUF in llama-server) instead of loading the model; no
+    prompts for the peer then (the server has the tokens)."""
     from codelm.daemon.engine import EngineConfig, load_engine
+    from codelm.daemon.engine.prompt import suffix_chars as suffix_window_chars
 
     t0 = time.perf_counter()
     config = EngineConfig(
-        model=model, quant=quant, cache_reuse_min_tokens=cache_reuse, suffix_chars=suffix_chars
+        model=server_url or model,
+        quant=quant,
+        cache_reuse_min_tokens=cache_reuse,
+        suffix_chars=suffix_chars,
     )
     engine = load_engine(config)
     load_s = time.perf_counter() - t0
@@ -188,9 +195,9 @@ def run(
             earlier = _before(task, before)
             if earlier is not None:
                 engine.complete(_request(earlier, trigger))
-            peer_prompts.append(
-                peers.prompt_for_peer(engine.tokenizer, engine.prompt(_request(task, trigger)))[0]
-            )
+            if server_url is None:
+                prompt = engine.prompt(_request(task, trigger))
+                peer_prompts.append(peers.prompt_for_peer(engine.tokenizer, prompt)[0])
             t1 = time.perf_counter()
             response = engine.complete(_request(task, trigger))
             ms = (time.perf_counter() - t1) * 1000
@@ -202,13 +209,13 @@ def run(
             )
             _progress(log, f"{model} {quant} heal={heal}", records, len(tasks))
     row = {
-        "model": model,
+        "model": f"{model} via llama-server" if server_url else model,
         "quant": engine.info["quant"],
         "fim": engine.info["fim"],
         "heal": "on" if heal else "off",
         "before": f"{before}, reuse {cache_reuse}",
         "trigger": trigger,
-        "suffix_chars": engine.suffix_chars(trigger),
+        "suffix_chars": suffix_window_chars(suffix_chars, trigger),
     }
     return row | _scores(records) | {"load_s": load_s}, records, peer_prompts
 
@@ -233,6 +240,21 @@ def run_peer(model: str, tasks: list[Task], prompts: list[str], like: dict, log=
     settings = ("model", "fim", "heal", "before", "trigger", "suffix_chars")
     row = {k: like[k] for k in settings} | {"quant": "llama-server (GGUF as is)"}
     return row | _scores(records), records
+
+
+def via_server(model: str, tasks: list[Task], trigger: str, suffix_chars: int):
+    """codelm's row with the model's GGUF served by llama-server and codelm asking it
+    (docs/daemon.md, "An inference server as the model"): its prompt layout and text healing
+    against the local engine's token healing."""
+    from codelm.daemon.catalog import resolve_model_path
+
+    with peers.LlamaServer(resolve_model_path(model)) as server:
+        url = f"http://{peers.HOST}:{server.port}"
+        row, records, _ = run(
+            model, "auto", True, tasks, _stderr, trigger=trigger, suffix_chars=suffix_chars,
+            server_url=url,
+        )  # fmt: skip
+    return row, records
 
 
 def _scored(task: Task, text: str, ms: float) -> dict:
@@ -299,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-peers", action="store_true", help="no llama-server row (one per GGUF model)"
     )
+    parser.add_argument(
+        "--via-server",
+        action="store_true",
+        help="also a row of codelm asking llama-server for the same GGUF (model = its URL)",
+    )
     parser.add_argument("--json", default=None, help="where to write the results JSON")
     args = parser.parse_args(argv)
     tasks = make_tasks(load_problems()[: args.limit])
@@ -320,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
                 key = f"{model}/{quant}/heal-{heal}/{row['before']}/suffix-{row['suffix_chars']}"
                 details[key] = records
                 prompt_sets.setdefault(tuple(prompts), row)
+        if args.via_server and not peers.available():
+            print(f"--via-server: {peers.NOT_BUILT}", file=sys.stderr)
+        elif args.via_server:
+            row, records = via_server(model, tasks, args.trigger, args.suffix_chars[0])
+            rows.append(row)
+            details[f"{model}/via-llama-server"] = records
         peer_sets = {} if args.no_peers or peer_note else prompt_sets
         for prompts, like in peer_sets.items():
             peer = run_peer(model, tasks, list(prompts), like, _stderr)
