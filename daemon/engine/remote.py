@@ -515,8 +515,12 @@ def _literal(text: str) -> str:
 
 
 def _failure(url: str, exc: BaseException) -> str:
+    # An https:// URL for a plain-HTTP server fails its TLS handshake, or waits for one.
+    tls = "; is it a plain-HTTP server (http://)?" if url.lower().startswith("https:") else ""
     if isinstance(exc, TimeoutError):
-        what = "did not answer in time"
+        what = f"did not answer in time{tls}"
+    elif isinstance(exc, aiohttp.ClientSSLError):
+        what = f"failed its TLS handshake ({exc.os_error or exc}){tls}"
     elif isinstance(exc, aiohttp.ClientConnectorError):
         what = (
             f"could not be reached ({exc.os_error or exc}); start it, or set `model` to a "

@@ -219,6 +219,18 @@ def test_a_server_that_is_not_there_fails_the_load_with_what_to_do():
         RemoteEngine.load(config)
 
 
+def test_https_to_a_plain_http_server_says_so():
+    # It had read "could not be reached ([SSL: WRONG_VERSION_NUMBER] ...); start it".
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    try:
+        config = EngineConfig(model=f"https://127.0.0.1:{plain.server_address[1]}")
+        with pytest.raises(ModelLoadError, match=r"TLS handshake.*plain-HTTP server \(http://\)"):
+            RemoteEngine.load(config)
+    finally:
+        plain.shutdown()
+
+
 # -- a real daemon behind a real daemon --
 
 
