@@ -177,7 +177,7 @@ def run(
     inference server (the model's GGUF in llama-server) instead of loading the model; no
     prompts for the peer then (the server has the tokens)."""
     from codelm.daemon.engine import EngineConfig, load_engine
-    from codelm.daemon.engine.prompt import suffix_chars as suffix_window_chars
+    from codelm.daemon.engine.prompt import suffix_window_chars
 
     t0 = time.perf_counter()
     config = EngineConfig(

@@ -40,7 +40,7 @@ from .prompt import (
     detect_fim,
     path_from_uri,
     raw_prompt,
-    suffix_chars,
+    suffix_window_chars,
     window_anchor,
 )
 from .threads import CpuShare
@@ -142,7 +142,7 @@ class Engine:
         return self.tokenizer.decode(prompt.token_ids)
 
     def suffix_chars(self, trigger: str) -> int:
-        return suffix_chars(self.config.suffix_chars, trigger)
+        return suffix_window_chars(self.config.suffix_chars, trigger)
 
     def _build(self, request: CompleteRequest, cursor: int, *, remember: bool = True) -> Prompt:
         """`cursor`: the request's position as an offset into its text. The windows are
@@ -212,7 +212,7 @@ class Engine:
         Without a suffix, special-token texts in the prompt are those tokens (a client's own FIM
         template, as llama.cpp's server reads it); with one, the text is literal."""
         text = request.prompt + (request.suffix or "")
-        if request.suffix is None and any(t in text for t in self.tokenizer.special):
+        if request.suffix is None and self.tokenizer.has_special_text(text):
             prompt = raw_prompt(self.tokenizer, text)
         else:
             prompt = build_prompt(

@@ -14,7 +14,7 @@ from ..errors import Cancelled
 from .cancel import CancelToken
 from .kv import KVCache
 from .sampling import Banning, Greedy, HealingPicker, Picker, greedy
-from .stops import StopReason, StopRules
+from .stops import ShownText, StopReason, StopRules
 from .tokenizer import Tokenizer
 
 
@@ -191,7 +191,7 @@ def usable_draft(draft: Sequence[int], n_prompt: int, max_tokens: int, max_len: 
 
 def _decode(steps, tokenizer, rules, result, cancel, on_text, heal) -> None:
     streamer = tokenizer.streamer(skip=heal)
-    text, shown = "", 0
+    shown = ShownText(rules, on_text)
     result.stop_reason = StopReason.MAX_TOKENS
     for token in steps:
         if cancel is not None and cancel.is_cancelled:
@@ -200,23 +200,11 @@ def _decode(steps, tokenizer, rules, result, cancel, on_text, heal) -> None:
             result.stop_reason = StopReason.EOS
             break
         result.token_ids.append(token)
-        text += streamer.push(token)
-        cut, reason = rules.scan(text)
-        if cut > shown and on_text is not None:
-            on_text(text[shown:cut])
-        shown = max(shown, cut)
+        reason = shown.add(streamer.push(token))
         if reason is not None:
             result.stop_reason = reason
-            text = text[:cut]
             break
     else:
         if len(result.token_ids) < rules.max_tokens:
             result.stop_reason = StopReason.CONTEXT
-        text += streamer.flush()
-    if result.stop_reason is StopReason.EOS:
-        text += streamer.flush()
-    cut_short = result.stop_reason in (StopReason.STOP_TEXT, StopReason.SINGLE_LINE)
-    if not cut_short and on_text is not None and len(text) > shown:
-        # Nothing more can complete a held-back partial stop string: show it all.
-        on_text(text[shown:])
-    result.text = text
+    result.text = shown.finish(result.stop_reason, streamer.flush())

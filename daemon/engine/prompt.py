@@ -189,7 +189,7 @@ def window_start(text: str, cursor: int, max_chars: int, anchor: str | None = No
     return line_start
 
 
-def suffix_chars(setting: int, trigger: str) -> int:
+def suffix_window_chars(setting: int, trigger: str) -> int:
     """Characters after the cursor a prompt holds (`setting`: the suffix_chars setting). While
     typing (`automatic`) a third: a PSM prompt runs the suffix again on every key that changes
     the prefix, an SPM prompt on every move of the cursor."""

@@ -45,12 +45,12 @@ from .prompt import (
     aixcoder_header,
     comment_header,
     path_from_uri,
-    suffix_chars,
     suffix_window,
+    suffix_window_chars,
     window_anchor,
     window_start,
 )
-from .stops import StopReason, StopRules
+from .stops import ShownText, StopReason, StopRules
 
 logger = logging.getLogger(__name__)
 
@@ -213,8 +213,9 @@ class RemoteEngine:
         engine does (servers such as llama-server drop `suffix`)."""
         if not request.prompt and not request.suffix:
             raise BadRequest("prompt", "must not be empty")
-        body: dict[str, Any] = {"prompt": request.prompt}
-        if request.suffix is not None:
+        if request.suffix is None:
+            body: dict[str, Any] = {"prompt": request.prompt}
+        else:
             body = self._layout(_literal(request.prompt), _literal(request.suffix), "")
         rules = StopRules(stop_texts=request.stop, max_tokens=request.max_tokens)
         return self._ask(body, rules, cancel, on_text, Position(line=0, character=0))
@@ -249,7 +250,7 @@ class RemoteEngine:
         text = request.text
         anchor, scale = self.documents.get(request.uri, ("", 1.0))
         prefix_max = int(self.config.prefix_chars * scale)
-        suffix_max = int(suffix_chars(self.config.suffix_chars, request.trigger) * scale)
+        suffix_max = int(suffix_window_chars(self.config.suffix_chars, request.trigger) * scale)
         start = window_start(text, cursor, prefix_max, anchor or None)
         if remember:
             self.documents[request.uri] = (window_anchor(text, start), scale)
@@ -289,12 +290,11 @@ class RemoteEngine:
     ) -> CompleteResponse:
         # The server stops at the FIM format's end tokens; the request's stop strings apply
         # here, after the healed text (the server would stop inside the word it retypes).
-        # Its max_tokens count the retyped text too: about a token per 3 characters.
         fim_stops = self.fim.stop if isinstance(self.fim, FimFormat) else ()
         body = {
             **body,
             "model": self.model,
-            "max_tokens": rules.max_tokens + -(-len(heal.strip()) // 3) + (heal != heal.lstrip()),
+            "max_tokens": rules.max_tokens + _retyped_tokens(heal),
             "temperature": 0,
             "stream": True,
         }
@@ -326,18 +326,23 @@ class RemoteEngine:
         task.result()
 
 
+def _retyped_tokens(heal: str) -> int:
+    """About how many of the server's max_tokens retyping `heal` takes: a token for its
+    indentation, one per 3 characters of its word."""
+    word = heal.lstrip(" \t")
+    return (word != heal) + -(-len(word) // 3)
+
+
 class _Answer:
-    """The streamed text as the stop rules let it through, less the healed whitespace."""
+    """The streamed text as the stop rules let it through, less the healed text."""
 
     def __init__(
         self, rules: StopRules, on_text: Callable[[str], None] | None, heal: str = ""
     ) -> None:
         self.rules = rules
-        self.on_text = on_text
+        self.shown = ShownText(rules, on_text)
         self.heal: str | None = heal or None  # None once the answer's start is settled
-        self.pending = ""  # the answer's start while it may still be the healed whitespace
-        self.raw = ""
-        self.shown = 0
+        self.pending = ""  # the answer's start while it may still be the healed text
         self.text = ""
         self.pieces = 0
         self.kept = 0  # pieces after the healed text: what max_tokens counts
@@ -355,21 +360,17 @@ class _Answer:
             self.pending += piece
             unhealed = self._unheal()
             if unhealed is None:  # another word than the user's: nothing to suggest
-                self.finish(StopReason.STOP_TEXT, "")
+                self.finish(StopReason.STOP_TEXT)
                 return True
             if self.heal is not None:
                 return False
             piece = unhealed
-        self.raw += piece
         self.kept += 1
-        cut, reason = self.rules.scan(self.raw)
+        reason = self.shown.add(piece)
         if reason is None and self.kept >= self.rules.max_tokens:
-            cut, reason = len(self.raw), StopReason.MAX_TOKENS
-        if cut > self.shown and self.on_text is not None:
-            self.on_text(self.raw[self.shown : cut])
-        self.shown = max(self.shown, cut)
+            reason = StopReason.MAX_TOKENS
         if reason is not None:
-            self.finish(reason, self.raw[:cut])
+            self.finish(reason)
             return True
         return False
 
@@ -392,11 +393,9 @@ class _Answer:
         self.heal = None
         return text[len(word) :] if text.startswith(word) else None
 
-    def finish(self, reason: StopReason, text: str | None = None) -> None:
+    def finish(self, reason: StopReason) -> None:
         self.reason = reason
-        self.text = self.raw if text is None else text
-        if text is None and self.on_text is not None and len(self.raw) > self.shown:
-            self.on_text(self.raw[self.shown :])  # nothing can complete a held-back stop now
+        self.text = self.shown.finish(reason)
         self.done_ms = (time.perf_counter() - self.started) * 1000
 
 

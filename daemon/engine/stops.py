@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _FIRST_LINE = re.compile(r"\S[^\n]*\n")
@@ -58,3 +59,36 @@ def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
                 best = n
                 break
     return best
+
+
+class ShownText:
+    """Generated text as the stop rules let it through: `on_text` gets each piece once nothing
+    after it can make it part of a stop string. Both engines stream through it."""
+
+    def __init__(self, rules: StopRules, on_text: Callable[[str], None] | None) -> None:
+        self.rules = rules
+        self.on_text = on_text
+        self.text = ""
+        self.shown = 0  # how much of `text` went to on_text
+
+    def add(self, piece: str) -> StopReason | None:
+        """Appends `piece`; a stop string or the line's end cuts the text and is returned."""
+        self.text += piece
+        cut, reason = self.rules.scan(self.text)
+        if cut > self.shown and self.on_text is not None:
+            self.on_text(self.text[self.shown : cut])
+        self.shown = max(self.shown, cut)
+        if reason is not None:
+            self.text = self.text[:cut]
+        return reason
+
+    def finish(self, reason: StopReason, tail: str = "") -> str:
+        """The whole text once generation ended for `reason`. Unless a stop string or the line's
+        end cut it, `tail` (what the detokenizer still held) joins it, and what was held back
+        as a possible stop string is shown: nothing more can complete one."""
+        if reason not in (StopReason.STOP_TEXT, StopReason.SINGLE_LINE):
+            self.text += tail
+            if self.on_text is not None and len(self.text) > self.shown:
+                self.on_text(self.text[self.shown :])
+            self.shown = len(self.text)
+        return self.text

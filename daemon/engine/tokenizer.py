@@ -115,6 +115,10 @@ class Tokenizer:
             return _encode_without_dummy_prefix(self.backend, self.pieces, text)
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def has_special_text(self, text: str) -> bool:
+        """Whether `text` holds the text of a special token (encode_special reads it so)."""
+        return self._special_split is not None and self._special_split.search(text) is not None
+
     def encode_special(self, text: str) -> list[int]:
         """`encode`, except that each special-token text in `text` becomes that token's id, as
         llama.cpp's server reads a completion prompt. Never for document text."""
