@@ -387,10 +387,12 @@ class Scheduler:
         logger.info("unloading the model after %.0f s without requests", self._idle_unload_s)
         self._engine = None
         self._cache_stats = {}
-        self._state = EngineState.UNLOADED
-        self._message = "unloaded while idle; the next request loads it again"
         gc.collect()
         _give_back_freed_memory()
+        # Only now: `status` reads the state without the lock, and "unloaded" promises the
+        # memory is back (a slow machine showed it while the heap was still being trimmed).
+        self._state = EngineState.UNLOADED
+        self._message = "unloaded while idle; the next request loads it again"
 
     def _load(self) -> None:
         started = time.monotonic()

@@ -130,9 +130,13 @@ def test_an_idle_unload_gives_the_models_memory_back(home):
     live = read_live(home)
     status, body = live.call("POST", "/v1/complete", {**REQUEST, "max_tokens": 4})
     assert status == 200, body
-    loaded = live.call("GET", "/v1/status")[1]["resident_MB"]
+    loaded = live.call("GET", "/v1/status")[1]
+    model_mb = loaded["engine"]["layers_MB"] + loaded["engine"]["copies_MB"]
     deadline = time.monotonic() + 60
     while (state := live.call("GET", "/v1/status")[1])["state"] != "unloaded":
         assert time.monotonic() < deadline, state
         time.sleep(0.2)
-    assert state["resident_MB"] < 0.65 * loaded, (state["resident_MB"], loaded)
+    # Measured against the model's own size, not the whole process: what torch and Python
+    # hold regardless differs by machine (from 315 to about 440 MB measured).
+    freed = loaded["resident_MB"] - state["resident_MB"]
+    assert freed > 0.5 * model_mb, (freed, model_mb)
