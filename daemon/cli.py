@@ -399,10 +399,21 @@ def _print_status(status: dict[str, Any], paths: RuntimePaths) -> None:
             f"  latency:  p50 {latency['p50']} ms, p90 {latency.get('p90')} ms, "
             f"p99 {latency.get('p99')} ms"
         )
+    if last_error := requests.get("last_error"):
+        age = max(0.0, time.time() - last_error.get("at", time.time()))
+        print(f"  last error {_ago(age)}: {last_error.get('message')}")
     if cache:
         print("  cache:    " + ", ".join(f"{k} {v}" for k, v in sorted(cache.items())))
     print(f"  token:    {status.get('token_file')}")
     print(f"  log:      {paths.log_file}")
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.0f} h ago"
 
 
 def _memory_line(status: dict[str, Any], engine: dict[str, Any]) -> str:

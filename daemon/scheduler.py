@@ -76,10 +76,13 @@ class _Stats:
     errors: int = 0
     refused: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    # The latest failed request's error and when (epoch s): with an inference server as the
+    # model, the state stays "ready" while each request fails, and this says why.
+    last_error: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         ordered = sorted(self.latencies_ms)
-        return {
+        body = {
             "requests": self.requests,
             "completed": self.completed,
             "cancelled": self.cancelled,
@@ -88,6 +91,9 @@ class _Stats:
             "refused": self.refused,
             "latency_ms": {f"p{q}": _percentile(ordered, q) for q in (50, 90, 99)},
         }
+        if self.last_error is not None:
+            body["last_error"] = dict(self.last_error)
+        return body
 
 
 def _percentile(ordered: list[float], q: int) -> float | None:
@@ -470,6 +476,8 @@ class Scheduler:
                 self._stats.cancelled += 1
         else:
             self._stats.errors += 1
+            message = error.message if isinstance(error, CodelmError) else str(error)
+            self._stats.last_error = {"message": message, "at": round(time.time(), 3)}
 
     def _refresh_cache_stats(self) -> None:
         engine = self._engine

@@ -402,6 +402,11 @@ def test_a_server_that_stops_answering_gets_a_502_naming_it(tmp_path):
         assert status == 502 and body["error"]["code"] == "server_error"
         assert url in body["error"]["message"]
         assert live.call("GET", "/health", auth=False)[1]["state"] == "ready"
+        # ...so status says what the last request ran into.
+        last = live.call("GET", "/v1/status")[1]["requests"]["last_error"]
+        assert last["message"] == body["error"]["message"]
+        shown = cli(live.home, "status")
+        assert re.search(rf"last error \d+ s ago: {re.escape(last['message'])}", shown.stdout)
 
 
 @pytest.mark.e2e
