@@ -34,7 +34,14 @@ from codelm.daemon.protocol import (
 
 from .cache import DocState, TypingCache
 from .positions import offset_at, position_at, to_range
-from .postprocess import BLOCK_OPENER, LINE_REST_OK, Context, Suggestion, postprocess
+from .postprocess import (
+    BLOCK_OPENER,
+    LINE_REST_OK,
+    Context,
+    Suggestion,
+    between_braces,
+    postprocess,
+)
 
 if TYPE_CHECKING:
     from .daemon_link import DaemonLink
@@ -65,11 +72,12 @@ def skip_reason(line_before: str, line_after: str, is_invoked: bool) -> str | No
 
 
 def is_single_line(line_before: str, line_after: str, mode: str) -> bool:
-    """auto: one line mid-line or after a statement; several on a blank line or after `{`/`:`."""
+    """auto: one line mid-line or after a statement; several on a blank line, after `{`/`:`,
+    and between braces the editor closed (`{|}`: the body goes on lines of its own)."""
     if mode != "auto":
         return mode == "always"
     if line_after.strip():
-        return True
+        return not between_braces(line_before, line_after)
     if not line_before.strip():
         return False
     return not BLOCK_OPENER.search(line_before)
@@ -132,14 +140,17 @@ def suggestions_from_response(
 ) -> list[Suggestion]:
     """Daemon items as insertions at the cursor (`offset`), dropping ones that do not fit."""
     out: list[Suggestion] = []
+    truncated = response.stop_reason == "max_tokens"
     for item in response.items:
-        s = _as_insertion(item, text, offset)
+        s = _as_insertion(item, text, offset, truncated)
         if s is not None and s not in out:
             out.append(s)
     return out
 
 
-def _as_insertion(item: CompletionItem, text: str, offset: int) -> Suggestion | None:
+def _as_insertion(
+    item: CompletionItem, text: str, offset: int, truncated: bool
+) -> Suggestion | None:
     start = offset_at(text, item.range.start.line, item.range.start.character)
     end = offset_at(text, item.range.end.line, item.range.end.character)
     if not start <= offset <= end:
@@ -149,7 +160,7 @@ def _as_insertion(item: CompletionItem, text: str, offset: int) -> Suggestion | 
     if not item.text.startswith(typed):
         logger.debug("dropping an item that does not start with the text before the cursor")
         return None
-    return Suggestion(text=item.text[len(typed) :], replace_after=end - offset)
+    return Suggestion(text=item.text[len(typed) :], replace_after=end - offset, truncated=truncated)
 
 
 @dataclass

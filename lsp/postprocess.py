@@ -11,7 +11,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from itertools import pairwise
 
@@ -25,6 +25,59 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 BLOCK_OPENER = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
 # What may follow the cursor on its line for a mid-line suggestion (see completion.py).
 LINE_REST_OK = re.compile(r"^[\s)\]}\"'`;,]*$")
+# A line that goes on with the statement above it at its indentation (`} else {`, `except:`).
+_CONTINUATION = re.compile(r"^(?:[)\]}]|(?:else|elif|except|finally|catch)\b)")
+# A line that starts at column 0 with code: a top-level statement, where the brackets open
+# around the cursor begin (closers at column 0 end one).
+_TOP_LEVEL = re.compile(r"^[^\s)\]}]", re.MULTILINE)
+_SCOPE_CHARS = 100_000  # how far back the brackets around the cursor are looked for
+# What a bracket scan reads: every other run of characters becomes one space (keeping `a / b`
+# from reading as `//`), so the Python loop sees a small share of the text.
+_NOT_SCANNED = re.compile(r"[^()\[\]{}\"'`\\\n/*#]+")
+_HASH_COMMENTS = frozenset(
+    {
+        "python",
+        "shellscript",
+        "ruby",
+        "perl",
+        "yaml",
+        "toml",
+        "r",
+        "makefile",
+        "dockerfile",
+        "elixir",
+        "julia",
+        "powershell",
+        "coffeescript",
+        "nim",
+        "cmake",
+    }
+)
+_SLASH_COMMENTS = frozenset(
+    {
+        "c",
+        "cpp",
+        "java",
+        "javascript",
+        "javascriptreact",
+        "typescript",
+        "typescriptreact",
+        "go",
+        "rust",
+        "csharp",
+        "kotlin",
+        "swift",
+        "scala",
+        "dart",
+        "php",
+        "objective-c",
+        "objective-cpp",
+        "groovy",
+        "zig",
+        "jsonc",
+        "cuda-cpp",
+    }
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -33,6 +86,7 @@ class Suggestion:
 
     text: str
     replace_after: int = 0
+    truncated: bool = False  # the model stopped at max_tokens: its last line is unfinished
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +124,22 @@ class Context:
         return rest[1:].split("\n", 50)[:50] if rest else []
 
     @cached_property
+    def between_braces(self) -> bool:
+        """The cursor sits between braces the editor closed: `{|}`, `=> {|});`."""
+        return between_braces(self.line_before, self.line_after)
+
+    @cached_property
+    def brackets_before(self) -> _Brackets:
+        """The brackets open at the cursor, scanned from the top-level line it is under (a
+        fixed number of lines would miss the `{` of a function longer than them)."""
+        end = len(self.prefix) - len(self.line_before)
+        head = self.prefix[max(0, end - _SCOPE_CHARS) : end]
+        starts = [m.start() for m in _TOP_LEVEL.finditer(head)]
+        start = starts[-1] if starts else head.find("\n") + 1 if end > len(head) else 0
+        text = head[start:].replace("\r\n", "\n").replace("\r", "\n") + self.line_before
+        return _Brackets(comments=_comment_style(self.language)).fed(text)
+
+    @cached_property
     def prefix_lines(self) -> list[str]:
         """Lines before the cursor line (at most 50, nearest last), \\r stripped."""
         end = len(self.prefix) - len(self.line_before)
@@ -79,6 +149,14 @@ class Context:
 
 
 Filter = Callable[[Suggestion, Context], "Suggestion | None"]
+
+
+def between_braces(line_before: str, line_after: str) -> bool:
+    return (
+        line_before.rstrip().endswith("{")
+        and line_after.lstrip().startswith("}")
+        and LINE_REST_OK.match(line_after) is not None
+    )
 
 
 def indent_width(line: str, tab_size: int = 4) -> int:
@@ -104,15 +182,45 @@ def normalize_newlines(s: Suggestion, ctx: Context) -> Suggestion | None:
     return replace(s, text=s.text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
+def drop_unfinished_line(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """A suggestion the model did not finish (max_tokens) loses its last, unfinished line
+    (`component:`, `fmt.Printf("x = %d`); one of a single line is kept."""
+    if not s.truncated or "\n" not in s.text.rstrip():
+        return s
+    logger.debug("drop_unfinished_line: %r", s.text[s.text.rfind("\n") + 1 :])
+    return replace(s, text=s.text[: s.text.rstrip().rfind("\n")])
+
+
 def trim_space(s: Suggestion, ctx: Context) -> Suggestion | None:
-    """No trailing whitespace; no leading spaces when the line already ends with one."""
+    """No trailing whitespace, but the space before a closer already after the cursor that
+    mirrors its opener's (`{ name, age }`); no leading spaces when the line already ends with
+    one."""
     text = s.text.rstrip()
+    if s.text[len(text) : len(text) + 1] == " " and _spaced_closer(ctx.line_before + text, ctx):
+        text += " "
     if ctx.line_before.strip() and ctx.line_before[-1:] in (" ", "\t"):
         text = text.lstrip(" \t")
     if text != s.text:
         logger.debug("trim_space: %d chars of whitespace", len(s.text) - len(text))
         return replace(s, text=text)
     return s
+
+
+def _spaced_closer(line: str, ctx: Context) -> bool:
+    """The text after the cursor starts with a closer whose opener in `line` (the cursor's
+    line once the suggestion is in) is followed by a space."""
+    closer = ctx.line_after[:1]
+    if closer not in CLOSERS or "\n" in line:
+        return False
+    depth = 0
+    for i in range(len(line) - 1, -1, -1):
+        if line[i] in CLOSERS:
+            depth += 1
+        elif line[i] in OPENERS:
+            if depth == 0:
+                return line[i] == _PAIRS[closer] and line[i + 1 : i + 2] == " "
+            depth -= 1
+    return False
 
 
 def start_on_cursor_line(s: Suggestion, ctx: Context) -> Suggestion | None:
@@ -133,10 +241,13 @@ def start_on_cursor_line(s: Suggestion, ctx: Context) -> Suggestion | None:
 
 
 def cut_single_line(s: Suggestion, ctx: Context) -> Suggestion | None:
-    """Keep one line. At the end of a finished line, that is the next line (after the newline)."""
-    if not ctx.is_single_line or "\n" not in s.text:
+    """Keep one line. At the end of a finished line, that is the next line (after the newline).
+    Between braces, a suggestion that goes on the cursor's line keeps to it too."""
+    if "\n" not in s.text:
         return s
     first, rest = s.text.split("\n", 1)
+    if not ctx.is_single_line and not (ctx.between_braces and first.strip()):
+        return s
     if not first.strip() and not ctx.line_after.strip() and rest.strip():
         next_line = rest.lstrip("\n").split("\n", 1)[0].rstrip()
         logger.debug("cut_single_line: kept the line after the cursor's finished line")
@@ -161,6 +272,8 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
         if not line.strip() or indent_width(line) >= min_indent:
             continue
         stripped = line.strip()
+        if min_indent > base and indent_width(line) == base and _continues(stripped):
+            continue  # `} else {`, `except KeyError:`: the same statement goes on
         next_line = _next_suffix_line(ctx)
         # Keep a closer for the cursor line's opener unless the suffix already closes it.
         closes_opener = (
@@ -173,6 +286,10 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
         logger.debug("stop_at_block_end: line %d leaves the block (indent < %d)", n, min_indent)
         return replace(s, text="\n".join(lines[:keep]).rstrip())
     return s
+
+
+def _continues(stripped: str) -> bool:
+    return bool(_CONTINUATION.match(stripped) and BLOCK_OPENER.search(stripped))
 
 
 def _next_suffix_line(ctx: Context) -> str:
@@ -265,14 +382,20 @@ def trim_closing_overlap(s: Suggestion, ctx: Context) -> Suggestion | None:
     if best == 0:
         return s
     logger.debug("trim_closing_overlap: %r is already after the cursor", ahead[:best])
-    return replace(s, text=text[: len(text) - best].rstrip())
+    return replace(s, text=text[: len(text) - best])  # (trim_space, next, takes the spaces)
+
+
+def _comment_style(language: str | None) -> str:
+    """How the language's line comments start ("" where unknown: none are skipped)."""
+    if language in _HASH_COMMENTS:
+        return "#"
+    return "//" if language in _SLASH_COMMENTS else ""
 
 
 def _errors_with(ctx: Context, text: str, replace_after: int) -> int:
-    """bracket_errors of the lines around the cursor once `text` is inserted."""
-    before = "\n".join([*ctx.prefix_lines[-20:], ctx.line_before])
+    """bracket_errors of the cursor's scope and the lines after it once `text` is inserted."""
     after = ctx.line_after[replace_after:] + "\n" + "\n".join(ctx.suffix_lines[:5])
-    return bracket_errors(before + text + after)
+    return ctx.brackets_before.fed(text + after).errors_at_end()
 
 
 def bracket_errors(text: str) -> int:
@@ -281,13 +404,37 @@ def bracket_errors(text: str) -> int:
     Openers left open are no error (the text is a window of a larger file). Quotes are
     scanned per line, with backslash escapes; comments are not recognised.
     """
-    stack: list[str] = []
-    errors = 0
-    for line in text.split("\n"):
-        quote = ""
-        escaped = False
-        for ch in line:
-            if quote:
+    return _Brackets().fed(text).errors_at_end()
+
+
+@dataclass(slots=True)
+class _Brackets:
+    """Where a left-to-right bracket_errors scan stands: the brackets open, the errors so
+    far, the string literal the current line is in, and the comment it is in (`comments`:
+    "#", "//" with /* */ blocks, or "" for none)."""
+
+    stack: list[str] = field(default_factory=list)
+    errors: int = 0
+    quote: str = ""
+    escaped: bool = False
+    comments: str = ""
+    comment: str = ""  # "line" or "block" while inside one
+
+    def fed(self, text: str) -> _Brackets:
+        """The state after `text` (this one is left as it is)."""
+        stack, errors, quote, escaped = list(self.stack), self.errors, self.quote, self.escaped
+        comments, comment = self.comments, self.comment
+        scanned = _NOT_SCANNED.sub(" ", text)
+        for i, ch in enumerate(scanned):
+            if comment == "block":
+                if ch == "/" and scanned[i - 1 : i] == "*":
+                    comment = ""
+            elif ch == "\n":
+                errors += bool(quote)
+                quote, escaped, comment = "", False, ""
+            elif comment:
+                pass
+            elif quote:
                 if escaped:
                     escaped = False
                 elif ch == "\\":
@@ -303,8 +450,14 @@ def bracket_errors(text: str) -> int:
                     stack.pop()
                 else:
                     errors += 1
-        errors += bool(quote)
-    return errors
+            elif comments == "#" and ch == "#":
+                comment = "line"
+            elif comments == "//" and ch == "/" and scanned[i + 1 : i + 2] in ("/", "*"):
+                comment = "line" if scanned[i + 1] == "/" else "block"
+        return _Brackets(stack, errors, quote, escaped, comments, comment)
+
+    def errors_at_end(self) -> int:
+        return self.errors + bool(self.quote)
 
 
 def drop_repeated_line(s: Suggestion, ctx: Context) -> Suggestion | None:
@@ -350,6 +503,18 @@ def replace_line_rest(s: Suggestion, ctx: Context) -> Suggestion | None:
     return s
 
 
+def closer_on_own_line(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Between braces the editor closed (`{|}`), a body on lines of its own ends with a line
+    break and the cursor line's indentation: the brace goes below it, as Enter there puts it."""
+    if not ctx.between_braces or "\n" not in s.text or s.replace_after:
+        return s
+    end = "\n" + _leading(ctx.line_before)
+    if s.text.endswith(end):
+        return s
+    logger.debug("closer_on_own_line: the closing brace goes below the body")
+    return replace(s, text=s.text.rstrip() + end)
+
+
 def restore_line_endings(s: Suggestion, ctx: Context) -> Suggestion | None:
     if ctx.eol == "\n" or "\n" not in s.text:
         return s
@@ -359,6 +524,7 @@ def restore_line_endings(s: Suggestion, ctx: Context) -> Suggestion | None:
 
 FILTERS: tuple[Filter, ...] = (
     normalize_newlines,
+    drop_unfinished_line,
     trim_space,
     start_on_cursor_line,
     cut_single_line,
@@ -369,6 +535,7 @@ FILTERS: tuple[Filter, ...] = (
     trim_space,
     drop_repeated_line,
     drop_blank,
+    closer_on_own_line,
     replace_line_rest,
     restore_line_endings,
 )

@@ -54,6 +54,10 @@ def test_skip_reason_invoked_trigger_always_goes():
         ("def f(x):", "", "auto", False),
         ("if (x) {", "", "auto", False),
         ("x = compute(", ")", "auto", True),
+        ("int f(int x) {", "}", "auto", False),  # braces the editor closed
+        ("  items.map((x) => {", "});", "auto", False),
+        ("  f({", "}, x);", "auto", True),  # more than closers after it
+        ("x = [", "]", "auto", True),
         ("x = 1 +", "", "auto", True),
         ("    ", "", "always", True),
         ("x = 1 +", "", "never", False),
@@ -86,9 +90,10 @@ def test_debounce_counts_time_already_waited():
 class FakeLink:
     """A DaemonLink answering from a function, optionally slowly."""
 
-    def __init__(self, answer=lambda req: "", delay_s: float = 0.0) -> None:
+    def __init__(self, answer=lambda req: "", delay_s: float = 0.0, stop_reason="") -> None:
         self.answer = answer
         self.delay_s = delay_s
+        self.stop_reason = stop_reason
         self.requests: list[CompleteRequest] = []
         self.cancelled = 0
         self.state = "ready"
@@ -106,7 +111,9 @@ class FakeLink:
             raise text
         here = Position(line=request.line, character=request.character)
         item = CompletionItem(text=text, range=Range(start=here, end=here))
-        return CompleteResponse(items=[item], timings=Timings(generated_tokens=3))
+        return CompleteResponse(
+            items=[item], timings=Timings(generated_tokens=3), stop_reason=self.stop_reason
+        )
 
     async def close_document(self, uri: str) -> None:
         pass
@@ -130,6 +137,15 @@ async def test_completer_returns_postprocessed_item_with_range():
     items = await completer.inline_completion(URI, _at(0, 6), is_invoked=False)
     assert [i.text for i in items] == ['"hi")']
     assert items[0].range == types.Range(start=_at(0, 6), end=_at(0, 7))
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "shown"), [("max_tokens", "y = 2"), ("eos", "y = 2\nz = f(")]
+)
+async def test_a_suggestion_cut_off_by_max_tokens_loses_its_unfinished_line(stop_reason, shown):
+    completer = _completer(FakeLink(lambda r: "y = 2\nz = f(", stop_reason=stop_reason), "x = 1\n")
+    items = await completer.inline_completion(URI, _at(1, 0), is_invoked=True)
+    assert [i.text for i in items] == [shown]
 
 
 async def test_completer_sends_utf16_position_and_single_line_flag():

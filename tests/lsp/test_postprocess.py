@@ -43,7 +43,7 @@ def test_postprocess_golden(path: Path):
         is_single_line=is_single_line(ctx.line_before, ctx.line_after, mode),
         language=case.get("language"),
     )
-    result = postprocess(Suggestion(text=raw), ctx)
+    result = postprocess(Suggestion(text=raw, truncated=case.get("truncated", False)), ctx)
     if case.get("discard"):
         assert result is None, f"{case['description']}: expected discard, got {result}"
         return
