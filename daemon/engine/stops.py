@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-_FIRST_LINE = re.compile(r"\S[^\n]*\n")
+_FIRST_LINE = re.compile(r"\S[^\n]*?(\r?\n)")  # group 1: its line break, \r\n in a CRLF file
 
 
 class StopReason(str, enum.Enum):
@@ -40,7 +40,9 @@ class StopRules:
             # the suggestion then fills the next line).
             line = _FIRST_LINE.search(text)
             if line is not None:
-                cut, reason = line.end() - 1, StopReason.SINGLE_LINE
+                cut, reason = line.start(1), StopReason.SINGLE_LINE
+            elif text.endswith("\r") and text.strip():
+                cut = len(text) - 1  # held back: the \r of a \r\n ends the line too
         for stop in self.stop_texts:
             index = text.find(stop)
             if 0 <= index < cut:

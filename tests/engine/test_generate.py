@@ -23,6 +23,10 @@ def test_stop_rules_single_line_cuts_after_visible_text():
     # A leading newline opens the next line; the cut comes after that line's text.
     assert rules.scan("\n    return x\n") == (len("\n    return x"), StopReason.SINGLE_LINE)
     assert rules.scan("\n    ") == (len("\n    "), None)
+    # In a CRLF file the line ends before its \r, held back until the \n shows which it is.
+    assert rules.scan("y\r\nz") == (1, StopReason.SINGLE_LINE)
+    assert rules.scan("y\r") == (1, None)
+    assert rules.scan("\r\n    return x\r\n") == (len("\r\n    return x"), StopReason.SINGLE_LINE)
 
 
 def _prompt(engine, text: str) -> list[int]:
