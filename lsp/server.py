@@ -136,9 +136,23 @@ class CodelmProtocol(LanguageServerProtocol):
             return
         super().handle_message(message)
 
+    def _handle_notification(self, method_name: str, params: Any) -> None:
+        """pygls keeps the future of a notification's generator or async handler (didOpen,
+        didChange and didClose here) in `_request_futures` for good: about 2 KB a keystroke.
+        Each such future now leaves it when done."""
+        before = set(self._request_futures)
+        super()._handle_notification(method_name, params)
+        for msg_id in self._request_futures.keys() - before:
+            self._request_futures[msg_id].add_done_callback(
+                lambda _, msg_id=msg_id: self._request_futures.pop(msg_id, None)
+            )
+
     def _refuse(self, message: Any, code: int, why: str) -> None:
         error = types.ResponseError(code=code, message=f"{message.method}: {why}")
         self._send_response(message.id, error=error)
+
+
+_EDITOR_GONE = threading.Event()  # stdout to the editor is closed: nothing can reach it
 
 
 class EditorWriter(StdoutWriter):
@@ -149,6 +163,9 @@ class EditorWriter(StdoutWriter):
         try:
             super().write(data)
         except (BrokenPipeError, ConnectionResetError):
+            # Said to the log file only: forwarded to the editor, it would be written here
+            # again, fail again, and be logged again.
+            _EDITOR_GONE.set()
             logger.error("the editor closed its end of stdout: exiting")
             logging.shutdown()
             os._exit(1)
@@ -191,6 +208,8 @@ class LogMessageHandler(logging.Handler):
         self.server = server
 
     def emit(self, record: logging.LogRecord) -> None:
+        if _EDITOR_GONE.is_set():
+            return
         kind = (
             types.MessageType.Error
             if record.levelno >= logging.ERROR

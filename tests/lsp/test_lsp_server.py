@@ -287,7 +287,7 @@ def test_the_server_ends_when_the_editor_closes_its_stdout(tmp_path):
     read_end, write_end = os.pipe()
     env = {**os.environ, "CODELM_HOME": str(tmp_path)}
     server = subprocess.Popen(
-        lsp_command(), stdin=subprocess.PIPE, stdout=write_end, stderr=subprocess.DEVNULL, env=env
+        lsp_command(), stdin=subprocess.PIPE, stdout=write_end, stderr=subprocess.PIPE, env=env
     )
     os.close(write_end)
     try:
@@ -303,7 +303,10 @@ def test_the_server_ends_when_the_editor_closes_its_stdout(tmp_path):
         request = {"jsonrpc": "2.0", "id": 2, "method": "workspace/executeCommand", "params": stats}
         server.stdin.write(frame(request))
         server.stdin.flush()
+        # (stderr is a pipe read only after the exit: the error it logged was forwarded to the
+        # closed stdout, logged again, ... until a RecursionError, which filled it and hung.)
         assert server.wait(timeout=20) == 1  # stdin still open
+        assert b"Logging error" not in server.stderr.read()
     finally:
         if server.poll() is None:
             server.kill()
