@@ -26,7 +26,7 @@ class FimFormat:
     middle: str
     order: str = "psm"
     stop: tuple[str, ...] = ()  # extra tokens that end a completion
-    file_sep: str | None = None
+    file_sep: str | None = None  # starts a file's path line in repository-level training
     bos: bool = False  # starts with BOS even where the tokenizer adds none (aiXcoder's `<s>`)
     file_header: bool = False  # aiXcoder's path + language comment lines before the prefix
 
@@ -142,6 +142,15 @@ def comment_header(path: str | None) -> str:
     if ext in (".html", ".xml", ".md", ".vue", ".svelte"):
         return f"<!-- {path} -->\n"
     return f"// {path}\n"
+
+
+def file_line(fim: FimFormat, path: str | None) -> str:
+    """`{file_sep}{path}\n`, the line that names a file in the repository-level prompts of
+    formats that have one (Qwen2.5-Coder, StarCoder2), before the FIM tokens; "" without
+    either. Without it the model cannot tell the language of a short file."""
+    if fim.file_sep is None or not path:
+        return ""
+    return f"{fim.file_sep}{path}\n"
 
 
 def aixcoder_header(path: str | None) -> str:
@@ -284,6 +293,9 @@ def build_prompt(
         return Prompt(token_ids=ids, prefix_start=start, fim=None, heal=healed)
     suffix = suffix_window(text, cursor, suffix_chars)
     pre, suf, mid = (tokenizer.token_id(t) for t in (fim.prefix, fim.suffix, fim.middle))
+    file_sep = tokenizer.token_id(fim.file_sep) if fim.file_sep and path else None
+    if file_sep is not None:  # file_line, as tokens (the path is plain text)
+        bos = [*bos, file_sep, *tokenizer.encode(f"{path}\n")]
     if fim.order == "spm":
         healed = _heal(tokenizer, prefix_ids) if heal else b""
         header = tokenizer.encode(aixcoder_header(path)) if fim.file_header else []

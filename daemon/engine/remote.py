@@ -44,6 +44,7 @@ from .prompt import (
     FimFormat,
     aixcoder_header,
     comment_header,
+    file_line,
     path_from_uri,
     suffix_window,
     suffix_window_chars,
@@ -272,10 +273,13 @@ class RemoteEngine:
         fim = self.fim
         if not isinstance(fim, FimFormat):
             return {"prompt": prefix, "suffix": suffix}  # SERVER_FIM: the server lays it out
+        named = file_line(fim, path and _literal(path))
         if fim.order == "spm":
             header = aixcoder_header(path) if fim.file_header else ""
-            return {"prompt": fim.prefix + fim.suffix + suffix + fim.middle + header + prefix}
-        return {"prompt": fim.prefix + prefix + fim.suffix + suffix + fim.middle}
+            return {
+                "prompt": named + fim.prefix + fim.suffix + suffix + fim.middle + header + prefix
+            }
+        return {"prompt": named + fim.prefix + prefix + fim.suffix + suffix + fim.middle}
 
     # -- the request --
 

@@ -106,10 +106,10 @@ def test_prompts_are_laid_out_as_the_local_engine_lays_them_out():
     # The space before the cursor leaves the prompt: the answer is to start with it.
     prefix, suffix = "def f(x):\n    return", "\n\nprint(f(2))\n"
     shown = _engine("starcoder").show_prompt(request)
-    assert shown.prompt == f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
+    assert shown.prompt == f"<file_sep>a.py\n<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
     assert shown.healed == " "
     assert _engine("qwen").show_prompt(request).prompt == (
-        f"<|fim_prefix|><|fim_suffix|>{suffix}<|fim_middle|>{prefix}"
+        f"<|file_sep|>a.py\n<|fim_prefix|><|fim_suffix|>{suffix}<|fim_middle|>{prefix}"
     )
     assert _engine("none").show_prompt(request).prompt == f"# a.py\n{prefix}"
     body, heal = _engine("server")._body(request, len(prefix) + 1, remember=False)
@@ -153,7 +153,7 @@ def test_special_token_text_in_a_document_stays_text():
     # every suggestion in the file.
     text = 's = "<|endoftext|>"\nt = "<fim_middle>"\nx = len('
     shown = _engine("qwen").show_prompt(_request(text, len(text))).prompt
-    assert shown.count("<|") == 3 and "<\u200b|endoftext|>" in shown  # the format's own 3
+    assert shown.count("<|") == 4 and "<\u200b|endoftext|>" in shown  # the format's own 4
     assert "<\u200bfim_middle>" in shown and "x = len(" in shown
 
 
@@ -174,7 +174,7 @@ def test_what_the_answer_must_retype(before, healed):
 def test_a_word_at_the_cursor_leaves_the_prompt_with_its_indentation():
     text = "def f(x):\n    ret\n"
     shown = _engine("starcoder").show_prompt(_request(text, text.index("\n", 10)))
-    assert shown.prompt.startswith("<fim_prefix>def f(x):\n<fim_suffix>")
+    assert shown.prompt.startswith("<file_sep>a.py\n<fim_prefix>def f(x):\n<fim_suffix>")
     assert shown.healed == "    ret"
 
 

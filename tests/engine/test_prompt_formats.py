@@ -6,6 +6,7 @@ special tokens, saved as tokenizer.json and loaded by our loader: no downloads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from codelm.daemon.protocol import OpenAICompletionRequest
 # Special tokens (as in each family's tokenizer.json), BOS, EOS, add_bos_token.
 FAMILIES = {
     "starcoder": (
-        ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"],
+        ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+        + ["<file_sep>"],
         "<|endoftext|>",
         "<|endoftext|>",
         False,
@@ -67,8 +69,9 @@ PREFIX, SUFFIX = DOCUMENT[:CURSOR], DOCUMENT[CURSOR:]
 PY_HEADER = "# the file path is: calc.py\n# the code file is written by Python\n"
 
 EXPECTED = {
-    "starcoder": f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>",
-    "qwen": f"<|fim_prefix|><|fim_suffix|>{SUFFIX}<|fim_middle|>{PREFIX}",
+    # The file's name on a line of its own first, as in their repository-level training.
+    "starcoder": f"<file_sep>calc.py\n<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>",
+    "qwen": f"<|file_sep|>calc.py\n<|fim_prefix|><|fim_suffix|>{SUFFIX}<|fim_middle|>{PREFIX}",
     "deepseek": (
         f"<｜begin▁of▁sentence｜><｜fim▁begin｜>{PREFIX}<｜fim▁hole｜>{SUFFIX}<｜fim▁end｜>"
     ),
@@ -118,6 +121,24 @@ def _prompt(tokenizer: Tokenizer, name: str, heal: bool = False):
         suffix_chars=10_000,
         heal=heal,
     )
+
+
+def test_a_tokenizer_without_the_file_separator_gets_no_file_line(tokenizers):
+    # StarCoder (1) and SmolLM have the FIM tokens but no <file_sep>.
+    tokenizer = tokenizers["deepseek"]
+    fim = FIM_FORMATS["deepseek"]
+    named = dataclasses.replace(fim, file_sep="<file_sep>")
+    text = build_prompt(
+        tokenizer,
+        named,
+        DOCUMENT,
+        CURSOR,
+        path="calc.py",
+        prefix_chars=999,
+        suffix_chars=999,
+        heal=False,
+    )
+    assert tokenizer.decode(text.token_ids) == EXPECTED["deepseek"]
 
 
 def test_every_fim_format_has_a_prompt_test():
