@@ -12,6 +12,9 @@ from typing import Any
 
 from .errors import BadRequest
 
+# The names a client may reach the daemon by (it listens on loopback or a unix socket only).
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
+
 MAX_TEXT_CHARS = 8_000_000
 MAX_URI_CHARS = 16_384  # a path (its name goes into the prompt) percent-encoded
 MAX_PATH_CHARS = 4_096

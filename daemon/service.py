@@ -31,7 +31,13 @@ from .errors import (
     PayloadTooLarge,
     Unauthorized,
 )
-from .protocol import CompleteRequest, CompleteResponse, OpenAICompletionRequest, offset_at
+from .protocol import (
+    LOOPBACK_NAMES,
+    CompleteRequest,
+    CompleteResponse,
+    OpenAICompletionRequest,
+    offset_at,
+)
 from .runtime import resident_mb
 from .scheduler import Scheduler
 
@@ -44,7 +50,6 @@ INFO = web.AppKey("info", dict)  # pid, url, token_file, log_file, started (mono
 SHUTDOWN = web.AppKey("shutdown", asyncio.Event)  # set by POST /shutdown and signals
 REQUEST_IDS = web.AppKey("request_ids", itertools.count)
 
-LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
 PUBLIC_PATHS = frozenset({"/health"})
 RETRY_AFTER_S = "1"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}

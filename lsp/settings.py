@@ -11,6 +11,9 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
+from urllib.parse import urlsplit
+
+from codelm.daemon.protocol import LOOPBACK_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +44,23 @@ class LspSettings:
 
 
 def _url(value: Any) -> str | None:
-    if isinstance(value, str) and value.startswith(("http://", "https://", "unix:")):
-        return value.rstrip("/")
-    raise ValueError("must be an http:// URL")
+    """The local daemon's address. It listens on this machine only, and the token it is sent
+    with is that daemon's: any other host, or a URL that cannot be one, is refused."""
+    wanted = "must be the local daemon's http://127.0.0.1:PORT or unix:/path/to/socket"
+    if not isinstance(value, str):
+        raise ValueError(wanted)
+    if value.startswith("unix:"):
+        if len(value) > len("unix:"):
+            return value
+        raise ValueError(wanted)
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:  # "http://[::1", a port past 65535
+        raise ValueError(wanted) from None
+    if parts.scheme != "http" or parts.hostname not in LOOPBACK_NAMES or port is None:
+        raise ValueError(wanted)
+    return value.rstrip("/")
 
 
 def _bool(value: Any) -> bool:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from codelm.lsp.settings import LspSettings, settings_from_options
 
 
@@ -58,3 +60,30 @@ def test_language_filter():
     no_md = LspSettings(disabled_languages=("markdown",))
     assert no_md.is_language_enabled("python") and not no_md.is_language_enabled("Markdown")
     assert not LspSettings(enabled=False).is_language_enabled("python")
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9000", "http://localhost:9000/", "http://[::1]:9000", "unix:/run/d"]
+)
+def test_a_local_daemon_url_is_taken(url):
+    assert settings_from_options({"daemon": {"url": url}})[0].daemon_url == url.rstrip("/")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1",  # left the status at `loading` for good, retried on every key
+        "http://",
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1",
+        "unix:",  # connected to localhost:80
+        "https://127.0.0.1:9000",  # the daemon speaks plain HTTP
+        "http://192.168.1.5:9000",  # was sent the local daemon's token
+        "http://example.com:9000",
+        "ftp://127.0.0.1:21",
+    ],
+)
+def test_a_daemon_url_that_cannot_be_the_local_daemon_is_refused(url):
+    settings, problems = settings_from_options({"daemon": {"url": url}})
+    assert settings.daemon_url is None
+    assert problems and "127.0.0.1:PORT" in problems[0]
