@@ -292,6 +292,25 @@ def _continues(stripped: str) -> bool:
     return bool(_CONTINUATION.match(stripped) and BLOCK_OPENER.search(stripped))
 
 
+_PROSE = frozenset({"markdown", "mdx", "plaintext", "restructuredtext", "asciidoc", "quarto"})
+
+
+def stop_at_code_fence(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Stop before a Markdown code fence (```) in a code file: an instruct-tuned model ends
+    its code with one, then writes about it ("In this code, ..."). Files with fences of their
+    own near the cursor (prose, docstrings that show code) keep them."""
+    if "```" not in s.text or ctx.language in _PROSE:
+        return s
+    if "```" in ctx.prefix[-20_000:] or "```" in ctx.suffix[:20_000]:
+        return s
+    lines = s.text.split("\n")
+    for n, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            logger.debug("stop_at_code_fence: line %d is a Markdown fence", n)
+            return replace(s, text="\n".join(lines[:n]).rstrip())
+    return s
+
+
 def _next_suffix_line(ctx: Context) -> str:
     if ctx.line_after.strip():
         return ctx.line_before + ctx.line_after
@@ -528,6 +547,7 @@ FILTERS: tuple[Filter, ...] = (
     trim_space,
     start_on_cursor_line,
     cut_single_line,
+    stop_at_code_fence,
     stop_at_block_end,
     fix_indentation,
     trim_repeated_suffix_lines,
