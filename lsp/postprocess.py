@@ -27,9 +27,12 @@ BLOCK_OPENER = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
 LINE_REST_OK = re.compile(r"^[\s)\]}\"'`;,]*$")
 # A line that goes on with the statement above it at its indentation (`} else {`, `except:`).
 _CONTINUATION = re.compile(r"^(?:[)\]}]|(?:else|elif|except|finally|catch)\b)")
-# A line that starts at column 0 with code: a top-level statement, where the brackets open
-# around the cursor begin (closers at column 0 end one).
-_TOP_LEVEL = re.compile(r"^[^\s)\]}]", re.MULTILINE)
+# A line at column 0 that opens a scope (`void f(int x) {`, `def f():`, an Allman `{`): the
+# brackets open around the cursor begin there. Not a preprocessor line, a label (`out:`) or a
+# line that closes (`}`), which sit at column 0 inside functions too.
+_TOP_LEVEL = re.compile(r"^(?![\s#)\]}])(?![A-Za-z_]\w*:\s*$).*[{(\[:][ \t]*$", re.MULTILINE)
+# A Rust lifetime's quote (`'a`, `'static`, `'_`), which opens no character literal.
+_LIFETIME = re.compile(r"'(?=[A-Za-z_]\w*(?![\w']))")
 _SCOPE_CHARS = 100_000  # how far back the brackets around the cursor are looked for
 # What a bracket scan reads: every other run of characters becomes one space (keeping `a / b`
 # from reading as `//`), so the Python loop sees a small share of the text.
@@ -137,7 +140,11 @@ class Context:
         starts = [m.start() for m in _TOP_LEVEL.finditer(head)]
         start = starts[-1] if starts else head.find("\n") + 1 if end > len(head) else 0
         text = head[start:].replace("\r\n", "\n").replace("\r", "\n") + self.line_before
-        return _Brackets(comments=_comment_style(self.language)).fed(text)
+        return _Brackets(comments=_comment_style(self.language)).fed(self.scannable(text))
+
+    def scannable(self, text: str) -> str:
+        """`text` as the bracket scan should read it: without Rust's lifetime quotes."""
+        return _LIFETIME.sub("", text) if self.language == "rust" else text
 
     @cached_property
     def prefix_lines(self) -> list[str]:
@@ -184,11 +191,13 @@ def normalize_newlines(s: Suggestion, ctx: Context) -> Suggestion | None:
 
 def drop_unfinished_line(s: Suggestion, ctx: Context) -> Suggestion | None:
     """A suggestion the model did not finish (max_tokens) loses its last, unfinished line
-    (`component:`, `fmt.Printf("x = %d`); one of a single line is kept."""
-    if not s.truncated or "\n" not in s.text.rstrip():
+    (`component:`, `fmt.Printf("x = %d`): the text after its last line break. One that ends
+    with a line break (and indentation) was finished; one of a single line is kept."""
+    head, newline, tail = s.text.rpartition("\n")
+    if not s.truncated or not newline or not tail.strip() or not head.strip():
         return s
-    logger.debug("drop_unfinished_line: %r", s.text[s.text.rfind("\n") + 1 :])
-    return replace(s, text=s.text[: s.text.rstrip().rfind("\n")])
+    logger.debug("drop_unfinished_line: %r", tail)
+    return replace(s, text=head)
 
 
 def trim_space(s: Suggestion, ctx: Context) -> Suggestion | None:
@@ -275,11 +284,12 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
         if min_indent > base and indent_width(line) == base and _continues(stripped):
             continue  # `} else {`, `except KeyError:`: the same statement goes on
         next_line = _next_suffix_line(ctx)
-        # Keep a closer for the cursor line's opener unless the suffix already closes it.
+        # Keep the line that closes the cursor line's opener (`}`, `}, []);`, `} while (x);`)
+        # unless the suffix already closes it.
         closes_opener = (
             min_indent > base
             and indent_width(line) == base
-            and all(c in CLOSERS for c in stripped.rstrip(";,"))
+            and stripped[:1] in CLOSERS
             and not (indent_width(next_line) == base and next_line.strip()[:1] == stripped[:1])
         )
         keep = n + 1 if closes_opener else n
@@ -414,7 +424,7 @@ def _comment_style(language: str | None) -> str:
 def _errors_with(ctx: Context, text: str, replace_after: int) -> int:
     """bracket_errors of the cursor's scope and the lines after it once `text` is inserted."""
     after = ctx.line_after[replace_after:] + "\n" + "\n".join(ctx.suffix_lines[:5])
-    return ctx.brackets_before.fed(text + after).errors_at_end()
+    return ctx.brackets_before.fed(ctx.scannable(text + after)).errors_at_end()
 
 
 def bracket_errors(text: str) -> int:
@@ -510,6 +520,8 @@ def replace_line_rest(s: Suggestion, ctx: Context) -> Suggestion | None:
     rest = ctx.line_after
     if not rest.strip() or s.replace_after:
         return s
+    if BLOCK_OPENER.search(s.text) and "\n" not in s.text:
+        return s  # `f(|);` suggested `(req, res) => {`: the closers come after that block
     if not LINE_REST_OK.match(rest):
         retyped = "\n" not in s.text and s.text.rstrip().endswith(rest.strip())
         if retyped and _errors_with(ctx, s.text, len(rest)) <= _errors_with(ctx, s.text, 0):

@@ -212,6 +212,71 @@ def path_from_uri(uri: str) -> str | None:
     return None
 
 
+def document_name(uri: str, path: str | None, language: str | None) -> str | None:
+    """The name the prompt gives a document: its path, the name its `file:` URI ends with,
+    or for one without a file (an editor's `untitled:` buffer) a name its language id gives
+    it (`rust` -> `untitled.rs`), so the model still knows the language."""
+    name = path or path_from_uri(uri)
+    if name or not language:
+        return name
+    ending = _LANGUAGE_ENDINGS.get(language.lower())
+    if ending is None:
+        return None
+    return ending if ending[0].isupper() else f"untitled{ending}"
+
+
+# Editors' language ids (VS Code's, which Neovim and LSP4IJ mostly share) -> a file ending,
+# or a whole name for files known by name.
+_LANGUAGE_ENDINGS = {
+    "python": ".py",
+    "javascript": ".js",
+    "typescript": ".ts",
+    "javascriptreact": ".jsx",
+    "typescriptreact": ".tsx",
+    "go": ".go",
+    "rust": ".rs",
+    "c": ".c",
+    "cpp": ".cpp",
+    "csharp": ".cs",
+    "java": ".java",
+    "kotlin": ".kt",
+    "swift": ".swift",
+    "ruby": ".rb",
+    "php": ".php",
+    "shellscript": ".sh",
+    "sh": ".sh",
+    "bash": ".sh",
+    "sql": ".sql",
+    "html": ".html",
+    "css": ".css",
+    "scss": ".scss",
+    "less": ".less",
+    "json": ".json",
+    "jsonc": ".json",
+    "yaml": ".yaml",
+    "toml": ".toml",
+    "markdown": ".md",
+    "lua": ".lua",
+    "r": ".r",
+    "scala": ".scala",
+    "dart": ".dart",
+    "haskell": ".hs",
+    "elixir": ".ex",
+    "perl": ".pl",
+    "powershell": ".ps1",
+    "vue": ".vue",
+    "svelte": ".svelte",
+    "zig": ".zig",
+    "julia": ".jl",
+    "objective-c": ".m",
+    "cuda-cpp": ".cu",
+    "xml": ".xml",
+    "latex": ".tex",
+    "dockerfile": "Dockerfile",
+    "makefile": "Makefile",
+}
+
+
 def suffix_window(text: str, cursor: int, max_chars: int) -> str:
     """The text after the cursor, cut at a line end within `max_chars`."""
     end = cursor + max_chars

@@ -44,8 +44,8 @@ from .prompt import (
     FimFormat,
     aixcoder_header,
     comment_header,
+    document_name,
     file_line,
-    path_from_uri,
     suffix_window,
     suffix_window_chars,
     window_anchor,
@@ -262,7 +262,7 @@ class RemoteEngine:
         found = _HEALED.search(prefix[-_HEAL_TAIL_CHARS:])
         heal = found.group() if found else ""
         prefix = prefix[: len(prefix) - len(heal)]
-        path = request.path or path_from_uri(request.uri)
+        path = document_name(request.uri, request.path, request.language)
         if self.fim is None:
             return {"prompt": comment_header(path) + _literal(prefix)}, heal
         suffix = suffix_window(text, cursor, suffix_max)

@@ -4,6 +4,7 @@ daemon with the test model, through its OpenAI-compatible API) instead of loadin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.server
 import json
 import re
@@ -146,6 +147,11 @@ def test_an_answer_that_does_not_go_on_with_the_users_word_is_no_suggestion():
     assert not answer.add("    r")
     assert answer.add("aise ValueError")  # done: the server's stream is closed
     assert answer.text == "" and shown == []
+
+
+def test_an_untitled_buffer_is_named_by_its_language():
+    request = dataclasses.replace(_request("", 0), uri="untitled:Untitled-1", language="rust")
+    assert _engine("qwen").show_prompt(request).prompt.startswith("<|file_sep|>untitled.rs\n")
 
 
 def test_special_token_text_in_a_document_stays_text():

@@ -19,6 +19,7 @@ from codelm.daemon.engine.prompt import (
     aixcoder_header,
     build_prompt,
     detect_fim,
+    document_name,
     raw_prompt,
 )
 from codelm.daemon.engine.tokenizer import Tokenizer, tokenizer_from_folder
@@ -139,6 +140,23 @@ def test_a_tokenizer_without_the_file_separator_gets_no_file_line(tokenizers):
         heal=False,
     )
     assert tokenizer.decode(text.token_ids) == EXPECTED["deepseek"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "path", "language", "name"),
+    [
+        ("file:///src/main.rs", None, "rust", "main.rs"),
+        ("file:///src/main.rs", "lib/x.rs", None, "lib/x.rs"),
+        # An untitled buffer: Qwen2.5-Coder wrote Angular TypeScript for an empty Rust one.
+        ("untitled:Untitled-1", None, "rust", "untitled.rs"),
+        ("untitled:Untitled-2", None, "SQL", "untitled.sql"),
+        ("untitled:Untitled-3", None, "dockerfile", "Dockerfile"),
+        ("untitled:Untitled-4", None, "no-such-language", None),
+        ("untitled:Untitled-5", None, None, None),
+    ],
+)
+def test_the_document_name_in_the_prompt(uri, path, language, name):
+    assert document_name(uri, path, language) == name
 
 
 def test_every_fim_format_has_a_prompt_test():
