@@ -59,7 +59,7 @@ class WeightCache:
             with safe_open(self.file, framework="pt") as f:
                 self.meta = dict(f.metadata() or {})
                 self.tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-        except (OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # (SafetensorError is no OSError) a cache is never needed
             logger.warning("ignoring unreadable weight cache %s: %s", self.file, exc)
             self.tensors, self.meta = {}, {}
             return
@@ -90,14 +90,16 @@ class WeightCache:
             return
         from safetensors.torch import save_file
 
-        self.file.parent.mkdir(parents=True, exist_ok=True)
         partial = self.file.with_suffix(".partial")
         try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
             save_file(self.tensors, str(partial), metadata=self.meta)
             os.replace(partial, self.file)
             logger.info("cached quantised weights in %s", self.file)
-        except OSError as exc:
+        except Exception as exc:  # read-only or full (SafetensorError): load without a cache
             logger.warning("could not write the weight cache %s: %s", self.file, exc)
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
         else:
             self._drop_superseded()
         self.is_dirty = False

@@ -114,6 +114,29 @@ def test_the_weight_cache_serves_a_layer_only_for_the_scheme_it_was_made_for(tmp
     assert reopened.get("blk.other", asked="int4") is None
 
 
+def test_a_damaged_or_unwritable_weight_cache_only_costs_the_cache(tmp_path, caplog):
+    # A cut-off file stopped every load of the model ("incomplete metadata ... a catalogue
+    # model may be damaged"), as did a read-only or full cache dir: the cache is optional.
+    from codelm.daemon.engine.weight_cache import WeightCache
+    from codelm.quant import quantize_int8
+
+    weight, _ = quantize_int8(torch.randn(32, 64))
+    file = tmp_path / "weights.safetensors"
+    cache = WeightCache(file)
+    cache.put("blk.0", weight, asked="int8")
+    cache.save()
+    file.write_bytes(file.read_bytes()[:100])
+    assert WeightCache(file).get("blk.0", asked="int8") is None
+    assert "ignoring unreadable weight cache" in caplog.text
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_bytes(b"")  # the cache's folder cannot be made
+    unwritable = WeightCache(blocked / "weights" / "w.safetensors")
+    unwritable.put("blk.0", weight, asked="int8")
+    unwritable.save()
+    assert "could not write the weight cache" in caplog.text
+
+
 def test_a_new_weight_cache_removes_the_one_it_supersedes(tmp_path):
     # An upgrade (torch, the cache format) or a changed model file gives a new key: the old
     # file of that model and quantisation is never read again, so writing the new one drops it.
