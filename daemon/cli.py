@@ -445,21 +445,33 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _follow(log_file: Path) -> None:
-    """Print what is added to the log until Ctrl-C."""
-    with log_file.open("rb") as f:
-        f.seek(0, os.SEEK_END)
-        try:
-            while True:
-                chunk = f.read()
-                if chunk:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-                    sys.stdout.flush()
-                elif f.tell() > _size(log_file):  # rotated or truncated: start over
-                    f.seek(0)
-                else:
-                    time.sleep(0.2)
-        except KeyboardInterrupt:
-            pass
+    """Print what is added to the log until Ctrl-C. A start moves the old log aside: then
+    the new one is followed from its start (and a truncated one from its start too)."""
+    f = log_file.open("rb")
+    f.seek(0, os.SEEK_END)
+    try:
+        while True:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+                continue
+            try:
+                stat = log_file.stat()
+                if stat.st_ino != os.fstat(f.fileno()).st_ino:  # rotated: a new file there
+                    f.close()
+                    f = log_file.open("rb")
+                    continue
+            except FileNotFoundError:  # between the move and the new file
+                stat = None
+            if stat is not None and f.tell() > stat.st_size:  # truncated
+                f.seek(0)
+            else:
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        f.close()
 
 
 def _size(path: Path) -> int:

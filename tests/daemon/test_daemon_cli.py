@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -171,3 +172,30 @@ def test_counts_and_waits_out_of_range_are_refused(argv):
         build_parser().parse_args(argv)
     assert build_parser().parse_args(["logs", "-n", "0"]).lines == 0
     assert build_parser().parse_args(["start", "--wait", "0.5"]).wait == 0.5
+
+
+def test_logs_follow_goes_on_with_the_new_log_after_a_start_moves_the_old_aside(home):
+    # It re-read the old, larger file from its start forever: 6.3 GB of output in 5 s.
+    import subprocess
+    import sys
+    import time
+
+    log = home / "log" / "daemon.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("old line\n" * 20_000)
+    env = {**os.environ, "CODELM_HOME": str(home)}
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "codelm.daemon.cli", "logs", "-f", "-n", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(2)  # (started and at the end of the old log)
+        os.replace(log, log.with_suffix(".log.1"))
+        log.write_text("new line\n")
+        time.sleep(1.5)
+    finally:
+        follower.terminate()
+        out = follower.communicate(timeout=10)[0].decode()
+    assert out.count("old line") == 1 and "new line" in out
