@@ -18,7 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import CHOICES, DaemonConfig, resolve_config, resolve_paths
+from .config import (
+    CHOICES,
+    DaemonConfig,
+    daemon_environment,
+    resolve_config,
+    resolve_paths,
+)
 from .errors import CodelmError, DaemonUnavailable
 from .protocol import MAX_TOKENS_LIMIT
 from .runtime import (
@@ -214,6 +220,7 @@ def _daemonize(config: DaemonConfig, args: argparse.Namespace) -> int:
             stderr=log,
             start_new_session=True,
             cwd="/",
+            env=daemon_environment(config),
         )
     health = _wait_for_socket(proc, paths, config.start_timeout_s)
     if health is None:

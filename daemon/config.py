@@ -65,6 +65,17 @@ _ENGINE_FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
 _SETTABLE = (set(_DAEMON_FIELDS) - {"engine", "paths"}) | set(_ENGINE_FIELDS)
 
 
+def daemon_environment(config: DaemonConfig) -> dict[str, str]:
+    """The environment for the daemon `start` spawns, which reads its settings again in `/`:
+    CODELM_HOME and the unix socket as whole paths (relative ones named other folders)."""
+    env = dict(os.environ)
+    if env.get(HOME_ENV):
+        env[HOME_ENV] = str(Path(env[HOME_ENV]).expanduser().absolute())
+    if config.unix_socket:
+        env[ENV_PREFIX + "UNIX_SOCKET"] = config.unix_socket
+    return env
+
+
 def resolve_paths(environ: Mapping[str, str] | None = None) -> RuntimePaths:
     """Runtime paths, all under $CODELM_HOME when it is set (tests use that for isolation)."""
     env = os.environ if environ is None else environ

@@ -8,7 +8,14 @@ import signal
 import time
 
 import pytest
-from daemon_live import cli, ensure_default_model, make_home, read_live, require_engine
+from daemon_live import (
+    TEST_MODEL,
+    cli,
+    ensure_default_model,
+    make_home,
+    read_live,
+    require_engine,
+)
 
 from codelm.daemon.runtime import RuntimePaths, is_lock_held
 
@@ -140,3 +147,34 @@ def test_an_idle_unload_gives_the_models_memory_back(home):
     # hold regardless differs by machine (from 315 to about 440 MB measured).
     freed = loaded["resident_MB"] - state["resident_MB"]
     assert freed > 0.5 * model_mb, (freed, model_mb)
+
+
+def test_a_relative_codelm_home_means_the_folder_start_ran_in(tmp_path):
+    # The daemon runs in `/` and read CODELM_HOME=rel as /rel: `start` waited for a daemon
+    # that had written its files there.
+    import subprocess
+    import sys
+
+    require_engine()
+    ensure_default_model()
+    make_home(tmp_path / "rel")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODELM_")}
+    env |= {"CODELM_HOME": "rel", "CODELM_MODEL": TEST_MODEL}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "codelm.daemon.cli", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            stdin=subprocess.DEVNULL,
+        )
+
+    try:
+        started = run("start")
+        assert started.returncode == 0, started.stderr
+        assert (tmp_path / "rel" / "run" / "daemon.pid").exists()
+    finally:
+        run("stop")
