@@ -250,14 +250,25 @@ def _wait_for_socket(
     while time.monotonic() < deadline:
         code = proc.poll()
         if code is not None:
+            if (other := read_pid(paths)) is not None and other != proc.pid:
+                # Another `start` at the same moment won the instance lock.
+                print(
+                    f"{PROG}: a daemon is already running (pid {other}); see `{PROG} status`",
+                    file=sys.stderr,
+                )
+                return None
             print(f"{PROG}: the daemon exited during start-up (code {code}):", file=sys.stderr)
             print(_tail(paths.log_file, 8), file=sys.stderr)
             print(f"{PROG}: full log: {paths.log_file}", file=sys.stderr)
             return None
         try:
-            return call_sync(DaemonClient.health, paths, timeout_s=2.0)
+            health = call_sync(DaemonClient.health, paths, timeout_s=2.0)
         except DaemonUnavailable:
             time.sleep(0.05)
+            continue
+        if read_pid(paths) == proc.pid:
+            return health
+        time.sleep(0.05)  # another start's daemon answered: this one is about to exit
     proc.terminate()
     print(f"{PROG}: the daemon did not answer within {timeout_s:.0f} s", file=sys.stderr)
     print(f"{PROG}: see the log: {paths.log_file}", file=sys.stderr)

@@ -178,3 +178,27 @@ def test_a_relative_codelm_home_means_the_folder_start_ran_in(tmp_path):
         assert (tmp_path / "rel" / "run" / "daemon.pid").exists()
     finally:
         run("stop")
+
+
+def test_of_two_starts_at_once_one_says_a_daemon_already_runs(home):
+    # Both said "running (ready)": the loser took the winner's /health for its own daemon,
+    # although that one ran with other settings.
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODELM_")}
+    env |= {"CODELM_HOME": str(home), "CODELM_MODEL": TEST_MODEL}
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-m", "codelm.daemon.cli", "start", "--quant", quant],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        for quant in ("auto", "int8")
+    ]
+    results = [(p.wait(timeout=180), p.communicate()[1]) for p in starts]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    assert any("a daemon is already running" in err for _, err in results)
