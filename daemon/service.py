@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.web_protocol import RequestPayloadError
 
 from .catalog import DEFAULT_MODEL
@@ -84,6 +85,23 @@ async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SCHEDULER].start()
     yield
     await app[SCHEDULER].stop()
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs an ERROR with a traceback for each malformed request (a Content-Length
+    that is no number, a body that does not decode as its Content-Encoding says): the
+    client's fault, already answered 400. One INFO line says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (BadHttpMessage, RequestPayloadError)):
+            record.msg, record.args = "%s: %s", (record.getMessage(), str(exc).replace("\n", " "))
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
 
 
 # -- middlewares --

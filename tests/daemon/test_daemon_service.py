@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 from fake_daemon import TOKEN, start_fake_daemon
@@ -102,13 +103,17 @@ async def test_complete_answers_400_to_undecodable_body_and_lives_on(fake_daemon
     await _good_request_succeeds(fake_daemon)
 
 
-async def test_complete_answers_400_to_a_body_that_does_not_decompress(fake_daemon):
+async def test_complete_answers_400_to_a_body_that_does_not_decompress(fake_daemon, caplog):
     headers = {**fake_daemon.auth, "Content-Encoding": "gzip"}
-    resp = await fake_daemon.client.post("/v1/complete", data=b"not gzip", headers=headers)
-    assert resp.status == 400
-    error = (await resp.json())["error"]
-    assert error["code"] == "bad_request" and "could not be read" in error["message"]
+    gzip_head = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03"  # then no deflate data
+    for body in (b"not gzip", gzip_head + b"garbage" * 20):
+        resp = await fake_daemon.client.post("/v1/complete", data=body, headers=headers)
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+        assert error["code"] == "bad_request" and "could not be read" in error["message"]
     await _good_request_succeeds(fake_daemon)
+    # aiohttp then logged an "Unhandled exception" traceback per request at ERROR.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
 BAD_FIELDS = [
