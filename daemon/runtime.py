@@ -172,13 +172,13 @@ class InstanceLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        if self._holds_the_lock_file():
+        if self.holds_the_lock_file():
             remove_daemon_files(self.paths)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
 
-    def _holds_the_lock_file(self) -> bool:
+    def holds_the_lock_file(self) -> bool:
         """Whether the lock file at its path is still ours: after the runtime folder was
         deleted under a running daemon another may have started there, and its files are
         not this one's to remove."""

@@ -70,12 +70,32 @@ def _instance_ctx(config: DaemonConfig) -> Callable[[web.Application], AsyncIter
     async def instance_files(app: web.Application) -> AsyncIterator[None]:
         lock = InstanceLock(config.paths)
         lock.acquire()
+        watch = asyncio.create_task(_watch_lock(lock, app[SHUTDOWN]))
         try:
             yield
         finally:
+            watch.cancel()
             lock.release()
 
     return instance_files
+
+
+LOCK_CHECK_S = 5.0
+
+
+async def _watch_lock(lock: InstanceLock, shutdown: asyncio.Event) -> None:
+    """Stop when the lock file is no longer this daemon's: its runtime folder was deleted
+    (by hand, or at logout). No client can find the daemon any more, and the next start
+    would load a second model beside it."""
+    while True:
+        await asyncio.sleep(LOCK_CHECK_S)
+        if not lock.holds_the_lock_file():
+            logger.warning(
+                "the runtime folder %s was removed: no client can find this daemon; stopping",
+                lock.paths.runtime_dir,
+            )
+            shutdown.set()
+            return
 
 
 def _bind(config: DaemonConfig) -> tuple[socket.socket, str, int | None]:

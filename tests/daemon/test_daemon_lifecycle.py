@@ -17,7 +17,7 @@ from daemon_live import (
     require_engine,
 )
 
-from codelm.daemon.runtime import RuntimePaths, is_lock_held
+from codelm.daemon.runtime import RuntimePaths, is_lock_held, is_process_alive
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REQUEST = {
@@ -202,3 +202,20 @@ def test_of_two_starts_at_once_one_says_a_daemon_already_runs(home):
     results = [(p.wait(timeout=180), p.communicate()[1]) for p in starts]
     assert sorted(code for code, _ in results) == [0, 1], results
     assert any("a daemon is already running" in err for _, err in results)
+
+
+def test_a_daemon_whose_runtime_folder_is_removed_stops(home):
+    # It ran on, found by no client, and the next start loaded a second model beside it.
+    import shutil
+
+    assert cli(home, "start").returncode == 0
+    live = read_live(home)
+    shutil.rmtree(live.paths.runtime_dir)
+    deadline = time.monotonic() + 30
+    try:
+        while is_process_alive(live.pid):
+            assert time.monotonic() < deadline, "the daemon still runs"
+            time.sleep(0.2)
+    finally:
+        if is_process_alive(live.pid):  # `stop` cannot find it either
+            os.kill(live.pid, signal.SIGKILL)
