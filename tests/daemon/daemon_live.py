@@ -56,9 +56,14 @@ def make_home(root: Path) -> Path:
 
 
 def cli(
-    home: Path, *args: str, timeout: float = START_TIMEOUT_S, env: dict[str, str] | None = None
+    home: Path,
+    *args: str,
+    timeout: float = START_TIMEOUT_S,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run `codelm-daemon ARGS` with CODELM_HOME=home (and no other CODELM_* from outside)."""
+    """Run `codelm-daemon ARGS` with CODELM_HOME=home (and no other CODELM_* from outside),
+    in `cwd` (where a relative home is)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CODELM_")} | (env or {})
     env["CODELM_HOME"] = str(home)
     env.setdefault("CODELM_MODEL", TEST_MODEL)  # a --model flag still wins
@@ -69,6 +74,7 @@ def cli(
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        cwd=cwd,
     )
 
 

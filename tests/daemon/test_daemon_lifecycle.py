@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from daemon_live import (
@@ -152,32 +153,15 @@ def test_an_idle_unload_gives_the_models_memory_back(home):
 def test_a_relative_codelm_home_means_the_folder_start_ran_in(tmp_path):
     # The daemon runs in `/` and read CODELM_HOME=rel as /rel: `start` waited for a daemon
     # that had written its files there.
-    import subprocess
-    import sys
-
     require_engine()
     ensure_default_model()
     make_home(tmp_path / "rel")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CODELM_")}
-    env |= {"CODELM_HOME": "rel", "CODELM_MODEL": TEST_MODEL}
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "codelm.daemon.cli", *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            stdin=subprocess.DEVNULL,
-        )
-
     try:
-        started = run("start")
+        started = cli(Path("rel"), "start", cwd=tmp_path)
         assert started.returncode == 0, started.stderr
         assert (tmp_path / "rel" / "run" / "daemon.pid").exists()
     finally:
-        run("stop")
+        cli(Path("rel"), "stop", cwd=tmp_path)
 
 
 def test_of_two_starts_at_once_one_says_a_daemon_already_runs(home):
