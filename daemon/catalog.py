@@ -109,11 +109,17 @@ def verify(entry: CatalogModel, path: Path) -> None:
         )
 
 
-def fetch(name: str, force: bool = False, log=print) -> Path:
-    """Fetch, verify and unpack a catalogue model once; returns its path."""
+def known_entry(name: str) -> CatalogModel:
+    """The catalogue entry of `name` (or `default`); ModelLoadError names the known ones."""
     entry = catalog_entry(name)
     if entry is None:
         raise ModelLoadError(f"{name!r} is not a catalogue model; known: {', '.join(CATALOG)}")
+    return entry
+
+
+def fetch(name: str, force: bool = False, log=print) -> Path:
+    """Fetch, verify and unpack a catalogue model once; returns its path."""
+    entry = known_entry(name)
     target = models_dir() / entry.filename
     if target.exists() and not force:
         if target.stat().st_size == entry.size_bytes:

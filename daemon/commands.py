@@ -161,15 +161,20 @@ def run_prompt(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    """`models [list [NAME]]` or `models fetch [NAME]`."""
+    name = getattr(args, "name", None)  # "" is no model's name (catalog says so)
+    listed = catalog.CATALOG
     try:
         if args.action == "fetch":
-            name = getattr(args, "name", None)  # "" is no model's name (catalog says so)
             catalog.fetch("default" if name is None else name, force=getattr(args, "force", False))
             return 0
+        if name is not None:  # (it was ignored: the whole catalogue was listed)
+            entry = catalog.known_entry(name)
+            listed = {entry.name: entry}
     except CodelmError as exc:
         print(f"codelm-daemon models: {exc.message}", file=sys.stderr)
         return 2
-    for name, entry in catalog.CATALOG.items():
+    for name, entry in listed.items():
         path = catalog.models_dir() / entry.filename
         state = "fetched" if path.exists() else "not fetched"
         marker = " (default)" if name == catalog.DEFAULT_MODEL else ""

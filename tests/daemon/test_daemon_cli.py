@@ -67,6 +67,16 @@ def test_a_folder_where_the_log_file_goes_is_named_not_a_traceback(home, capsys,
     assert f"{log} (Is a directory)" in err and "Traceback" not in err
 
 
+def test_models_list_name_lists_that_model_or_says_it_is_none(home, capsys):
+    assert main(["models", "list", "smollm2-135m"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("smollm2-135m: ") and out.count("\n") == 1
+    assert main(["models", "list", "default"]) == 0
+    assert capsys.readouterr().out.startswith("qwen2.5-coder-0.5b (default): ")
+    assert main(["models", "list", "extra"]) == 2
+    assert "'extra' is not a catalogue model" in capsys.readouterr().err
+
+
 def test_models_fetch_names_a_model_already_there_and_refuses_an_empty_name(home, capsys):
     # A fetched model was fetched again in silence, and '' fetched the default one.
     from codelm.daemon import catalog
