@@ -358,21 +358,28 @@ def build_prompt(
         return Prompt(token_ids=ids, prefix_start=start, fim=None, heal=healed)
     suffix = suffix_window(text, cursor, suffix_chars)
     pre, suf, mid = (tokenizer.token_id(t) for t in (fim.prefix, fim.suffix, fim.middle))
-    file_sep = tokenizer.token_id(fim.file_sep) if fim.file_sep and path else None
-    if file_sep is not None:  # file_line, as tokens (the path is plain text)
-        bos = [*bos, file_sep, *tokenizer.encode(f"{path}\n")]
+    head = bos + _file_line_ids(tokenizer, fim, path)
     if fim.order == "spm":
         healed = _heal(tokenizer, prefix_ids) if heal else b""
         header = tokenizer.encode(aixcoder_header(path)) if fim.file_header else []
-        ids = bos + [pre, suf] + tokenizer.encode(suffix) + [mid] + header + prefix_ids
+        ids = head + [pre, suf] + tokenizer.encode(suffix) + [mid] + header + prefix_ids
         return Prompt(token_ids=ids, prefix_start=start, fim=fim, heal=healed)
     # PSM: inside a word, the prefix's last token leaves the prefix and the middle starts by
     # spelling it (without, Qwen2.5-Coder continued "_a" with "append"). After whitespace or
     # punctuation it stays: healing there cost 3 of 213 HumanEval lines (docs/models.md).
     inside_word = prefix[-1:].isalnum() or prefix.endswith("_")
     healed = _heal(tokenizer, prefix_ids) if heal and inside_word else b""
-    ids = bos + [pre] + prefix_ids + [suf] + tokenizer.encode(suffix) + [mid]
+    ids = head + [pre] + prefix_ids + [suf] + tokenizer.encode(suffix) + [mid]
     return Prompt(token_ids=ids, prefix_start=start, fim=fim, heal=healed)
+
+
+def _file_line_ids(tokenizer: Tokenizer, fim: FimFormat, path: str | None) -> list[int]:
+    """file_line as tokens: the separator as its token, the path as plain text; none where
+    the tokenizer has no separator token (StarCoder 1, SmolLM)."""
+    file_sep = tokenizer.token_id(fim.file_sep) if fim.file_sep and path else None
+    if file_sep is None:
+        return []
+    return [file_sep, *tokenizer.encode(f"{path}\n")]
 
 
 def raw_prompt(tokenizer: Tokenizer, text: str) -> Prompt:
