@@ -138,7 +138,12 @@ class Context:
         end = len(self.prefix) - len(self.line_before)
         head = self.prefix[max(0, end - _SCOPE_CHARS) : end]
         starts = [m.start() for m in _TOP_LEVEL.finditer(head)]
-        start = starts[-1] if starts else head.find("\n") + 1 if end > len(head) else 0
+        if starts:
+            start = starts[-1]  # the nearest scope start
+        elif end > len(head):
+            start = head.find("\n") + 1  # the window cut a line: from the next whole one
+        else:
+            start = 0
         text = head[start:].replace("\r\n", "\n").replace("\r", "\n") + self.line_before
         return _Brackets(comments=_comment_style(self.language)).fed(self.scannable(text))
 
