@@ -188,6 +188,7 @@ def test_logs_follow_goes_on_with_the_new_log_after_a_start_moves_the_old_aside(
     # It re-read the old, larger file from its start forever: 6.3 GB of output in 5 s.
     import subprocess
     import sys
+    import threading
     import time
 
     log = home / "log" / "daemon.log"
@@ -199,13 +200,24 @@ def test_logs_follow_goes_on_with_the_new_log_after_a_start_moves_the_old_aside(
         env=env,
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
+        text=True,
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(follower.stdout), daemon=True)
+    reader.start()
     try:
-        time.sleep(2)  # (started and at the end of the old log)
+        deadline = time.monotonic() + 60
+        while not lines:  # the last line printed: it follows the old log from here
+            assert time.monotonic() < deadline, "logs -f printed nothing"
+            time.sleep(0.05)
         os.replace(log, log.with_suffix(".log.1"))
-        log.write_text("new line\n")
-        time.sleep(1.5)
+        while "new line\n" not in lines and time.monotonic() < deadline:
+            with log.open("a") as new:  # (again: it may have opened the new log just now)
+                new.write("new line\n")
+            time.sleep(0.2)
     finally:
         follower.terminate()
-        out = follower.communicate(timeout=10)[0].decode()
+        follower.wait(timeout=10)
+        reader.join(timeout=10)
+    out = "".join(lines)
     assert out.count("old line") == 1 and "new line" in out
