@@ -82,6 +82,11 @@ _SLASH_COMMENTS = frozenset(
     }
 )
 
+# Languages whose triple-quoted strings span lines (Python's docstrings, Kotlin's raw strings).
+_TRIPLE_QUOTED_STRINGS = frozenset(
+    {"python", "kotlin", "scala", "swift", "julia", "groovy", "dart", "toml", "elixir"}
+)
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Suggestion:
@@ -145,7 +150,11 @@ class Context:
         else:
             start = 0
         text = head[start:].replace("\r\n", "\n").replace("\r", "\n") + self.line_before
-        return _Brackets(comments=_comment_style(self.language)).fed(self.scannable(text))
+        brackets = _Brackets(
+            comments=_comment_style(self.language),
+            triple_quotes=self.language in _TRIPLE_QUOTED_STRINGS,
+        )
+        return brackets.fed(self.scannable(text))
 
     def scannable(self, text: str) -> str:
         """`text` as the bracket scan should read it: without Rust's lifetime quotes."""
@@ -400,14 +409,19 @@ def trim_closing_overlap(s: Suggestion, ctx: Context) -> Suggestion | None:
     """Trim closing brackets/quotes at the end that the text after the cursor already has.
 
     Of the possible trims, keep the one that leaves the fewest bracket/quote errors around
-    the cursor (`foo(bar(x)|)` keeps its `)`; `print("hi")|)` loses it).
+    the cursor (`foo(bar(x)|)` keeps its `)`; `print("hi")|)` loses it). A trim never splits
+    a triple quote: a suggestion that closes the docstring already closed after the cursor
+    loses all three quotes, not one.
     """
     ahead = ctx.suffix.lstrip()
     text = s.text
     candidates = [
         k
         for k in range(1, min(len(text), len(ahead)) + 1)
-        if text.endswith(ahead[:k]) and LINE_REST_OK.match(ahead[:k]) and ahead[:k].strip()
+        if text.endswith(ahead[:k])
+        and LINE_REST_OK.match(ahead[:k])
+        and ahead[:k].strip()
+        and not _splits_triple_quote(text, len(text) - k)
     ]
     if not candidates:
         return s
@@ -419,6 +433,15 @@ def trim_closing_overlap(s: Suggestion, ctx: Context) -> Suggestion | None:
     return replace(s, text=text[: len(text) - best])  # (trim_space, next, takes the spaces)
 
 
+def _splits_triple_quote(text: str, cut: int) -> bool:
+    """`text[cut - 1]` and `text[cut]` are the same quote in a run of three or more."""
+    quote = text[cut : cut + 1]
+    if not quote or quote not in QUOTES or text[cut - 1 : cut] != quote:
+        return False
+    before, after = text[:cut], text[cut:]
+    return len(before) - len(before.rstrip(quote)) + len(after) - len(after.lstrip(quote)) >= 3
+
+
 def _comment_style(language: str | None) -> str:
     """How the language's line comments start ("" where unknown: none are skipped)."""
     if language in _HASH_COMMENTS:
@@ -427,45 +450,44 @@ def _comment_style(language: str | None) -> str:
 
 
 def _errors_with(ctx: Context, text: str, replace_after: int) -> int:
-    """bracket_errors of the cursor's scope and the lines after it once `text` is inserted."""
+    """Bracket errors of the cursor's scope and the lines after it once `text` is inserted."""
     after = ctx.line_after[replace_after:] + "\n" + "\n".join(ctx.suffix_lines[:5])
     return ctx.brackets_before.fed(ctx.scannable(text + after)).errors_at_end()
 
 
-def bracket_errors(text: str) -> int:
-    """Closing brackets with no opener, plus lines that end inside a string literal.
-
-    Openers left open are no error (the text is a window of a larger file). Quotes are
-    scanned per line, with backslash escapes; comments are not recognised.
-    """
-    return _Brackets().fed(text).errors_at_end()
-
-
 @dataclass(slots=True)
 class _Brackets:
-    """Where a left-to-right bracket_errors scan stands: the brackets open, the errors so
-    far, the string literal the current line is in, and the comment it is in (`comments`:
-    "#", "//" with /* */ blocks, or "" for none)."""
+    """Where a left-to-right scan for bracket errors stands: the brackets open, the errors so
+    far (closers with no opener, lines that end inside a string literal), the string literal
+    it is in, and the comment it is in (`comments`: "#", "//" with /* */ blocks, or "" for
+    none). Openers left open are no error: the text is a window of a larger file. Strings end
+    with their line, but for a triple quote where `triple_quotes` (Python's docstrings)."""
 
     stack: list[str] = field(default_factory=list)
     errors: int = 0
-    quote: str = ""
+    quote: str = ""  # the quote of the string literal the scan is in: `"`, or `"""`
     escaped: bool = False
     comments: str = ""
     comment: str = ""  # "line" or "block" while inside one
+    triple_quotes: bool = False
 
     def fed(self, text: str) -> _Brackets:
         """The state after `text` (this one is left as it is)."""
         stack, errors, quote, escaped = list(self.stack), self.errors, self.quote, self.escaped
         comments, comment = self.comments, self.comment
         scanned = _NOT_SCANNED.sub(" ", text)
+        skip = 0
         for i, ch in enumerate(scanned):
-            if comment == "block":
+            if skip:
+                skip -= 1
+            elif comment == "block":
                 if ch == "/" and scanned[i - 1 : i] == "*":
                     comment = ""
             elif ch == "\n":
-                errors += bool(quote)
-                quote, escaped, comment = "", False, ""
+                if len(quote) != 3:
+                    errors += bool(quote)
+                    quote = ""
+                escaped, comment = False, ""
             elif comment:
                 pass
             elif quote:
@@ -473,10 +495,11 @@ class _Brackets:
                     escaped = False
                 elif ch == "\\":
                     escaped = True
-                elif ch == quote:
-                    quote = ""
+                elif scanned.startswith(quote, i):
+                    quote, skip = "", len(quote) - 1
             elif ch in QUOTES:
-                quote = ch
+                quote = ch * 3 if self.triple_quotes and scanned.startswith(ch * 3, i) else ch
+                skip = len(quote) - 1
             elif ch in OPENERS:
                 stack.append(ch)
             elif ch in CLOSERS:
@@ -488,7 +511,7 @@ class _Brackets:
                 comment = "line"
             elif comments == "//" and ch == "/" and scanned[i + 1 : i + 2] in ("/", "*"):
                 comment = "line" if scanned[i + 1] == "/" else "block"
-        return _Brackets(stack, errors, quote, escaped, comments, comment)
+        return _Brackets(stack, errors, quote, escaped, comments, comment, self.triple_quotes)
 
     def errors_at_end(self) -> int:
         return self.errors + bool(self.quote)
