@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 256 << 20  # a 50 MB file's didOpen, escaped, with room to spare
 _CONTENT_LENGTH = re.compile(rb"content-length:[ \t]*(\d{1,12})\b", re.IGNORECASE)
+_OTHER_HEADER = re.compile(rb"[A-Za-z][A-Za-z0-9-]*:[^\r\n]*\r?\n")  # Content-Type: ...
 
 
 class Reader(Protocol):
@@ -60,7 +61,7 @@ async def serve(stop: threading.Event, reader: Reader, protocol: JsonRPCProtocol
             continue
         header = _CONTENT_LENGTH.search(line)
         if header is None:  # Content-Type, or what is left of a body that was cut short
-            skipped += len(line)
+            skipped += 0 if _OTHER_HEADER.fullmatch(line) else len(line)
             continue
         if skipped or header.start():
             logger.error("skipped %d bytes that were no message", skipped + header.start())

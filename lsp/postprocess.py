@@ -25,8 +25,11 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 BLOCK_OPENER = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
 # What may follow the cursor on its line for a mid-line suggestion (see completion.py).
 LINE_REST_OK = re.compile(r"^[\s)\]}\"'`;,]*$")
-# A line that goes on with the statement above it at its indentation (`} else {`, `except:`).
-_CONTINUATION = re.compile(r"^(?:[)\]}]|(?:else|elif|except|finally|catch)\b)")
+# A line that goes on with the statement above it at its indentation (`} else {`, `except:`,
+# Go's and C's `case x:` under their `switch`, C++'s `public:` under its `class`).
+_CONTINUATION = re.compile(
+    r"^(?:[)\]}]|(?:else|elif|except|finally|catch|case|default|public|private|protected)\b)"
+)
 # A line at column 0 that opens a scope (`void f(int x) {`, `def f():`, an Allman `{`): the
 # brackets open around the cursor begin there. Not a preprocessor line, a label (`out:`) or a
 # line that closes (`}`), which sit at column 0 inside functions too.
@@ -205,13 +208,19 @@ def normalize_newlines(s: Suggestion, ctx: Context) -> Suggestion | None:
 
 def drop_unfinished_line(s: Suggestion, ctx: Context) -> Suggestion | None:
     """A suggestion the model did not finish (max_tokens) loses its last, unfinished line
-    (`component:`, `fmt.Printf("x = %d`): the text after its last line break. One that ends
-    with a line break (and indentation) was finished; one of a single line is kept."""
+    (`component:`, `fmt.Printf("x = %d`): the text after its last line break, and the lines
+    before it that open a block whose body never came. One that ends with a line break (and
+    indentation) was finished; one of a single line is kept."""
     head, newline, tail = s.text.rpartition("\n")
     if not s.truncated or not newline or not tail.strip() or not head.strip():
         return s
-    logger.debug("drop_unfinished_line: %r", tail)
-    return replace(s, text=head)
+    lines = head.rstrip().split("\n")
+    while len(lines) > 1 and BLOCK_OPENER.search(lines[-1]):
+        lines.pop()
+    logger.debug(
+        "drop_unfinished_line: %r and %d block openers", tail, head.count("\n") + 1 - len(lines)
+    )
+    return replace(s, text="\n".join(lines))
 
 
 def trim_space(s: Suggestion, ctx: Context) -> Suggestion | None:
@@ -385,24 +394,21 @@ def _reindent(line: str, to_tabs: bool, unit: int) -> str:
 def trim_repeated_suffix_lines(s: Suggestion, ctx: Context) -> Suggestion | None:
     """Drop the suggestion's last lines when they repeat the lines after the cursor."""
     lines = s.text.split("\n")
-    # (indent, text) of the next non-blank lines; the rest of the cursor line matches any indent.
+    # (indent, text) of the next non-blank lines. The rest of the cursor line, on a line of its
+    # own, goes at the cursor line's indentation: a deeper `}` closes a block of the suggestion.
     following = [(indent_width(line), line.strip()) for line in ctx.suffix_lines if line.strip()]
     if ctx.line_after.strip():
-        following.insert(0, (-1, ctx.line_after.strip()))
+        following.insert(0, (indent_width(ctx.line_before), ctx.line_after.strip()))
     for n in range(1, len(lines)):  # longest repeated tail first
         tail = [(indent_width(line), line.strip()) for line in lines[n:] if line.strip()]
         if (
             tail
-            and all(_same_line(t, f) for t, f in zip(tail, following, strict=False))
+            and all(t == f for t, f in zip(tail, following, strict=False))
             and (len(tail) <= len(following))
         ):
             logger.debug("trim_repeated_suffix_lines: %d lines repeat the suffix", len(lines) - n)
             return replace(s, text="\n".join(lines[:n]).rstrip())
     return s
-
-
-def _same_line(a: tuple[int, str], b: tuple[int, str]) -> bool:
-    return a[1] == b[1] and (a[0] == b[0] or b[0] < 0)
 
 
 def trim_closing_overlap(s: Suggestion, ctx: Context) -> Suggestion | None:
@@ -426,11 +432,16 @@ def trim_closing_overlap(s: Suggestion, ctx: Context) -> Suggestion | None:
     if not candidates:
         return s
     scores = {k: _errors_with(ctx, text[: len(text) - k], 0) for k in [0, *candidates]}
-    best = min(scores, key=lambda k: (scores[k], k))
+    # Ties go to the shortest trim, but a `;` or `,` (which the scan cannot score) is trimmed.
+    best = min(scores, key=lambda k: (scores[k], -k if _unscored(ahead[:k]) else k))
     if best == 0:
         return s
     logger.debug("trim_closing_overlap: %r is already after the cursor", ahead[:best])
     return replace(s, text=text[: len(text) - best])  # (trim_space, next, takes the spaces)
+
+
+def _unscored(overlap: str) -> bool:
+    return not any(c in OPENERS + CLOSERS + QUOTES for c in overlap)
 
 
 def _splits_triple_quote(text: str, cut: int) -> bool:
@@ -548,7 +559,7 @@ def replace_line_rest(s: Suggestion, ctx: Context) -> Suggestion | None:
     rest = ctx.line_after
     if not rest.strip() or s.replace_after:
         return s
-    if BLOCK_OPENER.search(s.text) and "\n" not in s.text:
+    if "\n" not in s.text and BLOCK_OPENER.search(s.text) and not _Brackets().fed(s.text).errors:
         return s  # `f(|);` suggested `(req, res) => {`: the closers come after that block
     if not LINE_REST_OK.match(rest):
         retyped = "\n" not in s.text and s.text.rstrip().endswith(rest.strip())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import threading
 
 import pytest
@@ -109,6 +110,26 @@ async def test_a_bad_frame_costs_that_message_only(bad):
 async def test_headers_are_read_in_the_forms_clients_write(good):
     answers = await _answers(good + _frame(_stats(3)))
     assert 2 in answers and 3 in answers
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+async def test_a_content_type_header_is_no_error(where, caplog):
+    """pygls' and other clients' Content-Type line (LSP's optional header) is part of the
+    frame, not bytes that were skipped."""
+    content_type = b"Content-Type: application/vscode-jsonrpc; charset=utf-8\r\n"
+
+    def framed(message: dict) -> bytes:
+        frame = _frame(message)
+        return (
+            content_type + frame
+            if where == "before"
+            else frame.replace(b"\r\n\r\n", b"\r\n" + content_type + b"\r\n", 1)
+        )
+
+    caplog.set_level(logging.ERROR, logger="codelm.lsp.framing")
+    answers = await _answers(framed(_stats(2)) + framed(_stats(3)))
+    assert 2 in answers and 3 in answers
+    assert not [r.getMessage() for r in caplog.records if r.name == "codelm.lsp.framing"]
 
 
 async def test_a_body_over_the_limit_is_skipped():
