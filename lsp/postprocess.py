@@ -136,7 +136,8 @@ class Context:
 
     @cached_property
     def between_braces(self) -> bool:
-        """The cursor sits between braces the editor closed: `{|}`, `=> {|});`."""
+        """The cursor sits between braces or square brackets the editor closed: `{|}`,
+        `=> {|});`, `$config = [|];`."""
         return between_braces(self.line_before, self.line_after)
 
     @cached_property
@@ -176,9 +177,10 @@ Filter = Callable[[Suggestion, Context], "Suggestion | None"]
 
 
 def between_braces(line_before: str, line_after: str) -> bool:
+    opener = line_before.rstrip()[-1:]
     return (
-        line_before.rstrip().endswith("{")
-        and line_after.lstrip().startswith("}")
+        opener in ("{", "[")
+        and line_after.lstrip()[:1] == CLOSERS[OPENERS.index(opener)]
         and LINE_REST_OK.match(line_after) is not None
     )
 

@@ -57,7 +57,8 @@ def test_skip_reason_invoked_trigger_always_goes():
         ("int f(int x) {", "}", "auto", False),  # braces the editor closed
         ("  items.map((x) => {", "});", "auto", False),
         ("  f({", "}, x);", "auto", True),  # more than closers after it
-        ("x = [", "]", "auto", True),
+        ("x = [", "];", "auto", False),  # and square brackets
+        ("x = [", "] + y", "auto", True),
         ("x = 1 +", "", "auto", True),
         ("    ", "", "always", True),
         ("x = 1 +", "", "never", False),
