@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import QUANT_MODES, EngineConfig, copies_budget, is_server_url
+from .engine.prompt import FIM_SETTINGS, SERVER_FIM
 from .errors import ConfigError
 from .runtime import RuntimePaths
 
@@ -33,9 +34,10 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "quant": QUANT_MODES,
     "log_level": LOG_LEVELS,
+    "fim": FIM_SETTINGS,
 }
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-AT_LEAST = {"prefill_chunk": 1, "max_body_bytes": 1, "max_pending": 1}
+AT_LEAST = {"prefill_chunk": 1, "max_body_bytes": 1, "max_pending": 1, "start_timeout_s": 1}
 MAX_THREADS = 1024
 
 
@@ -114,8 +116,8 @@ def _read_file(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: reading config.toml needs Python 3.11 or newer")
         return {}
     try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
+        # Without the byte order mark some Windows editors write (tomllib refuses it).
+        data = tomllib.loads(path.read_bytes().decode("utf-8").removeprefix("\ufeff"))
     except FileNotFoundError:
         return {}
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
@@ -162,15 +164,21 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
 
 
 def _to_int(raw: Any) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
-        raise TypeError(f"must be an integer, got {raw!r}")
-    return int(raw)
+    try:
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            raise ValueError
+        return int(raw)
+    except ValueError:
+        raise TypeError(f"must be an integer, got {raw!r}") from None
 
 
 def _to_float(raw: Any) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-        raise TypeError(f"must be a number, got {raw!r}")
-    return float(raw)
+    try:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+            raise ValueError
+        return float(raw)
+    except ValueError:
+        raise TypeError(f"must be a number, got {raw!r}") from None
 
 
 def _to_bool(raw: Any) -> bool:
@@ -184,8 +192,8 @@ def _to_bool(raw: Any) -> bool:
 
 
 def _check(name: str, value: Any, where: str) -> Any:
-    if name == "log_level":
-        value = value.upper()
+    if name in CHOICES:  # in any case: `INFO`, `info`; `int4`, `INT4`
+        value = value.upper() if name == "log_level" else value.lower()
     if name in CHOICES and value not in CHOICES[name]:
         raise ConfigError(f"{where}: must be one of {', '.join(CHOICES[name])}, got {value!r}")
     if name == "prefill_copies":
@@ -212,6 +220,11 @@ def _check(name: str, value: Any, where: str) -> Any:
             # Path("") is the working folder: the load failed on some folder's config.json.
             raise ConfigError(
                 f"{where}: must name a model (`default`, a .gguf file, a folder or a server URL)"
+            )
+        if "://" in value and not is_server_url(value):
+            raise ConfigError(
+                f"{where}: an inference server is named by an http:// or https:// URL, "
+                f"got {value!r}"
             )
         value = _server_url(value, where) if is_server_url(value) else _absolute_model(value)
     if name == "unix_socket":
@@ -247,6 +260,11 @@ def _absolute_model(model: str) -> str:
 
 
 def _build(values: dict[str, Any], paths: RuntimePaths) -> DaemonConfig:
+    if values.get("fim") == SERVER_FIM and not is_server_url(values.get("model", "")):
+        raise ConfigError(
+            f"fim = {SERVER_FIM!r} is for a model that is an inference server's URL; a local "
+            "model needs auto, none or a FIM format"
+        )
     engine_values = {k: v for k, v in values.items() if k in _ENGINE_FIELDS}
     daemon_values = {k: v for k, v in values.items() if k in _DAEMON_FIELDS}
     return DaemonConfig(engine=EngineConfig(**engine_values), paths=paths, **daemon_values)

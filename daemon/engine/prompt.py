@@ -75,6 +75,11 @@ FIM_FORMATS: dict[str, FimFormat] = {
         ),
     )
 }
+# `fim = "server"`, for a model that is an inference server's URL: send the prefix as `prompt`
+# and the suffix as `suffix`; the server lays out the FIM prompt (Ollama and codelm do; others
+# may drop the suffix).
+SERVER_FIM = "server"
+FIM_SETTINGS = ("auto", "none", SERVER_FIM, *FIM_FORMATS)  # what the `fim` setting may be
 
 # Line-comment syntax by file extension, for the file-path header of prefix-only prompts.
 _HASH_COMMENT = {".py", ".sh", ".rb", ".pl", ".r", ".toml", ".yaml", ".yml", ".jl", ".nim", ".ps1"}
@@ -122,7 +127,7 @@ def detect_fim(tokenizer: Tokenizer, override: str = "auto") -> FimFormat | None
         return None
     if override != "auto":
         if override not in FIM_FORMATS:
-            known = ", ".join(("auto", "none", *FIM_FORMATS))
+            known = ", ".join(name for name in FIM_SETTINGS if name != SERVER_FIM)
             raise ModelLoadError(f"fim: unknown FIM format {override!r}; known: {known}")
         return FIM_FORMATS[override]
     for fmt in FIM_FORMATS.values():

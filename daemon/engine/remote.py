@@ -41,6 +41,8 @@ from . import EngineConfig
 from .cancel import CancelToken
 from .prompt import (
     FIM_FORMATS,
+    FIM_SETTINGS,
+    SERVER_FIM,
     FimFormat,
     aixcoder_header,
     comment_header,
@@ -86,9 +88,6 @@ _FIM_BY_NAME = (
     (("codeshell",), "starcoder"),
     (("aixcoder",), "aixcoder"),
 )
-# `fim = "server"`: send the prefix as `prompt` and the suffix as `suffix`; the server lays
-# out the FIM prompt (Ollama and codelm do; others may drop the suffix).
-SERVER_FIM = "server"
 
 
 def server_base(model: str) -> str:
@@ -107,7 +106,7 @@ def guess_fim(setting: str, model_name: str) -> FimFormat | str | None:
         return SERVER_FIM
     if setting != "auto":
         if setting not in FIM_FORMATS:
-            known = ", ".join(("auto", "none", SERVER_FIM, *FIM_FORMATS))
+            known = ", ".join(FIM_SETTINGS)
             raise ModelLoadError(f"fim: unknown FIM format {setting!r}; known: {known}")
         return FIM_FORMATS[setting]
     name = model_name.lower()

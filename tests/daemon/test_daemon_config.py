@@ -60,6 +60,11 @@ def test_config_reads_engine_settings_flat_or_in_table(tmp_path):
         ({"CODELM_START_TIMEOUT_S": "inf"}, "must be a finite number"),
         ({"CODELM_PREFILL_CHUNK": "0"}, "must be at least 1"),
         ({"CODELM_THREADS": "100000"}, "must be at most 1024"),
+        ({"CODELM_PORT": "abc"}, "port (from environment): must be an integer, got 'abc'"),
+        ({"CODELM_FIM": "bogus"}, "fim (from environment): must be one of auto, none, server"),
+        ({"CODELM_FIM": "server"}, "is for a model that is an inference server's URL"),
+        ({"CODELM_START_TIMEOUT_S": "0"}, "must be at least 1"),
+        ({"CODELM_MODEL": "ftp://host/x.gguf"}, "named by an http:// or https:// URL"),
     ],
 )
 def test_config_rejects_bad_env_values_naming_the_source(tmp_path, env, message):
@@ -80,6 +85,18 @@ def test_config_rejects_bad_file_naming_the_file(tmp_path):
     _write_config(tmp_path, "port = true\n")
     with pytest.raises(ConfigError, match="must be an integer"):
         resolve_config({}, {"CODELM_HOME": str(tmp_path)})
+
+
+def test_config_reads_choices_in_any_case_and_a_file_with_a_byte_order_mark(tmp_path):
+    _write_config(tmp_path, '\ufeffquant = "INT4"\nlog_level = "debug"\n')
+    config = resolve_config({}, {"CODELM_HOME": str(tmp_path), "CODELM_DEVICE": "CPU"})
+    assert (config.engine.quant, config.log_level, config.engine.device) == ("int4", "DEBUG", "cpu")
+    remote = {
+        "CODELM_HOME": str(tmp_path),
+        "CODELM_MODEL": "http://127.0.0.1:1",
+        "CODELM_FIM": "server",
+    }
+    assert resolve_config({}, remote).engine.fim == "server"
 
 
 def test_config_ignores_unknown_keys_with_a_warning(tmp_path, caplog):
