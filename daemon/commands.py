@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import signal
 import stat
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,13 +163,43 @@ def run_prompt(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal) interrupt as Ctrl-C does, so that a fetch's
+    working folder is removed on the way out, not left behind with hundreds of MB."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _fetched_state(entry: catalog.CatalogModel, path: Path) -> str:
+    """What `models list` says of a catalogue model's file (by its size: no hashing here)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "not fetched"
+    if size != entry.size_bytes:
+        return f"damaged (not its {entry.size_bytes} bytes; `models fetch {entry.name} --force`)"
+    return "fetched"
+
+
 def run_models(args: argparse.Namespace) -> int:
     """`models [list [NAME]]` or `models fetch [NAME]`."""
     name = getattr(args, "name", None)  # "" is no model's name (catalog says so)
     listed = catalog.CATALOG
     try:
         if args.action == "fetch":
-            catalog.fetch("default" if name is None else name, force=getattr(args, "force", False))
+            with _signals_interrupt():
+                catalog.fetch(
+                    "default" if name is None else name, force=getattr(args, "force", False)
+                )
             return 0
         if name is not None:  # (it was ignored: the whole catalogue was listed)
             entry = catalog.known_entry(name)
@@ -174,9 +207,12 @@ def run_models(args: argparse.Namespace) -> int:
     except CodelmError as exc:
         print(f"codelm-daemon models: {exc.message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("codelm-daemon models: fetch interrupted; no model was changed", file=sys.stderr)
+        return 130
     for name, entry in listed.items():
         path = catalog.models_dir() / entry.filename
-        state = "fetched" if path.exists() else "not fetched"
+        state = _fetched_state(entry, path)
         marker = " (default)" if name == catalog.DEFAULT_MODEL else ""
         print(f"{name}{marker}: {entry.description} [{state}: {path}]")
     return 0
