@@ -456,6 +456,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
         print(_tail(log_file, args.lines))
         if args.follow:
             _follow(log_file)
+    except BrokenPipeError:
+        raise  # `logs | head`: main() handles it
     except OSError as exc:  # FileNotFoundError: the log was removed as it was read
         print(f"{PROG}: cannot read the log {log_file} ({exc.strerror})", file=sys.stderr)
         return 1

@@ -49,17 +49,24 @@ class RuntimePaths:
                 cache_dir=base / "cache",
                 config_dir=base / "config",
             )
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset and falls back to /tmp/runtime-UID.
-            warnings.simplefilter("ignore")
-            runtime_dir = platformdirs.user_runtime_dir(APP_NAME)
-        return cls(
-            runtime_dir=Path(runtime_dir),
-            log_dir=Path(platformdirs.user_log_dir(APP_NAME)),
-            data_dir=Path(platformdirs.user_data_dir(APP_NAME)),
-            cache_dir=Path(platformdirs.user_cache_dir(APP_NAME)),
-            config_dir=Path(platformdirs.user_config_dir(APP_NAME)),
-        )
+        try:
+            with warnings.catch_warnings():
+                # platformdirs warns when XDG_RUNTIME_DIR is unset and falls back to
+                # /tmp/runtime-UID.
+                warnings.simplefilter("ignore")
+                runtime_dir = platformdirs.user_runtime_dir(APP_NAME)
+            return cls(
+                runtime_dir=Path(runtime_dir),
+                log_dir=Path(platformdirs.user_log_dir(APP_NAME)),
+                data_dir=Path(platformdirs.user_data_dir(APP_NAME)),
+                cache_dir=Path(platformdirs.user_cache_dir(APP_NAME)),
+                config_dir=Path(platformdirs.user_config_dir(APP_NAME)),
+            )
+        except RuntimeError as exc:  # no HOME and a user id with no passwd entry (containers)
+            raise ConfigError(
+                f"cannot tell where codelm's files go ({exc}); set HOME, or CODELM_HOME to "
+                "a folder for them"
+            ) from None
 
     @property
     def lock_file(self) -> Path:

