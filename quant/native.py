@@ -108,10 +108,24 @@ def _load(build_dir: Path | None, arch: tuple[str, ...] = _ARCH) -> ctypes.CDLL 
             (SOURCE.read_text(), compiler, version, " ".join((*flags, *_LINK_FLAGS)), _cpu_id())
         ).encode()
     ).hexdigest()[:16]
-    if build_dir is None:
-        with tempfile.TemporaryDirectory(prefix="codelm-kernels-") as tmp:
-            return _build_and_open(compiler, flags, Path(tmp) / f"kernels-{key}.so", key)
-    return _build_and_open(compiler, flags, Path(build_dir) / f"kernels-{key}.so", key)
+    name = f"kernels-{key}.so"
+    if build_dir is not None:
+        if (Path(build_dir) / name).exists() or _writable(Path(build_dir)):
+            return _build_and_open(compiler, flags, Path(build_dir) / name, key)
+        logger.warning(
+            "cannot write to %s: the native kernels are built in a temporary folder, at each start",
+            build_dir,
+        )
+    with tempfile.TemporaryDirectory(prefix="codelm-kernels-") as tmp:
+        return _build_and_open(compiler, flags, Path(tmp) / name, key)
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
 
 
 def _build_and_open(

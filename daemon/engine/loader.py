@@ -440,6 +440,8 @@ class LinearFactory:
     def cache_report(self) -> str:
         if self.cache is None:
             return "not used (nothing needed quantising)"
+        if self.cache.error:
+            return f"not written ({self.cache.error}): {self.cache.file}"
         state = f"{self.cache_hits} layers loaded" if self.cache_hits else "written"
         return f"{state}: {self.cache.file}"
 

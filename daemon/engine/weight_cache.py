@@ -43,6 +43,7 @@ class WeightCache:
         self.tensors: dict[str, torch.Tensor] = {}
         self.meta: dict[str, str] = {}
         self.is_dirty = False
+        self.error = ""  # why save() failed, for status
         if file.exists():
             self._load()
 
@@ -98,6 +99,7 @@ class WeightCache:
             logger.info("cached quantised weights in %s", self.file)
         except Exception as exc:  # read-only or full (SafetensorError): load without a cache
             logger.warning("could not write the weight cache %s: %s", self.file, exc)
+            self.error = str(exc)
             with contextlib.suppress(OSError):
                 partial.unlink(missing_ok=True)
         else:

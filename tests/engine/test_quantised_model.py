@@ -135,6 +135,7 @@ def test_a_damaged_or_unwritable_weight_cache_only_costs_the_cache(tmp_path, cap
     unwritable.put("blk.0", weight, asked="int8")
     unwritable.save()
     assert "could not write the weight cache" in caplog.text
+    assert "Not a directory" in unwritable.error  # status says "not written (...)", not written
 
 
 def test_a_new_weight_cache_removes_the_one_it_supersedes(tmp_path):
