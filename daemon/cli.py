@@ -222,16 +222,24 @@ def _daemonize(config: DaemonConfig, args: argparse.Namespace) -> int:
             cwd="/",
             env=daemon_environment(config),
         )
-    health = _wait_for_socket(proc, paths, config.start_timeout_s)
-    if health is None:
-        return 1
-    if args.wait > 0:
-        health = _wait_for_model(paths, args.wait, health)
-        if health.get("state") == "error":
-            print(f"{PROG}: the model failed to load: {health.get('message')}", file=sys.stderr)
-            print(f"{PROG}: log: {paths.log_file}", file=sys.stderr)
-            _stop(paths)
+    try:
+        health = _wait_for_socket(proc, paths, config.start_timeout_s)
+        if health is None:
             return 1
+        if args.wait > 0:
+            health = _wait_for_model(paths, args.wait, health)
+    except KeyboardInterrupt:  # the daemon runs in a session of its own: Ctrl-C left it be
+        print(
+            f"\n{PROG}: stopped waiting; the daemon (pid {proc.pid}) goes on starting in the "
+            f"background: `{PROG} status` shows it, `{PROG} stop` stops it",
+            file=sys.stderr,
+        )
+        return 130
+    if args.wait > 0 and health.get("state") == "error":
+        print(f"{PROG}: the model failed to load: {health.get('message')}", file=sys.stderr)
+        print(f"{PROG}: log: {paths.log_file}", file=sys.stderr)
+        _stop(paths)
+        return 1
     info = read_daemon_info(paths)
     print(f"codelm daemon running: {info.url}")
     print(f"  pid:   {info.pid}")
@@ -372,6 +380,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         pid = read_pid(paths)
         state = "starting" if pid is not None else "stopped"
         message = exc.message
+        if pid is not None and paths.url_file.exists():
+            # It listened (the url is published once it does) and answers no more: stopped
+            # with SIGSTOP or in a debugger, swapping, or hung.
+            state = "not responding"
+            message = (
+                f"pid {pid} is running but did not answer within 5 s ({exc.message}); "
+                f"`{PROG} stop` stops it, `{PROG} logs` may say why"
+            )
         if pid is None and stopped_by_user(paths):
             message = (
                 "stopped with `codelm-daemon stop`; the editors that were using it leave it "
@@ -382,11 +398,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
         _print_status(status, paths)
+    if status["state"] == "not responding":
+        return 1
     return 0 if status["state"] != "stopped" else EXIT_NOT_RUNNING
 
 
 def _print_status(status: dict[str, Any], paths: RuntimePaths) -> None:
-    if status["state"] in ("stopped", "starting"):
+    if status["state"] in ("stopped", "starting", "not responding"):
         print(f"codelm daemon: {status['state']} ({status.get('message', '')})")
         return
     requests = status.get("requests", {})

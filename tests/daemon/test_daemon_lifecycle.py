@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -85,6 +87,45 @@ def test_kill_9_leaves_stale_files_that_start_recovers(home):
     assert restarted.returncode == 0, restarted.stderr
     assert read_live(home).pid != live.pid
     assert cli(home, "stop", timeout=60).returncode == 0
+
+
+def test_a_daemon_that_answers_no_more_is_not_responding_not_starting(home):
+    # A daemon stopped with SIGSTOP for minutes was shown as `starting`, with status 0.
+    assert cli(home, "start", "--wait", "0").returncode == 0
+    live = read_live(home)
+    os.kill(live.pid, signal.SIGSTOP)
+    try:
+        status = cli(home, "status")
+    finally:
+        os.kill(live.pid, signal.SIGCONT)
+    assert status.returncode == 1
+    assert status.stdout.startswith(f"codelm daemon: not responding (pid {live.pid} is running")
+    assert "`codelm-daemon stop` stops it" in status.stdout
+
+
+def test_ctrl_c_while_start_waits_says_the_daemon_goes_on(home):
+    # `start` exited 130 without a word while the daemon it spawned went on loading.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODELM_")}
+    env |= {"CODELM_HOME": str(home), "CODELM_MODEL": TEST_MODEL}
+    start = subprocess.Popen(
+        [sys.executable, "-m", "codelm.daemon.cli", "start"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    paths = RuntimePaths.for_home(home)
+    deadline = time.monotonic() + 60
+    while not paths.url_file.exists():  # it waits for the model now
+        assert time.monotonic() < deadline and start.poll() is None, start.communicate()
+        time.sleep(0.02)
+    start.send_signal(signal.SIGINT)
+    out, err = start.communicate(timeout=30)
+    pid = read_live(home).pid
+    assert start.returncode == 130
+    assert f"the daemon (pid {pid}) goes on starting in the background" in err
+    assert cli(home, "status").returncode == 0
 
 
 def test_unknown_model_path_fails_start_with_clear_error(home):
