@@ -408,7 +408,9 @@ class Scheduler:
         except Exception as exc:  # worker boundary: any load failure becomes the error state
             known = isinstance(exc, CodelmError)
             message = exc.message if known else f"{type(exc).__name__}: {exc}"
-            if known:
+            if self._stopping:  # stopped while torch was imported: it fails as Python exits
+                logger.info("model load abandoned: the daemon is stopping (%s)", message)
+            elif known:
                 logger.error("model load failed: %s", message)
             else:
                 logger.exception("model load failed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 import pytest
@@ -78,6 +79,27 @@ async def test_scheduler_reports_load_error_and_refuses_requests():
             await scheduler.complete(_request())
     finally:
         await scheduler.stop()
+
+
+async def test_a_load_that_fails_as_the_daemon_stops_is_no_error(caplog):
+    # `stop` while the load still imported torch logged "model load failed" at ERROR with a
+    # 40-line traceback of torch's failing import.
+    caplog.set_level(logging.INFO, logger="codelm")
+    stopping = threading.Event()
+
+    def loader(config, progress):
+        stopping.wait(5)
+        raise RuntimeError("operator prims::empty_permuted does not exist")
+
+    scheduler = Scheduler(EngineConfig(model="fake.gguf"), loader=loader)
+    scheduler.start()
+    stop = asyncio.create_task(scheduler.stop())
+    await _wait_until(lambda: scheduler._stopping)
+    stopping.set()
+    await stop
+    assert scheduler.state is EngineState.STOPPED
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "model load abandoned: the daemon is stopping" in caplog.text
 
 
 async def test_scheduler_supersedes_in_flight_request_for_same_uri():
