@@ -126,7 +126,9 @@ def _add_engine_commands(sub: Any, common: Any, engine: Any) -> None:
 
     models = sub.add_parser("models", parents=[common], help="list or fetch catalogue models")
     models.add_argument("action", choices=("list", "fetch"), nargs="?", default="list")
-    models.add_argument("name", nargs="?", help="model name (default: default)")
+    models.add_argument(
+        "name", nargs="?", help="a catalogue model (fetch: `default` if none; list: all if none)"
+    )
     models.add_argument("--force", action="store_true", help="fetch again even if present")
     models.set_defaults(func=_lead_command("run_models"))
 
@@ -471,7 +473,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
         print(f"{PROG}: no log yet at {log_file}", file=sys.stderr)
         return 1
     try:
-        print(_tail(log_file, args.lines))
+        if text := _tail(log_file, args.lines):
+            print(text)
         if args.follow:
             _follow(log_file)
     except BrokenPipeError:

@@ -125,6 +125,8 @@ def _read_file(path: Path) -> dict[str, Any]:
     engine = data.pop("engine", {})
     if not isinstance(engine, dict):
         raise ConfigError(f"{path}: [engine] must be a table")
+    for name in sorted(data.keys() & engine.keys()):
+        logger.warning("%s: %s is set twice; the [engine] table's value is used", path, name)
     return {**data, **engine}
 
 

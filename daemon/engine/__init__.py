@@ -21,7 +21,7 @@ def copies_budget(prefill_copies: str) -> int | None:
         return None if value == "auto" else 0
     number = value.removesuffix("mb").strip()
     if not number.isdigit():
-        raise ValueError(f"prefill_copies must be {PREFILL_COPIES}, got {prefill_copies!r}")
+        raise ValueError(f"must be {PREFILL_COPIES}, got {prefill_copies!r}")
     return int(number) * 1_000_000
 
 

@@ -55,7 +55,7 @@ def test_config_reads_engine_settings_flat_or_in_table(tmp_path):
         ({"CODELM_DEVICE": "tpu"}, "must be one of auto, cpu, cuda"),
         ({"CODELM_HOST": "0.0.0.0"}, "only listens on loopback"),
         ({"CODELM_IDLE_UNLOAD_S": "-1"}, "must be >= 0"),
-        ({"CODELM_PREFILL_COPIES": "some"}, "must be auto, none or a size in MB"),
+        ({"CODELM_PREFILL_COPIES": "some"}, "(from environment): must be auto, none or a size"),
         ({"CODELM_IDLE_UNLOAD_S": "nan"}, "must be a finite number"),
         ({"CODELM_START_TIMEOUT_S": "inf"}, "must be a finite number"),
         ({"CODELM_PREFILL_CHUNK": "0"}, "must be at least 1"),
@@ -97,6 +97,12 @@ def test_config_reads_choices_in_any_case_and_a_file_with_a_byte_order_mark(tmp_
         "CODELM_FIM": "server",
     }
     assert resolve_config({}, remote).engine.fim == "server"
+
+
+def test_a_setting_both_at_the_top_and_in_the_engine_table_is_warned_of(tmp_path, caplog):
+    path = _write_config(tmp_path, 'quant = "int8"\n[engine]\nquant = "int4"\n')
+    assert resolve_config({}, {"CODELM_HOME": str(tmp_path)}).engine.quant == "int4"
+    assert f"{path}: quant is set twice; the [engine] table's value is used" in caplog.text
 
 
 def test_config_ignores_unknown_keys_with_a_warning(tmp_path, caplog):
