@@ -112,12 +112,26 @@ _OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 }
 
 
+# Objects that hold options: "daemon".
+_GROUPS = frozenset(p.rsplit(".", 1)[0] for p in _OPTIONS if "." in p)
+
+
+def _as_object(value: Any) -> Mapping[str, Any] | None:
+    """`value` as an object; an empty list is one: Neovim encodes an empty Lua table, `{}`
+    in a user's config, as `[]`."""
+    if isinstance(value, Mapping):
+        return value
+    return {} if isinstance(value, list) and not value else None
+
+
 def _flatten(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in options.items():
         path = f"{prefix}{key}"
-        if isinstance(value, Mapping) and path not in _OPTIONS:
-            flat.update(_flatten(value, f"{path}."))
+        if path in _OPTIONS:
+            flat[path] = value
+        elif isinstance(value, Mapping) or (path in _GROUPS and _as_object(value) is not None):
+            flat.update(_flatten(_as_object(value) or {}, f"{path}."))
         else:
             flat[path] = value
     return flat
@@ -129,18 +143,20 @@ def settings_from_options(
     """Convert camelCase options onto `base` (defaults when None); returns settings + problems.
 
     Accepts the options object itself or one wrapped as `{"codelm": {...}}` (the shape
-    `workspace/didChangeConfiguration` sends). Unknown keys are ignored (logged at DEBUG).
+    `workspace/didChangeConfiguration` sends; the keys beside `codelm` are other tools').
+    An empty list counts as an empty object (Neovim's `{}`). Unknown keys are ignored
+    (logged at DEBUG).
     """
     base = base or LspSettings()
     if options is None:
         return base, []
-    if not isinstance(options, Mapping):
+    if (given := _as_object(options)) is None:
         return base, [f"options must be an object, got {type(options).__name__}"]
-    if isinstance(options.get("codelm"), Mapping):
-        options = options["codelm"]
+    if (section := _as_object(given.get("codelm"))) is not None:
+        given = section
     changes: dict[str, Any] = {}
     problems: list[str] = []
-    for path, value in _flatten(options).items():
+    for path, value in _flatten(given).items():
         if path not in _OPTIONS:
             logger.debug("ignoring unknown option %s", path)
             continue

@@ -80,3 +80,40 @@ def test_neovim_shows_and_accepts_codelm_suggestion(tmp_path: Path):
     assert ghost.strip() and outcome["line"] == TYPED + ghost
     assert source.read_text().startswith(SOURCE + TYPED + ghost)
     assert outcome["accepted"] == 1  # the item's codelm.accept reached the server
+
+
+# Stands in for codelm-lsp: writes the `initialize` request Neovim sent to argv[1], then exits.
+RECORDER = """
+import os, sys
+length = 0
+while line := sys.stdin.buffer.readline().strip():
+    name, _, value = line.decode().partition(":")
+    if name.lower() == "content-length":
+        length = int(value)
+with open(sys.argv[1] + ".part", "wb") as out:
+    out.write(sys.stdin.buffer.read(length))
+os.replace(sys.argv[1] + ".part", sys.argv[1])
+"""
+
+
+def test_neovim_setup_without_settings_sends_an_object(tmp_path: Path):
+    # Neovim encodes an empty Lua table as `[]`: `setup()` made the server warn "options must
+    # be an object, got list".
+    nvim = _nvim()
+    recorder, sent, source = tmp_path / "recorder.py", tmp_path / "sent.json", tmp_path / "a.py"
+    recorder.write_text(RECORDER)
+    source.write_text(SOURCE)
+    cmd = [sys.executable, str(recorder), str(sent)]
+    script = tmp_path / "setup.lua"
+    script.write_text(
+        f"vim.opt.runtimepath:prepend({json.dumps(str(DRIVER.parents[1]))})\n"
+        "vim.cmd('filetype on')\n"
+        f"require('codelm').setup({{ cmd = vim.json.decode({json.dumps(json.dumps(cmd))}) }})\n"
+        f"vim.cmd.edit({json.dumps(str(source))})\n"
+        f"vim.wait(20000, function() return vim.uv.fs_stat({json.dumps(str(sent))}) end, 50)\n"
+        "vim.cmd('qa!')\n"
+    )
+    command = [nvim, "--headless", "-u", "NONE", "-i", "NONE", "-n", "-c", f"luafile {script}"]
+    subprocess.run(command, cwd=tmp_path, capture_output=True, timeout=60)
+    options = json.loads(sent.read_text())["params"]["initializationOptions"]
+    assert options == {} and isinstance(options, dict)

@@ -54,6 +54,20 @@ def test_settings_non_object_options_report_one_problem():
     assert settings == LspSettings() and len(problems) == 1
 
 
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ([], LspSettings()),
+        ({"codelm": []}, LspSettings()),
+        ({"daemon": [], "maxTokens": 8}, LspSettings(max_tokens=8)),
+    ],
+)
+def test_settings_take_an_empty_list_for_an_empty_object(options, expected):
+    # Neovim encodes an empty Lua table as `[]`: `require('codelm').setup()` got the warning
+    # "options must be an object, got list".
+    assert settings_from_options(options) == (expected, [])
+
+
 def test_language_filter():
     only_py = LspSettings(enabled_languages=("python",))
     assert only_py.is_language_enabled("python") and not only_py.is_language_enabled("rust")

@@ -26,6 +26,15 @@ local function server_cmd()
   return { 'codelm-lsp', '--stdio' }
 end
 
+--- The settings as initializationOptions. Neovim encodes an empty Lua table as a JSON array,
+--- which the server cannot take for its options object: an empty one goes as `{}`.
+local function init_options(settings)
+  if type(settings) == 'table' and next(settings) == nil then
+    return vim.empty_dict()
+  end
+  return settings
+end
+
 local function on_status(_, result)
   M.state = { state = result.state, message = result.message or '' }
   vim.api.nvim_exec_autocmds('User', { pattern = 'CodelmStatus', modeline = false })
@@ -53,7 +62,7 @@ function M.setup(opts)
     cmd = M.config.cmd or server_cmd(),
     filetypes = M.config.filetypes,
     root_markers = { '.git' },
-    init_options = M.config.settings,
+    init_options = init_options(M.config.settings),
     handlers = { ['codelm/status'] = on_status },
     on_attach = on_attach,
   })
