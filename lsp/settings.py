@@ -1,11 +1,13 @@
 """LspSettings: the server's settings, read from camelCase `initializationOptions`.
 
 The same converter handles `workspace/didChangeConfiguration`. An invalid value falls back to
-its default and is reported once, as one warning listing every problem.
+its default and an unknown key is ignored; both are reported once, as one warning listing
+every problem.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -112,6 +114,10 @@ _OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 }
 
 
+# Keys of VS Code's `codelm.*` settings that only the extension reads; a client that sends
+# the whole section sends them too.
+_CLIENT_ONLY = frozenset({"serverPath", "trace.server"})
+_SEPARATORS = str.maketrans("", "", "-_.")  # dropped when comparing an unknown key with ours
 # Objects that hold options: "daemon".
 _GROUPS = frozenset(p.rsplit(".", 1)[0] for p in _OPTIONS if "." in p)
 
@@ -137,6 +143,31 @@ def _flatten(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _unknown(path: str, value: Any) -> str:
+    """The problem an unknown option is, with the known one it may have meant."""
+    if path in _GROUPS:
+        inner = " and ".join(p.split(".", 1)[1] for p in _OPTIONS if p.startswith(f"{path}."))
+        return f"{path} must be an object with {inner} (got {value!r})"
+    hint = _close_option(path)
+    return f"unknown option {path}" + (f" (did you mean {hint}?)" if hint else "")
+
+
+def _close_option(path: str) -> str | None:
+    """The known option `path` most likely misspells: same letters once case, `_`, `-` and
+    `.` are dropped (max_tokens, daemonUrl), a nested option's bare name (autoStart), or
+    else a close spelling."""
+
+    def squash(text: str) -> str:
+        return text.lower().translate(_SEPARATORS)
+
+    for known in _OPTIONS:
+        if squash(path) in (squash(known), squash(known.rsplit(".", 1)[-1])):
+            return known
+    by_squashed = {squash(known): known for known in _OPTIONS}
+    close = difflib.get_close_matches(squash(path), by_squashed, n=1, cutoff=0.75)
+    return by_squashed[close[0]] if close else None
+
+
 def settings_from_options(
     options: Any, base: LspSettings | None = None
 ) -> tuple[LspSettings, list[str]]:
@@ -144,8 +175,8 @@ def settings_from_options(
 
     Accepts the options object itself or one wrapped as `{"codelm": {...}}` (the shape
     `workspace/didChangeConfiguration` sends; the keys beside `codelm` are other tools').
-    An empty list counts as an empty object (Neovim's `{}`). Unknown keys are ignored
-    (logged at DEBUG).
+    An empty list counts as an empty object (Neovim's `{}`). An unknown key is a problem
+    (ignored, with the known key it may misspell), but not VS Code's client-only ones.
     """
     base = base or LspSettings()
     if options is None:
@@ -158,7 +189,8 @@ def settings_from_options(
     problems: list[str] = []
     for path, value in _flatten(given).items():
         if path not in _OPTIONS:
-            logger.debug("ignoring unknown option %s", path)
+            if path not in _CLIENT_ONLY:
+                problems.append(_unknown(path, value))
             continue
         name, convert = _OPTIONS[path]
         if value is None:

@@ -208,6 +208,21 @@ async def test_invalid_settings_fall_back_with_one_warning(tmp_path: Path, fake_
     assert await _stop(client) == 0
 
 
+async def test_unknown_settings_are_one_warning_and_the_known_ones_apply(
+    tmp_path: Path, fake_daemon: FakeDaemon
+):
+    # `max_tokens` was ignored in silence (the daemon's config.toml warns of unknown keys).
+    options = {"daemon": {"url": fake_daemon.url}, "max_tokens": 8, "maxTokens": 16}
+    client, editor = await start_editor(tmp_path, {**options, "debounceMs": 0})
+    warnings = [m for m in client.messages if m.type == types.MessageType.Warning]
+    assert len(warnings) == 1 and "max_tokens (did you mean maxTokens?)" in warnings[0].message
+    await editor.wait_status("ready")
+    editor.open(URI, "total = \n")
+    await editor.inline(URI, 8, invoked=True)
+    assert fake_daemon.requests[-1].max_tokens == 16
+    assert await _stop(client) == 0
+
+
 async def test_completion_fallback_when_enabled(tmp_path: Path, fake_daemon: FakeDaemon):
     fake_daemon.truth = "total = compute(1)\n"
     options = {"daemon": {"url": fake_daemon.url}, "completionFallback": True, "debounceMs": 0}

@@ -38,9 +38,40 @@ def test_settings_invalid_values_fall_back_to_defaults_with_problems():
     assert any("maxTokens" in p for p in problems)
 
 
-def test_settings_accept_codelm_section_and_ignore_unknown_keys():
+def test_settings_accept_codelm_section_and_report_unknown_keys():
     settings, problems = settings_from_options({"codelm": {"model": "qwen", "colour": "red"}})
-    assert (settings.model, problems) == ("qwen", [])
+    assert (settings.model, problems) == ("qwen", ["unknown option colour"])
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"max_tokens": 8}, "unknown option max_tokens (did you mean maxTokens?)"),
+        ({"maxtokens": 9}, "unknown option maxtokens (did you mean maxTokens?)"),
+        ({"maxTokns": 9}, "unknown option maxTokns (did you mean maxTokens?)"),
+        ({"daemonUrl": "x"}, "unknown option daemonUrl (did you mean daemon.url?)"),
+        ({"auto_start": False}, "unknown option auto_start (did you mean daemon.autoStart?)"),
+        ({"daemon": {"autostart": 1}}, "unknown option daemon.autostart (did you mean daemon"),
+        ({"enable": False}, "unknown option enable (did you mean enabled?)"),
+        ({"colour": "red"}, "unknown option colour"),
+        ({"daemon": "http://127.0.0.1:1"}, "daemon must be an object with url and autoStart"),
+    ],
+)
+def test_settings_report_an_unknown_key_with_the_option_it_may_mean(options, problem):
+    # They were ignored in silence (logged at DEBUG), so `max_tokens: 8` did nothing.
+    settings, problems = settings_from_options({**options, "debounceMs": 5})
+    assert settings == LspSettings(debounce_ms=5)  # the known ones still apply
+    assert len(problems) == 1 and problems[0].startswith(problem), problems
+
+
+def test_settings_say_nothing_of_keys_a_client_sends_for_itself():
+    # VS Code's own `codelm.serverPath` and `codelm.trace.server`, should a client send the
+    # whole section; beside `codelm`, other tools' sections.
+    options = {
+        "codelm": {"serverPath": "", "trace": {"server": "off"}, "maxTokens": 8},
+        "python": {"analysis": {}},
+    }
+    assert settings_from_options(options) == (LspSettings(max_tokens=8), [])
 
 
 def test_settings_apply_onto_a_base():
