@@ -108,6 +108,11 @@ class DaemonClient:
         """GET /health: {"state": "loading"|"ready"|"error"|..., "progress"?, "message"?}."""
         return await self.request("GET", "/health")
 
+    async def models(self) -> dict[str, Any]:
+        """GET /v1/models: the model served, as OpenAI lists it. Needs the token, which
+        /health does not: the cheapest check that the daemon takes ours."""
+        return await self.request("GET", "/v1/models")
+
     async def load(self) -> dict[str, Any]:
         """POST /v1/load: the model loads again if idle unload dropped it, or if its load
         failed and its file has changed since; the health after."""

@@ -153,6 +153,7 @@ class HttpDaemonLink:
         await self.sink.progress("begin", "Connecting to the codelm daemon")
         try:
             client = await self._connect()
+            await self._check_token(client)
             ready_message = await self._wait_until_ready(client)
         except StoppedByUser as exc:
             self._left_stopped(exc.message)
@@ -211,6 +212,37 @@ class HttpDaemonLink:
         except DaemonUnavailable:
             return ""
 
+    async def _check_token(self, client: DaemonClient) -> None:
+        """/health answers without the token, so a daemon that refuses ours looked ready and
+        answered 401 to every request, with nothing said: one call that needs it."""
+        try:
+            await client.models()
+        except Unauthorized as exc:
+            raise Unauthorized(self._refused_message(client.url)) from exc
+        except DaemonUnavailable:
+            raise
+        except CodelmError as exc:  # not the token's fault: /health says the rest
+            logger.debug("token check: %s", exc.message)
+
+    def _refused_message(self, url: str) -> str:
+        token_file = self._paths().token_file
+        if not self.settings.daemon_url:  # the token came from that daemon's own folder
+            return (
+                f"the codelm daemon at {url} refused the token in {token_file}; it is read "
+                f"again in {RETRY_AFTER_S:.0f} s"
+            )
+        if self._token():
+            found = f"the one in {token_file} is another daemon's"
+        else:
+            started = f"with CODELM_HOME={self.home}" if self.home else "without CODELM_HOME"
+            found = f"there is none at {token_file}, where a daemon started {started} writes it"
+        return (
+            f"the daemon at {url} (daemon.url) refused this language server's token: {found}. "
+            "Set CODELM_HOME in the editor's environment to the folder that daemon was "
+            "started with, so that its token file is found, or leave daemon.url empty to use "
+            "the local daemon"
+        )
+
     async def _wait_until_ready(self, client: DaemonClient) -> str:
         """Poll /health (progress while the model loads) until ready (its message) or failed."""
         loop = asyncio.get_running_loop()
@@ -245,7 +277,9 @@ class HttpDaemonLink:
             self.start_in_background()  # follows the load with progress
             raise
         except Unauthorized:
-            self._ready = False  # a restarted daemon has a new token: look it up again
+            # A restarted daemon has a new token: look it up again. One that still refuses
+            # it is an error, said once and tried again after RETRY_AFTER_S (_check_token).
+            self._ready = False
             self.start_in_background()
             raise
         except DaemonUnavailable as exc:

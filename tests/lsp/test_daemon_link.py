@@ -6,11 +6,12 @@ from typing import Any
 import pytest
 
 from codelm.daemon import client as daemon_client
-from codelm.daemon.errors import DaemonUnavailable, ModelLoading, ServerError
+from codelm.daemon.errors import DaemonUnavailable, ModelLoading, ServerError, Unauthorized
 from codelm.daemon.protocol import CompleteRequest
-from codelm.daemon.runtime import RuntimePaths, mark_stopped
+from codelm.daemon.runtime import InstanceLock, RuntimePaths, mark_stopped, publish_endpoint
 from codelm.lsp.daemon_link import (
     RESTART_WINDOW_S,
+    RETRY_AFTER_S,
     STOPPED_MESSAGE,
     HttpDaemonLink,
     health_state,
@@ -45,6 +46,9 @@ class FakeClient:
 
     async def close(self) -> None:
         self.closed = True
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": "tiny", "object": "model"}]}
 
     async def load(self) -> dict[str, Any]:
         """What the daemon does for POST /v1/load: an unloaded model starts loading."""
@@ -319,13 +323,71 @@ async def test_an_inference_server_that_fails_is_said_until_it_answers_again():
         await runner.cleanup()
 
 
-async def _serve(health, complete):
-    """A stand-in daemon on loopback answering /health and /v1/complete: (runner, its url)."""
+async def test_a_daemon_that_refuses_the_token_is_said_once_until_it_takes_it(tmp_path):
+    # daemon.url naming a daemon started with another CODELM_HOME: /health said ready, each
+    # request got 401, the status went loading -> ready at each one, and nothing was said.
+    from aiohttp import web
+
+    tokens, calls = ["the daemon's token"], []
+
+    def guarded(answer):
+        async def handler(request):
+            calls.append(request.path)
+            if request.headers.get("Authorization") != f"Bearer {tokens[0]}":
+                error = {"code": "unauthorized", "message": "wrong token"}
+                return web.json_response({"error": error}, status=401)
+            return web.json_response(answer)
+
+        return handler
+
+    async def health(_request):
+        return web.json_response({"state": "ready", "model": "tiny"})
+
+    completed = {"items": [], "timings": {"prefill_ms": 1.0, "decode_ms": 1.0}}
+    runner, url = await _serve(health, guarded(completed), guarded({"data": []}))
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(daemon_url=url), sink, home=str(tmp_path))
+    request = CompleteRequest(uri="file:///a.py", text="x", line=0, character=1)
+    try:
+        with pytest.raises(Unauthorized, match="CODELM_HOME"):
+            await link.ensure_running()
+        assert sink.statuses == ["loading", "error"] and len(sink.shown) == 1
+        message, is_error = sink.shown[0]
+        assert is_error and "refused" in message and "leave daemon.url empty" in message
+        for _ in range(3):  # keystrokes within RETRY_AFTER_S: nothing sent, nothing said
+            with pytest.raises(DaemonUnavailable):
+                await link.complete(request)
+        assert calls == ["/v1/models"] and len(sink.shown) == 1
+        assert sink.statuses == ["loading", "error"]
+        paths = RuntimePaths.for_home(tmp_path)
+        with InstanceLock(paths):  # that daemon's token file is where this server looks now
+            publish_endpoint(paths, url, None, tokens[0])
+            link._failed_at -= RETRY_AFTER_S
+            with pytest.raises(ModelLoading):  # the next attempt reads it again
+                await link.complete(request)
+            await link.ensure_running()
+            assert await link.complete(request) and sink.statuses[-1] == "ready"
+            tokens[0] = "a restarted daemon's token"  # refused while ready: said again
+            with pytest.raises(Unauthorized):
+                await link.complete(request)
+            with pytest.raises(Unauthorized, match="another daemon's"):
+                await link.ensure_running()
+        assert sink.statuses[-2:] == ["loading", "error"] and len(sink.shown) == 2
+    finally:
+        await link.close()
+        await runner.cleanup()
+
+
+async def _serve(health, complete, models=None):
+    """A stand-in daemon on loopback answering /health, /v1/complete and, when given,
+    /v1/models: (runner, its url)."""
     from aiohttp import web
 
     app = web.Application()
     app.router.add_get("/health", health)
     app.router.add_post("/v1/complete", complete)
+    if models is not None:
+        app.router.add_get("/v1/models", models)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
