@@ -151,6 +151,7 @@ class Engine:
         max_tokens. `remember`: the prefix window's start becomes the document's anchor."""
         room = self.args.max_len - request.max_tokens
         prefix_chars, suffix_chars = self.config.prefix_chars, self.suffix_chars(request.trigger)
+        anchor = self.anchors.get(request.uri)
         for _ in range(_NARROWINGS):
             prompt = build_prompt(
                 self.tokenizer,
@@ -160,12 +161,17 @@ class Engine:
                 path=document_name(request.uri, request.path, request.language),
                 prefix_chars=prefix_chars,
                 suffix_chars=suffix_chars,
-                anchor=self.anchors.get(request.uri),
+                anchor=anchor,
             )
             if len(prompt.token_ids) <= room:
                 break
+            # Narrow what the windows hold, not the settings (a short document's windows do
+            # not reach them), and from a fresh start: the anchor's leeway would keep it.
             scale = 0.9 * room / len(prompt.token_ids)
-            prefix_chars, suffix_chars = int(prefix_chars * scale), int(suffix_chars * scale)
+            held_suffix = min(suffix_chars, len(request.text) - cursor)
+            prefix_chars = int((cursor - prompt.prefix_start) * scale)
+            suffix_chars = int(held_suffix * scale)
+            anchor = None
         if remember:
             self.anchors[request.uri] = window_anchor(request.text, prompt.prefix_start)
         return prompt

@@ -183,18 +183,18 @@ def window_start(text: str, cursor: int, max_chars: int, anchor: str | None = No
 
     `anchor` is the text the previous window of this document started with: if it is still
     there, within reach of the cursor, the window keeps starting there, so an edit above the
-    window (which shifts every offset) costs no recomputation.
+    window (which shifts every offset) costs no recomputation. Of its copies within reach the
+    earliest: a copy pasted near the cursor (a function duplicated to edit it) would shrink
+    the window to a few lines.
     """
     if cursor <= max_chars:
         return 0
     if anchor:
-        found = text.rfind(anchor, 0, cursor)
-        if (
-            found >= 0
-            and cursor - found <= max_chars + WINDOW_STEP_CHARS
-            and (found == 0 or text[found - 1] == "\n")
-        ):
-            return found
+        found = text.find(anchor, max(0, cursor - max_chars - WINDOW_STEP_CHARS), cursor)
+        while found >= 0:
+            if found == 0 or text[found - 1] == "\n":
+                return found
+            found = text.find(anchor, found + 1, cursor)
     lowest = cursor - max_chars
     target = -(-lowest // WINDOW_STEP_CHARS) * WINDOW_STEP_CHARS
     line_start = text.rfind("\n", 0, target) + 1

@@ -241,6 +241,50 @@ def test_windows_of_many_tokens_a_character_narrow_to_leave_room(engine, monkeyp
     assert 0 < response.timings.prefilled_tokens <= 512 - 8
 
 
+def _prompt_ids(engine: Engine, request: CompleteRequest, cursor: int) -> list[int]:
+    return engine._build(request, cursor, remember=False).token_ids
+
+
+def test_windows_narrow_to_fit_inside_the_prefix_setting_and_past_an_anchor(engine, monkeypatch):
+    # Narrowing scaled the prefix_chars setting, not what the window held: with the cursor
+    # inside the setting the window started at 0 pass after pass, and the request was refused
+    # ("the prompt and max_tokens do not fit"). A document whose window had started at 0
+    # before kept it there (the anchor's leeway), refused where a new URI was served.
+    code = SOURCE[:1500]
+    emoji = "\N{GRINNING FACE}" * 40
+    text = code + "".join(f"s{i} = '{emoji}'\n" for i in range(12)) + "x = "
+    cursor = len(text)
+    assert cursor < PREFIX_CHARS
+    wide = _prompt_ids(engine, _request(text, cursor, uri="file:///wide/textwrap.py"), cursor)
+    monkeypatch.setattr(engine, "args", dataclasses.replace(engine.args, max_len=len(wide) - 40))
+    engine.complete(_request(code, len(code)))  # the document's window starts at 0
+    assert engine.anchors[URI] == code[: len(engine.anchors[URI])]
+    warm = _request(text, cursor, max_tokens=8)
+    new = _request(text, cursor, uri="file:///elsewhere/textwrap.py", max_tokens=8)
+    assert len(_prompt_ids(engine, warm, cursor)) <= len(wide) - 40 - 8
+    assert _prompt_ids(engine, warm, cursor) == _prompt_ids(engine, new, cursor)
+    response = engine.complete(warm)
+    assert response.token_ids == _uncached(engine, warm) and len(response.token_ids) > 0
+
+
+def test_a_pasted_copy_of_the_windows_first_lines_does_not_move_the_window(engine):
+    # The anchor was looked up from the cursor back: a function duplicated near the cursor
+    # (its first lines the window's) moved the window to the copy, a few lines long.
+    from codelm.daemon.engine.prompt import window_start
+
+    cursor = _line_end(SOURCE, 6000)
+    engine.complete(_request(SOURCE, cursor))
+    start = engine._build(_request(SOURCE, cursor), cursor, remember=False).prefix_start
+    assert start > 0
+    copy = SOURCE[start : start + 600]
+    pasted = SOURCE[:cursor] + "\n" + copy + SOURCE[cursor:]
+    at = cursor + 1 + len(copy)
+    assert window_start(pasted, at, PREFIX_CHARS, engine.anchors[URI]) == start
+    warm = engine._build(_request(pasted, at), at, remember=False)
+    cold = engine._build(_request(pasted, at, uri="file:///else/textwrap.py"), at, remember=False)
+    assert warm.prefix_start <= cold.prefix_start  # the anchor may keep a longer window only
+
+
 def test_the_lines_a_client_sends_of_a_large_file_prompt_as_the_whole_file(default_engine):
     # Clients send text_window's slice of a large file (daemon/protocol.py): wherever the
     # cursor walks, the engine's windows (its default sizes) lie inside it, anchors included.
