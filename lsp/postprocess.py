@@ -295,6 +295,8 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
     lines = s.text.split("\n")
     if ctx.is_single_line or len(lines) < 2:
         return s
+    if len(ctx.brackets_before.quote) == 3:
+        return _stop_after_docstring(s, ctx, lines)
     cursor_line = ctx.line_before + lines[0]
     if cursor_line.strip():
         base = indent_width(cursor_line)
@@ -320,6 +322,19 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
         keep = n + 1 if closes_opener else n
         logger.debug("stop_at_block_end: line %d leaves the block (indent < %d)", n, min_indent)
         return replace(s, text="\n".join(lines[:keep]).rstrip())
+    return s
+
+
+def _stop_after_docstring(s: Suggestion, ctx: Context, lines: list[str]) -> Suggestion:
+    """Inside a docstring the block is the string: its `Args:` opens none, and the suggestion
+    stops after the line that closes it (trim_repeated_suffix_lines then drops that line
+    where the document closes the string already)."""
+    state = ctx.brackets_before
+    for n, line in enumerate(lines):
+        state = state.fed(ctx.scannable(line + "\n"))
+        if not state.quote:
+            logger.debug("stop_at_block_end: line %d closes the docstring", n)
+            return replace(s, text="\n".join(lines[: n + 1]).rstrip())
     return s
 
 
