@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelLoadError
+from .runtime import is_process_alive
 
 logger = logging.getLogger(__name__)
 
@@ -192,19 +193,9 @@ def _remove_abandoned_fetches(folder: Path) -> None:
     """Working folders of fetches whose process is gone (killed: nothing cleaned up)."""
     for tmp in folder.glob(f"{FETCH_PREFIX}*"):
         pid = tmp.name.removeprefix(FETCH_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not is_process_alive(int(pid)):
             logger.info("removing %s, left by an interrupted fetch", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fetch_failed(entry: CatalogModel, folder: Path, exc: OSError) -> str:
