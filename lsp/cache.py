@@ -3,7 +3,10 @@ the rest of it at once, without asking the daemon.
 
 A small LRU keyed by document state: (uri, hash of the text before the cursor, hash of the
 text after it). Storing a suggestion also stores "forwarding" entries for every state reached
-by typing its first k characters (tabby's cache does the same), so a lookup is one dict get.
+by typing its first k characters (tabby's cache does the same), so a lookup is one dict get:
+in an editor that inserts nothing as the user types, and in one that closes each bracket and
+quote typed (VS Code, IntelliJ, Neovim with an autopairs plugin), where the text after the
+cursor holds the closers it inserted until the user types over them.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .postprocess import Suggestion
+from .postprocess import CLOSERS, OPENERS, QUOTES, Suggestion
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +34,13 @@ class DocState:
     uri: str
     prefix_hash: hashlib.blake2b  # continued by `store` for the forwarding entries
     suffix_digest: bytes
+    suffix: str  # for the forwarding entries: what a suggestion replaces, and after closers
+    line_before: str  # the cursor's line up to it: whether a quote typed opens a string
 
     @classmethod
     def of(cls, uri: str, prefix: str, suffix: str) -> DocState:
-        return cls(uri, _hasher(prefix), _hasher(suffix).digest())
+        line_before = prefix[prefix.rfind("\n") + 1 :]
+        return cls(uri, _hasher(prefix), _hasher(suffix).digest(), suffix, line_before)
 
     @property
     def key(self) -> _Key:
@@ -74,14 +80,22 @@ class TypingCache:
         self._put(state.key, CacheHit(suggestions, request_id, 0))
         for s in suggestions:
             hasher = state.prefix_hash.copy()
+            closers = ""  # what an auto-closing editor has inserted after the cursor so far
+            suffix_digests = {"": state.suffix_digest}  # by the closers before the suffix
             # Typing the last character completes the suggestion: nothing left to show.
             for k, ch in enumerate(s.text[:-1], start=1):
                 hasher.update(ch.encode("utf-8", "surrogatepass"))
-                rest = Suggestion(text=s.text[k:], replace_after=s.replace_after)
-                self._put(
-                    (state.uri, hasher.digest(), state.suffix_digest),
-                    CacheHit([rest], request_id, k),
-                )
+                closers = _auto_closed(closers, ch, state.line_before + s.text[: k - 1])
+                rest = s.text[k:]
+                for before in {"", closers}:  # the editor inserts nothing, or those closers
+                    replaced = len(before) + s.replace_after
+                    if rest == (before + state.suffix)[:replaced]:
+                        continue  # the item would change nothing
+                    if before not in suffix_digests:
+                        suffix_digests[before] = _hasher(before + state.suffix).digest()
+                    rest_item = Suggestion(text=rest, replace_after=replaced)
+                    key = (state.uri, hasher.digest(), suffix_digests[before])
+                    self._put(key, CacheHit([rest_item], request_id, k))
 
     def clear(self) -> None:
         self._entries.clear()
@@ -95,3 +109,18 @@ class TypingCache:
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+
+
+def _auto_closed(closers: str, typed: str, line_before: str) -> str:
+    """The closers an auto-closing editor holds after the cursor once `typed` is typed at the
+    end of `line_before`: one typed over goes, an opener's closer comes, and so does a quote
+    that opens a string after no word character (where VS Code closes one)."""
+    if closers[:1] == typed:
+        return closers[1:]
+    if typed in OPENERS:
+        return CLOSERS[OPENERS.index(typed)] + closers
+    before = line_before[-1:]
+    opens_string = typed in QUOTES and line_before.count(typed) % 2 == 0
+    if opens_string and not before.isalnum() and before != "_":
+        return typed + closers
+    return closers

@@ -289,7 +289,8 @@ class Completer:
         _log_completion(
             request_id, request, response, 1000 * (self.clock() - started), len(suggestions)
         )
-        self.cache.store(state, suggestions, request_id)
+        if self.settings is settings:  # (new settings cleared what the old ones shaped)
+            self.cache.store(state, suggestions, request_id)
         return self._results(suggestions, text, offset, request_id)
 
     async def _answer(self, request: CompleteRequest, timeout_s: float) -> CompleteResponse:

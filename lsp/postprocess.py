@@ -576,7 +576,12 @@ def replace_line_rest(s: Suggestion, ctx: Context) -> Suggestion | None:
     rest = ctx.line_after
     if not rest.strip() or s.replace_after:
         return s
-    if "\n" not in s.text and BLOCK_OPENER.search(s.text) and not _Brackets().fed(s.text).errors:
+    if (
+        "\n" not in s.text
+        and BLOCK_OPENER.search(s.text)
+        and not ctx.brackets_before.quote  # (in a string it must close that string first)
+        and not _Brackets().fed(s.text).errors
+    ):
         return s  # `f(|);` suggested `(req, res) => {`: the closers come after that block
     if not LINE_REST_OK.match(rest):
         retyped = "\n" not in s.text and s.text.rstrip().endswith(rest.strip())

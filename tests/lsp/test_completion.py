@@ -305,3 +305,17 @@ async def test_completer_types_through_a_suggestion_in_a_large_file():
     doc.text = doc.text.replace("value_0199990", "value_x", 1)  # 10 lines above the cursor
     await completer.inline_completion(URI, _at(line, column + 5), is_invoked=False)
     assert len(link.requests) == 2
+
+
+async def test_a_suggestion_asked_under_old_settings_is_not_kept_for_the_new_ones():
+    # Settings that changed while a request was in flight: the cache was cleared, then the
+    # answer shaped by the old settings was stored, and typing through served it.
+    link = FakeLink(lambda r: "compute(a, b)", delay_s=0.2)
+    completer = _completer(link, "x = \n")
+    asked = asyncio.create_task(completer.inline_completion(URI, _at(0, 4), is_invoked=False))
+    await asyncio.sleep(0.05)
+    completer.apply_settings(dataclasses.replace(completer.settings, max_tokens=7))
+    assert [i.text for i in await asked] == ["compute(a, b)"]  # shown: it was asked for
+    completer.documents.get(URI).text = "x = com\n"
+    await completer.inline_completion(URI, _at(0, 7), is_invoked=False)
+    assert len(link.requests) == 2 and completer.stats.cache_hits == 0
