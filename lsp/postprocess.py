@@ -28,7 +28,8 @@ LINE_REST_OK = re.compile(r"^[\s)\]}\"'`;,]*$")
 # A line that goes on with the statement above it at its indentation (`} else {`, `except:`,
 # Go's and C's `case x:` under their `switch`, C++'s `public:` under its `class`).
 _CONTINUATION = re.compile(
-    r"^(?:[)\]}]|(?:else|elif|except|finally|catch|case|default|public|private|protected)\b)"
+    r"^(?:[)\]}]|(?:else|elif|except|finally|catch)\b"
+    r"|case\b.*:$|(?:default|public|private|protected)\s*:$)"  # labels, not `default = {`
 )
 # A line at column 0 that opens a scope (`void f(int x) {`, `def f():`, an Allman `{`): the
 # brackets open around the cursor begin there. Not a preprocessor line, a label (`out:`) or a
