@@ -117,3 +117,107 @@ def test_neovim_setup_without_settings_sends_an_object(tmp_path: Path):
     subprocess.run(command, cwd=tmp_path, capture_output=True, timeout=60)
     options = json.loads(sent.read_text())["params"]["initializationOptions"]
     assert options == {} and isinstance(options, dict)
+
+
+# Stands in for codelm-lsp: answers every inline completion with the item in argv[1] (JSON),
+# as the server does in a CRLF document (its line endings restored).
+FAKE_SERVER = """
+import json, sys
+item = json.loads(sys.argv[1])
+def send(message):
+    body = json.dumps(message).encode()
+    sys.stdout.buffer.write(b"Content-Length: %d\\r\\n\\r\\n" % len(body) + body)
+    sys.stdout.buffer.flush()
+while True:
+    length = 0
+    while line := sys.stdin.buffer.readline():
+        if not line.strip():
+            break
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    if not line:
+        break
+    message = json.loads(sys.stdin.buffer.read(length))
+    if message.get("method") == "exit":
+        break
+    if "id" not in message or "method" not in message:
+        continue
+    result = None
+    if message["method"] == "initialize":
+        result = {"capabilities": {"textDocumentSync": 1, "inlineCompletionProvider": True}}
+    elif message["method"] == "textDocument/inlineCompletion":
+        result = {"items": [item]}
+    send({"jsonrpc": "2.0", "id": message["id"], "result": result})
+"""
+
+KEYS_SCRIPT = """
+vim.opt.runtimepath:prepend(PLUGIN)
+vim.cmd('filetype on')
+vim.o.swapfile = false
+require('codelm').setup({ cmd = CMD, debounce_ms = 0 })
+vim.cmd.edit(FILE)
+local out = { fileformat = vim.bo.fileformat }
+local function ghost()
+  local ns = vim.api.nvim_get_namespaces()['codelm.ghost']
+  return ns and #vim.api.nvim_buf_get_extmarks(0, ns, 0, -1, {}) > 0
+end
+local function after(ms, check, next)
+  local deadline = vim.uv.now() + ms
+  local function step()
+    if check() then return next() end
+    if vim.uv.now() > deadline then
+      out.error = 'timed out'
+      vim.fn.writefile({ vim.json.encode(out) }, RESULT)
+      return vim.cmd('qa!')
+    end
+    vim.defer_fn(step, 50)
+  end
+  step()
+end
+local function attached()
+  return #vim.lsp.get_clients({ name = 'codelm', bufnr = 0 }) > 0
+end
+after(20000, attached, function()
+  -- Typed ahead in one go: the Tab has no suggestion to accept and must stay where it is.
+  vim.api.nvim_input('Go<Tab>abc<Esc>')
+  after(2000, function() return vim.fn.mode() == 'n' and vim.fn.line('$') == 3 end, function()
+    out.typed_ahead = vim.fn.getline('$')
+    vim.api.nvim_input('ox')
+    after(5000, ghost, function()
+      vim.api.nvim_input('<Tab><Esc>')
+      after(2000, function() return not ghost() and vim.fn.mode() == 'n' end, function()
+        vim.cmd.write()
+        vim.fn.writefile({ vim.json.encode(out) }, RESULT)
+        vim.cmd('qa!')
+      end)
+    end)
+  end)
+end)
+"""
+
+
+def test_neovim_accepts_in_a_crlf_file_and_keeps_a_typed_ahead_tab(tmp_path: Path):
+    # A suggestion with the document's CRLF endings ended each inserted line with a ^M
+    # (saved as \r\r\n), and with no suggestion shown Tab was fed after the keys typed ahead
+    # (`o<Tab>abc<Esc>` gave `abc`, the Tab lost in Normal mode).
+    nvim = _nvim()
+    server, source, result = tmp_path / "server.py", tmp_path / "a.py", tmp_path / "out.json"
+    server.write_text(FAKE_SERVER)
+    source.write_bytes(b"def f():\r\n    pass\r\n")
+    item = {"insertText": " = 1\r\ny = 2"}
+    cmd = [sys.executable, str(server), json.dumps(item)]
+    script = tmp_path / "keys.lua"
+    script.write_text(
+        f"local PLUGIN, CMD = {json.dumps(str(DRIVER.parents[1]))}, vim.json.decode("
+        f"{json.dumps(json.dumps(cmd))})\n"
+        f"local FILE, RESULT = {json.dumps(str(source))}, {json.dumps(str(result))}\n" + KEYS_SCRIPT
+    )
+    command = [nvim, "--headless", "-u", "NONE", "-i", "NONE", "-n", "-c", f"luafile {script}"]
+    subprocess.run(command, cwd=tmp_path, capture_output=True, timeout=120)
+    outcome = json.loads(result.read_text())
+    assert outcome.get("error") is None and outcome["fileformat"] == "dos", outcome
+    assert outcome["typed_ahead"] == "    \tabc"  # (the line opened with Python's indent)
+    saved = source.read_bytes()
+    assert b"\r\r" not in saved and saved.count(b"\r\n") == saved.count(b"\n") == 5
+    assert saved.endswith(b"x = 1\r\ny = 2\r\n")

@@ -9,7 +9,7 @@ local AUTOMATIC, INVOKED = 2, 1 -- lsp.InlineCompletionTriggerKind
 
 api.nvim_set_hl(0, 'CodelmSuggestion', { link = 'Comment', default = true })
 
----@type table<integer, {client: vim.lsp.Client, timer: uv.uv_timer_t, request?: integer, item?: table, at?: integer[]}>
+---@type table<integer, {client: vim.lsp.Client, timer: uv.uv_timer_t, request?: integer, item?: table, at?: integer[], tick?: integer}>
 local buffers = {}
 
 local function lines_of(text)
@@ -59,10 +59,14 @@ local function show(bufnr, item)
     virt_lines = #virt_lines > 0 and virt_lines or nil,
   })
   buffers[bufnr].item, buffers[bufnr].at = item, { row, col }
+  buffers[bufnr].tick = api.nvim_buf_get_changedtick(bufnr)
 end
 
 local function to_item(bufnr, raw, encoding)
   local text = type(raw.insertText) == 'table' and raw.insertText.value or raw.insertText
+  -- The server answers with the document's line endings (CRLF in a fileformat=dos buffer);
+  -- buffer lines never hold them: kept, each would end its line with a ^M.
+  text = text:gsub('\r\n?', '\n')
   local range = raw.range
   if not range then
     local row, col = unpack(api.nvim_win_get_cursor(0))
@@ -137,14 +141,22 @@ function M.dismiss(bufnr)
 end
 
 local function map_keys(bufnr, keys)
-  vim.keymap.set('i', keys.accept, function()
-    if not M.accept(bufnr) then
-      api.nvim_feedkeys(vim.keycode(keys.accept), 'n', false)
-    end
-  end, { buffer = bufnr, desc = 'codelm: accept' })
-  vim.keymap.set('i', keys.trigger, function()
-    M.request(bufnr, INVOKED)
-  end, { buffer = bufnr, desc = 'codelm: suggest' })
+  if keys.accept then
+    -- An expression: with no suggestion the key is typed where it was (fed keys would land
+    -- after the keys already typed ahead, as in a macro or fast typing).
+    vim.keymap.set('i', keys.accept, function()
+      local state = buffers[bufnr]
+      if not (state and state.item) then
+        return keys.accept
+      end
+      return ('<Cmd>lua require("codelm.ghost").accept(%d)<CR>'):format(bufnr)
+    end, { buffer = bufnr, expr = true, desc = 'codelm: accept' })
+  end
+  if keys.trigger then
+    vim.keymap.set('i', keys.trigger, function()
+      M.request(bufnr, INVOKED)
+    end, { buffer = bufnr, desc = 'codelm: suggest' })
+  end
 end
 
 function M.attach(client, bufnr, config)
@@ -171,6 +183,21 @@ function M.attach(client, bufnr, config)
     callback = function()
       local row, col = unpack(api.nvim_win_get_cursor(0))
       if state.at and (state.at[1] ~= row - 1 or state.at[2] ~= col) then
+        if api.nvim_buf_get_changedtick(bufnr) ~= state.tick then
+          clear(bufnr) -- typed (maybe the suggestion itself): TextChangedI asks again
+        else
+          M.dismiss(bufnr)
+        end
+      end
+    end,
+  })
+  -- <C-c> leaves Insert mode without InsertLeave.
+  api.nvim_create_autocmd('ModeChanged', {
+    group = group,
+    buffer = bufnr,
+    callback = function()
+      if vim.v.event.old_mode:sub(1, 1) == 'i' and vim.v.event.new_mode:sub(1, 1) ~= 'i' then
+        cancel(state)
         M.dismiss(bufnr)
       end
     end,

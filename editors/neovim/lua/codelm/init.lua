@@ -12,7 +12,7 @@ local defaults = {
 }
 
 M.config = vim.deepcopy(defaults)
-M.state = { state = 'loading', message = '' }
+M.state = { state = 'inactive', message = 'codelm-lsp has not started' }
 
 --- The codelm-lsp command: a project's virtual environment first, as the VS Code extension does.
 local function server_cmd()
@@ -35,21 +35,67 @@ local function init_options(settings)
   return settings
 end
 
-local function on_status(_, result)
-  M.state = { state = result.state, message = result.message or '' }
+local function set_state(state, message)
+  M.state = { state = state, message = message or '' }
   vim.api.nvim_exec_autocmds('User', { pattern = 'CodelmStatus', modeline = false })
+end
+
+local function on_status(_, result)
+  set_state(result.state, result.message)
+end
+
+local function on_exit(code, signal)
+  if code ~= 0 or signal ~= 0 then
+    local message = ('codelm-lsp exited (code %d, signal %d); :edit restarts it'):format(code, signal)
+    vim.schedule(function()
+      set_state('error', message)
+      vim.notify('codelm: ' .. message, vim.log.levels.WARN)
+    end)
+  end
+end
+
+--- The workspace root of a buffer with a file; none for a buffer without a name, which
+--- Neovim would send as `file://` (two of them would be one document to the server).
+local function root_dir(bufnr, on_dir)
+  local name = vim.api.nvim_buf_get_name(bufnr)
+  if name ~= '' then
+    on_dir(vim.fs.root(bufnr, { '.git' }) or vim.fs.dirname(name))
+  end
+end
+
+local function validate(opts)
+  vim.validate('opts', opts, 'table', true)
+  opts = opts or {}
+  vim.validate('cmd', opts.cmd, 'table', true)
+  vim.validate('filetypes', opts.filetypes, 'table', true)
+  vim.validate('settings', opts.settings, 'table', true)
+  vim.validate('keys', opts.keys, 'table', true)
+  vim.validate('debounce_ms', opts.debounce_ms, 'number', true)
+  for _, key in ipairs({ 'accept', 'trigger' }) do
+    local value = (opts.keys or {})[key]
+    vim.validate('keys.' .. key, value, function(v)
+      return v == nil or v == false or type(v) == 'string'
+    end, true, 'a key (string) or false')
+  end
+  for name in pairs(opts) do
+    if defaults[name] == nil and name ~= 'cmd' and name ~= 'filetypes' then
+      error(('unknown option %s (options: cmd, filetypes, settings, keys, debounce_ms)'):format(name))
+    end
+  end
 end
 
 local function on_attach(client, bufnr)
   local keys = M.config.keys
   if vim.lsp.inline_completion then
+    -- 0.12 asks as the user types; its get() accepts, so the trigger key is not mapped there.
     vim.lsp.inline_completion.enable(true, { bufnr = bufnr })
-    vim.keymap.set('i', keys.accept, function()
-      if not vim.lsp.inline_completion.get() then
-        return keys.accept
-      end
-    end, { buffer = bufnr, expr = true, desc = 'codelm: accept' })
-    vim.keymap.set('i', keys.trigger, vim.lsp.inline_completion.get, { buffer = bufnr, desc = 'codelm: suggest' })
+    if keys.accept then
+      vim.keymap.set('i', keys.accept, function()
+        if not vim.lsp.inline_completion.get() then
+          return keys.accept
+        end
+      end, { buffer = bufnr, expr = true, desc = 'codelm: accept' })
+    end
   else
     require('codelm.ghost').attach(client, bufnr, M.config)
   end
@@ -57,19 +103,36 @@ end
 
 --- Starts codelm-lsp for matching buffers. `opts` overrides the defaults above.
 function M.setup(opts)
+  local ok, err = pcall(validate, opts)
+  if not ok then
+    local message = tostring(err):gsub('^[^:]+:%d+: ', '')
+    vim.notify('codelm: setup: ' .. message, vim.log.levels.ERROR)
+    return
+  end
   M.config = vim.tbl_deep_extend('force', vim.deepcopy(defaults), opts or {})
-  vim.lsp.config('codelm', {
-    cmd = M.config.cmd or server_cmd(),
+  local cmd = M.config.cmd or server_cmd()
+  if vim.fn.executable(cmd[1]) ~= 1 then
+    local message = ('cannot run %s: install codelm (make install) and give setup() its '
+      .. "cmd = { '/path/to/codelm/.venv/bin/codelm-lsp', '--stdio' }"):format(cmd[1])
+    set_state('error', message)
+    vim.notify('codelm: ' .. message, vim.log.levels.ERROR)
+    return
+  end
+  -- Assigned, not merged: a second setup() replaces what the first set (filetypes = nil).
+  vim.lsp.config['codelm'] = {
+    cmd = cmd,
     filetypes = M.config.filetypes,
-    root_markers = { '.git' },
+    root_dir = root_dir,
     init_options = init_options(M.config.settings),
     handlers = { ['codelm/status'] = on_status },
     on_attach = on_attach,
-  })
+    on_exit = on_exit,
+  }
   vim.lsp.enable('codelm')
 end
 
---- The last `codelm/status` {state, message}: loading | ready | busy | error | disabled.
+--- The last `codelm/status` {state, message}: loading | ready | busy | error | disabled, or
+--- inactive before codelm-lsp has started.
 function M.status()
   return M.state.state, M.state.message
 end
