@@ -221,3 +221,37 @@ def test_neovim_accepts_in_a_crlf_file_and_keeps_a_typed_ahead_tab(tmp_path: Pat
     saved = source.read_bytes()
     assert b"\r\r" not in saved and saved.count(b"\r\n") == saved.count(b"\n") == 5
     assert saved.endswith(b"x = 1\r\ny = 2\r\n")
+
+
+def test_neovim_checkhealth_names_the_server_command_and_state(tmp_path: Path):
+    nvim = _nvim()
+    missing = tmp_path / "no-such-codelm-lsp"
+    lines = {}
+    for name, cmd in (
+        ("found", str(Path(sys.executable).with_name("codelm-lsp"))),
+        ("missing", str(missing)),
+    ):
+        script, out = tmp_path / f"{name}.lua", tmp_path / f"{name}.txt"
+        script.write_text(
+            f"vim.opt.runtimepath:prepend({json.dumps(str(DRIVER.parents[1]))})\n"
+            f"require('codelm').setup({{ cmd = {{ {json.dumps(cmd)}, '--stdio' }} }})\n"
+            "vim.cmd('checkhealth codelm')\n"
+            "local lines = vim.api.nvim_buf_get_lines(0, 0, -1, false)\n"
+            f"vim.fn.writefile(lines, {json.dumps(str(out))})\n"
+            "vim.cmd('qa!')\n"
+        )
+        command = [nvim, "--headless", "-u", "NONE", "-i", "NONE", "-n", "-c", f"luafile {script}"]
+        subprocess.run(
+            command,
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=60,
+            env={**os.environ, "CODELM_HOME": str(tmp_path / "home")},
+        )
+        lines[name] = out.read_text()
+    assert (
+        f"OK codelm-lsp: {Path(sys.executable).with_name('codelm-lsp')} --stdio" in lines["found"]
+    )
+    assert "server state: inactive" in lines["found"]
+    # setup() refused the command, so no server is configured: health says to look why.
+    assert "setup() has not run (or failed: see :messages)" in lines["missing"]
