@@ -16,7 +16,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .postprocess import CLOSERS, OPENERS, QUOTES, Suggestion
+from .postprocess import CLOSER_OF, QUOTES, Suggestion
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class TypingCache:
             # Typing the last character completes the suggestion: nothing left to show.
             for k, ch in enumerate(s.text[:-1], start=1):
                 hasher.update(ch.encode("utf-8", "surrogatepass"))
-                closers = _auto_closed(closers, ch, state.line_before + s.text[: k - 1])
+                closers = _auto_closed(closers, ch, state.line_before, s.text[: k - 1])
                 rest = s.text[k:]
                 for before in {"", closers}:  # the editor inserts nothing, or those closers
                     replaced = len(before) + s.replace_after
@@ -111,16 +111,17 @@ class TypingCache:
             self._entries.popitem(last=False)
 
 
-def _auto_closed(closers: str, typed: str, line_before: str) -> str:
-    """The closers an auto-closing editor holds after the cursor once `typed` is typed at the
-    end of `line_before`: one typed over goes, an opener's closer comes, and so does a quote
-    that opens a string after no word character (where VS Code closes one)."""
+def _auto_closed(closers: str, typed: str, line_before: str, typed_before: str) -> str:
+    """The closers an auto-closing editor holds after the cursor once `typed` is typed after
+    `line_before` and `typed_before` (the suggestion's text typed so far): one typed over goes,
+    an opener's closer comes, and so does a quote that opens a string after no word character
+    (where VS Code closes one). The two parts are not joined: the line may be long, and this
+    runs for each character of each suggestion."""
     if closers[:1] == typed:
         return closers[1:]
-    if typed in OPENERS:
-        return CLOSERS[OPENERS.index(typed)] + closers
-    before = line_before[-1:]
-    opens_string = typed in QUOTES and line_before.count(typed) % 2 == 0
-    if opens_string and not before.isalnum() and before != "_":
-        return typed + closers
-    return closers
+    if typed in CLOSER_OF:
+        return CLOSER_OF[typed] + closers
+    if typed not in QUOTES or (line_before.count(typed) + typed_before.count(typed)) % 2:
+        return closers
+    before = typed_before[-1:] or line_before[-1:]
+    return closers if before.isalnum() or before == "_" else typed + closers

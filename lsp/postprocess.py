@@ -21,6 +21,7 @@ OPENERS = "([{"
 CLOSERS = ")]}"
 QUOTES = "\"'`"
 _PAIRS = dict(zip(CLOSERS, OPENERS, strict=True))
+CLOSER_OF = dict(zip(OPENERS, CLOSERS, strict=True))
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 BLOCK_OPENER = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
 # What may follow the cursor on its line for a mid-line suggestion (see completion.py).
@@ -181,7 +182,7 @@ def between_braces(line_before: str, line_after: str) -> bool:
     opener = line_before.rstrip()[-1:]
     return (
         opener in ("{", "[")
-        and line_after.lstrip()[:1] == CLOSERS[OPENERS.index(opener)]
+        and line_after.lstrip()[:1] == CLOSER_OF[opener]
         and LINE_REST_OK.match(line_after) is not None
     )
 
