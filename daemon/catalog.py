@@ -91,9 +91,7 @@ def resolve_model_path(name: str) -> Path:
         raise ModelLoadError(
             f"model {entry.name} is not fetched yet; run `codelm-daemon models fetch {name}`"
         )
-    if not is_verified(entry, path):  # once per file: after that its stamp says so
-        verify(entry, path)
-        stamp_verified(entry, path)
+    verify_once(entry, path)
     return path
 
 
@@ -112,6 +110,13 @@ def verify(entry: CatalogModel, path: Path) -> None:
             f"{path} is corrupt (sha256 {actual[:16]}…, expected {entry.sha256[:16]}…); "
             f"run `codelm-daemon models fetch {entry.name} --force`"
         )
+
+
+def verify_once(entry: CatalogModel, path: Path) -> None:
+    """verify() a file its stamp does not vouch for, then stamp it (see is_verified)."""
+    if not is_verified(entry, path):
+        verify(entry, path)
+        stamp_verified(entry, path)
 
 
 def stamp_verified(entry: CatalogModel, path: Path) -> None:
@@ -158,9 +163,7 @@ def fetch(name: str, force: bool = False, log=print) -> Path:
     target = models_dir() / entry.filename
     if target.exists() and not force:
         try:
-            if not is_verified(entry, target):
-                verify(entry, target)
-                stamp_verified(entry, target)
+            verify_once(entry, target)
             log(f"{entry.name}: {target} (already fetched; --force fetches it again)")
             return target
         except ModelLoadError:
