@@ -21,7 +21,7 @@ function M.check()
   if type(cmd) == 'table' and vim.fn.executable(cmd[1]) == 1 then
     health.ok('codelm-lsp: ' .. table.concat(cmd, ' '))
   else
-    health.error('cannot run ' .. vim.inspect(cmd), "give setup() cmd = { '/path/to/codelm/.venv/bin/codelm-lsp', '--stdio' }")
+    health.error('cannot run ' .. vim.inspect(cmd), codelm.cmd_hint)
   end
   local state, message = codelm.status()
   local report = (state == 'ready' or state == 'busy') and health.ok

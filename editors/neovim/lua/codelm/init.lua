@@ -11,6 +11,10 @@ local defaults = {
   debounce_ms = 30, -- 0.11 only: wait before asking (the server adds its own adaptive debounce)
 }
 
+local OPTIONS = { 'cmd', 'filetypes', 'settings', 'keys', 'debounce_ms' } -- (two default to nil)
+--- What to do where codelm-lsp cannot run (setup() and :checkhealth say it).
+M.cmd_hint = "give setup() cmd = { '/path/to/codelm/.venv/bin/codelm-lsp', '--stdio' }"
+
 M.config = vim.deepcopy(defaults)
 M.state = { state = 'inactive', message = 'codelm-lsp has not started' }
 
@@ -78,8 +82,8 @@ local function validate(opts)
     end, true, 'a key (string) or false')
   end
   for name in pairs(opts) do
-    if defaults[name] == nil and name ~= 'cmd' and name ~= 'filetypes' then
-      error(('unknown option %s (options: cmd, filetypes, settings, keys, debounce_ms)'):format(name))
+    if not vim.tbl_contains(OPTIONS, name) then
+      error(('unknown option %s (options: %s)'):format(name, table.concat(OPTIONS, ', ')))
     end
   end
 end
@@ -112,8 +116,7 @@ function M.setup(opts)
   M.config = vim.tbl_deep_extend('force', vim.deepcopy(defaults), opts or {})
   local cmd = M.config.cmd or server_cmd()
   if vim.fn.executable(cmd[1]) ~= 1 then
-    local message = ('cannot run %s: install codelm (make install) and give setup() its '
-      .. "cmd = { '/path/to/codelm/.venv/bin/codelm-lsp', '--stdio' }"):format(cmd[1])
+    local message = ('cannot run %s: install codelm (make install) and %s'):format(cmd[1], M.cmd_hint)
     set_state('error', message)
     vim.notify('codelm: ' .. message, vim.log.levels.ERROR)
     return
