@@ -191,7 +191,7 @@ function M.attach(client, bufnr, config)
       end
     end,
   })
-  -- <C-c> leaves Insert mode without InsertLeave.
+  -- Leaving Insert mode by any key: InsertLeave misses <C-c>.
   api.nvim_create_autocmd('ModeChanged', {
     group = group,
     buffer = bufnr,
@@ -202,7 +202,7 @@ function M.attach(client, bufnr, config)
       end
     end,
   })
-  api.nvim_create_autocmd({ 'InsertLeave', 'BufLeave' }, {
+  api.nvim_create_autocmd('BufLeave', {
     group = group,
     buffer = bufnr,
     callback = function()
