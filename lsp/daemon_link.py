@@ -43,6 +43,9 @@ STOPPED_MESSAGE = (
 # At least: completion.py drops answers sooner (settings.timeout_ms), unless the user set
 # more, which the client then waits for too (_request_timeout_s).
 REQUEST_TIMEOUT_S = 30.0
+# A request that comes while the link comes up waits this long for it: finding a running
+# daemon takes milliseconds, and an editor asks for its first suggestion as a file opens.
+CONNECT_WAIT_S = 1.0
 DEAD_LOCK_WAIT_S = 10.0  # how long a killed daemon's lock may outlive it
 
 
@@ -269,7 +272,7 @@ class HttpDaemonLink:
         raise DaemonUnavailable(f"the model was not ready within {LOAD_TIMEOUT_S:.0f} s")
 
     async def complete(self, request: CompleteRequest) -> CompleteResponse:
-        client = self._ready_client()
+        client = await self._ready_client()
         try:
             response = await client.complete(request)
         except ModelLoading:
@@ -300,7 +303,7 @@ class HttpDaemonLink:
         with contextlib.suppress(CodelmError):
             await self._client.close_document(uri)
 
-    def _ready_client(self) -> DaemonClient:
+    async def _ready_client(self) -> DaemonClient:
         if self._client is not None and self._ready:
             return self._client
         starting = self._starting is not None and not self._starting.done()
@@ -312,8 +315,13 @@ class HttpDaemonLink:
             self._stopped = False
         elif not starting and since_failure < RETRY_AFTER_S:
             raise DaemonUnavailable("the codelm daemon is not available")
-        # Not up yet: bring it up in the background and answer this request with nothing.
+        # Not up yet: bring it up in the background, wait a moment for a daemon that is
+        # already running, and answer with nothing while a model loads.
         self.start_in_background()
+        if self._starting is not None:
+            await asyncio.wait({self._starting}, timeout=CONNECT_WAIT_S)
+        if self._client is not None and self._ready:
+            return self._client
         raise ModelLoading("the codelm daemon is starting")
 
     def _on_lost(self, exc: BaseException) -> None:

@@ -197,30 +197,53 @@ end)
 """
 
 
-def test_neovim_accepts_in_a_crlf_file_and_keeps_a_typed_ahead_tab(tmp_path: Path):
-    # A suggestion with the document's CRLF endings ended each inserted line with a ^M
-    # (saved as \r\r\n), and with no suggestion shown Tab was fed after the keys typed ahead
-    # (`o<Tab>abc<Esc>` gave `abc`, the Tab lost in Normal mode).
+def _type_through(tmp_path: Path, source: bytes, item: dict, user_lua: str = "") -> dict:
+    """KEYS_SCRIPT against FAKE_SERVER answering `item`, after `user_lua` (the user's own
+    init.lua); what it saw, and the saved file as `saved`."""
     nvim = _nvim()
-    server, source, result = tmp_path / "server.py", tmp_path / "a.py", tmp_path / "out.json"
+    server, path, result = tmp_path / "server.py", tmp_path / "a.py", tmp_path / "out.json"
     server.write_text(FAKE_SERVER)
-    source.write_bytes(b"def f():\r\n    pass\r\n")
-    item = {"insertText": " = 1\r\ny = 2"}
+    path.write_bytes(source)
     cmd = [sys.executable, str(server), json.dumps(item)]
     script = tmp_path / "keys.lua"
     script.write_text(
         f"local PLUGIN, CMD = {json.dumps(str(DRIVER.parents[1]))}, vim.json.decode("
         f"{json.dumps(json.dumps(cmd))})\n"
-        f"local FILE, RESULT = {json.dumps(str(source))}, {json.dumps(str(result))}\n" + KEYS_SCRIPT
+        f"local FILE, RESULT = {json.dumps(str(path))}, {json.dumps(str(result))}\n"
+        + user_lua
+        + KEYS_SCRIPT
     )
     command = [nvim, "--headless", "-u", "NONE", "-i", "NONE", "-n", "-c", f"luafile {script}"]
     subprocess.run(command, cwd=tmp_path, capture_output=True, timeout=120)
     outcome = json.loads(result.read_text())
-    assert outcome.get("error") is None and outcome["fileformat"] == "dos", outcome
+    assert outcome.get("error") is None, outcome
+    return {**outcome, "saved": path.read_bytes()}
+
+
+def test_neovim_accepts_in_a_crlf_file_and_keeps_a_typed_ahead_tab(tmp_path: Path):
+    # A suggestion with the document's CRLF endings ended each inserted line with a ^M
+    # (saved as \r\r\n), and with no suggestion shown Tab was fed after the keys typed ahead
+    # (`o<Tab>abc<Esc>` gave `abc`, the Tab lost in Normal mode).
+    outcome = _type_through(tmp_path, b"def f():\r\n    pass\r\n", {"insertText": " = 1\r\ny = 2"})
+    assert outcome["fileformat"] == "dos"
     assert outcome["typed_ahead"] == "    \tabc"  # (the line opened with Python's indent)
-    saved = source.read_bytes()
+    saved = outcome["saved"]
     assert b"\r\r" not in saved and saved.count(b"\r\n") == saved.count(b"\n") == 5
     assert saved.endswith(b"x = 1\r\ny = 2\r\n")
+
+
+USER_TAB = """
+-- The user's own Insert-mode Tab, as a completion plugin maps it: it writes what it ran.
+vim.keymap.set('i', '<Tab>', function() vim.api.nvim_put({ '<user tab>' }, 'c', false, true) end)
+"""
+
+
+def test_neovim_keeps_the_users_own_tab_mapping_where_there_is_no_suggestion(tmp_path: Path):
+    # codelm's buffer-local Tab hid the user's own (nvim-cmp's, a snippet plugin's): with no
+    # suggestion on screen Tab typed a tab character instead of running it.
+    outcome = _type_through(tmp_path, b"def f():\n    pass\n", {"insertText": " = 1"}, USER_TAB)
+    assert outcome["typed_ahead"] == "    <user tab>abc"
+    assert outcome["saved"].endswith(b"    <user tab>abc\n    x = 1\n")  # accepted: codelm
 
 
 def test_neovim_checkhealth_names_the_server_command_and_state(tmp_path: Path):

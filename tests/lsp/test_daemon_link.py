@@ -58,6 +58,11 @@ class FakeClient:
         return await self.health()
 
 
+class AnsweringClient(FakeClient):
+    async def complete(self, request: CompleteRequest) -> str:
+        return f"answer for {request.uri}"
+
+
 @pytest.mark.parametrize(
     ("body", "state"),
     [
@@ -101,16 +106,31 @@ async def test_link_without_daemon_and_auto_start_off_fails_once(monkeypatch, tm
     assert started == [] and len(sink.shown) == 1
 
 
-async def test_link_complete_before_ready_starts_in_background(monkeypatch):
+async def test_the_first_request_waits_for_a_running_daemon_to_be_found(monkeypatch):
+    """An editor asks as a file opens, while the link still looks for the daemon: a daemon
+    found ready within moments answers that request, rather than an empty list."""
     monkeypatch.setattr(
-        daemon_client.DaemonClient, "discover", lambda *a, **k: FakeClient(["ready"])
+        daemon_client.DaemonClient, "discover", lambda *a, **k: AnsweringClient(["ready"])
     )
     sink = Sink()
     link = HttpDaemonLink(LspSettings(), sink, home=None)
-    with pytest.raises(ModelLoading):
-        await link.complete(CompleteRequest(uri="file:///a.py", text="x", line=0, character=1))
-    await link.ensure_running()
+    request = CompleteRequest(uri="file:///a.py", text="x", line=0, character=1)
+    assert await link.complete(request) == "answer for file:///a.py"
     assert sink.statuses == ["loading", "ready"]
+
+
+async def test_a_request_while_the_model_loads_is_not_held_up(monkeypatch):
+    monkeypatch.setattr("codelm.lsp.daemon_link.CONNECT_WAIT_S", 0.01)
+    fake = AnsweringClient(["loading"] * 4 + ["ready"])
+    monkeypatch.setattr(daemon_client.DaemonClient, "discover", lambda *a, **k: fake)
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(), sink, home=None)
+    request = CompleteRequest(uri="file:///a.py", text="x", line=0, character=1)
+    with pytest.raises(ModelLoading):
+        await link.complete(request)
+    assert sink.statuses == ["loading"]
+    await link.ensure_running()
+    assert await link.complete(request) == "answer for file:///a.py"
 
 
 async def test_lost_daemon_is_restarted_once_then_reported(monkeypatch, tmp_path):
@@ -156,11 +176,9 @@ async def test_a_daemon_the_user_stopped_stays_stopped_until_they_start_it(monke
     # `codelm-daemon start`: the daemon's start removes the mark; the next request connects.
     paths.stopped_file.unlink()
     monkeypatch.setattr(
-        daemon_client.DaemonClient, "discover", lambda *a, **k: FakeClient(["ready"])
+        daemon_client.DaemonClient, "discover", lambda *a, **k: AnsweringClient(["ready"])
     )
-    with pytest.raises(ModelLoading):
-        await link.complete(request)
-    await link.ensure_running()
+    assert await link.complete(request) == "answer for file:///a.py"
     assert sink.statuses[-1] == "ready" and started == []
 
 
@@ -267,8 +285,10 @@ async def test_a_shutdown_during_a_request_is_not_a_lost_daemon():
     async def health(_request):
         return web.json_response({"state": "ready", "model": "tiny"})
 
+    released = asyncio.Event()
+
     async def complete(_request):
-        await asyncio.sleep(30)
+        await released.wait()  # (the server's cleanup waits for its handlers)
 
     runner, url = await _serve(health, complete)
     sink = Sink()
@@ -286,6 +306,7 @@ async def test_a_shutdown_during_a_request_is_not_a_lost_daemon():
         assert link._starting is None or link._starting.done()
         assert sink.shown == [] and sink.statuses == ["loading", "ready"]
     finally:
+        released.set()
         await runner.cleanup()
 
 
@@ -363,9 +384,7 @@ async def test_a_daemon_that_refuses_the_token_is_said_once_until_it_takes_it(tm
         with InstanceLock(paths):  # that daemon's token file is where this server looks now
             publish_endpoint(paths, url, None, tokens[0])
             link._failed_at -= RETRY_AFTER_S
-            with pytest.raises(ModelLoading):  # the next attempt reads it again
-                await link.complete(request)
-            await link.ensure_running()
+            # The next attempt reads it again, and that request is answered.
             assert await link.complete(request) and sink.statuses[-1] == "ready"
             tokens[0] = "a restarted daemon's token"  # refused while ready: said again
             with pytest.raises(Unauthorized):

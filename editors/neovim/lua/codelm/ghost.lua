@@ -142,15 +142,12 @@ end
 
 local function map_keys(bufnr, keys)
   if keys.accept then
-    -- An expression: with no suggestion the key is typed where it was (fed keys would land
-    -- after the keys already typed ahead, as in a macro or fast typing).
-    vim.keymap.set('i', keys.accept, function()
+    require('codelm.keys').map_accept(bufnr, keys.accept, function()
       local state = buffers[bufnr]
-      if not (state and state.item) then
-        return keys.accept
+      if state and state.item then
+        return ('<Cmd>lua require("codelm.ghost").accept(%d)<CR>'):format(bufnr)
       end
-      return ('<Cmd>lua require("codelm.ghost").accept(%d)<CR>'):format(bufnr)
-    end, { buffer = bufnr, expr = true, desc = 'codelm: accept' })
+    end)
   end
   if keys.trigger then
     vim.keymap.set('i', keys.trigger, function()

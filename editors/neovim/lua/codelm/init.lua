@@ -94,11 +94,9 @@ local function on_attach(client, bufnr)
     -- 0.12 asks as the user types; its get() accepts, so the trigger key is not mapped there.
     vim.lsp.inline_completion.enable(true, { bufnr = bufnr })
     if keys.accept then
-      vim.keymap.set('i', keys.accept, function()
-        if not vim.lsp.inline_completion.get() then
-          return keys.accept
-        end
-      end, { buffer = bufnr, expr = true, desc = 'codelm: accept' })
+      require('codelm.keys').map_accept(bufnr, keys.accept, function()
+        return vim.lsp.inline_completion.get() and '' or nil
+      end)
     end
   else
     require('codelm.ghost').attach(client, bufnr, M.config)
