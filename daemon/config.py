@@ -6,6 +6,7 @@ The only module of the daemon that reads environment variables and the config fi
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 import os
@@ -29,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "CODELM_"
 HOME_ENV = "CODELM_HOME"
+# CODELM_* variables that are not daemon settings: the home folder, the JetBrains plugin's
+# codelm-lsp, the editor tests of `make test`.
+OTHER_ENV = (HOME_ENV, "CODELM_LSP", "CODELM_EDITOR_TESTS")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
@@ -104,7 +108,7 @@ def resolve_config(
     ):
         for name, raw in layer.items():
             if name not in _SETTABLE:
-                logger.warning("ignoring unknown setting %r from %s", name, source)
+                _warn_unknown(name, source)
                 continue
             values[name] = _coerce(name, raw, source)
     return _build(values, paths)
@@ -131,12 +135,22 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def _read_env(env: Mapping[str, str]) -> dict[str, str]:
-    values = {}
-    for name in sorted(_SETTABLE):
-        raw = env.get(ENV_PREFIX + name.upper())
-        if raw is not None and raw != "":
-            values[name] = raw
-    return values
+    """The CODELM_* variables as settings, unknown names included (a misspelt one is said)."""
+    return {
+        key.removeprefix(ENV_PREFIX).lower(): raw
+        for key, raw in sorted(env.items())
+        if key.startswith(ENV_PREFIX) and key not in OTHER_ENV and raw != ""
+    }
+
+
+def _warn_unknown(name: str, source: str) -> None:
+    environment = source == "environment"
+    spelt = ENV_PREFIX + name.upper() if environment else name
+    close = difflib.get_close_matches(name, sorted(_SETTABLE), n=1, cutoff=0.6)
+    hint = ""
+    if close:
+        hint = f" (did you mean {ENV_PREFIX + close[0].upper() if environment else close[0]}?)"
+    logger.warning("ignoring unknown setting %s from %s%s", spelt, source, hint)
 
 
 def _field_type(name: str) -> str:

@@ -112,6 +112,23 @@ def test_config_ignores_unknown_keys_with_a_warning(tmp_path, caplog):
     assert "colour" in caplog.text
 
 
+def test_a_misspelt_setting_in_the_file_or_the_environment_is_said_with_the_right_name(
+    tmp_path, caplog
+):
+    # CODELM_THREAD=1 was ignored without a word: the daemon ran on every core.
+    _write_config(tmp_path, "treads = 1\n")
+    env = {"CODELM_HOME": str(tmp_path), "CODELM_THREAD": "1", "CODELM_LSP": "/opt/codelm-lsp"}
+    config = resolve_config({}, env)
+    assert config == DaemonConfig(paths=config.paths)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(w.endswith("config.toml (did you mean threads?)") for w in warnings), warnings
+    assert (
+        "ignoring unknown setting CODELM_THREAD from environment (did you mean CODELM_THREADS?)"
+        in warnings
+    )
+    assert len(warnings) == 2  # CODELM_HOME and CODELM_LSP are not daemon settings
+
+
 def test_config_makes_model_paths_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = resolve_config({"model": "models/x.gguf"}, {"CODELM_HOME": str(tmp_path)})
