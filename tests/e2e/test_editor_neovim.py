@@ -120,10 +120,12 @@ def test_neovim_setup_without_settings_sends_an_object(tmp_path: Path):
 
 
 # Stands in for codelm-lsp: answers every inline completion with the item in argv[1] (JSON),
-# as the server does in a CRLF document (its line endings restored).
+# as the server does in a CRLF document (its line endings restored); appends each message it
+# gets to the file argv[2] names, if any, one JSON per line.
 FAKE_SERVER = """
-import json, sys
+import json, os, sys
 item = json.loads(sys.argv[1])
+log = sys.argv[2] if len(sys.argv) > 2 else os.devnull
 def send(message):
     body = json.dumps(message).encode()
     sys.stdout.buffer.write(b"Content-Length: %d\\r\\n\\r\\n" % len(body) + body)
@@ -139,6 +141,8 @@ while True:
     if not line:
         break
     message = json.loads(sys.stdin.buffer.read(length))
+    with open(log, "a") as out:
+        out.write(json.dumps({"pid": os.getpid(), **message}) + "\\n")
     if message.get("method") == "exit":
         break
     if "id" not in message or "method" not in message:
@@ -244,6 +248,74 @@ def test_neovim_keeps_the_users_own_tab_mapping_where_there_is_no_suggestion(tmp
     outcome = _type_through(tmp_path, b"def f():\n    pass\n", {"insertText": " = 1"}, USER_TAB)
     assert outcome["typed_ahead"] == "    <user tab>abc"
     assert outcome["saved"].endswith(b"    <user tab>abc\n    x = 1\n")  # accepted: codelm
+
+
+COMMANDS_SCRIPT = """
+vim.opt.runtimepath:prepend(PLUGIN)
+vim.cmd('filetype on')
+require('codelm').setup({ cmd = CMD })
+vim.cmd.edit(FILE)
+-- After start-up, where a user types commands (-c runs before it).
+vim.api.nvim_create_autocmd('VimEnter', { once = true, callback = function()
+local function clients()
+  return vim.lsp.get_clients({ name = 'codelm', bufnr = 0 })
+end
+local out = {}
+local function done(err)
+  out.error = err
+  vim.fn.writefile({ vim.json.encode(out) }, RESULT)
+  vim.cmd('qa!')
+end
+if not vim.wait(20000, function() return #clients() > 0 end, 50) then
+  return done('no client')
+end
+local first = clients()[1].id
+vim.cmd('Codelm disable')
+vim.cmd('Codelm restart')
+if not vim.wait(20000, function() return #clients() > 0 and clients()[1].id ~= first end, 50) then
+  return done('not restarted')
+end
+vim.cmd('Codelm toggle')
+local ok, err = pcall(vim.cmd, 'Codelm bogus')
+out.bogus = ok and vim.trim(vim.fn.execute('messages')) or tostring(err)
+out.completions = vim.fn.getcompletion('Codelm ', 'cmdline')
+vim.wait(500)  -- (the toggle's notification on its way)
+done()
+end })
+"""
+
+
+def test_neovim_codelm_command_disables_enables_and_restarts_the_server(tmp_path: Path):
+    nvim = _nvim()
+    server, path = tmp_path / "server.py", tmp_path / "a.py"
+    result, log = tmp_path / "out.json", tmp_path / "messages.jsonl"
+    server.write_text(FAKE_SERVER)
+    path.write_text("x = 1\n")
+    cmd = [sys.executable, str(server), json.dumps({"insertText": ""}), str(log)]
+    script = tmp_path / "commands.lua"
+    script.write_text(
+        f"local PLUGIN, CMD = {json.dumps(str(DRIVER.parents[1]))}, vim.json.decode("
+        f"{json.dumps(json.dumps(cmd))})\n"
+        f"local FILE, RESULT = {json.dumps(str(path))}, {json.dumps(str(result))}\n"
+        + COMMANDS_SCRIPT
+    )
+    command = [nvim, "--headless", "-u", "NONE", "-i", "NONE", "-n", "-c", f"luafile {script}"]
+    subprocess.run(command, cwd=tmp_path, capture_output=True, timeout=120)
+    outcome = json.loads(result.read_text())
+    assert outcome.get("error") is None, outcome
+    assert sorted(outcome["completions"]) == ["disable", "enable", "restart", "status", "toggle"]
+    assert "no command bogus (disable, enable, restart, status, toggle)" in outcome["bogus"]
+    messages = [json.loads(line) for line in log.read_text().splitlines()]
+    pids = list(dict.fromkeys(m["pid"] for m in messages))
+    assert len(pids) == 2, pids  # restarted: a second server
+    first, second = ([m for m in messages if m["pid"] == pid] for pid in pids)
+    changes = [m["params"]["settings"] for m in messages if m.get("method", "").endswith(
+        "didChangeConfiguration"
+    )]
+    assert changes == [{"codelm": {"enabled": False}}, {"codelm": {"enabled": True}}]
+    assert any(m.get("method") == "exit" for m in first)  # stopped, not killed
+    # The restarted server started disabled, as the user left it.
+    assert second[0]["params"]["initializationOptions"] == {"enabled": False}
 
 
 def test_neovim_checkhealth_names_the_server_command_and_state(tmp_path: Path):

@@ -16,6 +16,7 @@ local OPTIONS = { 'cmd', 'filetypes', 'settings', 'keys', 'debounce_ms' } -- (tw
 M.cmd_hint = "give setup() cmd = { '/path/to/codelm/.venv/bin/codelm-lsp', '--stdio' }"
 
 M.config = vim.deepcopy(defaults)
+local commands -- :Codelm's subcommands (below setup, which defines the command)
 M.state = { state = 'inactive', message = 'codelm-lsp has not started' }
 
 --- The codelm-lsp command: a project's virtual environment first, as the VS Code extension does.
@@ -130,6 +131,71 @@ function M.setup(opts)
     on_exit = on_exit,
   }
   vim.lsp.enable('codelm')
+  vim.api.nvim_create_user_command('Codelm', function(args)
+    M.command(args.fargs[1] or 'status')
+  end, {
+    nargs = '?',
+    desc = 'codelm: status, enable, disable, toggle or restart',
+    complete = function()
+      return vim.tbl_keys(commands)
+    end,
+  })
+end
+
+--- Turns suggestions on or off: in the running servers (`enabled`, docs/lsp.md) and in the
+--- options a restarted one starts with.
+local function set_enabled(on)
+  M.config.settings = vim.tbl_extend('force', M.config.settings or {}, { enabled = on })
+  vim.lsp.config('codelm', { init_options = init_options(M.config.settings) })
+  for _, client in ipairs(vim.lsp.get_clients({ name = 'codelm' })) do
+    client:notify('workspace/didChangeConfiguration', { settings = { codelm = { enabled = on } } })
+  end
+end
+
+--- Stops codelm-lsp and starts it again for the buffers it served (and any others it matches).
+local function restart()
+  local clients = vim.lsp.get_clients({ name = 'codelm' })
+  vim.lsp.enable('codelm', false)
+  local deadline = vim.uv.now() + 3000
+  local function start_when_stopped()
+    for _, client in ipairs(clients) do
+      if not client:is_stopped() then
+        if vim.uv.now() < deadline then
+          return vim.defer_fn(start_when_stopped, 50)
+        end
+        client:stop(true)
+      end
+    end
+    set_state('inactive', 'codelm-lsp is restarting')
+    vim.lsp.enable('codelm')
+  end
+  start_when_stopped()
+end
+
+commands = {
+  status = function()
+    vim.notify(('codelm: %s %s'):format(M.state.state, M.state.message))
+  end,
+  enable = function()
+    set_enabled(true)
+  end,
+  disable = function()
+    set_enabled(false)
+  end,
+  toggle = function()
+    set_enabled(M.config.settings.enabled == false)
+  end,
+  restart = restart,
+}
+
+--- `:Codelm {status|enable|disable|toggle|restart}`.
+function M.command(name)
+  if not commands[name] then
+    local names = vim.tbl_keys(commands)
+    table.sort(names)
+    return vim.notify(('codelm: no command %s (%s)'):format(name, table.concat(names, ', ')), vim.log.levels.ERROR)
+  end
+  commands[name]()
 end
 
 --- The last `codelm/status` {state, message}: loading | ready | busy | error | disabled, or
