@@ -309,9 +309,11 @@ def test_neovim_codelm_command_disables_enables_and_restarts_the_server(tmp_path
     pids = list(dict.fromkeys(m["pid"] for m in messages))
     assert len(pids) == 2, pids  # restarted: a second server
     first, second = ([m for m in messages if m["pid"] == pid] for pid in pids)
-    changes = [m["params"]["settings"] for m in messages if m.get("method", "").endswith(
-        "didChangeConfiguration"
-    )]
+    changes = [
+        m["params"]["settings"]
+        for m in messages
+        if m.get("method", "").endswith("didChangeConfiguration")
+    ]
     assert changes == [{"codelm": {"enabled": False}}, {"codelm": {"enabled": True}}]
     assert any(m.get("method") == "exit" for m in first)  # stopped, not killed
     # The restarted server started disabled, as the user left it.
