@@ -66,7 +66,7 @@ def skip_reason(line_before: str, line_after: str, is_invoked: bool) -> str | No
         if line_before[-1:].isalnum() or line_before[-1:] == "_":
             return "in the middle of a word"
         return "before a word"
-    if not LINE_REST_OK.match(line_after):
+    if not LINE_REST_OK.match(line_after) and not between_braces(line_before, line_after):
         return "text after the cursor on this line"
     return None
 

@@ -24,6 +24,8 @@ _PAIRS = dict(zip(CLOSERS, OPENERS, strict=True))
 CLOSER_OF = dict(zip(OPENERS, CLOSERS, strict=True))
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 BLOCK_OPENER = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
+# An element's opening tag at the end of a line (`<ul>`, `<a href="/">`): its name.
+_OPEN_TAG_AT_END = re.compile(r"<([A-Za-z][\w.:-]*)(?:\s[^<>]*)?>\s*$")
 # What may follow the cursor on its line for a mid-line suggestion (see completion.py).
 LINE_REST_OK = re.compile(r"^[\s)\]}\"'`;,]*$")
 # A line that goes on with the statement above it at its indentation (`} else {`, `except:`,
@@ -45,14 +47,10 @@ _NOT_SCANNED = re.compile(r"[^()\[\]{}\"'`\\\n/*#]+")
 _HASH_COMMENTS = frozenset(
     {
         "python",
-        "shellscript",
         "ruby",
-        "perl",
-        "yaml",
         "toml",
         "r",
         "makefile",
-        "dockerfile",
         "elixir",
         "julia",
         "powershell",
@@ -86,6 +84,17 @@ _SLASH_COMMENTS = frozenset(
         "cuda-cpp",
     }
 )
+# Where a `#` starts a comment only at the start of a word: `$#`, `${#a[@]}`, `$#array` and
+# YAML's `a#b` are none.
+_WORD_HASH_COMMENTS = frozenset({"shellscript", "yaml", "perl", "dockerfile"})
+_HASH_IN_WORD = re.compile(r"(?<=[^\s;|&(])#")
+_DASH_COMMENTS = frozenset({"lua", "sql", "haskell", "elm", "ada", "vhdl"})  # `-- ...`
+_LUA_LONG_COMMENT = re.compile(r"--\[(=*)\[[\s\S]*?\]\1\]")
+_TAG_COMMENTS = frozenset({"html", "xml", "vue", "svelte", "xsl", "svg"})  # `<!-- ... -->`
+# Strings without escapes, whose backslashes the scan must not read as one: C#'s verbatim
+# `@"C:\dir\"` and Rust's raw `r"..."`, `r#"..."#` (read as an empty string).
+_VERBATIM_STRING = re.compile(r'@"(?:[^"]|"")*"')
+_RUST_RAW_STRING = re.compile(r'\bb?r(#*)"[\s\S]*?"\1')
 
 # Languages whose triple-quoted strings span lines (Python's docstrings, Kotlin's raw strings).
 _TRIPLE_QUOTED_STRINGS = frozenset(
@@ -163,8 +172,13 @@ class Context:
         return brackets.fed(self.scannable(text))
 
     def scannable(self, text: str) -> str:
-        """`text` as the bracket scan should read it: without Rust's lifetime quotes."""
-        return _LIFETIME.sub("", text) if self.language == "rust" else text
+        """`text` as the bracket scan should read it: without Rust's lifetime quotes, and
+        strings without escapes read as empty ones."""
+        if self.language == "rust":
+            return _LIFETIME.sub("", _RUST_RAW_STRING.sub('""', text))
+        if self.language == "csharp":
+            return _VERBATIM_STRING.sub('""', text)
+        return text
 
     @cached_property
     def prefix_lines(self) -> list[str]:
@@ -179,12 +193,19 @@ Filter = Callable[[Suggestion, Context], "Suggestion | None"]
 
 
 def between_braces(line_before: str, line_after: str) -> bool:
+    """`{|}`, `[|]`, or an element's tags (`<ul>|</ul>`): both closed by the editor."""
     opener = line_before.rstrip()[-1:]
-    return (
-        opener in ("{", "[")
-        and line_after.lstrip()[:1] == CLOSER_OF[opener]
-        and LINE_REST_OK.match(line_after) is not None
-    )
+    if opener in ("{", "["):
+        return (
+            line_after.lstrip()[:1] == CLOSER_OF[opener]
+            and LINE_REST_OK.match(line_after) is not None
+        )
+    tag = _OPEN_TAG_AT_END.search(line_before) if opener == ">" else None
+    if tag is None:
+        return False
+    after = line_after.lstrip()
+    closing = f"</{tag.group(1)}>"
+    return after.startswith(closing) and LINE_REST_OK.match(after[len(closing) :]) is not None
 
 
 def indent_width(line: str, tab_size: int = 4) -> int:
@@ -300,6 +321,10 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
     if len(ctx.brackets_before.quote) == 3:
         return _stop_after_docstring(s, ctx, lines)
     cursor_line = ctx.line_before + lines[0]
+    if BLOCK_OPENER.search(ctx.line_before) and _ends_statement(cursor_line, ctx):
+        # `=> x * x;`, `sum(a, b);`: what the opener began ended on its own line.
+        logger.debug("stop_at_block_end: the cursor line ends its statement")
+        return replace(s, text=lines[0].rstrip())
     if cursor_line.strip():
         base = indent_width(cursor_line)
         # After `{`/`:`, the block is the lines indented deeper than the cursor line.
@@ -312,6 +337,13 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
         stripped = line.strip()
         if min_indent > base and indent_width(line) == base and _continues(stripped):
             continue  # `} else {`, `except KeyError:`: the same statement goes on
+        if (
+            ctx.language == "yaml"
+            and indent_width(line) == base
+            and (stripped.startswith("- ") or stripped == "-")
+            and cursor_line.rstrip().endswith(":")
+        ):
+            continue  # `containers:` then `- name: web` at the key's indentation: its value
         next_line = _next_suffix_line(ctx)
         # Keep the line that closes the cursor line's opener (`}`, `}, []);`, `} while (x);`)
         # unless the suffix already closes it.
@@ -325,6 +357,14 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
         logger.debug("stop_at_block_end: line %d leaves the block (indent < %d)", n, min_indent)
         return replace(s, text="\n".join(lines[:keep]).rstrip())
     return s
+
+
+def _ends_statement(line: str, ctx: Context) -> bool:
+    """`line` ends with a `;` outside any bracket it opens."""
+    if not line.rstrip().endswith(";"):
+        return False
+    scan = _Brackets(comments=_comment_style(ctx.language)).fed(ctx.scannable(line))
+    return not scan.stack and not scan.errors and not scan.comment
 
 
 def _stop_after_docstring(s: Suggestion, ctx: Context, lines: list[str]) -> Suggestion:
@@ -473,10 +513,30 @@ def _splits_triple_quote(text: str, cut: int) -> bool:
 
 
 def _comment_style(language: str | None) -> str:
-    """How the language's line comments start ("" where unknown: none are skipped)."""
-    if language in _HASH_COMMENTS:
-        return "#"
-    return "//" if language in _SLASH_COMMENTS else ""
+    """How the language's comments start: "#", "#word" (at a word's start), "//" (with /* */
+    blocks), "--" or "<!--"; "" where unknown (none are skipped)."""
+    for style, languages in (
+        ("#", _HASH_COMMENTS),
+        ("#word", _WORD_HASH_COMMENTS),
+        ("//", _SLASH_COMMENTS),
+        ("--", _DASH_COMMENTS),
+        ("<!--", _TAG_COMMENTS),
+    ):
+        if language in languages:
+            return style
+    return ""
+
+
+def _comments_as_scanned(text: str, comments: str) -> str:
+    """`text` with its comments written as the scan reads them: `#` ones, or `//` and
+    /* */ ones (a Lua long comment goes, `--` becomes `//`, `<!-- -->` becomes /* */)."""
+    if comments == "#word":
+        return _HASH_IN_WORD.sub("_", text)
+    if comments == "--":
+        return _LUA_LONG_COMMENT.sub(" ", text).replace("--", "//")
+    if comments == "<!--":
+        return text.replace("<!--", "/*").replace("-->", "*/")
+    return text
 
 
 def _errors_with(ctx: Context, text: str, replace_after: int) -> int:
@@ -489,9 +549,9 @@ def _errors_with(ctx: Context, text: str, replace_after: int) -> int:
 class _Brackets:
     """Where a left-to-right scan for bracket errors stands: the brackets open, the errors so
     far (closers with no opener, lines that end inside a string literal), the string literal
-    it is in, and the comment it is in (`comments`: "#", "//" with /* */ blocks, or "" for
-    none). Openers left open are no error: the text is a window of a larger file. Strings end
-    with their line, but for a triple quote where `triple_quotes` (Python's docstrings)."""
+    it is in, and the comment it is in (`comments`: a _comment_style). Openers left open are
+    no error: the text is a window of a larger file. Strings end with their line, but for a
+    triple quote where `triple_quotes` (Python's docstrings)."""
 
     stack: list[str] = field(default_factory=list)
     errors: int = 0
@@ -505,7 +565,9 @@ class _Brackets:
         """The state after `text` (this one is left as it is)."""
         stack, errors, quote, escaped = list(self.stack), self.errors, self.quote, self.escaped
         comments, comment = self.comments, self.comment
-        scanned = _NOT_SCANNED.sub(" ", text)
+        scanned = _NOT_SCANNED.sub(" ", _comments_as_scanned(text, comments))
+        hashes = comments in ("#", "#word")
+        slashes = ("/", "*") if comments in ("//", "--") else ("*",) if comments == "<!--" else ()
         skip = 0
         for i, ch in enumerate(scanned):
             if skip:
@@ -537,9 +599,9 @@ class _Brackets:
                     stack.pop()
                 else:
                     errors += 1
-            elif comments == "#" and ch == "#":
+            elif hashes and ch == "#":
                 comment = "line"
-            elif comments == "//" and ch == "/" and scanned[i + 1 : i + 2] in ("/", "*"):
+            elif ch == "/" and scanned[i + 1 : i + 2] in slashes:
                 comment = "line" if scanned[i + 1] == "/" else "block"
         return _Brackets(stack, errors, quote, escaped, comments, comment, self.triple_quotes)
 
@@ -586,9 +648,14 @@ def replace_line_rest(s: Suggestion, ctx: Context) -> Suggestion | None:
     ):
         return s  # `f(|);` suggested `(req, res) => {`: the closers come after that block
     if not LINE_REST_OK.match(rest):
-        retyped = "\n" not in s.text and s.text.rstrip().endswith(rest.strip())
-        if retyped and _errors_with(ctx, s.text, len(rest)) <= _errors_with(ctx, s.text, 0):
+        if "\n" in s.text or rest.strip() not in s.text:
+            return s
+        errors = _errors_with(ctx, s.text, len(rest)), _errors_with(ctx, s.text, 0)
+        if s.text.rstrip().endswith(rest.strip()) and errors[0] <= errors[1]:
             logger.debug("replace_line_rest: the suggestion ends by retyping %r", rest)
+            return replace(s, replace_after=len(rest))
+        if len(rest.strip()) > 1 and errors[0] < errors[1]:  # (`href="|">` got `/">Home</a>`)
+            logger.debug("replace_line_rest: the suggestion retypes %r and goes on", rest)
             return replace(s, replace_after=len(rest))
         return s
     if _errors_with(ctx, s.text, len(rest)) < _errors_with(ctx, s.text, 0):
@@ -630,8 +697,8 @@ FILTERS: tuple[Filter, ...] = (
     trim_space,
     drop_repeated_line,
     drop_blank,
+    replace_line_rest,  # (before closer_on_own_line: a body that retypes the closers is done)
     closer_on_own_line,
-    replace_line_rest,
     restore_line_endings,
 )
 

@@ -37,6 +37,10 @@ URI = "file:///work/demo.py"
         ("s = '", "');", None),
         ("x = ", "   ", None),
         ("", "", None),
+        ("  <ul>", "</ul>", None),  # tags the editor closed
+        ('  <a href="/">', "</a>", None),
+        ("  <ul>", "</ol>", "text after the cursor on this line"),
+        ("  <b>", "</b> and more", "text after the cursor on this line"),
     ],
 )
 def test_skip_reason_for_automatic_trigger(before, after, reason):
@@ -59,6 +63,8 @@ def test_skip_reason_invoked_trigger_always_goes():
         ("  f({", "}, x);", "auto", True),  # more than closers after it
         ("x = [", "];", "auto", False),  # and square brackets
         ("x = [", "] + y", "auto", True),
+        ("  <ul>", "</ul>", "auto", False),  # and an element's tags
+        ("  <li>", "</li>", "auto", False),  # (a first line of text keeps to it: postprocess)
         ("x = 1 +", "", "auto", True),
         ("    ", "", "always", True),
         ("x = 1 +", "", "never", False),
