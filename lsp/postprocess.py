@@ -353,10 +353,19 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
             and stripped[:1] in CLOSERS
             and not (indent_width(next_line) == base and next_line.strip()[:1] == stripped[:1])
         )
-        keep = n + 1 if closes_opener else n
+        keep = n + 1 if closes_opener or _closes_unclosed(stripped, lines[:n], ctx) else n
         logger.debug("stop_at_block_end: line %d leaves the block (indent < %d)", n, min_indent)
         return replace(s, text="\n".join(lines[:keep]).rstrip())
     return s
+
+
+def _closes_unclosed(stripped: str, kept: list[str], ctx: Context) -> bool:
+    """At the end of the file (nothing after the cursor), `stripped` closes a bracket that
+    the text before it leaves open: that block's `}`, which no auto-closing editor put there."""
+    if ctx.suffix.strip() or stripped[:1] not in CLOSERS:
+        return False
+    state = ctx.brackets_before.fed(ctx.scannable("\n".join(kept) + "\n"))
+    return state.stack[-1:] == [_PAIRS[stripped[0]]]
 
 
 def _ends_statement(line: str, ctx: Context) -> bool:
