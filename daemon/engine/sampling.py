@@ -40,25 +40,46 @@ class Greedy:
 
 class HealingPicker:
     """Greedy, but the first tokens must spell `heal`: the bytes of the prompt's last token,
-    removed so the model can choose how the text at the cursor continues (token healing)."""
+    removed so the model can choose how the text at the cursor continues (token healing).
+
+    Healed indentation is spelt in one token, or in one that leaves a single character for
+    the next (`11 spaces` + ` if`, as tokenizers split it). A shorter run of spaces the model
+    prefers (7, where it expected the line 4 columns less deep) would leave the rest to be
+    spelt a space at a time, which it never saw: it went on writing spaces to max_tokens."""
 
     def __init__(self, tokenizer: Tokenizer, heal: bytes) -> None:
         self.tokenizer = tokenizer
         self.remaining = heal
+        self._allowed: tuple[bytes, torch.Tensor] | None = None  # (remaining, ids)
 
     def __call__(self, logits: torch.Tensor, step: int) -> int:
         if not self.remaining:
             return greedy(logits)
-        token = greedy_with_prefix(logits, self.tokenizer.consistent_tokens(self.remaining))
+        token = greedy_with_prefix(logits, self.allowed())
         self._spelled(token)
         return token
 
     def known(self, token: int, step: int) -> int | None:
-        # The argmax over the tokens that fit `heal` is the overall argmax when that one fits.
-        if self.remaining and not self.tokenizer.fits(token, self.remaining):
+        # The argmax over the allowed tokens is the overall argmax when that one is allowed.
+        if self.remaining and not bool((self.allowed() == token).any()):
             return None
         self._spelled(token)
         return token
+
+    def allowed(self) -> torch.Tensor:
+        """The ids that may come next while `remaining` is still to be spelt."""
+        if self._allowed is None or self._allowed[0] != self.remaining:
+            ids = self.tokenizer.consistent_tokens(self.remaining)
+            if not self.remaining.strip():  # whitespace: in one token, or all but one char
+                least = len(self.remaining) - 1
+                enough = torch.tensor(
+                    [len(self.tokenizer.pieces[i]) >= least for i in ids.tolist()],
+                    dtype=torch.bool,
+                )
+                if enough.any():
+                    ids = ids[enough]
+            self._allowed = (self.remaining, ids)
+        return self._allowed[1]
 
     def top_two(self, step: int) -> bool:
         return not self.remaining  # the argmax over the tokens that fit reads them all

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from codelm.daemon.engine.cancel import CancelToken
 from codelm.daemon.engine.engine import _repeats_next_line
 from codelm.daemon.engine.generate import StopReason, StopRules, generate
+from codelm.daemon.engine.sampling import HealingPicker
 from codelm.daemon.errors import Cancelled
 from codelm.daemon.protocol import CompleteRequest
 
@@ -208,3 +210,32 @@ def test_a_suggestion_that_repeats_the_next_line_is_asked_again_without_it(defau
     assert (
         again.strip() and next(line.strip() for line in again.split("\n") if line.strip()) != first
     )
+
+
+class _SpacesTokenizer:
+    """Pieces: runs of 1..12 spaces, then ` if` and `if`; Tokenizer's `fits` rule."""
+
+    pieces = [b" " * n for n in range(1, 13)] + [b" if", b"if"]
+
+    def consistent_tokens(self, required: bytes) -> torch.Tensor:
+        return torch.tensor([i for i in range(len(self.pieces)) if self.fits(i, required)])
+
+    def fits(self, token: int, required: bytes) -> bool:
+        piece = self.pieces[token]
+        return piece.startswith(required) or required.startswith(piece)
+
+
+def test_healed_indentation_is_spelt_as_a_tokenizer_would_not_a_space_at_a_time():
+    # HumanEval/1: 12 spaces healed after a blank line, where the model expected 8 and gave
+    # 7 spaces 0.975: the 5 left came one space at a time, and then spaces to max_tokens.
+    tokenizer = _SpacesTokenizer()
+    seven, eleven, space_if = 6, 10, 12
+    logits = torch.full((1, len(tokenizer.pieces)), -10.0)
+    logits[0, seven], logits[0, eleven], logits[0, space_if] = 5.0, 1.0, 3.0
+    pick = HealingPicker(tokenizer, b" " * 12)  # type: ignore[arg-type]
+    assert pick.known(seven, 0) is None  # the argmax is not allowed: the logits decide
+    assert pick(logits, 0) == eleven and pick.remaining == b" "
+    assert pick.known(space_if, 1) == space_if and pick.remaining == b""
+    # Text that is not whitespace may still be spelt in any pieces that fit.
+    pick = HealingPicker(tokenizer, b"if")  # type: ignore[arg-type]
+    assert pick.known(tokenizer.pieces.index(b"if"), 0) is not None
