@@ -191,6 +191,33 @@ def test_an_idle_unload_gives_the_models_memory_back(home):
     assert freed > 0.5 * model_mb, (freed, model_mb)
 
 
+def test_closed_documents_give_their_kv_memory_back(home):
+    # Each file's K/V (under glibc's 32 MB mmap threshold once the model had loaded) stayed
+    # in the heap after /v1/documents/close: 30 closed files left 1.2 GB resident.
+    started = cli(home, "start")
+    assert started.returncode == 0, started.stderr
+    live = read_live(home)
+    text = "".join(f"def f{i}(x):\n    return x * {i} + {i * 7}\n\n" for i in range(60))
+    uris = [f"file:///live/kv{n}.py" for n in range(6)]
+    for n, uri in enumerate(uris):  # ~1000 tokens each, all different
+        document = f"# file {n}\n" + text.replace("x", f"x{n}")
+        end = document.count("\n")
+        request = {"uri": uri, "text": document, "line": end, "character": 0, "max_tokens": 1}
+        status, body = live.call("POST", "/v1/complete", request)
+        assert status == 200, body
+    held = live.call("GET", "/v1/status")[1]
+    cached_mb = held["cache"]["bytes"] / 1e6
+    assert cached_mb > 100, held["cache"]
+    for uri in uris:
+        assert live.call("POST", "/v1/documents/close", {"uri": uri})[0] == 200
+    deadline = time.monotonic() + 30  # (the heap is trimmed after each close's answer)
+    while (freed := held["resident_MB"] - live.call("GET", "/v1/status")[1]["resident_MB"]) < (
+        0.5 * cached_mb
+    ):
+        assert time.monotonic() < deadline, (freed, cached_mb)
+        time.sleep(0.2)
+
+
 def test_a_relative_codelm_home_means_the_folder_start_ran_in(tmp_path):
     # The daemon runs in `/` and read CODELM_HOME=rel as /rel: `start` waited for a daemon
     # that had written its files there.
