@@ -24,6 +24,9 @@ _PAIRS = dict(zip(CLOSERS, OPENERS, strict=True))
 CLOSER_OF = dict(zip(OPENERS, CLOSERS, strict=True))
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 BLOCK_OPENER = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
+# A shell line's end that continues the command on the next line.
+_DANGLING_PIPE = re.compile(r"\s*(?:\|\||&&|\||\\|`)\s*$")
+_TABLE_HEADER = re.compile(r"^\[[^\]]*\]+\s*(?:[#;].*)?$")  # TOML's `[tool.ruff]`, INI's `[server]`
 # An element's opening tag at the end of a line (`<ul>`, `<a href="/">`): its name.
 _OPEN_TAG_AT_END = re.compile(r"<([A-Za-z][\w.:-]*)(?:\s[^<>]*)?>\s*$")
 # What may follow the cursor on its line for a mid-line suggestion (see completion.py).
@@ -82,6 +85,8 @@ _SLASH_COMMENTS = frozenset(
         "zig",
         "jsonc",
         "cuda-cpp",
+        "scss",
+        "less",
     }
 )
 # Where a `#` starts a comment only at the start of a word: `$#`, `${#a[@]}`, `$#array` and
@@ -95,6 +100,10 @@ _TAG_COMMENTS = frozenset({"html", "xml", "vue", "svelte", "xsl", "svg"})  # `<!
 # `@"C:\dir\"` and Rust's raw `r"..."`, `r#"..."#` (read as an empty string).
 _VERBATIM_STRING = re.compile(r'@"(?:[^"]|"")*"')
 _RUST_RAW_STRING = re.compile(r'\bb?r(#*)"[\s\S]*?"\1')
+# Haskell's and Elm's primes (`foldl'`, `x''`), once their character literals are out of the way.
+_PRIMED = frozenset({"haskell", "elm", "purescript"})
+_CHAR_LITERAL = re.compile(r"'(?:\\.|[^'\\\n])'")
+_PRIME = re.compile(r"(?<=[\w'])'")
 
 # Languages whose triple-quoted strings span lines (Python's docstrings, Kotlin's raw strings).
 _TRIPLE_QUOTED_STRINGS = frozenset(
@@ -172,12 +181,16 @@ class Context:
         return brackets.fed(self.scannable(text))
 
     def scannable(self, text: str) -> str:
-        """`text` as the bracket scan should read it: without Rust's lifetime quotes, and
-        strings without escapes read as empty ones."""
+        """`text` as the bracket scan should read it: without Rust's lifetime quotes, Haskell's
+        primes and prose's apostrophes, and strings without escapes read as empty ones."""
         if self.language == "rust":
             return _LIFETIME.sub("", _RUST_RAW_STRING.sub('""', text))
         if self.language == "csharp":
             return _VERBATIM_STRING.sub('""', text)
+        if self.language in _PRIMED:
+            return _PRIME.sub("", _CHAR_LITERAL.sub('""', text))
+        if self.language in _PROSE:  # `It's`: an apostrophe, no quote
+            return text.replace("'", "")
         return text
 
     @cached_property
@@ -310,6 +323,8 @@ def cut_single_line(s: Suggestion, ctx: Context) -> Suggestion | None:
         logger.debug("cut_single_line: kept the line after the cursor's finished line")
         return replace(s, text="\n" + next_line)
     logger.debug("cut_single_line: kept the first of %d lines", s.text.count("\n") + 1)
+    if ctx.language in ("powershell", "shellscript"):
+        first = _DANGLING_PIPE.sub("", first)  # `... } |`: the command it went on to is cut
     return replace(s, text=first.rstrip())
 
 
@@ -321,8 +336,16 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
     if len(ctx.brackets_before.quote) == 3:
         return _stop_after_docstring(s, ctx, lines)
     cursor_line = ctx.line_before + lines[0]
-    if BLOCK_OPENER.search(ctx.line_before) and _ends_statement(cursor_line, ctx):
-        # `=> x * x;`, `sum(a, b);`: what the opener began ended on its own line.
+    if BLOCK_OPENER.search(ctx.line_before) and (
+        _ends_statement(cursor_line, ctx)
+        or (
+            ctx.line_before.rstrip().endswith(":")
+            and lines[0].strip()
+            and not BLOCK_OPENER.search(cursor_line)
+        )
+    ):
+        # `=> x * x;`, `sum(a, b);`, `image: nginx:latest`: what the opener began ended on its
+        # own line (the keys after a value are siblings, most often the document's already).
         logger.debug("stop_at_block_end: the cursor line ends its statement")
         return replace(s, text=lines[0].rstrip())
     if cursor_line.strip():
@@ -332,6 +355,9 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
     else:
         base = min_indent = indent_width(ctx.line_before)
     for n, line in enumerate(lines[1:], start=1):
+        if ctx.language in ("toml", "ini") and _TABLE_HEADER.match(line):
+            logger.debug("stop_at_block_end: line %d starts another table", n)
+            return replace(s, text="\n".join(lines[:n]).rstrip())
         if not line.strip() or indent_width(line) >= min_indent:
             continue
         stripped = line.strip()
@@ -399,17 +425,31 @@ _PROSE = frozenset({"markdown", "mdx", "plaintext", "restructuredtext", "asciido
 def stop_at_code_fence(s: Suggestion, ctx: Context) -> Suggestion | None:
     """Stop before a Markdown code fence (```) in a code file: an instruct-tuned model ends
     its code with one, then writes about it ("In this code, ..."). Files with fences of their
-    own near the cursor (prose, docstrings that show code) keep them."""
-    if "```" not in s.text or ctx.language in _PROSE:
-        return s
-    if "```" in ctx.prefix[-20_000:] or "```" in ctx.suffix[:20_000]:
+    own near the cursor (docstrings that show code) keep them. In prose, code suggested
+    inside a fenced block stops at the fence that closes it: before it where the document
+    has one after the cursor, else after it."""
+    if "```" not in s.text:
         return s
     lines = s.text.split("\n")
-    for n, line in enumerate(lines):
-        if line.lstrip().startswith("```"):
-            logger.debug("stop_at_code_fence: line %d is a Markdown fence", n)
-            return replace(s, text="\n".join(lines[:n]).rstrip())
-    return s
+    fence = next((n for n, line in enumerate(lines) if _is_fence(line)), None)
+    if fence is None:
+        return s
+    before, after = ctx.prefix[-20_000:], ctx.suffix[:20_000]
+    if ctx.language in _PROSE:
+        above = before[: len(before) - len(ctx.line_before)].split("\n")
+        if sum(map(_is_fence, above)) % 2 == 0:
+            return s  # not inside a fenced block
+        keep = fence if any(map(_is_fence, after.split("\n"))) else fence + 1
+    elif "```" in before or "```" in after:
+        return s
+    else:
+        keep = fence
+    logger.debug("stop_at_code_fence: line %d is a Markdown fence", fence)
+    return replace(s, text="\n".join(lines[:keep]).rstrip())
+
+
+def _is_fence(line: str) -> bool:
+    return line.lstrip().startswith("```")
 
 
 def _next_suffix_line(ctx: Context) -> str:
@@ -423,8 +463,8 @@ def fix_indentation(s: Suggestion, ctx: Context) -> Suggestion | None:
     if "\n" not in s.text:
         return s
     uses_tabs, width = detect_indentation([*ctx.prefix_lines, ctx.line_before, *ctx.suffix_lines])
-    if uses_tabs is None:
-        return s
+    if uses_tabs is None or (ctx.language == "makefile" and not uses_tabs):
+        return s  # (a Makefile's recipes take tabs, whatever its other lines are indented with)
     first, *rest = s.text.split("\n")
     wrong = "  " if uses_tabs else "\t"
     if not any(wrong in _leading(line) for line in rest):
@@ -471,12 +511,23 @@ def trim_repeated_suffix_lines(s: Suggestion, ctx: Context) -> Suggestion | None
         tail = [(indent_width(line), line.strip()) for line in lines[n:] if line.strip()]
         if (
             tail
-            and all(t == f for t, f in zip(tail, following, strict=False))
+            and all(_repeats(t, f) for t, f in zip(tail, following, strict=False))
             and (len(tail) <= len(following))
         ):
             logger.debug("trim_repeated_suffix_lines: %d lines repeat the suffix", len(lines) - n)
             return replace(s, text="\n".join(lines[:n]).rstrip())
     return s
+
+
+def _repeats(line: tuple[int, str], following: tuple[int, str]) -> bool:
+    """(indent, text) `line` repeats `following`, maybe less the closers or `;` it ends with
+    (`</div>` of `</div>;`, `}` of `});`): the document's line stays and ends it."""
+    (indent, text), (indent_after, text_after) = line, following
+    return (
+        indent == indent_after
+        and text_after.startswith(text)
+        and LINE_REST_OK.match(text_after[len(text) :]) is not None
+    )
 
 
 def trim_closing_overlap(s: Suggestion, ctx: Context) -> Suggestion | None:
