@@ -26,6 +26,15 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 BLOCK_OPENER = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
 # A shell line's end that continues the command on the next line.
 _DANGLING_PIPE = re.compile(r"\s*(?:\|\||&&|\||\\|`)\s*$")
+# A line that starts a definition (a decorator's too): on a blank line, the suggestion's
+# statements go on at its indentation up to one of these.
+_DEFINITION = re.compile(
+    r"@\w|(?:(?:export|public|private|protected|internal|static|final|abstract|override|async"
+    r"|pub|open|suspend|inline|virtual|default)\s+)*"
+    r"(?:def|class|function|func|fn|fun|interface|struct|enum|impl|trait|module|object)\b"
+    r"|(?!(?:if|for|while|switch|catch|else|do|try|return|using|lock|foreach|synchronized)\b)"
+    r"(?:[\w<>\[\],.?*&:]+\s+)*\*?[\w$]+\s*\([^;]*\)[^;=]*\{$"  # `int f(x) {`, `get() {`
+)
 _TABLE_HEADER = re.compile(r"^\[[^\]]*\]+\s*(?:[#;].*)?$")  # TOML's `[tool.ruff]`, INI's `[server]`
 # An element's opening tag at the end of a line (`<ul>`, `<a href="/">`): its name.
 _OPEN_TAG_AT_END = re.compile(r"<([A-Za-z][\w.:-]*)(?:\s[^<>]*)?>\s*$")
@@ -263,13 +272,16 @@ def drop_unfinished_line(s: Suggestion, ctx: Context) -> Suggestion | None:
 
 def trim_space(s: Suggestion, ctx: Context) -> Suggestion | None:
     """No trailing whitespace, but the space before a closer already after the cursor that
-    mirrors its opener's (`{ name, age }`); no leading spaces when the line already ends with
-    one."""
+    mirrors its opener's (`{ name, age }`), on the cursor's line too; no leading spaces when
+    the line already ends with one."""
     text = s.text.rstrip()
     if s.text[len(text) : len(text) + 1] == " " and _spaced_closer(ctx.line_before + text, ctx):
         text += " "
     if ctx.line_before.strip() and ctx.line_before[-1:] in (" ", "\t"):
         text = text.lstrip(" \t")
+    head, newline, rest = text.partition("\n")
+    if newline and ctx.line_before.strip() and head and not head.strip():
+        text = newline + rest  # (`if x: ` would end with the spaces before the body's line)
     if text != s.text:
         logger.debug("trim_space: %d chars of whitespace", len(s.text) - len(text))
         return replace(s, text=text)
@@ -348,20 +360,28 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
         # own line (the keys after a value are siblings, most often the document's already).
         logger.debug("stop_at_block_end: the cursor line ends its statement")
         return replace(s, text=lines[0].rstrip())
-    if cursor_line.strip():
-        base = indent_width(cursor_line)
-        # After `{`/`:`, the block is the lines indented deeper than the cursor line.
-        min_indent = base + 1 if BLOCK_OPENER.search(cursor_line) else base
-    else:
-        base = min_indent = indent_width(ctx.line_before)
+    base = indent_width(cursor_line)
+    # After `{`/`:`, the block is the lines indented deeper than the cursor line. On a line of
+    # nothing but indentation where the document's block ends below (the user writes the rest
+    # of it), the statements after that block go on too, up to another definition.
+    min_indent = base + 1 if BLOCK_OPENER.search(cursor_line) else base
+    if not ctx.line_before.strip() and indent_width(_next_suffix_line(ctx)) < base:
+        min_indent = base
     for n, line in enumerate(lines[1:], start=1):
         if ctx.language in ("toml", "ini") and _TABLE_HEADER.match(line):
             logger.debug("stop_at_block_end: line %d starts another table", n)
+            return replace(s, text="\n".join(lines[:n]).rstrip())
+        if min_indent == base and indent_width(line) == base and _DEFINITION.match(line.strip()):
+            logger.debug("stop_at_block_end: line %d starts another definition", n)
             return replace(s, text="\n".join(lines[:n]).rstrip())
         if not line.strip() or indent_width(line) >= min_indent:
             continue
         stripped = line.strip()
         if min_indent > base and indent_width(line) == base and _continues(stripped):
+            if _continues(_next_suffix_line(ctx).strip()):
+                # The document has its own `else:` there: a second one would not parse.
+                logger.debug("stop_at_block_end: line %d repeats the document's %r", n, stripped)
+                return replace(s, text="\n".join(lines[:n]).rstrip())
             continue  # `} else {`, `except KeyError:`: the same statement goes on
         if (
             ctx.language == "yaml"
