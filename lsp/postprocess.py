@@ -264,10 +264,25 @@ def drop_unfinished_line(s: Suggestion, ctx: Context) -> Suggestion | None:
     lines = head.rstrip().split("\n")
     while len(lines) > 1 and BLOCK_OPENER.search(lines[-1]):
         lines.pop()
+    lines = _before_unclosed(lines, ctx)
     logger.debug(
-        "drop_unfinished_line: %r and %d block openers", tail, head.count("\n") + 1 - len(lines)
+        "drop_unfinished_line: %r and %d lines before it", tail, head.count("\n") + 1 - len(lines)
     )
     return replace(s, text="\n".join(lines))
+
+
+def _before_unclosed(lines: list[str], ctx: Context) -> list[str]:
+    """`lines` up to the one that opens a bracket the rest never closes (`"deps": {` whose
+    entries max_tokens cut): the file would be left with it open. All of them where that is
+    the first line: the user goes on with it."""
+    state = ctx.brackets_before
+    depth = len(state.stack)
+    start = 0  # the first line after which the brackets stay deeper than at the cursor
+    for n, line in enumerate(lines):
+        if len(state.stack) <= depth:
+            start = n
+        state = state.fed(ctx.scannable(line + "\n"))
+    return lines[:start] if len(state.stack) > depth and start > 0 else lines
 
 
 def trim_space(s: Suggestion, ctx: Context) -> Suggestion | None:
