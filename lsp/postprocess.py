@@ -30,8 +30,10 @@ _DANGLING_PIPE = re.compile(r"\s*(?:\|\||&&|\||\\|`)\s*$")
 # statements go on at its indentation up to one of these.
 _DEFINITION = re.compile(
     r"@\w|(?:(?:export|public|private|protected|internal|static|final|abstract|override|async"
-    r"|pub|open|suspend|inline|virtual|default)\s+)*"
-    r"(?:def|class|function|func|fn|fun|interface|struct|enum|impl|trait|module|object)\b"
+    r"|pub|open|suspend|inline|virtual|default|local|readonly)\s+)*"
+    r"(?:(?:def|defp|defmacro|defmodule|class|function|func|fn|fun|interface|struct|enum|impl"
+    r"|trait|module|object)\b"
+    r"|(?:const|let|var)?\s*[\w$]+\s*=\s*(?:async\s+)?(?:function\b|\([^)]*\)\s*=>|[\w$]+\s*=>))"
     r"|(?!(?:if|for|while|switch|catch|else|do|try|return|using|lock|foreach|synchronized)\b)"
     r"(?:[\w<>\[\],.?*&:]+\s+)*\*?[\w$]+\s*\([^;]*\)[^;=]*\{$"  # `int f(x) {`, `get() {`
 )
