@@ -26,17 +26,34 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 BLOCK_OPENER = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
 # A shell line's end that continues the command on the next line.
 _DANGLING_PIPE = re.compile(r"\s*(?:\|\||&&|\||\\|`)\s*$")
-# A line that starts a definition (a decorator's too): on a blank line, the suggestion's
-# statements go on at its indentation up to one of these.
+# A line that starts a definition: on a blank line, the suggestion's statements go on at its
+# indentation up to one of these (_starts_definition).
 _DEFINITION = re.compile(
-    r"@\w|(?:(?:export|public|private|protected|internal|static|final|abstract|override|async"
+    r"(?:(?:export|public|private|protected|internal|static|final|abstract|override|async"
     r"|pub|open|suspend|inline|virtual|default|local|readonly)\s+)*"
     r"(?:(?:def|defp|defmacro|defmodule|class|function|func|fn|fun|interface|struct|enum|impl"
-    r"|trait|module|object)\b"
+    r"|trait|module|object)\b(?=\s*[\w$(<])(?!\s*\w+\s*[=;,.])"  # not `module = x`, `struct s;`
     r"|(?:const|let|var)?\s*[\w$]+\s*=\s*(?:async\s+)?(?:function\b|\([^)]*\)\s*=>|[\w$]+\s*=>))"
-    r"|(?!(?:if|for|while|switch|catch|else|do|try|return|using|lock|foreach|synchronized)\b)"
-    r"(?:[\w<>\[\],.?*&:]+\s+)*\*?[\w$]+\s*\([^;]*\)[^;=]*\{$"  # `int f(x) {`, `get() {`
 )
+# A method's signature (`int f(x) {`, `get() {`) or a test (`it("a", () => {`), in the
+# languages whose definitions have no keyword of their own.
+_SIGNATURE = re.compile(
+    r"(?:it|test|describe|context)\s*\("
+    r"|(?!(?:if|for|while|switch|catch|else|do|try|return|using|lock|foreach|synchronized|go"
+    r"|defer|new)\b)(?:[\w<>\[\],.?*&:]+\s+)*\*?[\w$]+\s*\([^;]*\)[^;=]*\{$"
+)
+_SIGNATURE_LANGUAGES = frozenset(
+    {"c", "cpp", "java", "csharp", "javascript", "javascriptreact", "typescript"}
+    | {"typescriptreact", "php", "objective-c", "objective-cpp", "dart", "cuda-cpp"}
+)
+# Where `@name` begins a definition (a decorator or annotation), not a Makefile's silent
+# command or SCSS's `@include`.
+_DECORATED = frozenset(
+    {"python", "java", "kotlin", "scala", "javascript", "javascriptreact", "typescript"}
+    | {"typescriptreact", "dart", "swift", "groovy", "php"}
+)
+_ELSE = re.compile(r"(?:}\s*)?(?:else|finally)\b(?!\s+if\b)")  # one to a statement, unlike elif
+_BLOCK_SCALAR = re.compile(r"[|>][-+]?\d*$")
 _TABLE_HEADER = re.compile(r"^\[[^\]]*\]+\s*(?:[#;].*)?$")  # TOML's `[tool.ruff]`, INI's `[server]`
 # An element's opening tag at the end of a line (`<ul>`, `<a href="/">`): its name.
 _OPEN_TAG_AT_END = re.compile(r"<([A-Za-z][\w.:-]*)(?:\s[^<>]*)?>\s*$")
@@ -371,6 +388,8 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
             ctx.line_before.rstrip().endswith(":")
             and lines[0].strip()
             and not BLOCK_OPENER.search(cursor_line)
+            and not _BLOCK_SCALAR.match(lines[0].strip())  # YAML's `run: |`
+            and not _Brackets().fed(ctx.scannable(lines[0])).stack  # ` ["requests",`
         )
     ):
         # `=> x * x;`, `sum(a, b);`, `image: nginx:latest`: what the opener began ended on its
@@ -381,21 +400,35 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
     # After `{`/`:`, the block is the lines indented deeper than the cursor line. On a line of
     # nothing but indentation where the document's block ends below (the user writes the rest
     # of it), the statements after that block go on too, up to another definition.
-    min_indent = base + 1 if BLOCK_OPENER.search(cursor_line) else base
+    opens = BLOCK_OPENER.search(cursor_line) or (ctx.between_braces and not lines[0].strip())
+    min_indent = base + 1 if opens else base
     if not ctx.line_before.strip() and indent_width(_next_suffix_line(ctx)) < base:
         min_indent = base
+    state = ctx.brackets_before.fed(ctx.scannable(lines[0] + "\n"))
     for n, line in enumerate(lines[1:], start=1):
+        in_string, state = bool(state.quote), state.fed(ctx.scannable(line + "\n"))
+        if in_string:
+            continue  # a docstring's lines (`module: the module loaded.`) are not code
         if ctx.language in ("toml", "ini") and _TABLE_HEADER.match(line):
             logger.debug("stop_at_block_end: line %d starts another table", n)
             return replace(s, text="\n".join(lines[:n]).rstrip())
-        if min_indent == base and indent_width(line) == base and _DEFINITION.match(line.strip()):
+        if (
+            min_indent == base
+            and indent_width(line) == base
+            and _starts_definition(line.strip(), ctx.language)
+        ):
             logger.debug("stop_at_block_end: line %d starts another definition", n)
             return replace(s, text="\n".join(lines[:n]).rstrip())
         if not line.strip() or indent_width(line) >= min_indent:
             continue
         stripped = line.strip()
         if min_indent > base and indent_width(line) == base and _continues(stripped):
-            if _continues(_next_suffix_line(ctx).strip()):
+            next_line = _next_suffix_line(ctx)
+            if (
+                _ELSE.match(stripped)
+                and indent_width(next_line) == base
+                and _continues(next_line.strip())
+            ):
                 # The document has its own `else:` there: a second one would not parse.
                 logger.debug("stop_at_block_end: line %d repeats the document's %r", n, stripped)
                 return replace(s, text="\n".join(lines[:n]).rstrip())
@@ -413,13 +446,23 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
         closes_opener = (
             min_indent > base
             and indent_width(line) == base
-            and stripped[:1] in CLOSERS
+            and (stripped[:1] in CLOSERS or stripped.startswith("</"))
             and not (indent_width(next_line) == base and next_line.strip()[:1] == stripped[:1])
         )
         keep = n + 1 if closes_opener or _closes_unclosed(stripped, lines[:n], ctx) else n
         logger.debug("stop_at_block_end: line %d leaves the block (indent < %d)", n, min_indent)
         return replace(s, text="\n".join(lines[:keep]).rstrip())
     return s
+
+
+def _starts_definition(stripped: str, language: str | None) -> bool:
+    if stripped.endswith(";"):
+        return False
+    if stripped.startswith("@"):
+        return language in _DECORATED
+    if _DEFINITION.match(stripped):
+        return True
+    return language in _SIGNATURE_LANGUAGES and _SIGNATURE.match(stripped) is not None
 
 
 def _closes_unclosed(stripped: str, kept: list[str], ctx: Context) -> bool:
@@ -629,8 +672,8 @@ def _comments_as_scanned(text: str, comments: str) -> str:
     /* */ ones (a Lua long comment goes, `--` becomes `//`, `<!-- -->` becomes /* */)."""
     if comments == "#word":
         return _HASH_IN_WORD.sub("_", text)
-    if comments == "--":
-        return _LUA_LONG_COMMENT.sub(" ", text).replace("--", "//")
+    if comments == "--":  # (a `//` there is Lua's floor division, no comment)
+        return _LUA_LONG_COMMENT.sub(" ", text).replace("//", " ").replace("--", "//")
     if comments == "<!--":
         return text.replace("<!--", "/*").replace("-->", "*/")
     return text
@@ -686,6 +729,8 @@ class _Brackets:
                     escaped = True
                 elif scanned.startswith(quote, i):
                     quote, skip = "", len(quote) - 1
+            elif ch == "\\":
+                skip = 1  # `\(` in a regex literal or a shell word opens nothing
             elif ch in QUOTES:
                 quote = ch * 3 if self.triple_quotes and scanned.startswith(ch * 3, i) else ch
                 skip = len(quote) - 1
@@ -748,6 +793,8 @@ def replace_line_rest(s: Suggestion, ctx: Context) -> Suggestion | None:
         if "\n" in s.text or rest.strip() not in s.text:
             return s
         errors = _errors_with(ctx, s.text, len(rest)), _errors_with(ctx, s.text, 0)
+        if _closes_own_element(s.text, rest):
+            return s  # `<div>|</div>` suggested `<div class="body">Hi</div>`: an inner element
         if s.text.rstrip().endswith(rest.strip()) and errors[0] <= errors[1]:
             logger.debug("replace_line_rest: the suggestion ends by retyping %r", rest)
             return replace(s, replace_after=len(rest))
@@ -759,6 +806,16 @@ def replace_line_rest(s: Suggestion, ctx: Context) -> Suggestion | None:
         logger.debug("replace_line_rest: the suggestion retypes %r", rest)
         return replace(s, replace_after=len(rest))
     return s
+
+
+def _closes_own_element(text: str, rest: str) -> bool:
+    """`rest` starts with a closing tag, and every one of those in `text` closes an element
+    `text` opens itself."""
+    tag = re.match(r"\s*</([\w.:-]+)>", rest)
+    if tag is None:
+        return False
+    name = re.escape(tag.group(1))
+    return len(re.findall(rf"<{name}[\s>]", text)) >= len(re.findall(rf"</{name}>", text))
 
 
 def closer_on_own_line(s: Suggestion, ctx: Context) -> Suggestion | None:
