@@ -291,17 +291,44 @@ def drop_unfinished_line(s: Suggestion, ctx: Context) -> Suggestion | None:
 
 
 def _before_unclosed(lines: list[str], ctx: Context) -> list[str]:
-    """`lines` up to the one that opens a bracket the rest never closes (`"deps": {` whose
-    entries max_tokens cut): the file would be left with it open. All of them where that is
-    the first line: the user goes on with it."""
+    """`lines` up to the one that opens a bracket (or, in markup, an element) the rest never
+    closes (`"deps": {` whose entries max_tokens cut): the file would be left with it open.
+    All of them where that is the first line: the user goes on with it."""
     state = ctx.brackets_before
-    depth = len(state.stack)
+    depth, elements = len(state.stack), 0
+    markup = ctx.language in _MARKUP
     start = 0  # the first line after which the brackets stay deeper than at the cursor
     for n, line in enumerate(lines):
-        if len(state.stack) <= depth:
+        if len(state.stack) <= depth and elements <= 0:
             start = n
         state = state.fed(ctx.scannable(line + "\n"))
-    return lines[:start] if len(state.stack) > depth and start > 0 else lines
+        if markup:
+            elements += _elements_opened(line)
+    unclosed = len(state.stack) > depth or elements > 0
+    return lines[:start] if unclosed and start > 0 else lines
+
+
+# Languages whose elements (`<ul>` ... `</ul>`) nest like brackets, and the HTML elements
+# that have no closing tag.
+_MARKUP = frozenset(
+    {"html", "xml", "vue", "svelte", "javascriptreact", "typescriptreact", "xsl", "svg"}
+)
+_VOID_ELEMENTS = frozenset(
+    {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source"}
+    | {"track", "wbr"}
+)
+_TAG = re.compile(r"<(/?)([A-Za-z][\w.:-]*)(?:\s[^<>]*?)?(/?)>")
+
+
+def _elements_opened(line: str) -> int:
+    """Elements `line` opens less those it closes."""
+    count = 0
+    for closing, name, self_closing in _TAG.findall(line):
+        if closing:
+            count -= 1
+        elif not self_closing and name.lower() not in _VOID_ELEMENTS:
+            count += 1
+    return count
 
 
 def trim_space(s: Suggestion, ctx: Context) -> Suggestion | None:
