@@ -55,6 +55,16 @@ _DECORATED = frozenset(
 _ELSE = re.compile(r"(?:}\s*)?(?:else|finally)\b(?!\s+if\b)")  # one to a statement, unlike elif
 _BLOCK_SCALAR = re.compile(r"[|>][-+]?\d*$")
 _TABLE_HEADER = re.compile(r"^\[[^\]]*\]+\s*(?:[#;].*)?$")  # TOML's `[tool.ruff]`, INI's `[server]`
+# Languages whose elements (`<ul>` ... `</ul>`) nest like brackets, and the HTML elements
+# that have no closing tag.
+_MARKUP = frozenset(
+    {"html", "xml", "vue", "svelte", "javascriptreact", "typescriptreact", "xsl", "svg"}
+)
+_VOID_ELEMENTS = frozenset(
+    {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source"}
+    | {"track", "wbr"}
+)
+_TAG = re.compile(r"<(/?)([A-Za-z][\w.:-]*)(?:\s[^<>]*?)?(/?)>")
 # An element's opening tag at the end of a line (`<ul>`, `<a href="/">`): its name.
 _OPEN_TAG_AT_END = re.compile(r"<([A-Za-z][\w.:-]*)(?:\s[^<>]*)?>\s*$")
 # What may follow the cursor on its line for a mid-line suggestion (see completion.py).
@@ -306,18 +316,6 @@ def _before_unclosed(lines: list[str], ctx: Context) -> list[str]:
             elements += _elements_opened(line)
     unclosed = len(state.stack) > depth or elements > 0
     return lines[:start] if unclosed and start > 0 else lines
-
-
-# Languages whose elements (`<ul>` ... `</ul>`) nest like brackets, and the HTML elements
-# that have no closing tag.
-_MARKUP = frozenset(
-    {"html", "xml", "vue", "svelte", "javascriptreact", "typescriptreact", "xsl", "svg"}
-)
-_VOID_ELEMENTS = frozenset(
-    {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source"}
-    | {"track", "wbr"}
-)
-_TAG = re.compile(r"<(/?)([A-Za-z][\w.:-]*)(?:\s[^<>]*?)?(/?)>")
 
 
 def _elements_opened(line: str) -> int:
