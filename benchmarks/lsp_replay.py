@@ -5,7 +5,7 @@ keystroke by keystroke at a typist's pace against the running daemon (the LSP fi
 starts it), asking for an inline completion at every key as VS Code does. Reports p50/p90
 suggestion latency, the share of keys answered from the typing-through cache, how often a
 suggestion was on screen before the next key, and how well suggestions matched what the user
-then typed.
+then typed (all of it, its first line, or the share of its characters).
 
     .venv/bin/python benchmarks/lsp_replay.py [--file F] [--anchor REGEX] [--lines 8]
         [--key-ms 120] [--pause-ms 1500] [--max-tokens 16] [--spawn-runs 5] [--json PATH]
@@ -210,6 +210,8 @@ def summarize(keys: list[Key], truth: str, key_ms: float, stats: dict[str, Any])
     latencies = [1000 * (k.answered_s - k.sent_s) for k in shown]  # type: ignore[operator]
     in_time = [k for k in shown if 1000 * (k.answered_s - k.sent_s) < key_ms]  # type: ignore[operator]
     exact = [k for k in shown if truth[k.offset :].startswith(k.items[0])]
+    # Of a multi-line suggestion the user may well type the first line and go on otherwise.
+    first_lines = [k for k in shown if truth[k.offset :].startswith(k.items[0].split("\n")[0])]
     matched = [_common_prefix(truth[k.offset :], k.items[0]) / len(k.items[0]) for k in shown]
     requests = max(int(stats.get("requests", 0)), 1)
     return {
@@ -220,6 +222,7 @@ def summarize(keys: list[Key], truth: str, key_ms: float, stats: dict[str, Any])
         "before_next_key": len(in_time) / max(len(keys), 1),
         "cache_share": int(stats.get("cache_hits", 0)) / requests,
         "exact_match_rate": len(exact) / max(len(shown), 1),
+        "first_line_match_rate": len(first_lines) / max(len(shown), 1),
         "matched_fraction": statistics.fmean(matched) if matched else float("nan"),
         "daemon_calls": stats.get("daemon_calls", 0),
         "superseded": stats.get("superseded", 0),
