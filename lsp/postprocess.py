@@ -427,7 +427,8 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
     # of it), the statements after that block go on too, up to another definition.
     opens = BLOCK_OPENER.search(cursor_line) or (ctx.between_braces and not lines[0].strip())
     min_indent = base + 1 if opens else base
-    if not ctx.line_before.strip() and indent_width(_next_suffix_line(ctx)) < base:
+    next_line = _next_suffix_line(ctx)
+    if not ctx.line_before.strip() and indent_width(next_line) < base:
         min_indent = base
     state = ctx.brackets_before.fed(ctx.scannable(lines[0] + "\n"))
     for n, line in enumerate(lines[1:], start=1):
@@ -448,7 +449,6 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
             continue
         stripped = line.strip()
         if min_indent > base and indent_width(line) == base and _continues(stripped):
-            next_line = _next_suffix_line(ctx)
             if (
                 _ELSE.match(stripped)
                 and indent_width(next_line) == base
@@ -465,7 +465,6 @@ def stop_at_block_end(s: Suggestion, ctx: Context) -> Suggestion | None:
             and cursor_line.rstrip().endswith(":")
         ):
             continue  # `containers:` then `- name: web` at the key's indentation: its value
-        next_line = _next_suffix_line(ctx)
         # Keep the line that closes the cursor line's opener (`}`, `}, []);`, `} while (x);`)
         # unless the suffix already closes it.
         closes_opener = (
@@ -817,9 +816,9 @@ def replace_line_rest(s: Suggestion, ctx: Context) -> Suggestion | None:
     if not LINE_REST_OK.match(rest):
         if "\n" in s.text or rest.strip() not in s.text:
             return s
-        errors = _errors_with(ctx, s.text, len(rest)), _errors_with(ctx, s.text, 0)
         if _closes_own_element(s.text, rest):
             return s  # `<div>|</div>` suggested `<div class="body">Hi</div>`: an inner element
+        errors = _errors_with(ctx, s.text, len(rest)), _errors_with(ctx, s.text, 0)
         if s.text.rstrip().endswith(rest.strip()) and errors[0] <= errors[1]:
             logger.debug("replace_line_rest: the suggestion ends by retyping %r", rest)
             return replace(s, replace_after=len(rest))

@@ -9,20 +9,18 @@ local DESC = 'codelm: accept'
 --- suggestion on screen, or nil when there is none.
 function M.map_accept(bufnr, key, accept)
   local fallback = '<Plug>(codelm-key-before)'
-  local before = vim.api.nvim_buf_call(bufnr, function()
-    return vim.fn.maparg(key, 'i', false, true)
+  vim.api.nvim_buf_call(bufnr, function() -- (maparg and mapset see the current buffer's)
+    local before = vim.fn.maparg(key, 'i', false, true)
+    if before.desc == DESC then
+      return -- a server that restarts attaches again: this mapping is ours, its <Plug> kept
+    elseif before.lhs then
+      before.lhs, before.lhsraw, before.lhsrawalt = fallback, vim.keycode(fallback), nil
+      before.buffer = 1
+      vim.fn.mapset(before)
+    else
+      vim.keymap.set('i', fallback, key, { buffer = bufnr })
+    end
   end)
-  if before.desc ~= DESC then -- (a server that restarts attaches again: that one is ours)
-    vim.api.nvim_buf_call(bufnr, function()
-      if before.lhs then
-        before.lhs, before.lhsraw, before.lhsrawalt = fallback, vim.keycode(fallback), nil
-        before.buffer = 1
-        vim.fn.mapset(before)
-      else
-        vim.keymap.set('i', fallback, key, { buffer = bufnr })
-      end
-    end)
-  end
   -- An expression: the keys it gives go where the key was pressed, before any typed ahead
   -- (fed keys would land after them, as in a macro or fast typing). Remapped, so that the
   -- <Plug> mapping runs; the key itself only ever comes out of that one, unmapped.
