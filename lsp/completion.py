@@ -45,7 +45,7 @@ from .postprocess import (
 
 if TYPE_CHECKING:
     from .daemon_link import DaemonLink
-    from .documents import Document, DocumentStore
+    from .documents import Document, DocumentStore, View
     from .settings import LspSettings
 
 logger = logging.getLogger(__name__)
@@ -227,8 +227,11 @@ class Completer:
         if doc is None or not settings.is_language_enabled(doc.language):
             self.stats.skipped += 1
             return []
-        text, encoding = doc.text, self.documents.encoding
-        offset = offset_at(text, position.line, position.character, encoding)
+        # In a notebook cell the model sees the whole notebook (`view`); `local` is the cursor
+        # in the cell's own text, where the editor's positions are.
+        local = offset_at(doc.text, position.line, position.character, self.documents.encoding)
+        view = self.documents.view(doc)
+        text, offset = view.text, view.start + local
         # Of a large file only the text around the cursor is sent (all the daemon's prompt
         # and the post-processing can use), and only that is hashed for the cache key (a
         # 20 MB file took 140 ms a request): from the window's start, which stays put while
@@ -241,7 +244,7 @@ class Completer:
             logger.debug(
                 "typing-through hit: %d chars typed into %s", hit.typed_chars, hit.request_id
             )
-            return self._results(hit.suggestions, text, offset, hit.request_id)
+            return self._results(hit.suggestions, doc.text, local, hit.request_id)
         ctx = _context(text, offset, doc.language, settings.single_line)
         if (reason := skip_reason(ctx.line_before, ctx.line_after, is_invoked)) is not None:
             logger.debug("no suggestion: %s", reason)
@@ -252,13 +255,13 @@ class Completer:
         )
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000)
-        return await self._ask_daemon(doc, text, offset, (start, end), ctx, state, is_invoked)
+        return await self._ask_daemon(doc, view, local, (start, end), ctx, state, is_invoked)
 
     async def _ask_daemon(
         self,
         doc: Document,
-        text: str,
-        offset: int,
+        view: View,
+        local: int,
         window: tuple[int, int],
         ctx: Context,
         state: DocState,
@@ -266,8 +269,8 @@ class Completer:
     ) -> list[ResultItem]:
         settings = self.settings
         start, end = window
-        sent, at = text[start:end], offset - start
-        request = build_request(doc, sent, at, ctx, is_invoked, settings)
+        sent, at = view.text[start:end], view.start + local - start
+        request = build_request(view.uri, doc.language, sent, at, ctx, is_invoked, settings)
         request_id = uuid.uuid4().hex[:12]
         self.stats.daemon_calls += 1
         started = self.clock()
@@ -291,7 +294,7 @@ class Completer:
         )
         if self.settings is settings:  # (new settings cleared what the old ones shaped)
             self.cache.store(state, suggestions, request_id)
-        return self._results(suggestions, text, offset, request_id)
+        return self._results(suggestions, doc.text, local, request_id)
 
     async def _answer(self, request: CompleteRequest, timeout_s: float) -> CompleteResponse:
         """The daemon's answer within `timeout_s` (else TimeoutError). One slower than
@@ -324,19 +327,26 @@ class Completer:
 
 
 def build_request(
-    doc: Document, text: str, offset: int, ctx: Context, is_invoked: bool, settings: LspSettings
+    uri: str,
+    language: str | None,
+    text: str,
+    offset: int,
+    ctx: Context,
+    is_invoked: bool,
+    settings: LspSettings,
 ) -> CompleteRequest:
-    """The daemon request for the cursor at str index `offset` of `text` (a snapshot of doc)."""
+    """The daemon request for the cursor at str index `offset` of `text` (a snapshot of what
+    the document at `uri` holds there)."""
     pos = position_at(text, offset)  # the daemon speaks UTF-16, whatever the editor does
     return CompleteRequest(
-        uri=doc.uri,
+        uri=uri,
         # JSON cannot carry a lone surrogate to the daemon (it refuses the request); U+FFFD
         # keeps every position, one UTF-16 unit for one.
         text=_LONE_SURROGATE.sub("\ufffd", text),
         line=pos.line,
         character=pos.character,
-        path=uri_to_path(doc.uri),
-        language=doc.language,
+        path=uri_to_path(uri),
+        language=language,
         trigger="invoked" if is_invoked else "automatic",
         max_tokens=settings.max_tokens,
         single_line=ctx.is_single_line,

@@ -691,6 +691,12 @@ def _comment_style(language: str | None) -> str:
     return ""
 
 
+def line_comment(language: str | None) -> str | None:
+    """What starts a line comment in the language (`#`, `//`, `--`); None where unknown."""
+    style = _comment_style(language)
+    return {"#": "#", "#word": "#", "//": "//", "--": "--"}.get(style)
+
+
 def _comments_as_scanned(text: str, comments: str) -> str:
     """`text` with its comments written as the scan reads them: `#` ones, or `//` and
     /* */ ones (a Lua long comment goes, `--` becomes `//`, `<!-- -->` becomes /* */)."""

@@ -109,6 +109,20 @@ class CodelmProtocol(LanguageServerProtocol):
     def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams) -> Any:
         yield from self._user_handler(types.TEXT_DOCUMENT_DID_CLOSE, params)
 
+    @lsp_method(types.NOTEBOOK_DOCUMENT_DID_OPEN)
+    def lsp_notebook_document__did_open(self, params: types.DidOpenNotebookDocumentParams) -> Any:
+        yield from self._user_handler(types.NOTEBOOK_DOCUMENT_DID_OPEN, params)
+
+    @lsp_method(types.NOTEBOOK_DOCUMENT_DID_CHANGE)
+    def lsp_notebook_document__did_change(
+        self, params: types.DidChangeNotebookDocumentParams
+    ) -> Any:
+        yield from self._user_handler(types.NOTEBOOK_DOCUMENT_DID_CHANGE, params)
+
+    @lsp_method(types.NOTEBOOK_DOCUMENT_DID_CLOSE)
+    def lsp_notebook_document__did_close(self, params: types.DidCloseNotebookDocumentParams) -> Any:
+        yield from self._user_handler(types.NOTEBOOK_DOCUMENT_DID_CLOSE, params)
+
     def _user_handler(self, method: str, params: Any) -> Any:
         if (handler := self.fm.features.get(method)) is not None:
             yield handler, (params,), None
@@ -179,6 +193,10 @@ class CodelmServer(LanguageServer):
             SERVER_NAME,
             __version__,
             text_document_sync_kind=types.TextDocumentSyncKind.Incremental,
+            # Every cell of every notebook: a completion in a code cell sees the others.
+            notebook_document_sync=types.NotebookDocumentSyncOptions(
+                notebook_selector=[types.NotebookDocumentFilterWithNotebook(notebook="*")]
+            ),
             protocol_cls=CodelmProtocol,
         )
         self.session = Session(self, settings, link)
@@ -295,6 +313,29 @@ def _register_sync(server: LanguageServer, session: Session) -> None:
         uri = params.text_document.uri
         session.documents.close(uri)
         session.completer.cancel(uri)
+        await session.link.close_document(uri)
+
+    @server.feature(types.NOTEBOOK_DOCUMENT_DID_OPEN)
+    def did_open_notebook(ls: LanguageServer, params: types.DidOpenNotebookDocumentParams) -> None:
+        """Track the notebook and its cells' documents."""
+        session.documents.open_notebook(params)
+
+    @server.feature(types.NOTEBOOK_DOCUMENT_DID_CHANGE)
+    def did_change_notebook(
+        ls: LanguageServer, params: types.DidChangeNotebookDocumentParams
+    ) -> None:
+        """Apply cell additions, moves, removals and edits."""
+        for cell in session.documents.change_notebook(params, session.completer.clock()):
+            session.completer.cancel(cell)
+
+    @server.feature(types.NOTEBOOK_DOCUMENT_DID_CLOSE)
+    async def did_close_notebook(
+        ls: LanguageServer, params: types.DidCloseNotebookDocumentParams
+    ) -> None:
+        """Forget the notebook here and in the daemon's cache (it is one document there)."""
+        uri = params.notebook_document.uri
+        for cell in session.documents.close_notebook(uri):
+            session.completer.cancel(cell)
         await session.link.close_document(uri)
 
 

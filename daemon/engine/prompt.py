@@ -220,15 +220,18 @@ def path_from_uri(uri: str) -> str | None:
 def document_name(uri: str, path: str | None, language: str | None) -> str | None:
     """The name the prompt gives a document: its path, the name its `file:` URI ends with,
     or for one without a file (an editor's `untitled:` buffer) a name its language id gives
-    it (`rust` -> `untitled.rs`), so the model still knows the language."""
+    it (`rust` -> `untitled.rs`), so the model still knows the language. A notebook's cells
+    read as a script of their language: `analysis.ipynb` -> `analysis.py`."""
     name = path or path_from_uri(uri)
-    if name or not language:
+    ending = _LANGUAGE_ENDINGS.get((language or "").lower())
+    if name and name.lower().endswith(NOTEBOOK_ENDING) and ending and ending[0] == ".":
+        return name[: -len(NOTEBOOK_ENDING)] + ending
+    if name or ending is None:
         return name
-    ending = _LANGUAGE_ENDINGS.get(language.lower())
-    if ending is None:
-        return None
     return ending if ending[0].isupper() else f"untitled{ending}"
 
+
+NOTEBOOK_ENDING = ".ipynb"
 
 # Editors' language ids (VS Code's, which Neovim and LSP4IJ mostly share) -> a file ending,
 # or a whole name for files known by name.

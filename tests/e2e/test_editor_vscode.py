@@ -9,6 +9,7 @@ timeouts are generous because one cycle takes over a minute on a loaded 2-core m
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -37,6 +38,14 @@ CHROMIUM_ARGS = [
 SCREENSHOT = ROOT / "docs" / "images" / "vscode-suggestion.png"
 SOURCE = "def add(a, b):\n    return a + b\n\n\ndef multiply(a, b):\n"
 TYPED = "    return"
+# A notebook as Jupyter writes it: code, Markdown, and an empty code cell to type in.
+NOTEBOOK_CELLS = [
+    ("code", "import math\n\ndef area(radius):\n    return math.pi * radius ** 2\n"),
+    ("markdown", "The area of a circle of radius 3:"),
+    ("code", ""),
+]
+NOTEBOOK_TYPED = "circle = "
+CELL_EDITOR = ".cell-editor-container .monaco-editor"
 START_TIMEOUT_S = 120.0
 READY_TIMEOUT_S = 400.0
 SUGGESTION_TIMEOUT_S = 240.0
@@ -119,6 +128,7 @@ def code_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         folder.mkdir(parents=True)
     (user / "User" / "settings.json").write_text(json.dumps(SETTINGS, indent=2))
     (workspace / "calc.py").write_text(SOURCE)
+    (workspace / "analysis.ipynb").write_text(json.dumps(_notebook(NOTEBOOK_CELLS), indent=1))
     env = {**os.environ, "CODELM_HOME": str(home), "CODELM_MODEL": str(model)}
     dirs = ["--user-data-dir", str(user), "--extensions-dir", str(extensions)]
     config = ["--config", str(tmp_path / "code-server.yaml")]
@@ -173,15 +183,73 @@ def test_vscode_shows_and_accepts_codelm_ghost_text(code_server, tmp_path: Path)
         shutil.copyfile(tmp_path / "vscode-suggestion.png", SCREENSHOT)
 
 
-def _open_file(page, name: str) -> None:
+def test_vscode_completes_in_a_notebook_cell_with_the_cells_above(code_server, tmp_path: Path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, workspace = code_server
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        page.goto(url)
+        page.locator(".monaco-workbench").wait_for(timeout=START_TIMEOUT_S * 1000)
+        _open_file(page, "analysis.ipynb", editor=CELL_EDITOR)
+        expect(_status(page, "ready")).to_be_visible(timeout=READY_TIMEOUT_S * 1000)
+        cells = page.locator(CELL_EDITOR)
+        expect(cells).to_have_count(2, timeout=START_TIMEOUT_S * 1000)  # the code cells
+        cells.last.locator(".view-lines").click()
+        page.keyboard.type(NOTEBOOK_TYPED, delay=60)
+        ghost = cells.last.locator(".ghost-text-decoration")
+        expect(ghost.first).to_be_visible(timeout=SUGGESTION_TIMEOUT_S * 1000)
+        suggestion = "".join(ghost.all_inner_texts()).replace("\u00a0", " ")
+        assert suggestion.strip()
+        page.keyboard.press("Tab")
+        page.keyboard.press("Control+S")
+        notebook = workspace / "analysis.ipynb"
+
+        def typed_cell() -> str:
+            return "".join(json.loads(notebook.read_text())["cells"][2]["source"])
+
+        _wait_for(lambda: typed_cell().startswith(NOTEBOOK_TYPED + suggestion), "the save")
+        browser.close()
+    # The daemon was asked about the notebook (its URI, logged as a hash), not the cell alone.
+    log = (tmp_path / "home" / "log" / "lsp.log").read_text()
+    tag = hashlib.blake2b(notebook.as_uri().encode(), digest_size=3).hexdigest()
+    assert f"uri#{tag} automatic" in log
+
+
+def _notebook(cells: list[tuple[str, str]]) -> dict[str, object]:
+    def cell(kind: str, text: str) -> dict[str, object]:
+        source = text.splitlines(keepends=True)
+        if kind == "markdown":
+            return {"cell_type": kind, "metadata": {}, "source": source}
+        return {
+            "cell_type": kind,
+            "execution_count": None,
+            "metadata": {},
+            "outputs": [],
+            "source": source,
+        }
+
+    return {
+        "cells": [cell(kind, text) for kind, text in cells],
+        "metadata": {
+            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+            "language_info": {"name": "python"},
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+
+
+def _open_file(page, name: str, editor: str = ".monaco-editor .view-lines") -> None:
     """Quick Open (Ctrl+P), the file name, Enter: the editor has the focus afterwards."""
     page.locator(".monaco-workbench .part.editor").click()
     page.keyboard.press("Control+P")
     page.locator(".quick-input-widget input").fill(name)
     page.locator(".quick-input-list .monaco-list-row", has_text=name).first.wait_for()
     page.keyboard.press("Enter")
-    page.locator(".monaco-editor .view-lines").first.wait_for()
-    page.locator(".monaco-editor .view-lines").first.click()
+    page.locator(editor).first.wait_for()
+    page.locator(editor).first.click()
 
 
 def _toggle_and_restart(page, log: Path) -> None:

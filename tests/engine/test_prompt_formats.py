@@ -153,6 +153,10 @@ def test_a_tokenizer_without_the_file_separator_gets_no_file_line(tokenizers):
         ("untitled:Untitled-3", None, "dockerfile", "Dockerfile"),
         ("untitled:Untitled-4", None, "no-such-language", None),
         ("untitled:Untitled-5", None, None, None),
+        # A notebook's cells read as a script of their language.
+        ("file:///nb/analysis.ipynb", None, "python", "analysis.py"),
+        ("file:///nb/a.IPYNB", "/nb/a.IPYNB", "julia", "/nb/a.jl"),
+        ("file:///nb/analysis.ipynb", None, "no-such-language", "analysis.ipynb"),
     ],
 )
 def test_the_document_name_in_the_prompt(uri, path, language, name):

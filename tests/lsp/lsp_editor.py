@@ -38,6 +38,9 @@ def capabilities(*, progress: bool = True) -> types.ClientCapabilities:
             synchronization=types.TextDocumentSyncClientCapabilities(),
             inline_completion=types.InlineCompletionClientCapabilities(),
         ),
+        notebook_document=types.NotebookDocumentClientCapabilities(
+            synchronization=types.NotebookDocumentSyncClientCapabilities()
+        ),
     )
 
 
@@ -56,6 +59,35 @@ class Editor:
         self.texts[uri], self.versions[uri] = text, 1
         item = types.TextDocumentItem(uri=uri, language_id=language, version=1, text=text)
         self.client.text_document_did_open(types.DidOpenTextDocumentParams(text_document=item))
+
+    def open_notebook(self, uri: str, cells: list[tuple[str, str]]) -> list[str]:
+        """Open a notebook of (language, text) cells, "markdown" ones Markdown cells, as
+        VS Code does; the cells' URIs."""
+        uris = [f"vscode-notebook-cell:{uri.removeprefix('file:')}#C{i}" for i in range(len(cells))]
+        for cell, (_, text) in zip(uris, cells, strict=True):
+            self.texts[cell], self.versions[cell] = text, 1
+        kind = types.NotebookCellKind
+        notebook = types.NotebookDocument(
+            uri=uri,
+            notebook_type="jupyter-notebook",
+            version=1,
+            cells=[
+                types.NotebookCell(
+                    kind=kind.Markup if language == "markdown" else kind.Code, document=cell
+                )
+                for cell, (language, _) in zip(uris, cells, strict=True)
+            ],
+        )
+        items = [
+            types.TextDocumentItem(uri=cell, language_id=language, version=1, text=text)
+            for cell, (language, text) in zip(uris, cells, strict=True)
+        ]
+        self.client.notebook_document_did_open(
+            types.DidOpenNotebookDocumentParams(
+                notebook_document=notebook, cell_text_documents=items
+            )
+        )
+        return uris
 
     def insert(self, uri: str, offset: int, new: str) -> None:
         """Send one incremental change inserting `new` at str index `offset`."""

@@ -40,6 +40,36 @@ async def test_inline_completion_returns_postprocessed_item_with_range(
     )
 
 
+async def test_a_notebook_cell_is_completed_with_the_cells_before_it(
+    editor: Editor, fake_daemon: FakeDaemon
+):
+    # VS Code syncs a notebook's cells with notebookDocument/* once the server asks for it;
+    # each cell alone would be a few lines the model knows nothing around.
+    sync = editor.result.capabilities.notebook_document_sync
+    assert isinstance(sync, types.NotebookDocumentSyncOptions)
+    notebook = "file:///work/analysis.ipynb"
+    cells = editor.open_notebook(
+        notebook,
+        [
+            ("python", "import os\n"),
+            ("markdown", "List the files"),
+            ("python", "files = os.list"),
+        ],
+    )
+    fake_daemon.truth = "import os\n\n\n# List the files\n\nfiles = os.listdir('.')\n"
+    result = await editor.inline(cells[2], len("files = os.list"))
+    assert [i.insert_text for i in result.items] == ["dir('.')"]
+    assert result.items[0].range.start == types.Position(line=0, character=15)
+    assert fake_daemon.requests[-1].uri == notebook
+    editor.client.notebook_document_did_close(
+        types.DidCloseNotebookDocumentParams(
+            notebook_document=types.NotebookDocumentIdentifier(uri=notebook),
+            cell_text_documents=[types.TextDocumentIdentifier(uri=cell) for cell in cells],
+        )
+    )
+    assert await _eventually(lambda: fake_daemon.closed_uris == [notebook])
+
+
 async def test_initialize_answers_quickly(editor: Editor):
     # Not a timing assertion (see benchmarks/lsp_replay.py): a generous bound that catches
     # an accidental torch import (several seconds).

@@ -106,7 +106,13 @@ export class Extension implements vscode.Disposable {
       'codelm',
       { run, debug: run },
       {
-        documentSelector: [{ scheme: 'file' }, { scheme: 'untitled' }],
+        // Notebook cells too: the server syncs whole notebooks, so a cell is completed with
+        // the cells around it.
+        documentSelector: [
+          { scheme: 'file' },
+          { scheme: 'untitled' },
+          { scheme: 'vscode-notebook-cell' },
+        ],
         initializationOptions: serverOptions(this.config()),
         outputChannel: this.log,
         middleware: {
