@@ -19,6 +19,8 @@ MAX_TEXT_CHARS = 8_000_000
 MAX_URI_CHARS = 16_384  # a path (its name goes into the prompt) percent-encoded
 MAX_PATH_CHARS = 4_096
 MAX_TOKENS_LIMIT = 1024
+MAX_CONTEXT_SNIPPETS = 16
+MAX_CONTEXT_CHARS = 64_000  # all snippets together; the prompt holds context_chars of them
 TRIGGERS = ("automatic", "invoked")
 
 
@@ -75,6 +77,29 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(stop)
 
 
+@dataclass(frozen=True, slots=True)
+class Snippet:
+    """Text from another file the model may read before the document (`context`)."""
+
+    path: str
+    text: str
+
+
+def _context(body: dict[str, Any]) -> tuple[Snippet, ...]:
+    items = _get(body, "context", list, [])
+    if len(items) > MAX_CONTEXT_SNIPPETS:
+        raise BadRequest("context", f"at most {MAX_CONTEXT_SNIPPETS} snippets")
+    snippets = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BadRequest(f"context[{i}]", 'must be an object {"path": ..., "text": ...}')
+        path = _text(item, "path", limit=MAX_PATH_CHARS)
+        snippets.append(Snippet(path=path, text=_text(item, "text", limit=MAX_CONTEXT_CHARS)))
+    if sum(len(s.text) for s in snippets) > MAX_CONTEXT_CHARS:
+        raise BadRequest("context", f"longer than {MAX_CONTEXT_CHARS} characters in all")
+    return tuple(snippets)
+
+
 def _text(body: dict[str, Any], name: str, default: Any = ..., limit: int = MAX_TEXT_CHARS) -> str:
     value = _get(body, name, str, default)
     if value is not None and len(value) > limit:
@@ -97,6 +122,8 @@ class CompleteRequest:
     stream: bool = False
     single_line: bool | None = None
     stop: tuple[str, ...] = ()
+    # Snippets of other files (the ones the user works in), read before the document.
+    context: tuple[Snippet, ...] = ()
 
     @classmethod
     def from_json(cls, body: Any) -> CompleteRequest:
@@ -120,6 +147,7 @@ class CompleteRequest:
             stream=_get(body, "stream", bool, False),
             single_line=_get(body, "single_line", bool, None),
             stop=_stop(body),
+            context=_context(body),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -137,6 +165,8 @@ class CompleteRequest:
                 body[name] = getattr(self, name)
         if self.stop:
             body["stop"] = list(self.stop)
+        if self.context:
+            body["context"] = [{"path": s.path, "text": s.text} for s in self.context]
         return body
 
 

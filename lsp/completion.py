@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from statistics import median
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlparse
 
 from lsprotocol import types
 
@@ -29,10 +28,13 @@ from codelm.daemon.protocol import (
     CompleteRequest,
     CompleteResponse,
     CompletionItem,
+    Snippet,
     text_window,
 )
 
 from .cache import DocState, TypingCache
+from .context import ContextPicker
+from .documents import uri_to_path
 from .positions import offset_at, position_at, to_range
 from .postprocess import (
     BLOCK_OPENER,
@@ -130,11 +132,6 @@ class Stats:
         return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
 
 
-def uri_to_path(uri: str) -> str | None:
-    parsed = urlparse(uri)
-    return unquote(parsed.path) if parsed.scheme == "file" else None
-
-
 def suggestions_from_response(
     response: CompleteResponse, text: str, offset: int
 ) -> list[Suggestion]:
@@ -171,6 +168,7 @@ class Completer:
     documents: DocumentStore
     settings: LspSettings
     cache: TypingCache = field(default_factory=TypingCache)
+    context: ContextPicker = field(default_factory=ContextPicker)
     stats: Stats = field(default_factory=Stats)
     clock: Callable[[], float] = time.monotonic
     _tasks: dict[str, asyncio.Task[list[ResultItem]]] = field(
@@ -270,7 +268,10 @@ class Completer:
         settings = self.settings
         start, end = window
         sent, at = view.text[start:end], view.start + local - start
-        request = build_request(view.uri, doc.language, sent, at, ctx, is_invoked, settings)
+        context = self.context.snippets(self.documents, doc, settings.context_files)
+        request = build_request(
+            view.uri, doc.language, sent, at, ctx, is_invoked, settings, context
+        )
         request_id = uuid.uuid4().hex[:12]
         self.stats.daemon_calls += 1
         started = self.clock()
@@ -334,9 +335,10 @@ def build_request(
     ctx: Context,
     is_invoked: bool,
     settings: LspSettings,
+    context: tuple[Snippet, ...] = (),
 ) -> CompleteRequest:
     """The daemon request for the cursor at str index `offset` of `text` (a snapshot of what
-    the document at `uri` holds there)."""
+    the document at `uri` holds there), after the other files' snippets `context`."""
     pos = position_at(text, offset)  # the daemon speaks UTF-16, whatever the editor does
     return CompleteRequest(
         uri=uri,
@@ -350,6 +352,7 @@ def build_request(
         trigger="invoked" if is_invoked else "automatic",
         max_tokens=settings.max_tokens,
         single_line=ctx.is_single_line,
+        context=context,
     )
 
 

@@ -11,8 +11,10 @@ cells of the cell's language in order, Markdown cells as comments between them (
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import unquote, urlparse
 
 from lsprotocol import types
 
@@ -30,12 +32,20 @@ class Document:
     language: str | None = None
     # monotonic seconds of recent edits, newest last (the typing rhythm for the debounce)
     edit_times: list[float] = field(default_factory=list)
+    opened: float = field(default_factory=time.monotonic)
+    edit_line: int | None = None  # where the last edit began (None: not edited, or replaced)
 
     def offset_at(self, position: types.Position, encoding: str | None = None) -> int:
         return offset_at(self.text, position.line, position.character, encoding)
 
 
 CELL_SEPARATOR = "\n\n"
+
+
+def uri_to_path(uri: str) -> str | None:
+    """The file a `file:` URI names; None for other schemes (untitled:, notebook cells)."""
+    parsed = urlparse(uri)
+    return unquote(parsed.path) if parsed.scheme == "file" else None
 
 
 @dataclass(slots=True)
@@ -89,6 +99,8 @@ class DocumentStore:
     ) -> None:
         for change in changes:
             doc.text = apply_change(doc.text, change, self.encoding)
+            edit_range = getattr(change, "range", None)
+            doc.edit_line = edit_range.start.line if edit_range is not None else None
         doc.version = version
         doc.edit_times.append(now)
         del doc.edit_times[:-8]
@@ -98,6 +110,9 @@ class DocumentStore:
 
     def get(self, uri: str) -> Document | None:
         return self._docs.get(uri)
+
+    def documents(self) -> list[Document]:
+        return list(self._docs.values())
 
     def open_notebook(self, params: types.DidOpenNotebookDocumentParams) -> None:
         notebook = params.notebook_document

@@ -37,6 +37,7 @@ class LspSettings:
     enabled_languages: tuple[str, ...] = ()  # empty: every language not disabled
     disabled_languages: tuple[str, ...] = ()
     completion_fallback: bool = False  # also serve textDocument/completion
+    context_files: int = 3  # other open files whose snippets the prompt reads (lsp/context.py)
 
     def is_language_enabled(self, language: str | None) -> bool:
         lang = (language or "").lower()
@@ -111,6 +112,7 @@ _OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "enabledLanguages": ("enabled_languages", _languages),
     "disabledLanguages": ("disabled_languages", _languages),
     "completionFallback": ("completion_fallback", _bool),
+    "contextFiles": ("context_files", _int_in(0, 16)),
 }
 
 

@@ -40,6 +40,9 @@ class EngineConfig:
     prefill_copies: str = "auto"  # PREFILL_COPIES, read by copies_budget
     prefix_chars: int = 8000  # the prefix window: about 2.3k tokens of code before the cursor
     suffix_chars: int = 1000  # text after the cursor in invoked mode (a third of it when automatic)
+    # Of the other files' snippets a request brings (`context`), the characters the prompt
+    # reads before the document (FIM formats that name files only); 0: none.
+    context_chars: int = 3000
     cache_budget_bytes: int = 0  # per-file KV cache budget; 0: from available memory
     # After an edit, reuse a run of at least this many cached tokens that follows it, moved to
     # its new positions (like llama.cpp's --cache-reuse; approximate: that run's K/V saw the

@@ -41,13 +41,14 @@ from .prompt import (
     document_name,
     raw_prompt,
     suffix_window_chars,
+    trim_context,
     window_anchor,
 )
 from .threads import CpuShare
 
 logger = logging.getLogger(__name__)
 
-_NARROWINGS = 4  # builds of a prompt whose windows hold too many tokens for the context
+_NARROWINGS = 5  # builds of a prompt whose windows hold too many tokens for the context
 _SUGGESTED_TAIL = 256  # characters before the cursor a document's last suggestion keeps
 
 
@@ -152,6 +153,7 @@ class Engine:
         room = self.args.max_len - request.max_tokens
         prefix_chars, suffix_chars = self.config.prefix_chars, self.suffix_chars(request.trigger)
         anchor = self.anchors.get(request.uri)
+        context = trim_context(request.context, self.config.context_chars)
         for _ in range(_NARROWINGS):
             prompt = build_prompt(
                 self.tokenizer,
@@ -162,9 +164,13 @@ class Engine:
                 prefix_chars=prefix_chars,
                 suffix_chars=suffix_chars,
                 anchor=anchor,
+                context=context,
             )
             if len(prompt.token_ids) <= room:
                 break
+            if context:  # other files go before any of this one's text does
+                context = ()
+                continue
             # Narrow what the windows hold, not the settings (a short document's windows do
             # not reach them), and from a fresh start: the anchor's leeway would keep it.
             scale = 0.9 * room / len(prompt.token_ids)

@@ -7,10 +7,12 @@ line boundaries), the part that changes with each keystroke last.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ModelLoadError
+from ..protocol import Snippet
 
 if TYPE_CHECKING:  # the engine that asks an inference server imports this module without torch
     from .tokenizer import Tokenizer
@@ -345,11 +347,14 @@ def build_prompt(
     suffix_chars: int,
     anchor: str | None = None,
     heal: bool = True,
+    context: Sequence[Snippet] = (),
 ) -> Prompt:
     """Token ids for completing `text` at string offset `cursor`.
 
     Each part is encoded on its own, so the ids of the stable parts do not depend on the rest.
-    `heal=False` keeps the prompt's last token (no token healing; for comparisons).
+    `heal=False` keeps the prompt's last token (no token healing; for comparisons). `context`:
+    other files' snippets, each read as a file of the repository before this one, where the
+    FIM format names files (see context_ids).
     """
     start = window_start(text, cursor, prefix_chars, anchor)
     prefix = text[start:cursor]
@@ -366,7 +371,7 @@ def build_prompt(
         return Prompt(token_ids=ids, prefix_start=start, fim=None, heal=healed)
     suffix = suffix_window(text, cursor, suffix_chars)
     pre, suf, mid = (tokenizer.token_id(t) for t in (fim.prefix, fim.suffix, fim.middle))
-    head = bos + _file_line_ids(tokenizer, fim, path)
+    head = bos + context_ids(tokenizer, fim, context) + _file_line_ids(tokenizer, fim, path)
     if fim.order == "spm":
         healed = _heal(tokenizer, prefix_ids) if heal else b""
         header = tokenizer.encode(aixcoder_header(path)) if fim.file_header else []
@@ -379,6 +384,37 @@ def build_prompt(
     healed = _heal(tokenizer, prefix_ids) if heal and inside_word else b""
     ids = head + [pre] + prefix_ids + [suf] + tokenizer.encode(suffix) + [mid]
     return Prompt(token_ids=ids, prefix_start=start, fim=fim, heal=healed)
+
+
+def trim_context(context: Sequence[Snippet], max_chars: int) -> tuple[Snippet, ...]:
+    """The snippets that fit in `max_chars` of text, the ones nearest the document (the last)
+    first: earlier ones are left out whole. The last one, too long alone, keeps its first
+    lines that fit."""
+    kept: list[Snippet] = []
+    left = max_chars
+    for snippet in reversed(context):
+        if len(snippet.text) <= left:
+            kept.append(snippet)
+            left -= len(snippet.text)
+            continue
+        if not kept and (cut := snippet.text.rfind("\n", 0, left)) >= 0:
+            kept.append(Snippet(snippet.path, snippet.text[: cut + 1]))
+        break
+    return tuple(reversed(kept))
+
+
+def context_ids(tokenizer: Tokenizer, fim: FimFormat, context: Sequence[Snippet]) -> list[int]:
+    """`{file_sep}{path}\n{text}\n` for each snippet, as repository-level training prompts
+    lay out the files before the one being completed (Qwen2.5-Coder, StarCoder2); none for a
+    format without a file separator token, where the model could not tell the files apart."""
+    file_sep = tokenizer.token_id(fim.file_sep) if fim.file_sep else None
+    if file_sep is None:
+        return []
+    ids: list[int] = []
+    for snippet in context:
+        text = snippet.text if snippet.text.endswith("\n") else snippet.text + "\n"
+        ids += [file_sep, *tokenizer.encode(f"{snippet.path}\n{text}")]
+    return ids
 
 
 def _file_line_ids(tokenizer: Tokenizer, fim: FimFormat, path: str | None) -> list[int]:

@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -34,6 +34,7 @@ from ..protocol import (
     Position,
     PromptResponse,
     Range,
+    Snippet,
     Timings,
     offset_at,
 )
@@ -50,6 +51,7 @@ from .prompt import (
     file_line,
     suffix_window,
     suffix_window_chars,
+    trim_context,
     window_anchor,
     window_start,
 )
@@ -265,14 +267,23 @@ class RemoteEngine:
         if self.fim is None:
             return {"prompt": comment_header(path) + _literal(prefix)}, heal
         suffix = suffix_window(text, cursor, suffix_max)
-        return self._layout(_literal(prefix), _literal(suffix), path), heal
+        context = trim_context(request.context, self.config.context_chars)
+        return self._layout(_literal(prefix), _literal(suffix), path, context), heal
 
-    def _layout(self, prefix: str, suffix: str, path: str | None) -> dict[str, Any]:
-        """The prompt (and suffix) fields for filling between `prefix` and `suffix`."""
+    def _layout(
+        self, prefix: str, suffix: str, path: str | None, context: Sequence[Snippet] = ()
+    ) -> dict[str, Any]:
+        """The prompt (and suffix) fields for filling between `prefix` and `suffix`, after the
+        other files' snippets (`context`, as prompt.context_ids lays them out)."""
         fim = self.fim
         if not isinstance(fim, FimFormat):
             return {"prompt": prefix, "suffix": suffix}  # SERVER_FIM: the server lays it out
-        named = file_line(fim, path and _literal(path))
+        named = "".join(
+            file_line(fim, _literal(s.path)) + _literal(s.text.removesuffix("\n")) + "\n"
+            for s in context
+            if fim.file_sep
+        )
+        named += file_line(fim, path and _literal(path))
         if fim.order == "spm":
             header = aixcoder_header(path) if fim.file_header else ""
             return {

@@ -134,6 +134,11 @@ BAD_FIELDS = [
     ({"stop": [1]}, "stop: must be"),
     ({"uri": "file:///" + "a" * 20_000}, "uri: longer than"),
     ({"path": "/" + "a" * 5_000}, "path: longer than"),
+    ({"context": {"path": "a.py"}}, "context: must be a list"),
+    ({"context": ["def f(): pass"]}, "context[0]: must be an object"),
+    ({"context": [{"path": "a.py"}]}, "text: is required"),
+    ({"context": [{"path": "a.py", "text": "x"}] * 17}, "context: at most 16 snippets"),
+    ({"context": [{"path": "a.py", "text": "x" * 40_000}] * 2}, "characters in all"),
 ]
 
 

@@ -21,10 +21,11 @@ from codelm.daemon.engine.prompt import (
     detect_fim,
     document_name,
     raw_prompt,
+    trim_context,
 )
 from codelm.daemon.engine.tokenizer import Tokenizer, tokenizer_from_folder
 from codelm.daemon.errors import ModelLoadError
-from codelm.daemon.protocol import OpenAICompletionRequest
+from codelm.daemon.protocol import CompleteRequest, OpenAICompletionRequest, Snippet
 
 # Special tokens (as in each family's tokenizer.json), BOS, EOS, add_bos_token.
 FAMILIES = {
@@ -122,6 +123,42 @@ def _prompt(tokenizer: Tokenizer, name: str, heal: bool = False):
         suffix_chars=10_000,
         heal=heal,
     )
+
+
+CONTEXT = (Snippet("util.py", "def half(x):\n    return x / 2"), Snippet("b.py", "B = 1\n"))
+
+
+@pytest.mark.parametrize("name", ["starcoder", "qwen", "deepseek"])
+def test_other_files_come_first_as_files_of_the_repository(tokenizers, name):
+    fim = FIM_FORMATS[name]
+    prompt = build_prompt(
+        tokenizers[name],
+        fim,
+        DOCUMENT,
+        CURSOR,
+        path="calc.py",
+        prefix_chars=10_000,
+        suffix_chars=10_000,
+        heal=False,
+        context=CONTEXT,
+    )
+    text = tokenizers[name].decode(prompt.token_ids)
+    if fim.file_sep is None:  # the model could not tell the files apart
+        assert text == EXPECTED[name]
+    else:
+        sep = fim.file_sep
+        files = f"{sep}util.py\ndef half(x):\n    return x / 2\n{sep}b.py\nB = 1\n"
+        assert text == files + EXPECTED[name]
+
+
+def test_the_context_is_cut_to_its_budget_nearest_the_document_first():
+    assert trim_context(CONTEXT, 1000) == CONTEXT
+    assert trim_context(CONTEXT, 34) == (Snippet("b.py", "B = 1\n"),)
+    util = (Snippet("util.py", "def half(x):\n    return x / 2"),)
+    assert trim_context(util, 20) == (Snippet("util.py", "def half(x):\n"),)
+    assert trim_context(util, 13) == (Snippet("util.py", "def half(x):\n"),)
+    assert trim_context(util, 12) == ()
+    assert trim_context(CONTEXT, 0) == ()
 
 
 def test_a_tokenizer_without_the_file_separator_gets_no_file_line(tokenizers):
@@ -287,3 +324,38 @@ def test_openai_prompt_laid_out_as_fim_completes_as_prompt_with_suffix(fim_engin
     theirs = _cold_completion(fim_engine, OpenAICompletionRequest(prompt=laid_out, max_tokens=8))
     assert ours.startswith("return a + b")
     assert theirs == ours
+
+
+def test_a_function_of_another_open_file_is_called_once_the_file_is_in_context(fim_engine):
+    # Without the other file the model cannot know the name: Qwen2.5-Coder wrote `21.5`.
+    # With it, its prompt (the snippet first, as a file of the repository) is cached as the
+    # document's start: the next key reuses all of it.
+    units = Snippet(
+        "/proj/units.py",
+        "def fahrenheit_from_celsius(degrees):\n    return degrees * 9 / 5 + 32\n",
+    )
+    text = "from units import *\n\nreading = 21.5\nshown = "
+
+    def ask(text: str, context: tuple[Snippet, ...]):
+        line = text.count("\n")
+        character = len(text) - text.rfind("\n") - 1
+        request = CompleteRequest(
+            uri="file:///proj/main.py",
+            text=text,
+            line=line,
+            character=character,
+            trigger="invoked",
+            single_line=True,
+            max_tokens=16,
+            context=context,
+        )
+        return fim_engine.complete(request)
+
+    fim_engine.close_document("file:///proj/main.py")
+    assert "fahrenheit" not in ask(text, ()).items[0].text
+    with_context = ask(text, (units,))
+    assert with_context.items[0].text == "fahrenheit_from_celsius(reading)"
+    typed = ask(text + "fahr", (units,))
+    assert typed.items[0].text == "enheit_from_celsius(reading)"
+    assert typed.timings.prefilled_tokens <= 3 < typed.timings.cached_tokens
+    fim_engine.close_document("file:///proj/main.py")

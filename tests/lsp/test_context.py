@@ -1,0 +1,94 @@
+"""Snippets of the other open files: which files, which lines, in what order."""
+
+from __future__ import annotations
+
+from lsprotocol import types
+from test_completion import FakeLink
+
+from codelm.daemon.protocol import Snippet
+from codelm.lsp.completion import Completer
+from codelm.lsp.context import (
+    LINES_ABOVE_EDIT,
+    SNIPPET_CHARS,
+    SNIPPET_LINES,
+    ContextPicker,
+    snippet_text,
+)
+from codelm.lsp.documents import DocumentStore
+from codelm.lsp.settings import LspSettings, settings_from_options
+
+LINES = "".join(f"line {i}\n" for i in range(200))
+
+
+def test_a_snippet_is_the_lines_around_the_last_edit_or_the_first_lines():
+    top = snippet_text(LINES, None)
+    assert top == "".join(f"line {i}\n" for i in range(SNIPPET_LINES))
+    around = snippet_text(LINES, 100)
+    first = 100 - LINES_ABOVE_EDIT
+    assert around == "".join(f"line {i}\n" for i in range(first, first + SNIPPET_LINES))
+    assert snippet_text(LINES, 3) == top
+    assert snippet_text("a\nb", 0) == "a\nb"  # a last line without its newline
+    long = "x" * 1000 + "\n" + "y" * 1000 + "\n"
+    assert snippet_text(long, None) == "x" * 1000 + "\n"
+    assert snippet_text("z" * (SNIPPET_CHARS + 1), None) == ""  # no line fits: no snippet
+
+
+def _open(store: DocumentStore, uri: str, text: str, language: str = "python", at: float = 0.0):
+    doc = store.open(types.TextDocumentItem(uri=uri, language_id=language, version=1, text=text))
+    doc.opened = at
+    return doc
+
+
+def _edit(store: DocumentStore, uri: str, line: int, text: str, now: float) -> None:
+    here = types.Position(line=line, character=0)
+    store.change(
+        types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
+            content_changes=[
+                types.TextDocumentContentChangePartial(
+                    range=types.Range(start=here, end=here), text=text
+                )
+            ],
+        ),
+        now,
+    )
+
+
+def test_the_most_recently_touched_files_of_the_family_come_nearest_the_document():
+    store = DocumentStore()
+    current = _open(store, "file:///p/main.py", "import util\n", at=5.0)
+    _open(store, "file:///p/util.py", "def half(x):\n    return x / 2\n", at=1.0)
+    _open(store, "file:///p/models.py", "class User:\n    name: str\n", at=2.0)
+    _open(store, "file:///p/old.py", "OLD = 1\n", at=0.5)
+    _open(store, "file:///p/app.ts", "export const x = 1;\n", "typescript", at=3.0)
+    _open(store, "untitled:Untitled-1", "scratch = 1\n", at=4.0)
+    _edit(store, "file:///p/util.py", 1, "    # halves\n", now=6.0)
+    picker = ContextPicker()
+    picked = picker.snippets(store, current, max_files=2)
+    assert picked == (
+        Snippet("/p/models.py", "class User:\n    name: str\n"),
+        Snippet("/p/util.py", "def half(x):\n    # halves\n    return x / 2\n"),
+    )
+    assert picker.snippets(store, current, max_files=0) == ()
+    ts = _open(store, "file:///p/view.tsx", "<App />\n", "typescriptreact", at=7.0)
+    assert picker.snippets(store, ts, max_files=3) == (
+        Snippet("/p/app.ts", "export const x = 1;\n"),
+    )
+
+
+async def test_a_request_brings_the_snippets_and_the_setting_turns_them_off():
+    store = DocumentStore()
+    _open(store, "file:///p/util.py", "def half(x):\n    return x / 2\n", at=1.0)
+    _open(store, "file:///p/main.py", "y = \n", at=2.0)
+    link = FakeLink(lambda r: "half(4)")
+    completer = Completer(link, store, LspSettings(debounce_ms=0))
+    where = types.Position(line=0, character=4)
+    await completer.inline_completion("file:///p/main.py", where, is_invoked=True)
+    assert link.requests[-1].context == (Snippet("/p/util.py", "def half(x):\n    return x / 2\n"),)
+    settings, problems = settings_from_options({"contextFiles": 0, "debounceMs": 0})
+    assert problems == [] and settings.context_files == 0
+    completer.apply_settings(settings)
+    await completer.inline_completion("file:///p/main.py", where, is_invoked=True)
+    assert link.requests[-1].context == ()
+    _, problems = settings_from_options({"contextFiles": 99})
+    assert "contextFiles must be an integer between 0 and 16" in problems[0]
