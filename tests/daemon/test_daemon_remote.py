@@ -34,7 +34,7 @@ from codelm.daemon.engine.remote import (
 )
 from codelm.daemon.engine.stops import StopReason, StopRules
 from codelm.daemon.errors import ConfigError, ModelLoadError
-from codelm.daemon.protocol import CompleteRequest
+from codelm.daemon.protocol import CompleteRequest, Snippet
 
 # -- without a server --
 
@@ -115,6 +115,25 @@ def test_prompts_are_laid_out_as_the_local_engine_lays_them_out():
     assert _engine("none").show_prompt(request).prompt == f"# a.py\n{prefix}"
     body, heal = _engine("server")._body(request, len(prefix) + 1, remember=False)
     assert body == {"prompt": prefix, "suffix": suffix} and heal == " "
+
+
+def test_other_files_snippets_come_first_as_the_local_engine_lays_them_out():
+    text = "y = \n"
+    context = (
+        Snippet("/src/u.py", "def half(x):\n    return x / 2"),
+        Snippet("/src/v.py", "V = 1\n"),
+    )
+    request = _request(text, 4, trigger="invoked", context=context)
+    files = "<file_sep>/src/u.py\ndef half(x):\n    return x / 2\n<file_sep>/src/v.py\nV = 1\n"
+    shown = _engine("starcoder").show_prompt(request).prompt
+    assert shown == f"{files}<file_sep>a.py\n<fim_prefix>y =<fim_suffix>\n<fim_middle>"
+    # Within context_chars, the nearest first; none for a format that does not name files.
+    assert (
+        _engine("starcoder", context_chars=10)
+        .show_prompt(request)
+        .prompt.startswith("<file_sep>/src/v.py\nV = 1\n<file_sep>a.py\n")
+    )
+    assert _engine("deepseek").show_prompt(request).prompt.startswith("<｜fim▁begin｜>y =")
 
 
 @pytest.mark.parametrize(

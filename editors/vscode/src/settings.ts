@@ -17,6 +17,7 @@ export interface ServerOptions {
   timeoutMs: number;
   enabledLanguages: string[];
   disabledLanguages: string[];
+  contextFiles: number;
   daemon: { url: string | null; autoStart: boolean };
 }
 
@@ -36,6 +37,7 @@ export function serverOptions(config: ConfigReader): ServerOptions {
     timeoutMs: config.get<number>('timeoutMs') ?? 10000,
     enabledLanguages: config.get<string[]>('enabledLanguages') ?? [],
     disabledLanguages: config.get<string[]>('disabledLanguages') ?? [],
+    contextFiles: config.get<number>('contextFiles') ?? 3,
     daemon: {
       url: nonEmpty(config.get<string>('daemon.url')),
       autoStart: config.get<boolean>('daemon.autoStart') ?? true,

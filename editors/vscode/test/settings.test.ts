@@ -17,6 +17,7 @@ test('serverOptions maps every setting to the server option of the same meaning'
       timeoutMs: 90000,
       enabledLanguages: ['python'],
       disabledLanguages: ['markdown'],
+      contextFiles: 0,
       'daemon.url': 'http://127.0.0.1:8765',
       'daemon.autoStart': false,
       serverPath: '/opt/codelm-lsp',
@@ -31,6 +32,7 @@ test('serverOptions maps every setting to the server option of the same meaning'
     timeoutMs: 90000,
     enabledLanguages: ['python'],
     disabledLanguages: ['markdown'],
+    contextFiles: 0,
     daemon: { url: 'http://127.0.0.1:8765', autoStart: false },
   });
 });
@@ -45,6 +47,7 @@ test('serverOptions uses the server defaults and sends empty strings as null', (
     timeoutMs: 10000,
     enabledLanguages: [],
     disabledLanguages: [],
+    contextFiles: 3,
     daemon: { url: null, autoStart: true },
   });
 });
