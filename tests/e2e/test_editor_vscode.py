@@ -22,6 +22,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,23 +150,16 @@ def code_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 
 def test_vscode_shows_and_accepts_codelm_ghost_text(code_server, tmp_path: Path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, workspace = code_server
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 720})
-        page.goto(url)
-        page.locator(".monaco-workbench").wait_for(timeout=START_TIMEOUT_S * 1000)
+    with _workbench(url) as page:
         _open_file(page, "calc.py")
         status = _status(page, "ready")
         expect(status).to_be_visible(timeout=READY_TIMEOUT_S * 1000)
         page.keyboard.press("Control+End")
         page.keyboard.type(TYPED, delay=60)
-        ghost = page.locator(".monaco-editor .ghost-text-decoration")
-        expect(ghost.first).to_be_visible(timeout=SUGGESTION_TIMEOUT_S * 1000)
-        suggestion = "".join(ghost.all_inner_texts()).replace("\u00a0", " ")
-        assert suggestion.strip()
+        suggestion = _suggestion(page.locator(".monaco-editor"))
         page.screenshot(path=tmp_path / "vscode-suggestion.png")
         page.keyboard.press("Tab")
         page.keyboard.press("Control+S")
@@ -174,7 +168,6 @@ def test_vscode_shows_and_accepts_codelm_ghost_text(code_server, tmp_path: Path)
         _wait_for(lambda: source.read_text().startswith(SOURCE + TYPED + suggestion), "the save")
         log = tmp_path / "home" / "log" / "lsp.log"
         _toggle_and_restart(page, log)
-        browser.close()
     restarted = log.read_text().split(" starting\n")[-1]  # initializationOptions again
     assert re.search(r"settings: enabled=True.*max_tokens=16", restarted)
     # The item's command (codelm.accept) reached the server through workspace/executeCommand.
@@ -184,24 +177,17 @@ def test_vscode_shows_and_accepts_codelm_ghost_text(code_server, tmp_path: Path)
 
 
 def test_vscode_completes_in_a_notebook_cell_with_the_cells_above(code_server, tmp_path: Path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, workspace = code_server
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 720})
-        page.goto(url)
-        page.locator(".monaco-workbench").wait_for(timeout=START_TIMEOUT_S * 1000)
+    with _workbench(url) as page:
         _open_file(page, "analysis.ipynb", editor=CELL_EDITOR)
         expect(_status(page, "ready")).to_be_visible(timeout=READY_TIMEOUT_S * 1000)
         cells = page.locator(CELL_EDITOR)
         expect(cells).to_have_count(2, timeout=START_TIMEOUT_S * 1000)  # the code cells
         cells.last.locator(".view-lines").click()
         page.keyboard.type(NOTEBOOK_TYPED, delay=60)
-        ghost = cells.last.locator(".ghost-text-decoration")
-        expect(ghost.first).to_be_visible(timeout=SUGGESTION_TIMEOUT_S * 1000)
-        suggestion = "".join(ghost.all_inner_texts()).replace("\u00a0", " ")
-        assert suggestion.strip()
+        suggestion = _suggestion(cells.last)
         page.keyboard.press("Tab")
         page.keyboard.press("Control+S")
         notebook = workspace / "analysis.ipynb"
@@ -210,11 +196,37 @@ def test_vscode_completes_in_a_notebook_cell_with_the_cells_above(code_server, t
             return "".join(json.loads(notebook.read_text())["cells"][2]["source"])
 
         _wait_for(lambda: typed_cell().startswith(NOTEBOOK_TYPED + suggestion), "the save")
-        browser.close()
     # The daemon was asked about the notebook (its URI, logged as a hash), not the cell alone.
     log = (tmp_path / "home" / "log" / "lsp.log").read_text()
     tag = hashlib.blake2b(notebook.as_uri().encode(), digest_size=3).hexdigest()
     assert f"uri#{tag} automatic" in log
+
+
+@contextlib.contextmanager
+def _workbench(url: str) -> Iterator[Any]:
+    """A Chromium page on code-server's workbench, loaded."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 720})
+            page.goto(url)
+            page.locator(".monaco-workbench").wait_for(timeout=START_TIMEOUT_S * 1000)
+            yield page
+        finally:
+            browser.close()
+
+
+def _suggestion(editor: Any) -> str:
+    """The ghost text shown in `editor` (a locator), once it shows."""
+    from playwright.sync_api import expect
+
+    ghost = editor.locator(".ghost-text-decoration")
+    expect(ghost.first).to_be_visible(timeout=SUGGESTION_TIMEOUT_S * 1000)
+    suggestion = "".join(ghost.all_inner_texts()).replace("\u00a0", " ")
+    assert suggestion.strip()
+    return suggestion
 
 
 def _notebook(cells: list[tuple[str, str]]) -> dict[str, object]:
