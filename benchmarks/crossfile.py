@@ -1,10 +1,11 @@
 """Cross-file completion: does a snippet of the file that defines a name help to write it?
 
 Tasks come from the packages of this Python's standard library (asyncio, email, http, ...):
-in a module, a line that uses a name (a function or class, 5+ characters, not private)
+in a module, a line whose code uses a name (a function or class, 5+ characters, not private)
 defined in exactly one sibling module is cut before that name; the engine is asked for a
-single-line suggestion there (trigger "invoked", 48 tokens at most), in process, and it
-counts when the stripped suggestion equals the stripped rest of the line.
+single-line suggestion there (trigger "invoked", 48 tokens at most), in process. `exact_pct`:
+the stripped suggestion equals the stripped rest of the line; `name_pct`: it starts with the
+name (what only the other file could tell).
 
 Rows per model and context: `none` (the document alone), `opened` (the sibling's first
 lines: what codelm-lsp sends for a file only opened) and `edited` (the lines around the
@@ -18,11 +19,13 @@ another file can tell it), and `named`, where it does (the context should not hu
 from __future__ import annotations
 
 import argparse
+import io
 import random
 import re
 import sys
 import sysconfig
 import time
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +69,8 @@ class Task:
 
 
 def make_tasks() -> list[Task]:
-    """One task per line that uses a name of a sibling module (the first such name), in a
-    fixed shuffled order."""
+    """One task per line whose code (not a string or comment) uses a name of a sibling module
+    (the first such name), in a fixed shuffled order."""
     tasks = []
     for package in PACKAGES:
         modules = {p: p.read_text() for p in sorted((STDLIB / package).glob("*.py"))}
@@ -76,29 +79,32 @@ def make_tasks() -> list[Task]:
             for p, text in modules.items()
         }
         for path, text in modules.items():
-            for number, line in enumerate(text.split("\n")):
-                if not line.strip() or line.lstrip().startswith(_SKIPPED_LINES):
+            lines = text.split("\n")
+            used: set[int] = set()
+            for token in _code_names(text):
+                (number, column), name = token.start, token.string
+                line = lines[number - 1]
+                if number in used or line.lstrip().startswith(_SKIPPED_LINES):
                     continue
-                task = _task(path, number, line, text, defined)
-                if task is not None:
-                    tasks.append(task)
+                if column == len(line) - len(line.lstrip()) or name in defined[path]:
+                    continue
+                owners = [p for p in defined if p != path and name in defined[p]]
+                if len(owners) != 1:
+                    continue
+                used.add(number)
+                unseen = len(re.findall(rf"\b{name}\b", text)) == 1
+                owner = owners[0]
+                tasks.append(
+                    Task(path, number - 1, column, name, owner, defined[owner][name], unseen)
+                )
     random.Random(0).shuffle(tasks)
     return tasks
 
 
-def _task(path: Path, number: int, line: str, text: str, defined: dict) -> Task | None:
-    indent = len(line) - len(line.lstrip())
-    for match in _NAME.finditer(line):
-        name = match.group()
-        if match.start() == indent or name in defined[path]:
-            continue
-        owners = [p for p in defined if p != path and name in defined[p]]
-        if len(owners) != 1:
-            continue
-        unseen = len(re.findall(rf"\b{name}\b", text)) == 1
-        owner = owners[0]
-        return Task(path, number, match.start(), name, owner, defined[owner][name], unseen)
-    return None
+def _code_names(text: str) -> list[tokenize.TokenInfo]:
+    """The NAME tokens of a module: code, never a word of a string or a comment."""
+    tokens = tokenize.generate_tokens(io.StringIO(text).readline)
+    return [t for t in tokens if t.type == tokenize.NAME]
 
 
 def _context(task: Task, mode: str):
@@ -144,6 +150,7 @@ def run(model: str, tasks: list[Task], log=print) -> tuple[list[dict], list[dict
                     "set": "unseen" if task.unseen else "named",
                     "context": mode,
                     "exact": got == expected,
+                    "name": re.match(rf"{task.name}\b", got) is not None,
                     "got": got,
                     "expected": expected,
                     "ms": ms,
@@ -163,6 +170,7 @@ def run(model: str, tasks: list[Task], log=print) -> tuple[list[dict], list[dict
                         "context": mode,
                         "lines": len(picked),
                         "exact_pct": 100 * sum(r["exact"] for r in picked) / len(picked),
+                        "name_pct": 100 * sum(r["name"] for r in picked) / len(picked),
                         "prompt_tokens": median([r["prefilled"] for r in picked]),
                         "p50_ms": median([r["ms"] for r in picked]),
                     }
@@ -185,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         model_rows, records = run(model, unseen + named, lambda m: print(m, file=sys.stderr))
         rows += model_rows
         details[model] = records
-    columns = ["model", "set", "context", "lines", "exact_pct", "prompt_tokens", "p50_ms"]
+    columns = ["model", "set", "context", "lines", "exact_pct", "name_pct", "prompt_tokens"]
+    columns.append("p50_ms")
     print_table(rows, columns)
     out = write_json("crossfile", {"rows": rows, "records": details}, args.json)
     print(f"wrote {out}")
