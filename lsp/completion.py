@@ -33,7 +33,7 @@ from codelm.daemon.protocol import (
 )
 
 from .cache import DocState, TypingCache
-from .context import ContextPicker
+from .context import snippets
 from .documents import uri_to_path
 from .positions import offset_at, position_at, to_range
 from .postprocess import (
@@ -168,7 +168,6 @@ class Completer:
     documents: DocumentStore
     settings: LspSettings
     cache: TypingCache = field(default_factory=TypingCache)
-    context: ContextPicker = field(default_factory=ContextPicker)
     stats: Stats = field(default_factory=Stats)
     clock: Callable[[], float] = time.monotonic
     _tasks: dict[str, asyncio.Task[list[ResultItem]]] = field(
@@ -227,7 +226,7 @@ class Completer:
             return []
         # In a notebook cell the model sees the whole notebook (`view`); `local` is the cursor
         # in the cell's own text, where the editor's positions are.
-        local = offset_at(doc.text, position.line, position.character, self.documents.encoding)
+        local = doc.offset_at(position, self.documents.encoding)
         view = self.documents.view(doc)
         text, offset = view.text, view.start + local
         # Of a large file only the text around the cursor is sent (all the daemon's prompt
@@ -268,7 +267,7 @@ class Completer:
         settings = self.settings
         start, end = window
         sent, at = view.text[start:end], view.start + local - start
-        context = self.context.snippets(self.documents, doc, settings.context_files)
+        context = snippets(self.documents, doc, settings.context_files)
         request = build_request(
             view.uri, doc.language, sent, at, ctx, is_invoked, settings, context
         )

@@ -13,8 +13,6 @@ keeps the same start and the daemon's KV cache of it holds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from codelm.daemon.protocol import Snippet
 
 from .documents import Document, DocumentStore, uri_to_path
@@ -65,39 +63,31 @@ def snippet_text(text: str, edit_line: int | None) -> str:
     return chunk
 
 
-@dataclass
-class ContextPicker:
-    """Chooses the snippets; each file's is computed once per version of it."""
+def snippets(store: DocumentStore, doc: Document, max_files: int) -> tuple[Snippet, ...]:
+    """The snippets a request in `doc` brings, the most recently touched file last."""
+    if max_files <= 0:
+        return ()
+    lang = family(doc.language)
+    others = [
+        (other, path)
+        for other in store.documents()
+        if other is not doc
+        and family(other.language) == lang
+        and (path := uri_to_path(other.uri)) is not None
+    ]
+    others.sort(key=lambda pair: _last_touched(pair[0]), reverse=True)
+    return tuple(
+        Snippet(path=path, text=text)
+        for other, path in reversed(others[:max_files])
+        if (text := _snippet_of(other))
+    )
 
-    _texts: dict[str, tuple[int, int | None, str]] = field(default_factory=dict)
 
-    def snippets(self, store: DocumentStore, doc: Document, max_files: int) -> tuple[Snippet, ...]:
-        if max_files <= 0:
-            return ()
-        lang = family(doc.language)
-        others = [
-            d
-            for d in store.documents()
-            if d is not doc and family(d.language) == lang and uri_to_path(d.uri) is not None
-        ]
-        others.sort(key=_last_touched, reverse=True)
-        chosen = list(reversed(others[:max_files]))
-        open_uris = {d.uri for d in others}
-        for uri in self._texts.keys() - open_uris:
-            del self._texts[uri]
-        return tuple(
-            Snippet(path=uri_to_path(other.uri) or "", text=text)
-            for other in chosen
-            if (text := self._text(other))
-        )
-
-    def _text(self, doc: Document) -> str:
-        kept = self._texts.get(doc.uri)
-        if kept is not None and kept[:2] == (doc.version, doc.edit_line):
-            return kept[2]
-        text = snippet_text(doc.text, doc.edit_line)
-        self._texts[doc.uri] = (doc.version, doc.edit_line, text)
-        return text
+def _snippet_of(doc: Document) -> str:
+    """snippet_text of the document, computed once per version of it."""
+    if doc.snippet is None or doc.snippet[:2] != (doc.version, doc.edit_line):
+        doc.snippet = (doc.version, doc.edit_line, snippet_text(doc.text, doc.edit_line))
+    return doc.snippet[2]
 
 
 def _last_touched(doc: Document) -> float:

@@ -34,6 +34,9 @@ class Document:
     edit_times: list[float] = field(default_factory=list)
     opened: float = field(default_factory=time.monotonic)
     edit_line: int | None = None  # where the last edit began (None: not edited, or replaced)
+    # (version, edit_line, text): this document's snippet for other files' prompts, as last
+    # computed (lsp/context.py)
+    snippet: tuple[int, int | None, str] | None = None
 
     def offset_at(self, position: types.Position, encoding: str | None = None) -> int:
         return offset_at(self.text, position.line, position.character, encoding)

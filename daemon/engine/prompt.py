@@ -412,9 +412,13 @@ def context_ids(tokenizer: Tokenizer, fim: FimFormat, context: Sequence[Snippet]
         return []
     ids: list[int] = []
     for snippet in context:
-        text = snippet.text if snippet.text.endswith("\n") else snippet.text + "\n"
-        ids += [file_sep, *tokenizer.encode(f"{snippet.path}\n{text}")]
+        ids += [file_sep, *tokenizer.encode(snippet_file(snippet))]
     return ids
+
+
+def snippet_file(snippet: Snippet) -> str:
+    """A snippet as a file of the repository after its separator: `{path}\n{text}\n`."""
+    return snippet.path + "\n" + snippet.text.removesuffix("\n") + "\n"
 
 
 def _file_line_ids(tokenizer: Tokenizer, fim: FimFormat, path: str | None) -> list[int]:

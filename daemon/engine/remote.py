@@ -49,6 +49,7 @@ from .prompt import (
     comment_header,
     document_name,
     file_line,
+    snippet_file,
     suffix_window,
     suffix_window_chars,
     trim_context,
@@ -278,11 +279,7 @@ class RemoteEngine:
         fim = self.fim
         if not isinstance(fim, FimFormat):
             return {"prompt": prefix, "suffix": suffix}  # SERVER_FIM: the server lays it out
-        named = "".join(
-            file_line(fim, _literal(s.path)) + _literal(s.text.removesuffix("\n")) + "\n"
-            for s in context
-            if fim.file_sep
-        )
+        named = "".join(fim.file_sep + _literal(snippet_file(s)) for s in context if fim.file_sep)
         named += file_line(fim, path and _literal(path))
         if fim.order == "spm":
             header = aixcoder_header(path) if fim.file_header else ""

@@ -11,8 +11,8 @@ from codelm.lsp.context import (
     LINES_ABOVE_EDIT,
     SNIPPET_CHARS,
     SNIPPET_LINES,
-    ContextPicker,
     snippet_text,
+    snippets,
 )
 from codelm.lsp.documents import DocumentStore
 from codelm.lsp.settings import LspSettings, settings_from_options
@@ -63,17 +63,14 @@ def test_the_most_recently_touched_files_of_the_family_come_nearest_the_document
     _open(store, "file:///p/app.ts", "export const x = 1;\n", "typescript", at=3.0)
     _open(store, "untitled:Untitled-1", "scratch = 1\n", at=4.0)
     _edit(store, "file:///p/util.py", 1, "    # halves\n", now=6.0)
-    picker = ContextPicker()
-    picked = picker.snippets(store, current, max_files=2)
+    picked = snippets(store, current, max_files=2)
     assert picked == (
         Snippet("/p/models.py", "class User:\n    name: str\n"),
         Snippet("/p/util.py", "def half(x):\n    # halves\n    return x / 2\n"),
     )
-    assert picker.snippets(store, current, max_files=0) == ()
+    assert snippets(store, current, max_files=0) == ()
     ts = _open(store, "file:///p/view.tsx", "<App />\n", "typescriptreact", at=7.0)
-    assert picker.snippets(store, ts, max_files=3) == (
-        Snippet("/p/app.ts", "export const x = 1;\n"),
-    )
+    assert snippets(store, ts, max_files=3) == (Snippet("/p/app.ts", "export const x = 1;\n"),)
 
 
 async def test_a_request_brings_the_snippets_and_the_setting_turns_them_off():
