@@ -34,7 +34,6 @@ from codelm.daemon.protocol import (
 
 from .cache import DocState, TypingCache
 from .context import snippets
-from .documents import uri_to_path
 from .positions import offset_at, position_at, to_range
 from .postprocess import (
     BLOCK_OPENER,
@@ -269,7 +268,15 @@ class Completer:
         sent, at = view.text[start:end], view.start + local - start
         context = snippets(self.documents, doc, settings.context_files)
         request = build_request(
-            view.uri, doc.language, sent, at, ctx, is_invoked, settings, context
+            view.uri,
+            self.documents.path_of(view.uri),
+            doc.language,
+            sent,
+            at,
+            ctx,
+            is_invoked,
+            settings,
+            context,
         )
         request_id = uuid.uuid4().hex[:12]
         self.stats.daemon_calls += 1
@@ -328,6 +335,7 @@ class Completer:
 
 def build_request(
     uri: str,
+    path: str | None,
     language: str | None,
     text: str,
     offset: int,
@@ -337,7 +345,8 @@ def build_request(
     context: tuple[Snippet, ...] = (),
 ) -> CompleteRequest:
     """The daemon request for the cursor at str index `offset` of `text` (a snapshot of what
-    the document at `uri` holds there), after the other files' snippets `context`."""
+    the document at `uri`, the file the prompt calls `path`, holds there), after the other
+    files' snippets `context`."""
     pos = position_at(text, offset)  # the daemon speaks UTF-16, whatever the editor does
     return CompleteRequest(
         uri=uri,
@@ -346,7 +355,7 @@ def build_request(
         text=_LONE_SURROGATE.sub("\ufffd", text),
         line=pos.line,
         character=pos.character,
-        path=uri_to_path(uri),
+        path=path,
         language=language,
         trigger="invoked" if is_invoked else "automatic",
         max_tokens=settings.max_tokens,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from codelm.daemon.protocol import Snippet
 
-from .documents import Document, DocumentStore, uri_to_path
+from .documents import Document, DocumentStore
 
 SNIPPET_LINES = 40
 LINES_ABOVE_EDIT = 8
@@ -73,7 +73,7 @@ def snippets(store: DocumentStore, doc: Document, max_files: int) -> tuple[Snipp
         for other in store.documents()
         if other is not doc
         and family(other.language) == lang
-        and (path := uri_to_path(other.uri)) is not None
+        and (path := store.path_of(other.uri)) is not None
     ]
     others.sort(key=lambda pair: _last_touched(pair[0]), reverse=True)
     return tuple(

@@ -11,6 +11,7 @@ cells of the cell's language in order, Markdown cells as comments between them (
 from __future__ import annotations
 
 import logging
+import posixpath
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,22 @@ def uri_to_path(uri: str) -> str | None:
     return unquote(parsed.path) if parsed.scheme == "file" else None
 
 
+def prompt_path(uri: str, roots: Iterable[str]) -> str | None:
+    """What a prompt calls the file at `uri`: its path in the innermost of the workspace
+    folders `roots` (paths, as uri_to_path gives them) that holds it, as a repository's
+    files are named where code models learn to read several of them (`src/app/util.py`);
+    the file's name alone outside every folder; None for a URI that names no file."""
+    path = uri_to_path(uri)
+    if path is None:
+        return None
+    inner = max(
+        (root for r in roots if path.startswith(root := r.rstrip("/") + "/")),
+        key=len,
+        default=None,
+    )
+    return path[len(inner) :] if inner else posixpath.basename(path)
+
+
 @dataclass(slots=True)
 class Notebook:
     """A notebook's cells in order; their text documents are in the store, by cell URI."""
@@ -78,6 +95,7 @@ class DocumentStore:
         self._notebooks: dict[str, Notebook] = {}
         self._notebook_of: dict[str, Notebook] = {}  # cell URI -> its notebook
         self.encoding: str | None = None
+        self.roots: tuple[str, ...] = ()  # the workspace folders' paths (prompt_path)
 
     def open(self, item: types.TextDocumentItem) -> Document:
         doc = Document(item.uri, item.text, item.version, item.language_id)
@@ -110,6 +128,9 @@ class DocumentStore:
 
     def close(self, uri: str) -> None:
         self._docs.pop(uri, None)
+
+    def path_of(self, uri: str) -> str | None:
+        return prompt_path(uri, self.roots)
 
     def get(self, uri: str) -> Document | None:
         return self._docs.get(uri)

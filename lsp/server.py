@@ -23,7 +23,7 @@ from pygls.protocol.language_server import lsp_method
 from . import __version__
 from .completion import Completer, ResultItem
 from .daemon_link import DaemonLink, HttpDaemonLink
-from .documents import DocumentStore
+from .documents import DocumentStore, uri_to_path
 from .framing import serve
 from .settings import LspSettings, describe, runtime_home, settings_from_options
 
@@ -260,6 +260,7 @@ def _register_lifecycle(server: CodelmServer, session: Session) -> None:
         """Read initializationOptions; register the optional completion fallback."""
         _apply_options(ls, session, params.initialization_options)
         session.documents.encoding = ls.workspace.position_encoding
+        _set_roots(ls, session)
         if session.settings.completion_fallback:
             _register_fallback(ls, session)
 
@@ -275,11 +276,24 @@ def _register_lifecycle(server: CodelmServer, session: Session) -> None:
         """Apply changed settings (the completion fallback takes effect on restart)."""
         _apply_options(ls, session, params.settings, base=session.settings)
 
+    @server.feature(types.WORKSPACE_DID_CHANGE_WORKSPACE_FOLDERS)
+    def did_change_folders(ls: LanguageServer, params: types.DidChangeWorkspaceFoldersParams):
+        """Name files by their paths in the folders now open (pygls has updated its list)."""
+        _set_roots(ls, session)
+
     @server.feature(types.SHUTDOWN)
     async def shutdown(ls: LanguageServer, params: Any) -> None:
         """Close the daemon connection; the daemon keeps running for other editors."""
         server.shutdown_requested = True
         await session.link.close()
+
+
+def _set_roots(ls: LanguageServer, session: Session) -> None:
+    """The workspace folders (or, from a client without them, the root) the prompts name files
+    within (documents.prompt_path)."""
+    uris = [folder.uri for folder in ls.workspace.folders.values()] or [ls.workspace.root_uri]
+    session.documents.roots = tuple(p for uri in uris if uri and (p := uri_to_path(uri)))
+    logger.info("workspace folders: %s", ", ".join(session.documents.roots) or "none")
 
 
 def _apply_options(

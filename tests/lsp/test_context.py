@@ -14,7 +14,7 @@ from codelm.lsp.context import (
     snippet_text,
     snippets,
 )
-from codelm.lsp.documents import DocumentStore
+from codelm.lsp.documents import DocumentStore, prompt_path
 from codelm.lsp.settings import LspSettings, settings_from_options
 
 LINES = "".join(f"line {i}\n" for i in range(200))
@@ -56,6 +56,7 @@ def _edit(store: DocumentStore, uri: str, line: int, text: str, now: float) -> N
 
 def test_the_most_recently_touched_files_of_the_family_come_nearest_the_document():
     store = DocumentStore()
+    store.roots = ("/p",)
     current = _open(store, "file:///p/main.py", "import util\n", at=5.0)
     _open(store, "file:///p/util.py", "def half(x):\n    return x / 2\n", at=1.0)
     _open(store, "file:///p/models.py", "class User:\n    name: str\n", at=2.0)
@@ -65,12 +66,12 @@ def test_the_most_recently_touched_files_of_the_family_come_nearest_the_document
     _edit(store, "file:///p/util.py", 1, "    # halves\n", now=6.0)
     picked = snippets(store, current, max_files=2)
     assert picked == (
-        Snippet("/p/models.py", "class User:\n    name: str\n"),
-        Snippet("/p/util.py", "def half(x):\n    # halves\n    return x / 2\n"),
+        Snippet("models.py", "class User:\n    name: str\n"),
+        Snippet("util.py", "def half(x):\n    # halves\n    return x / 2\n"),
     )
     assert snippets(store, current, max_files=0) == ()
     ts = _open(store, "file:///p/view.tsx", "<App />\n", "typescriptreact", at=7.0)
-    assert snippets(store, ts, max_files=3) == (Snippet("/p/app.ts", "export const x = 1;\n"),)
+    assert snippets(store, ts, max_files=3) == (Snippet("app.ts", "export const x = 1;\n"),)
 
 
 async def test_a_request_brings_the_snippets_and_the_setting_turns_them_off():
@@ -81,7 +82,7 @@ async def test_a_request_brings_the_snippets_and_the_setting_turns_them_off():
     completer = Completer(link, store, LspSettings(debounce_ms=0))
     where = types.Position(line=0, character=4)
     await completer.inline_completion("file:///p/main.py", where, is_invoked=True)
-    assert link.requests[-1].context == (Snippet("/p/util.py", "def half(x):\n    return x / 2\n"),)
+    assert link.requests[-1].context == (Snippet("util.py", "def half(x):\n    return x / 2\n"),)
     settings, problems = settings_from_options({"contextFiles": 0, "debounceMs": 0})
     assert problems == [] and settings.context_files == 0
     completer.apply_settings(settings)
@@ -89,3 +90,14 @@ async def test_a_request_brings_the_snippets_and_the_setting_turns_them_off():
     assert link.requests[-1].context == ()
     _, problems = settings_from_options({"contextFiles": 99})
     assert "contextFiles must be an integer between 0 and 16" in problems[0]
+
+
+def test_a_file_is_named_by_its_path_in_the_innermost_workspace_folder_that_holds_it():
+    roots = ("/home/ada/shop", "/home/ada/shop/web/", "/srv/lib")
+    assert prompt_path("file:///home/ada/shop/api/orders.py", roots) == "api/orders.py"
+    assert prompt_path("file:///home/ada/shop/web/src/app.ts", roots) == "src/app.ts"
+    assert prompt_path("file:///home/ada/shop%20v2/notes.py", roots) == "notes.py"
+    assert prompt_path("file:///home/ada/shopping/list.py", roots) == "list.py"  # not a folder's
+    assert prompt_path("file:///c%3A/Users/ada/shop/main.go", ["/c:/Users/ada"]) == "shop/main.go"
+    assert prompt_path("file:///tmp/scratch.rs", ()) == "scratch.rs"
+    assert prompt_path("untitled:Untitled-1", roots) is None

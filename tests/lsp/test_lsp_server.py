@@ -70,6 +70,32 @@ async def test_a_notebook_cell_is_completed_with_the_cells_before_it(
     assert await _eventually(lambda: fake_daemon.closed_uris == [notebook])
 
 
+async def test_files_are_named_by_their_paths_in_the_workspace_folders(
+    editor: Editor, fake_daemon: FakeDaemon, tmp_path: Path
+):
+    # The editor opened the folder tmp_path (its rootUri): prompts name the files as a
+    # repository does, not by where the user keeps it.
+    util, main = (tmp_path / "src" / name for name in ("util.py", "main.py"))
+    editor.open(util.as_uri(), "def half(x):\n    return x / 2\n")
+    editor.open(main.as_uri(), "y = ")
+    fake_daemon.truth = "y = half(4)"
+    await editor.inline(main.as_uri(), 4)
+    request = fake_daemon.requests[-1]
+    assert request.path == "src/main.py"
+    assert [s.path for s in request.context] == ["src/util.py"]
+    added = types.WorkspaceFolder(uri=(tmp_path / "src").as_uri(), name="src")
+    editor.client.workspace_did_change_workspace_folders(
+        types.DidChangeWorkspaceFoldersParams(
+            event=types.WorkspaceFoldersChangeEvent(added=[added], removed=[])
+        )
+    )
+    editor.insert(main.as_uri(), 4, "2 * ")  # (not what was suggested: a new request)
+    await editor.inline(main.as_uri(), 8)
+    request = fake_daemon.requests[-1]
+    assert request.path == "main.py"  # the innermost folder that holds it
+    assert [s.path for s in request.context] == ["util.py"]
+
+
 async def test_initialize_answers_quickly(editor: Editor):
     # Not a timing assertion (see benchmarks/lsp_replay.py): a generous bound that catches
     # an accidental torch import (several seconds).
