@@ -430,7 +430,7 @@ def _print_status(status: dict[str, Any], paths: RuntimePaths) -> None:
     print(
         f"  requests: {requests.get('requests', 0)} total, {requests.get('completed', 0)} done, "
         f"{requests.get('cancelled', 0)} cancelled, {requests.get('superseded', 0)} superseded, "
-        f"{requests.get('errors', 0)} errors"
+        f"{requests.get('errors', 0)} errors, {requests.get('warmed', 0)} warm-ups"
     )
     if latency.get("p50") is not None:  # none before the first completion
         print(

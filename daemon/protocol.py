@@ -57,10 +57,12 @@ def _non_negative(body: dict[str, Any], name: str) -> int:
     return value
 
 
-def _max_tokens(body: dict[str, Any], default: int) -> int:
+def _max_tokens(body: dict[str, Any], default: int, least: int = 1) -> int:
     value = _get(body, "max_tokens", int, default)
-    if not 1 <= value <= MAX_TOKENS_LIMIT:
-        raise BadRequest("max_tokens", f"must be between 1 and {MAX_TOKENS_LIMIT}, got {value}")
+    if not least <= value <= MAX_TOKENS_LIMIT:
+        raise BadRequest(
+            "max_tokens", f"must be between {least} and {MAX_TOKENS_LIMIT}, got {value}"
+        )
     return value
 
 
@@ -118,7 +120,7 @@ class CompleteRequest:
     path: str | None = None
     language: str | None = None
     trigger: str = "automatic"
-    max_tokens: int = 64
+    max_tokens: int = 64  # 0: a warm-up, the prompt's K/V cached for the next request here
     stream: bool = False
     single_line: bool | None = None
     stop: tuple[str, ...] = ()
@@ -143,12 +145,16 @@ class CompleteRequest:
             path=_text(body, "path", None, limit=MAX_PATH_CHARS),
             language=_get(body, "language", str, None),
             trigger=trigger,
-            max_tokens=_max_tokens(body, 64),
+            max_tokens=_max_tokens(body, 64, least=0),
             stream=_get(body, "stream", bool, False),
             single_line=_get(body, "single_line", bool, None),
             stop=_stop(body),
             context=_context(body),
         )
+
+    @property
+    def is_warmup(self) -> bool:
+        return self.max_tokens == 0
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -3,6 +3,10 @@
 Asyncio code awaits `Scheduler.complete` / iterates `Scheduler.stream`; torch never runs on
 the event loop. Each request carries a CancelToken that is set when a newer request for the
 same document arrives or when the awaiting task is cancelled (the client went away).
+
+A warm-up (`max_tokens` 0) is background work: it runs after every completion that waits,
+a completion that arrives stops it (what it prefilled stays cached), and one for a document
+whose completion is under way is refused at once.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from .runtime import trim_heap
 
 logger = logging.getLogger(__name__)
 
+FOREGROUND = ("complete", "openai")  # what a user waits for; "warm" is background work
 LATENCY_WINDOW = 1000  # completed requests kept for the percentiles
 Loader = Callable[..., Any]  # (EngineConfig, progress) -> Engine
 
@@ -75,6 +80,7 @@ class _Stats:
     superseded: int = 0
     errors: int = 0
     refused: int = 0
+    warmed: int = 0  # warm-ups that ran to the end
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     # The latest failed request's error and when (epoch s): with an inference server as the
     # model, the state stays "ready" while each request fails, and this says why.
@@ -89,6 +95,7 @@ class _Stats:
             "superseded": self.superseded,
             "errors": self.errors,
             "refused": self.refused,
+            "warmed": self.warmed,
             "latency_ms": {f"p{q}": _percentile(ordered, q) for q in (50, 90, 99)},
         }
         if self.last_error is not None:
@@ -307,9 +314,15 @@ class Scheduler:
             # Checked under the lock: the worker cannot unload between the check and the
             # queueing, and does not unload while a job waits (_maybe_unload_locked).
             self.check_ready()
-            if self._current is not None and self._current.key == key:
-                self._current.token.cancel("superseded")
-            old = self._pending.get(key)
+            current, waiting = self._current, self._pending.get(key)
+            if kind == "warm" and (_in_front(current, key) or _in_front(waiting, key)):
+                job.future.set_exception(Cancelled("a completion for the document is under way"))
+                return job
+            if current is not None and current.key == key:
+                current.token.cancel("superseded")
+            elif current is not None and current.kind == "warm" and kind in FOREGROUND:
+                current.token.cancel("preempted by a completion")
+            old = waiting
             if old is not None:
                 # The newer request takes the older one's place (FIFO by first arrival).
                 old.token.cancel("superseded")
@@ -323,7 +336,7 @@ class Scheduler:
                     f"{len(self._pending)} requests are already waiting; retry in a moment"
                 )
             self._pending[key] = job
-            if kind in ("complete", "openai"):
+            if kind in FOREGROUND:
                 self._stats.requests += 1
             self._cond.notify_all()
         return job
@@ -373,7 +386,9 @@ class Scheduler:
                 self._load_requested = False
                 return "load"
             if self._pending:
-                _, job = self._pending.popitem(last=False)
+                jobs = self._pending.values()
+                job = next((j for j in jobs if j.kind != "warm"), None) or next(iter(jobs))
+                del self._pending[job.key]
                 job.started = time.monotonic()
                 self._current = job
                 return job
@@ -472,7 +487,9 @@ class Scheduler:
             trim_heap()
 
     def _record(self, job: _Job, error: BaseException | None, latency_ms: float) -> None:
-        if job.kind not in ("complete", "openai"):
+        if job.kind == "warm":
+            self._stats.warmed += error is None
+        if job.kind not in FOREGROUND:
             return
         if error is None:
             self._stats.completed += 1
@@ -526,7 +543,15 @@ def _key_of(request: CompleteRequest | OpenAICompletionRequest) -> str:
 
 
 def _kind_of(request: CompleteRequest | OpenAICompletionRequest) -> str:
-    return "complete" if isinstance(request, CompleteRequest) else "openai"
+    if isinstance(request, CompleteRequest):
+        return "warm" if request.is_warmup else "complete"
+    return "openai"
+
+
+def _in_front(job: _Job | None, key: str) -> bool:
+    """Whether `job` is a completion of the document `key`: what a warm-up of that document
+    must not delay or replace."""
+    return job is not None and job.kind in FOREGROUND and job.key == key
 
 
 def _completion(

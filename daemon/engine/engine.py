@@ -187,6 +187,8 @@ class Engine:
     ) -> CompleteResponse:
         cursor = offset_at(request.text, request.line, request.character)
         prompt = self._build(request, cursor)
+        if request.is_warmup:
+            return _response([], self._warm(request.uri, prompt.token_ids, cancel))
         single_line = request.single_line if request.single_line is not None else False
         rules = StopRules(
             stop_ids=self.stop_ids,
@@ -330,6 +332,32 @@ class Engine:
             # resends a growing prompt replaces its own entry instead of adding one each time.
             self.cache.checkin(uri or f"prompt:{hash(tuple(ids[:64]))}", tokens, kv, known)
         return result
+
+    def _warm(self, uri: str, ids: list[int], cancel: CancelToken | None) -> GenerationResult:
+        """Prefill `ids` but the last (a request always runs its last token) into the
+        document's cache, generating nothing: the next request here, a key or two later,
+        finds all but its last few tokens computed. A cancel keeps the chunks done."""
+        if len(ids) >= self.args.max_len:
+            raise BadRequest("text", f"the prompt ({len(ids)} tokens) does not fit the model")
+        kv, reused, old, known = self.cache.checkout(uri, ids)
+        t0 = time.perf_counter()
+        try:
+            with self.threads():
+                _, gap = self._reuse_moved_run(kv, old, ids, reused, cancel)
+                cached = kv.length - gap
+                if kv.length < len(ids) - 1:
+                    with torch.inference_mode():
+                        tail = ids[kv.length : len(ids) - 1]
+                        prefill(self.model, kv, tail, self.config.prefill_chunk, cancel)
+                if kv.device.type == "cuda":  # prefill_ms is the GPU's work
+                    torch.cuda.synchronize(kv.device)
+        finally:
+            self.cache.checkin(uri, ids, kv, known)
+        return GenerationResult(
+            cached_tokens=cached,
+            prefilled_tokens=len(ids) - 1 - cached,
+            prefill_ms=(time.perf_counter() - t0) * 1000,
+        )
 
     def _reuse_moved_run(self, kv: KVCache, old: list[int], ids: list[int], reused: int, cancel):
         """Position-shifted reuse after an edit (EngineConfig.cache_reuse_min_tokens): prefill

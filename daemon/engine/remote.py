@@ -184,6 +184,8 @@ class RemoteEngine:
     def complete(
         self, request: CompleteRequest, cancel: CancelToken | None = None, on_text=None
     ) -> CompleteResponse:
+        if request.is_warmup:  # the server keeps (and warms) its own cache
+            return CompleteResponse(items=[], timings=Timings(), stop_reason="max_tokens")
         cursor = offset_at(request.text, request.line, request.character)
         rules = StopRules(
             stop_texts=request.stop,

@@ -29,6 +29,9 @@ from codelm.daemon.protocol import (
 )
 
 
+WARMUP_STEPS = 20  # a warm-up takes as long as this many tokens' generation, and shows none
+
+
 @dataclass
 class FakeEngine:
     config: EngineConfig
@@ -81,11 +84,14 @@ class FakeEngine:
             request.uri,
             request.text[:offset],
             request.text[offset:],
-            request.max_tokens,
+            request.max_tokens or WARMUP_STEPS,
             cancel,
             on_text,
         )
         self.cached.add(request.uri)
+        if request.is_warmup:
+            timings = Timings(prefilled_tokens=timings.prefilled_tokens)
+            return CompleteResponse(items=[], timings=timings, stop_reason="max_tokens")
         here = Position(line=request.line, character=request.character)
         item = CompletionItem(text=text, range=Range(start=here, end=here))
         return CompleteResponse(items=[item], timings=timings, stop_reason="max_tokens")

@@ -151,6 +151,51 @@ async def test_scheduler_supersedes_pending_request_in_its_queue_slot():
         await scheduler.stop()
 
 
+async def test_a_completion_stops_a_warmup_and_goes_first():
+    scheduler, loader = await _ready_scheduler(step_s=0.01)
+    try:
+        warming = asyncio.create_task(scheduler.complete(_request("file:///w.py", max_tokens=0)))
+        await _wait_until(loader.engine.running.is_set)
+        answer = await asyncio.wait_for(scheduler.complete(_request("file:///c.py")), 2.0)
+        assert answer.items
+        with pytest.raises(Cancelled):
+            await warming
+        assert ("file:///w.py", "cancelled:preempted by a completion") in loader.engine.calls
+        # Queued behind a completion, a warm-up waits for every completion that arrives.
+        blocker = asyncio.create_task(scheduler.complete(_request("file:///x.py", max_tokens=9)))
+        await _wait_until(loader.engine.running.is_set)
+        warm = asyncio.create_task(scheduler.complete(_request("file:///w.py", max_tokens=0)))
+        await asyncio.sleep(0)
+        late = asyncio.create_task(scheduler.complete(_request("file:///late.py", max_tokens=1)))
+        warmed = await warm
+        await asyncio.gather(blocker, late)
+        assert warmed.items == [] and warmed.timings.generated_tokens == 0
+        assert loader.engine.started[-3:] == ["file:///x.py", "file:///late.py", "file:///w.py"]
+        counts = scheduler.status()["requests"]
+        assert (counts["requests"], counts["completed"], counts["warmed"]) == (3, 3, 1)
+    finally:
+        await scheduler.stop()
+
+
+async def test_a_warmup_never_replaces_a_completion_of_its_document():
+    scheduler, loader = await _ready_scheduler(step_s=0.01)
+    try:
+        running = asyncio.create_task(scheduler.complete(_request(max_tokens=20)))
+        await _wait_until(loader.engine.running.is_set)
+        with pytest.raises(Cancelled, match="under way"):
+            await scheduler.complete(_request(max_tokens=0))
+        await running
+        blocker = asyncio.create_task(scheduler.complete(_request("file:///x.py", max_tokens=20)))
+        waiting = asyncio.create_task(scheduler.complete(_request(max_tokens=2)))
+        await _wait_until(lambda: loader.engine.started[-1] == "file:///x.py")
+        with pytest.raises(Cancelled, match="under way"):
+            await scheduler.complete(_request(max_tokens=0))
+        await asyncio.gather(blocker, waiting)
+        assert loader.engine.started == ["file:///a.py", "file:///x.py", "file:///a.py"]
+    finally:
+        await scheduler.stop()
+
+
 async def test_scheduler_serves_different_uris_in_arrival_order():
     scheduler, loader = await _ready_scheduler(step_s=0.002)
     try:

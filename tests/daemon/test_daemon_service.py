@@ -128,7 +128,7 @@ BAD_FIELDS = [
     ({"uri": ""}, "uri: must not be empty"),
     ({"text": None}, "text: is required"),
     ({"trigger": "sometimes"}, "trigger: must be one of"),
-    ({"max_tokens": 0}, "max_tokens: must be between"),
+    ({"max_tokens": -1}, "max_tokens: must be between 0"),
     ({"max_tokens": 10**9}, "max_tokens: must be between"),
     ({"stream": "yes"}, "stream: must be a boolean"),
     ({"stop": [1]}, "stop: must be"),
@@ -201,6 +201,17 @@ async def test_huge_chunked_body_answers_413(fake_daemon):
     resp = await fake_daemon.client.post("/v1/complete", data=chunks(), headers=fake_daemon.auth)
     assert resp.status == 413
     await _good_request_succeeds(fake_daemon)
+
+
+async def test_max_tokens_0_warms_the_document_and_answers_no_items(fake_daemon):
+    resp = await fake_daemon.post("/v1/complete", {**DOC, "max_tokens": 0})
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert body["items"] == [] and body["timings"]["generated_tokens"] == 0
+    status = await (await fake_daemon.client.get("/v1/status", headers=fake_daemon.auth)).json()
+    assert status["requests"]["warmed"] == 1 and status["cache"]["entries"] == 1
+    resp = await fake_daemon.post("/v1/completions", {"prompt": "def f(", "max_tokens": 0})
+    assert resp.status == 400  # (an OpenAI client asks for text)
 
 
 async def test_complete_answers_contract_fields(fake_daemon):

@@ -118,6 +118,17 @@ def test_file_cache_reuses_everything_after_an_edit_above_the_window(engine):
     assert response.timings.prefilled_tokens <= 2
 
 
+def test_a_warmup_prefills_the_prompt_so_the_first_key_after_it_runs_a_few_tokens(engine):
+    cursor = _line_end(SOURCE, 2000)
+    warm = engine.complete(_request(SOURCE, cursor, max_tokens=0))
+    prompt_len = len(engine.prompt(_request(SOURCE, cursor)).token_ids)
+    assert warm.items == [] and warm.token_ids == []
+    assert (warm.timings.cached_tokens, warm.timings.prefilled_tokens) == (0, prompt_len - 1)
+    assert engine.complete(_request(SOURCE, cursor, max_tokens=0)).timings.prefilled_tokens == 0
+    typed = SOURCE[:cursor] + " #" + SOURCE[cursor:]
+    _check(engine, _request(typed, cursor + 2), max_prefilled=4)
+
+
 def test_file_cache_keeps_each_open_file(engine):
     other = Path(sysconfig.get_paths()["stdlib"], "json", "decoder.py").read_text()[:3000]
     first = _request(SOURCE, _line_end(SOURCE, 1000))
