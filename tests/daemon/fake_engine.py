@@ -28,7 +28,6 @@ from codelm.daemon.protocol import (
     offset_at,
 )
 
-
 WARMUP_STEPS = 20  # a warm-up takes as long as this many tokens' generation, and shows none
 
 
