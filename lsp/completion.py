@@ -9,6 +9,7 @@ that task, so it is cancelled too. Rules and delays are plain functions, tested 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import re
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from lsprotocol import types
 
-from codelm.daemon.errors import CodelmError
+from codelm.daemon.errors import CodelmError, ModelLoading
 from codelm.daemon.protocol import (
     SEND_MARGIN_CHARS,
     CompleteRequest,
@@ -57,6 +58,11 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, a surrogate is alwa
 SLOW_S = 3.0
 FAST_TYPING_MS = 250.0  # median gap between edits below this counts as typing fast
 MAX_DEBOUNCE_FACTOR = 3.0
+# A warm-up waits for the cursor to rest this long, and is not sent while the user types:
+# their own completions keep the document's cache warm then.
+WARMUP_DELAY_S = 0.3
+WARMUP_RETRY_S = 1.0  # while the model loads
+TYPING_S = 1.0
 
 
 def skip_reason(line_before: str, line_after: str, is_invoked: bool) -> str | None:
@@ -126,6 +132,7 @@ class Stats:
     accepted: int = 0
     dismissed: int = 0
     accepted_chars: int = 0
+    warmups: int = 0
 
     def to_json(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
@@ -172,6 +179,7 @@ class Completer:
     _tasks: dict[str, asyncio.Task[list[ResultItem]]] = field(
         default_factory=dict, init=False, repr=False
     )
+    _warming: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     async def inline_completion(
         self, uri: str, position: types.Position, is_invoked: bool
@@ -200,6 +208,54 @@ class Completer:
             self.stats.errors += 1
             return []
         return task.result()
+
+    def warm(self, uri: str, position: types.Position) -> None:
+        """The editor shows `uri` with the cursor at `position`: once it rests there, have the
+        daemon prefill the prompt a completion there would run, so the first key typed finds
+        it computed (a file not seen yet, or whose snippets changed, costs its whole prompt:
+        seconds on a CPU). One at a time: a newer one replaces it."""
+        if self._warming is not None:
+            self._warming.cancel()
+        if self.settings.warmup:
+            self._warming = asyncio.create_task(self._warm(uri, position))
+
+    async def _warm(self, uri: str, position: types.Position) -> None:
+        await asyncio.sleep(WARMUP_DELAY_S)
+        while (request := self._warmup_request(uri, position)) is not None:
+            try:
+                response = await asyncio.wait_for(
+                    self.link.complete(request), self.settings.timeout_ms / 1000
+                )
+            except ModelLoading:  # the editor opened a file as the model loads: once it is up
+                await asyncio.sleep(WARMUP_RETRY_S)
+                continue
+            except (CodelmError, asyncio.TimeoutError) as exc:
+                logger.debug("warm-up of uri#%s: %r", _uri_hash(uri), exc)
+                return
+            self.stats.warmups += 1
+            t = response.timings
+            logger.info(
+                "warm-up uri#%s: cached %d prefilled %d tokens in %.0f ms",
+                _uri_hash(uri),
+                t.cached_tokens,
+                t.prefilled_tokens,
+                t.prefill_ms,
+            )
+            return
+
+    def _warmup_request(self, uri: str, position: types.Position) -> CompleteRequest | None:
+        """What the first key at `position` will ask, as a warm-up; None for a document not
+        open or not enabled, or while the user types there (their completions warm it)."""
+        doc = self.documents.get(uri)
+        if doc is None or not self.settings.is_language_enabled(doc.language):
+            return None
+        if uri in self._tasks or (doc.edit_times and self.clock() - doc.edit_times[-1] < TYPING_S):
+            return None
+        view = self.documents.view(doc)
+        offset = view.start + doc.offset_at(position, self.documents.encoding)
+        ctx = _context(view.text, offset, doc.language, self.settings.single_line)
+        request, _, _ = self._request(doc, view, offset, text_window(view.text, offset), ctx, False)
+        return dataclasses.replace(request, max_tokens=0)
 
     def apply_settings(self, settings: LspSettings) -> None:
         """New settings; the suggestions kept for typing through were shaped by the old ones
@@ -264,20 +320,7 @@ class Completer:
         is_invoked: bool,
     ) -> list[ResultItem]:
         settings = self.settings
-        start, end = window
-        sent, at = view.text[start:end], view.start + local - start
-        context = snippets(self.documents, doc, settings.context_files)
-        request = build_request(
-            view.uri,
-            self.documents.path_of(view.uri),
-            doc.language,
-            sent,
-            at,
-            ctx,
-            is_invoked,
-            settings,
-            context,
-        )
+        request, sent, at = self._request(doc, view, view.start + local, window, ctx, is_invoked)
         request_id = uuid.uuid4().hex[:12]
         self.stats.daemon_calls += 1
         started = self.clock()
@@ -302,6 +345,32 @@ class Completer:
         if self.settings is settings:  # (new settings cleared what the old ones shaped)
             self.cache.store(state, suggestions, request_id)
         return self._results(suggestions, doc.text, local, request_id)
+
+    def _request(
+        self,
+        doc: Document,
+        view: View,
+        offset: int,
+        window: tuple[int, int],
+        ctx: Context,
+        is_invoked: bool,
+    ) -> tuple[CompleteRequest, str, int]:
+        """The daemon request for the cursor at `offset` of the view, and the text it sends
+        (`window` of the view's) with the cursor's offset in that."""
+        start, end = window
+        sent, at = view.text[start:end], offset - start
+        request = build_request(
+            view.uri,
+            self.documents.path_of(view.uri),
+            doc.language,
+            sent,
+            at,
+            ctx,
+            is_invoked,
+            self.settings,
+            snippets(self.documents, doc, self.settings.context_files),
+        )
+        return request, sent, at
 
     async def _answer(self, request: CompleteRequest, timeout_s: float) -> CompleteResponse:
         """The daemon's answer within `timeout_s` (else TimeoutError). One slower than
@@ -372,6 +441,11 @@ def _context(text: str, offset: int, language: str | None, single_line_mode: str
     return Context(prefix=ctx.prefix, suffix=ctx.suffix, is_single_line=single, language=language)
 
 
+def _uri_hash(uri: str) -> str:
+    """What the log calls a document: no file name in it."""
+    return hashlib.blake2b(uri.encode(), digest_size=3).hexdigest()
+
+
 def _log_completion(
     request_id: str,
     request: CompleteRequest,
@@ -384,7 +458,7 @@ def _log_completion(
         "request %s uri#%s %s: %d items, cached %d prefilled %d generated %d tokens, "
         "prefill %.0f ms, decode %.0f ms, total %.0f ms, stop %s",
         request_id,
-        hashlib.blake2b(request.uri.encode(), digest_size=3).hexdigest(),
+        _uri_hash(request.uri),
         request.trigger,
         n_items,
         t.cached_tokens,

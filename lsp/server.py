@@ -34,6 +34,7 @@ STATUS_NOTIFICATION = "codelm/status"
 ACCEPT_COMMAND = "codelm.accept"
 DISMISS_COMMAND = "codelm.dismiss"
 STATS_COMMAND = "codelm.stats"
+FOCUS_NOTIFICATION = "codelm/didFocus"  # {textDocument: {uri}, position}: where the user looks
 PROGRESS_TIMEOUT_S = 2.0
 MAX_ACCEPTED_CHARS = 1 << 20  # what one accepted suggestion can plausibly hold
 
@@ -328,6 +329,25 @@ def _register_sync(server: LanguageServer, session: Session) -> None:
         session.documents.close(uri)
         session.completer.cancel(uri)
         await session.link.close_document(uri)
+
+    @server.feature(FOCUS_NOTIFICATION)
+    def did_focus(ls: LanguageServer, params: Any) -> None:
+        """The editor shows a document with the cursor resting at `position` (our editor
+        extensions send it): warm the daemon's cache for a completion there."""
+        try:
+            uri, line, character = (
+                params.textDocument.uri,
+                params.position.line,
+                params.position.character,
+            )
+        except AttributeError:
+            uri, line, character = None, None, None
+        if not isinstance(uri, str) or not all(
+            type(n) is int and n >= 0 for n in (line, character)
+        ):
+            logger.warning("%s with malformed params, ignored: %r", FOCUS_NOTIFICATION, params)
+            return
+        session.completer.warm(uri, types.Position(line=line, character=character))
 
     @server.feature(types.NOTEBOOK_DOCUMENT_DID_OPEN)
     def did_open_notebook(ls: LanguageServer, params: types.DidOpenNotebookDocumentParams) -> None:

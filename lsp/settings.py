@@ -38,6 +38,7 @@ class LspSettings:
     disabled_languages: tuple[str, ...] = ()
     completion_fallback: bool = False  # also serve textDocument/completion
     context_files: int = 3  # other open files whose snippets the prompt reads (lsp/context.py)
+    warmup: bool = True  # prefill where the editor shows the cursor (codelm/didFocus)
 
     def is_language_enabled(self, language: str | None) -> bool:
         lang = (language or "").lower()
@@ -113,6 +114,7 @@ _OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "disabledLanguages": ("disabled_languages", _languages),
     "completionFallback": ("completion_fallback", _bool),
     "contextFiles": ("context_files", _int_in(0, 16)),
+    "warmup": ("warmup", _bool),
 }
 
 

@@ -158,6 +158,12 @@ def test_vscode_shows_and_accepts_codelm_ghost_text(code_server, tmp_path: Path)
         status = _status(page, "ready")
         expect(status).to_be_visible(timeout=READY_TIMEOUT_S * 1000)
         page.keyboard.press("Control+End")
+        # Where the cursor rests, the extension tells the server, which has the daemon
+        # prefill the prompt before the first key.
+        log = tmp_path / "home" / "log" / "lsp.log"
+        tag = hashlib.blake2b((workspace / "calc.py").as_uri().encode(), digest_size=3)
+        warmed = f"warm-up uri#{tag.hexdigest()}: cached "
+        _wait_for(lambda: warmed in log.read_text(), "the warm-up in lsp.log")
         page.keyboard.type(TYPED, delay=60)
         suggestion = _suggestion(page.locator(".monaco-editor"))
         page.screenshot(path=tmp_path / "vscode-suggestion.png")
@@ -166,7 +172,6 @@ def test_vscode_shows_and_accepts_codelm_ghost_text(code_server, tmp_path: Path)
         # A multi-line suggestion would add lines after the first one: compare the start.
         source = workspace / "calc.py"
         _wait_for(lambda: source.read_text().startswith(SOURCE + TYPED + suggestion), "the save")
-        log = tmp_path / "home" / "log" / "lsp.log"
         _toggle_and_restart(page, log)
     restarted = log.read_text().split(" starting\n")[-1]  # initializationOptions again
     assert re.search(r"settings: enabled=True.*max_tokens=16", restarted)

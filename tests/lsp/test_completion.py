@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 from lsprotocol import types
 
-from codelm.daemon.errors import DaemonUnavailable
+from codelm.daemon.errors import DaemonUnavailable, ModelLoading
 from codelm.daemon.protocol import (
     MAX_TEXT_CHARS,
     SEND_STEP_CHARS,
@@ -325,3 +325,45 @@ async def test_a_suggestion_asked_under_old_settings_is_not_kept_for_the_new_one
     completer.documents.get(URI).text = "x = com\n"
     await completer.inline_completion(URI, _at(0, 7), is_invoked=False)
     assert len(link.requests) == 2 and completer.stats.cache_hits == 0
+
+
+async def test_a_warmup_asks_the_daemon_to_prefill_where_the_cursor_rests(monkeypatch):
+    monkeypatch.setattr(completion, "WARMUP_DELAY_S", 0.01)
+    link = FakeLink(lambda r: "never shown")
+    completer = _completer(link, "import os\n\nfiles = \n")
+    completer.warm(URI, _at(0, 3))
+    completer.warm(URI, _at(2, 8))  # the cursor moved on before the first one went
+    await asyncio.sleep(0.1)
+    [request] = link.requests
+    assert (request.max_tokens, request.line, request.character) == (0, 2, 8)
+    assert (request.trigger, request.path) == ("automatic", "demo.py")  # as typing will ask
+    assert completer.stats.warmups == 1
+    # A completion there afterwards is an ordinary one.
+    await completer.inline_completion(URI, _at(2, 8), is_invoked=False)
+    assert link.requests[-1].max_tokens == LspSettings().max_tokens
+
+
+async def test_no_warmup_while_the_user_types_or_with_the_setting_off(monkeypatch):
+    monkeypatch.setattr(completion, "WARMUP_DELAY_S", 0.01)
+    link = FakeLink()
+    completer = _completer(link, "x = 1\n", warmup=False)
+    completer.warm(URI, _at(0, 5))
+    completer = _completer(link, "x = 1\n")
+    completer.documents.get(URI).edit_times.append(completer.clock())
+    completer.warm(URI, _at(0, 5))
+    await asyncio.sleep(0.1)
+    completer.warm("file:///work/not-open.py", _at(0, 0))
+    await asyncio.sleep(0.1)
+    assert link.requests == [] and completer.stats.warmups == 0
+
+
+async def test_a_warmup_sent_as_the_model_loads_goes_again_once_it_is_up(monkeypatch):
+    monkeypatch.setattr(completion, "WARMUP_DELAY_S", 0.0)
+    monkeypatch.setattr(completion, "WARMUP_RETRY_S", 0.01)
+    answers = iter([ModelLoading("the codelm daemon is starting")] * 2)
+    link = FakeLink(lambda r: next(answers, ""))
+    completer = _completer(link, "x = 1\n")
+    completer.warm(URI, _at(0, 5))
+    await asyncio.sleep(0.2)
+    assert [r.max_tokens for r in link.requests] == [0, 0, 0]
+    assert completer.stats.warmups == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,6 +112,29 @@ async def test_real_daemon_typing_supersede_cache_and_close(real_editor: Editor,
         types.DidCloseTextDocumentParams(text_document=types.TextDocumentIdentifier(uri=uri))
     )
     assert _daemon(home, "status").returncode == 0
+
+
+async def test_real_daemon_warm_up_leaves_the_first_key_one_token_to_run(
+    real_editor: Editor, home: Path
+):
+    editor = real_editor
+    truth = (DATA / "greetings.py").read_text(encoding="utf-8")
+    cursor = truth.index(LINE) + len(LINE)
+    uri = (DATA / "greetings.py").as_uri()
+    editor.open(uri, truth)
+    position = types.Position(line=truth.count("\n", 0, cursor), character=len(LINE))
+    focus = {"textDocument": {"uri": uri}, "position": position}
+    editor.client.protocol.notify("codelm/didFocus", focus)
+    log = home / "log" / "lsp.log"
+    for _ in range(600):
+        if "warm-up uri#" in log.read_text():
+            break
+        await asyncio.sleep(0.1)
+    warmed = re.search(r"warm-up uri#\w+: cached 0 prefilled (\d+) tokens", log.read_text())
+    assert warmed and int(warmed[1]) > 100, log.read_text()[-2000:]
+    await editor.inline(uri, cursor)  # as the first key typed there asks (automatic)
+    asked = re.findall(r"automatic: \d+ items, cached (\d+) prefilled (\d+)", log.read_text())
+    assert asked and int(asked[-1][1]) <= 1 and int(asked[-1][0]) >= int(warmed[1]), asked
 
 
 async def test_real_daemon_killed_is_restarted_once(real_editor: Editor, home: Path):

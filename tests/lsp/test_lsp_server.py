@@ -96,6 +96,22 @@ async def test_files_are_named_by_their_paths_in_the_workspace_folders(
     assert [s.path for s in request.context] == ["util.py"]
 
 
+async def test_where_the_editor_shows_the_cursor_the_daemon_warms_the_prompt(
+    editor: Editor, fake_daemon: FakeDaemon
+):
+    editor.open(URI, "import os\n\nfiles = \n")
+    for params in ({"textDocument": {"uri": URI}}, {"position": {"line": -1}}, [1], None):
+        editor.client.protocol.notify("codelm/didFocus", params)  # malformed: ignored
+    focus = {"textDocument": {"uri": URI}, "position": {"line": 2, "character": 8}}
+    editor.client.protocol.notify("codelm/didFocus", focus)
+    assert await _eventually(lambda: fake_daemon.requests)
+    [request] = fake_daemon.requests
+    assert (request.max_tokens, request.line, request.character) == (0, 2, 8)
+    fake_daemon.truth = "import os\n\nfiles = os.listdir()\n"
+    result = await editor.inline(URI, len("import os\n\nfiles = "))
+    assert [i.insert_text for i in result.items] == ["os.listdir()"]
+
+
 async def test_initialize_answers_quickly(editor: Editor):
     # Not a timing assertion (see benchmarks/lsp_replay.py): a generous bound that catches
     # an accidental torch import (several seconds).

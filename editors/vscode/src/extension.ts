@@ -15,6 +15,12 @@ import { LanguageLists, SECTION, serverOptions, isLanguageEnabled, toggleLanguag
 import { STATUS_NOTIFICATION, StatusItem } from './status';
 
 const DISMISS_COMMAND = 'codelm.dismiss'; // the server's telemetry command (codelm.accept runs on accept)
+// Where the user looks: the server has the daemon read the file there before the first key.
+const FOCUS_NOTIFICATION = 'codelm/didFocus';
+const FOCUS_DEBOUNCE_MS = 100; // arrow keys held down send one, where the cursor stops
+// The documents the server completes; notebook cells too: it syncs whole notebooks, so a cell
+// is completed with the cells around it.
+const SCHEMES = ['file', 'untitled', 'vscode-notebook-cell'];
 
 interface Shown {
   uri: string;
@@ -24,6 +30,7 @@ interface Shown {
 export class Extension implements vscode.Disposable {
   private client: LanguageClient | undefined;
   private lastShown: Shown | undefined; // our suggestion on screen, for dismiss reports
+  private focusTimer: NodeJS.Timeout | undefined;
   private readonly log = vscode.window.createOutputChannel('codelm', { log: true });
   private readonly status = new StatusItem('codelm.menu');
 
@@ -52,6 +59,7 @@ export class Extension implements vscode.Disposable {
       this.log.info(`client ${ClientState[newState].toLowerCase()}`);
       if (newState === ClientState.Running) {
         this.status.started();
+        this.focusLater(vscode.window.activeTextEditor);
       } else if (newState === ClientState.Stopped) {
         this.status.failed('stopped', 'codelm-lsp stopped; click to restart');
       } else {
@@ -96,7 +104,28 @@ export class Extension implements vscode.Disposable {
     }
     this.context.subscriptions.push(
       vscode.workspace.onDidChangeConfiguration((e) => this.onConfigChanged(e)),
+      vscode.window.onDidChangeActiveTextEditor((editor) => this.focusLater(editor)),
+      vscode.window.onDidChangeTextEditorSelection((e) => this.focusLater(e.textEditor)),
     );
+  }
+
+  /** Tell the server where the cursor rests in `editor`, once it stops moving. */
+  private focusLater(editor: vscode.TextEditor | undefined): void {
+    clearTimeout(this.focusTimer);
+    if (!editor || !SCHEMES.includes(editor.document.uri.scheme) || !editor.selection.isEmpty) {
+      return;
+    }
+    this.focusTimer = setTimeout(() => {
+      const client = this.client;
+      if (!client?.isRunning() || vscode.window.activeTextEditor !== editor) {
+        return;
+      }
+      const convert = client.code2ProtocolConverter;
+      void client.sendNotification(FOCUS_NOTIFICATION, {
+        textDocument: convert.asTextDocumentIdentifier(editor.document),
+        position: convert.asPosition(editor.selection.active),
+      });
+    }, FOCUS_DEBOUNCE_MS);
   }
 
   private createClient(command: string): LanguageClient {
@@ -106,13 +135,7 @@ export class Extension implements vscode.Disposable {
       'codelm',
       { run, debug: run },
       {
-        // Notebook cells too: the server syncs whole notebooks, so a cell is completed with
-        // the cells around it.
-        documentSelector: [
-          { scheme: 'file' },
-          { scheme: 'untitled' },
-          { scheme: 'vscode-notebook-cell' },
-        ],
+        documentSelector: SCHEMES.map((scheme) => ({ scheme })),
         initializationOptions: serverOptions(this.config()),
         outputChannel: this.log,
         middleware: {
@@ -210,6 +233,7 @@ export class Extension implements vscode.Disposable {
   }
 
   dispose(): void {
+    clearTimeout(this.focusTimer);
     this.status.dispose();
     this.log.dispose();
   }

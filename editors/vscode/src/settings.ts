@@ -18,6 +18,7 @@ export interface ServerOptions {
   enabledLanguages: string[];
   disabledLanguages: string[];
   contextFiles: number;
+  warmup: boolean;
   daemon: { url: string | null; autoStart: boolean };
 }
 
@@ -38,6 +39,7 @@ export function serverOptions(config: ConfigReader): ServerOptions {
     enabledLanguages: config.get<string[]>('enabledLanguages') ?? [],
     disabledLanguages: config.get<string[]>('disabledLanguages') ?? [],
     contextFiles: config.get<number>('contextFiles') ?? 3,
+    warmup: config.get<boolean>('warmup') ?? true,
     daemon: {
       url: nonEmpty(config.get<string>('daemon.url')),
       autoStart: config.get<boolean>('daemon.autoStart') ?? true,

@@ -18,6 +18,7 @@ test('serverOptions maps every setting to the server option of the same meaning'
       enabledLanguages: ['python'],
       disabledLanguages: ['markdown'],
       contextFiles: 0,
+      warmup: false,
       'daemon.url': 'http://127.0.0.1:8765',
       'daemon.autoStart': false,
       serverPath: '/opt/codelm-lsp',
@@ -33,6 +34,7 @@ test('serverOptions maps every setting to the server option of the same meaning'
     enabledLanguages: ['python'],
     disabledLanguages: ['markdown'],
     contextFiles: 0,
+    warmup: false,
     daemon: { url: 'http://127.0.0.1:8765', autoStart: false },
   });
 });
@@ -48,6 +50,7 @@ test('serverOptions uses the server defaults and sends empty strings as null', (
     enabledLanguages: [],
     disabledLanguages: [],
     contextFiles: 3,
+    warmup: true,
     daemon: { url: null, autoStart: true },
   });
 });
