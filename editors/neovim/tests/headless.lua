@@ -1,7 +1,7 @@
 -- Drives the plugin in `nvim --headless -u NONE` against a real codelm-lsp, as a user would:
--- open $CODELM_NVIM_FILE, wait for `ready`, type $CODELM_NVIM_TYPED on a new last line key by
--- key, wait for the suggestion, accept it with Tab, save. Writes what happened to
--- $CODELM_NVIM_RESULT as JSON ({ghost, line, accepted, error}) and quits. Used by
+-- open $CODELM_NVIM_FILE, wait for `ready` and the file's warm-up, type $CODELM_NVIM_TYPED on
+-- a new last line key by key, wait for the suggestion, accept it with Tab, save. Writes what
+-- happened to $CODELM_NVIM_RESULT as JSON ({ghost, line, accepted, error}) and quits. Used by
 -- tests/e2e/test_editor_neovim.py.
 local env = vim.env
 local timeout_ms = tonumber(env.CODELM_NVIM_TIMEOUT_MS or '300000')
@@ -71,9 +71,20 @@ local function type_keys(keys, next)
   end))
 end
 
+--- Whether lsp.log says the daemon prefilled the file where the cursor rests (codelm/didFocus).
+local function warmed_up()
+  local log = io.open(env.CODELM_HOME .. '/log/lsp.log')
+  if not log then
+    return false
+  end
+  local text = log:read('*a')
+  log:close()
+  return text:find('warm-up uri#', 1, true) ~= nil
+end
+
 vim.cmd.edit(env.CODELM_NVIM_FILE)
-poll('codelm-lsp to be ready', function()
-  return require('codelm').status() == 'ready'
+poll('codelm-lsp to be ready and the file warmed up', function()
+  return require('codelm').status() == 'ready' and warmed_up()
 end, function()
   vim.api.nvim_input('Go')
   type_keys(env.CODELM_NVIM_TYPED, function()

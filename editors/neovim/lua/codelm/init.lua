@@ -89,7 +89,41 @@ local function validate(opts)
   end
 end
 
+local FOCUS_DEBOUNCE_MS = 100 -- held-down motions send one, where the cursor stops
+
+--- Tells codelm-lsp where the cursor rests in `bufnr` (codelm/didFocus, docs/lsp.md): it has
+--- the daemon read the file there before the first key, so the first suggestion comes at once.
+local function watch_focus(client, bufnr)
+  local timer = assert(vim.uv.new_timer())
+  local function send()
+    if not client:is_stopped() and vim.api.nvim_get_current_buf() == bufnr then
+      client:notify('codelm/didFocus', vim.lsp.util.make_position_params(0, client.offset_encoding))
+    end
+  end
+  local function later()
+    timer:start(FOCUS_DEBOUNCE_MS, 0, vim.schedule_wrap(send))
+  end
+  local group = vim.api.nvim_create_augroup('codelm.focus.' .. bufnr, { clear = true })
+  vim.api.nvim_create_autocmd({ 'BufEnter', 'CursorMoved' }, { group = group, buffer = bufnr, callback = later })
+  vim.api.nvim_create_autocmd({ 'LspDetach', 'BufWipeout' }, {
+    group = group,
+    buffer = bufnr,
+    callback = function(args)
+      if args.event == 'LspDetach' and args.data.client_id ~= client.id then
+        return
+      end
+      timer:stop()
+      if not timer:is_closing() then
+        timer:close()
+      end
+      vim.api.nvim_del_augroup_by_id(group)
+    end,
+  })
+  later()
+end
+
 local function on_attach(client, bufnr)
+  watch_focus(client, bufnr)
   local keys = M.config.keys
   if vim.lsp.inline_completion then
     -- 0.12 asks as the user types; its get() accepts, so the trigger key is not mapped there.
