@@ -141,10 +141,10 @@ async def replay(
     client.text_document_did_open(types.DidOpenTextDocumentParams(text_document=item))
     # Warm-up (not measured): the user opened the file and paused where they will type; the
     # daemon prefills the whole file once, however long that takes on this machine.
-    await _configure(client, {"timeoutMs": WARMUP_TIMEOUT_MS})
-    await _ask(client, uri, position_at(text, start), Key(start, 0.0), invoked=True)
-    await _configure(client, {"timeoutMs": timeout_ms})
-    before = await _stats(client)
+    await configure(client, {"timeoutMs": WARMUP_TIMEOUT_MS})
+    await ask_inline(client, uri, position_at(text, start), Key(start, 0.0), invoked=True)
+    await configure(client, {"timeoutMs": timeout_ms})
+    before = await lsp_stats(client)
     keys: list[Key] = []
     tasks = []
     due = time.perf_counter()
@@ -152,43 +152,47 @@ async def replay(
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
         # A typist keeps a rhythm and pauses at the end of each line.
         due += (key_ms + (pause_ms if truth[offset] == "\n" else 0.0)) / 1000
-        here = position_at(text, offset)
-        text = text[:offset] + truth[offset] + text[offset:]
-        session.version += 1
-        client.text_document_did_change(
-            types.DidChangeTextDocumentParams(
-                text_document=types.VersionedTextDocumentIdentifier(
-                    uri=uri, version=session.version
-                ),
-                content_changes=[
-                    types.TextDocumentContentChangePartial(
-                        range=types.Range(start=here, end=here), text=truth[offset]
-                    )
-                ],
-            )
-        )
+        text = type_char(session, uri, text, offset, truth[offset])
         key = Key(offset + 1, time.perf_counter())
         keys.append(key)
-        tasks.append(asyncio.create_task(_ask(client, uri, position_at(text, offset + 1), key)))
+        here = position_at(text, offset + 1)
+        tasks.append(asyncio.create_task(ask_inline(client, uri, here, key)))
     await asyncio.wait_for(asyncio.gather(*tasks), 120)
-    after = await _stats(client)
+    after = await lsp_stats(client)
     stats = {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, int)}
     return summarize(keys, truth, key_ms, stats)
 
 
-async def _stats(client: LanguageClient) -> dict[str, Any]:
+def type_char(session: Session, uri: str, text: str, offset: int, char: str) -> str:
+    """Sends the insertion of `char` at `offset` of the document (`text`); the new text."""
+    here = position_at(text, offset)
+    session.version += 1
+    session.client.text_document_did_change(
+        types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=session.version),
+            content_changes=[
+                types.TextDocumentContentChangePartial(
+                    range=types.Range(start=here, end=here), text=char
+                )
+            ],
+        )
+    )
+    return text[:offset] + char + text[offset:]
+
+
+async def lsp_stats(client: LanguageClient) -> dict[str, Any]:
     params = types.ExecuteCommandParams(command="codelm.stats")
     return dict(await client.workspace_execute_command_async(params))
 
 
-async def _configure(client: LanguageClient, settings: dict[str, Any]) -> None:
+async def configure(client: LanguageClient, settings: dict[str, Any]) -> None:
     client.workspace_did_change_configuration(
         types.DidChangeConfigurationParams(settings={"codelm": settings})
     )
-    await _stats(client)  # a round trip: the notification has been handled
+    await lsp_stats(client)  # a round trip: the notification has been handled
 
 
-async def _ask(
+async def ask_inline(
     client: LanguageClient, uri: str, position: types.Position, key: Key, invoked: bool = False
 ) -> None:
     kind = types.InlineCompletionTriggerKind
