@@ -3,15 +3,18 @@
 What the next line calls is often defined in a file the user has open beside this one, and
 likeliest where they last edited it. So a request takes, of the open files of the same
 language family (with a path: not untitled buffers or notebook cells), the `contextFiles`
-most recently edited or opened, each as the lines around its last edit (or its first lines:
-the imports and first definitions), the most recent last: the daemon lays them out before
-the document in that order and keeps `context_chars` of them, nearest first.
+most recently edited or opened, each as the lines around its last edit or, for a file only
+opened, its outline (the lines that open its definitions: the names it offers), the most
+recent last: the daemon lays them out before the document in that order and keeps
+`context_chars` of them, nearest first.
 
 A snippet changes only when its file does, so while the user types in one file its prompt
 keeps the same start and the daemon's KV cache of it holds.
 """
 
 from __future__ import annotations
+
+import re
 
 from codelm.daemon.protocol import Snippet
 
@@ -44,7 +47,12 @@ def family(language: str | None) -> str:
 
 def snippet_text(text: str, edit_line: int | None) -> str:
     """SNIPPET_LINES lines (SNIPPET_CHARS at most, cut at a line end) from LINES_ABOVE_EDIT
-    above `edit_line`, or from the top of a file not edited."""
+    above `edit_line`; for a file not edited its outline, or its first lines where it has
+    fewer than OUTLINE_MIN_LINES lines that open a definition."""
+    if edit_line is None:
+        outline = outline_text(text)
+        if outline.count("\n") >= OUTLINE_MIN_LINES:
+            return outline
     start = 0
     for _ in range(max(0, (edit_line or 0) - LINES_ABOVE_EDIT)):
         start = text.find("\n", start) + 1
@@ -57,7 +65,61 @@ def snippet_text(text: str, edit_line: int | None) -> str:
             end = len(text)
             break
         end = newline + 1
-    chunk = text[start:end]
+    return _cut(text[start:end])
+
+
+def outline_text(text: str) -> str:
+    """The lines of `text` that open a definition, in order (SNIPPET_CHARS at most): what a
+    file the user only opened tells another, the names it defines and how they are called.
+
+    Whatever the language: a line of the file's two outermost indentation levels that a
+    deeper one follows (a body), with the lines that close its open brackets, unless it is a
+    control statement, a comment, a decorator or inside a triple-quoted string."""
+    lines = text.split("\n")
+    levels = sorted({_indent(line) for line in lines if line.strip()})[:2]
+    kept: list[str] = []
+    in_string = False
+    i = 0
+    while i < len(lines):
+        line, i = lines[i], i + 1
+        stripped = line.strip()
+        if (line.count('"""') + line.count("'''")) % 2:
+            in_string = not in_string
+            continue
+        if in_string or not stripped or _indent(line) not in levels:
+            continue
+        if _CONTROL.match(stripped) or stripped.startswith(_NOT_DEFINITIONS):
+            continue
+        body = next((later for later in lines[i:] if later.strip()), "")
+        if _indent(body) <= _indent(line):
+            continue
+        kept.append(line)
+        depth = line.count("(") - line.count(")")
+        for _ in range(MAX_SIGNATURE_LINES):
+            if depth <= 0 or i == len(lines):
+                break
+            kept.append(lines[i])
+            depth += lines[i].count("(") - lines[i].count(")")
+            i += 1
+    return _cut("".join(line + "\n" for line in kept))
+
+
+OUTLINE_MIN_LINES = 3
+MAX_SIGNATURE_LINES = 8  # continuation lines of a definition whose brackets are still open
+# What opens a block without defining a name, in the languages editors mostly hold.
+_CONTROL = re.compile(
+    r"(?:if|elif|else|for|foreach|while|do|try|except|catch|finally|with|switch|case|match"
+    r"|loop|unless|until|begin|return|select|when|defer|go)\b|[{}()\[\]]"
+)
+_NOT_DEFINITIONS = ("#", "//", "/*", "*", "--", "@", ";", "<!--")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" \t"))
+
+
+def _cut(chunk: str) -> str:
+    """`chunk`, or its lines that fit SNIPPET_CHARS."""
     if len(chunk) > SNIPPET_CHARS:
         chunk = chunk[: chunk.rfind("\n", 0, SNIPPET_CHARS) + 1]
     return chunk

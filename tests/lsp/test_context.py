@@ -11,6 +11,7 @@ from codelm.lsp.context import (
     LINES_ABOVE_EDIT,
     SNIPPET_CHARS,
     SNIPPET_LINES,
+    outline_text,
     snippet_text,
     snippets,
 )
@@ -31,6 +32,79 @@ def test_a_snippet_is_the_lines_around_the_last_edit_or_the_first_lines():
     long = "x" * 1000 + "\n" + "y" * 1000 + "\n"
     assert snippet_text(long, None) == "x" * 1000 + "\n"
     assert snippet_text("z" * (SNIPPET_CHARS + 1), None) == ""  # no line fits: no snippet
+
+
+PYTHON = '''"""Orders and what they cost."""
+
+import dataclasses
+
+TAX = 0.2
+
+
+@dataclasses.dataclass
+class Order:
+    """One order.
+
+    Example:
+        Order(items=[]).total()
+    """
+
+    items: list
+
+    def total(self, *, with_tax=True):
+        if with_tax:
+            return sum(self.items) * (1 + TAX)
+        return sum(self.items)
+
+
+def refund(order: Order,
+           reason: str) -> float:
+    for item in order.items:
+        print(item)
+    return order.total()
+
+
+if __name__ == "__main__":
+    refund(Order([1]), "test")
+'''
+
+TYPESCRIPT = """export interface User {
+  name: string;
+}
+
+export class Store {
+  add(user: User): void {
+    if (user.name) {
+      this.users.push(user);
+    }
+  }
+}
+
+// a comment {
+export function makeStore(): Store {
+  return new Store();
+}
+"""
+
+
+def test_a_file_only_opened_gives_its_outline_the_lines_that_open_its_definitions():
+    assert outline_text(PYTHON) == (
+        "class Order:\n"
+        "    def total(self, *, with_tax=True):\n"
+        "def refund(order: Order,\n"
+        "           reason: str) -> float:\n"
+    )
+    assert outline_text(TYPESCRIPT) == (
+        "export interface User {\n"
+        "export class Store {\n"
+        "  add(user: User): void {\n"
+        "export function makeStore(): Store {\n"
+    )
+    assert snippet_text(PYTHON, None) == outline_text(PYTHON)
+    edited = PYTHON.splitlines(keepends=True)[20 - LINES_ABOVE_EDIT :]
+    assert snippet_text(PYTHON, 20) == "".join(edited)  # edited: the lines around the edit
+    # Too few definitions to tell much: the first lines.
+    assert snippet_text("x = 1\ndef f():\n    pass\n", None) == "x = 1\ndef f():\n    pass\n"
 
 
 def _open(store: DocumentStore, uri: str, text: str, language: str = "python", at: float = 0.0):
