@@ -7,10 +7,9 @@ single-line suggestion there (trigger "invoked", 48 tokens at most), in process.
 the stripped suggestion equals the stripped rest of the line; `name_pct`: it starts with the
 name (what only the other file could tell).
 
-Rows per model and context: `none` (the document alone), `opened` (the sibling's first
-lines: what codelm-lsp sends for a file only opened) and `edited` (the lines around the
-definition: what it sends once the user edited there), each snippet cut by lsp/context.py's
-own rules. Two sets of lines: `unseen`, where the module names the name nowhere else (only
+Rows per model and context: `none` (the document alone), `opened` (what codelm-lsp sends
+for a file only opened: the sibling's outline) and `edited` (the lines around the
+definition: what it sends once the user edited there), each snippet made by lsp/context.py. Two sets of lines: `unseen`, where the module names the name nowhere else (only
 another file can tell it), and `named`, where it does (the context should not hurt).
 
     .venv/bin/python benchmarks/crossfile.py [--model default] [--limit 40] [--json PATH]
