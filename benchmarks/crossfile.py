@@ -9,8 +9,9 @@ name (what only the other file could tell).
 
 Rows per model and context: `none` (the document alone), `opened` (what codelm-lsp sends
 for a file only opened: the sibling's outline) and `edited` (the lines around the
-definition: what it sends once the user edited there), each snippet made by lsp/context.py. Two sets of lines: `unseen`, where the module names the name nowhere else (only
-another file can tell it), and `named`, where it does (the context should not hurt).
+definition: what it sends once the user edited there), each snippet made by lsp/context.py.
+Two sets of lines: `unseen`, where the module names the name nowhere else (only another
+file can tell it), and `named`, where it does (the context should not hurt).
 
     .venv/bin/python benchmarks/crossfile.py [--model default] [--limit 40] [--json PATH]
 """
