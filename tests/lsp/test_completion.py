@@ -333,7 +333,7 @@ async def test_a_warmup_asks_the_daemon_to_prefill_where_the_cursor_rests(monkey
     completer = _completer(link, "import os\n\nfiles = \n")
     completer.warm(URI, _at(0, 3))
     completer.warm(URI, _at(2, 8))  # the cursor moved on before the first one went
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(completer._warming, 5)
     [request] = link.requests
     assert (request.max_tokens, request.line, request.character) == (0, 2, 8)
     assert (request.trigger, request.path) == ("automatic", "demo.py")  # as typing will ask
@@ -348,12 +348,13 @@ async def test_no_warmup_while_the_user_types_or_with_the_setting_off(monkeypatc
     link = FakeLink()
     completer = _completer(link, "x = 1\n", warmup=False)
     completer.warm(URI, _at(0, 5))
+    assert completer._warming is None
     completer = _completer(link, "x = 1\n")
     completer.documents.get(URI).edit_times.append(completer.clock())
     completer.warm(URI, _at(0, 5))
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(completer._warming, 5)
     completer.warm("file:///work/not-open.py", _at(0, 0))
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(completer._warming, 5)
     assert link.requests == [] and completer.stats.warmups == 0
 
 
@@ -364,6 +365,6 @@ async def test_a_warmup_sent_as_the_model_loads_goes_again_once_it_is_up(monkeyp
     link = FakeLink(lambda r: next(answers, ""))
     completer = _completer(link, "x = 1\n")
     completer.warm(URI, _at(0, 5))
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(completer._warming, 5)
     assert [r.max_tokens for r in link.requests] == [0, 0, 0]
     assert completer.stats.warmups == 1
