@@ -322,13 +322,12 @@ class Scheduler:
                 current.token.cancel("superseded")
             elif current is not None and current.kind == "warm" and kind in FOREGROUND:
                 current.token.cancel("preempted by a completion")
-            old = waiting
-            if old is not None:
+            if waiting is not None:
                 # The newer request takes the older one's place (FIFO by first arrival).
-                old.token.cancel("superseded")
+                waiting.token.cancel("superseded")
                 self._stats.superseded += 1
                 _resolve(
-                    old.future, exc=Cancelled("superseded by a newer request for the document")
+                    waiting.future, exc=Cancelled("superseded by a newer request for the document")
                 )
             elif len(self._pending) >= self._max_pending:
                 self._stats.refused += 1
