@@ -44,6 +44,7 @@ from .prompt import (
     trim_context,
     window_anchor,
 )
+from .stops import block_line
 from .threads import CpuShare
 
 logger = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ class Engine:
             stop_texts=request.stop,
             max_tokens=request.max_tokens,
             single_line=single_line,
+            block_line=None if single_line else block_line(request.text, cursor),
         )
         before = request.text[:cursor]
         draft = self._draft(request.uri, before, prompt.heal)

@@ -56,7 +56,7 @@ from .prompt import (
     window_anchor,
     window_start,
 )
-from .stops import ShownText, StopReason, StopRules
+from .stops import ShownText, StopReason, StopRules, block_line
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ class RemoteEngine:
             stop_texts=request.stop,
             max_tokens=request.max_tokens,
             single_line=bool(request.single_line),
+            block_line=None if request.single_line else block_line(request.text, cursor),
         )
         at = Position(line=request.line, character=request.character)
         for narrowed in range(_NARROWINGS + 1):

@@ -1,5 +1,6 @@
-"""When a completion stops: stop strings, end of line, max tokens. Text only (no torch), so
-the engine that asks an inference server stops as the local one does."""
+"""When a completion stops: stop strings, end of line, the end of the cursor's block, max
+tokens. Text only (no torch), so the engine that asks an inference server stops as the local
+one does."""
 
 from __future__ import annotations
 
@@ -9,6 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 _FIRST_LINE = re.compile(r"\S[^\n]*?(\r?\n)")  # group 1: its line break, \r\n in a CRLF file
+# A line that ends so that the lines after it go deeper: `if x:`, `{`, `foo(`, `=> `.
+_OPENS_BLOCK = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
+# At the indentation of the line that opened the block: the same statement goes on
+# (`else:`, `} catch (e) {`, `case 2:`, `public:`, a YAML list under its key).
+_CONTINUES = re.compile(
+    r"(?:else|elif|except|finally|catch|case|default|public|private|protected)\b|-(?:\s|$)"
+)
+_WORD = re.compile(r"\w*")
 
 
 class StopReason(str, enum.Enum):
@@ -16,18 +25,22 @@ class StopReason(str, enum.Enum):
     STOP_TEXT = "stop_text"
     MAX_TOKENS = "max_tokens"
     SINGLE_LINE = "single_line"
+    BLOCK_END = "block_end"
     CANCELLED = "cancelled"
     CONTEXT = "context"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StopRules:
-    """When to stop: stop token ids, stop strings, max tokens, end of line."""
+    """When to stop: stop token ids, stop strings, max tokens, end of line, and with
+    `block_line` (the cursor's line up to the cursor) before the first line that leaves the
+    cursor's block (`block_end`)."""
 
     stop_ids: frozenset[int] = frozenset()
     stop_texts: tuple[str, ...] = ()
     max_tokens: int = 64
     single_line: bool = False
+    block_line: str | None = None
 
     def scan(self, text: str) -> tuple[int, StopReason | None]:
         """Given all generated text so far: (how much of it may be shown, stop reason or None).
@@ -43,6 +56,10 @@ class StopRules:
                 cut, reason = line.start(1), StopReason.SINGLE_LINE
             elif text.endswith("\r") and text.strip():
                 cut = len(text) - 1  # held back: the \r of a \r\n ends the line too
+        elif self.block_line is not None:
+            start, leaves = block_end(self.block_line, text)
+            if start < cut:  # a line that may still leave the block is held back
+                cut, reason = start, StopReason.BLOCK_END if leaves else None
         for stop in self.stop_texts:
             index = text.find(stop)
             if 0 <= index < cut:
@@ -50,6 +67,85 @@ class StopRules:
         if reason is None:
             cut = min(cut, len(text) - _partial_stop(text, self.stop_texts))
         return cut, reason
+
+
+def block_line(text: str, cursor: int) -> str | None:
+    """The cursor's line up to the cursor (`StopRules.block_line`), or None where the cursor is
+    inside a multi-line string (an odd number of triple quotes or backticks before it), whose
+    lines may sit at any indentation."""
+    before = text[:cursor]
+    if _string_quotes(before) % 2:
+        return None
+    return before[before.rfind("\n") + 1 :].replace("\r", "")
+
+
+def block_end(line_before: str, text: str) -> tuple[int, bool]:
+    """Where the first line of `text` (the generated text, going on from the cursor's line
+    `line_before`) that leaves the cursor's block starts, and whether it is known to leave
+    it; (len(text), False) where none may.
+
+    The block is what is indented deeper than the cursor's line when that line ends by
+    opening one (`if x:`, `{`) after the text before the cursor, else as deep as it: a line
+    that leaves it is indented less.
+    Never a line that starts with a closer (`}`, `)`, `</div>`; the language server keeps the
+    block's own), a line inside a multi-line string, nor, at the opener's indentation, one
+    that goes on with its statement (`else:`, `except KeyError:`). The language server's
+    post-processing (lsp/postprocess.py, stop_at_block_end) cuts there or earlier: stopping
+    here only spares the decoding of what it would drop."""
+    first = text.find("\n")
+    if first < 0:
+        return len(text), False
+    cursor_line = line_before + text[:first].rstrip("\r")
+    base = indent_width(cursor_line)
+    # (On a line of nothing but indentation, a first line that opens a block may be followed
+    # by statements at its own indentation: the server keeps them where the document's block
+    # ends below the cursor.)
+    opens = line_before.strip() and _OPENS_BLOCK.search(cursor_line)
+    min_indent = base + 1 if opens else base
+    in_string = _string_quotes(text[:first]) % 2 == 1
+    start = first + 1
+    while True:
+        end = text.find("\n", start)
+        line = (text[start:] if end < 0 else text[start:end]).rstrip("\r")
+        if not in_string:
+            leaves = _leaves(line, end >= 0, base, min_indent)
+            if leaves is not False:
+                return start, leaves is True
+        if end < 0:
+            return len(text), False
+        in_string ^= _string_quotes(line) % 2 == 1
+        start = end + 1
+
+
+def _leaves(line: str, complete: bool, base: int, min_indent: int) -> bool | None:
+    """Whether `line` leaves the block; None while it is too short to tell."""
+    stripped = line.lstrip(" \t")
+    if indent_width(line) >= min_indent:
+        return False
+    if not stripped or (not complete and "</".startswith(stripped)):
+        return False if complete else None
+    if stripped[0] in ")]}" or stripped.startswith("</"):
+        return False
+    if not complete and _WORD.match(stripped).end() == len(stripped):
+        return None  # its first word may go on (`el` to `else`)
+    return not (min_indent > base and indent_width(line) == base and _CONTINUES.match(stripped))
+
+
+def _string_quotes(text: str) -> int:
+    return text.count('"""') + text.count("'''") + text.count("`")
+
+
+def indent_width(line: str, tab_size: int = 4) -> int:
+    """Columns of `line`'s indentation, a tab to the next multiple of `tab_size`."""
+    width = 0
+    for ch in line:
+        if ch == " ":
+            width += 1
+        elif ch == "\t":
+            width += tab_size - width % tab_size
+        else:
+            break
+    return width
 
 
 def _partial_stop(text: str, stops: tuple[str, ...]) -> int:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
+from codelm.daemon.engine import engine as engine_module
 from codelm.daemon.engine.cancel import CancelToken
 from codelm.daemon.engine.engine import _repeats_next_line
 from codelm.daemon.engine.generate import StopReason, StopRules, generate
 from codelm.daemon.engine.sampling import HealingPicker
+from codelm.daemon.engine.stops import ShownText, block_line
 from codelm.daemon.errors import Cancelled
 from codelm.daemon.protocol import CompleteRequest
 
@@ -29,6 +33,85 @@ def test_stop_rules_single_line_cuts_after_visible_text():
     assert rules.scan("y\r\nz") == (1, StopReason.SINGLE_LINE)
     assert rules.scan("y\r") == (1, None)
     assert rules.scan("\r\n    return x\r\n") == (len("\r\n    return x"), StopReason.SINGLE_LINE)
+
+
+@pytest.mark.parametrize(
+    "line_before, text, expected",
+    [
+        # On a blank line the block is as deep as the cursor; `def` at 0 leaves it, once its
+        # first word is whole.
+        ("    ", "return x\n\ndef g(", (len("return x\n\n"), StopReason.BLOCK_END)),
+        ("    ", "return x\n\nde", (len("return x\n\n"), None)),  # held back
+        ("    ", "return x\n\n# Test cases", (len("return x\n\n"), StopReason.BLOCK_END)),
+        ("    ", "return x\n  ", (len("return x\n"), None)),  # indentation still short
+        ("    ", "return x\n    y = 1\n", (len("return x\n    y = 1\n"), None)),
+        # After an opener the block is deeper than its line: `else:` there goes on, the next
+        # statement at its indentation leaves.
+        (
+            "    if a:",
+            "\n        b\n    else:\n        c\n",
+            (len("\n        b\n    else:\n        c\n"), None),
+        ),
+        ("    if a:", "\n        b\n    return c", (len("\n        b\n"), StopReason.BLOCK_END)),
+        ("    if a:", "\n        b\n    el", (len("\n        b\n"), None)),
+        # A blank cursor line whose first line opens a block: statements after that block at
+        # its indentation may go on (the server decides).
+        (
+            "    ",
+            "for x in y:\n        b\n    return c\n",
+            (len("for x in y:\n        b\n    return c\n"), None),
+        ),
+        # Closers never stop it (the server keeps the block's own); the line after does.
+        (
+            "    x = f(",
+            "\n        1,\n    )\ny = 2",
+            (len("\n        1,\n    )\n"), StopReason.BLOCK_END),
+        ),
+        ("  if (a) {", "\n    b();\n  }\n}\nint", (len("\n    b();\n  }\n}\n"), None)),
+        # A multi-line string's lines sit anywhere.
+        ("    ", 's = """\nabc\n"""\nt', (len('s = """\nabc\n"""\n'), None)),
+        ("    ", 's = """\nabc\n"""\nt = 1', (len('s = """\nabc\n"""\n'), StopReason.BLOCK_END)),
+        ("\t", "return x\n\tpass\nz = 1", (len("return x\n\tpass\n"), StopReason.BLOCK_END)),
+    ],
+)
+def test_stop_rules_block_end(line_before, text, expected):
+    assert StopRules(block_line=line_before).scan(text) == expected
+
+
+def test_block_line_is_off_inside_a_multi_line_string():
+    text = 'def f():\n    """Add.\n    \n'
+    assert block_line(text, len(text) - 1) is None
+    text = 'def f():\n    """Add."""\n    \n'
+    assert block_line(text, len(text) - 1) == "    "
+
+
+def test_a_line_that_may_leave_the_block_is_held_back_from_the_stream():
+    pieces: list[str] = []
+    shown = ShownText(StopRules(block_line="    "), pieces.append)
+    for piece in ("return x", "\n\n", "de"):
+        assert shown.add(piece) is None
+    assert "".join(pieces) == "return x\n\n"
+    assert shown.add("f g") is StopReason.BLOCK_END
+    assert "".join(pieces) == shown.text == "return x\n\n"
+
+
+def test_a_multi_line_completion_stops_before_the_next_definition(default_engine):
+    """SmolLM2 goes on past the function it was asked for; the engine stops where the
+    language server would cut, with the same text up to there, in fewer tokens."""
+    text = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    "
+    request = CompleteRequest(
+        uri="file:///math.py", text=text, line=4, character=4, max_tokens=48, single_line=False
+    )
+    with mock.patch.object(engine_module, "block_line", lambda text, cursor: None):
+        full = default_engine.complete(request)
+    stopped = default_engine.complete(request)  # (the same prompt: the file's name is in it)
+    assert stopped.stop_reason == "block_end"
+    assert stopped.timings.generated_tokens < full.timings.generated_tokens
+    shown, rest = stopped.items[0].text, full.items[0].text
+    assert rest.startswith(shown) and rest[len(shown) :].strip()
+    # What it left out starts with a line at the top level; what it kept has none.
+    assert not rest[len(shown) :][:1].isspace()
+    assert all(line[:1] in ("", " ") for line in shown.split("\n")[1:])
 
 
 def _prompt(engine, text: str) -> list[int]:
