@@ -214,7 +214,10 @@ class Engine:
                 result = self._run(
                     request.uri, prompt.token_ids, rules, cancel, None, prompt.heal, ban=ban
                 )
-        self.suggestions[request.uri] = (cursor, before[-_SUGGESTED_TAIL:], result.text)
+        # The draft of a key typed along it goes on past the stop: verifying the tokens that
+        # made it stop costs a row each in the same forward, decoding them a step each.
+        suggested = result.text + result.past_stop
+        self.suggestions[request.uri] = (cursor, before[-_SUGGESTED_TAIL:], suggested)
         self._forget_evicted()
         at = Position(line=request.line, character=request.character)
         item = CompletionItem(text=result.text, range=Range(start=at, end=at))

@@ -21,6 +21,7 @@ from .tokenizer import Tokenizer
 @dataclass(kw_only=True, slots=True)
 class GenerationResult:
     text: str = ""
+    past_stop: str = ""  # decoded after where the stop rules cut `text` (ShownText.past_stop)
     token_ids: list[int] = field(default_factory=list)
     stop_reason: StopReason = StopReason.MAX_TOKENS
     cached_tokens: int = 0
@@ -208,3 +209,4 @@ def _decode(steps, tokenizer, rules, result, cancel, on_text, heal) -> None:
         if len(result.token_ids) < rules.max_tokens:
             result.stop_reason = StopReason.CONTEXT
     result.text = shown.finish(result.stop_reason, streamer.flush())
+    result.past_stop = shown.past_stop

@@ -168,6 +168,7 @@ class ShownText:
         self.on_text = on_text
         self.text = ""
         self.shown = 0  # how much of `text` went to on_text
+        self.past_stop = ""  # what a stop string, the line's end or the block's end cut off
 
     def add(self, piece: str) -> StopReason | None:
         """Appends `piece`; a stop string or the line's end cuts the text and is returned."""
@@ -177,7 +178,7 @@ class ShownText:
             self.on_text(self.text[self.shown : cut])
         self.shown = max(self.shown, cut)
         if reason is not None:
-            self.text = self.text[:cut]
+            self.text, self.past_stop = self.text[:cut], self.text[cut:]
         return reason
 
     def finish(self, reason: StopReason, tail: str = "") -> str:

@@ -100,7 +100,7 @@ def test_a_multi_line_completion_stops_before_the_next_definition(default_engine
     language server would cut, with the same text up to there, in fewer tokens."""
     text = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    "
     request = CompleteRequest(
-        uri="file:///math.py", text=text, line=4, character=4, max_tokens=48, single_line=False
+        uri="file:///math.py", text=text, line=5, character=4, max_tokens=48, single_line=False
     )
     with mock.patch.object(engine_module, "block_line", lambda text, cursor: None):
         full = default_engine.complete(request)
@@ -112,6 +112,34 @@ def test_a_multi_line_completion_stops_before_the_next_definition(default_engine
     # What it left out starts with a line at the top level; what it kept has none.
     assert not rest[len(shown) :][:1].isspace()
     assert all(line[:1] in ("", " ") for line in shown.split("\n")[1:])
+
+
+def test_a_key_typed_along_verifies_what_made_the_suggestion_stop_in_one_forward(
+    default_engine, forwards
+):
+    """The draft of a key typed along a suggestion that stopped at its block's end goes on
+    past the stop, so the one forward that checks it also sees the block end again."""
+    text = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    "
+    request = CompleteRequest(
+        uri="file:///along.py", text=text, line=5, character=4, max_tokens=48, single_line=False
+    )
+    first = default_engine.complete(request)
+    assert first.stop_reason == "block_end"
+    shown = first.items[0].text
+    typed = shown[:2]
+    forwards[0] = 0
+    along = default_engine.complete(
+        CompleteRequest(
+            uri=request.uri,
+            text=text + typed,
+            line=5,
+            character=4 + len(typed),
+            max_tokens=48,
+            single_line=False,
+        )
+    )
+    assert along.stop_reason == "block_end" and along.items[0].text == shown[len(typed) :]
+    assert forwards[0] == 1
 
 
 def _prompt(engine, text: str) -> list[int]:
