@@ -47,7 +47,7 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
-from common import median, percentile, print_table, write_json  # noqa: E402
+from common import median, percentile, print_table, stderr, write_json  # noqa: E402
 from infill import load_problems  # noqa: E402
 
 MAX_TOKENS = 64  # the language server's maxTokens default
@@ -287,14 +287,11 @@ def _after_cursor(task: Task, item) -> str:
 
 def run_peer(model: str, tasks: list[Task], prompts: list[str], max_tokens: int, log=print):
     """llama-server on the same GGUF with the prompts codelm ran; None without a GGUF."""
-    from codelm.daemon.catalog import resolve_model_path
-
-    path = resolve_model_path(model)
-    if path.suffix != ".gguf":
-        log(f"  {model}: llama-server needs a .gguf model; no peer row")
+    server = peers.server_for(model, log)
+    if server is None:
         return None
     records = []
-    with peers.LlamaServer(path) as server:
+    with server:
         for task, prompt in zip(tasks, prompts, strict=True):
             result = server.complete(prompt, n_predict=max_tokens, stream=False)
             generated = int(result.timings.get("predicted_n", 0))
@@ -366,12 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         prompts: list[str] = []
         for quant, block_end in itertools.product(args.quant, args.block_end):
             row, records, prompts = run(
-                model, quant, tasks, args.trigger, args.max_tokens, block_end == "on", _stderr
+                model, quant, tasks, args.trigger, args.max_tokens, block_end == "on", stderr
             )
             rows.append(row)
             details[f"{model}/{quant}/block-end-{block_end}"] = records
         if not (args.no_peers or peer_note):
-            peer = run_peer(model, tasks, prompts, args.max_tokens, _stderr)
+            peer = run_peer(model, tasks, prompts, args.max_tokens, stderr)
             if peer is not None:
                 rows.append(peer[0])
                 details[f"{model}/llama-server"] = peer[1]
@@ -384,10 +381,6 @@ def main(argv: list[str] | None = None) -> int:
     out = write_json("blocks", payload, args.json)
     print(f"results: {out}")
     return 0
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

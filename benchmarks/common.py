@@ -10,6 +10,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -131,6 +132,11 @@ def percentile(values: list[float], q: float) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def stderr(message: str) -> None:
+    """A progress line, apart from the table on stdout."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:

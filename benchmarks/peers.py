@@ -251,6 +251,18 @@ class LlamaServer:
             conn.close()
 
 
+def server_for(model: str, log=print) -> LlamaServer | None:
+    """llama-server (not started) on `model`'s GGUF, a catalogue name or a path; None, said
+    through `log`, where the model is not a GGUF."""
+    from codelm.daemon.catalog import resolve_model_path
+
+    path = resolve_model_path(model)
+    if path.suffix != ".gguf":
+        log(f"  {model}: llama-server needs a .gguf model; no peer row")
+        return None
+    return LlamaServer(path)
+
+
 def prompt_for_peer(tokenizer: Any, prompt: Any) -> tuple[str, int]:
     """What llama-server gets for codelm's `prompt` (daemon/engine/prompt.Prompt): its text,
     without a BOS token (the server adds its own), with the bytes codelm heals put back so both

@@ -137,15 +137,8 @@ def _string_quotes(text: str) -> int:
 
 def indent_width(line: str, tab_size: int = 4) -> int:
     """Columns of `line`'s indentation, a tab to the next multiple of `tab_size`."""
-    width = 0
-    for ch in line:
-        if ch == " ":
-            width += 1
-        elif ch == "\t":
-            width += tab_size - width % tab_size
-        else:
-            break
-    return width
+    expanded = line[: len(line) - len(line.lstrip(" \t"))].expandtabs(tab_size)
+    return len(expanded)
 
 
 def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
