@@ -19,7 +19,7 @@ in process, and the suggestion is inserted at the cursor and run against the pro
   shown (decoding the user never sees, on the key they wait for).
 
     .venv/bin/python benchmarks/blocks.py [--model default] [--quant auto] [--limit 40]
-        [--kind body block] [--max-tokens 64] [--trigger automatic|invoked]
+        [--kind body block] [--max-tokens 64 ...] [--trigger automatic|invoked]
         [--block-end on off] [--no-peers] [--json PATH]
 
 `--block-end off` measures the engine without its stop before a line that leaves the
@@ -28,7 +28,7 @@ to EOS or `--max-tokens`, and the language server cuts.
 
 Each GGUF model also gets a llama-server row in the same run (`make bench-peers`;
 `--no-peers` skips it): for every task the exact prompt codelm ran (see infill.py), greedy,
-`--max-tokens` at most, scored raw and through the same post-processing.
+the first `--max-tokens` at most, scored raw and through the same post-processing.
 """
 
 from __future__ import annotations
@@ -234,23 +234,28 @@ def run(
     quant: str,
     tasks: list[Task],
     trigger: str,
-    max_tokens: int,
-    block_end: bool = True,
+    variants: list[tuple[int, bool]],
     log=print,
 ):
-    """codelm's row, its records and, per task, the prompt llama-server gets."""
+    """For each (max_tokens, block_end) of `variants`, on one engine: codelm's row, its
+    records and, per task, the prompt llama-server gets."""
     from codelm.daemon.engine import EngineConfig, load_engine
 
     t0 = time.perf_counter()
     engine = load_engine(EngineConfig(model=model, quant=quant))
     load_s = time.perf_counter() - t0
-    with nullcontext() if block_end else _no_block_end():
-        records, peer_prompts = _run_tasks(
-            engine, tasks, trigger, max_tokens, f"{model} {quant}", log
+    results = []
+    for max_tokens, block_end in variants:
+        with nullcontext() if block_end else _no_block_end():
+            records, peer_prompts = _run_tasks(
+                engine, tasks, trigger, max_tokens, f"{model} {quant} {max_tokens}", log
+            )
+        row = {"system": f"codelm {engine.info['quant']}", "model": model, "trigger": trigger}
+        row |= {"max_tokens": max_tokens, "block_end": "on" if block_end else "off"}
+        results.append(
+            (row | _scores(records) | {"load_s": round(load_s, 1)}, records, peer_prompts)
         )
-    row = {"system": f"codelm {engine.info['quant']}", "model": model, "trigger": trigger}
-    row |= {"block_end": "on" if block_end else "off"}
-    return row | _scores(records) | {"load_s": round(load_s, 1)}, records, peer_prompts
+    return results
 
 
 def _run_tasks(engine, tasks: list[Task], trigger: str, max_tokens: int, what: str, log):
@@ -302,7 +307,8 @@ def run_peer(model: str, tasks: list[Task], prompts: list[str], max_tokens: int,
                 | {"ms": round(result.total_ms, 1), "generated": generated}
             )
             _progress(log, f"{model} llama-server", records, len(tasks))
-    row = {"system": "llama-server", "model": model, "trigger": "same prompts", "block_end": ""}
+    row = {"system": "llama-server", "model": model, "trigger": "same prompts"}
+    row |= {"max_tokens": max_tokens}
     return row | _scores(records), records
 
 
@@ -341,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quant", nargs="+", default=["auto"])
     parser.add_argument("--limit", type=int, default=40, help="first N HumanEval problems")
     parser.add_argument("--kind", nargs="+", choices=KINDS, default=list(KINDS))
-    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument("--max-tokens", nargs="+", type=int, default=[MAX_TOKENS])
     parser.add_argument("--trigger", choices=["invoked", "automatic"], default="automatic")
     parser.add_argument(
         "--block-end",
@@ -361,23 +367,26 @@ def main(argv: list[str] | None = None) -> int:
     peer_note = "" if args.no_peers or peers.available() else peers.NOT_BUILT
     for model in args.model:
         prompts: list[str] = []
-        for quant, block_end in itertools.product(args.quant, args.block_end):
-            row, records, prompts = run(
-                model, quant, tasks, args.trigger, args.max_tokens, block_end == "on", stderr
-            )
-            rows.append(row)
-            details[f"{model}/{quant}/block-end-{block_end}"] = records
+        variants = list(itertools.product(args.max_tokens, [b == "on" for b in args.block_end]))
+        for quant in args.quant:
+            results = run(model, quant, tasks, args.trigger, variants, stderr)
+            prompts = results[0][2]  # (the same for every variant)
+            for row, records, _ in results:
+                rows.append(row)
+                key = f"{model}/{quant}/{row['max_tokens']}/block-end-{row['block_end']}"
+                details[key] = records
         if not (args.no_peers or peer_note):
-            peer = run_peer(model, tasks, prompts, args.max_tokens, stderr)
+            peer = run_peer(model, tasks, prompts, args.max_tokens[0], stderr)
             if peer is not None:
                 rows.append(peer[0])
                 details[f"{model}/llama-server"] = peer[1]
     if peer_note:
         print(f"llama-server rows: {peer_note}", file=sys.stderr)
-    columns = ["system", "model", "trigger", "block_end", "tasks", "shown_pass_pct", "raw_pass_pct"]
+    columns = ["system", "model", "trigger", "max_tokens", "block_end", "tasks"]
+    columns += ["shown_pass_pct", "raw_pass_pct"]
     columns += ["stop_ok_pct", "over_pct", "under_pct", "generated", "unshown", "p50_ms", "p90_ms"]
     print_table(rows, columns)
-    payload = {"limit": args.limit, "max_tokens": args.max_tokens, "rows": rows, "tasks": details}
+    payload = {"limit": args.limit, "rows": rows, "tasks": details}
     out = write_json("blocks", payload, args.json)
     print(f"results: {out}")
     return 0

@@ -332,8 +332,13 @@ def _elements_opened(line: str) -> int:
 def trim_space(s: Suggestion, ctx: Context) -> Suggestion | None:
     """No trailing whitespace, but the space before a closer already after the cursor that
     mirrors its opener's (`{ name, age }`), on the cursor's line too; no leading spaces when
-    the line already ends with one."""
+    the line already ends with one. Nor at the end of the lines after the first (the blank
+    lines a model indents), unless the document's own blank lines keep their indentation or
+    it is prose (Markdown's two trailing spaces break a line)."""
     text = s.text.rstrip()
+    if "\n" in text and ctx.language not in _PROSE and not _indents_blank_lines(ctx):
+        first, *rest = text.split("\n")
+        text = "\n".join([first, *(line.rstrip(" \t") for line in rest)])
     if s.text[len(text) : len(text) + 1] == " " and _spaced_closer(ctx.line_before + text, ctx):
         text += " "
     if ctx.line_before.strip() and ctx.line_before[-1:] in (" ", "\t"):
@@ -345,6 +350,12 @@ def trim_space(s: Suggestion, ctx: Context) -> Suggestion | None:
         logger.debug("trim_space: %d chars of whitespace", len(s.text) - len(text))
         return replace(s, text=text)
     return s
+
+
+def _indents_blank_lines(ctx: Context) -> bool:
+    """More of the blank lines around the cursor hold whitespace than none."""
+    blank = [line for line in (*ctx.prefix_lines, *ctx.suffix_lines) if not line.strip()]
+    return sum(1 for line in blank if line) > sum(1 for line in blank if not line)
 
 
 def _spaced_closer(line: str, ctx: Context) -> bool:
