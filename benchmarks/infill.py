@@ -18,8 +18,10 @@ third of `suffix_chars` after the cursor); one row per `--suffix-chars` value.
 `--before` measures what position-shifted KV reuse (`cache_reuse_min_tokens`, one row per
 `--cache-reuse` value) costs: before each line's request the same document is asked for with
 a comment line inserted at its top (`above`: the measured request comes after an edit far
-above the cursor) or with the cursor one character earlier (`typed`: the last character of
-the indentation is then typed, so a FIM prompt's suffix moves). With reuse 0 everything after
+above the cursor), with the cursor one character earlier (`typed`: the last character of
+the indentation is then typed, so a FIM prompt's suffix moves), or with another open file's
+snippet (the next problem's code) starting 3 lines higher (`context`: that file was edited
+meanwhile; its snippet and the document after it both move). With reuse 0 everything after
 the change is recomputed (the plain result); with reuse N the cached K/V of a run of at least
 N tokens after it are moved to their new positions instead.
 
@@ -67,6 +69,7 @@ class Task:
     line: int  # 0-based line of the document whose content is masked
     indent: str
     expected: str  # the line's content after the indentation
+    other: str = ""  # another open file's snippet, sent as context (--before context)
 
     @property
     def text(self) -> str:
@@ -124,7 +127,7 @@ def make_tasks(problems: list[dict]) -> list[Task]:
 
 
 def _request(task: Task, trigger: str = "invoked"):
-    from codelm.daemon.protocol import CompleteRequest
+    from codelm.daemon.protocol import CompleteRequest, Snippet
 
     name = task.task_id.replace("/", "_")
     return CompleteRequest(
@@ -135,6 +138,7 @@ def _request(task: Task, trigger: str = "invoked"):
         trigger=trigger,
         single_line=True,
         max_tokens=MAX_TOKENS,
+        context=(Snippet(path="other.py", text=task.other),) if task.other else (),
     )
 
 
@@ -157,7 +161,14 @@ def _before(task: Task, before: str) -> Task | None:
         return dataclasses.replace(task, document=EDIT_ABOVE + task.document, line=task.line + 1)
     if before == "typed" and task.indent:
         return dataclasses.replace(task, indent=task.indent[:-1])
+    if before == "context":  # the other file's snippet was its lines from 3 lines higher
+        return dataclasses.replace(task, other=OTHER_ABOVE + task.other)
     return None
+
+
+# --before context: the other open file, as the snippet of its lines around an edit; before
+# the measured request the edit was 3 lines higher, so the snippet started 3 lines higher.
+OTHER_ABOVE = "import itertools\nimport functools\n\n"
 
 
 def run(
@@ -306,9 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heal", nargs="+", choices=["on", "off"], default=["on"])
     parser.add_argument(
         "--before",
-        choices=["none", "above", "typed"],
+        choices=["none", "above", "typed", "context"],
         default="none",
-        help="what is asked before each request: nothing, an edit at the top, one key earlier",
+        help="what is asked before each request: nothing, an edit at the top, one key earlier, "
+        "another file's snippet that started 3 lines higher",
     )
     parser.add_argument(
         "--cache-reuse", nargs="+", type=int, default=[0], help="cache_reuse_min_tokens values"
@@ -325,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", default=None, help="where to write the results JSON")
     args = parser.parse_args(argv)
-    tasks = make_tasks(load_problems()[: args.limit])
+    problems = load_problems()[: args.limit]
+    tasks = make_tasks(problems)
+    if args.before == "context":  # the other open file: the next problem's code
+        code = [p["prompt"] + p["canonical_solution"] for p in problems]
+        other = {p["task_id"]: code[(i + 1) % len(code)] for i, p in enumerate(problems)}
+        tasks = [dataclasses.replace(task, other=other[task.task_id]) for task in tasks]
     print(f"{args.limit} HumanEval problems, {len(tasks)} lines", file=sys.stderr)
     rows, details = [], {}
     peer_note = "" if args.no_peers or peers.available() else peers.NOT_BUILT
