@@ -187,6 +187,8 @@ class PromptMirror:
 
         weights = read_gguf(model_path, lambda arch: architecture(arch).GGUF_NAMES)
         self.tokenizer = tokenizer_from_gguf(weights.meta)
+        module = architecture(weights.meta["general.architecture"])  # (its context length)
+        self.args = module.ModelArgs.from_gguf(weights.meta, "lm_head.weight" in weights.tensors)
         self.config = engine_config
         self.fim = detect_fim(self.tokenizer, engine_config.fim)
         self.anchors: dict[str, str] = {}
