@@ -7,8 +7,8 @@ solution: the function's body (`body`), or the body of one of its compound state
 line of the first one's indentation, the cursor after it: where a user who pressed Enter
 after the opener would be. The engine is asked there as the language server asks on a blank
 line (multi-line, `--trigger automatic`, `--max-tokens` as the server's `maxTokens` default),
-in process, and the suggestion is inserted at the cursor and run against the problem's tests
-(`check(entry_point)`, in a subprocess with a timeout):
+in process with nothing cached, and the suggestion is inserted at the cursor and run against
+the problem's tests (`check(entry_point)`, in a subprocess with a timeout):
 
 - `shown_pass_pct`: the text the language server shows for the answer (lsp/postprocess.py,
   multi-line), inserted as the editor would (its range replaces what it retypes);
@@ -263,6 +263,9 @@ def _run_tasks(engine, tasks: list[Task], trigger: str, max_tokens: int, what: s
     engine.complete(_request(tasks[0], trigger, 4))  # first-call costs stay out
     for task in tasks:
         request = _request(task, trigger, max_tokens)
+        # Each task cold: what an earlier request left in the file's cache (K/V the decode
+        # kernels computed, its suggestion as a draft) would make rows depend on their order.
+        engine.close_document(request.uri)
         peer_prompts.append(peers.prompt_for_peer(engine.tokenizer, engine.prompt(request))[0])
         t1 = time.perf_counter()
         response = engine.complete(request)
