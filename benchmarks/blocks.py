@@ -223,7 +223,7 @@ def scored(task: Task, raw: str, shown_text: str, replace_after: int) -> dict:
 
 
 def _no_block_end():
-    """The engine without its block-end stop (daemon/engine/stops.py), patched in."""
+    """The engine without its block-end stop (daemon/stops.py), patched in."""
     from codelm.daemon.engine import engine as engine_module
 
     return mock.patch.object(engine_module, "block_line", lambda text, cursor: None)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from itertools import pairwise
 
+from codelm.daemon.stops import BLOCK_OPENER, indent_width  # (blocks measured as stops are)
+
 logger = logging.getLogger(__name__)
 
 OPENERS = "([{"
@@ -23,7 +25,6 @@ QUOTES = "\"'`"
 _PAIRS = dict(zip(CLOSERS, OPENERS, strict=True))
 CLOSER_OF = dict(zip(OPENERS, CLOSERS, strict=True))
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
-BLOCK_OPENER = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
 # A shell line's end that continues the command on the next line.
 _DANGLING_PIPE = re.compile(r"\s*(?:\|\||&&|\||\\|`)\s*$")
 # A line that starts a definition: on a blank line, the suggestion's statements go on at its
@@ -257,18 +258,6 @@ def between_braces(line_before: str, line_after: str) -> bool:
     after = line_after.lstrip()
     closing = f"</{tag.group(1)}>"
     return after.startswith(closing) and LINE_REST_OK.match(after[len(closing) :]) is not None
-
-
-def indent_width(line: str, tab_size: int = 4) -> int:
-    width = 0
-    for ch in line:
-        if ch == " ":
-            width += 1
-        elif ch == "\t":
-            width += tab_size - width % tab_size
-        else:
-            break
-    return width
 
 
 def _leading(line: str) -> str:

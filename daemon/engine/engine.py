@@ -29,6 +29,7 @@ from ..protocol import (
     Timings,
     offset_at,
 )
+from ..stops import block_line
 from . import EngineConfig
 from .cancel import CancelToken
 from .generate import GenerationResult, StopRules, generate, prefill, usable_draft
@@ -44,7 +45,6 @@ from .prompt import (
     trim_context,
     window_anchor,
 )
-from .stops import block_line
 from .threads import CpuShare
 
 logger = logging.getLogger(__name__)

@@ -11,10 +11,10 @@ import torch
 
 from ..cache import common_prefix
 from ..errors import Cancelled
+from ..stops import ShownText, StopReason, StopRules
 from .cancel import CancelToken
 from .kv import KVCache
 from .sampling import Banning, Greedy, HealingPicker, Picker, greedy
-from .stops import ShownText, StopReason, StopRules
 from .tokenizer import Tokenizer
 
 

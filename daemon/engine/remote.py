@@ -38,6 +38,7 @@ from ..protocol import (
     Timings,
     offset_at,
 )
+from ..stops import ShownText, StopReason, StopRules, block_line
 from . import EngineConfig
 from .cancel import CancelToken
 from .prompt import (
@@ -56,7 +57,6 @@ from .prompt import (
     window_anchor,
     window_start,
 )
-from .stops import ShownText, StopReason, StopRules, block_line
 
 logger = logging.getLogger(__name__)
 

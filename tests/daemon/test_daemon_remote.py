@@ -32,9 +32,9 @@ from codelm.daemon.engine.remote import (
     guess_fim,
     server_base,
 )
-from codelm.daemon.engine.stops import StopReason, StopRules
 from codelm.daemon.errors import ConfigError, ModelLoadError
 from codelm.daemon.protocol import CompleteRequest, Snippet
+from codelm.daemon.stops import StopReason, StopRules
 
 # -- without a server --
 

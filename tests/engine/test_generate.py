@@ -12,9 +12,9 @@ from codelm.daemon.engine.cancel import CancelToken
 from codelm.daemon.engine.engine import _repeats_next_line
 from codelm.daemon.engine.generate import StopReason, StopRules, generate
 from codelm.daemon.engine.sampling import HealingPicker
-from codelm.daemon.engine.stops import ShownText, block_line
 from codelm.daemon.errors import Cancelled
 from codelm.daemon.protocol import CompleteRequest
+from codelm.daemon.stops import ShownText, block_line
 
 
 def test_stop_rules_hold_back_a_partial_stop_string():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from codelm.daemon.engine.stops import StopReason, StopRules, block_line
+from codelm.daemon.stops import StopReason, StopRules, block_line
 from codelm.lsp.completion import is_single_line
 from codelm.lsp.postprocess import (
     Context,
@@ -69,7 +69,7 @@ def test_golden_cases_exist():
 
 def test_the_engines_stop_at_the_block_end_changes_no_golden_result():
     """The engine stops a multi-line suggestion before a line that leaves the cursor's block
-    (daemon/engine/stops.py); what the language server shows must not change: each golden
+    (daemon/stops.py); what the language server shows must not change: each golden
     suggestion the engine would have stopped early shows as it did in full."""
     stopped = 0
     for path in _cases():

@@ -1,6 +1,6 @@
 """When a completion stops: stop strings, end of line, the end of the cursor's block, max
 tokens. Text only (no torch), so the engine that asks an inference server stops as the local
-one does."""
+one does, and the language server's post-processing measures blocks as these rules do."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 _FIRST_LINE = re.compile(r"\S[^\n]*?(\r?\n)")  # group 1: its line break, \r\n in a CRLF file
 # A line that ends so that the lines after it go deeper: `if x:`, `{`, `foo(`, `=> `.
-_OPENS_BLOCK = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
+BLOCK_OPENER = re.compile(r"(?:[:{(\[]|=>|->)\s*$")
 # At the indentation of the line that opened the block: the same statement goes on
 # (`else:`, `} catch (e) {`, `case 2:`, `public:`, a YAML list under its key).
 _CONTINUES = re.compile(
@@ -73,10 +73,10 @@ def block_line(text: str, cursor: int) -> str | None:
     """The cursor's line up to the cursor (`StopRules.block_line`), or None where the cursor is
     inside a multi-line string (an odd number of triple quotes or backticks before it), whose
     lines may sit at any indentation."""
-    before = text[:cursor]
-    if _string_quotes(before) % 2:
+    quotes = sum(text.count(quote, 0, cursor) for quote in _STRING_QUOTES)
+    if quotes % 2:
         return None
-    return before[before.rfind("\n") + 1 :].replace("\r", "")
+    return text[text.rfind("\n", 0, cursor) + 1 : cursor].replace("\r", "")
 
 
 def block_end(line_before: str, text: str) -> tuple[int, bool]:
@@ -100,7 +100,7 @@ def block_end(line_before: str, text: str) -> tuple[int, bool]:
     # (On a line of nothing but indentation, a first line that opens a block may be followed
     # by statements at its own indentation: the server keeps them where the document's block
     # ends below the cursor.)
-    opens = line_before.strip() and _OPENS_BLOCK.search(cursor_line)
+    opens = line_before.strip() and BLOCK_OPENER.search(cursor_line)
     min_indent = base + 1 if opens else base
     in_string = _string_quotes(text[:first]) % 2 == 1
     start = first + 1
@@ -120,7 +120,8 @@ def block_end(line_before: str, text: str) -> tuple[int, bool]:
 def _leaves(line: str, complete: bool, base: int, min_indent: int) -> bool | None:
     """Whether `line` leaves the block; None while it is too short to tell."""
     stripped = line.lstrip(" \t")
-    if indent_width(line) >= min_indent:
+    width = indent_width(line)
+    if width >= min_indent:
         return False
     if not stripped or (not complete and "</".startswith(stripped)):
         return False if complete else None
@@ -128,11 +129,14 @@ def _leaves(line: str, complete: bool, base: int, min_indent: int) -> bool | Non
         return False
     if not complete and _WORD.match(stripped).end() == len(stripped):
         return None  # its first word may go on (`el` to `else`)
-    return not (min_indent > base and indent_width(line) == base and _CONTINUES.match(stripped))
+    return not (min_indent > base and width == base and _CONTINUES.match(stripped))
+
+
+_STRING_QUOTES = ('"""', "'''", "`")  # what opens a string that may span lines
 
 
 def _string_quotes(text: str) -> int:
-    return text.count('"""') + text.count("'''") + text.count("`")
+    return sum(text.count(quote) for quote in _STRING_QUOTES)
 
 
 def indent_width(line: str, tab_size: int = 4) -> int:
