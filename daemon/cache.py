@@ -26,6 +26,7 @@ class CacheStats:
     evictions: int = 0
     drafted_tokens: int = 0  # the last suggestion's tokens run as a guess (Engine._draft)
     accepted_tokens: int = 0  # of those, the ones the model generated: no decode step ran
+    refreshed_tokens: int = 0  # approximate K/V computed again while idle (Engine.refresh)
 
     def to_json(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -37,6 +38,10 @@ class Entry:
     kv: KVCache
     # position p -> the greedy pick after tokens[: p + 1], from a forward that ran there
     known: dict[int, int] = field(default_factory=dict)
+    # K/V from this position on were computed next to text that no longer precedes them (a
+    # run moved after an edit, and what was computed after it): approximate until computed
+    # again (Engine.refresh). None: all are what a fresh prefill of `tokens` computes.
+    stale_from: int | None = None
 
 
 class Checkout(NamedTuple):
@@ -44,6 +49,7 @@ class Checkout(NamedTuple):
     reused: int  # tokens kv holds
     old: list[int]  # the tokens the entry held (their K/V stay in kv past `reused`)
     known: dict[int, int]  # Entry.known for positions still valid
+    stale_from: int | None  # Entry.stale_from where it is within the reused prefix
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -98,24 +104,31 @@ class FileCache:
         entry = self.entries.pop(uri, None) if uri is not None else None
         old: list[int] = []
         known: dict[int, int] = {}
+        stale = None
         if entry is not None:
             kv, same, old = entry.kv, common_prefix(entry.tokens, tokens), entry.tokens
             known = {p: t for p, t in entry.known.items() if p < same}
+            stale = entry.stale_from
         else:
             kv, same = self._borrow(tokens)
         # Leave one token to run: a generation starts from a forward.
         reused = min(same, len(tokens) - 1)
         kv.trim_to(reused)
+        if stale is not None and stale >= reused:
+            stale = None
         in_prompt = min(reused, n_prompt)
         self.stats.hits += reused > 0
         self.stats.reused_tokens += in_prompt
         self.stats.prefilled_tokens += n_prompt - in_prompt
-        return Checkout(kv, reused, old, known)
+        return Checkout(kv, reused, old, known, stale)
 
     def _borrow(self, tokens: list[int]) -> tuple[KVCache, int]:
+        """A new KV holding the longest exact prefix of `tokens` any entry has."""
         best, best_len = None, 0
         for entry in self.entries.values():
             n = common_prefix(entry.tokens, tokens)
+            if entry.stale_from is not None:
+                n = min(n, entry.stale_from)
             if n > best_len:
                 best, best_len = entry, n
         kv = self.new_kv()
@@ -127,13 +140,30 @@ class FileCache:
         return kv, best_len
 
     def checkin(
-        self, uri: str, tokens: list[int], kv: KVCache, known: dict[int, int] | None = None
+        self,
+        uri: str,
+        tokens: list[int],
+        kv: KVCache,
+        known: dict[int, int] | None = None,
+        stale_from: int | None = None,
     ) -> None:
         assert kv.length <= len(tokens)
         known = {p: t for p, t in (known or {}).items() if p < kv.length}
-        self.entries[uri] = Entry(tokens[: kv.length], kv, known)
+        if stale_from is not None and stale_from >= kv.length:
+            stale_from = None
+        self.entries[uri] = Entry(tokens[: kv.length], kv, known, stale_from)
         self.entries.move_to_end(uri)
         self._evict(keep=uri)
+
+    def stale(self) -> tuple[str, Entry] | None:
+        """The most recently used entry with approximate K/V (Entry.stale_from), if any."""
+        items = reversed(self.entries.items())
+        return next(((uri, e) for uri, e in items if e.stale_from is not None), None)
+
+    def stale_tokens(self) -> int:
+        """Tokens whose K/V are approximate, in all entries."""
+        entries = self.entries.values()
+        return sum(len(e.tokens) - e.stale_from for e in entries if e.stale_from is not None)
 
     def close(self, uri: str) -> bool:
         return self.entries.pop(uri, None) is not None
@@ -159,5 +189,6 @@ class FileCache:
             "entries": len(self.entries),
             "bytes": self.nbytes,
             "budget_bytes": self.budget_bytes,
+            "stale_tokens": self.stale_tokens(),
             **self.stats.to_json(),
         }

@@ -7,6 +7,10 @@ same document arrives or when the awaiting task is cancelled (the client went aw
 A warm-up (`max_tokens` 0) is background work: it runs after every completion that waits,
 a completion that arrives stops it (what it prefilled stays cached), and one for a document
 whose completion is under way is refused at once.
+
+A refresh is the scheduler's own background work: once no request has come for
+REFRESH_AFTER_S and a cached document holds approximate K/V (a run moved after an edit), the
+engine computes them again (Engine.refresh). Any request that arrives stops it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ from .runtime import trim_heap
 logger = logging.getLogger(__name__)
 
 FOREGROUND = ("complete", "openai")  # what a user waits for; "warm" is background work
+# Idle time before approximate K/V are computed again: longer than the gap between the keys
+# of someone typing, so it runs while they read, not between their keys.
+REFRESH_AFTER_S = 0.5
 LATENCY_WINDOW = 1000  # completed requests kept for the percentiles
 Loader = Callable[..., Any]  # (EngineConfig, progress) -> Engine
 
@@ -65,8 +72,8 @@ class _Job:
     key: str
     kind: str
     run: Callable[[Any, CancelToken], Any]  # (engine, token) -> result, on the worker thread
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop | None  # None: the scheduler's own job, nobody awaits it
+    future: asyncio.Future[Any] | None
     token: CancelToken = field(default_factory=CancelToken)
     submitted: float = field(default_factory=time.monotonic)
     started: float = 0.0
@@ -212,7 +219,7 @@ class Scheduler:
         """Engine info, cache and request statistics (for `status --json`)."""
         with self._cond:
             pending = len(self._pending)
-            in_flight = self._current is not None
+            in_flight = self._current is not None and self._current.kind != "refresh"
         return {
             **self.health(),
             "engine": dict(self._info),
@@ -322,6 +329,8 @@ class Scheduler:
                 current.token.cancel("superseded")
             elif current is not None and current.kind == "warm" and kind in FOREGROUND:
                 current.token.cancel("preempted by a completion")
+            elif current is not None and current.kind == "refresh":
+                current.token.cancel(f"preempted by a {kind} request")
             if waiting is not None:
                 # The newer request takes the older one's place (FIFO by first arrival).
                 waiting.token.cancel("superseded")
@@ -391,10 +400,23 @@ class Scheduler:
                 job.started = time.monotonic()
                 self._current = job
                 return job
-            if not self._cond.wait(self._idle_wait_s()):
+            refresh_in = self._refresh_in_locked()
+            if refresh_in == 0:
+                job = _Job("refresh", "refresh", lambda e, token: e.refresh(token), None, None)
+                job.started = time.monotonic()
+                self._current = job
+                return job
+            waits = (refresh_in, self._unload_in_locked())
+            if not self._cond.wait(min((w for w in waits if w is not None), default=None)):
                 self._maybe_unload_locked()
 
-    def _idle_wait_s(self) -> float | None:
+    def _refresh_in_locked(self) -> float | None:
+        """Seconds until a refresh is due (0: now), None when there is nothing to refresh."""
+        if self._state is not EngineState.READY or not self._engine.stale_tokens():
+            return None
+        return max(0.0, self._last_active + REFRESH_AFTER_S - time.monotonic())
+
+    def _unload_in_locked(self) -> float | None:
         if self._idle_unload_s <= 0 or self._state is not EngineState.READY:
             return None
         return max(0.01, self._last_active + self._idle_unload_s - time.monotonic())
@@ -475,10 +497,12 @@ class Scheduler:
         self._record(job, error, (finished - job.submitted) * 1000)
         with self._cond:
             self._current = None
-            self._last_active = finished
+            if job.kind != "refresh":  # idle time counts from the last request
+                self._last_active = finished
         evictions = self._cache_stats.get("evictions", 0)
         self._refresh_cache_stats()
-        _resolve_threadsafe(job, result=result, exc=error)
+        if job.future is not None:
+            _resolve_threadsafe(job, result=result, exc=error)
         if (job.kind == "close" and result) or self._cache_stats.get("evictions", 0) > evictions:
             # A document's K/V went: glibc keeps the freed pages of blocks under its mmap
             # threshold (32 MB once the model has loaded) resident; 30 closed files had left

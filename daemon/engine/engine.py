@@ -17,7 +17,7 @@ from torch import nn
 from codelm.quant import native, physical_cores
 
 from ..cache import FileCache, find_moved_run
-from ..errors import BadRequest, DeviceUnavailable, ModelLoadError
+from ..errors import BadRequest, Cancelled, DeviceUnavailable, ModelLoadError
 from ..protocol import (
     CompleteRequest,
     CompleteResponse,
@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 _NARROWINGS = 5  # builds of a prompt whose windows hold too many tokens for the context
 _SUGGESTED_TAIL = 256  # characters before the cursor a document's last suggestion keeps
+# Tokens per forward of `refresh`: the request that stops it waits for the block under way
+_REFRESH_CHUNK = 128
 
 
 class Engine:
@@ -302,11 +304,12 @@ class Engine:
             )
         # Cut as generate() will, so the cache is looked up with the tokens that will run.
         draft = usable_draft(draft, len(ids), rules.max_tokens, self.args.max_len)
-        kv, reused, old, known = self.cache.checkout(uri, ids + draft, n_prompt=len(ids))
+        kv, reused, old, known, stale = self.cache.checkout(uri, ids + draft, n_prompt=len(ids))
         result = None
         try:
             with self.threads():
-                moved_ms, gap = self._reuse_moved_run(kv, old, ids, reused, cancel)
+                moved_ms, gap, moved_to = self._reuse_moved_run(kv, old, ids, reused, cancel)
+                stale = moved_to if stale is None else stale
                 result = generate(
                     self.model,
                     self.tokenizer,
@@ -335,7 +338,8 @@ class Engine:
             tokens = ids + _fed_tokens(kv, ids, result)
             # A prompt without a document is filed under its opening tokens, so a client that
             # resends a growing prompt replaces its own entry instead of adding one each time.
-            self.cache.checkin(uri or f"prompt:{hash(tuple(ids[:64]))}", tokens, kv, known)
+            key = uri or f"prompt:{hash(tuple(ids[:64]))}"
+            self.cache.checkin(key, tokens, kv, known, stale)
         return result
 
     def _warm(self, uri: str, ids: list[int], cancel: CancelToken | None) -> GenerationResult:
@@ -344,11 +348,12 @@ class Engine:
         finds all but its last few tokens computed. A cancel keeps the chunks done."""
         if len(ids) >= self.args.max_len:
             raise BadRequest("text", f"the prompt ({len(ids)} tokens) does not fit the model")
-        kv, reused, old, known = self.cache.checkout(uri, ids)
+        kv, reused, old, known, stale = self.cache.checkout(uri, ids)
         t0 = time.perf_counter()
         try:
             with self.threads():
-                _, gap = self._reuse_moved_run(kv, old, ids, reused, cancel)
+                _, gap, moved_to = self._reuse_moved_run(kv, old, ids, reused, cancel)
+                stale = moved_to if stale is None else stale
                 cached = kv.length - gap
                 if kv.length < len(ids) - 1:
                     with torch.inference_mode():
@@ -357,7 +362,7 @@ class Engine:
                 if kv.device.type == "cuda":  # prefill_ms is the GPU's work
                     torch.cuda.synchronize(kv.device)
         finally:
-            self.cache.checkin(uri, ids, kv, known)
+            self.cache.checkin(uri, ids, kv, known, stale)
         return GenerationResult(
             cached_tokens=cached,
             prefilled_tokens=len(ids) - 1 - cached,
@@ -367,13 +372,15 @@ class Engine:
     def _reuse_moved_run(self, kv: KVCache, old: list[int], ids: list[int], reused: int, cancel):
         """Position-shifted reuse after an edit (EngineConfig.cache_reuse_min_tokens): prefill
         the edited tokens, then move the cached run that follows them to its new positions.
-        Returns (milliseconds spent, tokens prefilled); kv ends holding ids[:end of the run]."""
+        Returns (milliseconds spent, tokens prefilled, where the moved run starts: None when
+        none moved); kv ends holding ids[:end of the run]. The run's K/V, and all computed
+        after it, are approximate (stale) until `refresh` computes them again."""
         min_run = self.config.cache_reuse_min_tokens
         if not min_run or len(ids) - 1 - reused < min_run:
-            return 0.0, 0
+            return 0.0, 0, None
         found = find_moved_run(old, ids[: len(ids) - 1], reused, min_run)
         if found is None:
-            return 0.0, 0
+            return 0.0, 0, None
         t0 = time.perf_counter()
         new_at, old_at, n = found
         keys = kv.k[:, :, old_at : old_at + n].clone()
@@ -387,7 +394,39 @@ class Engine:
         kv.length = new_at + n
         self.cache.stats.shifted_tokens += n
         self.cache.stats.prefilled_tokens -= n
-        return (time.perf_counter() - t0) * 1000, new_at - reused
+        return (time.perf_counter() - t0) * 1000, new_at - reused, new_at
+
+    def stale_tokens(self) -> int:
+        """Tokens of cached documents whose K/V are approximate: work for `refresh`."""
+        return self.cache.stale_tokens()
+
+    def refresh(self, cancel: CancelToken | None = None) -> int:
+        """Compute again the approximate K/V (a moved run, and what followed it) of the most
+        recently used document that has any, as a fresh prefill would: the scheduler runs it
+        while idle, so the suggestions after an edit's first one are what a fresh prompt gets.
+        A cancel (the next request) keeps the chunks done. Returns the tokens computed."""
+        found = self.cache.stale()
+        if found is None:
+            return 0
+        uri, entry = found
+        kv, start, end = entry.kv, entry.stale_from, len(entry.tokens)
+        kv.trim_to(start)
+        try:
+            with self.threads(), torch.inference_mode():
+                prefill(self.model, kv, entry.tokens[start:], _REFRESH_CHUNK, cancel)
+        except Cancelled:
+            pass
+        except Exception:
+            self.close_document(uri)  # not left stale to be tried again and again
+            raise
+        finally:
+            # A chunk's forward writes only its own positions: those after it hold their
+            # approximate K/V still.
+            done, kv.length = kv.length, end
+            entry.stale_from = done if done < end else None
+            entry.known = {p: t for p, t in entry.known.items() if p < start}
+            self.cache.stats.refreshed_tokens += done - start
+        return done - start
 
     def close_document(self, uri: str) -> bool:
         self.anchors.pop(uri, None)

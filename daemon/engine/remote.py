@@ -238,6 +238,12 @@ class RemoteEngine:
     def close_document(self, uri: str) -> bool:
         return self.documents.pop(uri, None) is not None
 
+    def stale_tokens(self) -> int:
+        return 0  # the server keeps the K/V, and recomputes none of them while idle
+
+    def refresh(self, cancel=None) -> int:
+        return 0
+
     def cache_stats(self) -> dict[str, Any]:
         """The K/V is the server's to keep: here, only the documents' windows."""
         narrowed = sum(scale < 1 for _, scale in self.documents.values())

@@ -41,6 +41,7 @@ class FakeEngine:
     cached: set[str] = field(default_factory=set)
     running: threading.Event = field(default_factory=threading.Event)
     thread_ids: set[int] = field(default_factory=set)
+    stale: int = 0  # tokens of approximate K/V; refresh() takes step_s for each
 
     @classmethod
     def load(
@@ -122,6 +123,19 @@ class FakeEngine:
 
     def cache_stats(self) -> dict[str, Any]:
         return {"entries": len(self.cached), "bytes": 1024 * len(self.cached)}
+
+    def stale_tokens(self) -> int:
+        return self.stale
+
+    def refresh(self, cancel: CancelToken) -> int:
+        self.thread_ids.add(threading.get_ident())
+        self.started.append("refresh")
+        done = 0
+        while self.stale and not cancel.is_cancelled:
+            time.sleep(self.step_s)
+            self.stale, done = self.stale - 1, done + 1
+        self.calls.append(("refresh", f"{done}" + (f", {cancel.reason}" * cancel.is_cancelled)))
+        return done
 
     def _generate(
         self,

@@ -240,6 +240,24 @@ def test_live_typing_along_the_suggestion_reuses_it(live):
     # near tie can go either way, as after a chunked prefill.
 
 
+def test_live_kv_moved_after_an_edit_is_computed_again_once_idle(live):
+    lines = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(60)]
+    text = "".join(lines)
+    end = text.count("\n")
+    request = {"uri": "file:///live/moved.py", "line": end, "character": 0, "max_tokens": 4}
+    live.call("POST", "/v1/complete", {**request, "text": text})
+    before = _status(live)["cache"]
+    # A line typed at the top: the K/V of the lines below move to their new positions.
+    edited = {**request, "text": "import math\n" + text, "line": end + 1}
+    status, body = live.call("POST", "/v1/complete", edited)
+    assert status == 200, body
+    moved = _status(live)["cache"]["shifted_tokens"] - before["shifted_tokens"]
+    assert moved > 256 and body["timings"]["prefilled_tokens"] < 64, body["timings"]
+    _wait_for(lambda: _status(live)["cache"]["stale_tokens"] == 0, timeout_s=60)
+    refreshed = _status(live)["cache"]["refreshed_tokens"] - before["refreshed_tokens"]
+    assert refreshed >= moved
+
+
 def test_live_prompt_is_the_one_the_running_daemon_runs(live, tmp_path):
     # `prompt` loaded an engine of its own from the settings: seconds, and the prompt of
     # another model where the daemon was started with --model, as this one was.

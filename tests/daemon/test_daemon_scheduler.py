@@ -9,6 +9,7 @@ import threading
 import pytest
 from fake_engine import make_loader
 
+from codelm.daemon import scheduler as scheduler_module
 from codelm.daemon.engine import EngineConfig
 from codelm.daemon.errors import Cancelled, ModelLoadError, ModelLoading, Overloaded
 from codelm.daemon.protocol import CompleteRequest, OpenAICompletionRequest
@@ -192,6 +193,38 @@ async def test_a_warmup_never_replaces_a_completion_of_its_document():
             await scheduler.complete(_request(max_tokens=0))
         await asyncio.gather(blocker, waiting)
         assert loader.engine.started == ["file:///a.py", "file:///x.py", "file:///a.py"]
+    finally:
+        await scheduler.stop()
+
+
+async def test_approximate_kv_is_refreshed_once_idle_and_any_request_stops_it(monkeypatch):
+    monkeypatch.setattr(scheduler_module, "REFRESH_AFTER_S", 0.2)
+    scheduler, loader = await _ready_scheduler(step_s=0.01)
+    try:
+        await scheduler.complete(_request(max_tokens=1))
+        loader.engine.stale = 50
+        # Requests closer together than REFRESH_AFTER_S (someone typing) leave it alone.
+        for _ in range(3):
+            await asyncio.sleep(0.05)
+            await scheduler.complete(_request(max_tokens=1))
+        assert "refresh" not in loader.engine.started
+        await _wait_until(lambda: "refresh" in loader.engine.started)
+        assert scheduler.status()["queue"]["in_flight"] is False  # no request is
+        answer = await asyncio.wait_for(scheduler.complete(_request("file:///c.py")), 2.0)
+        assert answer.items
+        refreshes = [outcome for key, outcome in loader.engine.calls if key == "refresh"]
+        assert refreshes[0].endswith(", preempted by a complete request")
+        assert loader.engine.stale > 0
+        # Idle again, it goes on where it stopped and ends.
+        await _wait_until(lambda: loader.engine.stale == 0)
+        await _wait_until(lambda: loader.engine.calls[-1][0] == "refresh")
+        done = [
+            int(outcome.split(",")[0]) for key, outcome in loader.engine.calls if key == "refresh"
+        ]
+        assert sum(done) == 50
+        assert loader.engine.thread_ids == {scheduler._thread.ident}
+        counts = scheduler.status()["requests"]
+        assert (counts["requests"], counts["completed"]) == (5, 5)  # refreshes are not requests
     finally:
         await scheduler.stop()
 

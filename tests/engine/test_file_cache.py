@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from codelm.daemon.cache import FileCache, find_moved_run
+from codelm.daemon.engine.cancel import CancelToken
 from codelm.daemon.engine.engine import Engine
+from codelm.daemon.engine.generate import prefill
+from codelm.daemon.engine.kv import KVCache
 from codelm.daemon.engine.layers import apply_rotary
 from codelm.daemon.protocol import CompleteRequest
 
@@ -183,6 +186,29 @@ def test_find_moved_run_after_an_insertion():
     assert find_moved_run(old, new, 100, 301) is None
 
 
+def test_stale_kv_stays_marked_until_a_checkout_keeps_none_and_is_never_lent():
+    cache = FileCache(
+        budget_bytes=1 << 20, new_kv=lambda: KVCache(1, 1, 4, dtype=torch.float32, max_len=64)
+    )
+    kv = cache.new_kv()
+    kv.reserve(10)
+    kv.length = 10
+    cache.checkin("a", list(range(10)), kv, stale_from=6)
+    assert cache.stale_tokens() == 4 and cache.stale()[0] == "a"
+    lent = cache.checkout(None, [*range(10), 99])  # a prompt without a document
+    assert lent.reused == 6 and lent.stale_from is None
+    typed = [*range(8), 50, 51]
+    kept = cache.checkout("a", typed)
+    assert (kept.reused, kept.stale_from) == (8, 6)
+    kept.kv.length = 10
+    cache.checkin("a", typed, kept.kv, stale_from=kept.stale_from)
+    assert cache.stale_tokens() == 4
+    earlier = cache.checkout("a", [*range(5), 7, 7])
+    assert (earlier.reused, earlier.stale_from) == (5, None)
+    cache.checkin("a", [*range(5), 7, 7], earlier.kv, stale_from=earlier.stale_from)
+    assert cache.stale_tokens() == 0 and cache.stale() is None
+
+
 def test_shifted_reuse_recomputes_only_the_edit_when_enabled(engine):
     engine.config = dataclasses.replace(engine.config, cache_reuse_min_tokens=64)
     cursor = _line_end(SOURCE, 1800)
@@ -195,6 +221,53 @@ def test_shifted_reuse_recomputes_only_the_edit_when_enabled(engine):
     assert response.timings.cached_tokens + response.timings.prefilled_tokens == prompt_len
     assert engine.cache.stats.shifted_tokens > prompt_len // 2
     assert response.items[0].text.strip()
+
+
+class _CancelAfter(CancelToken):
+    """Cancelled once asked `checks` times (a forward asks before each block)."""
+
+    def __init__(self, checks: int) -> None:
+        super().__init__()
+        self.checks = checks
+
+    @property
+    def is_cancelled(self) -> bool:
+        self.checks -= 1
+        if self.checks < 0:
+            self.cancel("a request came")
+        return super().is_cancelled
+
+
+def test_a_refresh_computes_moved_kv_again_as_a_fresh_prefill_does(engine):
+    engine.config = dataclasses.replace(engine.config, cache_reuse_min_tokens=64)
+    cursor = _line_end(SOURCE, 1800)
+    engine.complete(_request(SOURCE, cursor))
+    assert engine.stale_tokens() == 0
+    at = SOURCE.index("class TextWrapper")
+    edited = SOURCE[:at] + "# note\n" + SOURCE[at:]
+    engine.complete(_request(edited, cursor + len("# note\n")))
+    entry = engine.cache.entries[URI]
+    start, n = entry.stale_from, len(entry.tokens)
+    assert engine.stale_tokens() == n - start > 256  # the moved run and all after it
+    fresh = engine.new_kv()
+    with torch.inference_mode():
+        prefill(engine.model, fresh, entry.tokens, engine.config.prefill_chunk)
+
+    def gap(lo: int, hi: int) -> float:
+        return max((kv[:, :, lo:hi].float() - ref[:, :, lo:hi].float()).abs().max().item()
+                   for kv, ref in ((entry.kv.k, fresh.k), (entry.kv.v, fresh.v)))  # fmt: skip
+
+    assert gap(0, start) <= 0.02 and gap(start, n) > 1.0
+    # A request stops it in its second forward: the first forward's positions are done.
+    blocks = engine.args.n_layers
+    done = engine.refresh(_CancelAfter(blocks + blocks // 2))
+    assert done == 128 and entry.stale_from == start + done and entry.kv.length == n
+    assert gap(0, start + done) <= 0.02 and gap(start + done, n) > 0.1
+    assert engine.refresh() == n - start - done
+    assert entry.stale_from is None and engine.stale_tokens() == 0
+    assert gap(0, n) <= 0.02
+    assert engine.cache.stats.refreshed_tokens == n - start
+    assert engine.refresh() == 0
 
 
 def test_typing_along_the_suggestion_verifies_it_instead_of_decoding(engine, forwards):
