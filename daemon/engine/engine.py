@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,6 +54,19 @@ _NARROWINGS = 5  # builds of a prompt whose windows hold too many tokens for the
 _SUGGESTED_TAIL = 256  # characters before the cursor a document's last suggestion keeps
 # Tokens per forward of `refresh`: the request that stops it waits for the block under way
 _REFRESH_CHUNK = 128
+_REFRESH_PICKS = 64  # at most this many positions' picks made again (their logits: the head)
+
+
+@dataclass(slots=True)
+class _Lease:
+    """A document's KV checked out for one request (Engine._lease)."""
+
+    kv: KVCache
+    known: dict[int, int]  # Entry.known
+    tokens: list[int]  # checked back in: what kv holds the K/V of
+    moved_ms: float = 0.0  # the edit before a moved run prefilled, the run moved
+    gap: int = 0  # tokens of that edit
+    stale_from: int | None = None  # Entry.stale_from
 
 
 class Engine:
@@ -304,42 +318,29 @@ class Engine:
             )
         # Cut as generate() will, so the cache is looked up with the tokens that will run.
         draft = usable_draft(draft, len(ids), rules.max_tokens, self.args.max_len)
-        kv, reused, old, known, stale = self.cache.checkout(uri, ids + draft, n_prompt=len(ids))
-        result = None
-        try:
-            with self.threads():
-                moved_ms, gap, moved_to = self._reuse_moved_run(kv, old, ids, reused, cancel)
-                stale = moved_to if stale is None else stale
-                result = generate(
-                    self.model,
-                    self.tokenizer,
-                    kv,
-                    ids,
-                    rules,
-                    chunk=self.config.prefill_chunk,
-                    cancel=cancel,
-                    on_text=on_text,
-                    heal=heal,
-                    draft=draft,
-                    known=known,
-                    ban=ban,
-                )
-            self.cache.stats.drafted_tokens += result.drafted_tokens
-            self.cache.stats.accepted_tokens += result.accepted_tokens
-            # The edited tokens before the moved run were prefilled too.
-            result.prefill_ms += moved_ms
-            result.cached_tokens -= gap
-            result.prefilled_tokens += gap
-        finally:
-            # Keep what was computed (also on cancel): the next keystroke reuses it. Tokens of
-            # a cancelled decode are dropped, the prompt's KV is kept.
-            if result is None:
-                kv.trim_to(min(kv.length, len(ids)))
-            tokens = ids + _fed_tokens(kv, ids, result)
-            # A prompt without a document is filed under its opening tokens, so a client that
-            # resends a growing prompt replaces its own entry instead of adding one each time.
-            key = uri or f"prompt:{hash(tuple(ids[:64]))}"
-            self.cache.checkin(key, tokens, kv, known, stale)
+        with self._lease(uri, ids, cancel, draft) as lease:
+            result = generate(
+                self.model,
+                self.tokenizer,
+                lease.kv,
+                ids,
+                rules,
+                chunk=self.config.prefill_chunk,
+                cancel=cancel,
+                on_text=on_text,
+                heal=heal,
+                draft=draft,
+                known=lease.known,
+                ban=ban,
+            )
+            # The generated tokens whose K/V kv holds are cached with the prompt's.
+            lease.tokens = ids + result.token_ids[: max(0, lease.kv.length - len(ids))]
+        self.cache.stats.drafted_tokens += result.drafted_tokens
+        self.cache.stats.accepted_tokens += result.accepted_tokens
+        # The edited tokens before the moved run were prefilled too.
+        result.prefill_ms += lease.moved_ms
+        result.cached_tokens -= lease.gap
+        result.prefilled_tokens += lease.gap
         return result
 
     def _warm(self, uri: str, ids: list[int], cancel: CancelToken | None) -> GenerationResult:
@@ -348,26 +349,46 @@ class Engine:
         finds all but its last few tokens computed. A cancel keeps the chunks done."""
         if len(ids) >= self.args.max_len:
             raise BadRequest("text", f"the prompt ({len(ids)} tokens) does not fit the model")
-        kv, reused, old, known, stale = self.cache.checkout(uri, ids)
         t0 = time.perf_counter()
-        try:
-            with self.threads():
-                _, gap, moved_to = self._reuse_moved_run(kv, old, ids, reused, cancel)
-                stale = moved_to if stale is None else stale
-                cached = kv.length - gap
-                if kv.length < len(ids) - 1:
-                    with torch.inference_mode():
-                        tail = ids[kv.length : len(ids) - 1]
-                        prefill(self.model, kv, tail, self.config.prefill_chunk, cancel)
-                if kv.device.type == "cuda":  # prefill_ms is the GPU's work
-                    torch.cuda.synchronize(kv.device)
-        finally:
-            self.cache.checkin(uri, ids, kv, known, stale)
+        with self._lease(uri, ids, cancel) as lease:
+            kv = lease.kv
+            cached = kv.length - lease.gap
+            if kv.length < len(ids) - 1:
+                with torch.inference_mode():
+                    tail = ids[kv.length : len(ids) - 1]
+                    prefill(self.model, kv, tail, self.config.prefill_chunk, cancel)
+            if kv.device.type == "cuda":  # prefill_ms is the GPU's work
+                torch.cuda.synchronize(kv.device)
         return GenerationResult(
             cached_tokens=cached,
             prefilled_tokens=len(ids) - 1 - cached,
             prefill_ms=(time.perf_counter() - t0) * 1000,
         )
+
+    @contextlib.contextmanager
+    def _lease(
+        self, uri: str | None, ids: list[int], cancel: CancelToken | None, draft: Sequence[int] = ()
+    ) -> Iterator[_Lease]:
+        """The document's KV, holding its cached prefix of `ids` (then `draft`) and, after an
+        edit, the cached run moved past it; run with this request's threads. Checked back in
+        with what it holds of `lease.tokens` (`ids` unless the caller extends it), whatever
+        happened: what was computed stays for the next keystroke, also on a cancel."""
+        kv, reused, old, known, stale = self.cache.checkout(uri, [*ids, *draft], n_prompt=len(ids))
+        lease = _Lease(kv, known, ids, stale_from=stale)
+        try:
+            with self.threads():
+                lease.moved_ms, lease.gap, moved_to = self._reuse_moved_run(
+                    kv, old, ids, reused, cancel
+                )
+                if lease.stale_from is None:
+                    lease.stale_from = moved_to
+                yield lease
+        finally:
+            kv.trim_to(min(kv.length, len(lease.tokens)))
+            # A prompt without a document is filed under its opening tokens, so a client that
+            # resends a growing prompt replaces its own entry instead of adding one each time.
+            key = uri or f"prompt:{hash(tuple(ids[:64]))}"
+            self.cache.checkin(key, lease.tokens, kv, known, lease.stale_from)
 
     def _reuse_moved_run(self, kv: KVCache, old: list[int], ids: list[int], reused: int, cancel):
         """Position-shifted reuse after an edit (EngineConfig.cache_reuse_min_tokens): prefill
@@ -404,16 +425,23 @@ class Engine:
         """Compute again the approximate K/V (a moved run, and what followed it) of the most
         recently used document that has any, as a fresh prefill would: the scheduler runs it
         while idle, so the suggestions after an edit's first one are what a fresh prompt gets.
-        A cancel (the next request) keeps the chunks done. Returns the tokens computed."""
+        The greedy picks kept for the last suggestion's positions (Entry.known: typing along
+        it then runs no decode step) are made again from the new logits. A cancel (the next
+        request) keeps the chunks done. Returns the tokens computed."""
         found = self.cache.stale()
         if found is None:
             return 0
         uri, entry = found
         kv, start, end = entry.kv, entry.stale_from, len(entry.tokens)
+        picked = [p for p in entry.known if p >= start]
+        n_logits = min(end - min(picked), _REFRESH_PICKS) if picked else 1
+        logits = None
         kv.trim_to(start)
         try:
             with self.threads(), torch.inference_mode():
-                prefill(self.model, kv, entry.tokens[start:], _REFRESH_CHUNK, cancel)
+                logits = prefill(
+                    self.model, kv, entry.tokens[start:], _REFRESH_CHUNK, cancel, n_logits
+                )
         except Cancelled:
             pass
         except Exception:
@@ -421,11 +449,14 @@ class Engine:
             raise
         finally:
             # A chunk's forward writes only its own positions: those after it hold their
-            # approximate K/V still.
+            # approximate K/V still, and the picks made from them stay.
             done, kv.length = kv.length, end
             entry.stale_from = done if done < end else None
-            entry.known = {p: t for p, t in entry.known.items() if p < start}
+            entry.known = {p: t for p, t in entry.known.items() if p < start or p >= done}
             self.cache.stats.refreshed_tokens += done - start
+        if logits is not None and picked:
+            picks = logits.argmax(dim=-1).tolist()
+            entry.known.update(zip(range(end - n_logits, end), picks, strict=True))
         return done - start
 
     def close_document(self, uri: str) -> bool:
@@ -449,12 +480,6 @@ def _repeats_next_line(text: str, cursor: int, suggestion: str) -> bool:
     first = next((line.strip() for line in suggestion.split("\n") if line.strip()), "")
     below = text[end + 1 : end + 1 + 20_000].split("\n")
     return len(first) > 1 and first == next((line.strip() for line in below if line.strip()), "")
-
-
-def _fed_tokens(kv: KVCache, ids: list[int], result: GenerationResult | None) -> list[int]:
-    if result is None or kv.length <= len(ids):
-        return []
-    return result.token_ids[: kv.length - len(ids)]
 
 
 def _response(items: list[CompletionItem], result: GenerationResult) -> CompleteResponse:

@@ -249,9 +249,13 @@ def test_a_refresh_computes_moved_kv_again_as_a_fresh_prefill_does(engine):
     entry = engine.cache.entries[URI]
     start, n = entry.stale_from, len(entry.tokens)
     assert engine.stale_tokens() == n - start > 256  # the moved run and all after it
+    picked = sorted(p for p in entry.known if p >= start)  # the suggestion's positions
+    assert len(picked) >= 4
     fresh = engine.new_kv()
     with torch.inference_mode():
-        prefill(engine.model, fresh, entry.tokens, engine.config.prefill_chunk)
+        tail = n - picked[0]
+        logits = prefill(engine.model, fresh, entry.tokens, engine.config.prefill_chunk, None, tail)
+    fresh_picks = dict(zip(range(picked[0], n), logits.argmax(dim=-1).tolist(), strict=True))
 
     def gap(lo: int, hi: int) -> float:
         return max((kv[:, :, lo:hi].float() - ref[:, :, lo:hi].float()).abs().max().item()
@@ -266,6 +270,8 @@ def test_a_refresh_computes_moved_kv_again_as_a_fresh_prefill_does(engine):
     assert engine.refresh() == n - start - done
     assert entry.stale_from is None and engine.stale_tokens() == 0
     assert gap(0, n) <= 0.02
+    # The picks kept for typing along the suggestion are made again, as fresh logits pick.
+    assert {p: entry.known[p] for p in picked} == {p: fresh_picks[p] for p in picked}
     assert engine.cache.stats.refreshed_tokens == n - start
     assert engine.refresh() == 0
 
