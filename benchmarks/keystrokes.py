@@ -9,6 +9,8 @@ Replays editing real source files (Python stdlib modules of 2.6k-3.3k tokens) an
                far and the rest of the region removed), a request at every key;
 - edit_above:  a line inserted near the top of that file (~2k tokens above the cursor), then a
                request at the cursor; repeated;
+- pause:       after each edit_above, a pause of PAUSE_S (the daemon's idle refresh of the K/V
+               it moved is then under way) and a space typed at the cursor, a request;
 - jump:        the cursor moved to the end of a line above it in that file (12, 30, 6 and 45
                lines up, in turn), a request at each: the text after the cursor changes;
 - switch:      3 other files round-robin, one character typed in each before its request.
@@ -68,17 +70,19 @@ SWITCH_FILES = (
 WARMUP_FILE = "bisect.py"
 EDIT_AFTER_LINE = 3  # the inserted lines go after this many lines of the file
 JUMP_LINES = (12, 30, 6, 45)  # how many lines above the typed region each jump lands
+PAUSE_S = 0.8  # longer than the daemon waits before it refreshes moved K/V (0.5 s)
 
 
 @dataclass
 class Step:
-    scenario: str  # warmup | cold | keystroke | edit_above | jump | switch
+    scenario: str  # warmup | cold | keystroke | edit_above | pause | jump | switch
     file: str
     uri: str
     text: str
     cursor: int  # str offset
     line: int  # 0-based
     character: int  # UTF-16 units
+    pause_s: float = 0.0  # the user's pause before this request
     prompt: str = ""  # what llama-server gets
     prompt_tokens: int = 0  # codelm's prompt length in tokens (healed tokens included)
     healed: str = ""  # the text of the token codelm heals (its suggestion retypes it)
@@ -119,10 +123,10 @@ def _position(text: str, offset: int) -> tuple[int, int]:
     return line, len(text[start:offset].encode("utf-16-le")) // 2
 
 
-def _step(scenario: str, name: str, text: str, cursor: int) -> Step:
+def _step(scenario: str, name: str, text: str, cursor: int, pause_s: float = 0.0) -> Step:
     line, character = _position(text, cursor)
     uri = (STDLIB / name).as_uri()
-    return Step(scenario, name, uri, text, cursor, line, character)
+    return Step(scenario, name, uri, text, cursor, line, character, pause_s=pause_s)
 
 
 def _region_start(truth: str, pattern: str) -> int:
@@ -156,6 +160,8 @@ def build_plan(keys: int, edits: int, rounds: int) -> list[Step]:
         line = f"_EDIT_{r + 1} = {r + 1}  # an edit far above the cursor\n"
         text, cursor = text[:at] + line + text[at:], cursor + len(line)
         steps.append(_step("edit_above", name, text, cursor))
+        text, cursor = text[:cursor] + " " + text[cursor:], cursor + 1
+        steps.append(_step("pause", name, text, cursor, pause_s=PAUSE_S))
     # (e) the cursor moved to the end of lines above it, the text unchanged.
     line_ends = [m.start() for m in re.finditer("\n", text)]
     here = text.count("\n", 0, cursor)
@@ -391,6 +397,7 @@ def run_system(system, plan: list[Step], budget_s: float) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 skipped += 1
                 continue
+            time.sleep(step.pause_s)
             sample = system.complete(step)
             if step.scenario != "warmup":
                 samples.append(sample)
@@ -409,7 +416,7 @@ def run_system(system, plan: list[Step], budget_s: float) -> dict[str, Any]:
 
 # -- summary --
 
-SCENARIOS = ("keystroke", "switch", "edit_above", "jump", "cold")
+SCENARIOS = ("keystroke", "switch", "edit_above", "pause", "jump", "cold")
 
 
 def summarize(run: dict[str, Any]) -> list[dict[str, Any]]:
