@@ -42,6 +42,9 @@ class Entry:
     # run moved after an edit, and what was computed after it): approximate until computed
     # again (Engine.refresh). None: all are what a fresh prefill of `tokens` computes.
     stale_from: int | None = None
+    # The last request here was a completion: where the user types, stale K/V are worth
+    # computing again while idle; after a warm-up (where the user only looks) they are not.
+    refresh: bool = False
 
 
 class Checkout(NamedTuple):
@@ -146,19 +149,21 @@ class FileCache:
         kv: KVCache,
         known: dict[int, int] | None = None,
         stale_from: int | None = None,
+        refresh: bool = False,
     ) -> None:
         assert kv.length <= len(tokens)
         known = {p: t for p, t in (known or {}).items() if p < kv.length}
         if stale_from is not None and stale_from >= kv.length:
             stale_from = None
-        self.entries[uri] = Entry(tokens[: kv.length], kv, known, stale_from)
+        self.entries[uri] = Entry(tokens[: kv.length], kv, known, stale_from, refresh)
         self.entries.move_to_end(uri)
         self._evict(keep=uri)
 
-    def stale(self) -> tuple[str, Entry] | None:
-        """The most recently used entry with approximate K/V (Entry.stale_from), if any."""
+    def to_refresh(self) -> tuple[str, Entry] | None:
+        """The most recently used entry with approximate K/V (Entry.stale_from) that a
+        completion ran on (Entry.refresh), if any."""
         items = reversed(self.entries.items())
-        return next(((uri, e) for uri, e in items if e.stale_from is not None), None)
+        return next(((u, e) for u, e in items if e.stale_from is not None and e.refresh), None)
 
     def stale_tokens(self) -> int:
         """Tokens whose K/V are approximate, in all entries."""

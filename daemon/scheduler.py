@@ -9,8 +9,9 @@ a completion that arrives stops it (what it prefilled stays cached), and one for
 whose completion is under way is refused at once.
 
 A refresh is the scheduler's own background work: once no request has come for
-REFRESH_AFTER_S and a cached document holds approximate K/V (a run moved after an edit), the
-engine computes them again (Engine.refresh). Any request that arrives stops it.
+REFRESH_AFTER_S and a document where a completion ran holds approximate K/V (a run moved
+after an edit), the engine computes them again (Engine.refresh). Any request that arrives
+stops it.
 """
 
 from __future__ import annotations
@@ -412,7 +413,7 @@ class Scheduler:
 
     def _refresh_in_locked(self) -> float | None:
         """Seconds until a refresh is due (0: now), None when there is nothing to refresh."""
-        if self._state is not EngineState.READY or not self._engine.stale_tokens():
+        if self._state is not EngineState.READY or not self._engine.refresh_due():
             return None
         return max(0.0, self._last_active + REFRESH_AFTER_S - time.monotonic())
 

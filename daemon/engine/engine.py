@@ -350,7 +350,7 @@ class Engine:
         if len(ids) >= self.args.max_len:
             raise BadRequest("text", f"the prompt ({len(ids)} tokens) does not fit the model")
         t0 = time.perf_counter()
-        with self._lease(uri, ids, cancel) as lease:
+        with self._lease(uri, ids, cancel, completion=False) as lease:
             kv = lease.kv
             cached = kv.length - lease.gap
             if kv.length < len(ids) - 1:
@@ -367,12 +367,20 @@ class Engine:
 
     @contextlib.contextmanager
     def _lease(
-        self, uri: str | None, ids: list[int], cancel: CancelToken | None, draft: Sequence[int] = ()
+        self,
+        uri: str | None,
+        ids: list[int],
+        cancel: CancelToken | None,
+        draft: Sequence[int] = (),
+        *,
+        completion: bool = True,
     ) -> Iterator[_Lease]:
         """The document's KV, holding its cached prefix of `ids` (then `draft`) and, after an
         edit, the cached run moved past it; run with this request's threads. Checked back in
         with what it holds of `lease.tokens` (`ids` unless the caller extends it), whatever
-        happened: what was computed stays for the next keystroke, also on a cancel."""
+        happened: what was computed stays for the next keystroke, also on a cancel.
+        `completion`: False for a warm-up, whose approximate K/V wait for a completion before
+        they are refreshed."""
         kv, reused, old, known, stale = self.cache.checkout(uri, [*ids, *draft], n_prompt=len(ids))
         lease = _Lease(kv, known, ids, stale_from=stale)
         try:
@@ -388,7 +396,7 @@ class Engine:
             # A prompt without a document is filed under its opening tokens, so a client that
             # resends a growing prompt replaces its own entry instead of adding one each time.
             key = uri or f"prompt:{hash(tuple(ids[:64]))}"
-            self.cache.checkin(key, lease.tokens, kv, known, lease.stale_from)
+            self.cache.checkin(key, lease.tokens, kv, known, lease.stale_from, completion)
 
     def _reuse_moved_run(self, kv: KVCache, old: list[int], ids: list[int], reused: int, cancel):
         """Position-shifted reuse after an edit (EngineConfig.cache_reuse_min_tokens): prefill
@@ -417,18 +425,19 @@ class Engine:
         self.cache.stats.prefilled_tokens -= n
         return (time.perf_counter() - t0) * 1000, new_at - reused, new_at
 
-    def stale_tokens(self) -> int:
-        """Tokens of cached documents whose K/V are approximate: work for `refresh`."""
-        return self.cache.stale_tokens()
+    def refresh_due(self) -> bool:
+        """Whether `refresh` has work: approximate K/V where a completion ran."""
+        return self.cache.to_refresh() is not None
 
     def refresh(self, cancel: CancelToken | None = None) -> int:
         """Compute again the approximate K/V (a moved run, and what followed it) of the most
-        recently used document that has any, as a fresh prefill would: the scheduler runs it
-        while idle, so the suggestions after an edit's first one are what a fresh prompt gets.
+        recently used document that has any where the last request was a completion (not a
+        warm-up: Entry.refresh), as a fresh prefill would: the scheduler runs it while idle,
+        so the suggestions after an edit's first one are what a fresh prompt gets.
         The greedy picks kept for the last suggestion's positions (Entry.known: typing along
         it then runs no decode step) are made again from the new logits. A cancel (the next
         request) keeps the chunks done. Returns the tokens computed."""
-        found = self.cache.stale()
+        found = self.cache.to_refresh()
         if found is None:
             return 0
         uri, entry = found

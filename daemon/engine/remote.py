@@ -238,8 +238,8 @@ class RemoteEngine:
     def close_document(self, uri: str) -> bool:
         return self.documents.pop(uri, None) is not None
 
-    def stale_tokens(self) -> int:
-        return 0  # the server keeps the K/V, and recomputes none of them while idle
+    def refresh_due(self) -> bool:
+        return False  # the server keeps the K/V, and recomputes none of them while idle
 
     def refresh(self, cancel=None) -> int:
         return 0

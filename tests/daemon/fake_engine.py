@@ -124,8 +124,8 @@ class FakeEngine:
     def cache_stats(self) -> dict[str, Any]:
         return {"entries": len(self.cached), "bytes": 1024 * len(self.cached)}
 
-    def stale_tokens(self) -> int:
-        return self.stale
+    def refresh_due(self) -> bool:
+        return self.stale > 0
 
     def refresh(self, cancel: CancelToken) -> int:
         self.thread_ids.add(threading.get_ident())

@@ -193,20 +193,20 @@ def test_stale_kv_stays_marked_until_a_checkout_keeps_none_and_is_never_lent():
     kv = cache.new_kv()
     kv.reserve(10)
     kv.length = 10
-    cache.checkin("a", list(range(10)), kv, stale_from=6)
-    assert cache.stale_tokens() == 4 and cache.stale()[0] == "a"
+    cache.checkin("a", list(range(10)), kv, stale_from=6, refresh=True)
+    assert cache.stale_tokens() == 4 and cache.to_refresh()[0] == "a"
     lent = cache.checkout(None, [*range(10), 99])  # a prompt without a document
     assert lent.reused == 6 and lent.stale_from is None
     typed = [*range(8), 50, 51]
     kept = cache.checkout("a", typed)
     assert (kept.reused, kept.stale_from) == (8, 6)
     kept.kv.length = 10
-    cache.checkin("a", typed, kept.kv, stale_from=kept.stale_from)
-    assert cache.stale_tokens() == 4
+    cache.checkin("a", typed, kept.kv, stale_from=kept.stale_from)  # a warm-up's
+    assert cache.stale_tokens() == 4 and cache.to_refresh() is None
     earlier = cache.checkout("a", [*range(5), 7, 7])
     assert (earlier.reused, earlier.stale_from) == (5, None)
-    cache.checkin("a", [*range(5), 7, 7], earlier.kv, stale_from=earlier.stale_from)
-    assert cache.stale_tokens() == 0 and cache.stale() is None
+    cache.checkin("a", [*range(5), 7, 7], earlier.kv, stale_from=earlier.stale_from, refresh=True)
+    assert cache.stale_tokens() == 0 and cache.to_refresh() is None
 
 
 def test_shifted_reuse_recomputes_only_the_edit_when_enabled(engine):
@@ -242,13 +242,18 @@ def test_a_refresh_computes_moved_kv_again_as_a_fresh_prefill_does(engine):
     engine.config = dataclasses.replace(engine.config, cache_reuse_min_tokens=64)
     cursor = _line_end(SOURCE, 1800)
     engine.complete(_request(SOURCE, cursor))
-    assert engine.stale_tokens() == 0
+    assert not engine.refresh_due()
     at = SOURCE.index("class TextWrapper")
     edited = SOURCE[:at] + "# note\n" + SOURCE[at:]
+    # Warmed there (the user looks), the moved K/V wait; completed there, they are due.
+    engine.complete(dataclasses.replace(_request(edited, cursor), max_tokens=0))
+    assert engine.cache.stale_tokens() > 256 and not engine.refresh_due()
+    assert engine.refresh() == 0
     engine.complete(_request(edited, cursor + len("# note\n")))
     entry = engine.cache.entries[URI]
     start, n = entry.stale_from, len(entry.tokens)
-    assert engine.stale_tokens() == n - start > 256  # the moved run and all after it
+    assert engine.cache.stale_tokens() == n - start > 256  # the moved run and all after it
+    assert engine.refresh_due()
     picked = sorted(p for p in entry.known if p >= start)  # the suggestion's positions
     assert len(picked) >= 4
     fresh = engine.new_kv()
@@ -268,7 +273,8 @@ def test_a_refresh_computes_moved_kv_again_as_a_fresh_prefill_does(engine):
     assert done == 128 and entry.stale_from == start + done and entry.kv.length == n
     assert gap(0, start + done) <= 0.02 and gap(start + done, n) > 0.1
     assert engine.refresh() == n - start - done
-    assert entry.stale_from is None and engine.stale_tokens() == 0
+    assert entry.stale_from is None and engine.cache.stale_tokens() == 0
+    assert not engine.refresh_due()
     assert gap(0, n) <= 0.02
     # The picks kept for typing along the suggestion are made again, as fresh logits pick.
     assert {p: entry.known[p] for p in picked} == {p: fresh_picks[p] for p in picked}
