@@ -19,12 +19,14 @@ the problem's tests (`check(entry_point)`, in a subprocess with a timeout):
   shown (decoding the user never sees, on the key they wait for).
 
     .venv/bin/python benchmarks/blocks.py [--model default] [--quant auto] [--limit 40]
-        [--kind body block] [--max-tokens 64 ...] [--trigger automatic|invoked]
-        [--block-end on off] [--no-peers] [--json PATH]
+        [--kind body block] [--max-tokens 64 ...] [--max-time-ms 0 1000 ...]
+        [--trigger automatic|invoked] [--block-end on off] [--no-peers] [--json PATH]
 
 `--block-end off` measures the engine without its stop before a line that leaves the
 cursor's block (docs/engine.md, "Where a multi-line suggestion stops"): then it decodes up
-to EOS or `--max-tokens`, and the language server cuts.
+to EOS or `--max-tokens`, and the language server cuts. `--max-time-ms` sets the requests'
+`max_time_ms` (0: none): decoding stops at the first token after that many milliseconds and
+the server shows the lines finished by then (the language server's `maxTimeMs`).
 
 Each GGUF model also gets a llama-server row in the same run (`make bench-peers`;
 `--no-peers` skips it): for every task the exact prompt codelm ran (see infill.py), greedy,
@@ -157,7 +159,7 @@ def passes(program: str, timeout_s: float = TEST_TIMEOUT_S) -> bool:
     return done.returncode == 0
 
 
-def _request(task: Task, trigger: str, max_tokens: int):
+def _request(task: Task, trigger: str, max_tokens: int, max_time_ms: int | None = None):
     from codelm.daemon.protocol import CompleteRequest
 
     line, character = task.cursor
@@ -170,6 +172,7 @@ def _request(task: Task, trigger: str, max_tokens: int):
         trigger=trigger,
         single_line=False,
         max_tokens=max_tokens,
+        max_time_ms=max_time_ms,
     )
 
 
@@ -234,35 +237,38 @@ def run(
     quant: str,
     tasks: list[Task],
     trigger: str,
-    variants: list[tuple[int, bool]],
+    variants: list[tuple[int, bool, int]],
     log=print,
 ):
-    """For each (max_tokens, block_end) of `variants`, on one engine: codelm's row, its
-    records and, per task, the prompt llama-server gets."""
+    """For each (max_tokens, block_end, max_time_ms) of `variants`, on one engine: codelm's
+    row, its records and, per task, the prompt llama-server gets."""
     from codelm.daemon.engine import EngineConfig, load_engine
 
     t0 = time.perf_counter()
     engine = load_engine(EngineConfig(model=model, quant=quant))
     load_s = time.perf_counter() - t0
     results = []
-    for max_tokens, block_end in variants:
+    for max_tokens, block_end, max_time_ms in variants:
         with nullcontext() if block_end else _no_block_end():
             records, peer_prompts = _run_tasks(
-                engine, tasks, trigger, max_tokens, f"{model} {quant} {max_tokens}", log
-            )
+                engine, tasks, trigger, (max_tokens, max_time_ms or None),
+                f"{model} {quant} {max_tokens} {max_time_ms or '-'} ms", log,
+            )  # fmt: skip
         row = {"system": f"codelm {engine.info['quant']}", "model": model, "trigger": trigger}
         row |= {"max_tokens": max_tokens, "block_end": "on" if block_end else "off"}
+        row |= {"max_time_ms": max_time_ms or "-"}
         results.append(
             (row | _scores(records) | {"load_s": round(load_s, 1)}, records, peer_prompts)
         )
     return results
 
 
-def _run_tasks(engine, tasks: list[Task], trigger: str, max_tokens: int, what: str, log):
+def _run_tasks(engine, tasks: list[Task], trigger: str, limits: tuple, what: str, log):
+    """`limits`: (max_tokens, max_time_ms or None)."""
     records, peer_prompts = [], []
     engine.complete(_request(tasks[0], trigger, 4))  # first-call costs stay out
     for task in tasks:
-        request = _request(task, trigger, max_tokens)
+        request = _request(task, trigger, *limits)
         # Each task cold: what an earlier request left in the file's cache (K/V the decode
         # kernels computed, its suggestion as a draft) would make rows depend on their order.
         engine.close_document(request.uri)
@@ -351,6 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=40, help="first N HumanEval problems")
     parser.add_argument("--kind", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--max-tokens", nargs="+", type=int, default=[MAX_TOKENS])
+    parser.add_argument(
+        "--max-time-ms",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="the requests' max_time_ms (0: no time limit)",
+    )
     parser.add_argument("--trigger", choices=["invoked", "automatic"], default="automatic")
     parser.add_argument(
         "--block-end",
@@ -370,13 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     peer_note = "" if args.no_peers or peers.available() else peers.NOT_BUILT
     for model in args.model:
         prompts: list[str] = []
-        variants = list(itertools.product(args.max_tokens, [b == "on" for b in args.block_end]))
+        block_end = [b == "on" for b in args.block_end]
+        variants = list(itertools.product(args.max_tokens, block_end, args.max_time_ms))
         for quant in args.quant:
             results = run(model, quant, tasks, args.trigger, variants, stderr)
             prompts = results[0][2]  # (the same for every variant)
             for row, records, _ in results:
                 rows.append(row)
                 key = f"{model}/{quant}/{row['max_tokens']}/block-end-{row['block_end']}"
+                key += f"/time-{row['max_time_ms']}"
                 details[key] = records
         if not (args.no_peers or peer_note):
             peer = run_peer(model, tasks, prompts, args.max_tokens[0], stderr)
@@ -385,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                 details[f"{model}/llama-server"] = peer[1]
     if peer_note:
         print(f"llama-server rows: {peer_note}", file=sys.stderr)
-    columns = ["system", "model", "trigger", "max_tokens", "block_end", "tasks"]
+    columns = ["system", "model", "trigger", "max_tokens", "max_time_ms", "block_end", "tasks"]
     columns += ["shown_pass_pct", "raw_pass_pct"]
     columns += ["stop_ok_pct", "over_pct", "under_pct", "generated", "unshown", "p50_ms", "p90_ms"]
     print_table(rows, columns)

@@ -19,6 +19,7 @@ MAX_TEXT_CHARS = 8_000_000
 MAX_URI_CHARS = 16_384  # a path (its name goes into the prompt) percent-encoded
 MAX_PATH_CHARS = 4_096
 MAX_TOKENS_LIMIT = 1024
+MAX_TIME_MS_LIMIT = 600_000
 MAX_CONTEXT_SNIPPETS = 16
 MAX_CONTEXT_CHARS = 64_000  # all snippets together; the prompt holds context_chars of them
 TRIGGERS = ("automatic", "invoked")
@@ -63,6 +64,13 @@ def _max_tokens(body: dict[str, Any], default: int, least: int = 1) -> int:
         raise BadRequest(
             "max_tokens", f"must be between {least} and {MAX_TOKENS_LIMIT}, got {value}"
         )
+    return value
+
+
+def _max_time_ms(body: dict[str, Any]) -> int | None:
+    value = _get(body, "max_time_ms", int, None)
+    if value is not None and not 1 <= value <= MAX_TIME_MS_LIMIT:
+        raise BadRequest("max_time_ms", f"must be between 1 and {MAX_TIME_MS_LIMIT}, got {value}")
     return value
 
 
@@ -126,6 +134,9 @@ class CompleteRequest:
     stop: tuple[str, ...] = ()
     # Snippets of other files (the ones the user works in), read before the document.
     context: tuple[Snippet, ...] = ()
+    # Decoding stops at the first token after this many ms from the request's start on the
+    # engine (`time_limit`); None: no limit.
+    max_time_ms: int | None = None
 
     @classmethod
     def from_json(cls, body: Any) -> CompleteRequest:
@@ -150,6 +161,7 @@ class CompleteRequest:
             single_line=_get(body, "single_line", bool, None),
             stop=_stop(body),
             context=_context(body),
+            max_time_ms=_max_time_ms(body),
         )
 
     @property
@@ -166,7 +178,7 @@ class CompleteRequest:
             "max_tokens": self.max_tokens,
             "stream": self.stream,
         }
-        for name in ("path", "language", "single_line"):
+        for name in ("path", "language", "single_line", "max_time_ms"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
         if self.stop:

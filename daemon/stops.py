@@ -1,11 +1,13 @@
 """When a completion stops: stop strings, end of line, the end of the cursor's block, max
-tokens. Text only (no torch), so the engine that asks an inference server stops as the local
-one does, and the language server's post-processing measures blocks as these rules do."""
+tokens, a time limit. Text only (no torch), so the engine that asks an inference server
+stops as the local one does, and the language server's post-processing measures blocks as
+these rules do."""
 
 from __future__ import annotations
 
 import enum
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,19 +30,22 @@ class StopReason(str, enum.Enum):
     BLOCK_END = "block_end"
     CANCELLED = "cancelled"
     CONTEXT = "context"
+    TIME_LIMIT = "time_limit"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StopRules:
     """When to stop: stop token ids, stop strings, max tokens, end of line, and with
     `block_line` (the cursor's line up to the cursor) before the first line that leaves the
-    cursor's block (`block_end`)."""
+    cursor's block (`block_end`); at the first token after `deadline` (time.monotonic()) once
+    there is text to show."""
 
     stop_ids: frozenset[int] = frozenset()
     stop_texts: tuple[str, ...] = ()
     max_tokens: int = 64
     single_line: bool = False
     block_line: str | None = None
+    deadline: float | None = None
 
     def scan(self, text: str) -> tuple[int, StopReason | None]:
         """Given all generated text so far: (how much of it may be shown, stop reason or None).
@@ -67,6 +72,11 @@ class StopRules:
         if reason is None:
             cut = min(cut, len(text) - _partial_stop(text, self.stop_texts))
         return cut, reason
+
+
+def deadline_after(max_time_ms: int | None) -> float | None:
+    """`StopRules.deadline` for a request's `max_time_ms`, counted from now."""
+    return None if max_time_ms is None else time.monotonic() + max_time_ms / 1000
 
 
 def block_line(text: str, cursor: int) -> str | None:
@@ -176,7 +186,14 @@ class ShownText:
         self.shown = max(self.shown, cut)
         if reason is not None:
             self.text, self.past_stop = self.text[:cut], self.text[cut:]
+        elif self._out_of_time():
+            reason = StopReason.TIME_LIMIT  # finish() shows what was held back, as at max_tokens
         return reason
+
+    def _out_of_time(self) -> bool:
+        """Past the deadline with some text to show (not only the healed indentation)."""
+        deadline = self.rules.deadline
+        return deadline is not None and time.monotonic() >= deadline and bool(self.text.strip())
 
     def finish(self, reason: StopReason, tail: str = "") -> str:
         """The whole text once generation ended for `reason`. Unless a stop string or the line's

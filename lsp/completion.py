@@ -143,7 +143,8 @@ def suggestions_from_response(
 ) -> list[Suggestion]:
     """Daemon items as insertions at the cursor (`offset`), dropping ones that do not fit."""
     out: list[Suggestion] = []
-    truncated = response.stop_reason == "max_tokens"
+    # Cut short by a limit, not ended by the model: its last line may be unfinished.
+    truncated = response.stop_reason in ("max_tokens", "time_limit")
     for item in response.items:
         s = _as_insertion(item, text, offset, truncated)
         if s is not None and s not in out:
@@ -430,6 +431,7 @@ def build_request(
         max_tokens=settings.max_tokens,
         single_line=ctx.is_single_line,
         context=context,
+        max_time_ms=settings.max_time_ms or None,
     )
 
 

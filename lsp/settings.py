@@ -31,6 +31,7 @@ class LspSettings:
     auto_start: bool = True
     model: str | None = None  # passed to `codelm-daemon start --model` on auto-start
     max_tokens: int = 64
+    max_time_ms: int = 0  # the daemon stops decoding after this long (0: no limit)
     single_line: str = "auto"  # auto | always | never
     debounce_ms: int = 75
     timeout_ms: int = 10_000  # a daemon answer later than this is dropped (empty list)
@@ -107,6 +108,7 @@ _OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "daemon.autoStart": ("auto_start", _bool),
     "model": ("model", _optional_str),
     "maxTokens": ("max_tokens", _int_in(1, 1024)),
+    "maxTimeMs": ("max_time_ms", _int_in(0, 600_000)),
     "singleLine": ("single_line", _single_line),
     "debounceMs": ("debounce_ms", _int_in(0, 2000)),
     "timeoutMs": ("timeout_ms", _int_in(50, 600_000)),

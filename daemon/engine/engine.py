@@ -30,7 +30,7 @@ from ..protocol import (
     Timings,
     offset_at,
 )
-from ..stops import block_line
+from ..stops import block_line, deadline_after
 from . import EngineConfig
 from .cancel import CancelToken
 from .generate import GenerationResult, StopRules, generate, prefill, usable_draft
@@ -213,6 +213,7 @@ class Engine:
             max_tokens=request.max_tokens,
             single_line=single_line,
             block_line=None if single_line else block_line(request.text, cursor),
+            deadline=deadline_after(request.max_time_ms),
         )
         before = request.text[:cursor]
         draft = self._draft(request.uri, before, prompt.heal)

@@ -38,7 +38,7 @@ from ..protocol import (
     Timings,
     offset_at,
 )
-from ..stops import ShownText, StopReason, StopRules, block_line
+from ..stops import ShownText, StopReason, StopRules, block_line, deadline_after
 from . import EngineConfig
 from .cancel import CancelToken
 from .prompt import (
@@ -192,6 +192,7 @@ class RemoteEngine:
             max_tokens=request.max_tokens,
             single_line=bool(request.single_line),
             block_line=None if request.single_line else block_line(request.text, cursor),
+            deadline=deadline_after(request.max_time_ms),
         )
         at = Position(line=request.line, character=request.character)
         for narrowed in range(_NARROWINGS + 1):

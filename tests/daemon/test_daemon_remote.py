@@ -215,6 +215,13 @@ def test_stop_strings_and_max_tokens_count_after_the_healed_word():
     assert done and answer.text == "return x" and answer.reason is StopReason.MAX_TOKENS
 
 
+def test_an_answer_past_its_deadline_stops_once_it_has_text_to_show():
+    answer = _Answer(StopRules(max_tokens=64, deadline=time.monotonic()), None, "    ")
+    assert not answer.add("    ")  # the healed indentation, retyped: nothing to show yet
+    assert answer.add("return x")
+    assert answer.text == "return x" and answer.reason is StopReason.TIME_LIMIT
+
+
 def test_a_single_line_answer_stops_after_the_healed_whitespace_too():
     answer = _Answer(StopRules(max_tokens=64, single_line=True), None, "    ")
     assert not answer.add("    ")

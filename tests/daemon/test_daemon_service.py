@@ -131,6 +131,8 @@ BAD_FIELDS = [
     ({"max_tokens": -1}, "max_tokens: must be between 0"),
     ({"max_tokens": 10**9}, "max_tokens: must be between"),
     ({"stream": "yes"}, "stream: must be a boolean"),
+    ({"max_time_ms": 0}, "max_time_ms: must be between 1"),
+    ({"max_time_ms": "fast"}, "max_time_ms: must be an integer"),
     ({"stop": [1]}, "stop: must be"),
     ({"uri": "file:///" + "a" * 20_000}, "uri: longer than"),
     ({"path": "/" + "a" * 5_000}, "path: longer than"),

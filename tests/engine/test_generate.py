@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from unittest import mock
 
 import pytest
@@ -93,6 +95,32 @@ def test_a_line_that_may_leave_the_block_is_held_back_from_the_stream():
     assert "".join(pieces) == "return x\n\n"
     assert shown.add("f g") is StopReason.BLOCK_END
     assert "".join(pieces) == shown.text == "return x\n\n"
+
+
+def test_past_the_deadline_the_next_token_stops_and_shows_what_was_held_back():
+    pieces: list[str] = []
+    shown = ShownText(
+        StopRules(stop_texts=("\ndef",), deadline=time.monotonic() + 60), pieces.append
+    )
+    assert shown.add("x = 1\nd") is None
+    assert "".join(pieces) == "x = 1"  # "\nd" may begin the stop string
+    late = ShownText(StopRules(stop_texts=("\ndef",), deadline=time.monotonic()), pieces.append)
+    assert late.add("x = 1\nd") is StopReason.TIME_LIMIT
+    assert late.finish(StopReason.TIME_LIMIT, "e") == "x = 1\nde" and late.past_stop == ""
+
+
+def test_a_request_past_its_time_limit_stops_with_what_it_decoded(default_engine):
+    text = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    "
+    request = CompleteRequest(
+        uri="file:///late.py", text=text, line=5, character=4, max_tokens=48, max_time_ms=1
+    )
+    unlimited = default_engine.complete(dataclasses.replace(request, max_time_ms=None))
+    response = default_engine.complete(request)
+    assert response.stop_reason == "time_limit"
+    # The first token retypes the healed indentation: it stops once there is text to show.
+    shown = response.items[0].text
+    assert shown.strip() and unlimited.items[0].text.startswith(shown)
+    assert response.timings.generated_tokens < unlimited.timings.generated_tokens
 
 
 def test_a_multi_line_completion_stops_before_the_next_definition(default_engine):

@@ -147,9 +147,10 @@ async def test_completer_returns_postprocessed_item_with_range():
 
 
 @pytest.mark.parametrize(
-    ("stop_reason", "shown"), [("max_tokens", "y = 2"), ("eos", "y = 2\nz = f(")]
+    ("stop_reason", "shown"),
+    [("max_tokens", "y = 2"), ("time_limit", "y = 2"), ("eos", "y = 2\nz = f(")],
 )
-async def test_a_suggestion_cut_off_by_max_tokens_loses_its_unfinished_line(stop_reason, shown):
+async def test_a_suggestion_cut_off_by_a_limit_loses_its_unfinished_line(stop_reason, shown):
     completer = _completer(FakeLink(lambda r: "y = 2\nz = f(", stop_reason=stop_reason), "x = 1\n")
     items = await completer.inline_completion(URI, _at(1, 0), is_invoked=True)
     assert [i.text for i in items] == [shown]
@@ -161,6 +162,7 @@ async def test_completer_sends_utf16_position_and_single_line_flag():
     await completer.inline_completion(URI, _at(0, 11), is_invoked=True)
     request = link.requests[0]
     assert (request.line, request.character, request.single_line) == (0, 11, True)
+    assert request.max_time_ms == (LspSettings().max_time_ms or None)
     assert (request.path, request.language, request.trigger) == (
         "demo.py",  # (outside every workspace folder: its name)
         "python",

@@ -14,6 +14,7 @@ def test_settings_read_camel_case_nested_options():
         {
             "daemon": {"url": "http://127.0.0.1:9000/", "autoStart": False},
             "maxTokens": 32,
+            "maxTimeMs": 1500,
             "singleLine": "always",
             "debounceMs": 10,
             "enabledLanguages": ["Python"],
@@ -23,7 +24,7 @@ def test_settings_read_camel_case_nested_options():
     assert problems == []
     assert settings.daemon_url == "http://127.0.0.1:9000"
     assert settings.auto_start is False
-    assert settings.max_tokens == 32
+    assert (settings.max_tokens, settings.max_time_ms) == (32, 1500)
     assert settings.single_line == "always"
     assert settings.enabled_languages == ("python",)
     assert settings.completion_fallback is True

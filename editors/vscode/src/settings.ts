@@ -12,6 +12,7 @@ export interface ServerOptions {
   enabled: boolean;
   model: string | null;
   maxTokens: number;
+  maxTimeMs: number;
   singleLine: string;
   debounceMs: number;
   timeoutMs: number;
@@ -33,6 +34,7 @@ export function serverOptions(config: ConfigReader): ServerOptions {
     enabled: config.get<boolean>('enable') ?? true,
     model: nonEmpty(config.get<string>('model')),
     maxTokens: config.get<number>('maxTokens') ?? 64,
+    maxTimeMs: config.get<number>('maxTimeMs') ?? 0,
     singleLine: config.get<string>('singleLine') ?? 'auto',
     debounceMs: config.get<number>('debounceMs') ?? 75,
     timeoutMs: config.get<number>('timeoutMs') ?? 10000,
