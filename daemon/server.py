@@ -60,9 +60,6 @@ async def _serve(config: DaemonConfig, on_ready: Callable[[str], None] | None) -
         logger.info("shutting down")
     finally:
         await runner.cleanup()
-        if config.unix_socket and _is_socket(config.unix_socket):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(config.unix_socket)
     return 0
 
 
@@ -75,6 +72,11 @@ def _instance_ctx(config: DaemonConfig) -> Callable[[web.Application], AsyncIter
             yield
         finally:
             watch.cancel()
+            # The socket goes before the lock: `stop` returns once the lock is free, and must
+            # find no socket left (the sites stopped listening before this cleanup).
+            if config.unix_socket and _is_socket(config.unix_socket):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(config.unix_socket)
             lock.release()
 
     return instance_files
