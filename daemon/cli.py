@@ -26,7 +26,7 @@ from .config import (
     resolve_paths,
 )
 from .errors import CodelmError, DaemonUnavailable
-from .protocol import MAX_TOKENS_LIMIT
+from .protocol import MAX_TIME_MS_LIMIT, MAX_TOKENS_LIMIT
 from .runtime import (
     RuntimePaths,
     cleanup_stale,
@@ -122,6 +122,12 @@ def _add_engine_commands(sub: Any, common: Any, engine: Any) -> None:
             cmd.add_argument(
                 "--max-tokens", type=_max_tokens, default=64, help="1 to 1024, default 64"
             )
+            cmd.add_argument(
+                "--max-time-ms",
+                type=_max_time_ms,
+                default=None,
+                help="stop decoding after this many ms (1 to 600000; default: no limit)",
+            )
         cmd.set_defaults(func=_lead_command(f"run_{name}"))
 
     models = sub.add_parser("models", parents=[common], help="list or fetch catalogue models")
@@ -137,6 +143,13 @@ def _max_tokens(text: str) -> int:
     """--max-tokens as the daemon takes it (in-process runs took any number)."""
     if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_TOKENS_LIMIT:
         raise argparse.ArgumentTypeError(f"must be 1 to {MAX_TOKENS_LIMIT}, got {text!r}")
+    return int(text)
+
+
+def _max_time_ms(text: str) -> int:
+    """--max-time-ms as the daemon takes it (`max_time_ms`)."""
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_TIME_MS_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_TIME_MS_LIMIT}, got {text!r}")
     return int(text)
 
 

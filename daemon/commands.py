@@ -50,7 +50,12 @@ class Location:
         return cls(Path(parts[0]), line, column)
 
 
-def build_request(location: Location, max_tokens: int, trigger: str = "invoked") -> CompleteRequest:
+def build_request(
+    location: Location,
+    max_tokens: int,
+    trigger: str = "invoked",
+    max_time_ms: int | None = None,
+) -> CompleteRequest:
     """The daemon request for a location; the column is converted to UTF-16 units. The text
     is the file's as it is (its line endings kept, a UTF-8 byte order mark left out, as
     editors show it)."""
@@ -88,6 +93,7 @@ def build_request(location: Location, max_tokens: int, trigger: str = "invoked")
         path=str(location.path).encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
         trigger=trigger,
         max_tokens=max_tokens,
+        max_time_ms=max_time_ms,
     )
 
 
@@ -116,7 +122,11 @@ def _ask_daemon(args: argparse.Namespace, fn):
 
 def run_complete(args: argparse.Namespace) -> int:
     try:
-        request = build_request(Location.parse(args.location), getattr(args, "max_tokens", 64))
+        request = build_request(
+            Location.parse(args.location),
+            getattr(args, "max_tokens", 64),
+            max_time_ms=getattr(args, "max_time_ms", None),
+        )
         response = _ask_daemon(args, lambda client: client.complete(request))
         if response is None:
             response = _load_engine(args).complete(request)

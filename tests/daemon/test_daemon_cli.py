@@ -260,6 +260,23 @@ def test_max_tokens_out_of_the_daemons_range_is_refused_in_process_too(value):
     assert build_parser().parse_args(["complete", "a.py:1:1", "--max-tokens", "8"]).max_tokens == 8
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "600001", "1.5"])
+def test_max_time_ms_out_of_the_daemons_range_is_refused(value):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["complete", "a.py:1:1", "--max-time-ms", value])
+    args = build_parser().parse_args(["complete", "a.py:1:1", "--max-time-ms", "800"])
+    assert args.max_time_ms == 800
+    assert build_parser().parse_args(["complete", "a.py:1:1"]).max_time_ms is None
+
+
+def test_the_time_limit_goes_into_the_request(tmp_path):
+    from codelm.daemon.commands import Location, build_request
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    request = build_request(Location.parse(f"{tmp_path / 'a.py'}:1:6"), 4, max_time_ms=800)
+    assert request.max_time_ms == 800 and request.to_json()["max_time_ms"] == 800
+
+
 @pytest.mark.parametrize(
     "argv",
     [
