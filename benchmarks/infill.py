@@ -239,15 +239,14 @@ def run(
 
 def _asked_again(engine, task: Task, trigger: str) -> dict:
     """The task's request asked again at once, then after the engine's idle refresh."""
-    expected = task.expected.strip()
     at_once = engine.complete(_request(task, trigger)).items[0].text
     refreshed = 0
     while done := engine.refresh():
         refreshed += done
     idle = engine.complete(_request(task, trigger)).items[0].text
     return {
-        "again_hit": at_once.split("\n", 1)[0].strip() == expected,
-        "idle_hit": idle.split("\n", 1)[0].strip() == expected,
+        "again_hit": _hits(task, at_once.split("\n", 1)[0]),
+        "idle_hit": _hits(task, idle.split("\n", 1)[0]),
         "refreshed": refreshed,
     }
 
@@ -290,14 +289,18 @@ def _scored(task: Task, text: str, ms: float) -> dict:
     """A line's record: the first line of the suggestion `text` and of what the language
     server would show for it, each against the line's content."""
     got, shown = text.split("\n", 1)[0], _shown(task, text)
-    expected = task.expected.strip()
     return {"task": task.task_id, "line": task.line, "ms": round(ms, 1)} | {
         "expected": task.expected,
         "got": got,
-        "hit": got.strip() == expected,
+        "hit": _hits(task, got),
         "shown": shown,
-        "shown_hit": shown.strip() == expected,
+        "shown_hit": _hits(task, shown),
     }
+
+
+def _hits(task: Task, line: str) -> bool:
+    """Whether a suggested line is the masked line's content (surrounding spaces aside)."""
+    return line.strip() == task.expected.strip()
 
 
 def _scores(records: list[dict]) -> dict:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +120,14 @@ def _add_engine_commands(sub: Any, common: Any, engine: Any) -> None:
         cmd.add_argument("--no-daemon", action="store_true", help="load the engine in-process")
         if name == "complete":
             cmd.add_argument(
-                "--max-tokens", type=_max_tokens, default=64, help="1 to 1024, default 64"
+                "--max-tokens",
+                type=_one_to(MAX_TOKENS_LIMIT),
+                default=64,
+                help="1 to 1024, default 64",
             )
             cmd.add_argument(
                 "--max-time-ms",
-                type=_max_time_ms,
+                type=_one_to(MAX_TIME_MS_LIMIT),
                 default=None,
                 help="stop decoding after this many ms (1 to 600000; default: no limit)",
             )
@@ -139,18 +142,16 @@ def _add_engine_commands(sub: Any, common: Any, engine: Any) -> None:
     models.set_defaults(func=_lead_command("run_models"))
 
 
-def _max_tokens(text: str) -> int:
-    """--max-tokens as the daemon takes it (in-process runs took any number)."""
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_TOKENS_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_TOKENS_LIMIT}, got {text!r}")
-    return int(text)
+def _one_to(limit: int) -> Callable[[str], int]:
+    """An option's type: a whole number from 1 to `limit`, as the daemon takes it
+    (--max-tokens, --max-time-ms; in-process runs took any number)."""
 
+    def parse(text: str) -> int:
+        if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= limit:
+            raise argparse.ArgumentTypeError(f"must be 1 to {limit}, got {text!r}")
+        return int(text)
 
-def _max_time_ms(text: str) -> int:
-    """--max-time-ms as the daemon takes it (`max_time_ms`)."""
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_TIME_MS_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_TIME_MS_LIMIT}, got {text!r}")
-    return int(text)
+    return parse
 
 
 def _seconds(text: str) -> float:

@@ -58,19 +58,13 @@ def _non_negative(body: dict[str, Any], name: str) -> int:
     return value
 
 
-def _max_tokens(body: dict[str, Any], default: int, least: int = 1) -> int:
-    value = _get(body, "max_tokens", int, default)
-    if not least <= value <= MAX_TOKENS_LIMIT:
-        raise BadRequest(
-            "max_tokens", f"must be between {least} and {MAX_TOKENS_LIMIT}, got {value}"
-        )
-    return value
-
-
-def _max_time_ms(body: dict[str, Any]) -> int | None:
-    value = _get(body, "max_time_ms", int, None)
-    if value is not None and not 1 <= value <= MAX_TIME_MS_LIMIT:
-        raise BadRequest("max_time_ms", f"must be between 1 and {MAX_TIME_MS_LIMIT}, got {value}")
+def _int_between(
+    body: dict[str, Any], name: str, least: int, most: int, default: int | None
+) -> int | None:
+    """An integer field within [least, most]; `default` (None: absent) where it is missing."""
+    value = _get(body, name, int, default)
+    if value is not None and not least <= value <= most:
+        raise BadRequest(name, f"must be between {least} and {most}, got {value}")
     return value
 
 
@@ -156,12 +150,12 @@ class CompleteRequest:
             path=_text(body, "path", None, limit=MAX_PATH_CHARS),
             language=_get(body, "language", str, None),
             trigger=trigger,
-            max_tokens=_max_tokens(body, 64, least=0),
+            max_tokens=_int_between(body, "max_tokens", 0, MAX_TOKENS_LIMIT, 64),
             stream=_get(body, "stream", bool, False),
             single_line=_get(body, "single_line", bool, None),
             stop=_stop(body),
             context=_context(body),
-            max_time_ms=_max_time_ms(body),
+            max_time_ms=_int_between(body, "max_time_ms", 1, MAX_TIME_MS_LIMIT, None),
         )
 
     @property
@@ -224,7 +218,7 @@ class OpenAICompletionRequest:
         return cls(
             prompt=prompt,
             suffix=_text(body, "suffix", None),
-            max_tokens=_max_tokens(body, 16),
+            max_tokens=_int_between(body, "max_tokens", 1, MAX_TOKENS_LIMIT, 16),
             stop=_stop(body),
             stream=_get(body, "stream", bool, False),
             model=_get(body, "model", str, None),

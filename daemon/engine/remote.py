@@ -240,10 +240,7 @@ class RemoteEngine:
         return self.documents.pop(uri, None) is not None
 
     def refresh_due(self) -> bool:
-        return False  # the server keeps the K/V, and recomputes none of them while idle
-
-    def refresh(self, cancel=None) -> int:
-        return 0
+        return False  # the server keeps the K/V (the scheduler never asks it to `refresh`)
 
     def cache_stats(self) -> dict[str, Any]:
         """The K/V is the server's to keep: here, only the documents' windows."""
