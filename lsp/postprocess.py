@@ -351,7 +351,7 @@ def _spaced_closer(line: str, ctx: Context) -> bool:
     """The text after the cursor starts with a closer whose opener in `line` (the cursor's
     line once the suggestion is in) is followed by a space."""
     closer = ctx.line_after[:1]
-    if closer not in CLOSERS or "\n" in line:
+    if closer not in _PAIRS or "\n" in line:  # (not `in CLOSERS`: "" is in every string)
         return False
     depth = 0
     for i in range(len(line) - 1, -1, -1):
@@ -832,10 +832,26 @@ def replace_line_rest(s: Suggestion, ctx: Context) -> Suggestion | None:
             logger.debug("replace_line_rest: the suggestion retypes %r and goes on", rest)
             return replace(s, replace_after=len(rest))
         return s
-    if _errors_with(ctx, s.text, len(rest)) < _errors_with(ctx, s.text, 0):
-        logger.debug("replace_line_rest: the suggestion retypes %r", rest)
-        return replace(s, replace_after=len(rest))
+    # Of the closers, as many as the suggestion retypes, where that leaves fewer errors
+    # (`f(|);` suggested `x)` replaces the `)` and keeps the `;`); ties go to the most.
+    retyped = [
+        k
+        for k in range(1, len(rest) + 1)
+        if (k == len(rest) or not rest[k].isspace()) and _retypes(s.text, rest[:k])
+    ]
+    errors = {k: _errors_with(ctx, s.text, k) for k in [0, *retyped]}
+    best = min(errors, key=lambda k: (errors[k], -k))
+    if errors[best] < errors[0]:
+        logger.debug("replace_line_rest: the suggestion retypes %r", rest[:best])
+        return replace(s, replace_after=best)
     return s
+
+
+def _retypes(text: str, typed: str) -> bool:
+    """Every character of `typed` but spaces is in `text`, in order: `text` in place of
+    `typed` loses nothing the user wrote."""
+    chars = iter(text)
+    return all(ch in chars for ch in typed if not ch.isspace())
 
 
 def _closes_own_element(text: str, rest: str) -> bool:
