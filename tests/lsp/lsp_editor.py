@@ -15,7 +15,7 @@ import pytest
 from lsprotocol import types
 from pytest_lsp import LanguageClient, make_test_lsp_client
 
-from codelm.lsp.positions import position_at
+from codelm.lsp.positions import position_at, to_range
 
 STATUS = "codelm/status"
 
@@ -91,13 +91,14 @@ class Editor:
 
     def insert(self, uri: str, offset: int, new: str) -> None:
         """Send one incremental change inserting `new` at str index `offset`."""
+        self.edit(uri, offset, offset, new)
+
+    def edit(self, uri: str, start: int, end: int, new: str) -> None:
+        """Send one incremental change replacing str indices [start, end) with `new`."""
         text = self.texts[uri]
-        here = position_at(text, offset)
-        self.texts[uri] = text[:offset] + new + text[offset:]
+        self.texts[uri] = text[:start] + new + text[end:]
         self.versions[uri] += 1
-        change = types.TextDocumentContentChangePartial(
-            range=types.Range(start=here, end=here), text=new
-        )
+        change = types.TextDocumentContentChangePartial(range=to_range(text, start, end), text=new)
         doc = types.VersionedTextDocumentIdentifier(uri=uri, version=self.versions[uri])
         self.client.text_document_did_change(
             types.DidChangeTextDocumentParams(text_document=doc, content_changes=[change])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from lsp_fake_daemon import FakeDaemon
 from lsprotocol import types
 
 from codelm.daemon.protocol import text_window
+from codelm.lsp.positions import offset_at
 
 pytestmark = pytest.mark.e2e
 URI = "file:///work/demo.py"
@@ -357,6 +360,61 @@ async def test_form_feed_and_line_separator_do_not_shift_lines(
     assert fake_daemon.requests[-1].text == editor.texts[URI]
     assert [i.insert_text for i in result.items] == [" + 1"]
     assert result.items[0].range.start == types.Position(line=3, character=5)
+
+
+# What a user types and a model answers that stresses sync and ranges.
+_PIECES = ("x", "(", ")", '"', "'", ":", " ", "\t", "\n", "\r\n", "\r", "é", "😀", "{}", "]")
+
+
+async def test_a_random_session_stays_in_sync_and_never_replaces_text_it_does_not_retype(
+    editor: Editor, fake_daemon: FakeDaemon
+):
+    """Hundreds of random edits (wide characters, every line ending) and requests at random
+    places, answered with text cut from anywhere in the document with brackets and quotes
+    added: every request gets a list, the daemon always gets the editor's text, and each item's
+    range starts at the cursor, stays on its line and replaces nothing the item does not
+    retype."""
+    rng = random.Random(3)
+
+    def answer(request) -> str:
+        text = request.text
+        start = rng.randrange(len(text) + 1)
+        answer = text[start : start + rng.randint(1, 60)]
+        for _ in range(rng.randrange(3)):
+            at = rng.randrange(len(answer) + 1)
+            answer = answer[:at] + rng.choice(_PIECES) + answer[at:]
+        return answer
+
+    fake_daemon.predict = answer
+    editor.open(URI, 'def greet(name):\r\n    """Say hi."""\n    print(f"hi {name} 😀", end="")\n')
+    requests, items = 0, 0
+    for _ in range(400):
+        text = editor.texts[URI]
+        # (between \r and \n is no position an editor can name)
+        a, b = (
+            n - (text[n - 1 : n + 1] == "\r\n")
+            for n in sorted(rng.choices(range(len(text) + 1), k=2))
+        )
+        if rng.random() < 0.6 or len(text) > 300:
+            end = b if rng.random() < 0.3 or len(text) > 300 else a
+            editor.edit(URI, a, end, "".join(rng.choices(_PIECES, k=rng.randint(0, 2))))
+            continue
+        n_requests = len(fake_daemon.requests)
+        result = await editor.inline(URI, a, invoked=rng.random() < 0.5)
+        requests += 1
+        if len(fake_daemon.requests) > n_requests:
+            assert fake_daemon.requests[-1].text == text
+        for item in result.items:
+            items += 1
+            start = offset_at(text, item.range.start.line, item.range.start.character)
+            end = offset_at(text, item.range.end.line, item.range.end.character)
+            replaced = text[start:end]
+            assert start == a and "\n" not in replaced and "\r" not in replaced
+            lost = Counter(ch for ch in replaced if not ch.isspace()) - Counter(item.insert_text)
+            assert not lost, (text[:a], item, replaced)
+    assert requests > 100 and items > 50, (requests, items)
+    result = await editor.inline(URI, 0, invoked=True)  # the server is still there
+    assert isinstance(result, types.InlineCompletionList)
 
 
 def test_the_server_ends_when_the_editor_closes_its_stdout(tmp_path):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 from lsprotocol import types
 
@@ -198,3 +200,89 @@ def test_text_window_keeps_small_texts_whole():
     from codelm.daemon.protocol import text_window
 
     assert text_window("x = 1\n" * 1000, 3000) == (0, 6000)
+
+
+# What users type that stresses positions: wide characters, every line ending, lone halves.
+_HIGH, _LOW = range(0xD800, 0xDC00), range(0xDC00, 0xE000)
+_PIECES = ("a", "bc", " ", "\t", "\n", "\r\n", "\r", "é", "中", "😀", "👍🏽", "\u200b", "\x0c")
+
+
+class _ClientText:
+    """A document as an editor holds it: code units of `encoding` (UTF-16 ones, as VS Code
+    does, may come apart into halves), edited by (line, character) positions in those units."""
+
+    def __init__(self, text: str, encoding: str) -> None:
+        self.encoding = encoding
+        self.units = self._encode(text)
+
+    def _encode(self, text: str) -> list[int]:
+        if self.encoding == "utf-8":
+            return list(text.encode("utf-8"))
+        if self.encoding == "utf-32":
+            return [ord(ch) for ch in text]
+        return list(memoryview(text.encode("utf-16-le", "surrogatepass")).cast("H"))
+
+    def positions(self) -> list[tuple[int, int, int]]:
+        """(unit index, line, character) of every place a client may name: not between \\r
+        and \\n, nor inside a UTF-8 or UTF-32 character (a UTF-16 pair may be split)."""
+        places, line, character = [], 0, 0
+        for i, unit in enumerate([*self.units, None]):
+            after_cr = i > 0 and self.units[i - 1] == 0x0D
+            if not (after_cr and unit == 0x0A) and not (
+                self.encoding == "utf-8" and unit is not None and 0x80 <= unit < 0xC0
+            ):
+                places.append((i, line, character))
+            if unit == 0x0A or (unit == 0x0D and self.units[i + 1 : i + 2] != [0x0A]):
+                line, character = line + 1, 0
+            elif unit != 0x0D:
+                character += 1
+        return places
+
+    def edit(self, start: int, end: int, new: str) -> None:
+        self.units[start:end] = self._encode(new)
+
+    def text(self) -> str:
+        """The units as a str, a UTF-16 pair as its one character (halves apart stay apart)."""
+        if self.encoding == "utf-8":
+            return bytes(self.units).decode("utf-8")
+        if self.encoding == "utf-32":
+            return "".join(map(chr, self.units))
+        data = b"".join(unit.to_bytes(2, "little") for unit in self.units)
+        return data.decode("utf-16-le", "surrogatepass")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8", "utf-32"])
+def test_random_edits_leave_the_same_text_as_the_client(encoding):
+    """Thousands of random incremental edits, in the client's own units, between wide
+    characters, at line ends of every kind, a UTF-16 pair's halves replaced one at a time:
+    after each, the server's copy is the client's, and every position maps to its place."""
+    rng = random.Random(encoding)
+    lsp_encoding = None if encoding == "utf-16" else encoding
+    text = "def f():\r\n    return '😀'\n"
+    client = _ClientText(text, encoding)
+    for step in range(3000):
+        places = client.positions()
+        (start, *a), (end, *b) = sorted(rng.sample(places, 2) if len(places) > 1 else places * 2)
+        if encoding == "utf-16" and rng.random() < 0.1 and start < len(client.units):
+            # One half of a pair replaced by another, as a client diffing in units sends it.
+            new = "".join(rng.choice("\ud83d\ude00\ude01") for _ in range(rng.randint(1, 2)))
+        else:
+            new = "".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 3)))
+        if len(client.units) > 400:
+            new = ""
+        change = types.TextDocumentContentChangePartial(
+            range=types.Range(
+                start=types.Position(line=a[0], character=a[1]),
+                end=types.Position(line=b[0], character=b[1]),
+            ),
+            text=new,
+        )
+        client.edit(start, end, new)
+        text = apply_change(text, change, lsp_encoding)
+        assert text == client.text(), f"step {step}: {change}"
+    units = client.units
+    for index, line, character in client.positions():
+        if 0 < index < len(units) and units[index - 1] in _HIGH and units[index] in _LOW:
+            continue  # inside a pair: offset_at gives the character's start
+        offset = offset_at(text, line, character, lsp_encoding)
+        assert len(client._encode(text[:offset])) == index
