@@ -94,6 +94,12 @@ class _Stats:
     # model, the state stays "ready" while each request fails, and this says why.
     last_error: dict[str, Any] | None = None
 
+    def ended(self, job: _Job, outcome: str) -> None:
+        """Count a job taken from the queue before it ran: "superseded" or "cancelled". Only
+        requests a user waits for count (FOREGROUND), as `requests` counts them."""
+        if job.kind in FOREGROUND:
+            setattr(self, outcome, getattr(self, outcome) + 1)
+
     def to_json(self) -> dict[str, Any]:
         ordered = sorted(self.latencies_ms)
         body = {
@@ -305,6 +311,8 @@ class Scheduler:
         when nothing was cached (or no model loaded)."""
         with self._cond:
             pending = self._pending.pop(uri, None)
+            if pending is not None:
+                self._stats.ended(pending, "cancelled")
             if self._current is not None and self._current.key == uri:
                 self._current.token.cancel("document closed")
         if pending is not None:
@@ -335,7 +343,7 @@ class Scheduler:
             if waiting is not None:
                 # The newer request takes the older one's place (FIFO by first arrival).
                 waiting.token.cancel("superseded")
-                self._stats.superseded += 1
+                self._stats.ended(waiting, "superseded")
                 _resolve(
                     waiting.future, exc=Cancelled("superseded by a newer request for the document")
                 )
@@ -365,7 +373,7 @@ class Scheduler:
         with self._cond:
             if self._pending.get(job.key) is job:
                 del self._pending[job.key]
-                self._stats.cancelled += 1
+                self._stats.ended(job, "cancelled")
 
     # -- worker thread --
 

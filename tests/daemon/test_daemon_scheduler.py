@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
+from collections import Counter
 
 import pytest
 from fake_engine import make_loader
@@ -443,5 +445,102 @@ async def test_an_inference_server_that_was_down_is_asked_again_by_the_next_requ
         await asyncio.sleep(0.2)  # idle unload frees nothing of a server: it is off
         assert scheduler.state is EngineState.READY
         assert (await scheduler.complete(_request(max_tokens=2))).timings.generated_tokens == 2
+    finally:
+        await scheduler.stop()
+
+
+async def test_random_concurrent_clients_each_get_their_own_answer_and_nothing_hangs():
+    """Six clients at once make random requests on four documents (completions, streams,
+    warm-ups, closes, OpenAI completions, prompts), some abandoning theirs part-way, with idle
+    refreshes and idle unloads between them: every call ends, a completion answers its own
+    request, the engine never runs two jobs at once, and the scheduler ends with nothing
+    queued and every completion request counted once as completed, superseded, cancelled or
+    failed."""
+    from fake_engine import FakeEngine
+
+    from codelm.daemon.engine.cancel import CancelToken
+
+    rng = random.Random(5)
+    loader = make_loader(step_s=0.001)
+    scheduler = Scheduler(EngineConfig(model="fake.gguf"), loader=loader, idle_unload_s=0.8)
+    scheduler.start()
+    reference = FakeEngine(config=EngineConfig(model="fake.gguf"))
+    running, overlaps, outcomes, engines = [0], [], Counter(), []
+
+    def watched(method):
+        def run(*args, **kwargs):
+            running[0] += 1
+            if running[0] > 1:
+                overlaps.append(method.__name__)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                running[0] -= 1
+
+        return run
+
+    def request(uri: str, **kw) -> CompleteRequest:
+        n = rng.randint(0, 30)
+        return _request(uri=uri, text="def f(x):\n    return " + "x" * n, **kw)
+
+    async def one_call(uri: str) -> None:
+        op = rng.choice(["complete"] * 4 + ["stream", "warm", "close", "openai", "prompt"])
+        if op == "complete":
+            req = request(uri, max_tokens=rng.randint(1, 12))
+            response = await scheduler.complete(req)
+            expected = reference.complete(req, CancelToken())
+            assert response.items[0].text == expected.items[0].text
+        elif op == "stream":
+            req = request(uri, max_tokens=rng.randint(1, 12))
+            pieces = [piece async for piece in scheduler.stream(req)]
+            assert "".join(pieces[:-1]) == pieces[-1].items[0].text
+        elif op == "warm":
+            await scheduler.complete(request(uri, trigger="warmup"))
+        elif op == "close":
+            await scheduler.close_document(uri)
+        elif op == "openai":
+            await scheduler.complete(OpenAICompletionRequest(prompt="def ", max_tokens=3))
+        else:
+            await scheduler.prompt(request(uri))
+
+    async def client() -> None:
+        for _ in range(15):
+            engine = loader.engine
+            if engine is not None and engine not in engines:
+                engines.append(engine)
+                engine._generate, engine.refresh = (
+                    watched(engine._generate),
+                    watched(engine.refresh),
+                )
+            if engine is not None and rng.random() < 0.1:
+                engine.stale = rng.randint(1, 50)  # approximate K/V to refresh when idle
+            call = asyncio.ensure_future(one_call(f"file:///{rng.randint(1, 4)}.py"))
+            done, _ = await asyncio.wait({call}, timeout=rng.choice([0.002, 0.02, 1.0]))
+            if not done:
+                call.cancel()  # the client went away
+            try:
+                await asyncio.wait_for(call, 5.0)
+                outcomes["answered"] += 1
+            except asyncio.CancelledError:
+                outcomes["abandoned"] += 1
+            except (Cancelled, ModelLoading, Overloaded) as exc:
+                outcomes[type(exc).__name__] += 1
+                await asyncio.sleep(0.01)  # (as a client waits before it asks again)
+
+    try:
+        for pause_s in (0.6, 1.0, 0.0):  # idle between rounds: a refresh, then an unload
+            await asyncio.wait_for(asyncio.gather(*(client() for _ in range(6))), 60)
+            if loader.engine is not None:
+                loader.engine.stale = 200
+            await asyncio.sleep(pause_s)
+        await _wait_until(lambda: scheduler._current is None)
+        assert not overlaps
+        assert not scheduler._pending
+        counts = scheduler.status()["requests"]
+        ended = sum(counts[k] for k in ("completed", "superseded", "cancelled", "errors"))
+        assert ended == counts["requests"], counts
+        assert outcomes["answered"] > 50 and outcomes["abandoned"] > 5, outcomes
+        assert len(engines) > 1  # unloaded while idle, loaded again
+        assert any(call[0] == "refresh" for engine in engines for call in engine.calls)
     finally:
         await scheduler.stop()
