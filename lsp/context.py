@@ -77,10 +77,16 @@ def outline_text(text: str) -> str:
     control statement, a comment, a decorator or inside a triple-quoted string."""
     lines = text.split("\n")
     levels = sorted({_indent(line) for line in lines if line.strip()})[:2]
+    # The indentation of the next non-blank line after each line (-1: none). Looked up
+    # instead of searched for: a search per line took 3 s on a file of 40,000 definitions.
+    below = [-1] * len(lines)
+    for j in range(len(lines) - 1, 0, -1):
+        below[j - 1] = _indent(lines[j]) if lines[j].strip() else below[j]
     kept: list[str] = []
+    size = 0
     in_string = False
     i = 0
-    while i < len(lines):
+    while i < len(lines) and size <= SNIPPET_CHARS:  # (what comes after is cut anyway)
         line, i = lines[i], i + 1
         stripped = line.strip()
         if (line.count('"""') + line.count("'''")) % 2:
@@ -90,17 +96,17 @@ def outline_text(text: str) -> str:
             continue
         if _CONTROL.match(stripped) or stripped.startswith(_NOT_DEFINITIONS):
             continue
-        body = next((later for later in lines[i:] if later.strip()), "")
-        if _indent(body) <= _indent(line):
+        if below[i - 1] <= _indent(line):
             continue
-        kept.append(line)
+        first = i - 1
         depth = line.count("(") - line.count(")")
         for _ in range(MAX_SIGNATURE_LINES):
             if depth <= 0 or i == len(lines):
                 break
-            kept.append(lines[i])
             depth += lines[i].count("(") - lines[i].count(")")
             i += 1
+        kept += lines[first:i]
+        size += sum(len(kept_line) + 1 for kept_line in lines[first:i])
     return _cut("".join(line + "\n" for line in kept))
 
 

@@ -107,6 +107,17 @@ def test_a_file_only_opened_gives_its_outline_the_lines_that_open_its_definition
     assert snippet_text("x = 1\ndef f():\n    pass\n", None) == "x = 1\ndef f():\n    pass\n"
 
 
+def test_the_outline_of_a_large_file_is_its_first_definitions_that_fit():
+    """The outline holds SNIPPET_CHARS at most: what follows the definitions that fit changes
+    nothing (the scan stops there), and a file of 40,000 lines gets the same lines."""
+    head = "".join(f"def handler_{i}(request, *, retries=3):\n    return {i}\n" for i in range(60))
+    outline = outline_text(head)
+    assert outline.startswith("def handler_0(request, *, retries=3):\ndef handler_1(")
+    assert SNIPPET_CHARS - 45 < len(outline) <= SNIPPET_CHARS
+    tail = "".join(f"x_{i} = {i}\n\nclass C{i}:\n    pass\n" for i in range(20_000))
+    assert outline_text(head + tail) == outline
+
+
 def _open(store: DocumentStore, uri: str, text: str, language: str = "python", at: float = 0.0):
     doc = store.open(types.TextDocumentItem(uri=uri, language_id=language, version=1, text=text))
     doc.opened = at
