@@ -402,8 +402,10 @@ class _Answer:
         text = pending.lstrip(" \t")
         indent = pending[: len(pending) - len(text)]
         if not word:
-            if not text and heal.startswith(indent) and len(indent) < len(heal):
-                return ""  # all whitespace, and still short of the healed run: wait
+            if not text and not indent.startswith(heal):
+                # Short of the healed run, or other indentation (which goes, however many
+                # more pieces it takes): wait for the text.
+                return ""
             self.heal = None
             return pending[len(heal) :] if indent.startswith(heal) else text
         if len(text) < len(word) and word.startswith(text):

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import http.server
 import json
+import random
 import re
 import socket
 import threading
@@ -143,6 +144,7 @@ def test_other_files_snippets_come_first_as_the_local_engine_lays_them_out():
         ("        ", ["        return x"], "return x"),
         ("    ", ["          deeper"], "      deeper"),  # more: the model's indentation stays
         ("    ", ["  ", "shallower"], "shallower"),  # other: the user's indentation stays
+        ("    ", ["\t", "  ", "other"], "other"),  # however many pieces the model's takes
         ("    ", ["\n    next_line()"], "\n    next_line()"),
         (" ", [" 1"], "1"),  # after "x = "
         ("", [" 1"], " 1"),
@@ -158,6 +160,28 @@ def test_the_answer_starts_after_the_whitespace_the_prompt_left_out(heal, pieces
         assert not answer.add(piece)
     answer.finish(StopReason.EOS)
     assert answer.text == text and "".join(shown) == text
+
+
+def test_the_answer_does_not_depend_on_how_the_server_cuts_it_into_pieces():
+    """Random answers after random healed text, whole and cut at random places: the same
+    text shown and the same reason to stop (a server streams tokens of any length)."""
+    rng = random.Random(0)
+    parts = ["", " ", "  ", "\t", "ret", "return", "re", "x", "\n", "    ", "foo(", "\n    "]
+    heals = ["", " ", "    ", "ret", "  ret", "\tx", "    return"]
+
+    def answered(heal: str, pieces: list[str], single_line: bool) -> tuple[str, StopReason]:
+        answer = _Answer(StopRules(max_tokens=64, single_line=single_line), None, heal)
+        if not any(answer.add(piece) for piece in pieces):
+            answer.finish(StopReason.EOS)
+        return answer.text, answer.reason
+
+    for _ in range(5000):
+        heal, single_line = rng.choice(heals), rng.random() < 0.5
+        text = "".join(rng.choices(parts, k=rng.randint(1, 6))) or "x"
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 4))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        whole = answered(heal, [text], single_line)
+        assert answered(heal, pieces, single_line) == whole, (heal, pieces)
 
 
 def test_an_answer_that_does_not_go_on_with_the_users_word_is_no_suggestion():
