@@ -485,6 +485,8 @@ def _take(data: str, answer: _Answer, url: str) -> bool:
         if not choices:
             return False  # a chunk of other news (Azure's content filters)
         piece, finish = choices[0].get("text") or "", choices[0].get("finish_reason")
+        if not isinstance(piece, str):
+            raise TypeError(f"text is a {type(piece).__name__}")
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise ServerError(
             f"the inference server sent what is not a completion (POST {url}): {data[:200]!r}"

@@ -30,10 +30,11 @@ from codelm.daemon.engine.remote import (
     SERVER_FIM,
     RemoteEngine,
     _Answer,
+    _take,
     guess_fim,
     server_base,
 )
-from codelm.daemon.errors import ConfigError, ModelLoadError
+from codelm.daemon.errors import ConfigError, ModelLoadError, ServerError
 from codelm.daemon.protocol import CompleteRequest, Snippet
 from codelm.daemon.stops import StopReason, StopRules
 
@@ -182,6 +183,15 @@ def test_the_answer_does_not_depend_on_how_the_server_cuts_it_into_pieces():
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
         whole = answered(heal, [text], single_line)
         assert answered(heal, pieces, single_line) == whole, (heal, pieces)
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    ['{"choices": [{"text": 1.5}]}', '{"choices": {"text": "x"}}', '{"choices": [[]]}', "{", "[]"],
+)
+def test_a_chunk_that_is_not_a_completion_is_the_servers_error(chunk):
+    with pytest.raises(ServerError, match="sent what is not a completion"):
+        _take(chunk, _Answer(StopRules(max_tokens=8), None, ""), "http://localhost:8080")
 
 
 def test_an_answer_that_does_not_go_on_with_the_users_word_is_no_suggestion():
