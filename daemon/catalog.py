@@ -80,7 +80,7 @@ def resolve_model_path(name: str) -> Path:
     entry = catalog_entry(name)
     if entry is None:
         path = Path(name).expanduser()
-        if not path.exists():
+        if not path_exists(path):
             known = ", ".join(["default", *CATALOG])
             raise ModelLoadError(
                 f"model {name!r} is neither a known name ({known}) nor an existing path"
@@ -93,6 +93,15 @@ def resolve_model_path(name: str) -> Path:
         )
     verify_once(entry, path)
     return path
+
+
+def path_exists(path: Path) -> bool:
+    """Path.exists, and False for a name no file can have (too long, a NUL in it), which
+    Path.exists raises on: a model named by such a string is no path."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def sha256_of(path: Path) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .catalog import path_exists
 from .engine import QUANT_MODES, EngineConfig, copies_budget, is_server_url
 from .engine.prompt import FIM_SETTINGS, SERVER_FIM
 from .errors import ConfigError
@@ -272,7 +273,7 @@ def _absolute_model(model: str) -> str:
     """A model given as a path is made absolute now: the daemon runs in another folder."""
     path = Path(model).expanduser()
     looks_like_path = os.sep in model or model.endswith(".gguf") or model.startswith(("~", "."))
-    return str(path.absolute()) if looks_like_path or path.exists() else model
+    return str(path.absolute()) if looks_like_path or path_exists(path) else model
 
 
 def _build(values: dict[str, Any], paths: RuntimePaths) -> DaemonConfig:

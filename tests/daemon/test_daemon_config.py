@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from codelm.daemon.catalog import resolve_model_path
 from codelm.daemon.config import DaemonConfig, resolve_config
-from codelm.daemon.errors import ConfigError
+from codelm.daemon.errors import ConfigError, ModelLoadError
 from codelm.daemon.runtime import RuntimePaths
 
 
@@ -142,6 +143,15 @@ def test_an_empty_model_is_refused_not_taken_for_the_working_folder(tmp_path):
     path = _write_config(tmp_path, 'model = " "\n')
     with pytest.raises(ConfigError, match=str(path)):
         resolve_config({}, {"CODELM_HOME": str(tmp_path)})
+
+
+def test_a_model_name_no_file_could_have_is_a_name_not_a_crash(tmp_path):
+    # Path.exists raises for a name longer than the system allows, or holding a NUL.
+    for name in ("x" * 300, "a\x00b"):
+        config = resolve_config({}, {"CODELM_HOME": str(tmp_path), "CODELM_MODEL": name})
+        assert config.engine.model == name
+        with pytest.raises(ModelLoadError, match="neither a known name"):
+            resolve_model_path(name)
 
 
 def test_codelm_home_puts_every_path_under_it(tmp_path):
