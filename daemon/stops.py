@@ -47,10 +47,13 @@ class StopRules:
     block_line: str | None = None
     deadline: float | None = None
 
-    def scan(self, text: str) -> tuple[int, StopReason | None]:
+    def scan(self, text: str, *, final: bool = False) -> tuple[int, StopReason | None]:
         """Given all generated text so far: (how much of it may be shown, stop reason or None).
 
-        Text that could still become a stop string is held back until it cannot.
+        The text stops where the first rule cuts it. Text that could still become a stop
+        string is held back until it cannot, and a rule that cuts after its start waits until
+        then: where the text stops does not depend on how it was split into pieces. `final`:
+        no more text comes, nothing is held back.
         """
         cut, reason = len(text), None
         if self.single_line:
@@ -65,12 +68,15 @@ class StopRules:
             start, leaves = block_end(self.block_line, text)
             if start < cut:  # a line that may still leave the block is held back
                 cut, reason = start, StopReason.BLOCK_END if leaves else None
+        if final and reason is None:
+            cut = len(text)  # what was held back is shown, up to a stop string in it
         for stop in self.stop_texts:
             index = text.find(stop)
             if 0 <= index < cut:
                 cut, reason = index, StopReason.STOP_TEXT
-        if reason is None:
-            cut = min(cut, len(text) - _partial_stop(text, self.stop_texts))
+        held = len(text) - _partial_stop(text, self.stop_texts)
+        if held < cut and not final:  # a stop string there would cut earlier
+            cut, reason = held, None
         return cut, reason
 
 
@@ -137,8 +143,8 @@ def _leaves(line: str, complete: bool, base: int, min_indent: int) -> bool | Non
         return False if complete else None
     if stripped[0] in ")]}" or stripped.startswith("</"):
         return False
-    if not complete and _WORD.match(stripped).end() == len(stripped):
-        return None  # its first word may go on (`el` to `else`)
+    if not complete and (_WORD.match(stripped).end() == len(stripped) or stripped == "-"):
+        return None  # its first word may go on (`el` to `else`, `-` to `- item` or `-x`)
     return not (min_indent > base and width == base and _CONTINUES.match(stripped))
 
 
@@ -196,11 +202,14 @@ class ShownText:
         return deadline is not None and time.monotonic() >= deadline and bool(self.text.strip())
 
     def finish(self, reason: StopReason, tail: str = "") -> str:
-        """The whole text once generation ended for `reason`. Unless a stop string or the line's
-        end cut it, `tail` (what the detokenizer still held) joins it, and what was held back
-        as a possible stop string is shown: nothing more can complete one."""
-        if reason not in (StopReason.STOP_TEXT, StopReason.SINGLE_LINE):
+        """The whole text once generation ended for `reason`. Unless a stop rule cut it, `tail`
+        (what the detokenizer still held) joins it, and what was held back is shown up to the
+        first cut a rule found in it: nothing more can complete a stop string."""
+        if reason not in (StopReason.STOP_TEXT, StopReason.SINGLE_LINE, StopReason.BLOCK_END):
             self.text += tail
+            cut, found = self.rules.scan(self.text, final=True)
+            if found is not None:
+                self.text, self.past_stop = self.text[:cut], self.text[cut:]
             if self.on_text is not None and len(self.text) > self.shown:
                 self.on_text(self.text[self.shown :])
             self.shown = len(self.text)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import random
+import re
 import time
 from unittest import mock
 
@@ -107,6 +109,129 @@ def test_past_the_deadline_the_next_token_stops_and_shows_what_was_held_back():
     late = ShownText(StopRules(stop_texts=("\ndef",), deadline=time.monotonic()), pieces.append)
     assert late.add("x = 1\nd") is StopReason.TIME_LIMIT
     assert late.finish(StopReason.TIME_LIMIT, "e") == "x = 1\nde" and late.past_stop == ""
+
+
+def _stream(rules: StopRules, pieces: list[str], tail: str = "") -> tuple[StopReason, str, str]:
+    """Feeds `pieces` as both engines do, then `tail` at the end: (stop reason, final text,
+    text streamed to on_text). Nothing fed is lost: the text and what was cut off are it."""
+    streamed: list[str] = []
+    shown = ShownText(rules, streamed.append)
+    fed, reason = "", None
+    for piece in pieces:
+        fed += piece
+        reason = shown.add(piece)
+        assert shown.text + shown.past_stop == fed and fed.startswith("".join(streamed))
+        if reason is not None:
+            break
+    text = shown.finish(reason or StopReason.EOS, tail)
+    if reason is None:
+        assert text + shown.past_stop == fed + tail
+    return reason or StopReason.EOS, text, "".join(streamed)
+
+
+@pytest.mark.parametrize(
+    "rules, pieces, tail, expected",
+    [
+        # A `-` at the opener's indentation may begin a list item (the block goes on) or not.
+        (StopRules(block_line="a:"), ["\n-", "x"], "", (StopReason.BLOCK_END, "\n")),
+        # A stop string that starts before another rule's cut wins once it is whole.
+        (StopRules(stop_texts=("b", "abc")), ["ab", "c"], "", (StopReason.STOP_TEXT, "")),
+        (
+            StopRules(stop_texts=("a\nb",), single_line=True),
+            ["a\n", "b"],
+            "",
+            (StopReason.STOP_TEXT, ""),
+        ),
+        (
+            StopRules(stop_texts=("x\ny z",), block_line="    "),
+            ["x\ny ", "z"],
+            "",
+            (StopReason.STOP_TEXT, ""),
+        ),
+        # Text held back when generation ends is shown up to a stop string in it.
+        (StopRules(stop_texts=("y",), block_line="    "), ["x\ny"], "", (StopReason.EOS, "x\n")),
+        (StopRules(stop_texts=("b", "abc")), ["ab"], "", (StopReason.EOS, "a")),
+        # What the detokenizer held goes after the block's end, not onto the text.
+        (StopRules(block_line="    "), ["x\ny "], "z", (StopReason.BLOCK_END, "x\n")),
+    ],
+)
+def test_where_a_suggestion_stops_does_not_depend_on_its_pieces(rules, pieces, tail, expected):
+    text = "".join(pieces)
+    for split in (pieces, [text], list(text)):
+        reason, shown, streamed = _stream(rules, split, tail)
+        assert (reason, shown) == expected and streamed == shown, split
+
+
+_CODE = (
+    *("x", "return x", "pass", "def f(a, b):", "class A:", "@dec", "if a:", "for x in y:"),
+    *("else:", "elif b:", "except KeyError:", "finally:", "case 2:", "default:", "public:"),
+    *("{", "}", "} else {", "foo(", ")", "],", "=> {", "-> int:", "<div>", "</div>", "<", "</"),
+    *("- item", "-", "key:", "el", "de", "e:", 'x = """', '"""Doc."""', '"""', "'''", "`x`"),
+    *("```", "print('é')", "# 🙂 note", "y = {'a': [1, 2]}", "a\u0301", "\u2028", "\x0c"),
+    *("\u00a0x", "\x85", "\ufeff", "\x00", "\r", "\t"),
+)
+_INDENTS = ("", " ", "  ", "    ", "        ", "\t", "\t\t", "  \t", "\t ")
+_STOPS = ("\n\n", "\ndef", "\ndef ", "def", "```", "<|endoftext|>", "\n", "}", "\r", ":\n", "e")
+
+
+def _random_code(rng: random.Random) -> str:
+    """Up to 8 lines of code-like text after the cursor's: indentation of spaces and tabs,
+    blank lines, brackets, strings and docstrings, LF, CRLF or both, odd Unicode."""
+    eol = rng.choice(["\n", "\r\n", None])
+    lines = [rng.choice(_CODE) if rng.random() < 0.5 else ""]
+    for _ in range(rng.randint(0, 8)):
+        line = rng.choice(_INDENTS)
+        if rng.random() < 0.8:
+            line += " ".join(rng.choice(_CODE) for _ in range(rng.randint(1, 2)))
+        lines.append((eol or rng.choice(["\n", "\r\n"])) + line)
+    return "".join(lines) + rng.choice(["", "", "\n", "\r\n", "\r", " "])
+
+
+def _random_rules(rng: random.Random, text: str) -> StopRules:
+    """Stop strings (many cut from `text`, to be met), and single-line, or the block of a
+    random cursor in random code, or neither."""
+    stops = []
+    for _ in range(rng.choice([0, 0, 1, 1, 2, 3])):
+        at = rng.randrange(len(text)) if text else 0
+        cut = text[at : at + rng.randint(1, 6)]
+        stops.append(cut if cut and rng.random() < 0.6 else rng.choice(_STOPS))
+    mode = rng.random()
+    if mode < 0.3:
+        return StopRules(stop_texts=tuple(stops), single_line=True)
+    if mode < 0.4:
+        return StopRules(stop_texts=tuple(stops))
+    document = _random_code(rng)
+    line = block_line(document, rng.randint(0, len(document)))
+    return StopRules(stop_texts=tuple(stops), block_line=line)
+
+
+def _random_pieces(rng: random.Random, text: str) -> list[str]:
+    ends = sorted(rng.sample(range(1, len(text)), min(len(text[1:]), rng.randint(0, 8))))
+    pieces = [text[i:j] for i, j in zip([0, *ends], [*ends, len(text)], strict=True)]
+    if rng.random() < 0.2:
+        pieces.insert(rng.randint(0, len(pieces)), "")  # a token of an unfinished character
+    return pieces
+
+
+def test_shown_text_does_not_depend_on_how_the_text_was_split():
+    """A suggestion comes in token pieces of any size: its text and stop reason must be the
+    same fed whole, a character at a time or in random pieces; what was streamed is never
+    taken back; it holds no stop string and, single-line, no line break after its text."""
+    for seed in range(3000):
+        rng = random.Random(seed)
+        text = _random_code(rng)
+        rules = _random_rules(rng, text)
+        tail = rng.choice(["", "", "x", "\n", "def"])
+        whole = _stream(rules, [text], tail)
+        assert _stream(rules, list(text), tail) == whole, (seed, text, rules)
+        assert _stream(rules, _random_pieces(rng, text), tail) == whole, (seed, text, rules)
+        reason, shown, streamed = whole
+        assert streamed == shown and (text + tail).startswith(shown), seed
+        assert not any(stop in shown for stop in rules.stop_texts), seed
+        if rules.single_line:
+            assert not re.search(r"\S.*\n", shown), seed
+        if reason is StopReason.BLOCK_END:
+            assert shown.endswith("\n"), seed
 
 
 def test_a_request_past_its_time_limit_stops_with_what_it_decoded(default_engine):
