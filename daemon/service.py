@@ -54,6 +54,7 @@ REQUEST_IDS = web.AppKey("request_ids", itertools.count)
 PUBLIC_PATHS = frozenset({"/health"})
 RETRY_AFTER_S = "1"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+MAX_JSON_DEPTH = 100  # a request body nests 3 deep (its context snippets)
 
 
 def create_app(config: DaemonConfig, scheduler: Scheduler, *, token: str) -> web.Application:
@@ -234,7 +235,11 @@ def _reject_constant(name: str) -> Any:
 
 
 def _check_strings(value: Any, depth: int = 0) -> None:
-    """Strings must be encodable as UTF-8: JSON allows lone surrogate escapes such as \\ud800."""
+    """Strings must be encodable as UTF-8: JSON allows lone surrogate escapes such as \\ud800.
+    Nesting deeper than MAX_JSON_DEPTH is refused: from Python 3.12 json.loads parses
+    deeper than this recursion may go."""
+    if depth > MAX_JSON_DEPTH:
+        raise BadRequest("", "the JSON body is nested too deeply")
     if isinstance(value, str):
         try:
             value.encode("utf-8")

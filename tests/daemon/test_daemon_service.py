@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import json
 import logging
+import random
+from typing import Any
 
 import pytest
 from fake_daemon import TOKEN, start_fake_daemon
+
+from codelm.daemon.errors import BadRequest
+from codelm.daemon.protocol import CompleteRequest, OpenAICompletionRequest, offset_at
+from codelm.daemon.service import read_json
 
 DOC = {"uri": "file:///a.py", "text": "def add(a, b):\n    return ", "line": 1, "character": 11}
 
@@ -90,6 +98,9 @@ BAD_BODIES = [
     (b'{"uri": "u", "text": "\\ud800", "line": 0, "character": 0}', "surrogate"),
     (b'{"uri": "u", "text": "x", "line": NaN, "character": 0}', "NaN"),
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    # From Python 3.12 json.loads reads 1000 levels: checking them raised RecursionError (500).
+    (b'{"x": ' + b"[" * 1000 + b"]" * 1000 + b"}", "nested too deeply"),
+    (b'{"x": ' + b"[" * 200 + b"]" * 200 + b"}", "nested too deeply"),
     (b'{"uri": "u", "text": "x", "line": ' + b"9" * 5000 + b', "character": 0}', "digits"),
 ]
 
@@ -162,6 +173,117 @@ async def test_openai_answers_400_to_wrong_fields(fake_daemon):
         assert resp.status == 400, body
     plain = {"prompt": "x", "n": 1, "best_of": 1, "echo": False, "logprobs": None}
     assert (await fake_daemon.post("/v1/completions", plain)).status == 200
+
+
+_FIELDS = {
+    CompleteRequest: [*DOC, "path", "language", "trigger", "max_tokens", "stream", "single_line"]
+    + ["stop", "context", "max_time_ms"],
+    OpenAICompletionRequest: ["prompt", "suffix", "max_tokens", "stop", "stream", "model"]
+    + ["temperature", "n", "best_of", "echo", "logprobs"],
+}
+_JUNK_NAMES = ["", "Uri", "LINE", "context[0]", "__class__", "é", "\ud800", " uri"]
+_SCALARS = [None, True, False, "", "x", "invoked", "é🙂\r\n", "\ud800", "\x00", "a" * 20_000]
+_NUMBERS = [0, 1, -1, 64, 1024, 1025, 600_001, 10**18, 10**4000, -(10**400), -0.0, 1.5, 1e308]
+_NUMBERS += [float("inf"), float("-inf"), 5e-324]  # 1e309 reads as inf; NaN is refused
+
+
+def _random_json(rng: random.Random, depth: int = 0) -> Any:
+    """Any JSON value: scalars, huge and odd numbers, nested lists and objects whose keys are
+    often the requests' own field names, now and then one nested too deep to check."""
+    if rng.random() < 0.005:
+        deep: list[Any] = []
+        for _ in range(150):  # past MAX_JSON_DEPTH (1000 levels: in BAD_BODIES)
+            deep = [deep]
+        return deep
+    kind = rng.random()
+    if depth > 3 or kind < 0.5:
+        return rng.choice([*_SCALARS, *_NUMBERS, rng.randint(-5, 5), "x" * rng.randint(0, 40)])
+    if kind < 0.75:
+        return [_random_json(rng, depth + 1) for _ in range(rng.choice([0, 1, 2, 4, 17]))]
+    names = [*_FIELDS[CompleteRequest], *_FIELDS[OpenAICompletionRequest], *_JUNK_NAMES]
+    return {rng.choice(names): _random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+
+
+def _valid_body(rng: random.Random, parser: type) -> dict[str, Any]:
+    """A body `parser` accepts, with a random choice of its optional fields."""
+    if parser is CompleteRequest:
+        text = rng.choice([DOC["text"], "x = 1\r\ny = ", "", "é🙂\n\ttab\r", "a\n" * 3000])
+        body = {**DOC, "text": text, "line": rng.randint(0, 3), "character": rng.randint(0, 12)}
+        snippet = {"path": "b.py", "text": "def g(): pass"}
+        optional = {"path": "a.py", "language": "python", "trigger": "invoked"}
+        optional |= {"max_tokens": rng.randint(0, 1024), "stream": True, "single_line": False}
+        optional |= {"stop": ["\n\n", "def"], "context": [snippet] * rng.randint(0, 3)}
+        optional |= {"max_time_ms": rng.randint(1, 600_000)}
+    else:
+        body = {"prompt": rng.choice(["def f(", ["x = "], "", "é🙂"])}
+        optional = {"suffix": "\n", "max_tokens": rng.randint(1, 1024), "stop": "\n"}
+        optional |= {"stream": True, "model": "m", "temperature": 0.0, "n": 1, "best_of": 1}
+        optional |= {"echo": False, "logprobs": None}
+    return body | {name: optional[name] for name in optional if rng.random() < 0.5}
+
+
+def _mutated(rng: random.Random, body: dict[str, Any], names: list[str]) -> Any:
+    """`body` with one to three changes: a field dropped or set to any JSON value (a known
+    name most often), a context snippet's field changed, a stop string or snippet added."""
+    body = copy.deepcopy(body)
+    for _ in range(rng.randint(1, 3)):
+        change, name = rng.random(), rng.choice(names + _JUNK_NAMES[:2])
+        if change < 0.15 and body:
+            del body[rng.choice(sorted(body))]
+        elif change < 0.3 and isinstance(body.get("context"), list) and body["context"]:
+            snippet = {"path": "c.py", "text": "x" * rng.choice([1, 1, 1, 33_000])}
+            snippet[rng.choice(["path", "text", "x"])] = _random_json(rng)
+            body["context"] = [*body["context"], snippet] * rng.choice([1, 2, 6])
+        elif change < 0.4 and isinstance(body.get("stop"), list):
+            body["stop"] = body["stop"] * rng.choice([1, 9]) + [_random_json(rng)]
+        else:
+            body[name] = _random_json(rng)
+    return body if rng.random() < 0.97 else _random_json(rng)
+
+
+class _Body:
+    """What read_json reads of a request."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    async def read(self) -> bytes:
+        return self.raw
+
+
+def _parsed(parser: type, body: Any) -> Any:
+    """`parser.from_json(body)`, None for a BadRequest; a native request also round-trips
+    through to_json (the client's way) and its position is found in its text or refused."""
+    try:
+        request = parser.from_json(body)
+    except BadRequest:
+        return None
+    if parser is CompleteRequest:
+        assert CompleteRequest.from_json(request.to_json()) == request
+        with contextlib.suppress(BadRequest):
+            offset_at(request.text, request.line, request.character)
+    return request
+
+
+async def test_any_json_body_is_parsed_or_refused_with_bad_request():
+    """Whatever JSON a client sends, reading and parsing it gives a request or a BadRequest
+    (a 400), never another exception (a 500 with a traceback in the log). Bodies start valid
+    and get a few fields wrong, so the checks after the first are reached too."""
+    parsed = 0
+    for seed in range(3000):
+        rng = random.Random(seed)
+        parser = rng.choice([CompleteRequest, OpenAICompletionRequest])
+        body = _valid_body(rng, parser)
+        if rng.random() < 0.9:
+            body = _mutated(rng, body, _FIELDS[parser])
+        parsed += _parsed(parser, body) is not None
+        raw = json.dumps(body).encode("utf-8", "surrogatepass")
+        try:
+            decoded = await read_json(_Body(raw))
+        except BadRequest:
+            continue
+        _parsed(parser, decoded)
+    assert parsed > 600  # not all refused by the first check
 
 
 async def test_prompt_shows_what_a_completion_there_would_run(fake_daemon):
