@@ -1,18 +1,24 @@
-"""Tokenizers: ids equal the reference tokenizer's on real files; decoding round-trips exactly."""
+"""Tokenizers: ids equal the reference tokenizer's on real files and on fuzzed text; decoding
+round-trips exactly, and streamed a token at a time."""
 
 from __future__ import annotations
 
+import random
 import sysconfig
+import unicodedata
 from pathlib import Path
 
 import pytest
 
+from codelm.daemon import catalog
+from codelm.daemon.engine.gguf_file import read_gguf_file
 from codelm.daemon.engine.tokenizer import (
     StreamDecoder,
     Tokenizer,
     _byte_decoder,
     _byte_piece,
     _byte_table,
+    tokenizer_from_gguf,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -23,21 +29,52 @@ REAL_FILES = ["json/decoder.py", "textwrap.py", "argparse.py", "dataclasses.py",
 ODD_TEXT = "naïve = 'café'  # 中文注释 🎉\r\n\tif x == 12345:\n\t\treturn '\\u00e9'   \n"
 
 
-@pytest.fixture(scope="module")
-def reference(default_model_path):
-    """transformers' tokenizer from the same GGUF, pre-tokenized as SmolLM2's tokenizer.json is.
+def _reference(path: Path):
+    """transformers' tokenizer from a GGUF, splitting text as llama.cpp does for that model and
+    reading special-token text in a document as plain text (as we do).
 
     transformers maps GGUF pre-tokenizer "smollm" to GPT-2's regex alone, but SmolLM2's own
     tokenizer.json (and llama.cpp) split digits one by one first; we follow the model's own.
+    For "qwen2" it takes the regex of Qwen2.5's tokenizer.json but not its NFC normalizer:
+    llama.cpp does not normalize either, and a prompt must round-trip the document exactly.
+    Its `(?i:'s|...)` also reads "'ſ" as a contraction where llama.cpp's `'[sS]` does not; no
+    Qwen token merges across that "ſ", so the ids are the same.
     """
-    ref = transformers.AutoTokenizer.from_pretrained(
-        default_model_path.parent, gguf_file=default_model_path.name
-    )
-    pre = tokenizers.pre_tokenizers
-    ref.backend_tokenizer.pre_tokenizer = pre.Sequence(
-        [pre.Digits(individual_digits=True), pre.ByteLevel(add_prefix_space=False, use_regex=True)]
-    )
+    try:  # transformers 5: what AutoTokenizer builds, without its config read (12 s for Qwen)
+        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    except ImportError:
+        ref = transformers.AutoTokenizer.from_pretrained(
+            path.parent, gguf_file=path.name, split_special_tokens=True
+        )
+    else:
+        architecture, vocab, _ = get_gguf_tokenizer(str(path))
+        backend, _ = convert_gguf_tokenizer(architecture, vocab)
+        ref = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=backend, split_special_tokens=True
+        )
+    if read_gguf_file(path)[0]["tokenizer.ggml.pre"] == "smollm":
+        pre = tokenizers.pre_tokenizers
+        ref.backend_tokenizer.pre_tokenizer = pre.Sequence(
+            [
+                pre.Digits(individual_digits=True),
+                pre.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     return ref
+
+
+@pytest.fixture(scope="module")
+def reference(default_model_path):
+    """transformers' tokenizer from the default model's GGUF (_reference)."""
+    return _reference(default_model_path)
+
+
+@pytest.fixture(scope="module", params=["smollm2-135m", "default"], ids=["smollm2", "qwen"])
+def model_tokenizers(request) -> tuple[Tokenizer, object]:
+    """Ours (from the GGUF's metadata, without the weights) and the reference, for the suite's
+    SmolLM2 and the product's default Qwen2.5-Coder."""
+    path = catalog.fetch(request.param, log=lambda message: None)
+    return tokenizer_from_gguf(read_gguf_file(path)[0]), _reference(path)
 
 
 @pytest.mark.parametrize("name", REAL_FILES)
@@ -134,3 +171,142 @@ def test_byte_level_pieces_map_each_stand_in_to_its_byte_and_others_to_a_space()
     assert _byte_piece(every_byte, table) == bytes(range(256))
     # Characters that stand for no byte, below 256 (a real space, a soft hyphen) and above.
     assert _byte_piece("a b\u00ad€😀" + stand_ins[0], table) == b"a b   \x00"
+
+
+# Fuzzed text: code-like pieces among the characters that trip tokenizers up. Strings with
+# lone surrogates are left out: the daemon's JSON protocol cannot carry them.
+FUZZ_CASES = 2000
+_FUZZ_CODE = (
+    *("def ", "return", "self.", "x", "_", "foo_bar", "__init__", "if", " else", "0x1F", "1e-9"),
+    *("(", ")", "{", "}", "[", "]", ":", ";", ",", ".", "==", "->", "`", "#", "//", "/*", "\\"),
+    *("'", '"', "'s", "'T", "'re", "'LL", "'d", "'ſ", "<", ">", "</div>", "<|", "|>", "\\n"),
+    *("café", "naïve", "Straße", "İstanbul", "ﬁ", "ǅ", "K"),
+    # Control tokens' text: plain text in a document. Not Qwen's user-defined "<tool_call>",
+    # which llama.cpp and transformers read as its token even so, and we as plain text.
+    *("<|endoftext|>", "<|fim_prefix|>", "<file_sep>"),
+)
+_FUZZ_SPACE = (
+    *(" ", "  ", "\t", "\n", "\r", "\r\n", "\n\n", "\x0b", "\x0c", "\x85", "\u2028", "\u2029"),
+    *("\u00a0", "\u1680", "\u2009", "\u3000", "\u180e", "\u200b", "\u200c", "\u200d", "\u2060"),
+    *("\ufeff", "\x00", "\x1b", "\x06"),  # SmolLM2 has no token for byte 0x06
+)
+_FUZZ_UNICODE = (
+    *("e\u0301", "é", "a\u0308\u0301\u0323", "\u1100\u1161\u11a8", "ᾈ", "กำ", "नमस्ते"),
+    *("🎉", "👍🏽", "👨\u200d👩\u200d👧\u200d👦", "🏳️\u200d🌈", "🧑\u200d💻", "🇩🇪", "1️⃣", "\ufe0f"),
+    *("中文注释", "日本語", "한국어", "ｆｕｌｌ", "שלום", "مرحبا", "\u200f", "\u202e"),
+    *("\U0001d7d8", "Ⅻ", "½", "٣", "²", "߀", "𝔘𝔫𝔦", "𐍈"),  # \p{N}, not ASCII digits
+    *("\ue000", "\U000f0000", "\U0010fffd", "\uffff", "\ufdd0", "\ufffd"),
+)
+
+
+def _random_char(rng: random.Random) -> str:
+    """Any character Python's Unicode tables assign (or private use): one newer than the
+    tokenizers' regex tables would test their Unicode versions, not our code."""
+    while True:
+        low, high = rng.choice([(0, 0x80), (0x80, 0x800), (0x800, 0x10000), (0x10000, 0x110000)])
+        c = chr(rng.randrange(low, high))  # 1 to 4 bytes of UTF-8 alike
+        if unicodedata.category(c) not in ("Cs", "Cn"):
+            return c
+
+
+def _fuzz_text(rng: random.Random) -> str:
+    pieces = []
+    for _ in range(rng.randint(1, 24)):
+        kind = rng.random()
+        if kind < 0.35:
+            pieces.append(rng.choice(_FUZZ_CODE))
+        elif kind < 0.55:
+            pieces.append(rng.choice(_FUZZ_SPACE))
+        elif kind < 0.75:
+            pieces.append(rng.choice(_FUZZ_UNICODE))
+        elif kind < 0.87:  # long runs: spaces, tabs, newlines, one digit, any digits
+            run = rng.choice([" ", "\t", "\n", "0", "7", "0123456789"])
+            pieces.append("".join(rng.choice(run) for _ in range(rng.randint(2, 40))))
+        else:
+            pieces.append("".join(_random_char(rng) for _ in range(rng.randint(1, 3))))
+    text = "".join(pieces)
+    form = rng.random()
+    return unicodedata.normalize("NFD" if form < 0.1 else "NFC", text) if form < 0.2 else text
+
+
+def _fuzz_texts(seed: int, n: int = FUZZ_CASES) -> list[str]:
+    rng = random.Random(seed)
+    return [_fuzz_text(rng) for _ in range(n)]
+
+
+def _spellable(tokenizer: Tokenizer) -> frozenset[int]:
+    """The bytes with a token of their own. SmolLM2 lacks 21 (0x04, 0x06, 0xf1, ...); encoding
+    drops them, as llama.cpp and transformers do: no text holding them can round-trip."""
+    return frozenset(p[0] for p in tokenizer.pieces if len(p) == 1)
+
+
+def _spelt_only(text: str, spellable: frozenset[int]) -> str:
+    return "".join(c for c in text if set(c.encode()) <= spellable)
+
+
+def test_bpe_ids_match_reference_on_fuzzed_text(model_tokenizers):
+    """Random code mixed with odd Unicode (combining marks, ZWJ emoji, RTL, BOM, NUL, lone \\r,
+    NFD, private use, astral): the reference's ids, whose bytes are the text's, less those the
+    vocabulary cannot spell."""
+    tok, reference = model_tokenizers
+    spellable = _spellable(tok)
+    for text in _fuzz_texts(seed=1):
+        ids = tok.encode(text)
+        assert ids == reference.encode(text, add_special_tokens=False), text
+        assert not set(ids) & tok.special_ids, text
+        spelt = bytes(b for b in text.encode() if b in spellable)
+        assert b"".join(tok.pieces[i] for i in ids) == spelt, text
+
+
+def test_bpe_round_trips_fuzzed_text(model_tokenizers):
+    """decode(encode(text)) is text, and encode_special reads only special texts as ids."""
+    tok, _ = model_tokenizers
+    rng, spellable = random.Random(2), _spellable(tok)
+    specials = sorted(tok.special)
+    for text in _fuzz_texts(seed=2):
+        text = _spelt_only(text, spellable)
+        assert tok.decode(tok.encode(text)) == text, text
+        with_special = text[: len(text) // 2] + rng.choice(specials) + text[len(text) // 2 :]
+        ids = tok.encode_special(with_special)
+        assert tok.decode(ids) == with_special, with_special
+        assert tok.has_special_text(with_special) and set(ids) & tok.special_ids, with_special
+        if not tok.has_special_text(text):
+            assert tok.encode_special(text) == tok.encode(text), text
+
+
+def test_stream_decoder_yields_fuzzed_text_a_whole_character_at_a_time(model_tokenizers):
+    """Ids pushed one at a time, after skipping a prefix that ends between two characters
+    (token healing's): each push shows exactly the whole characters its bytes complete, never
+    part of one, and the pushes and the flush make up the rest of the text."""
+    tok, _ = model_tokenizers
+    rng, spellable = random.Random(3), _spellable(tok)
+    for text in _fuzz_texts(seed=3):
+        text = _spelt_only(text, spellable)
+        data = text.encode()
+        skip = len(text[: rng.randint(0, len(text))].encode())
+        stream = tok.streamer(skip=data[:skip])
+        pushed, shown = 0, skip
+        for i in tok.encode(text):
+            pushed += len(tok.pieces[i])
+            complete = pushed
+            while complete < len(data) and data[complete] & 0xC0 == 0x80:  # a continuation
+                complete -= 1
+            piece = stream.push(i)
+            assert piece.encode() == data[shown : max(shown, complete)], (text, skip, i)
+            shown = max(shown, complete)
+        assert shown == len(data) and stream.flush() == "", (text, skip)
+
+
+def test_consistent_tokens_equal_a_pass_over_the_vocabulary_when_fuzzed(model_tokenizers):
+    """Bytes cut from fuzzed text at any byte (so often within a character) or random ones:
+    the bisecting lookup finds every token that fits, and only those."""
+    tok, _ = model_tokenizers
+    rng = random.Random(4)
+    for text in _fuzz_texts(seed=4, n=25):
+        data = text.encode()
+        start = rng.randrange(len(data))
+        required = data[start : start + rng.randint(1, 12)]
+        if rng.random() < 0.2:
+            required = bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
+        got = tok.consistent_tokens(required).tolist()
+        assert got == _brute_force_consistent(tok, required), required
