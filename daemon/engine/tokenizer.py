@@ -54,8 +54,10 @@ GGUF_PRE_SPLITS: dict[str, tuple[str, ...]] = {
     "deepseek-coder": _DEEPSEEK_CODER_SPLITS,
 }
 
-# GGUF token types (llama.cpp): 3 = control, 4 = user defined.
+# GGUF token types (llama.cpp): 3 = control, 4 = user defined, 5 = unused (rows that pad the
+# vocabulary: Qwen2.5's [PAD151665]...[PAD151935], untrained).
 _SPECIAL_TYPES = (3, 4)
+_UNUSED_TYPE = 5
 
 
 @cache
@@ -264,10 +266,14 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
     special = {tok: i for i, (tok, kind) in pairs if kind in _SPECIAL_TYPES}
     special_ids = set(special.values())
     to_latin1 = _byte_table()
-    pieces = [
-        tok.encode() if i in special_ids else _byte_piece(tok, to_latin1)
-        for i, tok in enumerate(tokens)
-    ]
+    pieces = [_byte_piece(tok, to_latin1) for tok in tokens]
+    for i in special_ids:
+        pieces[i] = tokens[i].encode()
+    # An unused token spells nothing, as llama.cpp decodes it: token healing never picks one
+    # (a healed `[` could have gone on as `PAD151665]`), and one decoded shows nothing.
+    for i, kind in enumerate(types):
+        if kind == _UNUSED_TYPE:
+            pieces[i] = b""
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eot = meta.get("tokenizer.ggml.eot_token_id")
     return Tokenizer(

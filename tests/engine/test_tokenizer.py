@@ -164,6 +164,18 @@ def test_consistent_tokens_equal_a_pass_over_the_vocabulary_when_real(default_en
         assert got == _brute_force_consistent(tokenizer, required), required
 
 
+def test_the_unused_tokens_padding_a_vocabulary_spell_nothing():
+    """Qwen2.5's GGUF pads its vocabulary with 271 untrained `[PAD151665]` tokens (type 5,
+    unused) whose head rows are as large as real ones: llama.cpp decodes them to nothing, and
+    token healing must never pick one to go on with a healed `[`."""
+    meta = read_gguf_file(catalog.fetch("default", log=lambda message: None))[0]
+    unused = [i for i, kind in enumerate(meta["tokenizer.ggml.token_type"]) if kind == 5]
+    ours = tokenizer_from_gguf(meta)
+    assert len(unused) == 271 and ours.decode(unused) == ""
+    for required in (b"[", b"[P", b"[PAD"):
+        assert not set(ours.consistent_tokens(required).tolist()) & set(unused)
+
+
 def test_byte_level_pieces_map_each_stand_in_to_its_byte_and_others_to_a_space():
     stand_ins = {b: c for c, b in _byte_decoder().items()}
     table = _byte_table()
