@@ -191,18 +191,25 @@ def window_start(text: str, cursor: int, max_chars: int, anchor: str | None = No
     """
     if cursor <= max_chars:
         return 0
+    # (A window of a step or less moves in steps of half of it: rounded up to a multiple of
+    # a whole step, its start could pass the cursor.)
+    step = WINDOW_STEP_CHARS if max_chars > WINDOW_STEP_CHARS else max(1, max_chars // 2)
     if anchor:
-        found = text.find(anchor, max(0, cursor - max_chars - WINDOW_STEP_CHARS), cursor)
+        found = text.find(anchor, max(0, cursor - max_chars - step), cursor)
         while found >= 0:
             if found == 0 or text[found - 1] == "\n":
                 return found
             found = text.find(anchor, found + 1, cursor)
     lowest = cursor - max_chars
-    target = -(-lowest // WINDOW_STEP_CHARS) * WINDOW_STEP_CHARS
+    target = -(-lowest // step) * step  # (before the cursor)
     line_start = text.rfind("\n", 0, target) + 1
-    if line_start < lowest:
-        line_start = text.find("\n", target, cursor) + 1 or target
-    return line_start
+    if line_start >= lowest:
+        return line_start
+    # The line there starts too far back: the next line, unless that keeps less than half
+    # of the window from `target` (after a long line, none of it); then from mid-line.
+    line_start = text.find("\n", target, cursor) + 1
+    kept = cursor - line_start
+    return line_start if line_start and 0 < kept >= (cursor - target) // 2 else target
 
 
 def suffix_window_chars(setting: int, trigger: str) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,15 @@ from codelm.daemon.cache import FileCache
 from codelm.daemon.engine.engine import Engine
 from codelm.daemon.engine.prompt import (
     FIM_FORMATS,
+    WINDOW_STEP_CHARS,
     aixcoder_header,
     build_prompt,
     detect_fim,
     document_name,
     raw_prompt,
     trim_context,
+    window_anchor,
+    window_start,
 )
 from codelm.daemon.engine.tokenizer import Tokenizer, tokenizer_from_folder
 from codelm.daemon.errors import ModelLoadError
@@ -359,3 +363,32 @@ def test_a_function_of_another_open_file_is_called_once_the_file_is_in_context(f
     assert typed.items[0].text == "enheit_from_celsius(reading)"
     assert typed.timings.prefilled_tokens <= 3 < typed.timings.cached_tokens
     fim_engine.close_document("file:///proj/main.py")
+
+
+def test_after_a_long_line_the_prefix_window_is_not_empty():
+    # The next line start after the window's lowest point was taken even where it is the
+    # cursor's line start: after a line longer than the window (minified code, a data line)
+    # the prompt held no text before the cursor at all. A narrow window (prefix_chars set
+    # low, or narrowed for a short context) rounded its start up past the cursor.
+    text = "x" * 10_000 + "\nb"
+    assert window_start(text, 10_001, 8000) == 2048
+    assert 0 < 10_001 - window_start(text, 10_001, 100) <= 100
+
+
+def test_the_prefix_window_holds_text_before_the_cursor_within_its_reach():
+    """Random documents (short lines among lines longer than a window), cursors and widths,
+    with and without the anchor of an earlier window: the window starts before the cursor
+    (unless at 0) and reaches back at most max_chars, a step more with an anchor."""
+    rng = random.Random(0)
+    for _ in range(5000):
+        lengths = rng.choices([0, 1, 5, 40, 120, 3000, 9000], k=rng.randint(0, 200))
+        text = "".join(f"{k}:" + "x" * n + "\n" for k, n in enumerate(lengths))
+        cursor = rng.randint(0, len(text))
+        max_chars = rng.choice([1, 2, 3, 100, 1000, 2048, 2400, 4095, 8000])
+        anchor = None
+        if rng.random() < 0.5:
+            earlier = max(0, cursor - rng.randint(0, 3000))
+            anchor = window_anchor(text, window_start(text, earlier, max_chars))
+        held = cursor - window_start(text, cursor, max_chars, anchor)
+        assert held > 0 or cursor == 0, (cursor, max_chars, anchor)
+        assert held <= max_chars + WINDOW_STEP_CHARS * (anchor is not None)
