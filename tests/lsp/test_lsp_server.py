@@ -399,6 +399,19 @@ async def test_a_random_session_stays_in_sync_and_never_replaces_text_it_does_no
             end = b if rng.random() < 0.3 or len(text) > 300 else a
             editor.edit(URI, a, end, "".join(rng.choices(_PIECES, k=rng.randint(0, 2))))
             continue
+        if rng.random() < 0.05:  # a client out of step: past the end, a document not open
+            uri = rng.choice([URI, "file:///work/never_opened.py"])
+            here = types.Position(line=rng.choice([0, 40, 10**6]), character=rng.choice([3, 10**6]))
+            params = types.InlineCompletionParams(
+                text_document=types.TextDocumentIdentifier(uri=uri),
+                position=here,
+                context=types.InlineCompletionContext(
+                    trigger_kind=types.InlineCompletionTriggerKind.Invoked
+                ),
+            )
+            result = await editor.client.text_document_inline_completion_async(params)
+            assert result is None or isinstance(result, types.InlineCompletionList)
+            continue
         n_requests = len(fake_daemon.requests)
         result = await editor.inline(URI, a, invoked=rng.random() < 0.5)
         requests += 1
