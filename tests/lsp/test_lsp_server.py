@@ -14,7 +14,7 @@ from lsp_fake_daemon import FakeDaemon
 from lsprotocol import types
 
 from codelm.daemon.protocol import text_window
-from codelm.lsp.positions import offset_at
+from codelm.lsp.positions import offset_at, position_at
 
 pytestmark = pytest.mark.e2e
 URI = "file:///work/demo.py"
@@ -428,6 +428,69 @@ async def test_a_random_session_stays_in_sync_and_never_replaces_text_it_does_no
     assert requests > 100 and items > 50, (requests, items)
     result = await editor.inline(URI, 0, invoked=True)  # the server is still there
     assert isinstance(result, types.InlineCompletionList)
+
+
+async def test_random_bursts_of_requests_edits_and_cancels_each_get_an_answer(
+    editor: Editor, fake_daemon: FakeDaemon
+):
+    """Requests on two documents sent without waiting, some cancelled, edits in between, a
+    daemon that answers after random delays: every request is answered (a list, or the
+    cancellation error for a cancelled one), and the server ends in step with the editor."""
+    rng = random.Random(4)
+    uris = [URI, "file:///work/other.py"]
+    for uri in uris:
+        editor.open(uri, "def f(x):\n    return x\n")
+    pending: dict[str, asyncio.Future] = {}
+    for n in range(200):
+        uri, op = rng.choice(uris), rng.random()
+        text = editor.texts[uri]
+        at = rng.randint(0, len(text))
+        at -= text[at - 1 : at + 1] == "\r\n"  # (no position an editor can name)
+        if op < 0.4:
+            end = at + (text[at : at + 2] != "\r\n" and rng.random() < 0.5 and at < len(text))
+            editor.edit(uri, at, end, rng.choice(_PIECES))
+        elif op < 0.8:
+            fake_daemon.delay_s = rng.choice([0, 0.02, 0.1])
+            params = types.InlineCompletionParams(
+                text_document=types.TextDocumentIdentifier(uri=uri),
+                position=position_at(text, at),
+                context=types.InlineCompletionContext(
+                    trigger_kind=rng.choice(list(types.InlineCompletionTriggerKind))
+                ),
+            )
+            pending[f"burst-{n}"] = asyncio.ensure_future(
+                editor.client.protocol.send_request_async(
+                    types.TEXT_DOCUMENT_INLINE_COMPLETION, params, msg_id=f"burst-{n}"
+                )
+            )
+            if rng.random() < 0.2:  # the editor moved on at once
+                await asyncio.sleep(0)
+                editor.client.protocol.notify(
+                    types.CANCEL_REQUEST, types.CancelParams(id=f"burst-{n}")
+                )
+        elif op < 0.9 and pending:
+            msg_id = rng.choice(list(pending)[-3:])  # (one sent lately: most likely unanswered)
+            editor.client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id=msg_id))
+        else:
+            await asyncio.sleep(rng.choice([0, 0.01, 0.06]))
+    fake_daemon.delay_s = 0
+    done, late = await asyncio.wait(pending.values(), timeout=20)
+    assert not late
+    outcomes = Counter()
+    for future in done:
+        if future.exception() is None:
+            assert isinstance(future.result(), types.InlineCompletionList)
+            outcomes["answered"] += 1
+        else:
+            assert "cancel" in str(future.exception()).lower(), future.exception()
+            outcomes["cancelled"] += 1
+    assert outcomes["answered"] > 20 and outcomes["cancelled"] >= 3, outcomes
+    for uri in uris:  # in step: a last request sees the editor's text
+        editor.insert(uri, len(editor.texts[uri]), "\nlast = ")
+        n_requests = len(fake_daemon.requests)
+        await editor.inline(uri, len(editor.texts[uri]), invoked=True)
+        assert len(fake_daemon.requests) == n_requests + 1
+        assert fake_daemon.requests[-1].text == editor.texts[uri]
 
 
 def test_the_server_ends_when_the_editor_closes_its_stdout(tmp_path):
