@@ -181,6 +181,8 @@ class Completer:
         default_factory=dict, init=False, repr=False
     )
     _warming: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    # uri -> Document.changes when its newest request arrived (note_request)
+    _asked_at: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     async def inline_completion(
         self, uri: str, position: types.Position, is_invoked: bool
@@ -209,6 +211,12 @@ class Completer:
             self.stats.errors += 1
             return []
         return task.result()
+
+    def note_request(self, uri: str) -> None:
+        """A request for `uri` has arrived. Its handler starts later, when a change sent after
+        it may already be applied: its position would then be read in a newer text."""
+        if (doc := self.documents.get(uri)) is not None:
+            self._asked_at[uri] = doc.changes
 
     def warm(self, uri: str, position: types.Position) -> None:
         """The editor shows `uri` with the cursor at `position`: once it rests there, have the
@@ -271,6 +279,7 @@ class Completer:
         if task is not None:
             task.cancel()
         self.cache.forget(uri)
+        self._asked_at.pop(uri, None)
 
     async def _complete(
         self, uri: str, position: types.Position, is_invoked: bool
@@ -279,6 +288,11 @@ class Completer:
         settings = self.settings
         if doc is None or not settings.is_language_enabled(doc.language):
             self.stats.skipped += 1
+            return []
+        seen = doc.changes
+        if self._asked_at.get(uri, seen) != seen:
+            logger.debug("the document changed after the request: nothing to suggest")
+            self.stats.superseded += 1
             return []
         # In a notebook cell the model sees the whole notebook (`view`); `local` is the cursor
         # in the cell's own text, where the editor's positions are.
@@ -308,7 +322,12 @@ class Completer:
         )
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000)
-        return await self._ask_daemon(doc, view, local, (start, end), ctx, state, is_invoked)
+        items = await self._ask_daemon(doc, view, local, (start, end), ctx, state, is_invoked)
+        if doc.changes != seen:  # changed meanwhile: the ranges are the old text's
+            logger.debug("the document changed while the daemon answered: not shown")
+            self.stats.superseded += 1
+            return []
+        return items
 
     async def _ask_daemon(
         self,

@@ -35,6 +35,7 @@ class Document:
     edit_times: list[float] = field(default_factory=list)
     opened: float = field(default_factory=time.monotonic)
     edit_line: int | None = None  # where the last edit began (None: not edited, or replaced)
+    changes: int = 0  # didChange notifications applied (a request from before one is outdated)
     # (version, edit_line, text): this document's snippet for other files' prompts, as last
     # computed (lsp/context.py)
     snippet: tuple[int, int | None, str] | None = None
@@ -123,6 +124,7 @@ class DocumentStore:
             edit_range = getattr(change, "range", None)
             doc.edit_line = edit_range.start.line if edit_range is not None else None
         doc.version = version
+        doc.changes += 1
         doc.edit_times.append(now)
         del doc.edit_times[:-8]
 

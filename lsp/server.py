@@ -89,6 +89,10 @@ class Session:
         self.link.apply_settings(settings)
 
 
+# Requests answered at the cursor of a document, as it was when they were sent.
+_AT_A_POSITION = (types.TEXT_DOCUMENT_INLINE_COMPLETION, types.TEXT_DOCUMENT_COMPLETION)
+
+
 class CodelmProtocol(LanguageServerProtocol):
     """pygls' protocol minus its own copy of the documents (see DocumentStore, docs/lsp.md D1).
 
@@ -149,6 +153,10 @@ class CodelmProtocol(LanguageServerProtocol):
         elif self._shutdown and method not in (None, types.EXIT) and hasattr(message, "id"):
             self._refuse(message, types.ErrorCodes.InvalidRequest, "the server is shutting down")
             return
+        if method in _AT_A_POSITION and hasattr(message, "id"):
+            # Now, before the changes read after it apply (its handler starts later).
+            uri = message.params.text_document.uri
+            self._server.session.completer.note_request(uri)
         super().handle_message(message)
 
     def _handle_notification(self, method_name: str, params: Any) -> None:

@@ -181,6 +181,42 @@ async def test_completer_newer_request_supersedes_older_one():
     assert link.cancelled == 1 and completer.stats.superseded == 1
 
 
+def _change(completer: Completer, text: str) -> None:
+    doc = completer.documents.get(URI)
+    whole = types.TextDocumentContentChangeWholeDocument(text=text)
+    params = types.DidChangeTextDocumentParams(
+        text_document=types.VersionedTextDocumentIdentifier(uri=URI, version=doc.version + 1),
+        content_changes=[whole],
+    )
+    completer.documents.change(params, 0.0)
+
+
+async def test_a_request_the_document_changed_after_is_outdated():
+    # The handler starts after the changes read behind the request: its position, read in
+    # the newer text, pointed elsewhere (or past the end).
+    link = FakeLink(lambda r: "value")
+    completer = _completer(link, "x = \n")
+    completer.note_request(URI)  # as the request arrives
+    _change(completer, "\n")
+    assert await completer.inline_completion(URI, _at(0, 4), is_invoked=True) == []
+    assert link.requests == [] and completer.stats.superseded == 1
+    completer.note_request(URI)  # a request sent after the change goes
+    assert [i.text for i in await completer.inline_completion(URI, _at(0, 0), True)] == ["value"]
+
+
+async def test_an_answer_for_a_document_changed_meanwhile_is_not_shown():
+    completer = None
+
+    def answer(request):
+        _change(completer, "y = 1\nx = \n")  # the user typed while the daemon answered
+        return "value"
+
+    link = FakeLink(answer)
+    completer = _completer(link, "x = \n")
+    assert await completer.inline_completion(URI, _at(0, 4), is_invoked=True) == []
+    assert len(link.requests) == 1 and completer.stats.superseded == 1
+
+
 async def test_completer_cancelled_request_cancels_daemon_call():
     link = FakeLink(lambda r: "value", delay_s=5)
     completer = _completer(link, "x = \n")
