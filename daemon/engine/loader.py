@@ -75,8 +75,16 @@ def _load_model(path: Path, config: EngineConfig, device: torch.device, progress
         has_output = "lm_head.weight" in weights.tensors
         args = module.ModelArgs.from_gguf(weights.meta, has_output)
         tokenizer = tokenizer_from_gguf(weights.meta)
-        if weights.meta["general.architecture"] in getattr(module, "GGUF_PERMUTED_ARCHS", ()):
-            _unpermute_qk(weights, args)
+    if args.n_layers > (held := weights.layers_held()):
+        # (before the model is built: a corrupt count of millions took minutes and gigabytes)
+        raise ModelLoadError(
+            f"{path} states {args.n_layers} layers but holds the weights of {held}: it is "
+            "corrupt or incomplete; fetch it again (for a catalogue model: `codelm-daemon "
+            "models fetch NAME --force`)"
+        )
+    permuted = getattr(module, "GGUF_PERMUTED_ARCHS", ())
+    if weights.kind == "gguf" and weights.meta["general.architecture"] in permuted:
+        _unpermute_qk(weights, args)
     # Activations and KV: fp32 on CPUs (bf16 matmuls are slow without bf16 hardware; the
     # quantised kernels convert at their boundary), bf16 on CUDA.
     dtype = torch.bfloat16 if device.type == "cuda" or config.quant == "bf16" else torch.float32

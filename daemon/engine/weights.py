@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,6 +94,12 @@ class WeightSet:
         card gives (a quantised model holds its layers as packed buffers, not parameters)."""
         return sum(math.prod(t.shape) for t in self.tensors.values())
 
+    def layers_held(self) -> int:
+        """1 + the highest block index among the tensors' names (`model.layers.N.`,
+        `transformer.h.N.`)."""
+        found = (_LAYER_INDEX.search(name) for name in self.tensors)
+        return 1 + max((int(m[1]) for m in found if m), default=-1)
+
     def take(self, name: str) -> TensorSource:
         try:
             return self.tensors.pop(name)
@@ -109,6 +116,10 @@ def unpermute_order(n_rows: int, n_heads: int) -> torch.Tensor:
     # convert_hf_to_gguf: HF row (h, j, r) -> GGUF row (h, r, j), j in [0, 2), r in [0, hd/2).
     rows = torch.arange(n_rows).view(n_heads, head_dim // 2, 2).transpose(1, 2)
     return rows.reshape(n_rows)
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+_GGUF_BLOCK_INDEX = re.compile(r"blk\.(\d+)\.")
 
 
 def read_gguf(path: Path, name_table: Callable[[str], dict[str, str]]) -> WeightSet:
@@ -132,7 +143,10 @@ def read_gguf(path: Path, name_table: Callable[[str], dict[str, str]]) -> Weight
             f"{path} is not a readable GGUF file ({exc!r}); fetch it again (for a catalogue "
             "model: `codelm-daemon models fetch NAME --force`)"
         ) from exc
-    names = _expand_names(name_table(arch), meta.get(f"{arch}.block_count", 0))
+    # The blocks the file holds, not the count its metadata states (a corrupt one named
+    # millions, and naming each one's tensors took minutes and gigabytes).
+    found = (_GGUF_BLOCK_INDEX.match(t.name) for t in gguf_tensors)
+    names = _expand_names(name_table(arch), 1 + max((int(m[1]) for m in found if m), default=-1))
     tensors = {}
     for t in gguf_tensors:
         ours = names.get(t.name)

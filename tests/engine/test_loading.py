@@ -40,6 +40,19 @@ def test_truncated_gguf_is_reported(tmp_path, default_model_path):
         load_engine(EngineConfig(model=str(cut)))
 
 
+def test_a_corrupt_layer_count_is_reported_at_once(tmp_path, default_model_path):
+    # llama.block_count of 6291458 (one flipped byte): naming each block's tensors, then
+    # building the blocks, took minutes and gigabytes before the first one was missing.
+    data = bytearray(default_model_path.read_bytes())
+    key = data.index(b"llama.block_count") + len(b"llama.block_count")
+    assert struct.unpack_from("<II", data, key) == (4, 30)  # a uint32: SmolLM2's 30 blocks
+    struct.pack_into("<I", data, key + 4, 6_291_458)
+    bad = tmp_path / "many-blocks.gguf"
+    bad.write_bytes(data)
+    with pytest.raises(ModelLoadError, match="states 6291458 layers but holds the weights of 30"):
+        load_engine(EngineConfig(model=str(bad)))
+
+
 def test_unknown_quantisation_is_refused(default_model_path):
     with pytest.raises(ModelLoadError, match="unknown quantisation"):
         load_engine(EngineConfig(model=str(default_model_path), quant="int3"))
