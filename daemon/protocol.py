@@ -138,7 +138,10 @@ class CompleteRequest:
             raise BadRequest("", "the request body must be a JSON object")
         trigger = _get(body, "trigger", str, "automatic")
         if trigger not in TRIGGERS:
-            raise BadRequest("trigger", f"must be one of {', '.join(TRIGGERS)}, got {trigger!r}")
+            # (the value at most 60 characters: a client's 20k-character string is no message)
+            raise BadRequest(
+                "trigger", f"must be one of {', '.join(TRIGGERS)}, got {trigger!r:.60}"
+            )
         uri = _text(body, "uri", limit=MAX_URI_CHARS)
         if not uri:
             raise BadRequest("uri", "must not be empty")

@@ -265,6 +265,12 @@ def _parsed(parser: type, body: Any) -> Any:
     return request
 
 
+def test_a_long_bad_value_is_cut_in_the_error():
+    with pytest.raises(BadRequest) as refused:
+        CompleteRequest.from_json({**DOC, "trigger": "x" * 20_000})
+    assert "must be one of" in refused.value.message and len(refused.value.message) < 200
+
+
 async def test_any_json_body_is_parsed_or_refused_with_bad_request():
     """Whatever JSON a client sends, reading and parsing it gives a request or a BadRequest
     (a 400), never another exception (a 500 with a traceback in the log). Bodies start valid
