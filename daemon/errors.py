@@ -24,6 +24,7 @@ class BadRequest(CodelmError):
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}" if field else reason)
         self.field = field
+        self.reason = reason
 
 
 class Unauthorized(CodelmError):

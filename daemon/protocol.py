@@ -97,8 +97,12 @@ def _context(body: dict[str, Any]) -> tuple[Snippet, ...]:
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise BadRequest(f"context[{i}]", 'must be an object {"path": ..., "text": ...}')
-        path = _text(item, "path", limit=MAX_PATH_CHARS)
-        snippets.append(Snippet(path=path, text=_text(item, "text", limit=MAX_CONTEXT_CHARS)))
+        try:
+            path = _text(item, "path", limit=MAX_PATH_CHARS)
+            text = _text(item, "text", limit=MAX_CONTEXT_CHARS)
+        except BadRequest as exc:  # which snippet's field
+            raise BadRequest(f"context[{i}].{exc.field}", exc.reason) from None
+        snippets.append(Snippet(path=path, text=text))
     if sum(len(s.text) for s in snippets) > MAX_CONTEXT_CHARS:
         raise BadRequest("context", f"longer than {MAX_CONTEXT_CHARS} characters in all")
     return tuple(snippets)

@@ -271,6 +271,12 @@ def test_a_long_bad_value_is_cut_in_the_error():
     assert "must be one of" in refused.value.message and len(refused.value.message) < 200
 
 
+def test_a_bad_snippet_is_named_by_its_place_in_the_context():
+    context = [{"path": "a.py", "text": "A = 1"}, {"path": "b.py"}]
+    with pytest.raises(BadRequest, match=r"context\[1\]\.text: "):
+        CompleteRequest.from_json({**DOC, "context": context})
+
+
 async def test_any_json_body_is_parsed_or_refused_with_bad_request():
     """Whatever JSON a client sends, reading and parsing it gives a request or a BadRequest
     (a 400), never another exception (a 500 with a traceback in the log). Bodies start valid
