@@ -833,7 +833,8 @@ def replace_line_rest(s: Suggestion, ctx: Context) -> Suggestion | None:
             return replace(s, replace_after=len(rest))
         return s
     # Of the closers, as many as the suggestion retypes, where that leaves fewer errors
-    # (`f(|);` suggested `x)` replaces the `)` and keeps the `;`); ties go to the most.
+    # (`print(|);` suggested `"a") + b` replaces the `)` and keeps the `;`); ties go to the
+    # most.
     retyped = [
         k
         for k in range(1, len(rest) + 1)

@@ -208,8 +208,9 @@ def window_start(text: str, cursor: int, max_chars: int, anchor: str | None = No
     # The line there starts too far back: the next line, unless that keeps less than half
     # of the window from `target` (after a long line, none of it); then from mid-line.
     line_start = text.find("\n", target, cursor) + 1
-    kept = cursor - line_start
-    return line_start if line_start and 0 < kept >= (cursor - target) // 2 else target
+    if line_start and cursor - line_start >= max(1, (cursor - target) // 2):
+        return line_start
+    return target
 
 
 def suffix_window_chars(setting: int, trigger: str) -> int:
