@@ -44,6 +44,20 @@ def capabilities(*, progress: bool = True) -> types.ClientCapabilities:
     )
 
 
+def inline_params(
+    uri: str, position: types.Position, invoked: bool = True
+) -> types.InlineCompletionParams:
+    """An inline completion request at `position`, invoked by the user or automatic."""
+    kind = types.InlineCompletionTriggerKind
+    return types.InlineCompletionParams(
+        text_document=types.TextDocumentIdentifier(uri=uri),
+        position=position,
+        context=types.InlineCompletionContext(
+            trigger_kind=kind.Invoked if invoked else kind.Automatic
+        ),
+    )
+
+
 @dataclass
 class Editor:
     """A test editor: the pytest-lsp client plus the documents as the editor sees them."""
@@ -107,14 +121,7 @@ class Editor:
     async def inline(
         self, uri: str, offset: int, invoked: bool = False
     ) -> types.InlineCompletionList:
-        kind = types.InlineCompletionTriggerKind
-        params = types.InlineCompletionParams(
-            text_document=types.TextDocumentIdentifier(uri=uri),
-            position=position_at(self.texts[uri], offset),
-            context=types.InlineCompletionContext(
-                trigger_kind=kind.Invoked if invoked else kind.Automatic
-            ),
-        )
+        params = inline_params(uri, position_at(self.texts[uri], offset), invoked)
         result = await self.client.text_document_inline_completion_async(params)
         assert isinstance(result, types.InlineCompletionList)
         return result

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from lsp_editor import Editor, start_editor
+from lsp_editor import Editor, inline_params, start_editor
 from lsp_fake_daemon import FakeDaemon
 from lsprotocol import types
 
@@ -173,13 +173,7 @@ async def _eventually(check, timeout_s: float = 5.0) -> bool:
 async def test_cancel_request_aborts_the_daemon_call(editor: Editor, fake_daemon: FakeDaemon):
     fake_daemon.delay_s = 30
     editor.open(URI, "x = \n")
-    params = types.InlineCompletionParams(
-        text_document=types.TextDocumentIdentifier(uri=URI),
-        position=types.Position(line=0, character=4),
-        context=types.InlineCompletionContext(
-            trigger_kind=types.InlineCompletionTriggerKind.Invoked
-        ),
-    )
+    params = inline_params(URI, types.Position(line=0, character=4))
     pending = asyncio.ensure_future(
         editor.client.protocol.send_request_async(
             types.TEXT_DOCUMENT_INLINE_COMPLETION, params, msg_id="slow-1"
@@ -402,13 +396,7 @@ async def test_a_random_session_stays_in_sync_and_never_replaces_text_it_does_no
         if rng.random() < 0.05:  # a client out of step: past the end, a document not open
             uri = rng.choice([URI, "file:///work/never_opened.py"])
             here = types.Position(line=rng.choice([0, 40, 10**6]), character=rng.choice([3, 10**6]))
-            params = types.InlineCompletionParams(
-                text_document=types.TextDocumentIdentifier(uri=uri),
-                position=here,
-                context=types.InlineCompletionContext(
-                    trigger_kind=types.InlineCompletionTriggerKind.Invoked
-                ),
-            )
+            params = inline_params(uri, here)
             result = await editor.client.text_document_inline_completion_async(params)
             assert result is None or isinstance(result, types.InlineCompletionList)
             continue
@@ -451,13 +439,7 @@ async def test_random_bursts_of_requests_edits_and_cancels_each_get_an_answer(
             editor.edit(uri, at, end, rng.choice(_PIECES))
         elif op < 0.8:
             fake_daemon.delay_s = rng.choice([0, 0.02, 0.1])
-            params = types.InlineCompletionParams(
-                text_document=types.TextDocumentIdentifier(uri=uri),
-                position=position_at(text, at),
-                context=types.InlineCompletionContext(
-                    trigger_kind=rng.choice(list(types.InlineCompletionTriggerKind))
-                ),
-            )
+            params = inline_params(uri, position_at(text, at), invoked=rng.choice([True, False]))
             pending[f"burst-{n}"] = asyncio.ensure_future(
                 editor.client.protocol.send_request_async(
                     types.TEXT_DOCUMENT_INLINE_COMPLETION, params, msg_id=f"burst-{n}"
