@@ -105,8 +105,9 @@ def outline_text(text: str) -> str:
                 break
             depth += lines[i].count("(") - lines[i].count(")")
             i += 1
-        kept += lines[first:i]
-        size += sum(len(kept_line) + 1 for kept_line in lines[first:i])
+        definition = lines[first:i]
+        kept += definition
+        size += sum(len(kept_line) + 1 for kept_line in definition)
     return _cut("".join(line + "\n" for line in kept))
 
 

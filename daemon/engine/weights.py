@@ -11,7 +11,7 @@ import logging
 import math
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,10 +95,8 @@ class WeightSet:
         return sum(math.prod(t.shape) for t in self.tensors.values())
 
     def layers_held(self) -> int:
-        """1 + the highest block index among the tensors' names (`model.layers.N.`,
-        `transformer.h.N.`)."""
-        found = (_LAYER_INDEX.search(name) for name in self.tensors)
-        return 1 + max((int(m[1]) for m in found if m), default=-1)
+        """The blocks whose weights these are (`model.layers.N.`, `transformer.h.N.`)."""
+        return _blocks_named(self.tensors, _LAYER_INDEX)
 
     def take(self, name: str) -> TensorSource:
         try:
@@ -119,7 +117,13 @@ def unpermute_order(n_rows: int, n_heads: int) -> torch.Tensor:
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
-_GGUF_BLOCK_INDEX = re.compile(r"blk\.(\d+)\.")
+_GGUF_BLOCK_INDEX = re.compile(r"^blk\.(\d+)\.")
+
+
+def _blocks_named(names: Iterable[str], index: re.Pattern[str]) -> int:
+    """1 + the highest block index `index` finds in `names` (0 where it finds none)."""
+    found = (index.search(name) for name in names)
+    return 1 + max((int(m[1]) for m in found if m), default=-1)
 
 
 def read_gguf(path: Path, name_table: Callable[[str], dict[str, str]]) -> WeightSet:
@@ -145,8 +149,8 @@ def read_gguf(path: Path, name_table: Callable[[str], dict[str, str]]) -> Weight
         ) from exc
     # The blocks the file holds, not the count its metadata states (a corrupt one named
     # millions, and naming each one's tensors took minutes and gigabytes).
-    found = (_GGUF_BLOCK_INDEX.match(t.name) for t in gguf_tensors)
-    names = _expand_names(name_table(arch), 1 + max((int(m[1]) for m in found if m), default=-1))
+    held = _blocks_named((t.name for t in gguf_tensors), _GGUF_BLOCK_INDEX)
+    names = _expand_names(name_table(arch), held)
     tensors = {}
     for t in gguf_tensors:
         ours = names.get(t.name)
