@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from codelm.daemon.protocol import LOOPBACK_NAMES
+from codelm.daemon.protocol import LOOPBACK_NAMES, MAX_TIME_MS_LIMIT, MAX_TOKENS_LIMIT
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ _OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "daemon.url": ("daemon_url", _url),
     "daemon.autoStart": ("auto_start", _bool),
     "model": ("model", _optional_str),
-    "maxTokens": ("max_tokens", _int_in(1, 1024)),
-    "maxTimeMs": ("max_time_ms", _int_in(0, 600_000)),
+    "maxTokens": ("max_tokens", _int_in(1, MAX_TOKENS_LIMIT)),
+    "maxTimeMs": ("max_time_ms", _int_in(0, MAX_TIME_MS_LIMIT)),
     "singleLine": ("single_line", _single_line),
     "debounceMs": ("debounce_ms", _int_in(0, 2000)),
     "timeoutMs": ("timeout_ms", _int_in(50, 600_000)),
