@@ -55,8 +55,11 @@ GGUF_PRE_SPLITS: dict[str, tuple[str, ...]] = {
 }
 
 # GGUF token types (llama.cpp): 3 = control, 4 = user defined, 5 = unused (rows that pad the
-# vocabulary: Qwen2.5's [PAD151665]...[PAD151935], untrained).
-_SPECIAL_TYPES = (3, 4)
+# vocabulary: Qwen2.5's [PAD151665]...[PAD151935], untrained). A user-defined token is one the
+# model's tokenizer.json adds without marking it special (Qwen's "<tool_call>"): text holding
+# it is read as that token, by llama.cpp, transformers and tokenizer.json alike.
+_CONTROL_TYPE = 3
+_USER_DEFINED_TYPE = 4
 _UNUSED_TYPE = 5
 
 
@@ -245,7 +248,7 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
             f"GGUF tokenizer {model!r} is not supported yet (supported: gpt2 byte-level BPE); "
             "use the model's Hugging Face folder instead"
         )
-    from tokenizers import Regex, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
@@ -262,8 +265,10 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
         [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
-    pairs = enumerate(zip(tokens, types, strict=True))
-    special = {tok: i for i, (tok, kind) in pairs if kind in _SPECIAL_TYPES}
+    kinds = list(zip(tokens, types, strict=True))
+    user_defined = [tok for tok, kind in kinds if kind == _USER_DEFINED_TYPE]
+    backend.add_tokens([AddedToken(tok, special=False, normalized=False) for tok in user_defined])
+    special = {tok: i for i, (tok, kind) in enumerate(kinds) if kind == _CONTROL_TYPE}
     special_ids = set(special.values())
     to_latin1 = _byte_table()
     pieces = [_byte_piece(tok, to_latin1) for tok in tokens]

@@ -194,8 +194,8 @@ _FUZZ_CODE = (
     *("'", '"', "'s", "'T", "'re", "'LL", "'d", "'ſ", "<", ">", "</div>", "<|", "|>", "\\n"),
     *("café", "naïve", "Straße", "İstanbul", "ﬁ", "ǅ", "K"),
     # Control tokens' text: plain text in a document. Not Qwen's user-defined "<tool_call>",
-    # which llama.cpp and transformers read as its token even so, and we as plain text.
-    *("<|endoftext|>", "<|fim_prefix|>", "<file_sep>"),
+    # which llama.cpp, transformers and its tokenizer.json read as its token even so.
+    *("<|endoftext|>", "<|fim_prefix|>", "<file_sep>", "<tool_call>", "</tool_call>"),
 )
 _FUZZ_SPACE = (
     *(" ", "  ", "\t", "\n", "\r", "\r\n", "\n\n", "\x0b", "\x0c", "\x85", "\u2028", "\u2029"),
