@@ -61,6 +61,21 @@ static inline float hmax(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
+/* x within [-127, 127], where x / d already is, up to rounding; NaN (a block holding NaN or
+ * infinity: d is NaN, or inv 0) becomes 127, not the INT_MIN of a conversion, whose sums
+ * overflow. (min_ps returns its second operand where either is NaN.) */
+static inline __m256 clamp127(__m256 x)
+{
+    return _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(127.0f)), _mm256_set1_ps(-127.0f));
+}
+
+#if defined(__AVX512F__)
+static inline __m512 clamp127_512(__m512 x)
+{
+    return _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(127.0f)), _mm512_set1_ps(-127.0f));
+}
+#endif
+
 /* One block of x: q[32] = round(x / d), d = absmax / 127 (0 for a block of zeros), returned;
  * *qsum gets the sum of q and, where `sum` is given, *sum the float sum of x. The prompt's tile
  * kernel and the row kernels both quantise x through this, so they see the same numbers.
@@ -72,8 +87,8 @@ static inline float quantize_block(const float *src, int8_t *q, int32_t *qsum, f
     const float d =
         _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1))) / 127.0f;
     const __m512 inv = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
-    const __m512i n0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));
-    const __m512i n1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv)); /* ties to even */
+    const __m512i n0 = _mm512_cvtps_epi32(clamp127_512(_mm512_mul_ps(v0, inv)));
+    const __m512i n1 = _mm512_cvtps_epi32(clamp127_512(_mm512_mul_ps(v1, inv))); /* to even */
     _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(n0));
     _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(n1));
     *qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(n0, n1));
@@ -94,7 +109,7 @@ static inline float quantize_block(const float *src, int8_t *q, int32_t *qsum, f
     const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
     __m256i n[4];
     for (int i = 0; i < 4; i++)
-        n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)); /* to nearest, ties to even */
+        n[i] = _mm256_cvtps_epi32(clamp127(_mm256_mul_ps(v[i], inv))); /* ties to even */
     /* packs work within 128-bit lanes: the bytes come out as dwords 0 4 1 5 2 6 3 7 */
     const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]),
                                               _mm256_packs_epi32(n[2], n[3]));
