@@ -451,19 +451,13 @@ class Scheduler:
         try:
             engine = self._loader(self.config, self._on_progress)
         except Exception as exc:  # worker boundary: any load failure becomes the error state
-            known = isinstance(exc, CodelmError)
-            message = exc.message if known else f"{type(exc).__name__}: {exc}"
-            if self._stopping:  # stopped while torch was imported: it fails as Python exits
-                logger.info("model load abandoned: the daemon is stopping (%s)", message)
-            elif known:
-                logger.error("model load failed: %s", message)
-            else:
-                logger.exception("model load failed")
-            stamp = _model_stamp(self.config.model)
-            with self._cond:
-                self._state = EngineState.STOPPED if self._stopping else EngineState.ERROR
-                self._message = message
-                self._failed_stamp = stamp
+            self._load_failed(exc)
+            engine = None
+        if engine is None:
+            # What the failed load had built (its traceback held it until here): a load
+            # stopped for want of memory must not keep the gigabytes it had taken.
+            gc.collect()
+            _give_back_freed_memory()
             return
         info = dict(getattr(engine, "info", {}) or {})
         with self._cond:
@@ -475,6 +469,21 @@ class Scheduler:
             self._last_active = time.monotonic()
         self._refresh_cache_stats()
         logger.info("model ready in %.1f s: %s", time.monotonic() - started, info)
+
+    def _load_failed(self, exc: Exception) -> None:
+        known = isinstance(exc, CodelmError)
+        message = exc.message if known else f"{type(exc).__name__}: {exc}"
+        if self._stopping:  # stopped while torch was imported: it fails as Python exits
+            logger.info("model load abandoned: the daemon is stopping (%s)", message)
+        elif known:
+            logger.error("model load failed: %s", message)
+        else:
+            logger.exception("model load failed")
+        stamp = _model_stamp(self.config.model)
+        with self._cond:
+            self._state = EngineState.STOPPED if self._stopping else EngineState.ERROR
+            self._message = message
+            self._failed_stamp = stamp
 
     def _describe_config(self) -> tuple[str, str, str]:
         return self.config.model, self.config.device, self.config.quant

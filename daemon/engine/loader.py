@@ -46,13 +46,30 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
         return _load_model(path, config, device, progress)
     except CodelmError:
         raise
-    except Exception as exc:  # a file that reads but does not describe a model we can build
+    except Exception as exc:
+        if _ran_out_of_memory(exc):
+            where = "the GPU's memory" if device.type == "cuda" else "memory"
+            instead = "`--device cpu`, " if device.type == "cuda" else ""
+            said = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise ModelLoadError(
+                f"{where} ran out while loading {path.name} ({said}); "
+                f"close other programs that use it, or choose {instead}a smaller model or "
+                "quantisation (`codelm-daemon models list`, `--quant int4`)"
+            ) from None  # (its traceback would hold on to the layers built)
+        # A file that reads but does not describe a model we can build.
         logger.info("loading %s failed", path, exc_info=True)  # the traceback: log only
         raise ModelLoadError(
             f"{path} could not be loaded ({type(exc).__name__}: {exc}); a catalogue model may "
             "be damaged: `codelm-daemon models fetch NAME --force`; other models must be of a "
             "supported architecture, with their tokenizer (docs/models.md)"
         ) from exc
+
+
+def _ran_out_of_memory(exc: Exception) -> bool:
+    # torch raises OutOfMemoryError on CUDA, and a RuntimeError on the CPU.
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
 
 
 def _load_model(path: Path, config: EngineConfig, device: torch.device, progress) -> LoadedModel:
@@ -462,11 +479,23 @@ class LinearFactory:
         return ", ".join(f"{k} x{v}" for k, v in sorted(self.counts.items()))
 
 
-def available_memory_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+def available_memory_bytes(
+    meminfo: str = "/proc/meminfo", cgroups: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+) -> int | None:
     """Memory available to allocate now without swapping: Linux's MemAvailable, which counts
     the page cache the kernel gives back on demand, else free memory; None where the system
     says neither. Free memory alone is small on a machine that has read many files (after a
-    build, 2 GiB of 24 with 23 available), which shrank every budget taken from it."""
+    build, 2 GiB of 24 with 23 available), which shrank every budget taken from it. In a
+    container (a dev container, CI) MemAvailable is the host's: the process's cgroup limit,
+    where it sets one, bounds it (`_cgroup_headroom`)."""
+    available = _meminfo_available(meminfo)
+    headroom = _cgroup_headroom(cgroups, root)
+    if available is None or headroom is None:
+        return headroom if available is None else available
+    return min(available, headroom)
+
+
+def _meminfo_available(meminfo: str) -> int | None:
     try:
         with open(meminfo, "rb") as file:
             for line in file:
@@ -478,6 +507,58 @@ def available_memory_bytes(meminfo: str = "/proc/meminfo") -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return None
+
+
+# Per cgroup version: the limit and usage files, and the memory.stat keys of the page cache
+# and of the shared memory within it (file pages the kernel reclaims rather than kill).
+_CGROUP_FILES = {
+    "v2": ("memory.max", "memory.current", "file", "shmem"),
+    "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache", "total_shmem"),
+}
+_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def _cgroup_headroom(cgroups: str, root: str) -> int | None:
+    """What the memory cgroup of this process lets it allocate still (its limit, less what it
+    uses other than page cache), or None where none limits it (or the system has none)."""
+    try:
+        lines = Path(cgroups).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, own = parts
+        if hierarchy == "0" and not controllers:
+            version, base = "v2", Path(root)
+        elif "memory" in controllers.split(","):
+            version, base = "v1", Path(root) / "memory"
+        else:
+            continue
+        # A container sees its own cgroup at the mount's root; a host process at its path.
+        for folder in (base / own.lstrip("/"), base):
+            headroom = _headroom_in(folder, *_CGROUP_FILES[version])
+            if headroom is not None:
+                return headroom
+    return None
+
+
+def _headroom_in(folder: Path, limit: str, usage: str, cache: str, shmem: str) -> int | None:
+    try:
+        limit_text = (folder / limit).read_text().strip()
+        used = int((folder / usage).read_text())
+        stat = dict(
+            row.split(" ", 1)
+            for row in (folder / "memory.stat").read_text().split("\n")
+            if " " in row
+        )
+        reclaimable = int(stat.get(cache, 0)) - int(stat.get(shmem, 0))
+    except (OSError, ValueError):
+        return None
+    if not limit_text.isdigit() or int(limit_text) >= _NO_LIMIT:  # v2 writes "max"
+        return None
+    return max(0, int(limit_text) - used + max(0, reclaimable))
 
 
 def _dense_budget() -> int:
@@ -555,6 +636,7 @@ def fill_model(
         # Tied the other way round (CodeShell): the checkpoint holds lm_head, not the embedding.
         weights.tensors[embedding] = weights.tensors.pop("lm_head.weight")
         tied = True
+    room = _RoomCheck(weights, linears, fused, tied, embedding) if device.type == "cpu" else None
     untrimmed = 0  # weights built since the heap was last trimmed
     for done, (name, module) in enumerate(linears):
         if name == "lm_head" and tied:
@@ -568,10 +650,15 @@ def fill_model(
         )
         linear = make_linear(name, sources, bias, id(module) in attention_inputs)
         _set_parent(model, name, linear)
-        untrimmed += sum(math.prod(source.shape) for source in sources)
+        elements = sum(math.prod(source.shape) for source in sources)
+        untrimmed += elements
+        if room is not None:
+            room.built(elements, linear)
         if untrimmed >= _TRIM_AFTER_WEIGHTS:  # their temporaries, before the next layers'
             trim_heap()
             untrimmed = 0
+            if room is not None:
+                room.check()
         progress(done / len(linears))
     for name, param in list(model.named_parameters()):
         if param.is_meta or name.endswith("norm.weight"):
@@ -589,6 +676,43 @@ def fill_model(
     model.to(device)
     if weights.tensors:
         logger.debug("unused checkpoint tensors: %s", sorted(weights.tensors)[:20])
+
+
+# Memory a load leaves free for the KV cache, activations and the rest of the system.
+LOAD_RESERVE_BYTES = 256 << 20
+
+
+class _RoomCheck:
+    """Stops a CPU load whose weights would not fit in the memory available: past it lie swap
+    (the machine, editor included, all but freezes) or the OOM killer (the daemon gone without
+    a word). What the layers built so far hold, per weight, projects what the rest will."""
+
+    def __init__(self, weights: WeightSet, linears: list, fused: dict, tied: bool, embedding: str):
+        names = [f"{p}.weight" for n, _ in linears if n != "lm_head" for p in _parts(n, fused)]
+        names += [embedding] if tied else ["lm_head.weight", embedding]  # (tied: the head's)
+        self.total = sum(math.prod(weights.tensors[n].shape) for n in names if n in weights.tensors)
+        self.done = 0
+        self.held = 0
+
+    def built(self, elements: int, linear: nn.Module) -> None:
+        self.done += elements
+        # What decode reads: prefill copies are paid from a budget, not per weight.
+        plan = getattr(linear, "plan", None)
+        self.held += plan.decode.nbytes if plan is not None else linear.weight.nbytes
+
+    def check(self) -> None:
+        available = available_memory_bytes()
+        if available is None or self.done == 0 or self.done >= self.total:
+            return
+        needed = self.held * (self.total - self.done) // self.done
+        if needed + LOAD_RESERVE_BYTES > available:
+            gib = 1 << 30
+            raise ModelLoadError(
+                f"not enough memory to load the model: {self.done / self.total:.0%} of the way "
+                f"through its weights, the rest would need about {needed / gib:.1f} GiB and "
+                f"{available / gib:.1f} GiB is available. Close other programs, or choose a "
+                "smaller model or quantisation (`codelm-daemon models list`, `--quant int4`)"
+            )
 
 
 def _parts(name: str, fused: dict[str, tuple[str, ...]]) -> list[str]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import threading
+import weakref
 from collections import Counter
 
 import pytest
@@ -103,6 +105,35 @@ async def test_a_load_that_fails_as_the_daemon_stops_is_no_error(caplog):
     assert scheduler.state is EngineState.STOPPED
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "model load abandoned: the daemon is stopping" in caplog.text
+
+
+async def test_a_failed_load_gives_back_what_it_had_built(monkeypatch):
+    """A load stopped for want of memory had built gigabytes of layers, which refer to one
+    another as a model's do: they go at once, not at some later collection, and the freed
+    memory goes back to the system."""
+    built = []
+    given_back = threading.Event()
+    monkeypatch.setattr(scheduler_module, "trim_heap", given_back.set)
+
+    class Layer:  # a cycle, as a module and its parent make
+        def __init__(self) -> None:
+            self.weights = bytearray(32 << 20)
+            self.parent = self
+
+    def loader(config, progress):
+        layer = Layer()
+        built.append(weakref.ref(layer))
+        raise ModelLoadError("not enough memory to load the model")
+
+    gc.disable()  # only an explicit collection frees a cycle now
+    scheduler = Scheduler(EngineConfig(model="fake.gguf"), loader=loader)
+    try:
+        scheduler.start()
+        await _wait_until(lambda: scheduler.state is EngineState.ERROR and given_back.is_set())
+        assert built and built[0]() is None
+    finally:
+        gc.enable()
+        await scheduler.stop()
 
 
 async def test_scheduler_supersedes_in_flight_request_for_same_uri():

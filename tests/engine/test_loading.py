@@ -190,3 +190,112 @@ def test_available_memory_counts_the_page_cache_the_kernel_gives_back(tmp_path):
     assert available_memory_bytes(str(meminfo)) == 24193280 * 1024
     free = available_memory_bytes(str(tmp_path / "absent"))  # not Linux: free memory
     assert free is None or free > 0
+
+
+GIB = 1 << 30
+_V1_NO_LIMIT = "9223372036854771712"
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "files", "expected"),
+    [
+        # A container (Docker, a dev container) on cgroup v2 sees its cgroup at the root: a
+        # 2 GiB limit, 1.5 GiB used of which 0.5 GiB page cache (0.1 GiB of it shared memory).
+        (
+            "0::/\n",
+            {
+                "memory.max": str(2 * GIB),
+                "memory.current": str(3 * GIB // 2),
+                "memory.stat": f"anon {GIB}\nfile {GIB // 2}\nshmem {GIB // 10}\n",
+            },
+            2 * GIB - 3 * GIB // 2 + GIB // 2 - GIB // 10,
+        ),
+        ("0::/user.slice\n", {"user.slice/memory.max": "max\n"}, 20 * GIB),  # no limit
+        (  # cgroup v1, a process of the host: its own group's limit
+            "12:cpu:/\n4:memory,hugetlb:/build/job\n0::/\n",
+            {
+                "memory/build/job/memory.limit_in_bytes": str(8 * GIB),
+                "memory/build/job/memory.usage_in_bytes": str(7 * GIB),
+                "memory/build/job/memory.stat": f"cache {GIB}\ntotal_cache {GIB}\n",
+            },
+            2 * GIB,
+        ),
+        (
+            "4:memory:/\n",
+            {"memory/memory.limit_in_bytes": _V1_NO_LIMIT, "memory/memory.usage_in_bytes": "1"},
+            20 * GIB,
+        ),
+        ("", {}, 20 * GIB),  # no cgroups at all
+    ],
+    ids=["v2-container", "v2-max", "v1-host-group", "v1-unlimited", "none"],
+)
+def test_available_memory_is_bounded_by_the_cgroup_limit(tmp_path, cgroup, files, expected):
+    """In a container MemAvailable is the host's: a KV cache sized from it, or a load let past
+    it, would have the container's OOM killer end the daemon without a word."""
+    from codelm.daemon.engine.loader import available_memory_bytes
+
+    meminfo, cgroups, root = tmp_path / "meminfo", tmp_path / "cgroup", tmp_path / "fs"
+    meminfo.write_text(f"MemTotal: {32 << 20} kB\nMemAvailable: {20 << 20} kB\n")
+    cgroups.write_text(cgroup)
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    assert available_memory_bytes(str(meminfo), str(cgroups), str(root)) == expected
+
+
+@pytest.mark.parametrize("quant", ["auto", "fp32"])
+def test_a_load_that_would_not_fit_in_memory_stops_early_and_says_so(
+    default_model_path, monkeypatch, quant
+):
+    """Past the memory there is swap (a frozen machine) or the OOM killer (a daemon gone
+    without a word): the load stops at the first check, well before the end."""
+    from codelm.daemon.engine import loader
+
+    monkeypatch.setattr(loader, "available_memory_bytes", lambda *args: loader.LOAD_RESERVE_BYTES)
+    fractions = []
+    with pytest.raises(ModelLoadError, match="not enough memory .* GiB is available") as error:
+        load_engine(
+            EngineConfig(model=str(default_model_path), quant=quant),
+            progress=lambda fraction, message: fractions.append(fraction),
+        )
+    assert int(str(error.value).split("% of the way")[0].rsplit(" ", 1)[1]) <= 30
+    assert max(fractions) < 0.5
+    monkeypatch.setattr(loader, "available_memory_bytes", lambda *args: 2 * GIB)
+    load_engine(EngineConfig(model=str(default_model_path), quant=quant))  # enough: it loads
+
+
+@pytest.mark.parametrize(
+    ("device", "error", "says"),
+    [
+        (
+            "cuda",
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has"),
+            r"the GPU's memory ran out .*\(CUDA out of memory. Tried .*`--device cpu`, a smaller",
+        ),
+        (
+            "cpu",
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                "memory: you tried to allocate 4294967296 bytes. Error code 12"
+            ),
+            r"^memory ran out while loading .*can't allocate memory.*or choose a smaller model",
+        ),
+        ("cpu", MemoryError(), r"^memory ran out while loading \S+ \(MemoryError\)"),
+    ],
+    ids=["cuda", "cpu-allocator", "python"],
+)
+def test_running_out_of_memory_while_loading_says_so(
+    default_model_path, monkeypatch, device, error, says
+):
+    """Not "could not be loaded ...; may be damaged: fetch it again", which sent the user to
+    download a good file again."""
+    from codelm.daemon.engine import loader
+
+    def fail(*args):
+        raise error
+
+    monkeypatch.setattr(loader, "_load_model", fail)
+    config = EngineConfig(model=str(default_model_path))
+    with pytest.raises(ModelLoadError, match=says) as raised:
+        loader.load_model(config, torch.device(device))
+    assert "damaged" not in str(raised.value)
