@@ -708,10 +708,11 @@ class _RoomCheck:
         if needed + LOAD_RESERVE_BYTES > available:
             gib = 1 << 30
             raise ModelLoadError(
-                f"not enough memory to load the model: {self.done / self.total:.0%} of the way "
-                f"through its weights, the rest would need about {needed / gib:.1f} GiB and "
-                f"{available / gib:.1f} GiB is available. Close other programs, or choose a "
-                "smaller model or quantisation (`codelm-daemon models list`, `--quant int4`)"
+                f"not enough memory: {self.done / self.total:.0%} of the way through the "
+                f"model's weights, the rest need about {needed / gib:.2f} GiB more, and "
+                f"{available / gib:.2f} GiB is available, {LOAD_RESERVE_BYTES / gib:.2f} GiB of "
+                "which must stay free for the cache. Close other programs, or choose a smaller "
+                "model or quantisation (`codelm-daemon models list`, `--quant int4`)"
             )
 
 

@@ -253,7 +253,7 @@ def test_a_load_that_would_not_fit_in_memory_stops_early_and_says_so(
 
     monkeypatch.setattr(loader, "available_memory_bytes", lambda *args: loader.LOAD_RESERVE_BYTES)
     fractions = []
-    with pytest.raises(ModelLoadError, match="not enough memory .* GiB is available") as error:
+    with pytest.raises(ModelLoadError, match="not enough memory: .* GiB is available") as error:
         load_engine(
             EngineConfig(model=str(default_model_path), quant=quant),
             progress=lambda fraction, message: fractions.append(fraction),
