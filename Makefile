@@ -7,7 +7,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 VSCODE := editors/vscode
 
 .PHONY: install install-dev start stop test lint bench bench-peers bench-peers-avx2 clean vsix
-.PHONY: test-editors
+.PHONY: test-editors sanitize
 
 # The everyday model (Qwen2.5-Coder-0.5B, 491 MB) and the test suite's (SmolLM2-135M, 98 MB).
 install: $(STAMP)
@@ -42,6 +42,15 @@ stop:
 # CODELM_EDITOR_TESTS=1 (CI) adds the editor tests, with their installs (see test-editors).
 test: install-dev $(if $(filter 1,$(CODELM_EDITOR_TESTS)),test-editors)
 	$(BIN)/python -m pytest -q
+
+# The native kernels (quant/kernels_x86.c) built with AddressSanitizer and UBSan, under the
+# tests that run them: about 40 minutes on 2 cores, never part of `make test`. A sanitized
+# library loads only into a process that starts with gcc's runtimes, hence LD_PRELOAD; -s
+# lets a report reach the terminal before the process aborts.
+sanitize: install-dev
+	CODELM_NATIVE_SANITIZE=1 ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/quant tests/engine
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check daemon lsp quant tests benchmarks

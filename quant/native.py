@@ -29,6 +29,9 @@ _LINK_FLAGS = ("-shared", "-fopenmp")
 # kernels_x86.c's parts (its PARTS comment): compiled at once, one object each, then linked.
 _PARTS = (1, 2, 3)
 _ARCH = ("-march=native",)
+# CODELM_NATIVE_SANITIZE=1 (`make sanitize`): built with AddressSanitizer and UBSan, every
+# report fatal. Only a process that preloads their runtimes can load that build.
+_SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer")
 _COMPILE_TIMEOUT_S = 120
 UNUSED_DAYS = 30  # a library no process opened for this long is removed at the next build
 
@@ -102,22 +105,23 @@ def _load(build_dir: Path | None, arch: tuple[str, ...] = _ARCH) -> ctypes.CDLL 
         ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return f"{compiler} does not run: {exc}"
-    flags = (*_FLAGS, *arch)
+    sanitize = _SANITIZE if os.environ.get("CODELM_NATIVE_SANITIZE") == "1" else ()
+    flags, link_flags = (*_FLAGS, *arch, *sanitize), (*_LINK_FLAGS, *sanitize)
     key = hashlib.sha256(
         "\0".join(
-            (SOURCE.read_text(), compiler, version, " ".join((*flags, *_LINK_FLAGS)), _cpu_id())
+            (SOURCE.read_text(), compiler, version, " ".join((*flags, *link_flags)), _cpu_id())
         ).encode()
     ).hexdigest()[:16]
     name = f"kernels-{key}.so"
     if build_dir is not None:
         if (Path(build_dir) / name).exists() or _writable(Path(build_dir)):
-            return _build_and_open(compiler, flags, Path(build_dir) / name, key)
+            return _build_and_open(compiler, flags, link_flags, Path(build_dir) / name, key)
         logger.warning(
             "cannot write to %s: the native kernels are built in a temporary folder, at each start",
             build_dir,
         )
     with tempfile.TemporaryDirectory(prefix="codelm-kernels-") as tmp:
-        return _build_and_open(compiler, flags, Path(tmp) / name, key)
+        return _build_and_open(compiler, flags, link_flags, Path(tmp) / name, key)
 
 
 def _writable(folder: Path) -> bool:
@@ -129,7 +133,7 @@ def _writable(folder: Path) -> bool:
 
 
 def _build_and_open(
-    compiler: str, flags: tuple[str, ...], path: Path, key: str
+    compiler: str, flags: tuple[str, ...], link_flags: tuple[str, ...], path: Path, key: str
 ) -> ctypes.CDLL | str:
     if path.exists():
         with contextlib.suppress(OSError):  # in use: kept by _drop_unused
@@ -138,7 +142,7 @@ def _build_and_open(
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            failed = _compile(compiler, flags, tmp)
+            failed = _compile(compiler, flags, link_flags, tmp)
             if failed is not None:
                 tmp.unlink(missing_ok=True)
                 return f"compiling {SOURCE.name} failed: {failed}"
@@ -252,7 +256,9 @@ class Shape(ctypes.Structure):
     ]
 
 
-def _compile(compiler: str, flags: tuple[str, ...], library: Path) -> str | None:
+def _compile(
+    compiler: str, flags: tuple[str, ...], link_flags: tuple[str, ...], library: Path
+) -> str | None:
     """Build SOURCE into `library`: its parts compiled at once, then linked. None, or the
     compiler's first error."""
     objects = [library.with_suffix(f".part{part}.o") for part in _PARTS]
@@ -270,7 +276,7 @@ def _compile(compiler: str, flags: tuple[str, ...], library: Path) -> str | None
         failed = [err for run, err in zip(runs, errors, strict=True) if run.returncode != 0]
         if failed:
             return _last_line(failed[0])
-        cmd = [compiler, *_LINK_FLAGS, "-o", str(library), *map(str, objects), "-lm"]
+        cmd = [compiler, *link_flags, "-o", str(library), *map(str, objects), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
         return None if done.returncode == 0 else _last_line(done.stderr)
     finally:
