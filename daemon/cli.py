@@ -28,8 +28,10 @@ from .config import (
 from .errors import CodelmError, DaemonUnavailable
 from .protocol import MAX_TIME_MS_LIMIT, MAX_TOKENS_LIMIT
 from .runtime import (
+    STALE_CODE_MESSAGE,
     RuntimePaths,
     cleanup_stale,
+    code_stamp,
     mark_stopped,
     read_daemon_info,
     read_pid,
@@ -458,6 +460,8 @@ def _print_status(status: dict[str, Any], paths: RuntimePaths) -> None:
         print("  cache:    " + ", ".join(f"{k} {v}" for k, v in sorted(cache.items())))
     print(f"  token:    {status.get('token_file')}")
     print(f"  log:      {paths.log_file}")
+    if status.get("code") not in (None, code_stamp()):
+        print(f"  note:     {STALE_CODE_MESSAGE}")
 
 
 def _ago(seconds: float) -> str:

@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import secrets
@@ -316,6 +317,33 @@ def _read_int(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
+
+
+# The package's folders whose code a daemon runs (Python, and the native kernels' source).
+_PACKAGE = Path(__file__).resolve().parent.parent
+_CODE_FOLDERS = ("daemon", "quant")
+_CODE_SUFFIXES = (".py", ".c")
+
+
+def code_stamp(package: Path = _PACKAGE) -> str:
+    """A hash of codelm's code as installed now (its files' names and contents, ~5 ms). A
+    daemon keeps the one it started with, so a client can tell that the daemon runs code
+    other than what is installed: after an upgrade it went on serving the old code, as long
+    as it ran, with nothing said."""
+    digest = hashlib.sha256()
+    files: list[Path] = []
+    for folder in _CODE_FOLDERS:
+        files += sorted(p for p in (package / folder).rglob("*") if p.suffix in _CODE_SUFFIXES)
+    for path in files:
+        with contextlib.suppress(OSError):
+            digest.update(f"{path.relative_to(package)}\0".encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+STALE_CODE_MESSAGE = (
+    "the installed codelm has changed since the running daemon started, and the daemon "
+    "still runs the code it started with: `codelm-daemon stop`, then `codelm-daemon start`"
+)
 
 
 def trim_heap() -> None:

@@ -39,7 +39,7 @@ from .protocol import (
     OpenAICompletionRequest,
     offset_at,
 )
-from .runtime import resident_mb
+from .runtime import code_stamp, resident_mb
 from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ def create_app(config: DaemonConfig, scheduler: Scheduler, *, token: str) -> web
     app[SCHEDULER] = scheduler
     app[TOKEN] = token
     app[INFO] = {"pid": os.getpid(), "started": time.monotonic(), "url": None}
+    app[INFO]["code"] = code_stamp()  # the code this process runs (runtime.code_stamp)
     app[SHUTDOWN] = asyncio.Event()
     app[REQUEST_IDS] = itertools.count(1)
     app.cleanup_ctx.append(_scheduler_ctx)
@@ -269,6 +270,7 @@ async def handle_load(request: web.Request) -> web.Response:
 
 def _health_response(request: web.Request, body: dict[str, Any]) -> web.Response:
     body["pid"] = request.app[INFO]["pid"]
+    body["code"] = request.app[INFO]["code"]
     return web.json_response(body)
 
 
@@ -283,6 +285,7 @@ async def handle_status(request: web.Request) -> web.Response:
         token_file=str(config.paths.token_file),
         log_file=str(config.paths.log_file),
         uptime_s=round(time.monotonic() - info["started"], 3),
+        code=info["code"],
         device=engine.get("device", config.engine.device),
         quant=engine.get("quant", config.engine.quant),
         config=config.to_json(),

@@ -96,6 +96,7 @@ class HttpDaemonLink:
         # none until a daemon starts elsewhere (D10).
         self._stopped = False
         self._noted_models: tuple[str, str] | None = None  # (served, wanted) said once
+        self._noted_stale = False  # the daemon's code is not the installed code: said once
         self._closed = False  # after `shutdown`: nothing is started, restarted or said
 
     def _set_state(self, state: str, message: str) -> None:
@@ -261,6 +262,7 @@ class HttpDaemonLink:
             state, message = health_state(body)
             if state == "ready":
                 self._note_other_model(body.get("model"))
+                self._note_stale_code(body.get("code"))
                 return message
             self._set_state(state, message)
             if state == "error":
@@ -365,6 +367,18 @@ class HttpDaemonLink:
             "language server",
             False,
         )
+
+    def _note_stale_code(self, served: Any) -> None:
+        """Say once when the daemon found running was started from other code than what is
+        installed now: after an upgrade it went on serving the old code in silence."""
+        from codelm.daemon.runtime import STALE_CODE_MESSAGE, code_stamp
+
+        if self._noted_stale or self.settings.daemon_url or not isinstance(served, str):
+            return
+        if served != (installed := code_stamp()):
+            self._noted_stale = True
+            logger.warning("the daemon runs code %s; installed now: %s", served, installed)
+            self.sink.show(f"codelm: {STALE_CODE_MESSAGE}", False)
 
     def _left_stopped(self, message: str) -> None:
         """The user stopped the daemon: say so once, start nothing until they start it."""

@@ -361,3 +361,16 @@ def test_logs_into_a_reader_that_leaves_early_is_no_error(home):
         ["bash", "-o", "pipefail", "-c", pipeline], capture_output=True, text=True
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, "line 0 of the daemon's log\n", "")
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_status_says_when_the_daemon_runs_code_other_than_the_installed(home, capsys, stale):
+    from codelm.daemon.cli import _print_status
+    from codelm.daemon.config import resolve_paths
+    from codelm.daemon.runtime import code_stamp
+
+    status = {"state": "ready", "model": "m", "code": "0" * 12 if stale else code_stamp()}
+    _print_status(status, resolve_paths())
+    out = capsys.readouterr().out
+    assert ("has changed since the running daemon started" in out) is stale
+    assert ("`codelm-daemon stop`, then `codelm-daemon start`" in out) is stale

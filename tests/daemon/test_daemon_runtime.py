@@ -13,6 +13,7 @@ from codelm.daemon.runtime import (
     InstanceLock,
     RuntimePaths,
     cleanup_stale,
+    code_stamp,
     is_lock_held,
     mark_stopped,
     publish_endpoint,
@@ -127,3 +128,33 @@ def test_mark_stopped_without_a_runtime_folder_is_harmless(tmp_path):
     paths = RuntimePaths.for_home(tmp_path / "never-ran")
     mark_stopped(paths)
     assert not stopped_by_user(paths)
+
+
+def test_the_code_stamp_changes_with_the_daemons_code_only(tmp_path):
+    """What an upgrade or an edit changes in the code a daemon runs changes the stamp; the
+    language server's code, byte code and other files do not."""
+    files = {
+        "daemon/service.py": "A = 1\n",
+        "daemon/engine/loader.py": "B = 2\n",
+        "quant/kernels_x86.c": "int f(void);\n",
+        "lsp/server.py": "C = 3\n",
+        "daemon/__pycache__/service.cpython-311.pyc": "\0",
+        "daemon/py.typed": "",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    stamp = code_stamp(tmp_path)
+    for unrelated in (
+        "lsp/server.py",
+        "daemon/__pycache__/service.cpython-311.pyc",
+        "daemon/py.typed",
+    ):
+        (tmp_path / unrelated).write_text("changed")
+        assert code_stamp(tmp_path) == stamp, unrelated
+    for changed in ("daemon/engine/loader.py", "quant/kernels_x86.c"):
+        (tmp_path / changed).write_text("changed")
+        assert code_stamp(tmp_path) != stamp, changed
+        stamp = code_stamp(tmp_path)
+    (tmp_path / "daemon/engine/loader.py").rename(tmp_path / "daemon/engine/moved.py")
+    assert code_stamp(tmp_path) != stamp

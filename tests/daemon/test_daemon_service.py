@@ -15,6 +15,7 @@ from fake_daemon import TOKEN, start_fake_daemon
 
 from codelm.daemon.errors import BadRequest
 from codelm.daemon.protocol import CompleteRequest, OpenAICompletionRequest, offset_at
+from codelm.daemon.runtime import code_stamp
 from codelm.daemon.service import read_json
 
 DOC = {"uri": "file:///a.py", "text": "def add(a, b):\n    return ", "line": 1, "character": 11}
@@ -432,6 +433,8 @@ async def test_status_reports_state_model_and_statistics(fake_daemon):
     assert status["requests"]["completed"] == 1
     assert status["cache"]["entries"] == 1
     assert status["engine"]["arch"] == "fake"
+    health = await (await fake_daemon.client.get("/health")).json()
+    assert status["code"] == health["code"] == code_stamp()  # the code this daemon runs
 
 
 async def test_shutdown_sets_the_shutdown_event(fake_daemon):

@@ -235,6 +235,29 @@ async def test_a_running_daemon_with_another_model_is_said_once(monkeypatch, ser
     assert len(notes) == (1 if said else 0)
 
 
+@pytest.mark.parametrize("stale", [False, True])
+async def test_a_daemon_running_other_code_than_the_installed_is_said_once(monkeypatch, stale):
+    # After an upgrade the daemon that was running went on serving the old code, unsaid.
+    from codelm.daemon.runtime import code_stamp
+
+    fake = FakeClient(["ready"])
+    health = fake.health
+
+    async def health_with_code():
+        return {**(await health()), "code": "0" * 12 if stale else code_stamp()}
+
+    fake.health = health_with_code
+    monkeypatch.setattr(daemon_client.DaemonClient, "discover", lambda *a, **k: fake)
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(), sink, home=None)
+    for _ in range(2):
+        link._ready = False
+        await link.ensure_running()
+    assert sink.statuses[-1] == "ready"
+    notes = [m for m, error in sink.shown if "has changed since the running daemon" in m]
+    assert len(notes) == (1 if stale else 0)
+
+
 def test_link_disabled_by_settings_reports_disabled():
     sink = Sink()
     link = HttpDaemonLink(LspSettings(), sink, home=None)
