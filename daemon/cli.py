@@ -6,6 +6,7 @@ The only module that parses arguments, sets up logging handlers and prints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -99,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     stop = sub.add_parser("stop", parents=[common], help="stop the running daemon")
     stop.set_defaults(func=cmd_stop)
+
+    restart = sub.add_parser(
+        "restart",
+        parents=[common, engine],
+        help="stop the running daemon and start it again with its model, device, quant and port",
+    )
+    restart.add_argument("--port", type=int, help="TCP port on 127.0.0.1 (0: any free port)")
+    restart.add_argument("--wait", type=_seconds, default=300.0, metavar="S", help="as for start")
+    restart.set_defaults(func=cmd_restart, foreground=False)
 
     status = sub.add_parser("status", parents=[common], help="state, model and statistics")
     status.add_argument("--json", action="store_true", help="print the full status as JSON")
@@ -355,6 +365,33 @@ def cmd_stop(args: argparse.Namespace) -> int:
     mark_stopped(paths)  # open editors leave it stopped until `start`
     print(f"codelm daemon stopped (pid {pid})")
     return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """`stop`, then `start` with the running daemon's model, device, quant and port where the
+    command line names none (the rest comes from config.toml and the environment, read
+    again), leaving the editors that use it on: they reconnect to the new one."""
+    from .client import DaemonClient, call_sync
+
+    paths = resolve_paths()
+    running: dict[str, Any] = {}
+    # None runs (one is started as asked), or none answers (it is stopped all the same).
+    with contextlib.suppress(DaemonUnavailable):
+        running = call_sync(DaemonClient.status, paths, timeout_s=5.0).get("config", {})
+    engine = running.get("engine", {})
+    for name in ("model", "device", "quant"):
+        if getattr(args, name) is None:
+            setattr(args, name, engine.get(name))
+    if args.port is None:
+        args.port = running.get("port")
+    pid = read_pid(paths)
+    if pid is not None:
+        _stop(paths)
+        if read_pid(paths) is not None:
+            print(f"{PROG}: the daemon (pid {pid}) did not stop", file=sys.stderr)
+            return 1
+        print(f"codelm daemon stopped (pid {pid})")
+    return cmd_start(args)
 
 
 def _stop(paths: RuntimePaths) -> None:

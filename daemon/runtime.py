@@ -342,7 +342,7 @@ def code_stamp(package: Path = _PACKAGE) -> str:
 
 STALE_CODE_MESSAGE = (
     "the installed codelm has changed since the running daemon started, and the daemon "
-    "still runs the code it started with: `codelm-daemon stop`, then `codelm-daemon start`"
+    "still runs the code it started with: `codelm-daemon restart`"
 )
 
 

@@ -28,6 +28,7 @@ from codelm.daemon.cli import EXIT_NOT_RUNNING, build_parser, main, parse_args
         ["prompt", "a.py:3:4", "--json", "--device", "cpu"],
         ["models", "fetch", "default"],
         ["models", "list"],
+        ["restart", "--quant", "int8", "--wait", "0"],
     ],
 )
 def test_cli_parses_contract_commands(argv):
@@ -373,4 +374,4 @@ def test_status_says_when_the_daemon_runs_code_other_than_the_installed(home, ca
     _print_status(status, resolve_paths())
     out = capsys.readouterr().out
     assert ("has changed since the running daemon started" in out) is stale
-    assert ("`codelm-daemon stop`, then `codelm-daemon start`" in out) is stale
+    assert ("`codelm-daemon restart`" in out) is stale

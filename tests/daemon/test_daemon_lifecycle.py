@@ -20,7 +20,7 @@ from daemon_live import (
     require_engine,
 )
 
-from codelm.daemon.runtime import RuntimePaths, is_lock_held, is_process_alive
+from codelm.daemon.runtime import RuntimePaths, is_lock_held, is_process_alive, stopped_by_user
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REQUEST = {
@@ -70,6 +70,22 @@ def test_start_status_stop_cycle(home):
     assert not any(p.exists() for p in (paths.pid_file, paths.url_file, paths.token_file))
     logs = cli(home, "logs", "-n", "200")
     assert logs.returncode == 0 and "listening on" in logs.stdout
+
+
+def test_restart_starts_the_daemon_again_as_it_was_started(home):
+    # After an upgrade the running daemon keeps its old code; `stop` then `start` lost the
+    # flags it had been started with, and left open editors off until `start`.
+    assert cli(home, "restart", "--wait", "0").returncode == 0  # none ran: one starts
+    started = cli(home, "restart", "--quant", "int8", "--wait", "0")
+    assert started.returncode == 0, started.stderr
+    first = read_live(home).pid
+    restarted = cli(home, "restart", "--wait", "0")
+    assert restarted.returncode == 0, restarted.stderr
+    assert f"codelm daemon stopped (pid {first})" in restarted.stdout
+    assert read_live(home).pid != first
+    body = json.loads(cli(home, "status", "--json").stdout)
+    assert body["config"]["engine"]["quant"] == "int8"  # as it was started
+    assert not stopped_by_user(RuntimePaths.for_home(home))  # editors carry on with it
 
 
 def test_kill_9_leaves_stale_files_that_start_recovers(home):
