@@ -217,22 +217,9 @@ async def _nothing_runs(paths, timeout_s):
 async def test_a_running_daemon_with_another_model_is_said_once(monkeypatch, served, wanted, said):
     # The `model` setting applies to a daemon codelm starts; one found running with another
     # model was used in silence.
-    fake = FakeClient(["ready"])
-    health = fake.health
-
-    async def health_with_model():
-        return {**(await health()), "model": served}
-
-    fake.health = health_with_model
-    monkeypatch.setattr(daemon_client.DaemonClient, "discover", lambda *a, **k: fake)
-    sink = Sink()
-    link = HttpDaemonLink(LspSettings(model=wanted), sink, home=None)
-    for _ in range(2):
-        link._ready = False
-        await link.ensure_running()
-    assert sink.statuses[-1] == "ready"
-    notes = [m for m, _ in sink.shown if "not the `model` setting" in m]
-    assert len(notes) == (1 if said else 0)
+    settings = LspSettings(model=wanted)
+    notes = await _notes_over_two_connections(monkeypatch, settings, {"model": served})
+    assert len([m for m in notes if "not the `model` setting" in m]) == (1 if said else 0)
 
 
 @pytest.mark.parametrize("stale", [False, True])
@@ -240,22 +227,30 @@ async def test_a_daemon_running_other_code_than_the_installed_is_said_once(monke
     # After an upgrade the daemon that was running went on serving the old code, unsaid.
     from codelm.daemon.runtime import code_stamp
 
+    health = {"code": "0" * 12 if stale else code_stamp()}
+    notes = await _notes_over_two_connections(monkeypatch, LspSettings(), health)
+    said = [m for m in notes if "has changed since the running daemon" in m]
+    assert len(said) == (1 if stale else 0)
+
+
+async def _notes_over_two_connections(monkeypatch, settings: LspSettings, health: dict) -> list:
+    """What the link shows the user over two connections to a ready daemon whose /health
+    also holds `health`."""
     fake = FakeClient(["ready"])
-    health = fake.health
+    plain = fake.health
 
-    async def health_with_code():
-        return {**(await health()), "code": "0" * 12 if stale else code_stamp()}
+    async def health_with():
+        return {**(await plain()), **health}
 
-    fake.health = health_with_code
+    fake.health = health_with
     monkeypatch.setattr(daemon_client.DaemonClient, "discover", lambda *a, **k: fake)
     sink = Sink()
-    link = HttpDaemonLink(LspSettings(), sink, home=None)
+    link = HttpDaemonLink(settings, sink, home=None)
     for _ in range(2):
         link._ready = False
         await link.ensure_running()
     assert sink.statuses[-1] == "ready"
-    notes = [m for m, error in sink.shown if "has changed since the running daemon" in m]
-    assert len(notes) == (1 if stale else 0)
+    return [message for message, _ in sink.shown]
 
 
 def test_link_disabled_by_settings_reports_disabled():
