@@ -370,7 +370,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_restart(args: argparse.Namespace) -> int:
     """`stop`, then `start` with the running daemon's model, device, quant and port where the
     command line names none (the rest comes from config.toml and the environment, read
-    again), leaving the editors that use it on: they reconnect to the new one."""
+    again). The editors that use it wait meanwhile (mark_stopped) and reconnect."""
     from .client import DaemonClient, call_sync
 
     paths = resolve_paths()
@@ -386,12 +386,17 @@ def cmd_restart(args: argparse.Namespace) -> int:
         args.port = running.get("port")
     pid = read_pid(paths)
     if pid is not None:
+        mark_stopped(paths, restarting=True)  # open editors wait for the next daemon
         _stop(paths)
         if read_pid(paths) is not None:
+            paths.stopped_file.unlink(missing_ok=True)  # the editors carry on with it
             print(f"{PROG}: the daemon (pid {pid}) did not stop", file=sys.stderr)
             return 1
         print(f"codelm daemon stopped (pid {pid})")
-    return cmd_start(args)
+    started = cmd_start(args)
+    if started != 0 and read_pid(paths) is None:
+        mark_stopped(paths)  # none runs: the editors say it was stopped, not restarting
+    return started
 
 
 def _stop(paths: RuntimePaths) -> None:

@@ -257,16 +257,28 @@ def remove_daemon_files(paths: RuntimePaths) -> None:
             path.unlink()
 
 
-def mark_stopped(paths: RuntimePaths) -> None:
+def mark_stopped(paths: RuntimePaths, restarting: bool = False) -> None:
     """Record that the user stopped the daemon (`codelm-daemon stop`), so a connected editor
-    does not start it again behind their back; the next daemon's start removes the mark."""
+    does not start it again behind their back; the next daemon's start removes the mark.
+    `restarting`: stopped by `codelm-daemon restart`, which starts the next one at once (an
+    editor that started one meanwhile would win the race and pick its own settings)."""
     with contextlib.suppress(OSError):  # no runtime folder: nothing ran, nothing to keep off
-        paths.stopped_file.write_text(f"{time.time():.0f}\n")
+        paths.stopped_file.write_text(f"{'restart' if restarting else 'stop'} {time.time():.0f}\n")
+
+
+def stop_mark(paths: RuntimePaths) -> str | None:
+    """How the last daemon was stopped, where none has started since: "stop" (by the user;
+    also a mark of an older version) or "restart"; None where it was not."""
+    try:
+        text = paths.stopped_file.read_text()
+    except OSError:  # none, or not a file
+        return None
+    return "restart" if text.startswith("restart") else "stop"
 
 
 def stopped_by_user(paths: RuntimePaths) -> bool:
     """Whether the last daemon was stopped with `codelm-daemon stop` and none started since."""
-    return paths.stopped_file.is_file()
+    return stop_mark(paths) == "stop"
 
 
 def cleanup_stale(paths: RuntimePaths) -> bool:

@@ -40,6 +40,7 @@ STOPPED_MESSAGE = (
     "the codelm daemon was stopped with `codelm-daemon stop`; `codelm-daemon start`, or a "
     "restart of the language server, resumes suggestions"
 )
+RESTARTING_MESSAGE = "the codelm daemon is restarting (`codelm-daemon restart`)"
 # At least: completion.py drops answers sooner (settings.timeout_ms), unless the user set
 # more, which the client then waits for too (_request_timeout_s).
 REQUEST_TIMEOUT_S = 30.0
@@ -159,8 +160,8 @@ class HttpDaemonLink:
             client = await self._connect()
             await self._check_token(client)
             ready_message = await self._wait_until_ready(client)
-        except StoppedByUser as exc:
-            self._left_stopped(exc.message)
+        except StoppedByUser:
+            self._left_stopped()
             raise
         except CodelmError as exc:
             if self._failed_at is None:
@@ -193,8 +194,10 @@ class HttpDaemonLink:
         except DaemonUnavailable:
             if not self.settings.auto_start:
                 raise
-            if self._stopped and _stopped_by_user(paths):  # this session saw the stop
-                raise StoppedByUser(STOPPED_MESSAGE) from None
+            mark = _stop_mark(paths)
+            if self._stopped and mark:  # this session saw the stop
+                message = RESTARTING_MESSAGE if mark == "restart" else STOPPED_MESSAGE
+                raise StoppedByUser(message) from None
         await self.sink.progress("report", "Starting the codelm daemon")
         args = ["--model", self.settings.model] if self.settings.model else []
         await daemon_client.start_daemon(self.home, args=args, timeout_s=START_TIMEOUT_S)
@@ -311,8 +314,11 @@ class HttpDaemonLink:
         starting = self._starting is not None and not self._starting.done()
         since_failure = asyncio.get_running_loop().time() - (self._failed_at or float("-inf"))
         if self._stopped:
-            # Left stopped by the user: one stat a request notices `codelm-daemon start`.
-            if _stopped_by_user(self._paths()):
+            # Left stopped by the user: one read a request notices `codelm-daemon start`.
+            mark = _stop_mark(self._paths())
+            if mark == "restart":
+                raise ModelLoading(RESTARTING_MESSAGE)
+            if mark:
                 raise DaemonUnavailable(STOPPED_MESSAGE)
             self._stopped = False
         elif not starting and since_failure < RETRY_AFTER_S:
@@ -335,8 +341,8 @@ class HttpDaemonLink:
         logger.warning("lost the daemon: %s", exc)
         if self._starting is not None and not self._starting.done():
             return
-        if not self.settings.daemon_url and _stopped_by_user(self._paths()):
-            self._left_stopped(STOPPED_MESSAGE)
+        if not self.settings.daemon_url and _stop_mark(self._paths()):
+            self._left_stopped()
             return
         now = asyncio.get_running_loop().time()
         recent = self._restarted_at is not None and now - self._restarted_at < RESTART_WINDOW_S
@@ -380,12 +386,17 @@ class HttpDaemonLink:
             logger.warning("the daemon runs code %s; installed now: %s", served, installed)
             self.sink.show(f"codelm: {STALE_CODE_MESSAGE}", False)
 
-    def _left_stopped(self, message: str) -> None:
-        """The user stopped the daemon: say so once, start nothing until they start it."""
-        if not self._stopped:
-            self.sink.show(f"codelm: {message}", False)
+    def _left_stopped(self) -> None:
+        """The user stopped the daemon: say so once, start nothing until they start it. Or
+        `codelm-daemon restart` did, which starts the next one itself: wait for it quietly."""
+        restarting = _stop_mark(self._paths()) == "restart"
+        if not self._stopped and not restarting:
+            self.sink.show(f"codelm: {STOPPED_MESSAGE}", False)
         self._stopped = True
-        self._set_state("disabled", message)
+        if restarting:
+            self._set_state("loading", RESTARTING_MESSAGE)
+        else:
+            self._set_state("disabled", STOPPED_MESSAGE)
 
     async def close(self) -> None:
         self._closed = True
@@ -429,10 +440,10 @@ def _same_model(served: str, wanted: str) -> bool:
         return served == wanted
 
 
-def _stopped_by_user(paths: RuntimePaths) -> bool:
-    from codelm.daemon.runtime import stopped_by_user as marked
+def _stop_mark(paths: RuntimePaths) -> str | None:
+    from codelm.daemon.runtime import stop_mark
 
-    return marked(paths)
+    return stop_mark(paths)
 
 
 def _is_connection_error(exc: BaseException) -> bool:

@@ -20,7 +20,7 @@ from daemon_live import (
     require_engine,
 )
 
-from codelm.daemon.runtime import RuntimePaths, is_lock_held, is_process_alive, stopped_by_user
+from codelm.daemon.runtime import RuntimePaths, is_lock_held, is_process_alive, stop_mark
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REQUEST = {
@@ -85,7 +85,7 @@ def test_restart_starts_the_daemon_again_as_it_was_started(home):
     assert read_live(home).pid != first
     body = json.loads(cli(home, "status", "--json").stdout)
     assert body["config"]["engine"]["quant"] == "int8"  # as it was started
-    assert not stopped_by_user(RuntimePaths.for_home(home))  # editors carry on with it
+    assert stop_mark(RuntimePaths.for_home(home)) is None  # editors carry on with it
 
 
 def test_kill_9_leaves_stale_files_that_start_recovers(home):

@@ -19,6 +19,7 @@ from codelm.daemon.runtime import (
     publish_endpoint,
     read_daemon_info,
     read_pid,
+    stop_mark,
     stopped_by_user,
 )
 
@@ -122,6 +123,18 @@ def test_stop_marks_the_home_stopped_until_a_daemon_starts(home, capsys):
     assert "stopped with `codelm-daemon stop`" in capsys.readouterr().out
     with InstanceLock(paths):
         assert not stopped_by_user(paths)
+
+
+def test_a_stop_mark_tells_a_stop_from_a_restart(tmp_path):
+    paths = RuntimePaths.for_home(tmp_path)
+    paths.ensure_dirs()
+    assert stop_mark(paths) is None
+    mark_stopped(paths, restarting=True)
+    assert stop_mark(paths) == "restart" and not stopped_by_user(paths)
+    mark_stopped(paths)
+    assert stop_mark(paths) == "stop" and stopped_by_user(paths)
+    paths.stopped_file.write_text("1765000000\n")  # as versions before restart wrote it
+    assert stop_mark(paths) == "stop"
 
 
 def test_mark_stopped_without_a_runtime_folder_is_harmless(tmp_path):

@@ -182,6 +182,32 @@ async def test_a_daemon_the_user_stopped_stays_stopped_until_they_start_it(monke
     assert sink.statuses[-1] == "ready" and started == []
 
 
+async def test_a_restart_has_open_editors_wait_for_the_new_daemon_quietly(monkeypatch, tmp_path):
+    # `codelm-daemon restart` stops the daemon to start the next itself: an editor that
+    # started one meanwhile (the old daemon "stopped unexpectedly") would win the race, with
+    # its own settings, and `restart` would fail as one runs already.
+    paths = RuntimePaths.for_home(tmp_path)
+    paths.ensure_dirs()
+    mark_stopped(paths, restarting=True)
+    started: list[Any] = []
+    monkeypatch.setattr(daemon_client, "start_daemon", lambda *a, **k: started.append(a))
+    sink = Sink()
+    link = HttpDaemonLink(LspSettings(), sink, home=str(tmp_path))
+    link._on_lost(ConnectionResetError("stopped"))
+    assert sink.statuses == ["loading"] and sink.shown == []
+    request = CompleteRequest(uri="file:///a.py", text="x", line=0, character=1)
+    for _ in range(3):
+        with pytest.raises(ModelLoading, match="restarting"):
+            await link.complete(request)
+    # The new daemon's start removes the mark; the next request connects to it.
+    paths.stopped_file.unlink()
+    monkeypatch.setattr(
+        daemon_client.DaemonClient, "discover", lambda *a, **k: AnsweringClient(["ready"])
+    )
+    assert await link.complete(request) == "answer for file:///a.py"
+    assert sink.statuses[-1] == "ready" and started == [] and sink.shown == []
+
+
 async def test_a_stop_keeps_the_daemon_off_in_open_editors_only(monkeypatch, tmp_path):
     # An editor opened (or its server restarted) after the stop starts one, as on any start.
     _stopped_home(tmp_path)
