@@ -344,6 +344,12 @@ class HttpDaemonLink:
         if not self.settings.daemon_url and _stop_mark(self._paths()):
             self._left_stopped()
             return
+        if not self.settings.daemon_url and self._replaced():
+            # Restarted (`codelm-daemon restart`, or a stop and a start) while this server
+            # sent nothing: nothing unexpected, and nothing to start.
+            logger.info("the daemon was restarted; connecting to the new one")
+            self.start_in_background()
+            return
         now = asyncio.get_running_loop().time()
         recent = self._restarted_at is not None and now - self._restarted_at < RESTART_WINDOW_S
         if self.settings.auto_start and not self.settings.daemon_url and not recent:
@@ -385,6 +391,16 @@ class HttpDaemonLink:
             self._noted_stale = True
             logger.warning("the daemon runs code %s; installed now: %s", served, installed)
             self.sink.show(f"codelm: {STALE_CODE_MESSAGE}", False)
+
+    def _replaced(self) -> bool:
+        """Whether another daemon than the one this server used runs now."""
+        from codelm.daemon.runtime import read_daemon_info
+
+        try:
+            running = read_daemon_info(self._paths())
+        except DaemonUnavailable:
+            return False
+        return self._client is not None and running.url != self._client.url
 
     def _left_stopped(self) -> None:
         """The user stopped the daemon: say so once, start nothing until they start it. Or

@@ -153,6 +153,47 @@ async def test_real_daemon_killed_is_restarted_once(real_editor: Editor, home: P
     assert isinstance(result, types.InlineCompletionList)
 
 
+async def test_real_daemon_restarted_while_the_editor_asks_is_waited_for(
+    real_editor: Editor, home: Path
+):
+    # Asked between `restart`'s stop and start, the editor called the stop unexpected and
+    # started a daemon itself; `restart` then failed, as one was running.
+    editor = real_editor
+    uri = (DATA / "greetings.py").as_uri()
+    editor.open(uri, (DATA / "greetings.py").read_text(encoding="utf-8"))
+    first_pid = _daemon_pid(home)
+    env = {**os.environ, "CODELM_HOME": str(home)}
+    restart = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "codelm.daemon.cli", "restart", "--wait", "0", env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    editor.statuses.clear()
+    asked = 0
+    while restart.returncode is None:  # asking all along, each time somewhere new
+        asked += 1
+        await editor.inline(uri, 1 + asked % 40, invoked=True)
+        await asyncio.sleep(0.02)
+    out, err = await restart.communicate()
+    assert restart.returncode == 0, err.decode()
+    assert f"stopped (pid {first_pid})" in out.decode()
+    await editor.inline(uri, 50, invoked=True)
+    await editor.wait_status("ready", READY_TIMEOUT_S)
+    assert any(
+        s["message"].endswith("is restarting (`codelm-daemon restart`)") for s in editor.statuses
+    )
+    second_pid = _daemon_pid(home)
+    assert second_pid != first_pid
+    # Restarted while the editor asked nothing: its next request finds the new daemon.
+    assert _daemon(home, "restart", "--wait", "0").returncode == 0
+    editor.statuses.clear()
+    await editor.inline(uri, 60, invoked=True)
+    await editor.wait_status("ready", READY_TIMEOUT_S)
+    assert _daemon_pid(home) != second_pid
+    assert editor.client.messages == []  # neither "stopped unexpectedly" nor "stopped with"
+    result = await editor.inline(uri, len('"""Greetings'), invoked=True)
+    assert isinstance(result, types.InlineCompletionList)
+
+
 async def test_real_daemon_stopped_by_the_user_stays_stopped_until_started(
     real_editor: Editor, home: Path
 ):
