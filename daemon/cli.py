@@ -229,9 +229,7 @@ def _daemonize(config: DaemonConfig, args: argparse.Namespace) -> int:
     paths = config.paths
     pid = read_pid(paths)
     if pid is not None:
-        print(
-            f"{PROG}: a daemon is already running (pid {pid}); see `{PROG} status`", file=sys.stderr
-        )
+        print(f"{PROG}: a daemon is already running (pid {pid}); {_see(paths)}", file=sys.stderr)
         return 1
     cleanup_stale(paths)
     paths.ensure_dirs()
@@ -365,6 +363,19 @@ def cmd_stop(args: argparse.Namespace) -> int:
     mark_stopped(paths)  # open editors leave it stopped until `start`
     print(f"codelm daemon stopped (pid {pid})")
     return 0
+
+
+def _see(paths: RuntimePaths) -> str:
+    """What to do about the daemon found running: `restart` where it runs other code than
+    the installed (after an upgrade, `make start` found the old daemon and left it)."""
+    from .client import DaemonClient, call_sync
+
+    running: Any = None
+    with contextlib.suppress(CodelmError):
+        running = call_sync(DaemonClient.health, paths, timeout_s=2.0).get("code")
+    if running is not None and running != code_stamp():
+        return STALE_CODE_MESSAGE
+    return f"see `{PROG} status`"
 
 
 def cmd_restart(args: argparse.Namespace) -> int:

@@ -375,3 +375,21 @@ def test_status_says_when_the_daemon_runs_code_other_than_the_installed(home, ca
     out = capsys.readouterr().out
     assert ("has changed since the running daemon started" in out) is stale
     assert ("`codelm-daemon restart`" in out) is stale
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_start_beside_a_daemon_running_old_code_says_to_restart_it(
+    home, capsys, monkeypatch, stale
+):
+    # After an upgrade `make start` found the old daemon, said "already running" and left it.
+    from codelm.daemon import cli, client
+    from codelm.daemon.runtime import code_stamp
+
+    code = "0" * 12 if stale else code_stamp()
+    monkeypatch.setattr(cli, "read_pid", lambda paths: 4242)
+    monkeypatch.setattr(client, "call_sync", lambda *a, **k: {"state": "ready", "code": code})
+    assert main(["start", "--wait", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "already running (pid 4242)" in err
+    assert ("`codelm-daemon restart`" in err) is stale
+    assert ("see `codelm-daemon status`" in err) is not stale
