@@ -358,8 +358,11 @@ class Dispatcher:
         ranking = _calibrate(qw, ordered, rows, self.config.prefill_tie, chunk)
         busy = _busy(clock, start)
         if busy is not None:
-            # Timings on a loaded machine are noise; do not make them permanent.
-            return ranking, f"calibrated while {busy}, not cached"
+            # Timings on a loaded machine are noise: the fixed order plans this process, and
+            # a later quiet load calibrates. (Used, noise had put one layer's decode on
+            # dequant_fp32, which runs the whole decode step module by module.)
+            heuristic = _Ranking(_heuristic_times(qw, specs, self.cpu))
+            return heuristic, f"heuristic: calibrated while {busy}, neither used nor cached"
         self._save_disk(key, ranking.times_ms)
         return ranking, "calibrated"
 
@@ -750,8 +753,10 @@ def _heuristic_times(
     elif cpu.has_bf16_hardware:
         # Measured on an AVX512-BF16 EPYC: bf16 GEMMs beat fp32 for prefill, and int8_tiles
         # (with AVX-512 VNNI there) beats both, int4 weights fastest as int8 (docs/quant.md).
+        # Decode: the native kernels, which its calibrations pick too, and which alone make
+        # the one-call decode step (fused_decode).
         orders = {
-            "decode": _PACKED + _NATIVE + ("dequant_fp32",),
+            "decode": _NATIVE + _PACKED + ("dequant_fp32",),
             "prefill": ("int4_as_int8_tiles", "int8_tiles", "sub_scaled_tiles", "dense_bf16")
             + _PACKED
             + ("dense_fp16", "dense_fp32", "dequant_fp32")
