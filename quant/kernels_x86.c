@@ -61,20 +61,16 @@ static inline float hmax(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-/* x within [-127, 127], where x / d already is, up to rounding; NaN (a block holding NaN or
- * infinity: d is NaN, or inv 0) becomes 127, not the INT_MIN of a conversion, whose sums
- * overflow. (min_ps returns its second operand where either is NaN.) */
-static inline __m256 clamp127(__m256 x)
+/* The sum of v's lanes, wrapping as the hardware adds: a block of x holding NaN or infinity
+ * converts to INT_MIN in every lane, whose sum overflows (undefined in C, as a reduction in
+ * signed vector arithmetic or through float and back). */
+static inline int32_t hsum_epi32(__m256i v)
 {
-    return _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(127.0f)), _mm256_set1_ps(-127.0f));
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
 }
-
-#if defined(__AVX512F__)
-static inline __m512 clamp127_512(__m512 x)
-{
-    return _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(127.0f)), _mm512_set1_ps(-127.0f));
-}
-#endif
 
 /* One block of x: q[32] = round(x / d), d = absmax / 127 (0 for a block of zeros), returned;
  * *qsum gets the sum of q and, where `sum` is given, *sum the float sum of x. The prompt's tile
@@ -87,11 +83,13 @@ static inline float quantize_block(const float *src, int8_t *q, int32_t *qsum, f
     const float d =
         _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1))) / 127.0f;
     const __m512 inv = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
-    const __m512i n0 = _mm512_cvtps_epi32(clamp127_512(_mm512_mul_ps(v0, inv)));
-    const __m512i n1 = _mm512_cvtps_epi32(clamp127_512(_mm512_mul_ps(v1, inv))); /* to even */
+    const __m512i n0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));
+    const __m512i n1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv)); /* ties to even */
     _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(n0));
     _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(n1));
-    *qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(n0, n1));
+    const __m512i n = _mm512_add_epi32(n0, n1);
+    *qsum = hsum_epi32(
+        _mm256_add_epi32(_mm512_castsi512_si256(n), _mm512_extracti64x4_epi64(n, 1)));
     if (sum)
         *sum = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
     return d;
@@ -109,7 +107,7 @@ static inline float quantize_block(const float *src, int8_t *q, int32_t *qsum, f
     const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
     __m256i n[4];
     for (int i = 0; i < 4; i++)
-        n[i] = _mm256_cvtps_epi32(clamp127(_mm256_mul_ps(v[i], inv))); /* ties to even */
+        n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)); /* to nearest, ties to even */
     /* packs work within 128-bit lanes: the bytes come out as dwords 0 4 1 5 2 6 3 7 */
     const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]),
                                               _mm256_packs_epi32(n[2], n[3]));
@@ -117,7 +115,7 @@ static inline float quantize_block(const float *src, int8_t *q, int32_t *qsum, f
                                           packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     const __m256i nsum =
         _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
-    *qsum = (int32_t)hsum(_mm256_cvtepi32_ps(nsum)); /* |sum| <= 32 * 127: exact in float */
+    *qsum = hsum_epi32(nsum);
     if (sum)
         *sum = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
     return d;
