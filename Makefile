@@ -44,7 +44,7 @@ test: install-dev $(if $(filter 1,$(CODELM_EDITOR_TESTS)),test-editors)
 	$(BIN)/python -m pytest -q
 
 # The native kernels (quant/kernels_x86.c) built with AddressSanitizer and UBSan, under the
-# tests that run them: about 40 minutes on 2 cores, never part of `make test`. A sanitized
+# tests that run them: about 15 minutes on 2 cores, never part of `make test`. A sanitized
 # library loads only into a process that starts with gcc's runtimes, hence LD_PRELOAD; -s
 # lets a report reach the terminal before the process aborts.
 sanitize: install-dev

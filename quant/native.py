@@ -29,9 +29,14 @@ _LINK_FLAGS = ("-shared", "-fopenmp")
 # kernels_x86.c's parts (its PARTS comment): compiled at once, one object each, then linked.
 _PARTS = (1, 2, 3)
 _ARCH = ("-march=native",)
-# CODELM_NATIVE_SANITIZE=1 (`make sanitize`): built with AddressSanitizer and UBSan, every
-# report fatal. Only a process that preloads their runtimes can load that build.
-_SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer")
+# CODELM_NATIVE_SANITIZE=1 (`make sanitize`): built with AddressSanitizer and UBSan (and its
+# float-to-int overflow check, which `undefined` leaves out), every report fatal. Only a
+# process that preloads their runtimes can load that build.
+_SANITIZE = (
+    "-fsanitize=address,undefined,float-cast-overflow",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+)
 _COMPILE_TIMEOUT_S = 120
 UNUSED_DAYS = 30  # a library no process opened for this long is removed at the next build
 
