@@ -53,8 +53,9 @@ def load_model(config: EngineConfig, device: torch.device, progress=None) -> Loa
             said = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
             raise ModelLoadError(
                 f"{where} ran out while loading {path.name} ({said}); "
-                f"close other programs that use it, or choose {instead}a smaller model or "
-                "quantisation (`codelm-daemon models list`, `--quant int4`)"
+                f"close other programs that use it and `codelm-daemon restart`, or choose "
+                f"{instead}a smaller model or quantisation (`codelm-daemon models list`, "
+                "`--quant int4`)"
             ) from None  # (its traceback would hold on to the layers built)
         # A file that reads but does not describe a model we can build.
         logger.info("loading %s failed", path, exc_info=True)  # the traceback: log only
@@ -711,8 +712,9 @@ class _RoomCheck:
                 f"not enough memory: {self.done / self.total:.0%} of the way through the "
                 f"model's weights, the rest need about {needed / gib:.2f} GiB more, and "
                 f"{available / gib:.2f} GiB is available, {LOAD_RESERVE_BYTES / gib:.2f} GiB of "
-                "which must stay free for the cache. Close other programs, or choose a smaller "
-                "model or quantisation (`codelm-daemon models list`, `--quant int4`)"
+                "which must stay free for the cache. Close other programs and `codelm-daemon "
+                "restart`, or choose a smaller model or quantisation (`codelm-daemon models "
+                "list`, `--quant int4`)"
             )
 
 
