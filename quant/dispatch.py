@@ -141,6 +141,7 @@ class Dispatcher:
         self._planned: set[tuple[str, str, str]] = set()  # (key, decode, prefill) logged
         self._disk: dict[str, dict[str, dict[str, float]]] | None = None
         self.dense_bytes_used = 0
+        self._found_busy = False  # a calibration of this dispatcher's was thrown away as noise
 
     def plan(
         self, qw: QuantizedWeight, *, name: str = "linear", prefill_rows: int | None = None
@@ -350,18 +351,23 @@ class Dispatcher:
         rows: tuple[int, int],
         chunk: int,
     ) -> tuple[_Ranking, str]:
-        # Likely winners first, so clearly slower candidates are dropped after one call.
-        prior = _heuristic_times(qw, specs, self.cpu)["prefill"]
-        ordered = dict(sorted(specs.items(), key=lambda kv: prior.get(kv[0], math.inf)))
+        # Timings on a loaded machine are noise: the fixed order plans this process, and a
+        # later quiet load calibrates. (Used, noise had put one layer's decode on
+        # dequant_fp32, which runs the whole decode step module by module.)
+        heuristic = _Ranking(_heuristic_times(qw, specs, self.cpu))
         clock = CpuClock()
+        if self._found_busy:  # likely still: a short look first, not seconds of timings
+            start = clock.sample()
+            time.sleep(BUSY_PROBE_S)
+            if (busy := _busy(clock, start)) is not None:
+                return heuristic, f"heuristic: {busy}, not calibrated"
+        # Likely winners first, so clearly slower candidates are dropped after one call.
+        prior = heuristic.times_ms["prefill"]
+        ordered = dict(sorted(specs.items(), key=lambda kv: prior.get(kv[0], math.inf)))
         start = clock.sample()
         ranking = _calibrate(qw, ordered, rows, self.config.prefill_tie, chunk)
-        busy = _busy(clock, start)
+        self._found_busy = (busy := _busy(clock, start)) is not None
         if busy is not None:
-            # Timings on a loaded machine are noise: the fixed order plans this process, and
-            # a later quiet load calibrates. (Used, noise had put one layer's decode on
-            # dequant_fp32, which runs the whole decode step module by module.)
-            heuristic = _Ranking(_heuristic_times(qw, specs, self.cpu))
             return heuristic, f"heuristic: calibrated while {busy}, neither used nor cached"
         self._save_disk(key, ranking.times_ms)
         return ranking, "calibrated"
@@ -728,6 +734,9 @@ def _timed_call(kernel: Kernel, x: torch.Tensor) -> float:
 # decode of 9728x896 at 7.9 ms (0.14-0.21 alone), and the 1-minute load average stayed under
 # 1.5x the CPUs.
 BUSY_CPUS = 0.5
+# After one calibration thrown away as noise, how long the next shape looks at the CPUs before
+# it calibrates: beside a busy neighbour SmolLM2 shapes took 2-18 s each to time (the head).
+BUSY_PROBE_S = 0.1
 
 
 def _busy(clock: CpuClock, since: tuple[float, float, float] | None) -> str | None:

@@ -279,6 +279,31 @@ def test_a_calibration_beside_busy_neighbours_is_neither_used_nor_cached(
     assert not (tmp_path / dispatch_module.CACHE_FILE).exists()
 
 
+@pytest.mark.parametrize("still_busy", [True, False])
+def test_after_a_busy_calibration_the_next_shape_looks_before_it_times(
+    gen, tmp_path, monkeypatch, caplog, still_busy
+):
+    # Each shape's timings beside a busy neighbour took seconds, to be thrown away.
+    looks = iter([1.2, 1.2 if still_busy else 0.0, 0.0])
+    monkeypatch.setattr(dispatch_module.CpuClock, "others", lambda self, since: next(looks))
+    monkeypatch.setattr(dispatch_module, "BUSY_PROBE_S", 0.0)
+    timed = []
+    times = {"decode": {"int4pack_bf16": 1.0}, "prefill": {"int4pack_bf16": 1.0}}
+
+    def calibrate(*args):
+        timed.append(args[0])
+        return dispatch_module._Ranking(times)
+
+    monkeypatch.setattr(dispatch_module, "_calibrate", calibrate)
+    dispatcher = Dispatcher(DispatchConfig(cache_dir=tmp_path))
+    with caplog.at_level(logging.INFO, logger="codelm.quant.dispatch"):
+        for n in (32, 64):  # two shapes
+            dispatcher.plan(quantize_int4(weight(gen, n, 64))[0])
+    assert len(timed) == (1 if still_busy else 2)
+    assert ("kept 1.2 CPUs busy, not calibrated" in caplog.text) is still_busy
+    assert (tmp_path / dispatch_module.CACHE_FILE).exists() is not still_busy
+
+
 def test_dispatcher_ignores_corrupt_cache_with_a_warning(gen, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(dispatch_module, "_busy", lambda *a: None)
     (tmp_path / dispatch_module.CACHE_FILE).write_text("{not json")
