@@ -32,10 +32,10 @@ from .runtime import (
     STALE_CODE_MESSAGE,
     RuntimePaths,
     cleanup_stale,
-    code_stamp,
     mark_stopped,
     read_daemon_info,
     read_pid,
+    runs_other_code,
     stopped_by_user,
 )
 
@@ -84,18 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--model", help="default, a catalogue name, a .gguf file or an HF folder")
     engine.add_argument("--device", choices=CHOICES["device"])
     engine.add_argument("--quant", choices=CHOICES["quant"])
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-
-    start = sub.add_parser("start", parents=[common, engine], help="start the daemon")
-    start.add_argument("--foreground", action="store_true", help="run in this process")
-    start.add_argument("--port", type=int, help="TCP port on 127.0.0.1 (0: any free port)")
-    start.add_argument(
+    launch = argparse.ArgumentParser(add_help=False)  # what `start` and `restart` start with
+    launch.add_argument("--port", type=int, help="TCP port on 127.0.0.1 (0: any free port)")
+    launch.add_argument(
         "--wait",
         type=_seconds,
         default=300.0,
         metavar="S",
         help="wait up to S seconds for the model to load (0: return once the socket answers)",
     )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    start = sub.add_parser("start", parents=[common, engine, launch], help="start the daemon")
+    start.add_argument("--foreground", action="store_true", help="run in this process")
     start.set_defaults(func=cmd_start)
 
     stop = sub.add_parser("stop", parents=[common], help="stop the running daemon")
@@ -103,11 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     restart = sub.add_parser(
         "restart",
-        parents=[common, engine],
+        parents=[common, engine, launch],
         help="stop the running daemon and start it again with its model, device, quant and port",
     )
-    restart.add_argument("--port", type=int, help="TCP port on 127.0.0.1 (0: any free port)")
-    restart.add_argument("--wait", type=_seconds, default=300.0, metavar="S", help="as for start")
     restart.set_defaults(func=cmd_restart, foreground=False)
 
     status = sub.add_parser("status", parents=[common], help="state, model and statistics")
@@ -373,7 +372,7 @@ def _see(paths: RuntimePaths) -> str:
     running: Any = None
     with contextlib.suppress(CodelmError):
         running = call_sync(DaemonClient.health, paths, timeout_s=2.0).get("code")
-    if running is not None and running != code_stamp():
+    if runs_other_code(running):
         return STALE_CODE_MESSAGE
     return f"see `{PROG} status`"
 
@@ -513,7 +512,7 @@ def _print_status(status: dict[str, Any], paths: RuntimePaths) -> None:
         print("  cache:    " + ", ".join(f"{k} {v}" for k, v in sorted(cache.items())))
     print(f"  token:    {status.get('token_file')}")
     print(f"  log:      {paths.log_file}")
-    if status.get("code") not in (None, code_stamp()):
+    if runs_other_code(status.get("code")):
         print(f"  note:     {STALE_CODE_MESSAGE}")
 
 

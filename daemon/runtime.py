@@ -352,6 +352,12 @@ def code_stamp(package: Path = _PACKAGE) -> str:
     return digest.hexdigest()[:12]
 
 
+def runs_other_code(code: object) -> bool:
+    """Whether a daemon that reported `code` (its code_stamp when it started; None from a
+    daemon older than the field) runs other code than what is installed now."""
+    return isinstance(code, str) and code != code_stamp()
+
+
 STALE_CODE_MESSAGE = (
     "the installed codelm has changed since the running daemon started, and the daemon "
     "still runs the code it started with: `codelm-daemon restart`"

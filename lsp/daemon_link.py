@@ -383,14 +383,13 @@ class HttpDaemonLink:
     def _note_stale_code(self, served: Any) -> None:
         """Say once when the daemon found running was started from other code than what is
         installed now: after an upgrade it went on serving the old code in silence."""
-        from codelm.daemon.runtime import STALE_CODE_MESSAGE, code_stamp
+        from codelm.daemon.runtime import STALE_CODE_MESSAGE, code_stamp, runs_other_code
 
-        if self._noted_stale or self.settings.daemon_url or not isinstance(served, str):
+        if self._noted_stale or self.settings.daemon_url or not runs_other_code(served):
             return
-        if served != (installed := code_stamp()):
-            self._noted_stale = True
-            logger.warning("the daemon runs code %s; installed now: %s", served, installed)
-            self.sink.show(f"codelm: {STALE_CODE_MESSAGE}", False)
+        self._noted_stale = True
+        logger.warning("the daemon runs code %s; installed now: %s", served, code_stamp())
+        self.sink.show(f"codelm: {STALE_CODE_MESSAGE}", False)
 
     def _replaced(self) -> bool:
         """Whether another daemon than the one this server used runs now."""
