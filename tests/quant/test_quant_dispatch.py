@@ -44,6 +44,13 @@ core id\t\t: 1
 """
 
 
+def _measured(monkeypatch, times: dict) -> None:
+    """Calibrations time the candidates at `times`, on a quiet machine (timings taken beside
+    busy neighbours are thrown away: the tests that mean that say so)."""
+    monkeypatch.setattr(dispatch_module, "_busy", lambda *a: None)
+    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+
+
 @pytest.fixture
 def cpuinfo(tmp_path):
     path = tmp_path / "cpuinfo"
@@ -125,7 +132,7 @@ def test_dispatcher_picks_fastest_recorded_kernel(gen, tmp_path, monkeypatch):
         "decode": {"int4pack_bf16": 5.0, "dequant_fp32": 1.0},
         "prefill": {"int4pack_bf16": 1.0, "dequant_fp32": 2.0},
     }
-    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    _measured(monkeypatch, times)
     plan = Dispatcher(DispatchConfig(cache_dir=None, dense_budget_bytes=1 << 30)).plan(qw)
     assert (plan.decode.name, plan.prefill.name) == ("dequant_fp32", "int4pack_bf16")
 
@@ -141,7 +148,7 @@ def test_a_second_layout_of_the_weight_for_prefill_is_paid_from_the_budget(
         "decode": {"int4pack_bf16": 5.0, "dequant_fp32": 1.0},
         "prefill": {"int4pack_bf16": 1.0, "dequant_fp32": 2.0},
     }
-    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    _measured(monkeypatch, times)
     dispatcher = Dispatcher(DispatchConfig(dense_budget_bytes=budget))
     plan = dispatcher.plan(qw)
     assert (plan.decode.name, plan.prefill.name) == ("dequant_fp32", expected)
@@ -158,7 +165,7 @@ def test_dispatcher_prefills_on_the_smaller_copy_when_timings_tie(
         "decode": {"int8pack_bf16": 1.0},
         "prefill": {"dense_fp32": 1.0, "dequant_fp32": dequant_ms, "int8pack_bf16": 9.0},
     }
-    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    _measured(monkeypatch, times)
     plan = Dispatcher(DispatchConfig(dense_budget_bytes=1 << 30)).plan(qw)
     assert plan.prefill.name == expected
 
@@ -183,7 +190,7 @@ def test_a_tie_at_a_chunk_goes_to_the_smaller_copy_only_if_it_keeps_up_at_few_ro
         "prefill": {"dense_fp32": 1.0, "dequant_fp32": dequant_ms},
         "rows4": {"dense_fp32": 1.0, "dequant_fp32": dequant_at_4_ms, "int8pack_bf16": 0.1},
     }
-    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    _measured(monkeypatch, times)
     plan = Dispatcher(DispatchConfig(dense_budget_bytes=1 << 30)).plan(qw)
     assert plan.prefill.name == expected
 
@@ -205,7 +212,7 @@ def test_decode_max_rows_is_where_the_prefill_kernel_overtakes(
     times = {"decode": {"int8pack_bf16": 1.0}, "prefill": {"dense_fp32": 1.0}}
     for m, d, p in zip(dispatch_module._CROSSOVER_ROWS, decode_ms, prefill_ms, strict=True):
         times[f"rows{m}"] = {"int8pack_bf16": d, "dense_fp32": p}
-    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    _measured(monkeypatch, times)
     config = DispatchConfig(dense_budget_bytes=1 << 30, handover_slack=slack)
     plan = Dispatcher(config).plan(qw)
     assert (plan.decode.name, plan.prefill.name) == ("int8pack_bf16", "dense_fp32")
@@ -215,7 +222,7 @@ def test_decode_max_rows_is_where_the_prefill_kernel_overtakes(
 def test_decode_max_rows_falls_back_to_the_config_without_crossover_timings(gen, monkeypatch):
     qw, _ = quantize_int8(weight(gen, 32, 64))
     times = {"decode": {"int8pack_bf16": 1.0}, "prefill": {"dense_fp32": 1.0}}
-    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    _measured(monkeypatch, times)
     plan = Dispatcher(DispatchConfig(dense_budget_bytes=1 << 30, decode_max_rows=9)).plan(qw)
     assert plan.decode_max_rows == 9
 
@@ -305,11 +312,10 @@ def test_after_a_busy_calibration_the_next_shape_looks_before_it_times(
 
 
 def test_dispatcher_ignores_corrupt_cache_with_a_warning(gen, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(dispatch_module, "_busy", lambda *a: None)
     (tmp_path / dispatch_module.CACHE_FILE).write_text("{not json")
     qw, _ = quantize_int8(weight(gen, 32, 64))
     times = {"decode": {"int8pack_bf16": 1.0}, "prefill": {"int8pack_bf16": 1.0}}
-    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    _measured(monkeypatch, times)
     with caplog.at_level(logging.WARNING, logger="codelm.quant.dispatch"):
         plan = Dispatcher(DispatchConfig(cache_dir=tmp_path)).plan(qw)
     assert "ignoring unreadable kernel cache" in caplog.text
@@ -325,7 +331,7 @@ def test_dispatcher_never_decodes_with_a_dense_copy_even_if_a_ranking_says_so(ge
         "decode": {"dense_fp32": 0.1, "int8pack_bf16": 1.0},
         "prefill": {"dense_fp32": 0.1, "int8pack_bf16": 1.0},
     }
-    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    _measured(monkeypatch, times)
     plan = Dispatcher(DispatchConfig(dense_budget_bytes=1 << 30)).plan(qw)
     assert plan.decode.name == "int8pack_bf16"
     assert plan.prefill.name == "dense_fp32"
@@ -544,7 +550,7 @@ def test_a_planned_native_kernel_takes_the_measured_switch(gen, monkeypatch):
         "prefill": {"int8_native": 1.0},
         "tiled_from": {"int8_native": 8.0},
     }
-    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    _measured(monkeypatch, times)
     plan = Dispatcher(DispatchConfig()).plan(qw)
     assert plan.decode.name == "int8_native" and plan.decode.tiled_from == 8
 
@@ -583,7 +589,7 @@ def test_int5_takes_over_from_int8_where_as_fast_from_memory_and_at_a_chunk(
         "chunk": dict(zip(names, chunk, strict=True)),
     }
     times["prefill"][prefill] = 0.5
-    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    _measured(monkeypatch, times)
     plan = Dispatcher(DispatchConfig(dense_budget_bytes=1 << 30)).plan(qw)
     assert (plan.decode.name, plan.prefill.name) == expected
 
@@ -614,9 +620,8 @@ def test_calibration_streams_int5_and_int8_and_times_them_at_a_chunk(gen, monkey
 def test_timings_that_cannot_be_written_are_kept_in_memory(gen, tmp_path, monkeypatch):
     # A read-only cache dir (here: a file where the folder should be) costs a new
     # calibration at the next load, not this one.
-    monkeypatch.setattr(dispatch_module, "_busy", lambda *a: None)
     times = {"decode": {"int4pack_bf16": 1.0}, "prefill": {"int4pack_bf16": 1.0}}
-    monkeypatch.setattr(dispatch_module, "_calibrate", lambda *a: dispatch_module._Ranking(times))
+    _measured(monkeypatch, times)
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")
     plan = Dispatcher(DispatchConfig(cache_dir=blocked / "kernels")).plan(
