@@ -141,6 +141,8 @@ class Dispatcher:
         self._planned: set[tuple[str, str, str]] = set()  # (key, decode, prefill) logged
         self._disk: dict[str, dict[str, dict[str, float]]] | None = None
         self.dense_bytes_used = 0
+        # What copies may hold at most from here on, when memory is short (limit_copies).
+        self._copies_cap: int | None = None
         self._found_busy = False  # a calibration of this dispatcher's was thrown away as noise
 
     def plan(
@@ -161,7 +163,7 @@ class Dispatcher:
         chunk = prefill_rows or self.config.chunk_rows
         key = self._key(qw, specs, rows, chunk)
         ranking = self._ranking(key, qw, specs, rows, chunk)
-        left = self.config.dense_budget_bytes - self.dense_bytes_used
+        left = self.copies_left()
         # int5_native is int8_native's weight in fewer bytes: it takes over from it or not at all.
         picks = {n: spec for n, spec in specs.items() if n != "int5_native"}
         decode = self._pick(ranking, picks, "decode", qw, left=left)
@@ -193,6 +195,19 @@ class Dispatcher:
             decode_max_rows=rows,
         )
 
+    def copies_left(self) -> int:
+        """Bytes more copies may take: the budget's rest, or less where limit_copies said so."""
+        return min(self.config.dense_budget_bytes - self.dense_bytes_used, self._room())
+
+    def _room(self) -> float:
+        return math.inf if self._copies_cap is None else self._copies_cap - self.dense_bytes_used
+
+    def limit_copies(self, room: int) -> None:
+        """Copies built from now on may take at most `room` bytes: what the memory left holds
+        beyond the weights still to come (a load near the memory's end). It also bounds
+        what calibration builds for a moment (the default model's head as fp32: 545 MB)."""
+        self._copies_cap = self.dense_bytes_used + max(0, room)
+
     def faster_scheme(self, device: torch.device, shape: tuple[int, int]) -> dict[str, float]:
         """Decode ms of an [N, K] layer as int4 (groups of 32) and as int8, fastest first.
 
@@ -219,7 +234,7 @@ class Dispatcher:
             rows, chunk = self.config.calibration_rows, self.config.chunk_rows
             key = self._key(qw, specs, rows, chunk)
             ranking = self._ranking(key, qw, specs, rows, chunk)
-            left = self.config.dense_budget_bytes - self.dense_bytes_used
+            left = self.copies_left()
             name = self._pick(ranking, specs, "decode", qw, left=left)
             streamed = ranking.times_ms.setdefault("streamed", {})
             if name not in streamed:
@@ -241,7 +256,7 @@ class Dispatcher:
         elsewhere, and the log says why."""
         if not isinstance(exact, Int8Native) or not self.config.calibrate:
             return None
-        left = self.config.dense_budget_bytes - self.dense_bytes_used
+        left = self.copies_left()
         if (size := Int8Shortlist.bytes_for(exact)) > left:  # before packing one
             logger.info(
                 "%s: no shortlist: its %.0f MB exceed the %.0f MB left for copies",
@@ -299,8 +314,9 @@ class Dispatcher:
                 continue
             if spec.opt_in and not getattr(self.config, spec.opt_in):
                 continue
-            if _dense_bytes(spec, qw) > self.config.dense_budget_bytes:
-                continue  # never affordable: not worth building while calibrating
+            dense = _dense_bytes(spec, qw)
+            if dense > self.config.dense_budget_bytes or dense > self._room():
+                continue  # never affordable, or no room now: not worth building to time it
             reason = spec.unavailable(qw) if spec.unavailable else None
             if reason:
                 logger.debug("kernel %s skipped for %s: %s", spec.name, qw.shape, reason)

@@ -347,6 +347,14 @@ class LinearFactory:
             return None
         return self.dispatcher.shortlist(plan.decode, getattr(head, "name", "lm_head"))
 
+    def limit_copies(self, spare: int) -> None:
+        """Prefill copies built from now on take no more than `spare` bytes: the memory the
+        rest of the weights and the reserve leave (_RoomCheck). Within their budget alone,
+        copies took the reserve of a load near the memory's end, and the KV cache then went
+        past it."""
+        if self.dispatcher is not None:
+            self.dispatcher.limit_copies(spare)
+
     def _dispatcher(self):
         if self.dispatcher is None:
             from codelm.quant import DispatchConfig, Dispatcher
@@ -658,8 +666,8 @@ def fill_model(
         if untrimmed >= _TRIM_AFTER_WEIGHTS:  # their temporaries, before the next layers'
             trim_heap()
             untrimmed = 0
-            if room is not None:
-                room.check()
+            if room is not None and (spare := room.check()) is not None:
+                make_linear.limit_copies(spare)
         progress(done / len(linears))
     for name, param in list(model.named_parameters()):
         if param.is_meta or name.endswith("norm.weight"):
@@ -701,10 +709,11 @@ class _RoomCheck:
         plan = getattr(linear, "plan", None)
         self.held += plan.decode.nbytes if plan is not None else linear.weight.nbytes
 
-    def check(self) -> None:
+    def check(self) -> int | None:
+        """The bytes left beyond the rest of the weights and the reserve (None: unknown)."""
         available = available_memory_bytes()
         if available is None or self.done == 0 or self.done >= self.total:
-            return
+            return None
         needed = self.held * (self.total - self.done) // self.done
         if needed + LOAD_RESERVE_BYTES > available:
             gib = 1 << 30
@@ -716,6 +725,7 @@ class _RoomCheck:
                 "restart`, or choose a smaller model or quantisation (`codelm-daemon models "
                 "list`, `--quant int4`)"
             )
+        return available - needed - LOAD_RESERVE_BYTES
 
 
 def _parts(name: str, fused: dict[str, tuple[str, ...]]) -> list[str]:

@@ -261,7 +261,10 @@ def test_a_load_that_would_not_fit_in_memory_stops_early_and_says_so(
     assert int(str(error.value).split("% of the way")[0].rsplit(" ", 1)[1]) <= 30
     assert max(fractions) < 0.5
     monkeypatch.setattr(loader, "available_memory_bytes", lambda *args: 2 * GIB)
+    rooms = []  # what each check leaves the prefill copies (quant.Dispatcher.limit_copies)
+    monkeypatch.setattr(loader.LinearFactory, "limit_copies", lambda self, room: rooms.append(room))
     load_engine(EngineConfig(model=str(default_model_path), quant=quant))  # enough: it loads
+    assert rooms and all(0 < room < 2 * GIB - loader.LOAD_RESERVE_BYTES for room in rooms)
 
 
 @pytest.mark.parametrize(

@@ -155,6 +155,38 @@ def test_a_second_layout_of_the_weight_for_prefill_is_paid_from_the_budget(
     assert dispatcher.dense_bytes_used == plan.nbytes - plan.decode.nbytes
 
 
+@pytest.mark.parametrize(("room", "expected"), [(None, "dense_fp32"), (4000, "dequant_fp32")])
+def test_copies_take_no_more_than_the_room_a_load_leaves(gen, monkeypatch, room, expected):
+    """Near the memory's end the load says how much room is left beyond the weights to come
+    (loader._RoomCheck): a copy larger than that is neither kept nor built to be timed (the
+    default model's head as fp32 is 545 MB, for a moment, on a first load)."""
+    qw, _ = quantize_int8(weight(gen, 32, 64))
+    times = {
+        "decode": {"int8pack_bf16": 1.0},
+        "prefill": {"dense_fp32": 1.0, "dequant_fp32": 2.0, "int8pack_bf16": 9.0},
+    }
+    timed = []
+
+    def calibrate(qw, specs, *args):
+        timed.append(set(specs))
+        return dispatch_module._Ranking(
+            {p: {n: t for n, t in ts.items() if n in specs} for p, ts in times.items()}
+        )
+
+    monkeypatch.setattr(dispatch_module, "_busy", lambda *a: None)
+    monkeypatch.setattr(dispatch_module, "_calibrate", calibrate)
+    dispatcher = Dispatcher(DispatchConfig(dense_budget_bytes=1 << 30))
+    if room is not None:
+        dispatcher.limit_copies(room)  # a 32x64 fp32 copy is 8192 bytes
+    plan = dispatcher.plan(qw)
+    assert plan.prefill.name == expected
+    assert ("dense_fp32" in timed[0]) == (room is None)
+    held = plan.nbytes - plan.decode.nbytes
+    assert dispatcher.dense_bytes_used == held
+    assert held == 8192 if room is None else held <= room
+    assert dispatcher.copies_left() == ((1 << 30) if room is None else room) - held
+
+
 @pytest.mark.parametrize(("dequant_ms", "expected"), [(1.04, "dequant_fp32"), (1.2, "dense_fp32")])
 def test_dispatcher_prefills_on_the_smaller_copy_when_timings_tie(
     gen, monkeypatch, dequant_ms, expected
