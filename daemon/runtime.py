@@ -315,13 +315,18 @@ def read_pid(paths: RuntimePaths) -> int | None:
 
 
 def is_process_alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (exited, its parent yet to reap it) runs no more."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:  # Linux: the state follows the parenthesised name, which may hold any character
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill() said it exists
+    return state not in ("Z", "X")
 
 
 def _read_int(path: Path) -> int | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
+import time
 
 import pytest
 
@@ -15,6 +17,7 @@ from codelm.daemon.runtime import (
     cleanup_stale,
     code_stamp,
     is_lock_held,
+    is_process_alive,
     mark_stopped,
     publish_endpoint,
     read_daemon_info,
@@ -171,3 +174,17 @@ def test_the_code_stamp_changes_with_the_daemons_code_only(tmp_path):
         stamp = code_stamp(tmp_path)
     (tmp_path / "daemon/engine/loader.py").rename(tmp_path / "daemon/engine/moved.py")
     assert code_stamp(tmp_path) != stamp
+
+
+def test_a_process_that_exited_is_not_alive_before_its_parent_reaps_it():
+    # A zombie still answers kill(pid, 0): a fetch killed under a parent that had not yet
+    # reaped it kept its working folder.
+    child = subprocess.Popen(["sleep", "30"])
+    assert is_process_alive(child.pid)
+    child.kill()
+    deadline = time.monotonic() + 10
+    while is_process_alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not is_process_alive(child.pid)
+    assert child.poll() == -9  # reaped only now: it was a zombie
+    assert is_process_alive(os.getpid())
