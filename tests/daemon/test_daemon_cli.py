@@ -330,6 +330,7 @@ def test_logs_follow_goes_on_with_the_new_log_after_a_start_moves_the_old_aside(
         follower.terminate()
         follower.wait(timeout=10)
         reader.join(timeout=10)
+        follower.stdout.close()
     out = "".join(lines)
     assert out.count("old line") == 1 and "new line" in out
 
