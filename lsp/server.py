@@ -272,6 +272,8 @@ def _register_lifecycle(server: CodelmServer, session: Session) -> None:
         _set_roots(ls, session)
         if session.settings.completion_fallback:
             _register_fallback(ls, session)
+        if session.settings.warmup and session.settings.warmup_from_highlights:
+            _register_highlight_focus(ls, session)
 
     @server.feature(types.INITIALIZED)
     def initialized(ls: LanguageServer, params: types.InitializedParams) -> None:
@@ -417,6 +419,18 @@ def _register_fallback(server: LanguageServer, session: Session) -> None:
             params.text_document.uri, params.position, invoked
         )
         return types.CompletionList(is_incomplete=True, items=[_completion_item(i) for i in items])
+
+
+def _register_highlight_focus(server: LanguageServer, session: Session) -> None:
+    @server.feature(types.TEXT_DOCUMENT_DOCUMENT_HIGHLIGHT)
+    def document_highlight(
+        ls: LanguageServer, params: types.DocumentHighlightParams
+    ) -> list[types.DocumentHighlight]:
+        """None to show; the position is where the cursor rests, as `codelm/didFocus` says
+        it for our extensions: editors without that (LSP4IJ, Zed, Sublime, Emacs) ask for
+        highlights there when the cursor stops moving (D17)."""
+        session.completer.warm(params.text_document.uri, params.position)
+        return []
 
 
 def _completion_item(item: ResultItem) -> types.CompletionItem:

@@ -40,6 +40,9 @@ class LspSettings:
     completion_fallback: bool = False  # also serve textDocument/completion
     context_files: int = 3  # other open files whose snippets the prompt reads (lsp/context.py)
     warmup: bool = True  # prefill where the editor shows the cursor (codelm/didFocus)
+    # Also take the cursor from textDocument/documentHighlight requests (answered with none),
+    # which editors without codelm/didFocus send where the cursor rests (LSP4IJ, Zed).
+    warmup_from_highlights: bool = True
 
     def is_language_enabled(self, language: str | None) -> bool:
         lang = (language or "").lower()
@@ -117,6 +120,7 @@ _OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "completionFallback": ("completion_fallback", _bool),
     "contextFiles": ("context_files", _int_in(0, 16)),
     "warmup": ("warmup", _bool),
+    "warmupFromHighlights": ("warmup_from_highlights", _bool),
 }
 
 

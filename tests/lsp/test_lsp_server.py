@@ -115,6 +115,36 @@ async def test_where_the_editor_shows_the_cursor_the_daemon_warms_the_prompt(
     assert [i.insert_text for i in result.items] == ["os.listdir()"]
 
 
+async def test_an_editor_without_focus_notifications_warms_where_it_asks_for_highlights(
+    editor: Editor, fake_daemon: FakeDaemon
+):
+    # LSP4IJ (JetBrains) sends no codelm/didFocus, but asks for the highlights at the caret
+    # whenever it comes to rest: the first key in a file had paid for its whole prompt.
+    assert editor.result.capabilities.document_highlight_provider
+    editor.open(URI, "import os\n\nfiles = \n")
+    highlights = await editor.client.text_document_document_highlight_async(
+        types.DocumentHighlightParams(
+            text_document=types.TextDocumentIdentifier(uri=URI),
+            position=types.Position(line=2, character=8),
+        )
+    )
+    assert not highlights
+    assert await _eventually(lambda: fake_daemon.requests)
+    [request] = fake_daemon.requests
+    assert (request.max_tokens, request.line, request.character) == (0, 2, 8)
+
+
+@pytest.mark.parametrize("options", [{"warmupFromHighlights": False}, {"warmup": False}])
+async def test_no_highlights_asked_of_a_server_that_would_not_warm_with_them(
+    tmp_path: Path, fake_daemon: FakeDaemon, options
+):
+    # VS Code's extension turns it off: it sends codelm/didFocus, and a highlight provider
+    # that finds nothing would replace VS Code's own highlighting of the word at the cursor.
+    client, editor = await start_editor(tmp_path, {"daemon": {"url": fake_daemon.url}, **options})
+    assert editor.result.capabilities.document_highlight_provider is None
+    assert await _stop(client) == 0
+
+
 async def test_initialize_answers_quickly(editor: Editor):
     # Not a timing assertion (see benchmarks/lsp_replay.py): a generous bound that catches
     # an accidental torch import (several seconds).

@@ -20,6 +20,7 @@ export interface ServerOptions {
   disabledLanguages: string[];
   contextFiles: number;
   warmup: boolean;
+  warmupFromHighlights: boolean;
   daemon: { url: string | null; autoStart: boolean };
 }
 
@@ -42,6 +43,9 @@ export function serverOptions(config: ConfigReader): ServerOptions {
     disabledLanguages: config.get<string[]>('disabledLanguages') ?? [],
     contextFiles: config.get<number>('contextFiles') ?? 3,
     warmup: config.get<boolean>('warmup') ?? true,
+    // This extension says where the cursor rests (codelm/didFocus); a highlight provider
+    // that finds nothing would stand in for VS Code's own highlighting of the word there.
+    warmupFromHighlights: false,
     daemon: {
       url: nonEmpty(config.get<string>('daemon.url')),
       autoStart: config.get<boolean>('daemon.autoStart') ?? true,

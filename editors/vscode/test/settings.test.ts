@@ -37,6 +37,7 @@ test('serverOptions maps every setting to the server option of the same meaning'
     disabledLanguages: ['markdown'],
     contextFiles: 0,
     warmup: false,
+    warmupFromHighlights: false,
     daemon: { url: 'http://127.0.0.1:8765', autoStart: false },
   });
 });
@@ -54,6 +55,7 @@ test('serverOptions uses the server defaults and sends empty strings as null', (
     disabledLanguages: [],
     contextFiles: 3,
     warmup: true,
+    warmupFromHighlights: false,
     daemon: { url: null, autoStart: true },
   });
 });
