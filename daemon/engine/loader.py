@@ -528,8 +528,9 @@ _NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
 
 
 def _cgroup_headroom(cgroups: str, root: str) -> int | None:
-    """What the memory cgroup of this process lets it allocate still (its limit, less what it
-    uses other than page cache), or None where none limits it (or the system has none)."""
+    """What the memory cgroups of this process let it allocate still (each limit on the way
+    up to the mount's root, less what that group uses other than page cache: a parent's
+    counts its children's), or None where none limits it (or the system has none)."""
     try:
         lines = Path(cgroups).read_text().splitlines()
     except OSError:
@@ -545,11 +546,17 @@ def _cgroup_headroom(cgroups: str, root: str) -> int | None:
             version, base = "v1", Path(root) / "memory"
         else:
             continue
-        # A container sees its own cgroup at the mount's root; a host process at its path.
-        for folder in (base / own.lstrip("/"), base):
-            headroom = _headroom_in(folder, *_CGROUP_FILES[version])
-            if headroom is not None:
-                return headroom
+        # A host process sees its cgroup at its path under the mount, below its parents (a
+        # user slice, a build job's group); a container sees its own at the mount's root.
+        folder = base / own.lstrip("/")
+        found = [
+            headroom
+            for group in (folder, *folder.parents)
+            if group.is_relative_to(base)
+            and (headroom := _headroom_in(group, *_CGROUP_FILES[version])) is not None
+        ]
+        if found:
+            return min(found)
     return None
 
 

@@ -220,6 +220,21 @@ _V1_NO_LIMIT = "9223372036854771712"
             },
             2 * GIB,
         ),
+        (  # cgroup v2, a host process: a parent's limit (a user slice's) bounds it too
+            "0::/user.slice/user-1000.slice/session-2.scope\n",
+            {
+                "user.slice/user-1000.slice/session-2.scope/memory.max": "max\n",
+                "user.slice/user-1000.slice/session-2.scope/memory.current": str(GIB),
+                "user.slice/user-1000.slice/session-2.scope/memory.stat": "file 0\n",
+                "user.slice/user-1000.slice/memory.max": str(6 * GIB),
+                "user.slice/user-1000.slice/memory.current": str(5 * GIB),
+                "user.slice/user-1000.slice/memory.stat": f"file {GIB // 2}\nshmem 0\n",
+                "user.slice/memory.max": str(16 * GIB),
+                "user.slice/memory.current": str(5 * GIB),
+                "user.slice/memory.stat": "file 0\n",
+            },
+            6 * GIB - 5 * GIB + GIB // 2,
+        ),
         (
             "4:memory:/\n",
             {"memory/memory.limit_in_bytes": _V1_NO_LIMIT, "memory/memory.usage_in_bytes": "1"},
@@ -227,7 +242,7 @@ _V1_NO_LIMIT = "9223372036854771712"
         ),
         ("", {}, 20 * GIB),  # no cgroups at all
     ],
-    ids=["v2-container", "v2-max", "v1-host-group", "v1-unlimited", "none"],
+    ids=["v2-container", "v2-max", "v1-host-group", "v2-parent-limit", "v1-unlimited", "none"],
 )
 def test_available_memory_is_bounded_by_the_cgroup_limit(tmp_path, cgroup, files, expected):
     """In a container MemAvailable is the host's: a KV cache sized from it, or a load let past
