@@ -350,8 +350,8 @@ class LinearFactory:
     def limit_copies(self, spare: int) -> None:
         """Prefill copies built from now on take no more than `spare` bytes: the memory the
         rest of the weights and the reserve leave (_RoomCheck). Within their budget alone,
-        copies took the reserve of a load near the memory's end, and the KV cache then went
-        past it."""
+        copies could take the reserve of a load near the memory's end (the budget is an eighth
+        of the memory at its start), and the KV cache would then go past it."""
         if self.dispatcher is not None:
             self.dispatcher.limit_copies(spare)
 
