@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 _NARROWINGS = 5  # builds of a prompt whose windows hold too many tokens for the context
 _SUGGESTED_TAIL = 256  # characters before the cursor a document's last suggestion keeps
+# Tokens a warm-up decodes where the cursor rests, for the first key to draft from: the
+# suggestions keystrokes.py asks for, most of a line.
+WARM_TOKENS = 16
 # Tokens per forward of `refresh`: the request that stops it waits for the block under way
 _REFRESH_CHUNK = 128
 _REFRESH_PICKS = 64  # at most this many positions' picks made again (their logits: the head)
@@ -205,16 +208,8 @@ class Engine:
         cursor = offset_at(request.text, request.line, request.character)
         prompt = self._build(request, cursor)
         if request.is_warmup:
-            return _response([], self._warm(request.uri, prompt.token_ids, cancel))
-        single_line = request.single_line if request.single_line is not None else False
-        rules = StopRules(
-            stop_ids=self.stop_ids,
-            stop_texts=request.stop,
-            max_tokens=request.max_tokens,
-            single_line=single_line,
-            block_line=None if single_line else block_line(request.text, cursor),
-            deadline=deadline_after(request.max_time_ms),
-        )
+            return _response([], self._warm(request, cursor, prompt, cancel))
+        rules = self._rules(request, cursor, request.max_tokens)
         before = request.text[:cursor]
         draft = self._draft(request.uri, before, prompt.heal)
         result = self._run(
@@ -231,11 +226,7 @@ class Engine:
                 result = self._run(
                     request.uri, prompt.token_ids, rules, cancel, None, prompt.heal, ban=ban
                 )
-        # The draft of a key typed along it goes on past the stop: verifying the tokens that
-        # made it stop costs a row each in the same forward, decoding them a step each.
-        suggested = result.text + result.past_stop
-        self.suggestions[request.uri] = (cursor, before[-_SUGGESTED_TAIL:], suggested)
-        self._forget_evicted()
+        self._remember(request, cursor, result)
         at = Position(line=request.line, character=request.character)
         item = CompletionItem(text=result.text, range=Range(start=at, end=at))
         return _response([item], result)
@@ -269,6 +260,25 @@ class Engine:
         origin = Position(line=0, character=0)
         item = CompletionItem(text=result.text, range=Range(start=origin, end=origin))
         return _response([item], result)
+
+    def _rules(self, request: CompleteRequest, cursor: int, max_tokens: int) -> StopRules:
+        single_line = request.single_line if request.single_line is not None else False
+        return StopRules(
+            stop_ids=self.stop_ids,
+            stop_texts=request.stop,
+            max_tokens=max_tokens,
+            single_line=single_line,
+            block_line=None if single_line else block_line(request.text, cursor),
+            deadline=deadline_after(request.max_time_ms),
+        )
+
+    def _remember(self, request: CompleteRequest, cursor: int, result: GenerationResult) -> None:
+        """Keep the suggestion made at `cursor` as the document's draft for the next keys.
+        It goes on past the stop: verifying the tokens that made it stop costs a row each in
+        the same forward, decoding them a step each."""
+        before = request.text[:cursor][-_SUGGESTED_TAIL:]
+        self.suggestions[request.uri] = (cursor, before, result.text + result.past_stop)
+        self._forget_evicted()
 
     def _draft(self, uri: str, before: str, heal: bytes) -> list[int]:
         """The document's last suggestion less what was typed since, as tokens to verify.
@@ -310,6 +320,8 @@ class Engine:
         heal: bytes = b"",
         draft: list[int] = (),
         ban: tuple[int, int] | None = None,
+        *,
+        completion: bool = True,
     ) -> GenerationResult:
         if len(ids) + rules.max_tokens > self.args.max_len:
             raise BadRequest(
@@ -319,7 +331,7 @@ class Engine:
             )
         # Cut as generate() will, so the cache is looked up with the tokens that will run.
         draft = usable_draft(draft, len(ids), rules.max_tokens, self.args.max_len)
-        with self._lease(uri, ids, cancel, draft) as lease:
+        with self._lease(uri, ids, cancel, draft, completion=completion) as lease:
             result = generate(
                 self.model,
                 self.tokenizer,
@@ -344,27 +356,26 @@ class Engine:
         result.prefilled_tokens += lease.gap
         return result
 
-    def _warm(self, uri: str, ids: list[int], cancel: CancelToken | None) -> GenerationResult:
-        """Prefill `ids` but the last (a request always runs its last token) into the
-        document's cache, generating nothing: the next request here, a key or two later,
-        finds all but its last few tokens computed. A cancel keeps the chunks done."""
+    def _warm(
+        self, request: CompleteRequest, cursor: int, prompt: Prompt, cancel: CancelToken | None
+    ) -> GenerationResult:
+        """Run the prompt into the document's cache and decode a short suggestion there
+        (WARM_TOKENS), showing nothing: the first key typed here finds the prompt computed
+        and, where it types what the suggestion begins with, the rest of it a draft whose
+        picks are kept ("The last suggestion is a draft to verify"), instead of the decode
+        steps a new suggestion costs (~14 ms a token for the default model on 2 cores).
+        A cancel keeps the chunks done."""
+        ids = prompt.token_ids
         if len(ids) >= self.args.max_len:
             raise BadRequest("text", f"the prompt ({len(ids)} tokens) does not fit the model")
-        t0 = time.perf_counter()
-        with self._lease(uri, ids, cancel, completion=False) as lease:
-            kv = lease.kv
-            cached = kv.length - lease.gap
-            if kv.length < len(ids) - 1:
-                with torch.inference_mode():
-                    tail = ids[kv.length : len(ids) - 1]
-                    prefill(self.model, kv, tail, self.config.prefill_chunk, cancel)
-            if kv.device.type == "cuda":  # prefill_ms is the GPU's work
-                torch.cuda.synchronize(kv.device)
-        return GenerationResult(
-            cached_tokens=cached,
-            prefilled_tokens=len(ids) - 1 - cached,
-            prefill_ms=(time.perf_counter() - t0) * 1000,
+        tokens = min(WARM_TOKENS, self.args.max_len - len(ids))
+        rules = self._rules(request, cursor, tokens)
+        draft = self._draft(request.uri, request.text[:cursor], prompt.heal)  # (rested again)
+        result = self._run(
+            request.uri, ids, rules, cancel, None, prompt.heal, draft, completion=False
         )
+        self._remember(request, cursor, result)
+        return result
 
     @contextlib.contextmanager
     def _lease(
