@@ -167,6 +167,18 @@ def _as_insertion(
     return Suggestion(text=item.text[len(typed) :], replace_after=end - offset, truncated=truncated)
 
 
+@dataclass(frozen=True, slots=True)
+class _Warm:
+    """A warm-up request, with what its answer is read against: the text sent and the
+    cursor in it, the cursor's context, and the document state it was asked at."""
+
+    request: CompleteRequest
+    sent: str
+    at: int
+    ctx: Context
+    state: DocState
+
+
 @dataclass
 class Completer:
     """Per-URI supersede, debounce, typing-through cache, daemon call and post-processing."""
@@ -230,10 +242,11 @@ class Completer:
 
     async def _warm(self, uri: str, position: types.Position) -> None:
         await asyncio.sleep(WARMUP_DELAY_S)
-        while (request := self._warmup_request(uri, position)) is not None:
+        while (warm := self._warmup_request(uri, position)) is not None:
+            settings = self.settings
             try:
                 response = await asyncio.wait_for(
-                    self.link.complete(request), self.settings.timeout_ms / 1000
+                    self.link.complete(warm.request), settings.timeout_ms / 1000
                 )
             except ModelLoading:  # the editor opened a file as the model loads: once it is up
                 await asyncio.sleep(WARMUP_RETRY_S)
@@ -244,15 +257,18 @@ class Completer:
             self.stats.warmups += 1
             t = response.timings
             logger.info(
-                "warm-up uri#%s: cached %d prefilled %d tokens in %.0f ms",
+                "warm-up uri#%s: cached %d prefilled %d tokens in %.0f ms, %d generated",
                 _uri_hash(uri),
                 t.cached_tokens,
                 t.prefilled_tokens,
                 t.prefill_ms,
+                t.generated_tokens,
             )
+            if settings is self.settings:  # (new settings cleared what the old ones shaped)
+                self._keep_warm_suggestion(warm, response)
             return
 
-    def _warmup_request(self, uri: str, position: types.Position) -> CompleteRequest | None:
+    def _warmup_request(self, uri: str, position: types.Position) -> _Warm | None:
         """What the first key at `position` will ask, as a warm-up; None for a document not
         open or not enabled, or while the user types there (their completions warm it)."""
         doc = self.documents.get(uri)
@@ -263,8 +279,29 @@ class Completer:
         view = self.documents.view(doc)
         offset = view.start + doc.offset_at(position, self.documents.encoding)
         ctx = _context(view.text, offset, doc.language, self.settings.single_line)
-        request, _, _ = self._request(doc, view, offset, text_window(view.text, offset), ctx, False)
-        return dataclasses.replace(request, max_tokens=0)
+        start, end = text_window(view.text, offset)
+        request, sent, at = self._request(doc, view, offset, (start, end), ctx, False)
+        after = view.text[offset : offset + SEND_MARGIN_CHARS]
+        state = DocState.of(uri, view.text[start:offset], after)
+        return _Warm(dataclasses.replace(request, max_tokens=0), sent, at, ctx, state)
+
+    def _keep_warm_suggestion(self, warm: _Warm, response: CompleteResponse) -> None:
+        """The daemon decoded a suggestion where the cursor rests (docs/daemon.md). Kept as if
+        shown there, a first key typed along it is answered at once from the typing-through
+        cache, without the debounce or a daemon call. Only one that ended where a
+        completion's would (not cut at the warm-up's few tokens), at a cursor where an
+        automatic request would ask."""
+        ctx = warm.ctx
+        if response.stop_reason == "max_tokens" or skip_reason(
+            ctx.line_before, ctx.line_after, False
+        ):
+            return
+        suggestions = [
+            p
+            for s in suggestions_from_response(response, warm.sent, warm.at)
+            if (p := postprocess(s, ctx)) is not None
+        ]
+        self.cache.store(warm.state, suggestions, f"warm-{uuid.uuid4().hex[:8]}")
 
     def apply_settings(self, settings: LspSettings) -> None:
         """New settings; the suggestions kept for typing through were shaped by the old ones

@@ -207,8 +207,8 @@ class Engine:
     ) -> CompleteResponse:
         cursor = offset_at(request.text, request.line, request.character)
         prompt = self._build(request, cursor)
-        if request.is_warmup:
-            return _response([], self._warm(request, cursor, prompt, cancel))
+        if request.is_warmup:  # answered with what it decoded: a client may keep it too
+            return _answer(request, self._warm(request, cursor, prompt, cancel))
         rules = self._rules(request, cursor, request.max_tokens)
         before = request.text[:cursor]
         draft = self._draft(request.uri, before, prompt.heal)
@@ -227,9 +227,7 @@ class Engine:
                     request.uri, prompt.token_ids, rules, cancel, None, prompt.heal, ban=ban
                 )
         self._remember(request, cursor, result)
-        at = Position(line=request.line, character=request.character)
-        item = CompletionItem(text=result.text, range=Range(start=at, end=at))
-        return _response([item], result)
+        return _answer(request, result)
 
     def complete_openai(
         self, request: OpenAICompletionRequest, cancel: CancelToken | None = None, on_text=None
@@ -501,6 +499,12 @@ def _repeats_next_line(text: str, cursor: int, suggestion: str) -> bool:
     first = next((line.strip() for line in suggestion.split("\n") if line.strip()), "")
     below = text[end + 1 : end + 1 + 20_000].split("\n")
     return len(first) > 1 and first == next((line.strip() for line in below if line.strip()), "")
+
+
+def _answer(request: CompleteRequest, result: GenerationResult) -> CompleteResponse:
+    """The suggestion as an insertion at the request's position."""
+    at = Position(line=request.line, character=request.character)
+    return _response([CompletionItem(text=result.text, range=Range(start=at, end=at))], result)
 
 
 def _response(items: list[CompletionItem], result: GenerationResult) -> CompleteResponse:

@@ -367,7 +367,7 @@ async def test_a_suggestion_asked_under_old_settings_is_not_kept_for_the_new_one
 
 async def test_a_warmup_asks_the_daemon_to_prefill_where_the_cursor_rests(monkeypatch):
     monkeypatch.setattr(completion, "WARMUP_DELAY_S", 0.01)
-    link = FakeLink(lambda r: "never shown")
+    link = FakeLink(lambda r: "os.listdir()", stop_reason="max_tokens")
     completer = _completer(link, "import os\n\nfiles = \n")
     completer.warm(URI, _at(0, 3))
     completer.warm(URI, _at(2, 8))  # the cursor moved on before the first one went
@@ -376,9 +376,33 @@ async def test_a_warmup_asks_the_daemon_to_prefill_where_the_cursor_rests(monkey
     assert (request.max_tokens, request.line, request.character) == (0, 2, 8)
     assert (request.trigger, request.path) == ("automatic", "demo.py")  # as typing will ask
     assert completer.stats.warmups == 1
-    # A completion there afterwards is an ordinary one.
+    # Its suggestion was cut at the warm-up's few tokens: a completion there afterwards is
+    # an ordinary one.
     await completer.inline_completion(URI, _at(2, 8), is_invoked=False)
     assert link.requests[-1].max_tokens == LspSettings().max_tokens
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [("import os\n\nfiles = \n", True), ("import os\n\nfiles = sorted\n", False)],
+    ids=["line-end", "before-a-word"],
+)
+async def test_a_warmup_suggestion_answers_the_first_key_along_it_at_once(monkeypatch, text, kept):
+    # The first key after the cursor rested waited for the debounce and a daemon call, which
+    # decoded what the warm-up had decoded there already.
+    monkeypatch.setattr(completion, "WARMUP_DELAY_S", 0.01)
+    link = FakeLink(lambda r: "os.listdir()", stop_reason="single_line")
+    completer = _completer(link, text, debounce_ms=75)
+    completer.warm(URI, _at(2, 8))
+    await asyncio.wait_for(completer._warming, 5)
+    doc = completer.documents.get(URI)
+    doc.text = text[: len("import os\n\nfiles = ")] + "o" + text[len("import os\n\nfiles = ") :]
+    doc.edit_times.append(completer.clock())
+    items = await completer.inline_completion(URI, _at(2, 9), is_invoked=False)
+    if kept:  # answered from the typing-through cache, no daemon call
+        assert [i.text for i in items] == ["s.listdir()"] and len(link.requests) == 1
+    else:  # where an automatic request would not ask, nothing is kept
+        assert completer.stats.cache_hits == 0
 
 
 async def test_no_warmup_while_the_user_types_or_with_the_setting_off(monkeypatch):

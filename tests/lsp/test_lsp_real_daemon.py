@@ -133,6 +133,8 @@ async def test_real_daemon_warm_up_leaves_the_first_key_one_token_to_run(
     warmed = re.search(r"warm-up uri#\w+: cached 0 prefilled (\d+) tokens", log.read_text())
     assert warmed and int(warmed[1]) > 100, log.read_text()[-2000:]
     await editor.inline(uri, cursor)  # as the first key typed there asks (automatic)
+    if (await editor.command("codelm.stats"))["cache_hits"]:
+        return  # the warm-up's own suggestion, kept: no daemon call at all
     asked = re.findall(r"automatic: \d+ items, cached (\d+) prefilled (\d+)", log.read_text())
     assert asked and int(asked[-1][1]) <= 1 and int(asked[-1][0]) >= int(warmed[1]), asked
 
