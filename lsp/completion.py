@@ -167,6 +167,13 @@ def _as_insertion(
     return Suggestion(text=item.text[len(typed) :], replace_after=end - offset, truncated=truncated)
 
 
+def _shown(response: CompleteResponse, sent: str, at: int, ctx: Context) -> list[Suggestion]:
+    """The daemon's items for the cursor at `at` of the text `sent`, as the editor shows them:
+    insertions at the cursor, post-processed."""
+    items = suggestions_from_response(response, sent, at)
+    return [p for s in items if (p := postprocess(s, ctx)) is not None]
+
+
 @dataclass(frozen=True, slots=True)
 class _Warm:
     """A warm-up request, with what its answer is read against: the text sent and the
@@ -296,11 +303,7 @@ class Completer:
             ctx.line_before, ctx.line_after, False
         ):
             return
-        suggestions = [
-            p
-            for s in suggestions_from_response(response, warm.sent, warm.at)
-            if (p := postprocess(s, ctx)) is not None
-        ]
+        suggestions = _shown(response, warm.sent, warm.at, ctx)
         self.cache.store(warm.state, suggestions, f"warm-{uuid.uuid4().hex[:8]}")
 
     def apply_settings(self, settings: LspSettings) -> None:
@@ -391,11 +394,7 @@ class Completer:
             logger.info("request %s: %s", request_id, exc.message)
             self.stats.errors += 1
             return []
-        suggestions = [
-            p
-            for s in suggestions_from_response(response, sent, at)
-            if (p := postprocess(s, ctx)) is not None
-        ]
+        suggestions = _shown(response, sent, at, ctx)
         _log_completion(
             request_id, request, response, 1000 * (self.clock() - started), len(suggestions)
         )
