@@ -167,6 +167,16 @@ def _as_insertion(
     return Suggestion(text=item.text[len(typed) :], replace_after=end - offset, truncated=truncated)
 
 
+def _state(uri: str, text: str, start: int, offset: int) -> DocState:
+    """The typing-through cache's key for the cursor at `offset` of `text`, whose window
+    (protocol.text_window) starts at `start`: the same for a completion and for a warm-up.
+    Of a large file only the text around the cursor is sent (all the daemon's prompt and the
+    post-processing can use), and only that is hashed (a 20 MB file took 140 ms a request):
+    from the window's start, which stays put while the user types, and as far after the
+    cursor as the window reaches at least."""
+    return DocState.of(uri, text[start:offset], text[offset : offset + SEND_MARGIN_CHARS])
+
+
 def _shown(response: CompleteResponse, sent: str, at: int, ctx: Context) -> list[Suggestion]:
     """The daemon's items for the cursor at `at` of the text `sent`, as the editor shows them:
     insertions at the cursor, post-processed."""
@@ -288,8 +298,7 @@ class Completer:
         ctx = _context(view.text, offset, doc.language, self.settings.single_line)
         start, end = text_window(view.text, offset)
         request, sent, at = self._request(doc, view, offset, (start, end), ctx, False)
-        after = view.text[offset : offset + SEND_MARGIN_CHARS]
-        state = DocState.of(uri, view.text[start:offset], after)
+        state = _state(uri, view.text, start, offset)
         return _Warm(dataclasses.replace(request, max_tokens=0), sent, at, ctx, state)
 
     def _keep_warm_suggestion(self, warm: _Warm, response: CompleteResponse) -> None:
@@ -339,12 +348,8 @@ class Completer:
         local = doc.offset_at(position, self.documents.encoding)
         view = self.documents.view(doc)
         text, offset = view.text, view.start + local
-        # Of a large file only the text around the cursor is sent (all the daemon's prompt
-        # and the post-processing can use), and only that is hashed for the cache key (a
-        # 20 MB file took 140 ms a request): from the window's start, which stays put while
-        # the user types, and as far after the cursor as the window reaches at least.
         start, end = text_window(text, offset)
-        state = DocState.of(uri, text[start:offset], text[offset : offset + SEND_MARGIN_CHARS])
+        state = _state(uri, text, start, offset)
         hit = self.cache.lookup(state)
         if hit is not None:
             self.stats.cache_hits += 1

@@ -43,8 +43,8 @@ export function serverOptions(config: ConfigReader): ServerOptions {
     disabledLanguages: config.get<string[]>('disabledLanguages') ?? [],
     contextFiles: config.get<number>('contextFiles') ?? 3,
     warmup: config.get<boolean>('warmup') ?? true,
-    // This extension says where the cursor rests (codelm/didFocus); a highlight provider
-    // that finds nothing would stand in for VS Code's own highlighting of the word there.
+    // This extension says where the cursor rests itself (codelm/didFocus): highlight
+    // requests at every cursor move would say it again.
     warmupFromHighlights: false,
     daemon: {
       url: nonEmpty(config.get<string>('daemon.url')),
